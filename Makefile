@@ -1,0 +1,34 @@
+# Two commands for a fresh machine (only python3.11+ and make needed): `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+FLASK := $(BIN)/flask --app app
+HOST ?= 127.0.0.1
+PORT ?= 5000
+# The embedded default: SQLite in ./instance, development secrets, the demo agency and fake Stripe.
+DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(DEV) $(FLASK) db upgrade
+	@echo "Rebill is starting on http://$(HOST):$(PORT)  (portal demo: http://$(HOST):$(PORT)/app?demo=1)"
+	$(DEV) bash -c 'trap "kill 0" EXIT; $(FLASK) rebill scheduler & $(FLASK) run --host $(HOST) --port $(PORT)'
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,102 @@
+"""Rebill's application factory: it reads like a table of contents of the service."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+from flask import Flask, jsonify
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+from core.config import ConfigError, load_settings
+from core.database import db, migrate
+from core.encryption import SecretBox
+from core.logs import configure_logging
+
+log = logging.getLogger("rebill")
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build a configured Rebill app; ``config`` overrides defaults and the environment."""
+    app = Flask(__name__, instance_relative_config=True)
+    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    settings = load_settings(app.instance_path, config)
+    app.config.update(settings)
+    app.config["SQLALCHEMY_DATABASE_URI"] = settings["DATABASE_URL"]
+    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    configure_logging(settings["REBILL_LOG_LEVEL"])
+    register_extensions(app)
+    register_blueprints(app)
+    register_errorhandlers(app)
+    register_commands(app)
+    return app
+
+
+def register_extensions(app: Flask) -> None:
+    """Bind the unbound extensions to this app."""
+    import billing.models  # noqa: F401  (tables must be known to the metadata for migrations)
+    import capri.models  # noqa: F401
+    import ghl.models  # noqa: F401
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(Path(__file__).parent / "migrations"))
+    app.extensions["rebill.secret_box"] = SecretBox(app.config["REBILL_ENCRYPTION_KEYS"])
+
+
+def register_blueprints(app: Flask) -> None:
+    """Mount every feature's routes."""
+    from core.health import blueprint as health
+
+    app.register_blueprint(health)
+
+
+def register_errorhandlers(app: Flask) -> None:
+    """Answer JSON errors on API paths and turn an unreachable database into a 503."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return jsonify(error=error.description), error.code
+
+    @app.errorhandler(SQLAlchemyError)
+    def database_error(error: SQLAlchemyError):
+        db.session.rollback()
+        log.error("database error: %s", type(error).__name__)
+        return jsonify(error="the database is unavailable, try again"), 503
+
+
+def register_commands(app: Flask) -> None:
+    """Register CLI groups; database failures in any command print one clear line."""
+    from billing.cli import rebill_cli
+
+    app.cli.add_command(rebill_cli)
+    for command in _walk_commands(app.cli):
+        command.callback = _clear_database_errors(command.callback, app)
+
+
+def _walk_commands(group: click.Group):
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            yield from _walk_commands(command)
+        elif command.callback is not None:
+            yield command
+
+
+def _clear_database_errors(callback, app: Flask):
+    """Wrap a CLI callback so a wrong DATABASE_URL is one line, not a traceback wall."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except OperationalError as error:
+            reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+            raise click.ClickException(f"cannot reach the database at DATABASE_URL: {reason}") from None
+        except ConfigError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper

@@ -1,0 +1,84 @@
+"""The usage ledger: append-only, idempotent recording of usage facts from every provider.
+
+Recording is the ingest hot path: one INSERT … ON CONFLICT DO NOTHING per batch, no reads, no counting.
+Counting happens later in aggregation (billing.units), so a burst of webhooks never waits on billing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.dialects import postgresql, sqlite
+
+from billing.models import UsageEvent
+from core.database import db, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One usage fact as a provider adapter hands it to the billing core."""
+
+    source: str  # "ghl" (webhook message events) | "capri" (usage API)
+    source_event_id: str  # GHL messageId, or the usage API event id (scoped per agency)
+    occurred_at: dt.datetime
+    channel_id: str | None = None
+    location_id: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    messages: int = 0
+    direction: str | None = None  # "inbound" | "outbound" for GHL message events
+    model: str | None = None
+
+    def __post_init__(self):
+        if (self.channel_id is None) == (self.location_id is None):
+            raise ValueError("a usage record names exactly one of channel_id or location_id")
+        if min(self.input_tokens, self.output_tokens, self.messages) < 0:
+            raise ValueError("usage counts are non-negative integers")
+        if self.occurred_at.tzinfo is None:
+            raise ValueError("occurred_at must be timezone-aware")
+
+
+def record_usage(agency_id: int, records: Sequence[UsageRecord]) -> list[bool]:
+    """Insert usage records once each; return, per record, True if new and False if a duplicate.
+
+    Duplicates are detected by the (agency, source, source_event_id) unique constraint, so concurrent
+    identical deliveries count once. Flushes only; the caller's request or job commits.
+    """
+    if not records:
+        return []
+    received_at = utcnow()
+    rows = [
+        {
+            "agency_id": agency_id,
+            "source": record.source,
+            "source_event_id": record.source_event_id,
+            "channel_id": record.channel_id,
+            "location_id": record.location_id,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "messages": record.messages,
+            "direction": record.direction,
+            "model": record.model,
+            "occurred_at": record.occurred_at,
+            "received_at": received_at,
+            "state": "pending",
+            "counted": 0,
+        }
+        for record in records
+    ]
+    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(UsageEvent)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["agency_id", "source", "source_event_id"])
+        .returning(UsageEvent.source, UsageEvent.source_event_id)
+    )
+    inserted = {(row.source, row.source_event_id) for row in db.session.execute(statement)}
+    accepted = []
+    for record in records:
+        key = (record.source, record.source_event_id)
+        accepted.append(key in inserted)
+        inserted.discard(key)  # a second copy inside the same batch is a duplicate
+    return accepted

@@ -1,0 +1,149 @@
+"""Billing core tables: agencies, rebill clients, the usage ledger and the unit-report outbox.
+
+All usage and unit quantities are integers (BigInteger); money itself lives in Stripe prices.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from core.database import BigId, TimestampMixin, UTCDateTime, db, utcnow
+
+PROVIDERS = ("capri_api", "ghl")
+CHARGE_BY = ("tokens", "messages")
+MESSAGE_SOURCES = ("ghl_outbound", "ghl_inbound", "ghl_all", "platform")
+CLIENT_STATUSES = ("active", "paused")
+USAGE_SOURCES = ("ghl", "capri")
+# pending: not yet aggregated; counted: added to a client; unmapped: no client mapped it when aggregated;
+# paused: its client was paused; ignored: mapped, but the client does not count this kind of usage.
+USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored")
+REPORT_STATUSES = ("pending", "sent", "failed")
+
+
+class Agency(TimestampMixin, db.Model):
+    """A GHL company that installed Rebill, with its own Stripe connection."""
+
+    __tablename__ = "agency"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    company_id: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    whitelabel_domain: Mapped[str | None] = mapped_column(String(255))
+    stripe_key_ciphertext: Mapped[str | None] = mapped_column(Text)
+    stripe_account_id: Mapped[str | None] = mapped_column(String(64))
+    stripe_mode: Mapped[str | None] = mapped_column(String(8))
+    stripe_key_last4: Mapped[str | None] = mapped_column(String(4))
+    # missing | ok | needs_attention (Stripe answered 401/403 with this key)
+    stripe_key_status: Mapped[str] = mapped_column(String(24), default="missing", server_default="missing")
+    stripe_key_problem: Mapped[str | None] = mapped_column(Text)
+
+    clients: Mapped[list[RebillClient]] = relationship(back_populates="agency")
+
+
+class RebillClient(TimestampMixin, db.Model):
+    """One of the agency's customers, billed one Stripe unit per ``billing_unit`` tokens or messages."""
+
+    __tablename__ = "rebill_client"
+    __table_args__ = (
+        # One live client per API channel or subaccount, so no usage event can count twice.
+        Index(
+            "uq_rebill_client_live_source",
+            "agency_id",
+            "provider",
+            "source_key",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL"),
+            sqlite_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), index=True)
+    nickname: Mapped[str] = mapped_column(String(120))
+    provider: Mapped[str] = mapped_column(String(16))
+    channel_id: Mapped[str | None] = mapped_column(String(255))
+    location_id: Mapped[str | None] = mapped_column(String(64))
+    # channel_id for capri_api clients, location_id for ghl clients: what usage events are matched on.
+    source_key: Mapped[str] = mapped_column(String(255))
+    stripe_product_id: Mapped[str] = mapped_column(String(255))
+    stripe_price_id: Mapped[str] = mapped_column(String(255))
+    stripe_customer_id: Mapped[str] = mapped_column(String(255))
+    charge_by: Mapped[str] = mapped_column(String(16))
+    billing_unit: Mapped[int] = mapped_column(BigInteger)
+    message_source: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    # How units reach Stripe, read from the price when the client is saved (reference/stripe.md §8).
+    report_mode: Mapped[str] = mapped_column(String(16), default="meter", server_default="meter")
+    meter_id: Mapped[str | None] = mapped_column(String(255))
+    meter_event_name: Mapped[str | None] = mapped_column(String(100))
+    meter_customer_key: Mapped[str | None] = mapped_column(String(100))
+    meter_value_key: Mapped[str | None] = mapped_column(String(100))
+    meter_formula: Mapped[str | None] = mapped_column(String(8))
+    subscription_item_id: Mapped[str | None] = mapped_column(String(255))
+
+    # Running counters, changed only by aggregation (billing.units) under the client's row lock.
+    counted_usage: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    units_logged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    remainder: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    report_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    agency: Mapped[Agency] = relationship(back_populates="clients")
+
+
+class UsageEvent(db.Model):
+    """One usage fact from a provider, recorded once (deduplicated on its source's event id)."""
+
+    __tablename__ = "usage_event"
+    __table_args__ = (
+        UniqueConstraint("agency_id", "source", "source_event_id"),
+        Index(
+            "ix_usage_event_pending",
+            "id",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+        Index("ix_usage_event_agency_source_key", "agency_id", "channel_id", "location_id"),
+        Index("ix_usage_event_client_received", "client_id", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"))
+    source: Mapped[str] = mapped_column(String(16))
+    source_event_id: Mapped[str] = mapped_column(String(255))
+    channel_id: Mapped[str | None] = mapped_column(String(255))
+    location_id: Mapped[str | None] = mapped_column(String(64))
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    messages: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    direction: Mapped[str | None] = mapped_column(String(8))
+    model: Mapped[str | None] = mapped_column(String(128))
+    occurred_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    state: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
+    client_id: Mapped[int | None] = mapped_column(ForeignKey("rebill_client.id"))
+    counted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class UnitReport(TimestampMixin, db.Model):
+    """Outbox row: k units of one client on their way to Stripe under a deterministic identifier."""
+
+    __tablename__ = "unit_report"
+    __table_args__ = (Index("ix_unit_report_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), index=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("rebill_client.id"), index=True)
+    identifier: Mapped[str] = mapped_column(String(100), unique=True)
+    units: Mapped[int] = mapped_column(BigInteger)
+    usage_timestamp: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    first_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,155 @@
+"""Configuration: defaults, then the environment, then the caller's mapping; checked once at start.
+
+Nothing else in Rebill reads ``os.environ``: every setting arrives through ``app.config``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography.fernet import Fernet
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+# GHL's published webhook public keys, verbatim from GoHighLevel/highlevel-api-docs
+# docs/oauth/WebhookAuthentication.md (reference/ghl.md §2); overridable for tests and key rotations.
+GHL_ED25519_PUBLIC_KEY = """-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAi2HR1srL4o18O8BRa7gVJY7G7bupbN3H9AwJrHCDiOg=
+-----END PUBLIC KEY-----
+"""
+
+GHL_RSA_PUBLIC_KEY = """-----BEGIN PUBLIC KEY-----
+MIICIjANBgkqhkiG9w0BAQEFAAOCAg8AMIICCgKCAgEAokvo/r9tVgcfZ5DysOSC
+Frm602qYV0MaAiNnX9O8KxMbiyRKWeL9JpCpVpt4XHIcBOK4u3cLSqJGOLaPuXw6
+dO0t6Q/ZVdAV5Phz+ZtzPL16iCGeK9po6D6JHBpbi989mmzMryUnQJezlYJ3DVfB
+csedpinheNnyYeFXolrJvcsjDtfAeRx5ByHQmTnSdFUzuAnC9/GepgLT9SM4nCpv
+uxmZMxrJt5Rw+VUaQ9B8JSvbMPpez4peKaJPZHBbU3OdeCVx5klVXXZQGNHOs8gF
+3kvoV5rTnXV0IknLBXlcKKAQLZcY/Q9rG6Ifi9c+5vqlvHPCUJFT5XUGG5RKgOKU
+J062fRtN+rLYZUV+BjafxQauvC8wSWeYja63VSUruvmNj8xkx2zE/Juc+yjLjTXp
+IocmaiFeAO6fUtNjDeFVkhf5LNb59vECyrHD2SQIrhgXpO4Q3dVNA5rw576PwTzN
+h/AMfHKIjE4xQA1SZuYJmNnmVZLIZBlQAF9Ntd03rfadZ+yDiOXCCs9FkHibELhC
+HULgCsnuDJHcrGNd5/Ddm5hxGQ0ASitgHeMZ0kcIOwKDOzOU53lDza6/Y09T7sYJ
+PQe7z0cvj7aE4B+Ax1ZoZGPzpJlZtGXCsu9aTEGEnKzmsFqwcSsnw3JB31IGKAyk
+T1hhTiaCeIY/OwwwNUY2yvcCAwEAAQ==
+-----END PUBLIC KEY-----
+"""
+
+
+DEFAULTS: dict[str, Any] = {
+    "REBILL_ENV": "production",
+    "DATABASE_URL": None,  # SQLite in the instance folder when unset
+    "SECRET_KEY": None,
+    "REBILL_ENCRYPTION_KEYS": None,
+    "GHL_CLIENT_ID": None,
+    "GHL_CLIENT_SECRET": None,
+    "GHL_SHARED_SECRET": None,
+    "GHL_API_BASE": "https://services.leadconnectorhq.com",
+    "GHL_MARKETPLACE_BASE": "https://marketplace.gohighlevel.com",
+    "GHL_SCOPES": (
+        "locations.readonly conversations.readonly conversations/message.readonly "
+        "oauth.readonly oauth.write"
+    ),
+    "GHL_REDIRECT_URI": None,
+    "GHL_WEBHOOK_ED25519_KEY": GHL_ED25519_PUBLIC_KEY,
+    "GHL_WEBHOOK_RSA_KEY": GHL_RSA_PUBLIC_KEY,
+    "STRIPE_API_BASE": "https://api.stripe.com",
+    "REBILL_TICK_SECONDS": 60,
+    "REBILL_DEMO": False,
+    "REBILL_LOG_LEVEL": "INFO",
+}
+
+ENVIRONMENT_VARIABLES = tuple(DEFAULTS)
+DEVELOPMENT_ENVIRONMENTS = {"development", "test"}
+REQUIRED_OUTSIDE_DEVELOPMENT = ("SECRET_KEY", "REBILL_ENCRYPTION_KEYS")
+INTEGER_SETTINGS = ("REBILL_TICK_SECONDS",)
+BOOLEAN_SETTINGS = ("REBILL_DEMO",)
+
+
+class ConfigError(click.ClickException):
+    """A setting is missing or invalid; the message names the variable.
+
+    A ClickException, so the ``flask`` CLI prints it as one line instead of a traceback.
+    """
+
+def load_settings(
+    instance_path: str, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Merge defaults, environment and overrides, then check and normalise them."""
+    environ = os.environ if environ is None else environ
+    settings = dict(DEFAULTS)
+    settings.update({name: environ[name] for name in ENVIRONMENT_VARIABLES if environ.get(name)})
+    settings.update(overrides or {})
+    _coerce_types(settings)
+    _check_required(settings, instance_path)
+    settings["DATABASE_URL"] = normalise_database_url(settings["DATABASE_URL"], instance_path)
+    return settings
+
+
+def is_development(settings: Mapping[str, Any]) -> bool:
+    """Tell whether the settings describe a development or test run."""
+    return settings["REBILL_ENV"] in DEVELOPMENT_ENVIRONMENTS
+
+
+def normalise_database_url(url: str | None, instance_path: str) -> str:
+    """Return a SQLAlchemy URL, accepting Heroku-style ``postgres://`` and defaulting to SQLite."""
+    if not url:
+        return f"sqlite:///{Path(instance_path) / 'rebill.sqlite3'}"
+    if url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgres://")
+    elif url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise ConfigError(f"DATABASE_URL is not a database URL ({error})") from None
+    if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
+        raise ConfigError(
+            f"DATABASE_URL uses '{parsed.get_backend_name()}'; Rebill supports postgresql:// and sqlite://"
+        )
+    return url
+
+
+def _coerce_types(settings: dict[str, Any]) -> None:
+    for name in INTEGER_SETTINGS:
+        try:
+            settings[name] = int(settings[name])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an integer, got {settings[name]!r}") from None
+        if settings[name] < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    for name in BOOLEAN_SETTINGS:
+        value = settings[name]
+        if isinstance(value, str):
+            settings[name] = value.strip().lower() in {"1", "true", "yes", "on"}
+    if settings["REBILL_ENV"] not in DEVELOPMENT_ENVIRONMENTS | {"production"}:
+        raise ConfigError("REBILL_ENV must be production, development or test")
+
+
+def _check_required(settings: dict[str, Any], instance_path: str) -> None:
+    if not is_development(settings):
+        missing = [name for name in REQUIRED_OUTSIDE_DEVELOPMENT if not settings.get(name)]
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)} must be set when REBILL_ENV is production (see README: Configuration)"
+            )
+        if settings["REBILL_DEMO"]:
+            raise ConfigError("REBILL_DEMO can only be enabled when REBILL_ENV=development")
+        return
+    if not settings.get("SECRET_KEY"):
+        settings["SECRET_KEY"] = "development-only-secret-key"
+    if not settings.get("REBILL_ENCRYPTION_KEYS"):
+        settings["REBILL_ENCRYPTION_KEYS"] = _development_encryption_key(instance_path)
+
+
+def _development_encryption_key(instance_path: str) -> str:
+    """Keep one generated key in the instance folder so development data survives restarts."""
+    key_file = Path(instance_path) / "development-encryption.key"
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(Fernet.generate_key().decode())
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()

@@ -1,0 +1,67 @@
+"""The factory's configuration: defaults → environment → the caller's mapping, checked at start."""
+
+import pytest
+
+from app import create_app
+from core.config import ConfigError, load_settings, normalise_database_url
+
+
+def test_production_without_secret_key_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        load_settings(str(tmp_path), {}, environ={"REBILL_ENCRYPTION_KEYS": "x"})
+
+
+def test_production_without_encryption_keys_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match="REBILL_ENCRYPTION_KEYS"):
+        load_settings(str(tmp_path), {}, environ={"SECRET_KEY": "s"})
+
+
+def test_environment_overrides_defaults_and_mapping_overrides_environment(tmp_path):
+    environ = {"REBILL_ENV": "development", "REBILL_TICK_SECONDS": "15", "GHL_API_BASE": "https://env.example"}
+    settings = load_settings(str(tmp_path), {"GHL_API_BASE": "https://mapping.example"}, environ=environ)
+    assert settings["REBILL_TICK_SECONDS"] == 15
+    assert settings["GHL_API_BASE"] == "https://mapping.example"
+    assert settings["STRIPE_API_BASE"] == "https://api.stripe.com"
+
+
+def test_development_generates_and_keeps_an_encryption_key(tmp_path):
+    first = load_settings(str(tmp_path), {}, environ={"REBILL_ENV": "development"})
+    second = load_settings(str(tmp_path), {}, environ={"REBILL_ENV": "development"})
+    assert first["REBILL_ENCRYPTION_KEYS"] == second["REBILL_ENCRYPTION_KEYS"]
+
+
+def test_demo_mode_is_refused_in_production(tmp_path):
+    environ = {"SECRET_KEY": "s", "REBILL_ENCRYPTION_KEYS": "k", "REBILL_DEMO": "1"}
+    with pytest.raises(ConfigError, match="REBILL_DEMO"):
+        load_settings(str(tmp_path), {}, environ=environ)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+def test_tick_seconds_must_be_a_positive_integer(tmp_path, value):
+    with pytest.raises(ConfigError, match="REBILL_TICK_SECONDS"):
+        load_settings(str(tmp_path), {"REBILL_ENV": "development", "REBILL_TICK_SECONDS": value}, environ={})
+
+
+def test_default_database_is_sqlite_in_the_instance_folder(tmp_path):
+    assert normalise_database_url(None, str(tmp_path)) == f"sqlite:///{tmp_path / 'rebill.sqlite3'}"
+
+
+@pytest.mark.parametrize("url", ["postgres://u@h/d", "postgresql://u@h/d"])
+def test_postgres_urls_use_psycopg3(tmp_path, url):
+    assert normalise_database_url(url, str(tmp_path)) == "postgresql+psycopg://u@h/d"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"), [("not a url", "not a database URL"), ("mysql://u@h/d", "supports postgresql")]
+)
+def test_wrong_database_url_is_one_clear_line(tmp_path, url, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        normalise_database_url(url, str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert "DATABASE_URL" in str(error.value)
+
+
+def test_bad_encryption_keys_fail_the_start(tmp_path):
+    config = {"REBILL_ENV": "test", "SECRET_KEY": "s", "REBILL_ENCRYPTION_KEYS": "not-a-fernet-key"}
+    with pytest.raises(ConfigError, match="REBILL_ENCRYPTION_KEYS"):
+        create_app(config)
