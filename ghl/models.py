@@ -1,4 +1,4 @@
-"""GHL tables: OAuth tokens, subaccounts (locations) and raw webhook deliveries."""
+"""GHL tables: OAuth tokens, agency-level installs, subaccounts (locations) and raw webhook deliveries."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ class GhlToken(TimestampMixin, db.Model):
     needs_reauth: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     reauth_reason: Mapped[str | None] = mapped_column(Text)
     refreshed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class GhlCompanyInstall(TimestampMixin, db.Model):
+    """Rebill installed at agency level (a Company install), from the OAuth callback or the INSTALL webhook."""
+
+    __tablename__ = "ghl_company_install"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), unique=True)
+    is_installed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    installed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    uninstalled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    plan_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class GhlLocation(TimestampMixin, db.Model):

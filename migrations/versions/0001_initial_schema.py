@@ -105,6 +105,20 @@ def upgrade():
     with op.batch_alter_table('ghl_location', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_ghl_location_agency_id'), ['agency_id'], unique=False)
 
+    op.create_table('ghl_company_install',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('agency_id', sa.Integer(), nullable=False),
+    sa.Column('is_installed', sa.Boolean(), server_default=sa.true(), nullable=False),
+    sa.Column('installed_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('uninstalled_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('plan_id', sa.String(length=64), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['agency_id'], ['agency.id'], name=op.f('fk_ghl_company_install_agency_id_agency')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_ghl_company_install')),
+    sa.UniqueConstraint('agency_id', name=op.f('uq_ghl_company_install_agency_id'))
+    )
+
     op.create_table('rebill_client',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('agency_id', sa.Integer(), nullable=False),
@@ -219,6 +233,7 @@ def downgrade():
         batch_op.drop_index(batch_op.f('ix_ghl_location_agency_id'))
 
     op.drop_table('ghl_location')
+    op.drop_table('ghl_company_install')
     with op.batch_alter_table('api_key', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_api_key_agency_id'))
 
