@@ -50,9 +50,11 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount every feature's routes."""
+    from capri.views import blueprint as capri_usage_api
     from core.health import blueprint as health
 
     app.register_blueprint(health)
+    app.register_blueprint(capri_usage_api)
 
 
 def register_errorhandlers(app: Flask) -> None:
@@ -72,7 +74,9 @@ def register_errorhandlers(app: Flask) -> None:
 def register_commands(app: Flask) -> None:
     """Register CLI groups; database failures in any command print one clear line."""
     from billing.cli import rebill_cli
+    from capri.cli import api_key_cli
 
+    rebill_cli.add_command(api_key_cli)
     app.cli.add_command(rebill_cli)
     for command in _walk_commands(app.cli):
         command.callback = _clear_database_errors(command.callback, app)

@@ -1,0 +1,51 @@
+"""Record a batch of usage events from the AI platform into the billing ledger, one result per event."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from billing.ledger import record_usage
+from capri.validation import CheckedEvent, check_event
+from core.database import utcnow
+
+log = logging.getLogger("capri.usage")
+
+
+def report_usage(agency_id: int, events: Sequence[Any]) -> list[dict[str, Any]]:
+    """Check each event, record the valid ones in one idempotent insert, and return a result per event.
+
+    Rejected events are never written, so their ids stay free for a corrected resend. Accepted events go
+    to the ledger in one statement (all or nothing), where the (agency, "capri", id) unique constraint
+    turns repeats, within the batch or across batches and whatever their contents, into ``duplicate``.
+    Flushes only; the caller commits.
+    """
+    now = utcnow()
+    checked = [check_event(event, now) for event in events]
+    valid = [item for item in checked if item.record is not None]
+    inserted = iter(record_usage(agency_id, [item.record for item in valid]))
+    results = [_result(item, inserted) for item in checked]
+    log.info(
+        "usage batch recorded",
+        extra={
+            "fields": {
+                "agency_id": agency_id,
+                "events": len(results),
+                **{status: sum(r["status"] == status for r in results) for status in _STATUSES},
+            }
+        },
+    )
+    return results
+
+
+_STATUSES = ("accepted", "duplicate", "rejected")
+
+
+def _result(item: CheckedEvent, inserted) -> dict[str, Any]:
+    if item.record is None:
+        return {"id": item.event_id, "status": "rejected", "reason": item.reason}
+    result: dict[str, Any] = {"id": item.event_id, "status": "accepted" if next(inserted) else "duplicate"}
+    if item.flags:
+        result["flags"] = list(item.flags)
+    return result

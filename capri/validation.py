@@ -1,0 +1,216 @@
+"""Parse and check usage API bodies: the whole body (400/413) and each event (accepted or rejected whole).
+
+Rules the contract fixes (DESIGN.md §4 "Usage API"); the OpenAPI document in ``capri.openapi`` is built from
+the same constants and a test keeps the two in agreement:
+- the body is a JSON object ``{"events": [...]}`` with at most ``MAX_EVENTS`` events and no other field;
+- an event names an ``id`` (1-255 characters), exactly one of ``channel`` or ``location_id``, non-negative
+  integer ``input_tokens``/``output_tokens``/``messages`` (at least one above zero), an optional ``model``
+  and an ``occurred_at`` with a timezone, not more than 5 minutes in the future;
+- ``null`` means "not given" for the optional fields; unknown fields are rejected, because a misspelt
+  count (``"output_token"``) silently ignored would under-bill the client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from billing.ledger import UsageRecord
+
+SOURCE = "capri"
+MAX_EVENTS = 1000
+# 1000 events at their largest legitimate size (every string at its limit, escaped) stay well under this.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+ID_MAX_LENGTH = 255
+CHANNEL_MAX_LENGTH = 255
+LOCATION_ID_MAX_LENGTH = 64
+MODEL_MAX_LENGTH = 128
+OCCURRED_AT_MAX_LENGTH = 64
+COUNT_FIELDS = ("input_tokens", "output_tokens", "messages")
+# Far above any real event, and small enough that sums over millions of events fit a BIGINT.
+COUNT_MAX = 10**12
+EVENT_FIELDS = frozenset({"id", "channel", "location_id", *COUNT_FIELDS, "model", "occurred_at"})
+FUTURE_TOLERANCE = dt.timedelta(minutes=5)
+# Stripe takes meter events at most 35 calendar days old (reference/stripe.md §1.4,
+# https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api): older usage is kept in the
+# ledger and flagged so the caller knows it may not reach Stripe in its own period.
+STRIPE_WINDOW = dt.timedelta(days=35)
+FLAG_OLDER_THAN_STRIPE_WINDOW = "older_than_35_days"
+# Nothing Rebill bills predates this; earlier values are a caller's bug (an epoch-zero clock), and refusing
+# them keeps date arithmetic downstream far from datetime's year-1 edge.
+EARLIEST_OCCURRED_AT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+class BodyInvalid(Exception):
+    """The body is not the expected JSON shape (HTTP 400)."""
+
+
+class TooManyEvents(Exception):
+    """The body carries more events than one request may (HTTP 413)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedEvent:
+    """One event after checking: a ledger record, or the reason it is rejected."""
+
+    event_id: str | None  # echoed back in the result; None when the caller's id is not a string
+    record: UsageRecord | None = None
+    reason: str | None = None
+    flags: tuple[str, ...] = field(default=())
+
+
+class _OutOfRange:
+    """Stands in for a JSON integer too long to be a count, so one event is rejected, not the whole body."""
+
+
+def parse_usage_body(raw: bytes) -> list[Any]:
+    """Return the events list of a usage body; raise BodyInvalid or TooManyEvents."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyInvalid("the body is not UTF-8 encoded JSON") from None
+    try:
+        body = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_object_without_repeated_keys,
+        )
+    except RecursionError:
+        raise BodyInvalid("the body is nested too deeply") from None
+    except ValueError as error:
+        raise BodyInvalid(f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise BodyInvalid('the body must be a JSON object: {"events": [...]}')
+    unknown = sorted(set(body) - {"events"})
+    if unknown:
+        raise BodyInvalid(f"unknown top-level field(s): {_names(unknown)}; the body is {{\"events\": [...]}}")
+    events = body.get("events")
+    if not isinstance(events, list):
+        raise BodyInvalid('the body must have an "events" array')
+    if len(events) > MAX_EVENTS:
+        raise TooManyEvents(f"at most {MAX_EVENTS} events per request, got {len(events)}; split the batch")
+    return events
+
+
+def check_event(event: Any, now: dt.datetime) -> CheckedEvent:
+    """Check one event against the contract; never raise for bad input."""
+    if not isinstance(event, dict):
+        return CheckedEvent(None, reason="an event must be a JSON object")
+    event_id = event.get("id")
+    echoed_id = event_id if isinstance(event_id, str) else None
+    try:
+        record, flags = _record_from(event, now)
+    except _Rejected as rejection:
+        return CheckedEvent(echoed_id, reason=str(rejection))
+    return CheckedEvent(echoed_id, record=record, flags=flags)
+
+
+class _Rejected(Exception):
+    """Why an event cannot be accepted; the message is the reason the caller sees."""
+
+
+def _record_from(event: dict, now: dt.datetime) -> tuple[UsageRecord, tuple[str, ...]]:
+    unknown = sorted(set(event) - EVENT_FIELDS)
+    if unknown:
+        raise _Rejected(f"unknown field(s): {_names(unknown)}")
+    event_id = _text(event, "id", ID_MAX_LENGTH, required=True)
+    channel = _text(event, "channel", CHANNEL_MAX_LENGTH)
+    location_id = _text(event, "location_id", LOCATION_ID_MAX_LENGTH)
+    if (channel is None) == (location_id is None):
+        raise _Rejected("give exactly one of channel or location_id")
+    counts = {name: _count(event, name) for name in COUNT_FIELDS}
+    if not any(counts.values()):
+        raise _Rejected("at least one of input_tokens, output_tokens or messages must be above 0")
+    model = _text(event, "model", MODEL_MAX_LENGTH)
+    occurred_at = _occurred_at(event, now)
+    flags = (FLAG_OLDER_THAN_STRIPE_WINDOW,) if occurred_at < now - STRIPE_WINDOW else ()
+    record = UsageRecord(
+        source=SOURCE,
+        source_event_id=event_id,
+        occurred_at=occurred_at,
+        channel_id=channel,
+        location_id=location_id,
+        model=model,
+        **counts,
+    )
+    return record, flags
+
+
+def _text(event: dict, name: str, max_length: int, *, required: bool = False) -> str | None:
+    value = event.get(name)
+    if value is None:
+        if required:
+            raise _Rejected(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise _Rejected(f"{name} must be a string")
+    if not 1 <= len(value) <= max_length:
+        raise _Rejected(f"{name} must be 1 to {max_length} characters long")
+    # Control characters (NUL above all: PostgreSQL text cannot hold it) and lone surrogates (not encodable
+    # as UTF-8) cannot be stored or shown faithfully.
+    if any(unicodedata.category(character) in {"Cc", "Cs"} for character in value):
+        raise _Rejected(f"{name} must not contain control characters or unpaired surrogates")
+    return value
+
+
+def _count(event: dict, name: str) -> int:
+    value = event.get(name)
+    if value is None:
+        return 0
+    # bool is an int in Python and 1.0 a float in JSON: neither is an integer count.
+    if isinstance(value, bool) or not isinstance(value, int | _OutOfRange):
+        raise _Rejected(f"{name} must be a non-negative integer (no fraction or exponent)")
+    if isinstance(value, _OutOfRange) or not 0 <= value <= COUNT_MAX:
+        raise _Rejected(f"{name} must be between 0 and {COUNT_MAX}")
+    return value
+
+
+def _occurred_at(event: dict, now: dt.datetime) -> dt.datetime:
+    value = event.get("occurred_at")
+    if value is None:
+        raise _Rejected("occurred_at is required")
+    if not isinstance(value, str) or len(value) > OCCURRED_AT_MAX_LENGTH:
+        raise _Rejected("occurred_at must be an ISO-8601 date-time string with a timezone")
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise _Rejected("occurred_at must be an ISO-8601 date-time string with a timezone") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise _Rejected("occurred_at must include a timezone (Z or ±HH:MM)")
+    try:
+        occurred_at = parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise _Rejected(f"occurred_at must not be before {EARLIEST_OCCURRED_AT.date().isoformat()}") from None
+    if occurred_at < EARLIEST_OCCURRED_AT:
+        raise _Rejected(f"occurred_at must not be before {EARLIEST_OCCURRED_AT.date().isoformat()}")
+    if occurred_at > now + FUTURE_TOLERANCE:
+        raise _Rejected("occurred_at is more than 5 minutes in the future")
+    return occurred_at
+
+
+def _parse_int(digits: str) -> int | _OutOfRange:
+    # Python refuses to parse integers beyond 4300 digits (a whole-body error); anything beyond 20 digits
+    # is out of range for a count anyway, so keep it as a marker and reject just that event.
+    return _OutOfRange() if len(digits) > 20 else int(digits)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key[:40]!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(name[:40]) for name in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
