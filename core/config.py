@@ -59,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "STRIPE_API_BASE": "https://api.stripe.com",
     "REBILL_TICK_SECONDS": 60,
     "REBILL_DEMO": False,
+    # Extra CSP frame-ancestors for /app beyond GHL's hosts and known white-label domains (portal.pages).
+    "REBILL_FRAME_ANCESTORS": "",
     "REBILL_LOG_LEVEL": "INFO",
 }
 
