@@ -6,6 +6,7 @@ All usage and unit quantities are integers (BigInteger); money itself lives in S
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -21,6 +22,11 @@ USAGE_SOURCES = ("ghl", "capri")
 # paused: its client was paused; ignored: mapped, but the client does not count this kind of usage.
 USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored")
 REPORT_STATUSES = ("pending", "sent", "failed")
+
+
+def new_report_prefix() -> str:
+    """Return a fresh random identifier prefix for a client's unit reports (64 bits, 16 hex chars)."""
+    return secrets.token_hex(8)
 
 
 class Agency(TimestampMixin, db.Model):
@@ -91,6 +97,9 @@ class RebillClient(TimestampMixin, db.Model):
     units_logged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     remainder: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     report_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Random per client, first part of every UnitReport identifier: two Rebill deployments (or a rebuilt
+    # database) sending to one Stripe account never reuse an identifier (reference/stripe.md §1.9).
+    report_prefix: Mapped[str] = mapped_column(String(16), default=new_report_prefix)
 
     agency: Mapped[Agency] = relationship(back_populates="clients")
 
@@ -126,6 +135,8 @@ class UsageEvent(db.Model):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     state: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
     client_id: Mapped[int | None] = mapped_column(ForeignKey("rebill_client.id"))
+    # What this event measures for its client under the client's charge_by/message_source (set by
+    # aggregation). Billed only in state "counted"; kept for "paused" events so paused usage stays visible.
     counted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 

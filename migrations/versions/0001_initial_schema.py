@@ -146,6 +146,7 @@ def upgrade():
     sa.Column('units_logged', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('remainder', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('report_sequence', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('report_prefix', sa.String(length=16), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['agency_id'], ['agency.id'], name=op.f('fk_rebill_client_agency_id_agency')),

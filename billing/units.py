@@ -1,0 +1,437 @@
+"""Aggregation: turn pending usage events into per-client counted usage, units and outbox rows.
+
+The rules (DESIGN.md §2) this module implements, each pinned by a named test in tests/billing/test_units.py:
+
+1. A client keeps ``remainder`` (usage toward its next unit). On q new counted usage:
+   ``remainder += q; k = remainder // N; remainder -= k * N; units_logged += k``. Nothing is rounded or dropped.
+2. Each event is aggregated once: its state leaves ``pending`` in the same transaction that adds it to its
+   client (the ledger already deduplicated it on its source's event id).
+3. An event whose channel / subaccount no live client maps becomes ``unmapped``, kept and never billed
+   later — unless the agency creates a client with ``bill_unmapped_usage=True`` (billing.clients).
+4. Changing N first counts the client's pending events under the old N, then applies the new N to the
+   carried remainder (``set_billing_unit``), so the remainder never re-divides retroactively.
+5. A paused client's events become ``paused`` (measured, visible, never billed); pausing and resuming first
+   count the pending events under the old status, so usage received while paused is never billed.
+7. One pass writes ONE ``UnitReport`` outbox row per client carrying all its new units k, in the same
+   transaction as the counters and the events' state change (the reporter sends one Stripe call for it).
+
+Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
+second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
+their clients with ``FOR UPDATE SKIP LOCKED`` in id order before touching counters. Events whose client is
+locked elsewhere (an edit, another aggregator) stay pending for the next pass. Client edits lock the client
+row (waiting) and count its pending events first (``flush_client_usage``); they may wait on an aggregator,
+never the reverse. On SQLite every writer takes the database write lock up front (``take_write_lock``), so
+aggregators and edits simply run one after another. Ingest (``record_usage``) only inserts, so it never
+waits on aggregation on PostgreSQL (a duplicate of an event being aggregated right now waits for that pass).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, func, insert, select, text, tuple_, update
+from sqlalchemy.orm.util import identity_key
+
+from billing.models import RebillClient, UnitReport, UsageEvent
+from core.database import db, is_postgresql, utcnow
+
+BATCH_SIZE = 20_000
+KEY_LOOKUP_CHUNK = 500
+# Stripe takes meter event timestamps "within the past 35 calendar days" (reference/stripe.md §1.3,
+# docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api); keep an hour of slack for the
+# time between writing the outbox row and sending it.
+OLDEST_USAGE_TIMESTAMP = dt.timedelta(days=35) - dt.timedelta(hours=1)
+
+ClientKey = tuple[int, str, str]  # (agency_id, provider, source_key)
+
+_EVENT = UsageEvent.__table__.c
+_CLIENT = RebillClient.__table__.c
+_CLAIM_COLUMNS = (
+    _EVENT.id,
+    _EVENT.agency_id,
+    _EVENT.source,
+    _EVENT.channel_id,
+    _EVENT.location_id,
+    _EVENT.input_tokens,
+    _EVENT.output_tokens,
+    _EVENT.messages,
+    _EVENT.direction,
+    _EVENT.occurred_at,
+)
+_TALLY_COLUMNS = (
+    _CLIENT.id,
+    _CLIENT.agency_id,
+    _CLIENT.provider,
+    _CLIENT.source_key,
+    _CLIENT.charge_by,
+    _CLIENT.message_source,
+    _CLIENT.status,
+    _CLIENT.billing_unit,
+    _CLIENT.counted_usage,
+    _CLIENT.units_logged,
+    _CLIENT.remainder,
+    _CLIENT.report_sequence,
+    _CLIENT.report_prefix,
+)
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """What one aggregation pass did."""
+
+    events: int = 0  # events that left ``pending`` (counted, paused, ignored or unmapped)
+    units: int = 0  # units logged (sum of the new outbox rows' units)
+    reports: int = 0  # UnitReport outbox rows written (at most one per client)
+    deferred: int = 0  # events left pending because their client was locked by an edit or another pass
+
+
+def aggregate_pending_usage(batch_size: int = BATCH_SIZE) -> AggregationResult:
+    """Aggregate every pending usage event into client counters and outbox rows; flush, never commit.
+
+    Streams pending events in id order, ``batch_size`` at a time, and keeps only per-client tallies in
+    memory. Events recorded after the pass started wait for the next pass.
+    """
+    take_write_lock()
+    aggregation = _Aggregation(skip_locked=True)
+    aggregation.run(batch_size=batch_size)
+    return aggregation.finish()
+
+
+def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> AggregationResult:
+    """Aggregate the client's pending events under its current settings; the caller holds its row lock.
+
+    Client edits call this before changing N, status, source or deletion, so events received before an edit
+    count under the settings that were in force when they arrived. Waits for events another aggregation
+    pass has claimed (that pass never waits for us, so this cannot deadlock).
+    """
+    aggregation = _Aggregation(skip_locked=False)
+    aggregation.adopt(client)
+    aggregation.run(batch_size=batch_size, where=source_filter(client.agency_id, client.provider, client.source_key))
+    return aggregation.finish()
+
+
+def set_billing_unit(client: RebillClient, billing_unit: int) -> int:
+    """Apply a new N to the client's carried remainder and return the units that yields now.
+
+    Call after ``flush_client_usage`` under the client's row lock. Rule 4: the remainder already counted
+    carries into the new N. Decision: if the carried remainder reaches the new N (N was lowered), its
+    units are logged at the change, in this transaction, with their own outbox row — so ``remainder < N``
+    always holds and those units reach Stripe at the next tick without waiting for new usage.
+    """
+    units, remainder = divmod(client.remainder, billing_unit)
+    client.billing_unit = billing_unit
+    client.remainder = remainder
+    if units:
+        client.units_logged += units
+        client.report_sequence += 1
+        now = utcnow()
+        db.session.add(
+            UnitReport(
+                agency_id=client.agency_id,
+                client_id=client.id,
+                identifier=report_identifier(client.report_prefix, client.id, client.report_sequence),
+                units=units,
+                usage_timestamp=now,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+            )
+        )
+    return units
+
+
+def settle_source_before_mapping(agency_id: int, provider: str, source_key: str, *, bill_unmapped: bool) -> int:
+    """Prepare a source's earlier usage for a client about to map it; return the events it will bill.
+
+    Rule 3. Default: events of the source still pending were received before any client mapped it, so
+    they become ``unmapped`` now and are never billed. With ``bill_unmapped=True`` (the agency's explicit
+    choice) the source's unmapped events, and its pending ones, are left / put back to ``pending`` and the
+    next aggregation counts them under the new client; the count of those events is returned.
+    """
+    where = source_filter(agency_id, provider, source_key)
+    if not bill_unmapped:
+        db.session.execute(
+            update(UsageEvent.__table__).where(_EVENT.state == "pending", *where).values(state="unmapped")
+        )
+        return 0
+    db.session.execute(update(UsageEvent.__table__).where(_EVENT.state == "unmapped", *where).values(state="pending"))
+    return db.session.scalar(select(func.count()).where(_EVENT.state == "pending", *where))
+
+
+def take_write_lock() -> None:
+    """On SQLite, make this transaction the database's writer now, so concurrent writers serialise.
+
+    A read-then-write SQLite transaction can fail with "database is locked" when another writer commits in
+    between; a first (empty) write takes the lock up front and later writers wait on the busy timeout.
+    PostgreSQL uses row locks instead, so nothing happens there.
+    """
+    if not is_postgresql():
+        db.session.execute(update(RebillClient.__table__).where(_CLIENT.id == -1).values(remainder=_CLIENT.remainder))
+
+
+def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:
+    """Return the WHERE terms selecting usage events of one channel (capri_api) or subaccount (ghl)."""
+    column = _EVENT.channel_id if provider == "capri_api" else _EVENT.location_id
+    return (_EVENT.agency_id == agency_id, column == source_key)
+
+
+def event_client_key(agency_id: int, channel_id: str | None, location_id: str | None) -> ClientKey:
+    """Return the (agency, provider, source_key) of the only kind of client that can map an event."""
+    if channel_id is not None:
+        return (agency_id, "capri_api", channel_id)
+    return (agency_id, "ghl", location_id)
+
+
+def measure_usage(
+    charge_by: str,
+    provider: str,
+    message_source: str | None,
+    source: str,
+    input_tokens: int,
+    output_tokens: int,
+    messages: int,
+    direction: str | None,
+) -> int:
+    """Return how much of a client's charge_by one matched event carries (DESIGN.md §2 "What counts")."""
+    if charge_by == "tokens":
+        # Tokens are reported only by the AI platform through the usage API.
+        return input_tokens + output_tokens if source == "capri" else 0
+    if provider == "capri_api" or message_source == "platform":
+        return messages if source == "capri" else 0
+    if source != "ghl":
+        return 0
+    if message_source == "ghl_all" or (message_source or "ghl_outbound") == f"ghl_{direction}":
+        return messages
+    return 0
+
+
+def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
+    """Return the deterministic Stripe identifier of a client's n-th unit report (at most 45 chars)."""
+    return f"rebill_{report_prefix}_{client_id}_{sequence}"
+
+
+def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime:
+    """Return the timestamp Stripe gets for units: the latest usage, never future, never > 35 days old."""
+    if latest is None:
+        return now
+    return min(max(latest, now - OLDEST_USAGE_TIMESTAMP), now)
+
+
+class _Tally:
+    """One locked client's settings, counters, and the usage this pass adds to it."""
+
+    def __init__(self, row):
+        for name in _TALLY_COLUMNS:
+            setattr(self, name.key, getattr(row, name.key))
+        self.new_usage = 0
+        self.latest: dt.datetime | None = None
+
+    @property
+    def key(self) -> ClientKey:
+        return (self.agency_id, self.provider, self.source_key)
+
+
+class _Aggregation:
+    """One pass: claim pending events batch by batch, classify them, then write counters and outbox rows."""
+
+    def __init__(self, *, skip_locked: bool):
+        self.skip_locked = skip_locked
+        self.postgresql = is_postgresql()
+        self.now = utcnow()
+        self.tallies: dict[int, _Tally] = {}
+        self.by_key: dict[ClientKey, _Tally] = {}
+        self.events = 0
+        self.deferred = 0
+        self.units = 0
+        self.reports = 0
+
+    def adopt(self, client: RebillClient) -> None:
+        """Aggregate for a client the caller already locked."""
+        db.session.flush()
+        tally = _Tally(client)
+        self.tallies[tally.id] = tally
+        self.by_key[tally.key] = tally
+
+    def run(self, *, batch_size: int, where: Sequence = ()) -> None:
+        """Claim and classify pending events (up to the newest id at the start), batch by batch."""
+        newest = db.session.scalar(select(func.max(_EVENT.id)))
+        if newest is None:
+            return
+        after = 0
+        while True:
+            claim = (
+                select(*_CLAIM_COLUMNS)
+                .where(_EVENT.state == "pending", _EVENT.id > after, _EVENT.id <= newest, *where)
+                .order_by(_EVENT.id)
+                .limit(batch_size)
+            )
+            if self.postgresql:
+                # SKIP LOCKED: two passes at once claim disjoint events. A flush waits instead, so it
+                # sees every pending event of its client (LockRows sits under LIMIT: rows that stopped
+                # being pending while we waited are skipped, not returned, so an empty batch means done).
+                claim = claim.with_for_update(skip_locked=self.skip_locked)
+            rows = db.session.execute(claim).all()
+            if not rows:
+                return
+            after = rows[-1].id
+            live_keys = self._lock_clients({event_client_key(r.agency_id, r.channel_id, r.location_id) for r in rows})
+            self._write_events(self._classify(rows, live_keys))
+
+    def _lock_clients(self, keys: set[ClientKey]) -> set[ClientKey]:
+        """Lock the live clients of these keys (skipping ones locked elsewhere); return every live key."""
+        unknown = [key for key in keys if key not in self.by_key]
+        live: set[ClientKey] = set()
+        ids: list[int] = []
+        for start in range(0, len(unknown), KEY_LOOKUP_CHUNK):
+            chunk = unknown[start : start + KEY_LOOKUP_CHUNK]
+            found = db.session.execute(
+                select(_CLIENT.id, _CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).where(
+                    _CLIENT.deleted_at.is_(None),
+                    tuple_(_CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).in_(chunk),
+                )
+            ).all()
+            live.update((row.agency_id, row.provider, row.source_key) for row in found)
+            ids.extend(row.id for row in found)
+        for start in range(0, len(ids), KEY_LOOKUP_CHUNK):
+            # Consistent id order; SKIP LOCKED so aggregation never waits (see the module docstring).
+            locked = db.session.execute(
+                select(*_TALLY_COLUMNS)
+                .where(_CLIENT.id.in_(sorted(ids)[start : start + KEY_LOOKUP_CHUNK]), _CLIENT.deleted_at.is_(None))
+                .order_by(_CLIENT.id)
+                .with_for_update(skip_locked=self.skip_locked)
+            ).all()
+            for row in locked:
+                tally = _Tally(row)
+                self.tallies[tally.id] = tally
+                self.by_key[tally.key] = tally
+        return live | set(self.by_key)
+
+    def _classify(self, rows: Iterable, live_keys: set[ClientKey]) -> list[dict]:
+        """Decide each event's new state and add counted usage to its client's tally."""
+        changes = []
+        for row in rows:
+            key = event_client_key(row.agency_id, row.channel_id, row.location_id)
+            tally = self.by_key.get(key)
+            if tally is None:
+                if key in live_keys:
+                    self.deferred += 1  # its client is locked by an edit or another pass: next pass
+                    continue
+                changes.append({"b_id": row.id, "b_state": "unmapped", "b_client_id": None, "b_counted": 0})
+                continue
+            quantity = measure_usage(
+                tally.charge_by,
+                tally.provider,
+                tally.message_source,
+                row.source,
+                row.input_tokens,
+                row.output_tokens,
+                row.messages,
+                row.direction,
+            )
+            if quantity == 0:
+                state = "ignored"
+            elif tally.status == "paused":
+                state = "paused"
+            else:
+                state = "counted"
+                tally.new_usage += quantity
+                if tally.latest is None or row.occurred_at > tally.latest:
+                    tally.latest = row.occurred_at
+            changes.append({"b_id": row.id, "b_state": state, "b_client_id": tally.id, "b_counted": quantity})
+        return changes
+
+    def _write_events(self, changes: list[dict]) -> None:
+        """Move a batch of events out of pending in one statement."""
+        if not changes:
+            return
+        self.events += len(changes)
+        if self.postgresql:
+            db.session.execute(
+                text(
+                    "UPDATE usage_event AS e SET state = v.state, client_id = v.client_id, counted = v.counted "
+                    "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:client_ids AS integer[]), "
+                    "CAST(:counted AS bigint[])) AS v(id, state, client_id, counted) WHERE e.id = v.id"
+                ),
+                {
+                    "ids": [change["b_id"] for change in changes],
+                    "states": [change["b_state"] for change in changes],
+                    "client_ids": [change["b_client_id"] for change in changes],
+                    "counted": [change["b_counted"] for change in changes],
+                },
+            )
+            return
+        db.session.execute(
+            update(UsageEvent.__table__)
+            .where(_EVENT.id == bindparam("b_id"))
+            .values(state=bindparam("b_state"), client_id=bindparam("b_client_id"), counted=bindparam("b_counted")),
+            changes,
+        )
+
+    def finish(self) -> AggregationResult:
+        """Apply the rule-1 arithmetic per client and write counters and one outbox row per client."""
+        client_rows, report_rows = [], []
+        for tally in self.tallies.values():
+            if tally.new_usage == 0:
+                continue
+            remainder = tally.remainder + tally.new_usage
+            units, remainder = divmod(remainder, tally.billing_unit)
+            sequence = tally.report_sequence + (1 if units else 0)
+            client_rows.append(
+                {
+                    "b_id": tally.id,
+                    "b_counted_usage": tally.counted_usage + tally.new_usage,
+                    "b_units_logged": tally.units_logged + units,
+                    "b_remainder": remainder,
+                    "b_report_sequence": sequence,
+                }
+            )
+            if units:
+                self.units += units
+                report_rows.append(
+                    {
+                        "agency_id": tally.agency_id,
+                        "client_id": tally.id,
+                        "identifier": report_identifier(tally.report_prefix, tally.id, sequence),
+                        "units": units,
+                        "usage_timestamp": usage_timestamp(tally.latest, self.now),
+                        "status": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": self.now,
+                        "created_at": self.now,
+                        "updated_at": self.now,
+                    }
+                )
+        if client_rows:
+            db.session.execute(
+                update(RebillClient.__table__)
+                .where(_CLIENT.id == bindparam("b_id"))
+                .values(
+                    counted_usage=bindparam("b_counted_usage"),
+                    units_logged=bindparam("b_units_logged"),
+                    remainder=bindparam("b_remainder"),
+                    report_sequence=bindparam("b_report_sequence"),
+                    updated_at=self.now,
+                ),
+                client_rows,
+            )
+        if report_rows:
+            # Written last: if the outbox insert fails, the whole transaction (counters, event states)
+            # rolls back with it, so there are never counters without their outbox row.
+            db.session.execute(insert(UnitReport.__table__), report_rows)
+            self.reports = len(report_rows)
+        self._expire_loaded(client_rows)
+        return AggregationResult(events=self.events, units=self.units, reports=self.reports, deferred=self.deferred)
+
+    @staticmethod
+    def _expire_loaded(client_rows: list[dict]) -> None:
+        """Expire ORM objects this pass changed behind the session's back, so they reload on next access."""
+        identity_map = db.session.identity_map
+        for row in client_rows:
+            client = identity_map.get(identity_key(RebillClient, row["b_id"]))
+            if client is not None:
+                db.session.expire(client)
+        for obj in list(identity_map.values()):
+            if isinstance(obj, UsageEvent):
+                db.session.expire(obj)
