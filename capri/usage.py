@@ -23,9 +23,16 @@ def report_usage(agency_id: int, events: Sequence[Any]) -> list[dict[str, Any]]:
     """
     now = utcnow()
     checked = [check_event(event, now) for event in events]
-    valid = [item for item in checked if item.record is not None]
-    inserted = iter(record_usage(agency_id, [item.record for item in valid]))
-    results = [_result(item, inserted) for item in checked]
+    # Insert in id order: concurrent batches that share ids in different orders then take the unique-index
+    # locks in the same order, so PostgreSQL never deadlocks them. The sort is stable, so within a batch the
+    # first copy of an id is still the one accepted.
+    positions = sorted(
+        (index for index, item in enumerate(checked) if item.record is not None),
+        key=lambda index: checked[index].record.source_event_id,
+    )
+    outcomes = record_usage(agency_id, [checked[index].record for index in positions])
+    inserted = dict(zip(positions, outcomes, strict=True))
+    results = [_result(item, inserted.get(index)) for index, item in enumerate(checked)]
     log.info(
         "usage batch recorded",
         extra={
@@ -42,10 +49,10 @@ def report_usage(agency_id: int, events: Sequence[Any]) -> list[dict[str, Any]]:
 _STATUSES = ("accepted", "duplicate", "rejected")
 
 
-def _result(item: CheckedEvent, inserted) -> dict[str, Any]:
+def _result(item: CheckedEvent, inserted: bool | None) -> dict[str, Any]:
     if item.record is None:
         return {"id": item.event_id, "status": "rejected", "reason": item.reason}
-    result: dict[str, Any] = {"id": item.event_id, "status": "accepted" if next(inserted) else "duplicate"}
+    result: dict[str, Any] = {"id": item.event_id, "status": "accepted" if inserted else "duplicate"}
     if item.flags:
         result["flags"] = list(item.flags)
     return result
