@@ -82,12 +82,12 @@ def post_usage(client, key: str | None, payload, *, headers: dict | None = None)
 
 
 def ledger_rows(agency_id: int | None = None) -> list[UsageEvent]:
-    """Return the ledger rows (of one agency), oldest first, read fresh."""
+    """Return the ledger rows (of one agency) by agency and event id, read fresh."""
     db.session.rollback()
-    query = select(UsageEvent).order_by(UsageEvent.id)
+    query = select(UsageEvent)
     if agency_id is not None:
         query = query.where(UsageEvent.agency_id == agency_id)
-    return list(db.session.scalars(query))
+    return sorted(db.session.scalars(query), key=lambda row: (row.agency_id, row.source_event_id))
 
 
 def ledger_count() -> int:

@@ -177,10 +177,10 @@ def test_usage_for_a_subaccount_and_for_an_unmapped_channel_is_kept(client, agen
     )
     assert statuses(response) == ["accepted", "accepted"]
     rows = ledger_rows(agency.id)
-    assert [(row.channel_id, row.location_id, row.state) for row in rows] == [
-        (None, "loc-unmapped", "pending"),
-        ("nobody-maps", None, "pending"),
-    ]
+    assert {(row.source_event_id, row.channel_id, row.location_id, row.state) for row in rows} == {
+        ("s", None, "loc-unmapped", "pending"),
+        ("c", "nobody-maps", None, "pending"),
+    }
 
 
 def test_optional_fields_may_be_null_or_absent(client, agency):
