@@ -1,13 +1,19 @@
 """The scheduler's work: one tick = aggregate new usage into units, then report units to Stripe.
 
 Jobs select work by database state ("everything not yet aggregated / reported"), so a missed or doubled
-tick does no harm.
+tick does no harm. Each step commits its own transactions: units are durable in the outbox before any
+Stripe call, and one agency's Stripe trouble never rolls back another's progress.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
+
+from billing.reporting import report_pending_units
+from billing.units import aggregate_pending_usage
+from core.database import db
 
 log = logging.getLogger("billing.jobs")
 
@@ -19,12 +25,33 @@ class TickSummary:
     events_aggregated: int = 0
     units_logged: int = 0
     reports_sent: int = 0
+    units_sent: int = 0
     reports_failed: int = 0
+    reports_retrying: int = 0
     stripe_calls: int = 0
+    agencies_flagged: int = 0
+    aggregation_failed: bool = False
 
 
-def run_tick() -> TickSummary:
+def run_tick(now: dt.datetime | None = None) -> TickSummary:
     """Run one aggregation + reporting cycle; commits its own transactions."""
     summary = TickSummary()
+    try:
+        aggregation = aggregate_pending_usage()
+        db.session.commit()
+        summary.events_aggregated = aggregation.events
+        summary.units_logged = aggregation.units
+    except Exception:
+        # Units already in the outbox must still go out; the failed aggregation is retried next tick.
+        db.session.rollback()
+        summary.aggregation_failed = True
+        log.exception("aggregation failed")
+    reporting = report_pending_units(now)
+    summary.reports_sent = reporting.reports_sent
+    summary.units_sent = reporting.units_sent
+    summary.reports_failed = reporting.reports_failed
+    summary.reports_retrying = reporting.reports_retrying
+    summary.stripe_calls = reporting.stripe_calls
+    summary.agencies_flagged = reporting.agencies_flagged
     log.info("tick finished", extra={"fields": vars(summary)})
     return summary

@@ -1,0 +1,520 @@
+"""Reporting: drain the unit outbox (UnitReport rows) into each agency's Stripe, every unit exactly once.
+
+How a tick sends (DESIGN.md §2 rules 6-7; reference/stripe.md §1.9, §3.4, §8):
+
+- Claim: due rows (``pending``, ``next_attempt_at <= now``, agency key ``ok``) are leased in a short
+  transaction: ``next_attempt_at = now + LEASE`` and, for rows about to be sent, ``attempts + 1`` and
+  ``first_attempt_at`` (kept from the first attempt). On PostgreSQL the claim selects with
+  ``FOR UPDATE SKIP LOCKED``; on SQLite the claiming UPDATE takes the write lock. Either way two ticks or
+  two schedulers never hold the same row, and no database lock is held while Stripe is called.
+- Send: after the claim is committed. Each row goes with its own deterministic identifier. Aggregation
+  writes one row per client per pass, so a normal tick makes exactly one Stripe call per client with new
+  units (``value = k`` on a sum meter; k events ``<identifier>-<i>`` on a count meter). A backlog (after
+  an outage) is sent row by row, oldest first, never merged: merging would need a new identifier for units
+  that may already sit in Stripe under the old one. Rows of one customer and meter go in order on one
+  thread (Stripe allows one concurrent call per customer per meter); different customers go in parallel.
+- Record: a row is marked ``sent`` only after Stripe answered, or answered "an event already exists with
+  identifier" (it was delivered before). A crash between Stripe and this commit leaves the row leased;
+  when the lease ends the next tick resends the same identifier and Stripe deduplicates it.
+- Errors: StripeUnavailable (429/5xx/connection/timeout) → retried with exponential backoff and jitter;
+  StripeKeyRejected (401/403) → the agency is flagged ``needs_attention`` and its rows are released
+  untouched (no retry storm: nothing of that agency is sent until the key is fixed); StripeRequestRejected
+  (unknown customer, no subscription item, no active meter…) → ``failed`` with Stripe's reason, retried
+  after the agency fixes the client or the key (``retry_failed_reports``).
+- Stripe deduplicates identifiers (and idempotency keys) only for ~24 h. A row first attempted more than
+  DEDUPE_SAFE_AGE ago is never resent blindly: Stripe's totals for its window (meter event summaries, or
+  the legacy usage-record summary) are compared with what the ledger knows was sent; Stripe having exactly
+  this row's units extra → ``sent``; nothing extra → resent; anything else → ``failed`` "needs reconcile".
+- Timestamps: a row older than MAX_EVENT_AGE (Stripe takes meter events up to 35 days back) fails with
+  that reason; a row stamped in the future waits until its time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import func, select, update
+
+from billing.models import Agency, RebillClient, UnitReport
+from billing.stripe_gateway import (
+    MeterDelivery,
+    StripeGateway,
+    StripeGatewayError,
+    StripeKeyRejected,
+    StripeRequestRejected,
+    StripeUnavailable,
+    gateway_for,
+)
+from core.database import db, is_postgresql, utcnow
+
+log = logging.getLogger("billing.reporting")
+
+# Longer than the slowest possible Stripe call (timeout x attempts + SDK backoff), so a lease never ends
+# while its tick is still talking to Stripe; a crashed tick's rows wait this long before being resent.
+LEASE = dt.timedelta(minutes=5)
+# Stripe keeps identifiers "within a rolling period of at least 24 hours" (reference §1.3); an hour of margin.
+DEDUPE_SAFE_AGE = dt.timedelta(hours=23)
+# Meter events may be "within the past 35 calendar days" (reference §1.3); a margin for the call itself.
+MAX_EVENT_AGE = dt.timedelta(days=35) - dt.timedelta(minutes=10)
+BACKOFF_BASE = dt.timedelta(seconds=30)
+BACKOFF_CAP = dt.timedelta(hours=1)
+CLAIM_BATCH = 1000
+NEEDS_RECONCILE = "needs reconcile"
+
+
+@dataclass
+class ReportingResult:
+    """What one reporting pass did."""
+
+    reports_sent: int = 0
+    units_sent: int = 0
+    reports_failed: int = 0
+    reports_retrying: int = 0
+    reports_deferred: int = 0
+    stripe_calls: int = 0
+    agencies_flagged: int = 0
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A leased report and everything needed to send it, as plain data (sender threads never touch the DB)."""
+
+    report_id: int
+    agency_id: int
+    client_id: int
+    identifier: str
+    units: int
+    timestamp: dt.datetime
+    attempt: int
+    previous_first_attempt_at: dt.datetime | None  # before this claim; restored if Stripe was not reached
+    needs_check: bool  # first attempted beyond Stripe's dedupe window: ask Stripe before resending
+    report_mode: str
+    customer_id: str
+    price_id: str
+    meter_id: str | None
+    event_name: str | None
+    customer_key: str | None
+    value_key: str | None
+    formula: str | None
+    subscription_item_id: str | None
+
+    @property
+    def send_group(self) -> tuple[str, str]:
+        """Rows sharing a customer and meter (or subscription item) are sent one after another."""
+        return self.customer_id, (self.event_name or "") if self.report_mode == "meter" else self.price_id
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What happened to one claim: delivered | unavailable | rejected | key_rejected | skipped."""
+
+    claim: _Claim
+    kind: str
+    reason: str | None = None
+    delivery: MeterDelivery | None = None
+    subscription_item_id: str | None = None
+
+
+class _TickClock:
+    """The tick's notion of now: the caller's ``now`` advanced by the real time elapsed since the start."""
+
+    def __init__(self, now: dt.datetime | None):
+        self._start = now or utcnow()
+        self._monotonic = time.monotonic()
+
+    def now(self) -> dt.datetime:
+        return self._start + dt.timedelta(seconds=time.monotonic() - self._monotonic)
+
+    @property
+    def start(self) -> dt.datetime:
+        return self._start
+
+
+def report_pending_units(now: dt.datetime | None = None) -> ReportingResult:
+    """Send every due unit report to Stripe; commits its own short transactions (a job, not a service)."""
+    clock = _TickClock(now)
+    result = ReportingResult()
+    agency_ids = db.session.scalars(
+        select(UnitReport.agency_id)
+        .join(Agency, Agency.id == UnitReport.agency_id)
+        .where(
+            UnitReport.status == "pending",
+            UnitReport.next_attempt_at <= clock.start,
+            Agency.stripe_key_status == "ok",
+        )
+        .distinct()
+        .order_by(UnitReport.agency_id)
+    ).all()
+    db.session.rollback()  # end the read transaction before any claim
+    for agency_id in agency_ids:
+        _report_agency(agency_id, clock, result)
+    return result
+
+
+def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:
+    """Make the agency's failed reports (of one client, or all) due again; return how many. Flushes only.
+
+    Call it after the agency fixed what Stripe refused (client edited, key reconnected). Rows whose earlier
+    attempts are older than Stripe's dedupe window are still checked against Stripe before any resend.
+    """
+    statement = (
+        update(UnitReport)
+        .where(UnitReport.agency_id == agency.id, UnitReport.status == "failed")
+        .values(status="pending", next_attempt_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if client_id is not None:
+        statement = statement.where(UnitReport.client_id == client_id)
+    return db.session.execute(statement).rowcount
+
+
+def backoff_delay(attempts: int) -> dt.timedelta:
+    """Return the wait before attempt ``attempts + 1``: exponential, capped, with 50-100 % jitter."""
+    exponent = min(max(attempts, 1) - 1, 16)
+    ceiling = min(BACKOFF_BASE * (2**exponent), BACKOFF_CAP)
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+# ---- one agency ----------------------------------------------------------------------------------------
+
+
+def _report_agency(agency_id: int, clock: _TickClock, result: ReportingResult) -> None:
+    agency = db.session.get(Agency, agency_id)
+    if agency is None or agency.stripe_key_status != "ok":
+        db.session.rollback()
+        return
+    try:
+        gateway = gateway_for(agency)
+    except StripeKeyRejected as error:
+        _flag_agency(agency, error.reason, result)
+        db.session.commit()
+        return
+    db.session.rollback()
+    try:
+        while True:
+            claims = _claim_batch(agency_id, clock, result)
+            if not claims:
+                return
+            outcomes = _check_old_attempts(gateway, claims, clock)
+            to_send = [claim for claim in claims if claim.report_id not in outcomes]
+            if any(outcome.kind == "key_rejected" for outcome in outcomes.values()):
+                to_send_outcomes = [_Outcome(claim, "skipped") for claim in to_send]
+            else:
+                to_send_outcomes = _send_claims(gateway, to_send)
+            all_outcomes = list(outcomes.values()) + to_send_outcomes
+            if _record_outcomes(agency_id, all_outcomes, clock, result):
+                return
+    finally:
+        result.stripe_calls += gateway.calls
+
+
+def _claim_batch(agency_id: int, clock: _TickClock, result: ReportingResult) -> list[_Claim]:
+    """Lease up to CLAIM_BATCH due rows of an agency and commit, so no lock is held while Stripe is called."""
+    now = clock.now()
+    due = (
+        select(UnitReport.id)
+        .where(
+            UnitReport.agency_id == agency_id,
+            UnitReport.status == "pending",
+            UnitReport.next_attempt_at <= clock.start,
+        )
+        .order_by(UnitReport.id)
+        .limit(CLAIM_BATCH)
+    )
+    if is_postgresql():
+        # Rows another tick is claiming right now are skipped, not waited for.
+        due = due.with_for_update(skip_locked=True)
+    claimed_ids = db.session.scalars(
+        update(UnitReport)
+        .where(UnitReport.id.in_(due.scalar_subquery()), UnitReport.status == "pending")
+        .values(next_attempt_at=now + LEASE)
+        .returning(UnitReport.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    if not claimed_ids:
+        db.session.rollback()
+        return []
+    rows = db.session.execute(
+        select(UnitReport, RebillClient)
+        .join(RebillClient, RebillClient.id == UnitReport.client_id)
+        .where(UnitReport.id.in_(claimed_ids))
+        .order_by(UnitReport.id)
+    ).all()
+    claims = []
+    for report, client in rows:
+        claim = _prepare(report, client, now, result)
+        if claim is not None:
+            claims.append(claim)
+    db.session.commit()
+    return claims
+
+
+def _prepare(report: UnitReport, client: RebillClient, now: dt.datetime, result: ReportingResult) -> _Claim | None:
+    """Decide what to do with a leased row; count the attempt on rows that will be sent."""
+    if report.usage_timestamp > now:
+        report.next_attempt_at = report.usage_timestamp  # never send a timestamp from the future
+        result.reports_deferred += 1
+        return None
+    if report.usage_timestamp < now - MAX_EVENT_AGE:
+        unconfirmed = " (an earlier attempt may have reached Stripe: run `rebill reconcile`)"
+        report.status = "failed"
+        report.last_error = (
+            "usage is older than Stripe accepts (35 days); these units cannot be sent"
+            + (unconfirmed if report.first_attempt_at else "")
+        )
+        result.reports_failed += 1
+        return None
+    problem = _client_problem(client)
+    if problem:
+        report.status = "failed"
+        report.last_error = problem
+        result.reports_failed += 1
+        return None
+    previous_first = report.first_attempt_at
+    report.attempts += 1
+    report.first_attempt_at = previous_first or now
+    return _Claim(
+        report_id=report.id,
+        agency_id=report.agency_id,
+        client_id=client.id,
+        identifier=report.identifier,
+        units=report.units,
+        timestamp=report.usage_timestamp,
+        attempt=report.attempts,
+        previous_first_attempt_at=previous_first,
+        needs_check=previous_first is not None and previous_first <= now - DEDUPE_SAFE_AGE,
+        report_mode=client.report_mode,
+        customer_id=client.stripe_customer_id,
+        price_id=client.stripe_price_id,
+        meter_id=client.meter_id,
+        event_name=client.meter_event_name,
+        customer_key=client.meter_customer_key,
+        value_key=client.meter_value_key,
+        formula=client.meter_formula,
+        subscription_item_id=client.subscription_item_id,
+    )
+
+
+def _client_problem(client: RebillClient) -> str | None:
+    """Say what is missing for sending this client's units, or None."""
+    if not client.stripe_customer_id:
+        return "the client has no Stripe customer; edit the client"
+    if client.report_mode == "legacy":
+        return None if client.stripe_price_id else "the client has no Stripe price; edit the client"
+    if client.report_mode != "meter" or not (client.meter_event_name and client.meter_formula):
+        return "the client's price has no usable billing meter on record; edit the client to pick a metered price"
+    if client.meter_formula not in ("sum", "count"):
+        return f"the client's meter formula '{client.meter_formula}' cannot carry units; pick another price"
+    return None
+
+
+# ---- the 24 h rule -------------------------------------------------------------------------------------
+
+
+def _check_old_attempts(gateway: StripeGateway, claims: list[_Claim], clock: _TickClock) -> dict[int, _Outcome]:
+    """Ask Stripe about rows first attempted beyond the dedupe window; return outcomes for rows not to resend."""
+    outcomes: dict[int, _Outcome] = {}
+    for claim in claims:
+        if not claim.needs_check:
+            continue
+        if outcomes and any(o.kind == "key_rejected" for o in outcomes.values()):
+            outcomes[claim.report_id] = _Outcome(claim, "skipped")
+            continue
+        try:
+            verdict = _compare_with_stripe(gateway, claim, clock.now())
+        except StripeUnavailable as error:
+            outcomes[claim.report_id] = _Outcome(claim, "unavailable", error.reason)
+        except StripeKeyRejected as error:
+            outcomes[claim.report_id] = _Outcome(claim, "key_rejected", error.reason)
+        except StripeRequestRejected as error:
+            outcomes[claim.report_id] = _Outcome(claim, "rejected", f"{NEEDS_RECONCILE}: {error.reason}")
+        else:
+            if verdict is not None:
+                outcomes[claim.report_id] = verdict
+    db.session.rollback()
+    return outcomes
+
+
+def _compare_with_stripe(gateway: StripeGateway, claim: _Claim, now: dt.datetime) -> _Outcome | None:
+    """Return "delivered" or "needs reconcile" from Stripe's totals, or None when resending is safe."""
+    if claim.report_mode == "meter":
+        if not claim.meter_id:
+            return _Outcome(claim, "rejected", f"{NEEDS_RECONCILE}: the client's meter id is unknown")
+        window = gateway.meter_event_total(claim.meter_id, claim.customer_id, claim.timestamp, claim.timestamp)
+        same_target = (RebillClient.meter_event_name == claim.event_name,)
+    else:
+        item = claim.subscription_item_id or gateway.find_subscription_item(claim.customer_id, claim.price_id)
+        window = gateway.usage_record_total(item, claim.timestamp) if item else None
+        if window is None:
+            return _Outcome(
+                claim, "rejected", f"{NEEDS_RECONCILE}: Stripe shows no usage period for this report's time"
+            )
+        same_target = (RebillClient.stripe_price_id == claim.price_id,)
+    in_window = (
+        UnitReport.agency_id == claim.agency_id,
+        UnitReport.id != claim.report_id,
+        UnitReport.usage_timestamp >= window.start,
+        UnitReport.usage_timestamp < window.end,
+        RebillClient.stripe_customer_id == claim.customer_id,
+        *same_target,
+    )
+    sent = db.session.scalar(
+        select(func.coalesce(func.sum(UnitReport.units), 0))
+        .join(RebillClient, RebillClient.id == UnitReport.client_id)
+        .where(*in_window, UnitReport.status == "sent")
+    )
+    # Other rows attempted before this tick and not confirmed may or may not be in Stripe's total.
+    unconfirmed = db.session.scalar(
+        select(func.count())
+        .select_from(UnitReport)
+        .join(RebillClient, RebillClient.id == UnitReport.client_id)
+        .where(*in_window, UnitReport.status != "sent", UnitReport.first_attempt_at < now - dt.timedelta(seconds=1))
+    )
+    extra = window.total - sent
+    if extra == 0:
+        return None  # Stripe has none of it: resending is safe (a recent copy would be deduplicated anyway)
+    if extra == claim.units and unconfirmed == 0:
+        return _Outcome(claim, "delivered", "confirmed from Stripe's totals after the 24 h dedupe window")
+    return _Outcome(
+        claim,
+        "rejected",
+        f"{NEEDS_RECONCILE}: first sent over 24 h ago and Stripe's total for its window is {window.total} "
+        f"against {sent} known sent (+{claim.units} here, {unconfirmed} other unconfirmed); not resent",
+    )
+
+
+# ---- sending -------------------------------------------------------------------------------------------
+
+
+def _send_claims(gateway: StripeGateway, claims: list[_Claim]) -> list[_Outcome]:
+    """Send claims: in order within a customer+meter group, groups in parallel up to STRIPE_CONCURRENCY."""
+    groups: dict[tuple[str, str], list[_Claim]] = defaultdict(list)
+    for claim in claims:
+        groups[claim.send_group].append(claim)
+    stop = threading.Event()  # set on a key rejection: every other thread stops calling Stripe
+    ordered = list(groups.values())
+    # The first group goes alone: a revoked key then costs one refused call, not one per thread.
+    outcomes = _send_group(gateway, ordered[0], stop) if ordered else []
+    rest = ordered[1:]
+    workers = min(current_app.config["STRIPE_CONCURRENCY"], len(rest))
+    if workers <= 1:
+        return outcomes + [outcome for group in rest for outcome in _send_group(gateway, group, stop)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
+        results = pool.map(lambda group: _send_group(gateway, group, stop), rest)
+        return outcomes + [outcome for group_outcomes in results for outcome in group_outcomes]
+
+
+def _send_group(gateway: StripeGateway, claims: Iterable[_Claim], stop: threading.Event) -> list[_Outcome]:
+    outcomes = []
+    blocked = False  # after a 429/5xx the rest of this customer's rows wait for the next tick
+    for claim in claims:
+        if stop.is_set() or blocked:
+            outcomes.append(_Outcome(claim, "skipped"))
+            continue
+        outcome = _send_one(gateway, claim)
+        if outcome.kind == "key_rejected":
+            stop.set()
+        blocked = outcome.kind == "unavailable"
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _send_one(gateway: StripeGateway, claim: _Claim) -> _Outcome:
+    timestamp = int(claim.timestamp.timestamp())
+    try:
+        if claim.report_mode == "legacy":
+            item = claim.subscription_item_id or gateway.find_subscription_item(claim.customer_id, claim.price_id)
+            if item is None:
+                return _Outcome(
+                    claim,
+                    "rejected",
+                    f"customer {claim.customer_id} has no active subscription on price {claim.price_id}",
+                )
+            # Legacy usage records have no identifier: the idempotency key is the dedupe (reference §2.1).
+            gateway.send_usage_record(item, claim.units, timestamp, idempotency_key=claim.identifier)
+            return _Outcome(claim, "delivered", subscription_item_id=item)
+        delivery = gateway.send_meter_units(
+            event_name=claim.event_name,
+            customer_key=claim.customer_key or "stripe_customer_id",
+            value_key=claim.value_key or "value",
+            customer_id=claim.customer_id,
+            units=claim.units,
+            identifier=claim.identifier,
+            timestamp=timestamp,
+            formula=claim.formula,
+            attempt=claim.attempt,
+        )
+        return _Outcome(claim, "delivered", delivery=delivery)
+    except StripeUnavailable as error:
+        return _Outcome(claim, "unavailable", error.reason)
+    except StripeKeyRejected as error:
+        return _Outcome(claim, "key_rejected", error.reason)
+    except StripeRequestRejected as error:
+        return _Outcome(claim, "rejected", error.reason)
+    except StripeGatewayError as error:  # pragma: no cover - the three kinds above are exhaustive
+        return _Outcome(claim, "unavailable", error.reason)
+
+
+# ---- recording -----------------------------------------------------------------------------------------
+
+
+def _record_outcomes(agency_id: int, outcomes: list[_Outcome], clock: _TickClock, result: ReportingResult) -> bool:
+    """Write what Stripe said and commit; return True when the agency's key was rejected (stop the agency)."""
+    now = clock.now()
+    reports = {
+        report.id: report
+        for report in db.session.scalars(
+            select(UnitReport).where(UnitReport.id.in_([o.claim.report_id for o in outcomes]))
+        )
+    }
+    key_problem = None
+    found_items: dict[int, str] = {}
+    for outcome in outcomes:
+        report, claim = reports[outcome.claim.report_id], outcome.claim
+        if outcome.kind == "delivered":
+            report.status = "sent"
+            report.sent_at = now
+            report.last_error = outcome.reason
+            result.reports_sent += 1
+            result.units_sent += report.units
+            if outcome.subscription_item_id and outcome.subscription_item_id != claim.subscription_item_id:
+                found_items[claim.client_id] = outcome.subscription_item_id
+        elif outcome.kind == "unavailable":
+            report.next_attempt_at = now + backoff_delay(report.attempts)
+            report.last_error = outcome.reason
+            result.reports_retrying += 1
+        elif outcome.kind == "rejected":
+            report.status = "failed"
+            report.last_error = outcome.reason
+            result.reports_failed += 1
+        else:  # key_rejected or skipped: Stripe did not apply it, so undo the claim as if never attempted
+            key_problem = outcome.reason if outcome.kind == "key_rejected" else key_problem
+            report.attempts = claim.attempt - 1
+            report.first_attempt_at = claim.previous_first_attempt_at
+            report.next_attempt_at = now
+            result.reports_deferred += 1
+    for client_id, item in found_items.items():
+        client = db.session.get(RebillClient, client_id)
+        if client is not None and not client.subscription_item_id:
+            client.subscription_item_id = item
+    if key_problem is not None:
+        _flag_agency(db.session.get(Agency, agency_id), key_problem, result)
+    db.session.commit()
+    return key_problem is not None
+
+
+def _flag_agency(agency: Agency, reason: str, result: ReportingResult) -> None:
+    """Stop sending for an agency whose key Stripe refused, until the agency fixes the key."""
+    agency.stripe_key_status = "needs_attention"
+    agency.stripe_key_problem = reason
+    result.agencies_flagged += 1
+    log.warning("stripe key needs attention", extra={"fields": {"agency_id": agency.id, "reason": reason}})

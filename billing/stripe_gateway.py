@@ -1,0 +1,518 @@
+"""The one gateway to Stripe: an agency's key, base addresses, API versions, timeouts, retries, typed errors.
+
+Every call runs on a ``stripe.StripeClient`` built for one agency's key; ``stripe.api_key`` is never set, so
+tenants can never borrow each other's credentials (reference/stripe.md §3.3). Facts cited below are from
+/work/shared/reference/stripe.md, verified against stripe-python 16.1.0.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import stripe
+from flask import current_app
+
+from billing.errors import BillingError, StripeKeyInvalid
+from billing.models import Agency
+from core.encryption import SecretUnreadable, secret_box
+
+# Usage records were removed in 2025-03-31.basil and the SDK always sends its pinned version, so legacy
+# calls pin the last pre-basil version per request
+# (docs.stripe.com/billing/subscriptions/usage-based-legacy/sdk-upgrade; reference §2.2).
+LEGACY_USAGE_API_VERSION = "2025-02-24.acacia"
+DEFAULT_TIMEOUT_SECONDS = 15
+DEFAULT_MAX_NETWORK_RETRIES = 2
+KEY_PATTERN = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]{8,}$")
+# Stripe refuses a reused meter-event identifier with this message; it means "already delivered"
+# (langfuse/langfuse PR #16292; reference §1.4 and §7.1).
+DUPLICATE_IDENTIFIER = "An event already exists with identifier"
+# 403 bodies name the missing permission as 'rak_charge_write' or 'checkout_session_read' (reference §4.1).
+PERMISSION_PATTERN = re.compile(r"'((?:rak_)?[a-z_]+_(?:read|write))'")
+ACCOUNT_PATTERN = re.compile(r"account '(acct_[A-Za-z0-9]+)'")
+PAGE_SIZE = 100
+
+T = TypeVar("T")
+
+
+class StripeGatewayError(BillingError):
+    """Stripe did not do what was asked; ``reason`` is safe to show the agency."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StripeUnavailable(StripeGatewayError):
+    """Stripe could not answer now (429, 5xx, connection error, timeout): try again later."""
+
+
+class StripeKeyRejected(StripeGatewayError):
+    """Stripe refused the agency's key (401) or a permission of it (403): the agency must fix the key."""
+
+
+class StripeRequestRejected(StripeGatewayError):
+    """Stripe refused this request (another 4xx): retrying the same request cannot help."""
+
+    def __init__(self, reason: str, code: str | None = None):
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class StripeAccount:
+    """The Stripe account behind a validated key."""
+
+    account_id: str | None
+    mode: str  # "test" | "live"
+    display_name: str | None
+
+
+@dataclass(frozen=True)
+class PriceInfo:
+    """A price and whether Rebill can log units on it, and how."""
+
+    price_id: str
+    product_id: str
+    nickname: str | None
+    unit_amount: int | None
+    currency: str
+    interval: str | None
+    usable: bool
+    reason: str | None = None  # why it is not usable
+    report_mode: str | None = None  # "meter" | "legacy" when usable
+    meter_id: str | None = None
+    event_name: str | None = None
+    customer_key: str | None = None
+    value_key: str | None = None
+    formula: str | None = None
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class ProductPrices:
+    """A product with its active prices."""
+
+    product_id: str
+    name: str
+    prices: list[PriceInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MeterDelivery:
+    """What Stripe did with one report: events accepted now and events it already had."""
+
+    events_accepted: int
+    events_already_there: int
+
+
+@dataclass(frozen=True)
+class StripeWindowTotal:
+    """Stripe's aggregated usage of one customer over a window (meter summaries or a usage-record period)."""
+
+    total: Decimal
+    start: dt.datetime
+    end: dt.datetime
+
+
+def gateway_for(agency: Agency) -> StripeGateway:
+    """Return a gateway on the agency's own key (decrypted now, never stored in clear)."""
+    if not agency.stripe_key_ciphertext:
+        raise StripeKeyRejected("no Stripe key is connected")
+    try:
+        api_key = secret_box().decrypt(agency.stripe_key_ciphertext)
+    except SecretUnreadable:
+        raise StripeKeyRejected("the stored Stripe key cannot be decrypted; connect the key again") from None
+    config = current_app.config
+    return StripeGateway(
+        api_key,
+        config["STRIPE_API_BASE"],
+        timeout=config["STRIPE_TIMEOUT_SECONDS"],
+        max_network_retries=config["STRIPE_NETWORK_ATTEMPTS"] - 1,
+    )
+
+
+def key_mode(api_key: str) -> str:
+    """Return "test" or "live" for a secret or restricted key; raise StripeKeyInvalid for anything else."""
+    match = KEY_PATTERN.match(api_key or "")
+    if match is None:
+        raise StripeKeyInvalid(
+            "paste a secret key (sk_test_…/sk_live_…) or a restricted key (rk_test_…/rk_live_…); "
+            "publishable keys (pk_…) and webhook secrets cannot be used"
+        )
+    return match.group(2)
+
+
+class StripeGateway:
+    """Business operations on one agency's Stripe account."""
+
+    def __init__(
+        self,
+        api_key: str,
+        api_base: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_network_retries: int = DEFAULT_MAX_NETWORK_RETRIES,
+    ):
+        self._api_key = api_key
+        base = api_base.rstrip("/")
+        # StripeClient defaults to 0 retries and an 80 s timeout; both are set explicitly (reference §3.2, §3.4).
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": base, "meter_events": base},
+            http_client=stripe.RequestsClient(timeout=timeout),
+            max_network_retries=max_network_retries,
+        )
+        self._calls = 0
+        self._calls_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<StripeGateway key=…{self._api_key[-4:]}>"
+
+    @property
+    def calls(self) -> int:
+        """Count the Stripe API operations this gateway started (the SDK's own retries not included)."""
+        return self._calls
+
+    # ---- key and account ----------------------------------------------------------------------------
+
+    def validate_key(self) -> StripeAccount:
+        """Check the key with Stripe; raise StripeKeyInvalid naming what is wrong (bad key, missing permission).
+
+        StripeUnavailable (Stripe unreachable) propagates: the key may be fine, so the agency should retry.
+        """
+        mode = key_mode(self._api_key)
+        try:
+            # One cheap read that the job needs anyway: proves the key and billing_meter_read (reference §4.3).
+            self._call(lambda: self._client.v1.billing.meters.list({"limit": 1}))
+            account_id, display_name = self._account()
+        except StripeKeyRejected as error:
+            raise StripeKeyInvalid(error.reason) from None
+        except StripeRequestRejected as error:
+            raise StripeKeyInvalid(f"Stripe refused the key check: {error.reason}") from None
+        return StripeAccount(account_id=account_id, mode=mode, display_name=display_name)
+
+    def _account(self) -> tuple[str | None, str | None]:
+        """Read the account id and name; restricted keys often lack account read, so a 403 is not fatal."""
+        try:
+            account = self._call(lambda: self._client.v1.accounts.retrieve_current())
+        except StripeKeyRejected as error:
+            if not self._api_key.startswith("rk_"):
+                raise
+            match = ACCOUNT_PATTERN.search(error.reason)
+            return (match.group(1) if match else None), None
+        profile = getattr(account, "business_profile", None)
+        settings = getattr(account, "settings", None)
+        dashboard = getattr(settings, "dashboard", None) if settings else None
+        name = getattr(profile, "name", None) if profile else None
+        return account.id, name or (getattr(dashboard, "display_name", None) if dashboard else None)
+
+    # ---- prices -------------------------------------------------------------------------------------
+
+    def list_products_with_prices(self) -> list[ProductPrices]:
+        """List active products with their active prices, each classified for unit reporting."""
+        products = self._all(lambda params: self._client.v1.products.list(params), {"active": True})
+        prices = self._all(lambda params: self._client.v1.prices.list(params), {"active": True})
+        meters = {meter.id: meter for meter in self._all(lambda params: self._client.v1.billing.meters.list(params))}
+        by_product: dict[str, list[PriceInfo]] = {product.id: [] for product in products}
+        for price in prices:
+            product_id = price.product if isinstance(price.product, str) else price.product.id
+            by_product.setdefault(product_id, []).append(classify_price(price, meters.get(_meter_of(price))))
+        names = {product.id: product.name for product in products}
+        return [
+            ProductPrices(product_id=product_id, name=names.get(product_id, product_id), prices=items)
+            for product_id, items in by_product.items()
+        ]
+
+    def describe_price(self, price_id: str) -> PriceInfo:
+        """Classify one price (with its meter); raise StripeRequestRejected if Stripe does not know it."""
+        price = self._call(lambda: self._client.v1.prices.retrieve(price_id))
+        meter_id = _meter_of(price)
+        meter = self._call(lambda: self._client.v1.billing.meters.retrieve(meter_id)) if meter_id else None
+        return classify_price(price, meter)
+
+    # ---- customers and subscriptions ------------------------------------------------------------------
+
+    def customer_exists(self, customer_id: str) -> bool:
+        """Tell whether the account has this customer (a deleted customer counts as unknown)."""
+        try:
+            customer = self._call(lambda: self._client.v1.customers.retrieve(customer_id))
+        except StripeRequestRejected as error:
+            if error.code == "resource_missing":
+                return False
+            raise
+        return not getattr(customer, "deleted", False)
+
+    def find_subscription_item(self, customer_id: str, price_id: str) -> str | None:
+        """Return the customer's live subscription item on this price (legacy usage records need it)."""
+        item = self._subscription_item(customer_id, price_id)
+        return item.id if item is not None else None
+
+    def subscription_period(self, customer_id: str, price_id: str) -> tuple[dt.datetime, dt.datetime] | None:
+        """Return the current billing period of the customer's subscription item on this price, if any."""
+        item = self._subscription_item(customer_id, price_id)
+        start = getattr(item, "current_period_start", None) if item is not None else None
+        end = getattr(item, "current_period_end", None) if item is not None else None
+        if start is None or end is None:
+            return None
+        return _from_unix(start), _from_unix(end)
+
+    def _subscription_item(self, customer_id: str, price_id: str):
+        # `price` filters subscriptions containing that price (reference §2.3); canceled ones are not listed.
+        subscriptions = self._all(
+            lambda params: self._client.v1.subscriptions.list(params), {"customer": customer_id, "price": price_id}
+        )
+        for subscription in subscriptions:
+            if subscription.status not in ("active", "trialing", "past_due"):
+                continue
+            for item in subscription["items"].data:
+                if item.price.id == price_id:
+                    return item
+        return None
+
+    # ---- sending units --------------------------------------------------------------------------------
+
+    def send_meter_units(
+        self,
+        *,
+        event_name: str,
+        customer_key: str,
+        value_key: str,
+        customer_id: str,
+        units: int,
+        identifier: str,
+        timestamp: int,
+        formula: str,
+        attempt: int,
+    ) -> MeterDelivery:
+        """Send k units as meter events: one event of value k for ``sum``, k events of 1 for ``count``.
+
+        A reused identifier is answered "already exists": that event was delivered before, not an error.
+        """
+        if units < 1:
+            raise ValueError("units must be positive")
+        if formula == "count":
+            # A count meter counts events, so k units need k events, each its own stable identifier.
+            identifiers = [(f"{identifier}-{number}", 1) for number in range(1, units + 1)]
+        elif formula == "sum":
+            identifiers = [(identifier, units)]
+        else:
+            raise StripeRequestRejected(f"a meter with formula '{formula}' cannot carry units")
+        accepted = already_there = 0
+        for event_identifier, value in identifiers:
+            params = {
+                "event_name": event_name,
+                "identifier": event_identifier,
+                "timestamp": timestamp,
+                "payload": {customer_key: customer_id, value_key: str(value)},
+            }
+            # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
+            # 5xx from being replayed forever, while the SDK reuses it across its own retries (reference §8.3).
+            options = {"idempotency_key": f"{event_identifier}:a{attempt}"}
+            try:
+                self._call(lambda p=params, o=options: self._client.v1.billing.meter_events.create(p, o))
+            except StripeRequestRejected as error:
+                if DUPLICATE_IDENTIFIER not in error.reason:
+                    raise
+                already_there += 1
+            else:
+                accepted += 1
+        return MeterDelivery(events_accepted=accepted, events_already_there=already_there)
+
+    def send_usage_record(self, subscription_item: str, units: int, timestamp: int, idempotency_key: str) -> None:
+        """Add k units to a legacy metered subscription item (``action=increment``, pre-basil API version)."""
+        self._call(
+            lambda: self._client.raw_request(
+                "post",
+                f"/v1/subscription_items/{subscription_item}/usage_records",
+                quantity=units,
+                timestamp=timestamp,
+                action="increment",
+                stripe_version=LEGACY_USAGE_API_VERSION,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    # ---- reading Stripe's totals ------------------------------------------------------------------------
+
+    def meter_event_total(
+        self, meter_id: str, customer_id: str, start: dt.datetime, end: dt.datetime
+    ) -> StripeWindowTotal:
+        """Sum the meter's event summaries for a customer over [start, end), widened to whole minutes.
+
+        Summaries are eventually consistent (reference §1.8): recent events may not show yet.
+        """
+        start_time = _floor_minute(start)
+        end_time = max(_ceil_minute(end), start_time + 60)
+        summaries = self._all(
+            lambda params: self._client.v1.billing.meters.event_summaries.list(meter_id, params),
+            {"customer": customer_id, "start_time": start_time, "end_time": end_time},
+        )
+        total = sum((Decimal(str(summary.aggregated_value)) for summary in summaries), Decimal(0))
+        return StripeWindowTotal(total=total, start=_from_unix(start_time), end=_from_unix(end_time))
+
+    def usage_record_total(self, subscription_item: str, at: dt.datetime) -> StripeWindowTotal | None:
+        """Return the legacy usage total of the item's billing period containing ``at``, if Stripe lists it."""
+        response = self._call(
+            lambda: self._client.raw_request(
+                "get",
+                f"/v1/subscription_items/{subscription_item}/usage_record_summaries",
+                limit=PAGE_SIZE,
+                stripe_version=LEGACY_USAGE_API_VERSION,
+            )
+        )
+        summaries = self._client.deserialize(response, api_mode="V1")
+        for summary in summaries.data:
+            start, end = _from_unix(summary.period.start), _from_unix(summary.period.end)
+            if start <= at < end:
+                return StripeWindowTotal(total=Decimal(summary.total_usage), start=start, end=end)
+        return None
+
+    # ---- plumbing -------------------------------------------------------------------------------------
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        """Run one API operation, counting it and translating SDK errors into the gateway's three kinds."""
+        with self._calls_lock:
+            self._calls += 1
+        with translate_stripe_errors():
+            return operation()
+
+    def _all(self, list_page: Callable[[dict], Any], params: dict | None = None) -> list[Any]:
+        """Read every page of a v1 list."""
+        params = {**(params or {}), "limit": PAGE_SIZE}
+        items: list[Any] = []
+        while True:
+            page = self._call(lambda p=dict(params): list_page(p))
+            items.extend(page.data)
+            if not page.has_more or not page.data:
+                return items
+            params["starting_after"] = page.data[-1].id
+
+
+@contextmanager
+def translate_stripe_errors() -> Iterator[None]:
+    """Map stripe-python exceptions onto StripeUnavailable / StripeKeyRejected / StripeRequestRejected."""
+    try:
+        yield
+    except stripe.AuthenticationError as error:
+        raise StripeKeyRejected(f"Stripe rejected the API key (401): {_message(error)}") from None
+    except stripe.PermissionError as error:
+        raise StripeKeyRejected(_permission_reason(error)) from None
+    except stripe.RateLimitError as error:
+        # A plain 429 is not retried by the SDK (reference §3.4); the next tick retries with backoff.
+        raise StripeUnavailable(f"Stripe rate limit (429): {_message(error)}") from None
+    except stripe.APIConnectionError as error:
+        raise StripeUnavailable(f"Stripe could not be reached: {_message(error)}") from None
+    except stripe.InvalidRequestError as error:
+        raise StripeRequestRejected(_message(error), code=error.code) from None
+    except stripe.StripeError as error:
+        status = error.http_status or 0
+        if status == 409 or status >= 500 or status == 0:
+            raise StripeUnavailable(f"Stripe answered {status or 'nothing usable'}: {_message(error)}") from None
+        code = error.error.code if error.error is not None else None
+        raise StripeRequestRejected(f"Stripe refused the request ({status}): {_message(error)}", code=code) from None
+
+
+def classify_price(price: Any, meter: Any | None) -> PriceInfo:
+    """Decide whether a price can carry Rebill's units and how they must be sent (reference §2.2, §8.1)."""
+    recurring = getattr(price, "recurring", None)
+    product = price.product if isinstance(price.product, str) else price.product.id
+    base = {
+        "price_id": price.id,
+        "product_id": product,
+        "nickname": getattr(price, "nickname", None),
+        "unit_amount": getattr(price, "unit_amount", None),
+        "currency": price.currency,
+        "interval": getattr(recurring, "interval", None) if recurring else None,
+    }
+    transform = getattr(price, "transform_quantity", None)
+    warning = None
+    if transform:
+        # Rebill already turns N tokens into one unit; Stripe would divide the units again (reference §1.2).
+        divide_by, rounding = getattr(transform, "divide_by", None), getattr(transform, "round", None)
+        warning = (
+            f"this price divides the reported quantity by {divide_by} (rounding {rounding}), so Stripe would "
+            f"bill 1/{divide_by} of Rebill's units; use a price without transform_quantity"
+        )
+    if not getattr(price, "active", True):
+        return PriceInfo(**base, usable=False, reason="this price is archived in Stripe")
+    if recurring is None:
+        return PriceInfo(**base, usable=False, reason="a one-time price cannot carry usage; pick a metered price")
+    if recurring.usage_type != "metered":
+        return PriceInfo(
+            **base,
+            usable=False,
+            reason="a licensed (fixed-quantity) price cannot take usage units; pick a metered price",
+        )
+    meter_id = _meter_of(price)
+    if meter_id is None:
+        # A metered price without a meter is a legacy usage-record price (basil changelog, reference §2.2).
+        return PriceInfo(**base, usable=True, report_mode="legacy", warning=warning)
+    if meter is None:
+        return PriceInfo(**base, usable=False, reason=f"its billing meter {meter_id} cannot be read", meter_id=meter_id)
+    details = {
+        "meter_id": meter.id,
+        "event_name": meter.event_name,
+        "customer_key": meter.customer_mapping.event_payload_key,
+        "value_key": meter.value_settings.event_payload_key,
+        "formula": meter.default_aggregation.formula,
+    }
+    if meter.status != "active":
+        return PriceInfo(**base, usable=False, reason="its billing meter is inactive", **details)
+    if details["formula"] == "last":
+        return PriceInfo(
+            **base,
+            usable=False,
+            reason="its meter keeps only the last value sent (formula 'last'), so units cannot add up",
+            **details,
+        )
+    if getattr(meter, "event_time_window", None):
+        # Pre-aggregated ingestion keeps only the latest event per window (reference §1.1): units would be lost.
+        return PriceInfo(
+            **base,
+            usable=False,
+            reason=f"its meter keeps only the latest event per {meter.event_time_window}, so units cannot add up",
+            **details,
+        )
+    if details["formula"] not in ("sum", "count"):
+        return PriceInfo(**base, usable=False, reason=f"unknown meter formula '{details['formula']}'", **details)
+    return PriceInfo(**base, usable=True, report_mode="meter", warning=warning, **details)
+
+
+def _meter_of(price: Any) -> str | None:
+    recurring = getattr(price, "recurring", None)
+    return getattr(recurring, "meter", None) if recurring else None
+
+
+def _message(error: stripe.StripeError) -> str:
+    message = error.error.message if error.error is not None and error.error.message else error.user_message
+    return str(message or type(error).__name__)
+
+
+def _permission_reason(error: stripe.StripeError) -> str:
+    """Name the missing permission of a restricted key, parsed defensively from the 403 message."""
+    message = _message(error)
+    match = PERMISSION_PATTERN.search(message)
+    if match:
+        return f"the Stripe key lacks the '{match.group(1)}' permission; edit the restricted key in Stripe"
+    return f"Stripe refused this key the request (403): {message}"
+
+
+def _from_unix(seconds: int | float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(int(seconds), dt.UTC)
+
+
+def _floor_minute(moment: dt.datetime) -> int:
+    seconds = int(moment.timestamp())
+    return seconds - seconds % 60
+
+
+def _ceil_minute(moment: dt.datetime) -> int:
+    seconds = int(moment.timestamp()) + (1 if moment.microsecond else 0)
+    return -(-seconds // 60) * 60

@@ -1,0 +1,491 @@
+"""Reporting sends the unit outbox to each agency's Stripe exactly once, whatever Stripe answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import stripe
+
+from billing.reporting import LEASE, report_pending_units, retry_failed_reports
+from billing.stripe_connection import connect_stripe_key
+from core.database import db
+
+
+def tick(world, **shift):
+    """Commit the test's writes, then run one reporting pass at the world's (shifted) now."""
+    if shift:
+        world.clock.advance(**shift)
+    db.session.commit()
+    return report_pending_units(world.clock.now())
+
+
+# ---- the normal tick -------------------------------------------------------------------------------------
+
+
+def test_one_stripe_call_per_client_with_new_units_and_exact_totals(world):
+    alpha, beta = world.agency(), world.agency()
+    a1, a2, b1 = world.client(alpha), world.client(alpha), world.client(beta)
+    idle = world.client(alpha)  # no new units: no call
+    world.report(a1, 3)
+    world.report(a2, 1)
+    world.report(b1, 250)
+
+    result = tick(world)
+
+    assert [world.stripe_total(alpha, a1), world.stripe_total(alpha, a2), world.stripe_total(beta, b1)] == [3, 1, 250]
+    assert world.stripe_total(alpha, idle) == 0
+    posts = world.calls()
+    assert len(posts) == 3 == result.stripe_calls
+    assert sorted(call.params["payload"]["value"] for call in posts) == ["1", "250", "3"]
+    assert {call.api_key for call in posts} == {alpha.key, beta.key}  # every call with the agency's own key
+    assert result.reports_sent == 3 and result.units_sent == 254
+    assert all(report.status == "sent" and report.sent_at and report.attempts == 1 for report in world.reports())
+
+
+def test_the_identifier_and_timestamp_sent_are_the_outbox_row_s(world):
+    setup = world.agency()
+    client = world.client(setup)
+    at = world.clock.now() - dt.timedelta(days=3, minutes=7)
+    report = world.report(client, 4, at=at)
+
+    tick(world)
+
+    (event,) = world.state.meter_events(setup.key)
+    assert event["identifier"] == report.identifier
+    assert event["timestamp"] == int(at.timestamp())
+    assert event["payload"] == {"stripe_customer_id": client.stripe_customer_id, "value": "4"}
+
+
+def test_a_second_tick_with_nothing_new_calls_stripe_not_at_all(world):
+    setup = world.agency()
+    world.report(world.client(setup), 2)
+    tick(world)
+    calls_before = len(world.state.calls)
+
+    result = tick(world)
+
+    assert result.stripe_calls == 0 and len(world.state.calls) == calls_before
+
+
+def test_count_meter_gets_k_events_with_their_own_identifiers(world):
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    report = world.report(client, 3)
+
+    tick(world)
+
+    events = world.state.meter_events(setup.key)
+    assert [event["identifier"] for event in events] == [f"{report.identifier}-{n}" for n in (1, 2, 3)]
+    assert world.stripe_total(setup, client) == 3
+
+
+def test_custom_meter_payload_keys_are_used(world):
+    setup = world.agency()
+    meter = world.state.create_meter(setup.key, "custom_units", customer_key="cust", value_key="qty")
+    price = world.state.create_price(setup.key, setup.product, 5, meter=meter)
+    setup.meter, setup.price = meter, price
+    client = world.client(setup)
+    world.report(client, 6)
+
+    tick(world)
+
+    (event,) = world.state.meter_events(setup.key, "custom_units")
+    assert event["payload"] == {"cust": client.stripe_customer_id, "qty": "6"}
+
+
+def test_legacy_price_gets_a_usage_record_keyed_by_the_identifier(world):
+    setup = world.agency(legacy=True)
+    client = world.client(setup)
+    report = world.report(client, 7)
+
+    result = tick(world)
+
+    (call,) = world.calls("/v1/subscription_items/")
+    assert call.params == {
+        "quantity": "7",
+        "timestamp": str(int(report.usage_timestamp.timestamp())),
+        "action": "increment",
+    }
+    assert call.idempotency_key == report.identifier
+    assert world.stripe_total(setup, client) == 7
+    assert result.stripe_calls == 2  # the subscription item lookup, once
+    assert world.reports()[0].status == "sent"
+    db.session.expire_all()
+    assert db.session.get(type(client), client.id).subscription_item_id == call.path.split("/")[3]
+
+    world.report(db.session.get(type(client), client.id), 2)
+    assert tick(world).stripe_calls == 1  # cached subscription item: one call per client per tick
+    assert world.stripe_total(setup, client) == 9
+
+
+def test_a_backlog_of_rows_is_sent_row_by_row_in_order(world):
+    setup = world.agency()
+    client = world.client(setup)
+    first, second = world.report(client, 2), world.report(client, 5)
+
+    tick(world)
+
+    assert [e["identifier"] for e in world.state.meter_events(setup.key)] == [first.identifier, second.identifier]
+    assert world.stripe_total(setup, client) == 7
+
+
+# ---- Stripe unavailable: retried with backoff, nothing lost ------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["rate_limit", "server_error"])
+def test_unavailable_stripe_is_retried_with_backoff_and_nothing_is_lost(world, fault):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 3)
+    world.state.inject("/v1/billing/meter_events", fault)
+
+    first = tick(world)
+
+    (report,) = world.reports()
+    assert first.reports_retrying == 1 and report.status == "pending" and report.attempts == 1
+    assert "429" in report.last_error if fault == "rate_limit" else "500" in report.last_error
+    wait = report.next_attempt_at - world.clock.now()
+    assert dt.timedelta(seconds=10) < wait <= dt.timedelta(seconds=30)
+    assert tick(world).stripe_calls == 0  # not due yet: no hammering
+
+    tick(world, seconds=31)
+
+    (report,) = world.reports()
+    assert report.status == "sent" and report.attempts == 2 and report.last_error is None
+    assert world.stripe_total(setup, client) == 3
+
+
+def test_backoff_grows_exponentially_up_to_a_cap(world):
+    setup = world.agency()
+    world.report(world.client(setup), 1)
+    world.state.inject("/v1/billing/meter_events", "rate_limit", times=20)
+    waits = []
+    for _ in range(10):
+        tick(world, hours=2)
+        (report,) = world.reports()
+        waits.append((report.next_attempt_at - world.clock.now()).total_seconds())
+    assert waits[0] <= 30 < waits[2] <= 120 and all(1800 <= wait <= 3600 for wait in waits[8:])
+
+
+def test_an_answer_lost_after_stripe_applied_it_is_not_sent_twice(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+
+    tick(world)
+    assert world.reports()[0].status == "pending" and world.stripe_total(setup, client) == 4
+
+    tick(world, minutes=2)
+
+    (report,) = world.reports()
+    assert report.status == "sent" and world.stripe_total(setup, client) == 4
+    assert [call.status for call in world.calls()][-1] == 400  # Stripe: "already exists" = delivered
+
+
+def test_a_stripe_timeout_is_retried_later(world, stripe_app):
+    stripe_app.config["STRIPE_TIMEOUT_SECONDS"] = 1
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 2)
+    world.state.inject("/v1/billing/meter_events", "timeout", seconds=30)
+
+    tick(world)
+    world.state.release_hangs()
+
+    (report,) = world.reports()
+    assert report.status == "pending" and "could not be reached" in report.last_error
+    tick(world, minutes=2)
+    assert world.stripe_total(setup, client) == 2 and world.reports()[0].status == "sent"
+
+
+def test_one_customer_s_trouble_does_not_hold_back_other_customers(world):
+    setup = world.agency()
+    slow, fine = world.client(setup), world.client(setup)
+    world.report(slow, 1)
+    world.report(slow, 2)
+    world.report(fine, 3)
+    world.state.inject("/v1/billing/meter_events", "rate_limit", api_key=setup.key)
+
+    tick(world)
+
+    assert world.stripe_total(setup, fine) == 3
+    statuses = [(r.client_id, r.status) for r in world.reports()]
+    assert statuses.count((slow.id, "pending")) + statuses.count((slow.id, "sent")) == 2
+    tick(world, minutes=2)
+    assert world.stripe_total(setup, slow) == 3
+
+
+# ---- key rejected: agency flagged, rows untouched, no retry storm ---------------------------------------------
+
+
+def test_a_rejected_key_flags_the_agency_and_stops_its_calls(world):
+    broken = world.agency(register_key=False)
+    healthy = world.agency()
+    clients = [world.client(broken) for _ in range(3)]
+    for client in clients:
+        world.report(client, 2)
+    other = world.client(healthy)
+    world.report(other, 5)
+
+    result = tick(world)
+
+    agency = world.agency_row(broken)
+    assert agency.stripe_key_status == "needs_attention" and "401" in agency.stripe_key_problem
+    assert result.agencies_flagged == 1
+    assert len([call for call in world.state.calls if call.api_key == broken.agency_key]) == 1
+    untouched = [r for r in world.reports() if r.agency_id == broken.agency.id]
+    assert all(r.status == "pending" and r.attempts == 0 and r.first_attempt_at is None for r in untouched)
+    assert world.stripe_total(healthy, other) == 5
+
+    for _ in range(3):
+        tick(world, hours=1)
+    assert len([call for call in world.state.calls if call.api_key == broken.agency_key]) == 1  # no storm
+
+    world.state.add_account(broken.agency_key, account_id=broken.account_id)  # the agency fixed its key
+    connect_stripe_key(world.agency_row(broken), broken.agency_key)
+    db.session.commit()
+    tick(world)
+    assert [world.stripe_total(broken, c) for c in clients] == [2, 2, 2]
+
+
+def test_a_missing_permission_is_named_and_the_agency_flagged(world):
+    setup = world.agency(denied=("billing_meter_event_write",))
+    world.report(world.client(setup), 1)
+
+    tick(world)
+
+    agency = world.agency_row(setup)
+    assert agency.stripe_key_status == "needs_attention"
+    assert "rak_billing_meter_event_write" in agency.stripe_key_problem
+    assert world.reports()[0].attempts == 0
+
+
+def test_agencies_without_a_key_are_skipped_without_calls(world):
+    setup = world.agency()
+    world.report(world.client(setup), 1)
+    setup.agency.stripe_key_status = "missing"
+
+    result = tick(world)
+
+    assert result.stripe_calls == 0 and world.state.calls == []
+    assert world.reports()[0].status == "pending"
+
+
+# ---- Stripe refuses the request: failed, visible, retried after a fix -----------------------------------------
+
+
+def test_an_unknown_customer_fails_visibly_and_is_retried_after_the_client_is_fixed(world):
+    setup = world.agency()
+    client = world.client(setup, customer_id="cus_doesnotexist")
+    world.report(client, 3)
+
+    result = tick(world)
+
+    (report,) = world.reports()
+    assert result.reports_failed == 1 and report.status == "failed"
+    assert "No such customer" in report.last_error
+    tick(world, hours=5)
+    assert len(world.calls()) == 1  # failed rows wait for the agency, not for the clock
+
+    client.stripe_customer_id = world.customer(setup)
+    assert retry_failed_reports(setup.agency, client.id) == 1
+    tick(world)
+
+    assert world.reports()[0].status == "sent" and world.stripe_total(setup, client) == 3
+
+
+def test_no_active_meter_fails_with_stripe_s_reason(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 1)
+    world.server.client(setup.key).v1.billing.meters.deactivate(setup.meter["id"])
+
+    tick(world)
+
+    assert "No active meter" in world.reports()[0].last_error
+
+
+def test_a_legacy_customer_without_subscription_fails_with_the_reason(world):
+    setup = world.agency(legacy=True)
+    client = world.client(setup, customer_id=None)
+    client.stripe_customer_id = world.customer(setup, subscribe=False)
+    world.report(client, 1)
+
+    tick(world)
+
+    (report,) = world.reports()
+    assert report.status == "failed" and "no active subscription" in report.last_error
+
+
+def test_a_client_without_cached_meter_fails_without_calling_stripe(world):
+    setup = world.agency()
+    client = world.client(setup)
+    client.meter_event_name = None
+    world.report(client, 1)
+
+    result = tick(world)
+
+    assert result.stripe_calls == 0 and "edit the client" in world.reports()[0].last_error
+
+
+# ---- duplicate identifier = delivered ------------------------------------------------------------------------
+
+
+def test_stripe_already_having_the_identifier_counts_as_delivered(world):
+    setup = world.agency()
+    client = world.client(setup)
+    report = world.report(client, 6)
+    world.server.client(setup.key).v1.billing.meter_events.create(
+        {
+            "event_name": "ai_units",
+            "identifier": report.identifier,
+            "payload": {"stripe_customer_id": client.stripe_customer_id, "value": "6"},
+        }
+    )
+
+    result = tick(world)
+
+    assert result.reports_sent == 1 and world.reports()[0].status == "sent"
+    assert world.stripe_total(setup, client) == 6
+
+
+# ---- timestamps -----------------------------------------------------------------------------------------------
+
+
+def test_units_older_than_35_days_fail_with_the_reason_and_no_call(world):
+    setup = world.agency()
+    world.report(world.client(setup), 2, at=world.clock.now() - dt.timedelta(days=36))
+
+    result = tick(world)
+
+    (report,) = world.reports()
+    assert result.stripe_calls == 0 and report.status == "failed" and "35 days" in report.last_error
+
+
+def test_a_future_timestamp_waits_until_its_time(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 2, at=world.clock.now() + dt.timedelta(minutes=3))
+
+    assert tick(world).stripe_calls == 0
+    tick(world, minutes=4)
+    assert world.stripe_total(setup, client) == 2
+
+
+# ---- the 24 h dedupe window ---------------------------------------------------------------------------------
+
+
+def test_after_24h_a_row_stripe_already_has_is_confirmed_from_summaries_not_resent(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)
+    posts = len(world.calls())
+
+    tick(world, hours=25)
+
+    (report,) = world.reports()
+    assert report.status == "sent" and "confirmed" in report.last_error
+    assert len(world.calls()) == posts  # nothing resent
+    assert len(world.calls("/v1/billing/meters/", "GET")) == 1
+    assert world.stripe_total(setup, client) == 4
+
+
+def test_after_24h_a_row_stripe_never_got_is_resent_after_checking(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "rate_limit")
+    tick(world)
+
+    tick(world, hours=25)
+
+    assert world.reports()[0].status == "sent" and world.stripe_total(setup, client) == 4
+    assert len(world.calls("/v1/billing/meters/", "GET")) == 1
+
+
+def test_after_24h_unconfirmed_neighbours_make_the_total_ambiguous_so_nothing_is_resent(world):
+    setup = world.agency()
+    client = world.client(setup)
+    at = world.clock.now() - dt.timedelta(seconds=30)
+    world.report(client, 4, at=at)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)  # Stripe applied the 4, Rebill never heard back
+    world.report(client, 3, at=at)
+    world.state.inject("/v1/billing/meter_events", "rate_limit")
+    tick(world, seconds=1)  # the 3 is refused (429) while the 4 waits for its backoff
+    posts = len(world.calls())
+
+    tick(world, hours=25)
+
+    reports = world.reports()
+    assert [r.status for r in reports] == ["failed", "failed"]
+    assert all(r.last_error.startswith("needs reconcile") for r in reports)
+    assert len(world.calls()) == posts  # nothing resent blindly
+    assert world.stripe_total(setup, client) == 4
+
+
+def test_after_24h_a_total_that_does_not_match_is_flagged_for_reconcile(world):
+    setup = world.agency()
+    client = world.client(setup)
+    report = world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)
+    world.server.client(setup.key).v1.billing.meter_events.create(  # the agency's own tooling, same minute
+        {"event_name": "ai_units", "timestamp": int(report.usage_timestamp.timestamp()),
+         "payload": {"stripe_customer_id": client.stripe_customer_id, "value": "2"}}
+    )
+
+    tick(world, hours=25)
+
+    (report,) = world.reports()
+    assert report.status == "failed" and "Stripe's total for its window is 6" in report.last_error
+
+
+def test_after_24h_a_legacy_row_is_checked_against_the_usage_record_summary(world):
+    setup = world.agency(legacy=True)
+    client = world.client(setup)
+    world.report(client, 3)
+    world.state.inject("/v1/subscription_items/", "accept_then_drop", method="POST")
+    tick(world)
+    posts = len(world.calls("/v1/subscription_items/"))
+
+    tick(world, hours=25)
+
+    assert world.reports()[0].status == "sent" and world.stripe_total(setup, client) == 3
+    assert len(world.calls("/v1/subscription_items/")) == posts
+
+
+# ---- leases -----------------------------------------------------------------------------------------------------
+
+
+def test_a_row_leased_by_a_crashed_tick_waits_for_its_lease_then_goes_once(world):
+    setup = world.agency()
+    client = world.client(setup)
+    report = world.report(client, 2)
+    # A tick that claimed the row, sent it and died before recording the answer:
+    report.attempts, report.first_attempt_at = 1, world.clock.now()
+    report.next_attempt_at = world.clock.now() + LEASE
+    world.server.client(setup.key).v1.billing.meter_events.create(
+        {
+            "event_name": "ai_units",
+            "identifier": report.identifier,
+            "timestamp": int(report.usage_timestamp.timestamp()),
+            "payload": {"stripe_customer_id": client.stripe_customer_id, "value": "2"},
+        }
+    )
+
+    assert tick(world).stripe_calls == 0
+    tick(world, seconds=LEASE.total_seconds() + 1)
+
+    assert world.reports()[0].status == "sent" and world.stripe_total(setup, client) == 2
+
+
+def test_the_sdk_is_never_configured_globally(world):
+    setup = world.agency()
+    world.report(world.client(setup), 1)
+    tick(world)
+    assert stripe.api_key is None
