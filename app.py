@@ -52,8 +52,12 @@ def register_blueprints(app: Flask) -> None:
     """Mount every feature's routes."""
     from capri.views import blueprint as capri_usage_api
     from core.health import blueprint as health
+    from ghl.oauth import blueprint as ghl_oauth
+    from ghl.webhooks import blueprint as ghl_webhooks
 
     app.register_blueprint(health)
+    app.register_blueprint(ghl_oauth)
+    app.register_blueprint(ghl_webhooks)
     app.register_blueprint(capri_usage_api)
 
 
@@ -75,9 +79,11 @@ def register_commands(app: Flask) -> None:
     """Register CLI groups; database failures in any command print one clear line."""
     from billing.cli import rebill_cli
     from capri.cli import api_key_cli
+    from ghl.cli import ghl_cli
 
     rebill_cli.add_command(api_key_cli)
     app.cli.add_command(rebill_cli)
+    app.cli.add_command(ghl_cli)
     for command in _walk_commands(app.cli):
         command.callback = _clear_database_errors(command.callback, app)
 

@@ -1,0 +1,46 @@
+"""The ``flask --app app ghl …`` commands: replay webhook deliveries, run the token job, re-sync subaccounts."""
+
+from __future__ import annotations
+
+import click
+from flask.cli import AppGroup
+
+from core.database import db
+from ghl.client import GhlError
+from ghl.installs import sync_installed_locations
+from ghl.jobs import refresh_expiring_tokens
+from ghl.webhooks import replay_deliveries
+
+ghl_cli = AppGroup("ghl", help="GoHighLevel integration: webhook replay, tokens, subaccounts.")
+
+
+@ghl_cli.command("replay")
+@click.option("--failed", "failed_only", is_flag=True, help="Only deliveries whose processing failed.")
+@click.option("--id", "delivery_id", type=int, help="Only this delivery (whatever its status).")
+def replay_command(failed_only: bool, delivery_id: int | None):
+    """Process stored GHL webhook deliveries again (default: every one not processed)."""
+    summary = replay_deliveries(failed_only=failed_only, delivery_id=delivery_id)
+    if delivery_id is not None and summary.replayed == 0:
+        raise click.ClickException(f"no webhook delivery with id {delivery_id}")
+    click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
+    if summary.failed:
+        raise SystemExit(1)
+
+
+@ghl_cli.command("refresh-tokens")
+def refresh_tokens_command():
+    """Refresh GHL tokens that expire within the hour and mint missing location tokens."""
+    summary = refresh_expiring_tokens()
+    click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
+
+
+@ghl_cli.command("sync-locations")
+@click.option("--company", "company_id", required=True, help="The agency's GHL companyId.")
+def sync_locations_command(company_id: str):
+    """Re-read an agency's installed subaccounts (names, new installs) from GHL."""
+    try:
+        count = sync_installed_locations(company_id)
+    except (LookupError, GhlError) as error:
+        raise click.ClickException(str(error)) from None
+    db.session.commit()
+    click.echo(f"subaccounts={count}")

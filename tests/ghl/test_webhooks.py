@@ -1,0 +1,276 @@
+"""POST /webhooks/ghl: real signatures, raw-body verification, store-then-process, dedupe, 429 when it cannot store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from billing.agencies import ensure_agency
+from billing.models import UsageEvent
+from core.config import ConfigError
+from core.database import db
+from ghl.locations import upsert_location
+from ghl.models import GhlLocation
+from tests.ghl.fake_ghl import (
+    APP_ID,
+    COMPANY_ID,
+    Signer,
+    deliveries,
+    delivery_count,
+    encode,
+    load_payload,
+    public_pem,
+)
+
+LOCATION_ID = "ezgb5h8dePEYGiwg0WSu"  # the real OutboundMessage delivery's subaccount
+
+
+def install_location(location_id: str = LOCATION_ID, *, installed: bool = True) -> int:
+    agency = ensure_agency(COMPANY_ID)
+    upsert_location(agency.id, location_id, name="Test subaccount", installed=installed)
+    db.session.commit()
+    return agency.id
+
+
+def usage_events() -> list[UsageEvent]:
+    db.session.expire_all()
+    return list(db.session.scalars(select(UsageEvent).order_by(UsageEvent.id)))
+
+
+# Signatures ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["ed25519", "rsa"])
+def test_a_signed_outbound_message_is_stored_and_recorded_as_usage(app_context, webhooks, scheme):
+    agency_id = install_location()
+    response = webhooks.send(load_payload("outbound_message"), scheme=scheme)
+    assert response.status_code == 200
+    assert response.json == {"status": "processed"}
+    [delivery] = deliveries()
+    assert (delivery.event_type, delivery.signature_scheme, delivery.status) == ("OutboundMessage", scheme, "processed")
+    assert delivery.location_id == LOCATION_ID
+    [event] = usage_events()
+    assert (event.agency_id, event.source, event.source_event_id) == (agency_id, "ghl", "cXcYRmGhooTfw05RZhiK")
+    assert (event.location_id, event.messages, event.direction, event.channel_id) == (LOCATION_ID, 1, "outbound", None)
+    assert event.input_tokens == event.output_tokens == 0 and event.model is None
+    assert event.occurred_at.isoformat() == "2026-02-26T15:40:14.307000+00:00"
+
+
+def test_the_raw_body_is_verified_not_a_reserialisation(app_context, webhooks, signer):
+    install_location()
+    body = json.dumps({**load_payload("outbound_message"), "appId": APP_ID}, indent=1).encode()  # odd spacing
+    assert webhooks.post(body, signer.headers(body)).status_code == 200
+    assert delivery_count() == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-GHL-Signature": ""},
+        {"X-GHL-Signature": "not base64 at all!!"},
+        {"X-GHL-Signature": "c2hvcnQ="},  # valid base64, wrong length
+        {"X-WH-Signature": "bm9wZQ=="},
+        {"X-Signature": "whatever"},
+    ],
+    ids=["missing", "empty", "garbled", "short", "rsa-garbage", "other-header"],
+)
+def test_missing_or_garbled_signatures_are_refused_and_nothing_is_stored(app_context, webhooks, headers):
+    install_location()
+    response = webhooks.post(encode(load_payload("outbound_message")), headers)
+    assert response.status_code == 401
+    assert "signature" in response.json["error"]
+    assert delivery_count() == 0 and usage_events() == []
+
+
+@pytest.mark.parametrize("scheme", ["ed25519", "rsa"])
+def test_a_signature_by_another_key_is_refused(app_context, webhooks, scheme):
+    forger = Signer()
+    body = encode(load_payload("outbound_message"))
+    assert webhooks.post(body, forger.headers(body, scheme)).status_code == 401
+    assert delivery_count() == 0
+
+
+@pytest.mark.parametrize("scheme", ["ed25519", "rsa"])
+def test_a_body_altered_after_signing_is_refused(app_context, webhooks, signer, scheme):
+    install_location()
+    body = encode(load_payload("outbound_message"))
+    headers = signer.headers(body, scheme)
+    altered = body.replace(b'"Hi there"', b'"Hi there!"')
+    assert altered != body
+    assert webhooks.post(altered, headers).status_code == 401
+    assert delivery_count() == 0 and usage_events() == []
+
+
+def test_ed25519_is_checked_first_and_never_falls_back_to_rsa(app_context, webhooks, signer):
+    body = encode(load_payload("plan_change"))
+    valid_rsa_bad_ed = {"X-GHL-Signature": Signer().ed25519(body), "X-WH-Signature": signer.rsa(body)}
+    assert webhooks.post(body, valid_rsa_bad_ed).status_code == 401
+    valid_ed_bad_rsa = {"X-GHL-Signature": signer.ed25519(body), "X-WH-Signature": "bm9wZQ=="}
+    assert webhooks.post(body, valid_ed_bad_rsa).status_code == 200
+    assert [d.signature_scheme for d in deliveries()] == ["ed25519"]
+
+
+def test_the_default_keys_are_ghls_published_ones(make_app, signer):
+    app = make_app()  # no key overrides
+    body = encode(load_payload("plan_change"))
+    assert app.test_client().post("/webhooks/ghl", data=body, headers=signer.headers(body)).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("GHL_WEBHOOK_ED25519_KEY", "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n"),
+        ("GHL_WEBHOOK_RSA_KEY", "not a pem"),
+    ],
+)
+def test_a_malformed_key_stops_the_start(make_app, setting, value):
+    with pytest.raises(ConfigError, match=setting):
+        make_app(**{setting: value})
+
+
+def test_a_key_of_the_wrong_type_stops_the_start(make_app, signer):
+    with pytest.raises(ConfigError, match="GHL_WEBHOOK_ED25519_KEY"):
+        make_app(GHL_WEBHOOK_ED25519_KEY=public_pem(signer.rsa_key))
+
+
+# Bad bodies, other apps ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"INSTALL"', b"null", b"\xff\xfe{}"])
+def test_a_signed_body_that_is_not_a_json_object_is_a_400_and_stores_nothing(app_context, webhooks, signer, body):
+    response = webhooks.post(body, signer.headers(body))
+    assert response.status_code == 400
+    assert "error" in response.json
+    assert delivery_count() == 0
+
+
+def test_another_apps_webhook_is_acknowledged_and_ignored(app_context, webhooks):
+    install_location()
+    response = webhooks.send(load_payload("outbound_message"), app_id="698de27f462dc22d054c5cf5")
+    assert response.status_code == 200
+    assert response.json["status"] == "ignored"
+    assert delivery_count() == 0 and usage_events() == []
+
+
+# Dedupe -------------------------------------------------------------------------------------------
+
+
+def test_a_redelivered_webhook_is_a_200_duplicate_stored_once(app_context, webhooks):
+    install_location()
+    first = webhooks.send(load_payload("outbound_message"), webhook_id="wh-same")
+    again = webhooks.send(load_payload("outbound_message"), webhook_id="wh-same")
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json == {"status": "duplicate"}
+    assert delivery_count() == 1 and len(usage_events()) == 1
+
+
+def test_without_a_webhook_id_the_body_hash_dedupes(app_context, webhooks, signer):
+    install_location()
+    body = encode(load_payload("outbound_message"), webhook_id=None)
+    assert webhooks.post(body, signer.headers(body)).status_code == 200
+    assert webhooks.post(body, signer.headers(body)).json == {"status": "duplicate"}
+    [delivery] = deliveries()
+    assert delivery.webhook_id.startswith("sha256:")
+
+
+def test_a_message_delivered_in_two_webhooks_counts_once(app_context, webhooks):
+    install_location()
+    assert webhooks.send(load_payload("outbound_message")).json == {"status": "processed"}
+    assert webhooks.send(load_payload("outbound_message")).json == {"status": "ignored"}
+    assert [d.status for d in deliveries()] == ["processed", "ignored"]
+    assert "already recorded" in deliveries()[1].error
+    assert len(usage_events()) == 1
+
+
+# Processing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["inbound_message_sms", "inbound_message_email"])
+def test_inbound_messages_are_recorded_inbound(app_context, webhooks, fixture):
+    payload = load_payload(fixture)
+    install_location(payload["locationId"])
+    assert webhooks.send(payload).status_code == 200
+    [event] = usage_events()
+    assert (event.direction, event.source_event_id, event.location_id) == (
+        "inbound",
+        payload["messageId"],
+        payload["locationId"],
+    )
+
+
+def test_messages_of_an_uninstalled_subaccount_are_stored_not_counted(app_context, webhooks):
+    install_location(installed=False)
+    response = webhooks.send(load_payload("outbound_message"))
+    assert response.json == {"status": "ignored"}
+    [delivery] = deliveries()
+    assert "not installed" in delivery.error
+    assert usage_events() == []
+
+
+def test_a_processing_error_is_recorded_on_the_stored_delivery_and_answered_200(app_context, webhooks):
+    payload = load_payload("inbound_message_sms_doc")  # the doc example: no messageId
+    install_location(payload["locationId"])
+    response = webhooks.send(payload)
+    assert response.status_code == 200
+    assert response.json == {"status": "failed"}
+    [delivery] = deliveries()
+    assert delivery.status == "failed" and delivery.attempts == 1
+    assert "messageId" in delivery.error
+    assert usage_events() == []
+
+
+@pytest.mark.parametrize("fixture", ["plan_change", "unknown"])
+def test_plan_changes_and_unknown_types_are_stored_and_acknowledged(app_context, webhooks, fixture):
+    payload = load_payload("plan_change") if fixture == "plan_change" else {"type": "ContactCreate", "id": "c1"}
+    response = webhooks.send(payload)
+    assert response.status_code == 200
+    [delivery] = deliveries()
+    assert delivery.status == "ignored"
+    assert json.loads(delivery.body)["type"] == payload["type"]
+
+
+def test_a_body_without_a_type_is_stored_and_acknowledged(app_context, webhooks):
+    assert webhooks.send({"hello": "world"}).status_code == 200
+    [delivery] = deliveries()
+    assert (delivery.event_type, delivery.status) == ("", "ignored")
+
+
+@pytest.mark.parametrize("fixture", ["location_create", "location_update"])
+def test_location_events_use_id_as_the_subaccount_and_keep_its_name(app_context, webhooks, fixture):
+    assert webhooks.send(load_payload(fixture)).json == {"status": "processed"}
+    location = db.session.scalars(select(GhlLocation)).one()
+    assert (location.location_id, location.name) == ("ve9EPM428h8vShlRW1KT", "Loram ipsum")
+    assert location.is_installed is False  # GHL told us it exists, not that Rebill is installed in it
+    renamed = load_payload("location_update") | {"name": "Renamed"}
+    webhooks.send(renamed)
+    db.session.expire_all()
+    assert db.session.scalars(select(GhlLocation)).one().name == "Renamed"
+    assert deliveries()[0].location_id == "ve9EPM428h8vShlRW1KT"
+
+
+def test_an_overlong_id_fails_processing_but_the_delivery_is_kept(app_context, webhooks):
+    payload = load_payload("outbound_message") | {"locationId": "x" * 300}
+    assert webhooks.send(payload).json == {"status": "failed"}
+    [delivery] = deliveries()
+    assert delivery.location_id == "x" * 64 and "longer than" in delivery.error
+
+
+# Cannot persist -----------------------------------------------------------------------------------
+
+
+def test_when_the_database_is_down_a_signed_webhook_gets_429(make_app, ghl_config, signer, backend, tmp_path):
+    broken = (
+        "postgresql+psycopg://postgres@127.0.0.1:1/rebill"
+        if backend == "postgresql"
+        else f"sqlite:///{tmp_path}/missing-directory/rebill.sqlite3"
+    )
+    app = make_app(DATABASE_URL=broken, **ghl_config)
+    body = encode(load_payload("outbound_message"))
+    response = app.test_client().post("/webhooks/ghl", data=body, headers=signer.headers(body))
+    assert response.status_code == 429
+    assert "retry" in response.json["error"]
+    unsigned = app.test_client().post("/webhooks/ghl", data=body)
+    assert unsigned.status_code == 401  # verification still comes first
