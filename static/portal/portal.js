@@ -1,0 +1,718 @@
+// Rebill portal: the page GHL embeds. Vanilla JS, no build step.
+// Sign-in: ask the GHL parent for the encrypted user context (REQUEST_USER_DATA), exchange it at
+// POST /api/portal/session for a short-lived bearer token, keep the token in memory only (cookies are
+// third-party inside the iframe and browsers drop them; reference/ghl.md §3.2, §3.5).
+// Safety: every value from the API reaches the page through textContent or attributes, never innerHTML.
+"use strict";
+
+(function () {
+  const API = "/api/portal";
+  const HANDSHAKE_TIMEOUT_MS = 8000;
+  const state = {
+    token: null,
+    session: null,
+    refreshTimer: null,
+    signingIn: null,
+    products: null, // [{id, name, prices: [...]}] from /prices, or null when Stripe is not connected
+    subaccounts: [],
+    clients: [],
+    stripe: null,
+    editing: null, // the client being edited in the dialog, or null when adding
+  };
+
+  // ---- small DOM helpers ------------------------------------------------------------------------
+  const $ = (selector, root = document) => root.querySelector(selector);
+  const $$ = (selector, root = document) => Array.from(root.querySelectorAll(selector));
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "text") node.textContent = String(value);
+      else if (key === "className") node.className = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else if (key === "dataset") Object.assign(node.dataset, value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function cell(label, content, className) {
+    return el("td", { "data-label": label, className }, content);
+  }
+
+  const numberFormat = new Intl.NumberFormat();
+  const fmt = (value) => (value === null || value === undefined ? "—" : numberFormat.format(value));
+  function when(iso) {
+    if (!iso) return "—";
+    const date = new Date(iso);
+    return isNaN(date) ? String(iso) : date.toLocaleString();
+  }
+  function money(amount, currency) {
+    if (amount === null || amount === undefined) return "";
+    try {
+      return new Intl.NumberFormat(undefined, { style: "currency", currency: (currency || "usd").toUpperCase() })
+        .format(amount / 100);
+    } catch (error) {
+      return `${amount / 100} ${currency || ""}`;
+    }
+  }
+
+  function notify(message, kind = "error") {
+    const box = $("#notice");
+    box.textContent = message;
+    box.className = `notice ${kind}`;
+    box.hidden = !message;
+  }
+
+  // ---- sign-in --------------------------------------------------------------------------------------
+  function askParentForUserData() {
+    return new Promise((resolve, reject) => {
+      if (window.parent === window) {
+        reject(new Error("Open Rebill from inside GoHighLevel (Billing → Rebilling)."));
+        return;
+      }
+      const timer = setTimeout(() => {
+        window.removeEventListener("message", onMessage);
+        reject(new Error("GoHighLevel did not answer. Open Rebill from inside GoHighLevel (Billing → Rebilling)."));
+      }, HANDSHAKE_TIMEOUT_MS);
+      // The parent's origin varies with white-labelling, so it is not checked here: the payload is
+      // encrypted with our Shared Secret and the server decides (reference/ghl.md §3.2).
+      function onMessage(event) {
+        const data = event.data;
+        if (data && data.message === "REQUEST_USER_DATA_RESPONSE" && typeof data.payload === "string") {
+          clearTimeout(timer);
+          window.removeEventListener("message", onMessage);
+          resolve(data.payload);
+        }
+      }
+      window.addEventListener("message", onMessage);
+      window.parent.postMessage({ message: "REQUEST_USER_DATA" }, "*");
+    });
+  }
+
+  async function postJson(path, body) {
+    const response = await fetch(API + path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+      credentials: "omit",
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) throw new ApiError(response.status, data);
+    return data;
+  }
+
+  function signIn() {
+    // One handshake at a time: parallel 401s share it.
+    if (!state.signingIn) {
+      state.signingIn = (async () => {
+        const answer = document.body.dataset.demo === "on"
+          ? await postJson("/demo-session", {})
+          : await postJson("/session", { payload: await askParentForUserData() });
+        state.token = answer.token;
+        state.session = answer.session;
+        clearTimeout(state.refreshTimer);
+        // Renew a minute before expiry so an open page keeps working.
+        const renewIn = Math.max(30, (answer.expires_in || 3600) - 60) * 1000;
+        state.refreshTimer = setTimeout(() => { state.token = null; signIn().catch(() => {}); }, renewIn);
+      })().finally(() => { state.signingIn = null; });
+    }
+    return state.signingIn;
+  }
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      super((body && body.error) || `request failed (${status})`);
+      this.status = status;
+      this.fields = (body && body.fields) || {};
+    }
+  }
+
+  async function api(method, path, body, retried = false) {
+    if (!state.token) await signIn();
+    const headers = { Authorization: `Bearer ${state.token}` };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(API + path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "omit",
+    });
+    if (response.status === 401 && !retried) {
+      state.token = null;
+      return api(method, path, body, true);
+    }
+    const data = response.status === 204 ? null : await response.json().catch(() => null);
+    if (!response.ok) throw new ApiError(response.status, data);
+    return data;
+  }
+
+  // ---- routing --------------------------------------------------------------------------------------
+  const views = {
+    clients: showClients,
+    client: showClient,
+    unmapped: showUnmapped,
+    stripe: showStripe,
+    "api-keys": showApiKeys,
+  };
+
+  async function route() {
+    const [name, id] = (location.hash.replace(/^#/, "") || "clients").split("/");
+    const view = views[name] ? name : "clients";
+    for (const section of $$(".view")) section.hidden = section.dataset.view !== view;
+    for (const tab of $$(".tabs a")) {
+      const current = tab.dataset.tab === view || (view === "client" && tab.dataset.tab === "clients");
+      if (current) tab.setAttribute("aria-current", "page");
+      else tab.removeAttribute("aria-current");
+    }
+    notify("");
+    try {
+      await views[view](id);
+    } catch (error) {
+      notify(error.message);
+    }
+  }
+
+  // ---- shared data ----------------------------------------------------------------------------------
+  async function loadStripe() {
+    state.stripe = await api("GET", "/stripe-key");
+    return state.stripe;
+  }
+
+  async function loadProducts() {
+    if (!state.stripe || !state.stripe.connected) {
+      state.products = null;
+      return null;
+    }
+    try {
+      state.products = (await api("GET", "/prices")).products;
+    } catch (error) {
+      state.products = null;
+      notify(`Stripe prices could not be loaded: ${error.message}`);
+    }
+    return state.products;
+  }
+
+  function findPrice(priceId) {
+    for (const product of state.products || []) {
+      for (const price of product.prices || []) {
+        if (price.id === priceId) return { product, price };
+      }
+    }
+    return null;
+  }
+
+  function priceLabel(price) {
+    const amount = money(price.unit_amount, price.currency);
+    const per = price.interval ? ` per unit / ${price.interval}` : "";
+    const name = price.nickname ? `${price.nickname} · ` : "";
+    return `${name}${amount}${per}`.trim() || price.id;
+  }
+
+  function sourceLabel(client) {
+    if (client.provider === "ghl") return client.subaccount_name || client.location_id;
+    return client.channel_id;
+  }
+
+  const PROVIDERS = { capri_api: "Capri API", ghl: "GoHighLevel" };
+  const CHARGE_BY = { tokens: "Tokens", messages: "Messages" };
+
+  // ---- clients --------------------------------------------------------------------------------------
+  async function showClients() {
+    const [clients] = await Promise.all([
+      api("GET", "/clients"),
+      state.stripe ? Promise.resolve() : loadStripe().then(loadProducts),
+    ]);
+    state.clients = clients.clients;
+    $("#stripe-missing").hidden = Boolean(state.stripe && state.stripe.connected);
+    const body = $("#clients-table tbody");
+    body.replaceChildren(...state.clients.map(clientRow));
+    $("#clients-empty").hidden = state.clients.length > 0;
+    $("#clients-table").hidden = state.clients.length === 0;
+  }
+
+  function clientRow(client) {
+    const found = findPrice(client.stripe_price_id);
+    const productPrice = found
+      ? `${found.product.name} · ${priceLabel(found.price)}`
+      : `${client.stripe_product_id} · ${client.stripe_price_id}`;
+    return el("tr", { dataset: { clientId: client.id } },
+      cell("Nickname", el("a", { href: `#client/${client.id}`, text: client.nickname })),
+      cell("Provider", PROVIDERS[client.provider] || client.provider),
+      cell("API channel / subaccount", sourceLabel(client)),
+      cell("Product / price", productPrice),
+      cell("Charge by", CHARGE_BY[client.charge_by] || client.charge_by),
+      cell("Billing unit", fmt(client.billing_unit)),
+      cell("Usage counted", fmt(client.counted_usage), "num"),
+      cell("Units logged", fmt(client.units_logged), "num"),
+      cell("Remainder", `${fmt(client.remainder)} / ${fmt(client.billing_unit)}`, "num"),
+      cell("Status", el("span", { className: `badge ${client.status}`, text: client.status })),
+    );
+  }
+
+  // ---- one client -----------------------------------------------------------------------------------
+  async function showClient(id) {
+    const [client, usage] = await Promise.all([
+      api("GET", `/clients/${encodeURIComponent(id)}`),
+      api("GET", `/clients/${encodeURIComponent(id)}/usage`),
+      state.stripe ? Promise.resolve() : loadStripe().then(loadProducts),
+    ]);
+    $("#client-title").textContent = client.nickname;
+    const status = $("#client-status");
+    status.textContent = client.status;
+    status.className = `badge ${client.status}`;
+    const pause = $("#client-pause");
+    pause.textContent = client.status === "paused" ? "Resume" : "Pause";
+    pause.onclick = () => setClientStatus(client, client.status === "paused" ? "active" : "paused");
+    $("#client-edit").onclick = () => openClientDialog({ client });
+    $("#client-delete").onclick = () => deleteClient(client);
+
+    const found = findPrice(client.stripe_price_id);
+    const facts = [
+      ["Provider", PROVIDERS[client.provider] || client.provider],
+      [client.provider === "ghl" ? "Subaccount" : "API channel", sourceLabel(client)],
+      ["Product", found ? found.product.name : client.stripe_product_id],
+      ["Price", found ? priceLabel(found.price) : client.stripe_price_id],
+      ["Stripe customer", client.stripe_customer_id],
+      ["Charge by", CHARGE_BY[client.charge_by] || client.charge_by],
+      ["Billing unit", `1 unit every ${fmt(client.billing_unit)} ${client.charge_by}`],
+    ];
+    if (client.message_source) facts.push(["Messages counted", client.message_source]);
+    $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
+
+    const unit = client.billing_unit;
+    $("#client-stats").replaceChildren(
+      stat("Usage counted", fmt(usage.counted_usage), client.charge_by),
+      stat("Units logged", fmt(usage.units_logged), "in Rebill's ledger"),
+      stat("Units reported", fmt(usage.units_reported), "accepted by Stripe"),
+      stat("Remainder", `${fmt(usage.remainder)} / ${fmt(unit)}`, "toward the next unit"),
+    );
+    $("#chart-title").textContent = `Daily usage (${client.charge_by})`;
+    $("#usage-chart").replaceChildren(usageChart(usage.daily || [], client.charge_by));
+
+    const reports = usage.recent_reports || usage.reports || [];
+    $("#reports-table tbody").replaceChildren(...reports.map((report) => el("tr", {},
+      cell("Identifier", el("code", { text: report.identifier })),
+      cell("Units", fmt(report.units), "num"),
+      cell("Status", el("span", { className: `badge ${report.status}`, text: report.status })),
+      cell("Created", when(report.created_at)),
+      cell("Sent", when(report.sent_at)),
+      cell("Attempts", fmt(report.attempts), "num"),
+      cell("Last error", report.last_error || ""),
+    )));
+    $("#reports-empty").hidden = reports.length > 0;
+    $("#reports-table").hidden = reports.length === 0;
+  }
+
+  function stat(label, value, note) {
+    return el("div", { className: "stat" },
+      el("div", { className: "stat-value", text: value }),
+      el("div", { className: "stat-label", text: label }),
+      el("div", { className: "stat-note", text: note }));
+  }
+
+  // A bar per day of the chosen measure, as inline SVG (no chart library).
+  function usageChart(days, measure) {
+    const SVG = "http://www.w3.org/2000/svg";
+    const svgEl = (tag, attrs, text) => {
+      const node = document.createElementNS(SVG, tag);
+      for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+      if (text !== undefined) node.textContent = text;
+      return node;
+    };
+    if (!days.length) return el("p", { className: "empty", text: "No usage yet." });
+    const width = 600;
+    const height = 180;
+    const pad = { left: 48, right: 8, top: 10, bottom: 28 };
+    const values = days.map((day) => Number(day[measure] ?? day.value ?? 0));
+    const max = Math.max(1, ...values);
+    const slot = (width - pad.left - pad.right) / days.length;
+    const barWidth = Math.max(1, Math.min(40, slot * 0.7));
+    const scaleY = (value) => ((height - pad.top - pad.bottom) * value) / max;
+    const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "chart-svg",
+      "aria-label": `Daily ${measure}, highest ${numberFormat.format(max)}` });
+    svg.append(svgEl("line", { x1: pad.left, x2: width - pad.right, y1: height - pad.bottom,
+      y2: height - pad.bottom, class: "axis" }));
+    svg.append(svgEl("text", { x: pad.left - 6, y: pad.top + 4, "text-anchor": "end", class: "tick" },
+      numberFormat.format(max)));
+    svg.append(svgEl("text", { x: pad.left - 6, y: height - pad.bottom, "text-anchor": "end", class: "tick" }, "0"));
+    days.forEach((day, index) => {
+      const barHeight = scaleY(values[index]);
+      const x = pad.left + index * slot + (slot - barWidth) / 2;
+      const bar = svgEl("rect", { x, y: height - pad.bottom - barHeight, width: barWidth,
+        height: Math.max(barHeight, values[index] > 0 ? 1 : 0), class: "bar" });
+      bar.append(svgEl("title", {}, `${day.date}: ${numberFormat.format(values[index])} ${measure}`));
+      svg.append(bar);
+    });
+    const label = (index, anchor) => svg.append(svgEl("text", {
+      x: pad.left + index * slot + slot / 2, y: height - 8, "text-anchor": anchor, class: "tick" }, days[index].date));
+    label(0, days.length === 1 ? "middle" : "start");
+    if (days.length > 1) label(days.length - 1, "end");
+    return svg;
+  }
+
+  async function setClientStatus(client, status) {
+    try {
+      await api("PATCH", `/clients/${client.id}`, { status });
+      await route();
+    } catch (error) {
+      notify(error.message);
+    }
+  }
+
+  async function deleteClient(client) {
+    const dialog = $("#confirm-dialog");
+    $("#confirm-text").textContent =
+      `Delete “${client.nickname}”? Its history is kept, but no more units are logged for it.`;
+    dialog.returnValue = "";
+    dialog.showModal();
+    dialog.addEventListener("close", async () => {
+      if (dialog.returnValue !== "yes") return;
+      try {
+        await api("DELETE", `/clients/${client.id}`);
+        location.hash = "#clients";
+      } catch (error) {
+        notify(error.message);
+      }
+    }, { once: true });
+  }
+
+  // ---- "Add User" / edit dialog ----------------------------------------------------------------------
+  async function openClientDialog({ client = null, prefill = null } = {}) {
+    if (!state.stripe) await loadStripe();
+    const [, subaccounts] = await Promise.all([
+      loadProducts(),
+      api("GET", "/subaccounts"),
+    ]);
+    state.subaccounts = subaccounts.subaccounts;
+    state.editing = client;
+    const form = $("#client-form");
+    form.reset();
+    clearErrors(form);
+    $("#client-dialog-title").textContent = client ? `Edit ${client.nickname}` : "Add User";
+    if (!state.products) {
+      showErrors(form, { _form: "Connect your Stripe account first (Stripe tab): products and prices come from it." });
+    }
+
+    fillSubaccounts(client ? client.location_id : prefill && prefill.location_id);
+    const values = client || prefill || {};
+    form.elements.nickname.value = values.nickname || "";
+    setRadio(form, "provider", values.provider || "capri_api");
+    form.elements.channel_id.value = values.channel_id || "";
+    setRadio(form, "charge_by", values.charge_by || "tokens");
+    form.elements.billing_unit.value = values.billing_unit || 1000;
+    form.elements.stripe_customer_id.value = values.stripe_customer_id || "";
+    if (values.message_source) form.elements.message_source.value = values.message_source;
+    fillProducts(values.stripe_product_id, values.stripe_price_id);
+    $("#bill-unmapped-row").hidden = !prefill;
+    $("#f-bill-unmapped").checked = false;
+    syncDialog();
+    $("#client-dialog").showModal();
+    form.elements.nickname.focus();
+  }
+
+  function setRadio(form, name, value) {
+    for (const input of form.querySelectorAll(`input[name="${name}"]`)) input.checked = input.value === value;
+  }
+
+  function fillSubaccounts(selected) {
+    const select = $("#f-location");
+    const options = state.subaccounts.map((sub) =>
+      el("option", { value: sub.location_id, text: sub.name ? `${sub.name} (${sub.location_id})` : sub.location_id }));
+    if (selected && !state.subaccounts.some((sub) => sub.location_id === selected)) {
+      options.unshift(el("option", { value: selected, text: selected }));
+    }
+    if (!options.length) options.push(el("option", { value: "", text: "No subaccounts have Rebill installed" }));
+    select.replaceChildren(...options);
+    if (selected) select.value = selected;
+  }
+
+  function fillProducts(productId, priceId) {
+    const products = state.products || [];
+    const select = $("#f-product");
+    select.replaceChildren(
+      el("option", { value: "", text: products.length ? "Choose a product" : "No products in Stripe" }),
+      ...products.map((product) => el("option", { value: product.product_id, text: product.name || product.product_id })),
+    );
+    const owner = priceId && findPrice(priceId);
+    select.value = productId || (owner ? owner.product.product_id : "");
+    fillPrices(priceId);
+  }
+
+  function fillPrices(selectedPriceId) {
+    const product = (state.products || []).find((item) => item.product_id === $("#f-product").value);
+    const prices = product ? product.prices || [] : [];
+    const select = $("#f-price");
+    select.replaceChildren(
+      el("option", { value: "", text: product ? "Choose a price" : "Choose a product first" }),
+      ...prices.map((price) => el("option", {
+        value: price.id,
+        disabled: !price.usable,
+        text: price.usable ? priceLabel(price) : `${priceLabel(price)} — can't be used: ${price.reason}`,
+      })),
+    );
+    const usable = prices.filter((price) => price.usable);
+    if (selectedPriceId && prices.some((price) => price.id === selectedPriceId)) select.value = selectedPriceId;
+    else if (usable.length === 1) select.value = usable[0].id;
+    const unusable = prices.filter((price) => !price.usable);
+    const hint = $("#price-hint");
+    hint.hidden = unusable.length === 0;
+    hint.textContent = unusable.length
+      ? "Greyed-out prices cannot carry units; use a metered price per unit per month backed by a meter."
+      : "";
+  }
+
+  function syncDialog() {
+    const form = $("#client-form");
+    const provider = form.elements.provider.value;
+    const chargeBy = form.elements.charge_by.value;
+    for (const block of $$("[data-when-provider]", form)) block.hidden = block.dataset.whenProvider !== provider;
+    $("[data-when-messages-ghl]", form).hidden = !(provider === "ghl" && chargeBy === "messages");
+    const unit = Number(form.elements.billing_unit.value) || 0;
+    $("#unit-hint").textContent = unit > 0
+      ? `One unit is logged in Stripe every ${numberFormat.format(unit)} ${chargeBy}.`
+      : "A positive whole number.";
+  }
+
+  function clientFormBody(form) {
+    const provider = form.elements.provider.value;
+    const chargeBy = form.elements.charge_by.value;
+    const unitText = form.elements.billing_unit.value.trim();
+    const body = {
+      nickname: form.elements.nickname.value.trim(),
+      provider,
+      stripe_product_id: form.elements.stripe_product_id.value,
+      stripe_price_id: form.elements.stripe_price_id.value,
+      stripe_customer_id: form.elements.stripe_customer_id.value.trim(),
+      charge_by: chargeBy,
+      // Sent as typed when it is not a whole number, so the API's message explains it.
+      billing_unit: /^\d+$/.test(unitText) ? Number(unitText) : unitText,
+    };
+    if (provider === "ghl") {
+      body.location_id = form.elements.location_id.value;
+      if (chargeBy === "messages") body.message_source = form.elements.message_source.value;
+    } else {
+      body.channel_id = form.elements.channel_id.value.trim();
+    }
+    return body;
+  }
+
+  async function saveClient(event) {
+    event.preventDefault();
+    const form = $("#client-form");
+    clearErrors(form);
+    const body = clientFormBody(form);
+    const save = $("#client-save");
+    save.disabled = true;
+    try {
+      let saved;
+      if (state.editing) {
+        saved = await api("PATCH", `/clients/${state.editing.id}`, body);
+      } else {
+        if (!$("#bill-unmapped-row").hidden) body.bill_unmapped_usage = $("#f-bill-unmapped").checked;
+        saved = await api("POST", "/clients", body);
+      }
+      $("#client-dialog").close();
+      location.hash = `#client/${saved.id}`;
+      if (state.editing) await route();
+    } catch (error) {
+      if (error.status === 422 || error.status === 403) {
+        const fields = { ...error.fields };
+        if (!Object.keys(fields).length) fields._form = error.message;
+        showErrors(form, fields);
+      } else {
+        showErrors(form, { _form: error.message });
+      }
+    } finally {
+      save.disabled = false;
+    }
+  }
+
+  function clearErrors(form) {
+    for (const node of $$(".field-error", form)) {
+      node.textContent = "";
+      node.hidden = true;
+    }
+    for (const input of $$("[aria-invalid]", form)) input.removeAttribute("aria-invalid");
+  }
+
+  function showErrors(form, fields) {
+    let first = null;
+    for (const [name, message] of Object.entries(fields)) {
+      const slot = $(`.field-error[data-error-for="${CSS.escape(name)}"]`, form) ||
+        $('.field-error[data-error-for="_form"]', form);
+      const prefix = slot.dataset.errorFor === name ? "" : `${name}: `;
+      slot.textContent = slot.textContent ? `${slot.textContent} ${prefix}${message}` : `${prefix}${message}`;
+      slot.hidden = false;
+      const input = form.elements[name];
+      if (input && input.setAttribute) {
+        input.setAttribute("aria-invalid", "true");
+        first = first || input;
+      }
+    }
+    if (first && first.focus) first.focus();
+  }
+
+  // ---- unmapped usage -------------------------------------------------------------------------------
+  async function showUnmapped() {
+    const rows = (await api("GET", "/unmapped-usage")).unmapped;
+    const admin = state.session && state.session.can_manage_billing;
+    $("#unmapped-table tbody").replaceChildren(...rows.map((row) => {
+      const isChannel = Boolean(row.channel_id);
+      const name = isChannel ? `API channel ${row.channel_id}` : `Subaccount ${row.subaccount_name || row.location_id}`;
+      const add = admin ? el("button", {
+        type: "button",
+        text: "Add as client",
+        onclick: () => openClientDialog({ prefill: isChannel
+          ? { provider: "capri_api", channel_id: row.channel_id, nickname: row.channel_id }
+          : { provider: "ghl", location_id: row.location_id, nickname: row.subaccount_name || row.location_id } }),
+      }) : "";
+      return el("tr", {},
+        cell("Source", name),
+        cell("Tokens", fmt(row.tokens), "num"),
+        cell("Messages", fmt(row.messages), "num"),
+        cell("Events", fmt(row.events), "num"),
+        cell("First seen", when(row.first_seen)),
+        cell("Last seen", when(row.last_seen)),
+        cell("", add));
+    }));
+    $("#unmapped-empty").hidden = rows.length > 0;
+    $("#unmapped-table").hidden = rows.length === 0;
+  }
+
+  // ---- Stripe ----------------------------------------------------------------------------------------
+  async function showStripe() {
+    renderStripe(await loadStripe());
+  }
+
+  function renderStripe(stripe) {
+    state.stripe = stripe;
+    const facts = stripe.connected
+      ? [
+        ["Status", stripe.status === "ok" ? "Connected" : `Needs attention: ${stripe.problem || stripe.status}`],
+        ["Account", stripe.account],
+        ["Mode", stripe.mode === "live" ? "Live" : "Test"],
+        ["Key", `…${stripe.last4}`],
+      ]
+      : [["Status", "Not connected"]];
+    $("#stripe-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
+    $("#stripe-connect").textContent = stripe.connected ? "Replace key" : "Connect";
+    $("#stripe-disconnect").hidden = !stripe.connected;
+  }
+
+  async function connectStripe(event) {
+    event.preventDefault();
+    const form = $("#stripe-form");
+    clearErrors(form);
+    const input = $("#stripe-key");
+    const button = $("#stripe-connect");
+    button.disabled = true;
+    try {
+      const stripe = await api("PUT", "/stripe-key", { api_key: input.value.trim() });
+      input.value = "";
+      renderStripe(stripe);
+      state.products = null;
+      notify(`Connected to Stripe account ${stripe.account} (${stripe.mode} mode).`, "ok");
+    } catch (error) {
+      showErrors(form, Object.keys(error.fields).length ? error.fields : { api_key: error.message });
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function disconnectStripe() {
+    try {
+      renderStripe(await api("DELETE", "/stripe-key"));
+      state.products = null;
+      notify("Stripe disconnected. No units are sent until a key is connected again.", "ok");
+    } catch (error) {
+      notify(error.message);
+    }
+  }
+
+  // ---- API keys -------------------------------------------------------------------------------------
+  async function showApiKeys() {
+    const keys = (await api("GET", "/api-keys")).api_keys;
+    const admin = state.session && state.session.can_manage_billing;
+    $("#api-keys-table tbody").replaceChildren(...keys.map((key) => el("tr", { dataset: { keyId: key.id } },
+      cell("Prefix", el("code", { text: `${key.prefix}_…` })),
+      cell("Name", key.name || ""),
+      cell("Created", when(key.created_at)),
+      cell("Last used", when(key.last_used_at)),
+      cell("Status", el("span", { className: `badge ${key.revoked_at ? "revoked" : "active"}`,
+        text: key.revoked_at ? "revoked" : "active" })),
+      cell("", admin && !key.revoked_at
+        ? el("button", { type: "button", className: "danger", text: "Revoke", onclick: () => revokeApiKey(key) })
+        : ""),
+    )));
+    $("#api-keys-empty").hidden = keys.length > 0;
+    $("#api-keys-table").hidden = keys.length === 0;
+  }
+
+  async function createApiKey(event) {
+    event.preventDefault();
+    const input = $("#api-key-name");
+    try {
+      const created = await api("POST", "/api-keys", { name: input.value.trim() || null });
+      input.value = "";
+      $("#new-key-value").textContent = created.key;
+      $("#new-key").hidden = false;
+      await showApiKeys();
+    } catch (error) {
+      notify(error.message);
+    }
+  }
+
+  async function revokeApiKey(key) {
+    try {
+      await api("DELETE", `/api-keys/${key.id}`);
+      await showApiKeys();
+    } catch (error) {
+      notify(error.message);
+    }
+  }
+
+  // ---- start ----------------------------------------------------------------------------------------
+  function wire() {
+    window.addEventListener("hashchange", route);
+    $("#add-client").addEventListener("click", () => openClientDialog().catch((error) => notify(error.message)));
+    const form = $("#client-form");
+    form.addEventListener("submit", saveClient);
+    form.addEventListener("change", (event) => {
+      if (event.target.name === "stripe_product_id") fillPrices();
+      syncDialog();
+    });
+    form.addEventListener("input", syncDialog);
+    $("#client-cancel").addEventListener("click", () => $("#client-dialog").close());
+    $("#stripe-form").addEventListener("submit", connectStripe);
+    $("#stripe-disconnect").addEventListener("click", disconnectStripe);
+    $("#api-key-form").addEventListener("submit", createApiKey);
+    $("#new-key-copy").addEventListener("click", () => {
+      navigator.clipboard.writeText($("#new-key-value").textContent).catch(() => {});
+    });
+  }
+
+  async function start() {
+    wire();
+    try {
+      await signIn();
+    } catch (error) {
+      $("#signing-in-text").textContent = error.message;
+      return;
+    }
+    const session = state.session;
+    $("#who").textContent = `${session.can_manage_billing ? "Agency admin" : "Read only"}${session.demo ? " · demo" : ""}`;
+    document.body.classList.toggle("read-only", !session.can_manage_billing);
+    for (const node of $$("[data-admin-only]")) node.hidden = !session.can_manage_billing;
+    $("#signing-in").hidden = true;
+    $("#portal").hidden = false;
+    await route();
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();
