@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import secrets
 import string
 
@@ -30,6 +31,8 @@ NAME_MAX_LENGTH = 120
 # last_used_at is for people ("used today?"), not for auditing each request: refreshing it at most once a
 # minute keeps the hot path of the usage API free of a write per request.
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+
+log = logging.getLogger("capri.api_keys")
 
 
 def create_api_key(agency_id: int, name: str | None = None) -> tuple[ApiKey, str]:
@@ -80,6 +83,8 @@ def authenticate(bearer: str) -> ApiKey | None:
     if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_api_key(bearer)):
         return None
     if api_key.revoked_at is not None:
+        # Ids only: an operator can tell the agency which of its integrations still uses a revoked key.
+        log.info("revoked API key used", extra={"fields": {"api_key_id": api_key.id, "agency_id": api_key.agency_id}})
         return None
     _touch(api_key)
     return api_key

@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 
 from capri.api_keys import revoke_api_key
+from capri.models import ApiKey
 from core.database import db, utcnow
 from tests.capri.conftest import event, iso, ledger_count, ledger_rows, make_keyed_agency, post_usage, without
 
@@ -381,3 +382,12 @@ def test_a_key_of_an_agency_records_its_usage_id_space_only(client, app_context)
     post_usage(client, b.key, {"events": [event(id="shared", input_tokens=2)]})
     assert statuses(post_usage(client, a.key, {"events": [event(id="shared")]})) == ["duplicate"]
     assert {(row.agency_id, row.input_tokens) for row in ledger_rows()} == {(a.id, 1), (b.id, 2)}
+
+
+def test_a_refused_body_records_no_key_use_and_an_accepted_one_does(client, agency):
+    assert post_usage(client, agency.key, b"not json").status_code == 400
+    db.session.rollback()
+    assert db.session.get(ApiKey, agency.key_id).last_used_at is None
+    assert post_usage(client, agency.key, {"events": [event()]}).status_code == 200
+    db.session.rollback()
+    assert db.session.get(ApiKey, agency.key_id).last_used_at is not None
