@@ -22,10 +22,11 @@ def post_usage():
         # RFC 6750 §3: a 401 for a bearer-protected resource names the scheme.
         response.headers["WWW-Authenticate"] = 'Bearer realm="rebill-usage"'
         return response, 401
-    # Set before the body is read: Werkzeug then answers 413 for a longer body, even a chunked one.
-    request.max_content_length = MAX_BODY_BYTES
+    raw = _read_body(MAX_BODY_BYTES)
+    if raw is None:
+        return jsonify(error=f"the body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB; split the batch"), 413
     try:
-        events = parse_usage_body(request.get_data(cache=False))
+        events = parse_usage_body(raw)
     except BodyInvalid as error:
         return jsonify(error=str(error)), 400
     except TooManyEvents as error:
@@ -39,6 +40,23 @@ def post_usage():
 def get_openapi_document():
     """Serve the OpenAPI document of this API."""
     return jsonify(openapi_document())
+
+
+def _read_body(limit: int) -> bytes | None:
+    """Return the request body, or None when it is longer than ``limit`` bytes.
+
+    Read in chunks up to the limit rather than trusting Content-Length: a chunked body has none, and
+    Werkzeug's own limit would silently cut such a body short instead of refusing it.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, size = [], 0
+    while chunk := request.stream.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _bearer_token(header: str) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 
 import pytest
 
@@ -129,6 +131,18 @@ def test_a_body_above_the_byte_limit_is_413(client, agency):
     response = post_usage(client, agency.key, '{"events": [], "pad": "' + padding + '"}')
     assert response.status_code == 413
     assert "error" in response.get_json()
+
+
+def test_a_chunked_body_above_the_byte_limit_is_413_and_below_it_is_read_whole(client, agency):
+    headers = {"Authorization": f"Bearer {agency.key}", "Transfer-Encoding": "chunked"}
+    # A WSGI server sets wsgi.input_terminated for a chunked body it has de-chunked (PEP 3333 extension).
+    environ = {"wsgi.input_terminated": True}
+    body = b'{"events": [' + b" " * (4 * 1024 * 1024) + b"]}"
+    response = client.post("/api/v1/usage", input_stream=io.BytesIO(body), headers=headers, environ_overrides=environ)
+    assert response.status_code == 413
+    small = json.dumps({"events": [event(id="chunked")]}).encode()
+    response = client.post("/api/v1/usage", input_stream=io.BytesIO(small), headers=headers, environ_overrides=environ)
+    assert statuses(response) == ["accepted"]
 
 
 def test_an_empty_batch_answers_no_results(client, agency):
