@@ -44,9 +44,10 @@ T = TypeVar("T")
 class StripeGatewayError(BillingError):
     """Stripe did not do what was asked; ``reason`` is safe to show the agency."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, stripe_message: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.stripe_message = stripe_message or reason
 
 
 class StripeUnavailable(StripeGatewayError):
@@ -205,7 +206,7 @@ class StripeGateway:
         except StripeKeyRejected as error:
             if not self._api_key.startswith("rk_"):
                 raise
-            match = ACCOUNT_PATTERN.search(error.reason)
+            match = ACCOUNT_PATTERN.search(error.stripe_message)
             return (match.group(1) if match else None), None
         profile = getattr(account, "business_profile", None)
         settings = getattr(account, "settings", None)
@@ -403,7 +404,7 @@ def translate_stripe_errors() -> Iterator[None]:
     except stripe.AuthenticationError as error:
         raise StripeKeyRejected(f"Stripe rejected the API key (401): {_message(error)}") from None
     except stripe.PermissionError as error:
-        raise StripeKeyRejected(_permission_reason(error)) from None
+        raise StripeKeyRejected(_permission_reason(error), stripe_message=_message(error)) from None
     except stripe.RateLimitError as error:
         # A plain 429 is not retried by the SDK (reference §3.4); the next tick retries with backoff.
         raise StripeUnavailable(f"Stripe rate limit (429): {_message(error)}") from None

@@ -1,0 +1,474 @@
+"""The Stripe gateway, driven through the real stripe-python client against the fake Stripe (and recorded shapes)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import responses
+
+from billing.errors import BillingError, StripeKeyInvalid
+from billing.stripe_gateway import (
+    PriceInfo,
+    StripeGateway,
+    StripeKeyRejected,
+    StripeRequestRejected,
+    StripeUnavailable,
+)
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "stripe"
+
+
+def new_key(prefix: str = "sk_test_") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+@pytest.fixture
+def key(stripe_server) -> str:
+    """A secret key registered for account acct_agency in the fake."""
+    api_key = new_key()
+    stripe_server.state.add_account(api_key, account_id="acct_agency", display_name="Agency One")
+    return api_key
+
+
+@pytest.fixture
+def gateway(stripe_server, key) -> StripeGateway:
+    return StripeGateway(key, stripe_server.url, timeout=5, max_network_retries=0)
+
+
+def now_ts() -> int:
+    return int(dt.datetime.now(dt.UTC).timestamp()) - 5
+
+
+# ---- keys -------------------------------------------------------------------------------------------------
+
+
+def test_validate_key_returns_account_mode_and_name(gateway):
+    account = gateway.validate_key()
+    assert (account.account_id, account.mode, account.display_name) == ("acct_agency", "test", "Agency One")
+
+
+def test_live_keys_are_live(stripe_server):
+    live = new_key("sk_live_")
+    stripe_server.state.add_account(live, account_id="acct_live")
+    assert StripeGateway(live, stripe_server.url).validate_key().mode == "live"
+
+
+@pytest.mark.parametrize(
+    "bad", ["pk_test_51abcdefghij", "whsec_abcdefghijkl", "sk_test_", "", "rk_prod_abcdefghijk", "sk_test_abc def"]
+)
+def test_only_secret_and_restricted_keys_are_accepted_before_any_call(stripe_server, bad):
+    with pytest.raises(StripeKeyInvalid, match="secret key"):
+        StripeGateway(bad, stripe_server.url).validate_key()
+    assert stripe_server.state.calls == []
+
+
+def test_an_unknown_key_is_invalid_with_stripe_s_401(stripe_server):
+    with pytest.raises(StripeKeyInvalid, match="401") as raised:
+        StripeGateway(new_key(), stripe_server.url).validate_key()
+    assert isinstance(raised.value, BillingError)
+
+
+def test_a_restricted_key_missing_meter_read_names_the_permission(stripe_server):
+    restricted = new_key("rk_test_")
+    stripe_server.state.add_account(restricted, denied_permissions=["billing_meter_read"])
+    with pytest.raises(StripeKeyInvalid, match="'rak_billing_meter_read' permission"):
+        StripeGateway(restricted, stripe_server.url).validate_key()
+
+
+def test_a_restricted_key_without_account_read_still_validates(stripe_server):
+    restricted = new_key("rk_test_")
+    stripe_server.state.add_account(restricted, account_id="acct_rk", denied_permissions=["account_read"])
+    account = StripeGateway(restricted, stripe_server.url).validate_key()
+    assert (account.account_id, account.mode) == ("acct_rk", "test")  # read from Stripe's 403 message
+
+
+def test_validation_when_stripe_is_down_is_unavailable_not_invalid(stripe_server, key):
+    stripe_server.state.inject("/v1/billing/meters", "server_error")
+    with pytest.raises(StripeUnavailable):
+        StripeGateway(key, stripe_server.url, max_network_retries=0).validate_key()
+
+
+def test_the_key_never_appears_in_the_gateway_repr(gateway, key):
+    assert key not in repr(gateway) and key[-4:] in repr(gateway)
+
+
+# ---- prices -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def catalog(stripe_server, key):
+    """One product per kind of price Rebill must tell apart."""
+    state = stripe_server.state
+    meters = {
+        formula: state.create_meter(key, f"units_{formula}", formula=formula) for formula in ("sum", "count", "last")
+    }
+    inactive = state.create_meter(key, "units_old")
+    stripe_server.client(key).v1.billing.meters.deactivate(inactive["id"])
+    product = state.create_product(key, "AI units")
+    other = state.create_product(key, "Seats")
+    prices = {
+        "sum": state.create_price(key, product, 10, meter=meters["sum"]),
+        "count": state.create_price(key, product, 10, meter=meters["count"]),
+        "last": state.create_price(key, product, 10, meter=meters["last"]),
+        "inactive_meter": state.create_price(key, product, 10, meter=inactive),
+        "legacy": state.create_price(key, product, 10),
+        "transform": state.create_price(
+            key, product, 10, meter=meters["sum"], transform_quantity={"divide_by": 1000, "round": "up"}
+        ),
+        "licensed": state.create_price(key, other, 900, metered=False),
+    }
+    return {"meters": meters, "prices": prices, "product": product, "other": other}
+
+
+def by_id(products) -> dict[str, PriceInfo]:
+    return {price.price_id: price for product in products for price in product.prices}
+
+
+def test_prices_are_classified_for_unit_reporting(gateway, catalog):
+    products = gateway.list_products_with_prices()
+    info = by_id(products)
+    prices = catalog["prices"]
+
+    summed = info[prices["sum"]["id"]]
+    assert (summed.usable, summed.report_mode, summed.formula, summed.warning) == (True, "meter", "sum", None)
+    assert (summed.event_name, summed.customer_key, summed.value_key) == ("units_sum", "stripe_customer_id", "value")
+    assert summed.meter_id == catalog["meters"]["sum"]["id"]
+    assert (summed.unit_amount, summed.currency, summed.interval) == (10, "usd", "month")
+
+    counted = info[prices["count"]["id"]]
+    assert (counted.usable, counted.report_mode, counted.formula) == (True, "meter", "count")
+
+    last = info[prices["last"]["id"]]
+    assert not last.usable and "last" in last.reason
+
+    assert not info[prices["inactive_meter"]["id"]].usable
+    assert "inactive" in info[prices["inactive_meter"]["id"]].reason
+
+    legacy = info[prices["legacy"]["id"]]
+    assert (legacy.usable, legacy.report_mode, legacy.meter_id) == (True, "legacy", None)
+
+    transformed = info[prices["transform"]["id"]]
+    assert transformed.usable and "divides the reported quantity by 1000" in transformed.warning
+
+    licensed = info[prices["licensed"]["id"]]
+    assert not licensed.usable and "licensed" in licensed.reason
+
+    names = {product.product_id: product.name for product in products}
+    assert names == {catalog["product"]["id"]: "AI units", catalog["other"]["id"]: "Seats"}
+
+
+def test_listing_reads_every_page(stripe_server, key, gateway):
+    product = stripe_server.state.create_product(key, "Many")
+    created = {stripe_server.state.create_price(key, product, n + 1, metered=False)["id"] for n in range(130)}
+    assert set(by_id(gateway.list_products_with_prices())) == created
+    assert gateway.calls == 4  # products: 1 page, prices: 2 pages, meters: 1 page
+    assert len([c for c in stripe_server.state.calls if c.path == "/v1/prices"]) == 2
+
+
+def test_a_meter_with_a_time_window_cannot_carry_units(stripe_server, key, gateway):
+    client = stripe_server.client(key)
+    meter = client.v1.billing.meters.create(
+        {"display_name": "hourly", "event_name": "hourly", "default_aggregation": {"formula": "sum"},
+         "event_time_window": "hour"}
+    )
+    price = stripe_server.state.create_price(key, stripe_server.state.create_product(key, "P"), 5, meter=meter.id)
+    info = gateway.describe_price(price["id"])
+    assert not info.usable and "latest event per hour" in info.reason
+
+
+def test_describe_price_classifies_one_price(gateway, catalog):
+    assert gateway.describe_price(catalog["prices"]["count"]["id"]).formula == "count"
+    assert gateway.describe_price(catalog["prices"]["licensed"]["id"]).usable is False
+
+
+def test_describe_unknown_price_is_a_rejected_request(gateway):
+    with pytest.raises(StripeRequestRejected, match="No such price") as raised:
+        gateway.describe_price("price_nope")
+    assert raised.value.code == "resource_missing"
+
+
+# ---- customers and subscriptions -------------------------------------------------------------------------------
+
+
+def test_customer_exists_and_deleted_or_unknown_customers_do_not(stripe_server, key, gateway):
+    alive = stripe_server.state.create_customer(key)["id"]
+    gone = stripe_server.state.create_customer(key)["id"]
+    stripe_server.state.delete_customer(key, gone)
+    assert gateway.customer_exists(alive) is True
+    assert gateway.customer_exists(gone) is False
+    assert gateway.customer_exists("cus_never") is False
+
+
+def test_customers_of_another_account_are_unknown(stripe_server, gateway):
+    other = new_key()
+    stripe_server.state.add_account(other)
+    assert gateway.customer_exists(stripe_server.state.create_customer(other)["id"]) is False
+
+
+def test_find_subscription_item_for_customer_and_price(stripe_server, key, gateway, catalog):
+    state = stripe_server.state
+    customer = state.create_customer(key)["id"]
+    legacy = catalog["prices"]["legacy"]["id"]
+    assert gateway.find_subscription_item(customer, legacy) is None
+    state.create_subscription(key, customer, catalog["prices"]["licensed"])
+    state.create_subscription(key, customer, legacy, status="canceled")
+    assert gateway.find_subscription_item(customer, legacy) is None
+    subscription = state.create_subscription(key, customer, legacy)
+    assert gateway.find_subscription_item(customer, legacy) == subscription["items"]["data"][0]["id"]
+    period = gateway.subscription_period(customer, legacy)
+    assert period[0] == dt.datetime.fromtimestamp(subscription["start_date"], dt.UTC) and period[1] > period[0]
+
+
+# ---- sending ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def metered(stripe_server, key):
+    state = stripe_server.state
+    meter = state.create_meter(key, "ai_units")
+    return {"meter": meter, "customer": state.create_customer(key)["id"]}
+
+
+def send(gateway, metered, units=3, identifier="rep-1", formula="sum", attempt=1, timestamp=None):
+    return gateway.send_meter_units(
+        event_name="ai_units", customer_key="stripe_customer_id", value_key="value",
+        customer_id=metered["customer"], units=units, identifier=identifier, timestamp=timestamp or now_ts(),
+        formula=formula, attempt=attempt,
+    )  # fmt: skip
+
+
+def test_a_sum_meter_gets_one_event_of_value_k(stripe_server, key, gateway, metered):
+    delivery = send(gateway, metered, units=42)
+    (event,) = stripe_server.state.meter_events(key)
+    assert (delivery.events_accepted, delivery.events_already_there) == (1, 0)
+    assert event["identifier"] == "rep-1" and event["payload"]["value"] == "42"
+    (call,) = [c for c in stripe_server.state.calls if c.method == "POST"]
+    assert call.idempotency_key == "rep-1:a1"
+
+
+def test_a_count_meter_gets_k_events(stripe_server, key, gateway):
+    stripe_server.state.create_meter(key, "ai_units", formula="count")
+    customer = stripe_server.state.create_customer(key)["id"]
+    send(gateway, {"customer": customer}, units=4, formula="count")
+    assert stripe_server.state.total_units(key, customer, "ai_units") == 4
+    assert [e["identifier"] for e in stripe_server.state.meter_events(key)] == [f"rep-1-{n}" for n in range(1, 5)]
+
+
+def test_a_resent_identifier_is_already_delivered_not_an_error(stripe_server, key, gateway, metered):
+    send(gateway, metered)
+    delivery = send(gateway, metered, attempt=2)
+    assert (delivery.events_accepted, delivery.events_already_there) == (0, 1)
+    assert stripe_server.state.total_units(key, metered["customer"], "ai_units") == 3
+
+
+def test_a_partly_delivered_count_report_completes_without_doubling(stripe_server, key, gateway):
+    stripe_server.state.create_meter(key, "ai_units", formula="count")
+    customer = stripe_server.state.create_customer(key)["id"]
+    stripe_server.client(key).v1.billing.meter_events.create(  # an earlier attempt got one event through
+        {"event_name": "ai_units", "identifier": "rep-1-1", "payload": {"stripe_customer_id": customer, "value": "1"}}
+    )
+    delivery = send(gateway, {"customer": customer}, units=3, formula="count", attempt=2)
+    assert (delivery.events_accepted, delivery.events_already_there) == (2, 1)
+    assert stripe_server.state.total_units(key, customer, "ai_units") == 3
+
+
+@pytest.mark.parametrize("formula", ["last", "max"])
+def test_other_formulas_are_refused_before_calling(gateway, metered, stripe_server, formula):
+    with pytest.raises(StripeRequestRejected):
+        send(gateway, metered, formula=formula)
+    assert not [c for c in stripe_server.state.calls if c.method == "POST"]
+
+
+def test_legacy_usage_records_use_a_pre_basil_version_and_the_idempotency_key(stripe_server, key, gateway):
+    state = stripe_server.state
+    price = state.create_price(key, state.create_product(key, "Legacy"), 10)
+    customer = state.create_customer(key)["id"]
+    item = state.create_subscription(key, customer, price, start_date=now_ts() - 3600)["items"]["data"][0]["id"]
+    timestamp = now_ts()
+    gateway.send_usage_record(item, 5, timestamp, idempotency_key="rep-9")
+    gateway.send_usage_record(item, 5, timestamp, idempotency_key="rep-9")  # replay: same key, same answer
+    assert state.usage_record_total(key, item) == 5
+    total = gateway.usage_record_total(item, dt.datetime.now(dt.UTC))
+    assert total.total == 5 and total.start <= dt.datetime.now(dt.UTC) < total.end
+    with pytest.raises(StripeRequestRejected, match="legacy"):
+        meter_price = state.create_price(key, state.create_product(key, "M"), 1, meter=state.create_meter(key, "m"))
+        meter_item = state.create_subscription(key, customer, meter_price)["items"]["data"][0]["id"]
+        gateway.send_usage_record(meter_item, 1, now_ts(), idempotency_key="rep-10")
+
+
+def test_meter_event_total_sums_summaries_over_whole_minutes(stripe_server, key, gateway, metered):
+    base = now_ts() - 600
+    send(gateway, metered, units=2, identifier="a", timestamp=base)
+    send(gateway, metered, units=5, identifier="b", timestamp=base + 1)
+    send(gateway, metered, units=7, identifier="c", timestamp=base - 3600)
+    moment = dt.datetime.fromtimestamp(base, dt.UTC)
+    window = gateway.meter_event_total(metered["meter"]["id"], metered["customer"], moment, moment)
+    assert window.total == Decimal(7) and window.end - window.start >= dt.timedelta(minutes=1)
+    assert window.start.second == 0 and window.end.second == 0
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "text"),
+    [
+        ("rate_limit", StripeUnavailable, "429"),
+        ("server_error", StripeUnavailable, "500"),
+        ("accept_then_drop", StripeUnavailable, "reached"),
+        ("accept_then_500", StripeUnavailable, "500"),
+    ],
+)
+def test_transient_faults_are_unavailable(stripe_server, gateway, metered, fault, error, text):
+    stripe_server.state.inject("/v1/billing/meter_events", fault)
+    with pytest.raises(error, match=text):
+        send(gateway, metered)
+
+
+def test_a_timeout_is_unavailable(stripe_server, key, metered):
+    stripe_server.state.inject("/v1/billing/meter_events", "timeout", seconds=30)
+    with pytest.raises(StripeUnavailable, match="reached"):
+        send(StripeGateway(key, stripe_server.url, timeout=0.3, max_network_retries=0), metered)
+    stripe_server.state.release_hangs()
+    assert stripe_server.state.meter_events(key) == []
+
+
+def test_the_sdk_retries_a_500_with_the_same_idempotency_key(stripe_server, key, metered):
+    stripe_server.state.inject("/v1/billing/meter_events", "server_error")
+    send(StripeGateway(key, stripe_server.url, max_network_retries=1), metered)
+    posts = [c for c in stripe_server.state.calls if c.method == "POST"]
+    assert [c.status for c in posts] == [500, 200] and len({c.idempotency_key for c in posts}) == 1
+
+
+def test_a_revoked_key_is_rejected(stripe_server, metered):
+    with pytest.raises(StripeKeyRejected, match="401"):
+        send(StripeGateway(new_key(), stripe_server.url), metered)
+
+
+def test_a_missing_write_permission_is_rejected_naming_it(stripe_server, key, metered):
+    restricted = new_key("rk_test_")
+    stripe_server.state.add_account(
+        restricted, account_id="acct_agency", denied_permissions=["billing_meter_event_write"]
+    )
+    with pytest.raises(StripeKeyRejected, match="'rak_billing_meter_event_write'"):
+        send(StripeGateway(restricted, stripe_server.url), metered)
+
+
+def test_other_refusals_carry_stripe_s_message(gateway, metered):
+    with pytest.raises(StripeRequestRejected, match="No such customer"):
+        send(gateway, {**metered, "customer": "cus_nobody"})
+    with pytest.raises(StripeRequestRejected, match="35 calendar days"):
+        send(gateway, metered, timestamp=now_ts() - 40 * 86400, identifier="old")
+
+
+# ---- contract: the same checks against the fake and against recorded Stripe shapes ----------------------------
+
+
+class RecordedStripe:
+    """Stripe answered by `responses` with the recorded shapes of reference/stripe.md §5.5."""
+
+    base = "http://stripe.recorded"
+
+    def __init__(self, mock: responses.RequestsMock):
+        self.mock = mock
+        self.errors = json.loads((FIXTURES / "errors.json").read_text())
+        meter = json.loads((FIXTURES / "meter.json").read_text())
+        price = json.loads((FIXTURES / "price.json").read_text())
+        summary = json.loads((FIXTURES / "meter_event_summary.json").read_text())
+        self.price_id, self.meter_id, self.customer_id = price["id"], meter["id"], "cus_123"
+        self.event_name, self.customer_key = meter["event_name"], "customer"
+        mock.get(f"{self.base}/v1/prices/{price['id']}", json=price)
+        mock.get(f"{self.base}/v1/billing/meters/{meter['id']}", json=meter)
+        mock.get(
+            re.compile(rf"{self.base}/v1/billing/meters/{meter['id']}/event_summaries\?.*"),
+            json={"object": "list", "data": [summary], "has_more": False, "url": "/v1/billing/meters"},
+        )
+        self.gateway = StripeGateway("sk_test_recorded1234", self.base, max_network_retries=0)
+        self.revoked = StripeGateway("sk_test_revoked12345", self.base, max_network_retries=0)
+        self.restricted = StripeGateway("rk_test_restricted123", self.base, max_network_retries=0)
+        self.now = 1234567890
+
+    def arrange(self, answer: str) -> None:
+        url = f"{self.base}/v1/billing/meter_events"
+        if answer == "accept":
+            self.mock.post(url, json=json.loads((FIXTURES / "meter_event.json").read_text()))
+        elif answer == "duplicate":
+            self.mock.post(url, status=400, json=self.errors["duplicate_identifier"],
+                           headers={"Stripe-Should-Retry": "false"})
+        elif answer == "rate_limit":
+            self.mock.post(url, status=429, json=self.errors["rate_limit"])
+        elif answer == "revoked":
+            self.mock.get(f"{self.base}/v1/billing/meters", status=401, json=self.errors["invalid_api_key"])
+        elif answer == "forbidden":
+            self.mock.post(url, status=403, json=self.errors["more_permissions_required"])
+
+
+class FakeStripe:
+    """The same scenario built in the fake Stripe."""
+
+    def __init__(self, server):
+        state = server.state
+        key, restricted = new_key(), new_key("rk_test_")
+        state.add_account(key, account_id="acct_contract")
+        state.add_account(restricted, account_id="acct_contract", denied_permissions=["billing_meter_event_write"])
+        meter = state.create_meter(key, "test-meter-event-name", customer_key="customer")
+        self.price_id = state.create_price(key, state.create_product(key, "P"), 2000, meter=meter)["id"]
+        self.meter_id, self.customer_id = meter["id"], state.create_customer(key)["id"]
+        self.event_name, self.customer_key = meter["event_name"], "customer"
+        self.server = server
+        self.gateway = StripeGateway(key, server.url, max_network_retries=0)
+        self.revoked = StripeGateway(new_key(), server.url, max_network_retries=0)
+        self.restricted = StripeGateway(restricted, server.url, max_network_retries=0)
+        self.now = now_ts()
+
+    def arrange(self, answer: str) -> None:
+        if answer == "rate_limit":
+            self.server.state.inject("/v1/billing/meter_events", "rate_limit")
+
+
+@pytest.fixture(params=["fake", "recorded"])
+def contract(request):
+    if request.param == "fake":
+        yield FakeStripe(request.getfixturevalue("stripe_server"))
+        return
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        yield RecordedStripe(mock)
+
+
+def test_gateway_contract(contract):
+    info = contract.gateway.describe_price(contract.price_id)
+    assert (info.usable, info.report_mode, info.formula) == (True, "meter", "sum")
+    assert (info.meter_id, info.event_name, info.customer_key, info.value_key) == (
+        contract.meter_id, contract.event_name, "customer", "value"
+    )
+
+    def send_25(gateway, attempt=1):
+        return gateway.send_meter_units(
+            event_name=contract.event_name, customer_key=contract.customer_key, value_key="value",
+            customer_id=contract.customer_id, units=25, identifier="1234-1234", timestamp=contract.now,
+            formula="sum", attempt=attempt,
+        )  # fmt: skip
+
+    contract.arrange("accept")
+    assert send_25(contract.gateway).events_accepted == 1
+    contract.arrange("duplicate")
+    assert send_25(contract.gateway, attempt=2).events_already_there == 1
+
+    moment = dt.datetime.fromtimestamp(contract.now, dt.UTC)
+    assert contract.gateway.meter_event_total(contract.meter_id, contract.customer_id, moment, moment).total == 25
+
+    contract.arrange("rate_limit")
+    with pytest.raises(StripeUnavailable, match="429"):
+        send_25(contract.gateway, attempt=3)
+    contract.arrange("revoked")
+    with pytest.raises(StripeKeyInvalid, match="401"):
+        contract.revoked.validate_key()
+    contract.arrange("forbidden")
+    with pytest.raises(StripeKeyRejected, match="rak_billing_meter_event_write"):
+        send_25(contract.restricted)
