@@ -85,7 +85,9 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(rebill_cli)
     app.cli.add_command(ghl_cli)
     for command in _walk_commands(app.cli):
-        command.callback = _clear_database_errors(command.callback, app)
+        # The groups are module-level and outlive each app: wrap every callback once only.
+        if not getattr(command.callback, "rebill_clear_errors", False):
+            command.callback = _clear_database_errors(command.callback)
 
 
 def _walk_commands(group: click.Group):
@@ -96,7 +98,7 @@ def _walk_commands(group: click.Group):
             yield command
 
 
-def _clear_database_errors(callback, app: Flask):
+def _clear_database_errors(callback):
     """Wrap a CLI callback so a wrong DATABASE_URL is one line, not a traceback wall."""
 
     @functools.wraps(callback)
@@ -109,4 +111,5 @@ def _clear_database_errors(callback, app: Flask):
         except ConfigError as error:
             raise click.ClickException(str(error)) from None
 
+    wrapper.rebill_clear_errors = True
     return wrapper

@@ -40,3 +40,13 @@ def test_production_start_without_secrets_names_them():
     assert result.returncode != 0
     assert "SECRET_KEY" in result.stderr and "REBILL_ENCRYPTION_KEYS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_building_many_apps_does_not_rewrap_cli_commands(tmp_path):
+    from app import create_app
+    from tests.conftest import base_config
+
+    apps = [create_app(base_config(f"sqlite:///{tmp_path / 'x.db'}")) for _ in range(3)]
+    tick = apps[-1].cli.commands["rebill"].commands["tick"].callback
+    assert getattr(tick, "rebill_clear_errors", False)
+    assert not getattr(tick.__wrapped__, "rebill_clear_errors", False)
