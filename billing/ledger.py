@@ -66,7 +66,9 @@ def record_usage(agency_id: int, records: Sequence[UsageRecord]) -> list[bool]:
             "state": "pending",
             "counted": 0,
         }
-        for record in records
+        # Insert in key order: concurrent overlapping batches then take row locks in the same order and
+        # cannot deadlock on PostgreSQL's unique index.
+        for record in sorted(records, key=lambda record: (record.source, record.source_event_id))
     ]
     dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
     statement = (
