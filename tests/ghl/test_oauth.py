@@ -1,0 +1,260 @@
+"""The install flow: /oauth/install builds GHL's choose-location URL; /oauth/callback exchanges the code and
+stores the install, or ends on an error page (4xx/502, never 500, never the success page)."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from responses import matchers
+from sqlalchemy import select
+
+from billing.agencies import find_agency
+from billing.models import Agency
+from core.database import db
+from ghl.installs import is_agency_installed, is_location_installed
+from ghl.locations import list_subaccounts
+from ghl.models import GhlCompanyInstall, GhlLocation, GhlToken
+from ghl.oauth import issue_state, state_is_valid
+from tests.ghl.fake_ghl import (
+    API,
+    APP_ID,
+    CLIENT_ID,
+    COMPANY_ID,
+    INSTALLED_LOCATIONS_URL,
+    LOCATION_TOKEN_URL,
+    TOKEN_URL,
+    load_payload,
+    stored_token,
+)
+
+LOCATION_ID = "l1C08ntBrFjLS0elLIYU"
+
+
+def form(call) -> dict[str, str]:
+    return {key: values[0] for key, values in parse_qs(call.request.body).items()}
+
+
+def fake_company_install(ghl_api, locations: list[dict], *, approved=None):
+    """A bulk company install: the code exchange, paginated installedLocations, and locationToken."""
+    answer = load_payload("token_company_bulk")
+    if approved is not None:
+        answer["approvedLocations"] = approved
+    ghl_api.post(TOKEN_URL, json=answer)
+    pages = [locations[i : i + 100] for i in range(0, len(locations), 100)] or [[]]
+    for index, page in enumerate(pages):
+        ghl_api.get(
+            INSTALLED_LOCATIONS_URL,
+            match=[
+                matchers.query_param_matcher(
+                    {"companyId": COMPANY_ID, "appId": APP_ID, "isInstalled": "true", "skip": str(index * 100),
+                     "limit": "100"}
+                )
+            ],
+            json={"locations": page, "count": len(locations), "installToFutureLocations": True},
+        )
+    ghl_api.add_callback("POST", LOCATION_TOKEN_URL, callback=mint_callback)
+
+
+def mint_callback(request):
+    fields = {key: values[0] for key, values in parse_qs(request.body).items()}
+    body = load_payload("location_token") | {
+        "locationId": fields["locationId"],
+        "access_token": f"loc-access-{fields['locationId']}",
+        "refresh_token": f"loc-refresh-{fields['locationId']}",
+    }
+    return 200, {"Content-Type": "application/json"}, json.dumps(body)
+
+
+# /oauth/install -------------------------------------------------------------------------------------
+
+
+def test_install_redirects_to_the_v2_choose_location_page_with_a_signed_state(app, client):
+    response = client.get("/oauth/install")
+    assert response.status_code == 302
+    url = urlsplit(response.location)
+    assert f"{url.scheme}://{url.netloc}{url.path}" == "https://marketplace.gohighlevel.test/v2/oauth/chooselocation"
+    query = parse_qs(url.query)
+    assert query["response_type"] == ["code"]
+    assert query["client_id"] == [CLIENT_ID]
+    assert query["redirect_uri"] == ["https://rebill.test/oauth/callback"]
+    assert query["scope"] == [app.config["GHL_SCOPES"]]
+    assert "%20" in url.query and "+" not in url.query
+    with app.test_request_context():
+        assert state_is_valid(query["state"][0])
+        assert not state_is_valid(query["state"][0] + "x")
+
+
+def test_install_without_app_credentials_is_a_clear_503(make_app, ghl_config):
+    app = make_app(GHL_CLIENT_ID=None, **ghl_config)
+    response = app.test_client().get("/oauth/install")
+    assert response.status_code == 503
+    assert b"not configured" in response.data
+
+
+# /oauth/callback: location installs -----------------------------------------------------------------
+
+
+def test_a_location_install_stores_the_encrypted_token_and_the_subaccount(app_context, client, ghl_api):
+    answer = load_payload("token_location")
+    ghl_api.post(TOKEN_URL, json=answer)
+    ghl_api.get(f"{API}/locations/{LOCATION_ID}", json={"location": {"id": LOCATION_ID, "name": "Downtown Dental"}})
+    response = client.get("/oauth/callback?code=abc123")
+    assert response.status_code == 200
+    assert b"Rebill is installed" in response.data
+    exchange = form(ghl_api.calls[0])
+    assert exchange == {
+        "grant_type": "authorization_code",
+        "code": "abc123",
+        "user_type": "Location",
+        "redirect_uri": "https://rebill.test/oauth/callback",
+        "client_id": CLIENT_ID,
+        "client_secret": "test-ghl-client-secret",
+    }
+    assert ghl_api.calls[0].request.headers["Content-Type"].startswith("application/x-www-form-urlencoded")
+    lookup = ghl_api.calls[1].request
+    assert lookup.headers["Authorization"] == f"Bearer {answer['access_token']}"
+    assert lookup.headers["Version"] == "2021-07-28"
+    token = stored_token(LOCATION_ID)
+    assert (token.user_type, token.company_id, token.location_id) == ("Location", COMPANY_ID, LOCATION_ID)
+    assert answer["access_token"] not in token.access_token_ciphertext
+    assert answer["refresh_token"] not in token.refresh_token_ciphertext
+    agency = find_agency(COMPANY_ID)
+    assert [(loc.location_id, loc.name) for loc in list_subaccounts(agency.id)] == [(LOCATION_ID, "Downtown Dental")]
+    assert is_location_installed(LOCATION_ID) and is_location_installed(LOCATION_ID, company_id=COMPANY_ID)
+    assert not is_location_installed(LOCATION_ID, company_id="another-company")
+    assert not is_agency_installed(COMPANY_ID)  # a subaccount install is not an agency install
+
+
+@pytest.mark.parametrize("state", [None, "valid"])
+def test_callbacks_with_or_without_state_are_accepted(app_context, client, ghl_api, state):
+    ghl_api.post(TOKEN_URL, json=load_payload("token_location"))
+    ghl_api.get(f"{API}/locations/{LOCATION_ID}", status=403, json={"message": "no scope"})
+    query = "code=abc" + (f"&state={issue_state_in(app_context)}" if state else "")
+    response = client.get(f"/oauth/callback?{query}")
+    assert response.status_code == 200
+    assert b"could not be read" in response.data  # the name lookup failed; the install still stands
+    assert is_location_installed(LOCATION_ID)
+
+
+def issue_state_in(app) -> str:
+    with app.test_request_context():
+        return issue_state()
+
+
+# /oauth/callback: company (bulk) installs -----------------------------------------------------------
+
+
+def test_a_bulk_company_install_mints_location_tokens_and_syncs_every_page(app_context, client, ghl_api):
+    locations = [{"_id": f"loc{i:03d}", "name": f"Subaccount {i:03d}", "isInstalled": True} for i in range(130)]
+    approved = ["loc000", "loc001", "loc129"]
+    fake_company_install(ghl_api, locations, approved=approved)
+    response = client.get("/oauth/callback?code=bulk")
+    assert response.status_code == 200
+    assert b"130" in response.data
+    company = stored_token(COMPANY_ID)
+    assert (company.user_type, company.location_id) == ("Company", None)
+    agency = find_agency(COMPANY_ID)
+    assert is_agency_installed(COMPANY_ID)
+    subaccounts = list_subaccounts(agency.id)
+    assert len(subaccounts) == 130
+    assert {loc.name for loc in subaccounts if loc.location_id == "loc129"} == {"Subaccount 129"}
+    mints = [form(call) for call in ghl_api.calls if call.request.url == LOCATION_TOKEN_URL]
+    assert sorted(m["locationId"] for m in mints) == approved
+    assert {m["companyId"] for m in mints} == {COMPANY_ID}
+    mint_request = next(call.request for call in ghl_api.calls if call.request.url == LOCATION_TOKEN_URL)
+    assert mint_request.headers["Version"] == "2021-07-28"
+    assert mint_request.headers["Authorization"].startswith("Bearer ")
+    for location_id in approved:
+        assert stored_token(location_id).user_type == "Location"
+    assert stored_token("loc050") is None  # minted later by the token job, not in the callback
+    assert db.session.query(GhlToken).count() == 4
+
+
+def test_a_failing_location_sync_still_completes_the_install(app_context, client, ghl_api):
+    ghl_api.post(TOKEN_URL, json=load_payload("token_company_bulk"))
+    ghl_api.get(INSTALLED_LOCATIONS_URL, status=500, json={"message": "boom"})
+    ghl_api.post(LOCATION_TOKEN_URL, status=422, json={"message": "not approved"})
+    response = client.get("/oauth/callback?code=bulk")
+    assert response.status_code == 200
+    assert b"could not be read" in response.data
+    agency = find_agency(COMPANY_ID)
+    assert len(list_subaccounts(agency.id)) == 3  # the approved locations
+    assert stored_token(COMPANY_ID) is not None
+
+
+# /oauth/callback: failures --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [("", 400), ("code=", 400), ("error=access_denied&error_description=User+cancelled", 400)],
+)
+def test_a_callback_without_a_code_is_a_400_error_page(app_context, client, ghl_api, query, status):
+    response = client.get(f"/oauth/callback?{query}")
+    assert response.status_code == status
+    assert b"could not be installed" in response.data
+    assert len(ghl_api.calls) == 0
+
+
+def test_a_state_we_did_not_sign_is_refused_before_any_exchange(app_context, client, ghl_api):
+    response = client.get("/oauth/callback?code=abc&state=forged")
+    assert response.status_code == 400
+    assert b"not issued by Rebill" in response.data
+    assert len(ghl_api.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("fake", "status"),
+    [
+        ({"status": 400, "json": {"error": "invalid_grant", "error_description": "Invalid code"}}, 400),
+        ({"status": 401, "json": {"message": "Unauthorized"}}, 400),
+        ({"status": 422, "json": {"message": ["code expired"]}}, 400),
+        ({"status": 200, "json": {"error": "invalid_grant"}}, 400),
+        ({"status": 500, "json": {"message": "Internal"}}, 502),
+        ({"status": 503, "body": "<html>maintenance</html>"}, 502),
+        ({"status": 200, "body": "not json"}, 502),
+        ({"status": 200, "json": {"token_type": "Bearer"}}, 502),
+        ({"body": requests.ConnectionError("down")}, 502),
+        ({"body": requests.Timeout("slow")}, 502),
+    ],
+    ids=["400", "401", "422", "200-error", "500", "503-html", "not-json", "no-token", "network", "timeout"],
+)
+def test_a_failed_exchange_ends_on_an_error_page_and_stores_nothing(app_context, client, ghl_api, fake, status):
+    ghl_api.post(TOKEN_URL, **fake)
+    response = client.get("/oauth/callback?code=bad")
+    assert response.status_code == status
+    assert b"could not be installed" in response.data
+    assert b"Rebill is installed" not in response.data
+    assert db.session.scalars(select(Agency)).all() == []
+    assert db.session.scalars(select(GhlToken)).all() == []
+
+
+def test_a_callback_that_cannot_store_is_a_503_page_not_a_500(make_app, ghl_config, ghl_api, backend, tmp_path):
+    broken = (
+        "postgresql+psycopg://postgres@127.0.0.1:1/rebill"
+        if backend == "postgresql"
+        else f"sqlite:///{tmp_path}/missing/rebill.sqlite3"
+    )
+    app = make_app(DATABASE_URL=broken, **ghl_config)
+    ghl_api.post(TOKEN_URL, json=load_payload("token_location"))
+    response = app.test_client().get("/oauth/callback?code=abc")
+    assert response.status_code == 503
+    assert b"could not save" in response.data
+
+
+def test_reinstalling_replaces_the_token_and_reactivates_the_agency(app_context, client, ghl_api):
+    fake_company_install(ghl_api, [])
+    assert client.get("/oauth/callback?code=one").status_code == 200
+    install = db.session.scalars(select(GhlCompanyInstall)).one()
+    install.is_installed = False
+    db.session.commit()
+    assert not is_agency_installed(COMPANY_ID)
+    second = load_payload("token_company_bulk") | {"access_token": "second-access", "approvedLocations": []}
+    ghl_api.replace("POST", TOKEN_URL, json=second)
+    assert client.get("/oauth/callback?code=two").status_code == 200
+    assert is_agency_installed(COMPANY_ID)
+    assert db.session.scalars(select(GhlToken).where(GhlToken.resource_id == COMPANY_ID)).one()
+    assert db.session.query(GhlLocation).count() == 3
