@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from billing.reporting import report_pending_units
 from billing.units import aggregate_pending_usage
-from core.database import db
+from core.database import db, utcnow
 
 log = logging.getLogger("billing.jobs")
 
@@ -34,7 +34,7 @@ class TickSummary:
 
 
 def run_tick(now: dt.datetime | None = None) -> TickSummary:
-    """Run one aggregation + reporting cycle; commits its own transactions."""
+    """Run one aggregation + reporting cycle; commits its own transactions (``now``: tests run it later)."""
     summary = TickSummary()
     try:
         aggregation = aggregate_pending_usage()
@@ -46,7 +46,8 @@ def run_tick(now: dt.datetime | None = None) -> TickSummary:
         db.session.rollback()
         summary.aggregation_failed = True
         log.exception("aggregation failed")
-    reporting = report_pending_units(now)
+    # Outbox rows written just now are stamped with the real clock; a caller's earlier `now` must not hide them.
+    reporting = report_pending_units(max(now, utcnow()) if now else None)
     summary.reports_sent = reporting.reports_sent
     summary.units_sent = reporting.units_sent
     summary.reports_failed = reporting.reports_failed

@@ -97,30 +97,24 @@ def _reconcile_group(
         line.problem = "Stripe shows no current period for this client (no subscription item on its price)"
         return line
     line.period_start, line.period_end, line.stripe_total = window.start, window.end, window.total
-    totals = dict(
-        db.session.execute(
-            select(_state_of_report(), func.coalesce(func.sum(UnitReport.units), 0))
-            .where(
-                UnitReport.client_id.in_(line.client_ids),
-                UnitReport.usage_timestamp >= window.start,
-                UnitReport.usage_timestamp < window.end,
-            )
-            .group_by(_state_of_report())
-        ).all()
-    )
-    line.units_sent = int(totals.get("sent", 0))
-    line.units_unconfirmed = int(totals.get("unconfirmed", 0))
-    line.units_waiting = int(totals.get("waiting", 0))
+    sent, unconfirmed, waiting = db.session.execute(
+        select(
+            _units_where(UnitReport.status == "sent"),
+            _units_where((UnitReport.status != "sent") & UnitReport.first_attempt_at.is_not(None)),
+            _units_where((UnitReport.status != "sent") & UnitReport.first_attempt_at.is_(None)),
+        ).where(
+            UnitReport.client_id.in_(line.client_ids),
+            UnitReport.usage_timestamp >= window.start,
+            UnitReport.usage_timestamp < window.end,
+        )
+    ).one()
+    line.units_sent, line.units_unconfirmed, line.units_waiting = int(sent), int(unconfirmed), int(waiting)
     return line
 
 
-def _state_of_report():
-    """Classify a report for reconciliation: sent, unconfirmed (attempted, not confirmed) or waiting."""
-    return case(
-        (UnitReport.status == "sent", "sent"),
-        (UnitReport.first_attempt_at.is_not(None), "unconfirmed"),
-        else_="waiting",
-    )
+def _units_where(condition):
+    """Sum the units of the reports matching a condition (0 when none)."""
+    return func.coalesce(func.sum(case((condition, UnitReport.units), else_=0)), 0)
 
 
 def _stripe_window(gateway: StripeGateway, client: RebillClient, now: dt.datetime) -> StripeWindowTotal | None:
