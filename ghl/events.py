@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from billing.ledger import UsageRecord, record_usage
 from core.database import db, utcnow
@@ -19,6 +19,11 @@ from ghl.models import GhlLocation
 from ghl.payloads import PayloadInvalid, identifier, timestamp
 
 Handler = Callable[[dict[str, Any]], str | None]
+
+# Built once: a cached compiled statement run on the session's connection keeps the hot path cheap.
+_LOCATION_STATE = select(GhlLocation.agency_id, GhlLocation.is_installed).where(
+    GhlLocation.location_id == bindparam("location_id")
+)
 
 
 def record_inbound_message(event: dict[str, Any]) -> str | None:
@@ -68,9 +73,7 @@ def _record_message(event: dict[str, Any], direction: str) -> str | None:
         raise PayloadInvalid("message without a locationId")
     if not message_id:
         raise PayloadInvalid("message without a messageId: it cannot be counted exactly once")
-    location = db.session.execute(
-        select(GhlLocation.agency_id, GhlLocation.is_installed).where(GhlLocation.location_id == location_id)
-    ).one_or_none()
+    location = db.session.connection().execute(_LOCATION_STATE, {"location_id": location_id}).one_or_none()
     if location is None:
         # Not ours yet (its INSTALL or our sync has not landed): fail visibly, replay once it is known.
         raise PayloadInvalid(f"message for subaccount {location_id}, which Rebill does not know yet")

@@ -2,14 +2,21 @@
 
 GHL retries a delivery only when we answer 429 (reference/ghl.md §2.1); any other answer, or none, is
 final. So the answer is 429 exactly when the delivery could not be stored, and 200 once it is stored —
-whatever processing does afterwards, because a stored delivery can be replayed
+whatever processing does, because a stored delivery keeps its error and can be replayed
 (``flask --app app ghl replay``).
 
-Two transactions, on purpose: (1) the INSERT of the raw delivery, committed before anything else — the
-acknowledgement point; (2) processing. One transaction with a savepoint around processing would also
-keep the delivery when processing raises, but not when the worker dies or times out mid-processing (an
-INSTALL may call GHL): the uncommitted delivery would vanish after GHL already gave up. With (1)
-committed first, such a delivery stays "received" and replay finds it.
+Transactions, per event type:
+- INSTALL / UNINSTALL: two. (1) the INSERT of the raw delivery, committed first — the acknowledgement
+  point; (2) processing, which may call GHL (minting a location token) or wait on client row locks. If the
+  worker dies or times out during (2), the delivery is already durable ("received") and replay finds it.
+- Everything else (messages — the hot path —, Location*, PLAN_CHANGE, unknown types): one. The delivery
+  INSERT and the processing (a subaccount lookup and one ledger INSERT, local and short) commit together,
+  so the hot path pays one commit (one WAL flush) instead of two. The guarantee "stored even if
+  processing fails" still holds: if processing raises anything, the transaction is rolled back and the
+  delivery is stored alone, marked failed with the error, in a fresh transaction. Only if that store
+  fails too (database down) is the answer 429. The one thing given up is a worker killed inside those
+  few milliseconds of local SQL, before the commit: no answer is sent, and GHL drops it — the same
+  window a worker killed just before any store has.
 """
 
 from __future__ import annotations
@@ -22,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from core.database import db, is_postgresql, utcnow
+from core.database import db, utcnow
 from ghl.client import app_id_of
 from ghl.events import handle_event
 from ghl.models import GhlWebhookDelivery
@@ -42,6 +49,29 @@ WEBHOOK_ID_MAX_LENGTH = 128
 ERROR_MAX_LENGTH = 2000
 # A "received" delivery older than this was abandoned by a dead worker; replay picks it up.
 STALE_AFTER = dt.timedelta(minutes=5)
+# Processing that may call GHL or wait on other rows' locks: stored and committed first (see above).
+TWO_PHASE_TYPES = frozenset({"INSTALL", "UNINSTALL"})
+_DELIVERY = GhlWebhookDelivery.__table__
+_STORED_COLUMNS = (
+    "webhook_id", "event_type", "company_id", "location_id", "body", "signature_scheme",
+    "received_at", "status", "error", "attempts", "processed_at",
+)
+
+
+def _insert_statement(dialect):
+    """INSERT … ON CONFLICT (webhook_id) DO NOTHING RETURNING id with bound parameters.
+
+    Built once per dialect, so every request reuses one compiled statement (no per-request compile).
+    """
+    return (
+        dialect.insert(_DELIVERY)
+        .values({column: bindparam(column) for column in _STORED_COLUMNS})
+        .on_conflict_do_nothing(index_elements=["webhook_id"])
+        .returning(_DELIVERY.c.id)
+    )
+
+
+_INSERTS = {"postgresql": _insert_statement(postgresql), "sqlite": _insert_statement(sqlite)}
 
 
 @blueprint.record_once
@@ -71,39 +101,45 @@ def receive_webhook():
         # Signed by GHL but for another app (the SDKs compare appId the same way): acknowledge, drop.
         return jsonify(status="ignored", reason="another app's webhook"), 200
     try:
-        delivery_id = store_delivery(body, text, event, scheme)
+        status = accept_delivery(body, text, event, scheme)
     except SQLAlchemyError as error:
         db.session.rollback()
         log.error("cannot store a GHL webhook; answering 429", extra={"fields": {"error": type(error).__name__}})
         return jsonify(error="cannot store the webhook right now; retry later"), 429
-    if delivery_id is None:
-        return jsonify(status="duplicate"), 200
-    return jsonify(status=process_delivery(delivery_id, event)), 200
+    return jsonify(status=status), 200
+
+
+def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) -> str:
+    """Store a verified delivery (once) and process it; return its status or "duplicate".
+
+    Raises SQLAlchemyError only when the delivery could not be stored at all.
+    """
+    if event.get("type") in TWO_PHASE_TYPES:
+        delivery_id = store_delivery(body, text, event, scheme)
+        return "duplicate" if delivery_id is None else process_delivery(delivery_id, event)
+    now = utcnow()
+    try:
+        delivery_id = _insert_delivery(body, text, event, scheme, status="processed", attempts=1, processed_at=now)
+        if delivery_id is None:
+            db.session.rollback()
+            return "duplicate"
+        note = handle_event(event)
+        if note is not None:
+            _set_outcome(delivery_id, "ignored", note)
+        db.session.commit()
+        return "processed" if note is None else "ignored"
+    except Exception as error:  # processing failed: keep the delivery alone, failed, replayable
+        db.session.rollback()
+        message = _failure_message(error)
+        delivery_id = _insert_delivery(body, text, event, scheme, status="failed", error=message, attempts=1)
+        db.session.commit()
+        _log_failure(event, message, delivery_id)
+        return "failed" if delivery_id is not None else "duplicate"
 
 
 def store_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) -> int | None:
     """Insert the raw delivery once (deduplicated on webhookId) and commit; return its id, None if a duplicate."""
-    now = utcnow()
-    event_type = event.get("type")
-    location_id = event.get("id") if event_type in ("LocationCreate", "LocationUpdate") else event.get("locationId")
-    dialect = postgresql if is_postgresql() else sqlite
-    statement = (
-        dialect.insert(GhlWebhookDelivery)
-        .values(
-            webhook_id=delivery_key(body, event),
-            event_type=_column_text(event_type, 64) or "",
-            company_id=_column_text(event.get("companyId"), 64),
-            location_id=_column_text(location_id, 64),
-            body=text,
-            signature_scheme=scheme,
-            received_at=now,
-            status="received",
-            attempts=0,
-        )
-        .on_conflict_do_nothing(index_elements=["webhook_id"])
-        .returning(GhlWebhookDelivery.id)
-    )
-    delivery_id = db.session.execute(statement).scalar()
+    delivery_id = _insert_delivery(body, text, event, scheme, status="received")
     db.session.commit()
     return delivery_id
 
@@ -189,12 +225,35 @@ def replay_deliveries(
     return summary
 
 
-def _record_failure(delivery_id: int, event: dict[str, Any], error: Exception) -> str:
-    message = _column_text(f"{type(error).__name__}: {error}", ERROR_MAX_LENGTH) or type(error).__name__
-    log.warning(
-        "GHL webhook processing failed",
-        extra={"fields": {"delivery_id": delivery_id, "type": str(event.get("type"))[:64], "error": message}},
+def _insert_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str, **outcome: Any) -> int | None:
+    """INSERT the delivery unless its webhookId is stored already; flushes nothing else, never commits."""
+    event_type = event.get("type")
+    location_id = event.get("id") if event_type in ("LocationCreate", "LocationUpdate") else event.get("locationId")
+    connection = db.session.connection()
+    values = {
+        "webhook_id": delivery_key(body, event),
+        "event_type": _column_text(event_type, 64) or "",
+        "company_id": _column_text(event.get("companyId"), 64),
+        "location_id": _column_text(location_id, 64),
+        "body": text,
+        "signature_scheme": scheme,
+        "received_at": utcnow(),
+        "error": None,
+        "attempts": 0,
+        "processed_at": None,
+    } | outcome
+    return connection.execute(_INSERTS[connection.dialect.name], values).scalar()
+
+
+def _set_outcome(delivery_id: int, status: str, error: str | None) -> None:
+    db.session.connection().execute(
+        update(_DELIVERY).where(_DELIVERY.c.id == delivery_id).values(status=status, error=error)
     )
+
+
+def _record_failure(delivery_id: int, event: dict[str, Any], error: Exception) -> str:
+    message = _failure_message(error)
+    _log_failure(event, message, delivery_id)
     try:
         db.session.execute(
             update(GhlWebhookDelivery)
@@ -207,6 +266,17 @@ def _record_failure(delivery_id: int, event: dict[str, Any], error: Exception) -
         log.error("cannot record a webhook failure", extra={"fields": {"delivery_id": delivery_id}})
         return "received"
     return "failed"
+
+
+def _failure_message(error: Exception) -> str:
+    return _column_text(f"{type(error).__name__}: {error}", ERROR_MAX_LENGTH) or type(error).__name__
+
+
+def _log_failure(event: dict[str, Any], message: str, delivery_id: int | None = None) -> None:
+    log.warning(
+        "GHL webhook processing failed",
+        extra={"fields": {"delivery_id": delivery_id, "type": str(event.get("type"))[:64], "error": message}},
+    )
 
 
 def _column_text(value: Any, max_length: int) -> str | None:

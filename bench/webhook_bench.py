@@ -1,0 +1,393 @@
+"""Benchmark POST /webhooks/ghl against a bare Flask endpoint, both under the same gunicorn settings.
+
+    .venv/bin/python bench/webhook_bench.py [--duration 10] [--connections 16]
+
+What it does, in one run:
+1. creates a throwaway PostgreSQL database, migrates it, seeds one agency with one installed subaccount;
+2. pre-signs (Ed25519, a key generated for the run and injected through GHL_WEBHOOK_ED25519_KEY) one
+   OutboundMessage body per request, each with its own webhookId and messageId, into files that a wrk
+   Lua script loads and cycles through (every wrk thread takes its own share);
+3. starts gunicorn (2 sync workers, as the Procfile) on Rebill, and the same gunicorn on a bare Flask app
+   whose endpoint only parses the JSON and answers 200;
+4. drives both at full speed with wrk, then Rebill at half its full-speed rate, and reports requests/s,
+   the ratio, p50/p99 latency, and whether anything was lost: delivery rows stored == 2xx answers.
+
+wrk2 (constant-rate) is not available: the half-rate run paces requests with wrk's per-request delay()
+hook, each thread handing out send slots at rate/threads (an open schedule, like wrk2, but latency is
+measured from the actual send, so a stall is not charged to the requests queued behind it).
+
+Exact loss accounting: wrk stops mid-flight, and a request in flight at the cut-off may be stored but
+never counted. So every run ends with a one-second tail that sends only requests to /bench-sentinel
+(404, stores nothing): when wrk stops, no signed request is in flight, and rows must equal 2xx exactly.
+The tail's fast 404s are in wrk's latency histogram (about a tenth of the samples), which can only
+lower p50, not p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psycopg
+from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from flask import Flask, jsonify, request
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CLIENT_ID = "6650aaaabbbbccccdddd0001-benchmark"
+APP_ID = CLIENT_ID.split("-")[0]
+COMPANY_ID = "benchCompany00000001"
+LOCATION_ID = "benchLocation0000001"
+WORKERS = 2
+TAIL_SECONDS = 1
+MAX_RATE_GUESS = 6000  # bodies signed per second of run; more than this machine can take
+
+LUA = r"""
+local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } rb_timespec; int clock_gettime(int, rb_timespec *); ]]
+local clock = ffi.new("rb_timespec")
+local function now() ffi.C.clock_gettime(1, clock); return tonumber(clock.tv_sec) + tonumber(clock.tv_nsec) / 1e9 end
+
+local threads, created = {}, 0
+function setup(thread)
+  thread:set("id", created)
+  created = created + 1
+  table.insert(threads, thread)
+end
+
+local requests, index, sentinel, valid_until, interval, next_slot = {}, 0, nil, 0, 0, 0
+ok, notfound, other, wrapped = 0, 0, 0, 0
+
+function init(args)
+  local path, nthreads, valid, rate = args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4])
+  local id, line_number = tonumber(wrk.thread:get("id")), 0
+  for line in io.lines(path) do
+    if line_number % nthreads == id then
+      local signature, body = line:match("^([^\t]+)\t(.*)$")
+      requests[#requests + 1] = wrk.format("POST", "/webhooks/ghl",
+        {["Content-Type"] = "application/json", ["X-GHL-Signature"] = signature}, body)
+    end
+    line_number = line_number + 1
+  end
+  sentinel = wrk.format("POST", "/bench-sentinel", {["Content-Type"] = "application/json"}, "{}")
+  valid_until = now() + valid
+  if rate > 0 then interval = 1 / rate end
+  next_slot = now()
+end
+
+function request()
+  if now() >= valid_until then return sentinel end
+  index = index + 1
+  if index > #requests then index, wrapped = 1, wrapped + 1 end
+  return requests[index]
+end
+
+function response(status, headers, body)
+  if status >= 200 and status < 300 then ok = ok + 1
+  elseif status == 404 then notfound = notfound + 1
+  else other = other + 1 end
+end
+
+%DELAY%
+
+function done(summary, latency, requests)
+  local totals = {ok = 0, notfound = 0, other = 0, wrapped = 0}
+  for _, thread in ipairs(threads) do
+    for name, _ in pairs(totals) do totals[name] = totals[name] + tonumber(thread:get(name)) end
+  end
+  local errors = summary.errors
+  io.write(string.format(
+    'BENCH {"requests":%d,"ok":%d,"sentinel":%d,"other":%d,"wrapped":%d,"socket_errors":%d,' ..
+    '"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\n',
+    summary.requests, totals.ok, totals.notfound, totals.other, totals.wrapped,
+    errors.connect + errors.read + errors.write + errors.timeout, summary.duration,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+PACED_DELAY = r"""
+function delay()
+  local t = now()
+  if next_slot < t then next_slot = t end
+  local wait = next_slot - t
+  next_slot = next_slot + interval
+  return math.floor(wait * 1000 + 0.5)
+end
+"""
+
+
+def create_bare_app() -> Flask:
+    """The baseline: an endpoint that only parses the JSON body and answers 200."""
+    app = Flask("bare")
+
+    @app.post("/webhooks/ghl")
+    def receive():
+        json.loads(request.get_data())
+        return jsonify(status="ok"), 200
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    return app
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds of signed requests per run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--port", type=int, default=18431)
+    parser.add_argument(
+        "--worker-threads", type=int, default=0, help="gunicorn gthread threads per worker (0: sync workers)"
+    )
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="rebill-webhook-bench-"))
+    database = f"rebill_bench_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(args.postgres, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{database}"')
+    database_url = args.postgres.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+    key = ed25519.Ed25519PrivateKey.generate()
+    env = os.environ | {
+        "REBILL_ENV": "production",
+        "DATABASE_URL": database_url,
+        "SECRET_KEY": "bench-secret",
+        "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "GHL_CLIENT_ID": CLIENT_ID,
+        "GHL_CLIENT_SECRET": "bench-client-secret",
+        "GHL_WEBHOOK_ED25519_KEY": key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode(),
+        "REBILL_LOG_LEVEL": "WARNING",
+    }
+    try:
+        prepare_database(env)
+        results = run_all(args, env, key, workdir, database_url)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
+    report(args, results)
+    return 0 if results["lost"] == 0 else 1
+
+
+def prepare_database(env: dict[str, str]) -> None:
+    """Migrate the throwaway database and seed one agency with one installed subaccount."""
+    code = (
+        "from flask_migrate import upgrade\n"
+        "from app import create_app\n"
+        "from core.database import db\n"
+        "from billing.agencies import ensure_agency\n"
+        "from ghl.locations import upsert_location\n"
+        "app = create_app()\n"
+        "with app.app_context():\n"
+        "    upgrade()\n"
+        f"    upsert_location(ensure_agency({COMPANY_ID!r}).id, {LOCATION_ID!r}, name='Bench', installed=True)\n"
+        "    db.session.commit()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
+    """Bare app at full speed, Rebill at full speed, Rebill at half that rate."""
+    results: dict = {"load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+    bare = start_gunicorn(
+        "webhook_bench:create_bare_app()",
+        args.port,
+        env,
+        args.worker_threads,
+        extra=["--pythonpath", str(ROOT / "bench")],
+    )
+    try:
+        files = sign_bodies(key, workdir, "bare", args.duration + 2)
+        wrk(args, files, 2, 0, args.port)  # warm-up
+        results["bare"] = wrk(args, files, args.duration, 0, args.port)
+    finally:
+        stop(bare)
+    rebill = start_gunicorn("app:create_app()", args.port + 1, env, args.worker_threads)
+    try:
+        warm = sign_bodies(key, workdir, "warm", 2)
+        wrk(args, warm, 2, 0, args.port + 1)
+        full = sign_bodies(key, workdir, "full", args.duration)
+        results["full"] = wrk(args, full, args.duration, 0, args.port + 1)
+        results["full"]["stored"] = stored_rows(database_url, "full-")
+        half_rate = results["full"]["ok"] / args.duration / 2
+        half = sign_bodies(key, workdir, "half", args.duration)
+        results["half"] = wrk(args, half, args.duration, half_rate, args.port + 1)
+        results["half"]["stored"] = stored_rows(database_url, "half-")
+        results["half"]["target_rate"] = half_rate
+        results["usage_events"] = usage_rows(database_url)
+    finally:
+        stop(rebill)
+    results["lost"] = sum(max(0, results[run]["ok"] - results[run]["stored"]) for run in ("full", "half"))
+    return results
+
+
+def sign_bodies(key: ed25519.Ed25519PrivateKey, workdir: Path, run: str, seconds: int) -> Path:
+    """Write one signed OutboundMessage per line: base64 signature, a tab, the compact JSON body."""
+    path = workdir / f"{run}.tsv"
+    template = {
+        "type": "OutboundMessage",
+        "locationId": LOCATION_ID,
+        "versionId": APP_ID,
+        "appId": APP_ID,
+        "attachments": [],
+        "body": "Hi there",
+        "contactId": "M96zrsDWGhHNvlX7XagM",
+        "contentType": "text/plain",
+        "conversationId": "h0VYhyhDhebobpHpjP9w",
+        "dateAdded": "2026-02-26T15:40:14.307Z",
+        "direction": "outbound",
+        "messageType": "SMS",
+        "messageTypeId": 2,
+        "messageTypeString": "TYPE_SMS",
+        "userId": "hN1nLpe3EmzSU5ybqosH",
+        "status": "delivered",
+        "source": "app",
+        "timestamp": "2026-02-26T15:40:14.400Z",
+    }
+    with path.open("w") as out:
+        for number in range(seconds * MAX_RATE_GUESS):
+            body = json.dumps(
+                template | {"messageId": f"{run}-{number:08d}", "webhookId": f"{run}-{number:08d}"},
+                separators=(",", ":"),
+            ).encode()
+            out.write(f"{base64.b64encode(key.sign(body)).decode()}\t{body.decode()}\n")
+    return path
+
+
+def wrk(args, bodies: Path, seconds: int, rate: float, port: int) -> dict:
+    """Run wrk for ``seconds`` of signed requests plus the sentinel tail; return its figures."""
+    script = bodies.with_suffix(".lua")
+    script.write_text(LUA.replace("%DELAY%", PACED_DELAY if rate else ""))
+    command = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{seconds + TAIL_SECONDS}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}",
+        "--",
+        str(bodies),
+        str(args.threads),
+        str(seconds),
+        str(rate / args.threads if rate else 0),
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    match = re.search(r"^BENCH (\{.*\})$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no figures:\n{output}")
+    figures = json.loads(match.group(1))
+    figures["seconds"] = seconds
+    figures["rate"] = figures["ok"] / seconds
+    return figures
+
+
+def start_gunicorn(target: str, port: int, env: dict[str, str], threads: int, extra: list[str] | None = None):
+    """Start gunicorn with the Procfile's settings (2 workers) and wait until it answers."""
+    workers = ["--workers", str(WORKERS)] + (
+        ["--worker-class", "gthread", "--threads", str(threads)] if threads else []
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            *workers,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            *(extra or []),
+            target,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+                if answer.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"gunicorn on port {port} did not start")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def stored_rows(database_url: str, prefix: str) -> int:
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM ghl_webhook_delivery WHERE webhook_id LIKE %s AND status = 'processed'",
+            (prefix + "%",),
+        ).fetchone()[0]
+
+
+def usage_rows(database_url: str) -> int:
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        return conn.execute("SELECT count(*) FROM usage_event WHERE source = 'ghl'").fetchone()[0]
+
+
+def report(args, results: dict) -> None:
+    bare, full, half = results["bare"], results["full"], results["half"]
+    ms = 1000.0
+    workers = (
+        f"{WORKERS} gthread workers x {args.worker_threads} threads"
+        if args.worker_threads
+        else f"{WORKERS} sync workers"
+    )
+    print(
+        f"\nwebhook bench: gunicorn {workers}, wrk -t{args.threads} -c{args.connections}, "
+        f"{args.duration}s per run (+{TAIL_SECONDS}s sentinel tail), PostgreSQL, {os.cpu_count()} CPUs, "
+        f"load average before: {results['load']}"
+    )
+    print(
+        f"{'run':<22}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
+        f"{'other':>7}{'errors':>7}"
+    )
+    for name, figures in (("bare Flask, max", bare), ("Rebill, max", full), ("Rebill, half of max", half)):
+        print(
+            f"{name:<22}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
+            f"{figures['max_us'] / ms:>9.1f}{figures['ok']:>9}{figures.get('stored', '-')!s:>9}{figures['other']:>7}"
+            f"{figures['socket_errors']:>7}"
+        )
+    ratio = full["rate"] / bare["rate"]
+    print(f"ratio Rebill/bare at max: {ratio:.2f} (goal >= 0.6)")
+    print(
+        f"half-rate target {half['target_rate']:.0f}/s, achieved {half['rate']:.0f}/s; "
+        f"p99 {half['p99_us'] / ms:.2f} ms (goal < 20 ms)"
+    )
+    print(f"lost (2xx without a stored row): {results['lost']}; usage events recorded: {results['usage_events']}")
+    if any(results[run]["wrapped"] for run in ("bare", "full", "half")):
+        print("WARNING: wrk ran out of pre-signed bodies and reused some (raise MAX_RATE_GUESS)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
