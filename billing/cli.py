@@ -21,6 +21,8 @@ def tick_command():
     """Run one aggregation + Stripe reporting cycle now."""
     summary = run_tick()
     click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
+    if summary.aggregation_failed:
+        raise SystemExit(1)  # reporting still ran; the log has the aggregation error
 
 
 @rebill_cli.command("scheduler")

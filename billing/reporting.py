@@ -143,20 +143,15 @@ def report_pending_units(now: dt.datetime | None = None) -> ReportingResult:
     """Send every due unit report to Stripe; commits its own short transactions (a job, not a service)."""
     clock = _TickClock(now)
     result = ReportingResult()
-    agency_ids = db.session.scalars(
-        select(UnitReport.agency_id)
-        .join(Agency, Agency.id == UnitReport.agency_id)
-        .where(
-            UnitReport.status == "pending",
-            UnitReport.next_attempt_at <= clock.start,
-            Agency.stripe_key_status == "ok",
-        )
-        .distinct()
-        .order_by(UnitReport.agency_id)
-    ).all()
-    db.session.rollback()  # end the read transaction before any claim
-    for agency_id in agency_ids:
-        _report_agency(agency_id, clock, result)
+    gateways: dict[int, StripeGateway | StripeKeyRejected] = {}
+    workers = current_app.config["STRIPE_CONCURRENCY"]
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
+            while claims := _claim_batch(clock, result):
+                outcomes = _process_batch(claims, gateways, clock, pool if workers > 1 else None)
+                _record_outcomes(outcomes, clock, result)
+    finally:
+        result.stripe_calls = sum(g.calls for g in gateways.values() if isinstance(g, StripeGateway))
     return result
 
 
@@ -184,55 +179,25 @@ def backoff_delay(attempts: int) -> dt.timedelta:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-# ---- one agency ----------------------------------------------------------------------------------------
+# ---- claiming -------------------------------------------------------------------------------------------
 
 
-def _report_agency(agency_id: int, clock: _TickClock, result: ReportingResult) -> None:
-    agency = db.session.get(Agency, agency_id)
-    if agency is None or agency.stripe_key_status != "ok":
-        db.session.rollback()
-        return
-    try:
-        gateway = gateway_for(agency)
-    except StripeKeyRejected as error:
-        _flag_agency(agency, error.reason, result)
-        db.session.commit()
-        return
-    db.session.rollback()
-    try:
-        while True:
-            claims = _claim_batch(agency_id, clock, result)
-            if not claims:
-                return
-            outcomes = _check_old_attempts(gateway, claims, clock)
-            to_send = [claim for claim in claims if claim.report_id not in outcomes]
-            if any(outcome.kind == "key_rejected" for outcome in outcomes.values()):
-                to_send_outcomes = [_Outcome(claim, "skipped") for claim in to_send]
-            else:
-                to_send_outcomes = _send_claims(gateway, to_send)
-            all_outcomes = list(outcomes.values()) + to_send_outcomes
-            if _record_outcomes(agency_id, all_outcomes, clock, result):
-                return
-    finally:
-        result.stripe_calls += gateway.calls
-
-
-def _claim_batch(agency_id: int, clock: _TickClock, result: ReportingResult) -> list[_Claim]:
-    """Lease up to CLAIM_BATCH due rows of an agency and commit, so no lock is held while Stripe is called."""
+def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
+    """Lease up to CLAIM_BATCH due rows (agencies with a working key) and commit before Stripe is called."""
     now = clock.now()
     due = (
         select(UnitReport.id)
         .where(
-            UnitReport.agency_id == agency_id,
             UnitReport.status == "pending",
             UnitReport.next_attempt_at <= clock.start,
+            UnitReport.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
         )
         .order_by(UnitReport.id)
         .limit(CLAIM_BATCH)
     )
     if is_postgresql():
-        # Rows another tick is claiming right now are skipped, not waited for.
-        due = due.with_for_update(skip_locked=True)
+        # Rows another tick is claiming right now are skipped, not waited for; agency rows are not locked.
+        due = due.with_for_update(skip_locked=True, of=UnitReport)
     claimed_ids = db.session.scalars(
         update(UnitReport)
         .where(UnitReport.id.in_(due.scalar_subquery()), UnitReport.status == "pending")
@@ -256,6 +221,44 @@ def _claim_batch(agency_id: int, clock: _TickClock, result: ReportingResult) -> 
             claims.append(claim)
     db.session.commit()
     return claims
+
+
+def _process_batch(
+    claims: list[_Claim],
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    clock: _TickClock,
+    pool: ThreadPoolExecutor | None,
+) -> list[_Outcome]:
+    """Check old attempts, then send a batch of claims; return one outcome per claim."""
+    by_agency: dict[int, list[_Claim]] = defaultdict(list)
+    for claim in claims:
+        by_agency[claim.agency_id].append(claim)
+    outcomes: list[_Outcome] = []
+    sendable: dict[int, list[_Claim]] = {}
+    for agency_id, agency_claims in by_agency.items():
+        gateway = _gateway(agency_id, gateways)
+        if isinstance(gateway, StripeKeyRejected):
+            outcomes.append(_Outcome(agency_claims[0], "key_rejected", gateway.reason))
+            outcomes.extend(_Outcome(claim, "skipped") for claim in agency_claims[1:])
+            continue
+        checked = _check_old_attempts(gateway, agency_claims, clock)
+        outcomes.extend(checked.values())
+        if any(outcome.kind == "key_rejected" for outcome in checked.values()):
+            outcomes.extend(_Outcome(c, "skipped") for c in agency_claims if c.report_id not in checked)
+            continue
+        sendable[agency_id] = [claim for claim in agency_claims if claim.report_id not in checked]
+    return outcomes + _send_claims(gateways, sendable, pool)
+
+
+def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected]):
+    """Return the tick's gateway for an agency (built once), or the key problem that prevents one."""
+    if agency_id not in gateways:
+        try:
+            gateways[agency_id] = gateway_for(db.session.get(Agency, agency_id))
+        except StripeKeyRejected as error:
+            gateways[agency_id] = error
+        db.session.rollback()
+    return gateways[agency_id]
 
 
 def _prepare(report: UnitReport, client: RebillClient, now: dt.datetime, result: ReportingResult) -> _Claim | None:
@@ -395,22 +398,35 @@ def _compare_with_stripe(gateway: StripeGateway, claim: _Claim, now: dt.datetime
 # ---- sending -------------------------------------------------------------------------------------------
 
 
-def _send_claims(gateway: StripeGateway, claims: list[_Claim]) -> list[_Outcome]:
-    """Send claims: in order within a customer+meter group, groups in parallel up to STRIPE_CONCURRENCY."""
-    groups: dict[tuple[str, str], list[_Claim]] = defaultdict(list)
-    for claim in claims:
-        groups[claim.send_group].append(claim)
-    stop = threading.Event()  # set on a key rejection: every other thread stops calling Stripe
-    ordered = list(groups.values())
-    # The first group goes alone: a revoked key then costs one refused call, not one per thread.
-    outcomes = _send_group(gateway, ordered[0], stop) if ordered else []
-    rest = ordered[1:]
-    workers = min(current_app.config["STRIPE_CONCURRENCY"], len(rest))
-    if workers <= 1:
-        return outcomes + [outcome for group in rest for outcome in _send_group(gateway, group, stop)]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
-        results = pool.map(lambda group: _send_group(gateway, group, stop), rest)
-        return outcomes + [outcome for group_outcomes in results for outcome in group_outcomes]
+def _send_claims(
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    claims_by_agency: dict[int, list[_Claim]],
+    pool: ThreadPoolExecutor | None,
+) -> list[_Outcome]:
+    """Send claims: in order within a customer+meter group; groups in parallel up to STRIPE_CONCURRENCY.
+
+    Each agency's first group goes before its others, so a revoked key costs one refused call per agency,
+    not one per thread.
+    """
+    first_groups, other_groups = [], []
+    stops = {agency_id: threading.Event() for agency_id in claims_by_agency}
+    for agency_id, claims in claims_by_agency.items():
+        groups: dict[tuple[str, str], list[_Claim]] = defaultdict(list)
+        for claim in claims:
+            groups[claim.send_group].append(claim)
+        ordered = list(groups.values())
+        if not ordered:
+            continue
+        first_groups.append((agency_id, ordered[0]))
+        other_groups.extend((agency_id, group) for group in ordered[1:])
+
+    def send(job: tuple[int, list[_Claim]]) -> list[_Outcome]:
+        agency_id, group = job
+        return _send_group(gateways[agency_id], group, stops[agency_id])
+
+    run = pool.map if pool is not None else map
+    outcomes = [outcome for group in run(send, first_groups) for outcome in group]
+    return outcomes + [outcome for group in run(send, other_groups) for outcome in group]
 
 
 def _send_group(gateway: StripeGateway, claims: Iterable[_Claim], stop: threading.Event) -> list[_Outcome]:
@@ -467,8 +483,8 @@ def _send_one(gateway: StripeGateway, claim: _Claim) -> _Outcome:
 # ---- recording -----------------------------------------------------------------------------------------
 
 
-def _record_outcomes(agency_id: int, outcomes: list[_Outcome], clock: _TickClock, result: ReportingResult) -> bool:
-    """Write what Stripe said and commit; return True when the agency's key was rejected (stop the agency)."""
+def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: ReportingResult) -> None:
+    """Write what Stripe said and commit; flag agencies whose key Stripe refused."""
     now = clock.now()
     reports = {
         report.id: report
@@ -476,7 +492,7 @@ def _record_outcomes(agency_id: int, outcomes: list[_Outcome], clock: _TickClock
             select(UnitReport).where(UnitReport.id.in_([o.claim.report_id for o in outcomes]))
         )
     }
-    key_problem = None
+    key_problems: dict[int, str] = {}
     found_items: dict[int, str] = {}
     for outcome in outcomes:
         report, claim = reports[outcome.claim.report_id], outcome.claim
@@ -497,7 +513,8 @@ def _record_outcomes(agency_id: int, outcomes: list[_Outcome], clock: _TickClock
             report.last_error = outcome.reason
             result.reports_failed += 1
         else:  # key_rejected or skipped: Stripe did not apply it, so undo the claim as if never attempted
-            key_problem = outcome.reason if outcome.kind == "key_rejected" else key_problem
+            if outcome.kind == "key_rejected":
+                key_problems[claim.agency_id] = outcome.reason
             report.attempts = claim.attempt - 1
             report.first_attempt_at = claim.previous_first_attempt_at
             report.next_attempt_at = now
@@ -506,10 +523,9 @@ def _record_outcomes(agency_id: int, outcomes: list[_Outcome], clock: _TickClock
         client = db.session.get(RebillClient, client_id)
         if client is not None and not client.subscription_item_id:
             client.subscription_item_id = item
-    if key_problem is not None:
-        _flag_agency(db.session.get(Agency, agency_id), key_problem, result)
+    for agency_id, reason in key_problems.items():
+        _flag_agency(db.session.get(Agency, agency_id), reason, result)
     db.session.commit()
-    return key_problem is not None
 
 
 def _flag_agency(agency: Agency, reason: str, result: ReportingResult) -> None:

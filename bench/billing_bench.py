@@ -1,0 +1,234 @@
+"""Benchmark: aggregate 1,000,000 usage events of 10,000 clients, then one reporting tick to a fake Stripe.
+
+Runs on PostgreSQL in a throwaway database it creates, migrates and drops. Loading the data (COPY) is not
+timed; aggregation and the reporting tick are. The fake Stripe (stripe_fake's app and state) runs in a child
+process behind a keep-alive server, as Stripe would be elsewhere. Prints events/s, wall times, Stripe calls
+made (must equal the clients with new units: one call per client per tick) and this process's peak RSS.
+
+    .venv/bin/python bench/billing_bench.py [--events 1000000] [--clients 10000] [--agencies 100]
+
+REBILL_BENCH_POSTGRES_URL picks the server (default postgresql://postgres@127.0.0.1:5432/postgres).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing
+import os
+import random
+import resource
+import secrets
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography.fernet import Fernet
+from flask_migrate import upgrade
+from sqlalchemy import func, select
+
+from app import create_app
+from billing.models import UnitReport
+from billing.reporting import report_pending_units
+from billing.units import aggregate_pending_usage
+from core.database import db
+from core.encryption import secret_box
+from stripe_fake import FakeStripeApp, FakeStripeState
+
+ADMIN_URL = os.environ.get("REBILL_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BILLING_UNIT = 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument("--agencies", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=4, help="STRIPE_CONCURRENCY for the tick")
+    args = parser.parse_args()
+
+    # The fake Stripe runs in its own process, as Stripe would: its request handling must not compete with
+    # the tick for this process's GIL (it would measure the fake, not Rebill).
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    fake = context.Process(target=serve_fake_stripe, args=(child_conn, args.agencies, args.clients // args.agencies))
+    fake.start()
+    stripe_url, accounts = conn.recv()
+    wait_until_serving(stripe_url)
+
+    name = f"rebill_bench_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(ADMIN_URL, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    try:
+        app = create_app({
+            "REBILL_ENV": "test", "DATABASE_URL": url, "SECRET_KEY": "bench",
+            "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "STRIPE_API_BASE": stripe_url,
+            "STRIPE_NETWORK_ATTEMPTS": 1, "STRIPE_CONCURRENCY": args.concurrency, "REBILL_LOG_LEVEL": "WARNING",
+        })  # fmt: skip
+        with app.app_context():
+            upgrade()
+            print(f"loading {args.events:,} events for {args.clients:,} clients of {args.agencies} agencies...")
+            load(url, accounts, args)
+            ok = run(stripe_url, args)
+            db.session.remove()
+            db.engine.dispose()
+    finally:
+        fake.terminate()  # SIGTERM: gunicorn shuts down gracefully
+        fake.join(30)
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+    if not ok:
+        sys.exit(1)
+
+
+def serve_fake_stripe(conn, agencies: int, clients_per_agency: int) -> None:
+    """Child process: build each agency's Stripe account (meter, price, customers), then serve it.
+
+    Served by gunicorn's threaded worker rather than FakeStripeServer's werkzeug server: werkzeug closes the
+    connection after every request, while Stripe (and requests' session) keep connections alive, so a
+    werkzeug-served fake would charge the tick a TCP handshake per call that production never pays.
+    """
+    from gunicorn.app.base import BaseApplication
+
+    state = FakeStripeState()
+    accounts = []
+    for a in range(1, agencies + 1):
+        key = f"sk_test_bench{a:04d}{secrets.token_hex(8)}"
+        state.add_account(key)
+        meter = state.create_meter(key, "ai_units")
+        product = state.create_product(key, "AI units")
+        price = state.create_price(key, product, 10, meter=meter)
+        customers = [state.create_customer(key)["id"] for _ in range(clients_per_agency)]
+        accounts.append({"key": key, "meter": meter["id"], "product": product["id"], "price": price["id"],
+                         "customers": customers})
+    fake = FakeStripeApp(state)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/_bench/ledger":
+            return fake(environ, start_response)
+        events = [event for account in accounts for event in state.meter_events(account["key"])]
+        body = json.dumps({
+            "posts": sum(1 for call in state.calls if call.method == "POST"), "events": len(events),
+            "units": sum(int(event["payload"]["value"]) for event in events),
+        }).encode()  # fmt: skip
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    class Server(BaseApplication):
+        def load_config(self):
+            for name, value in {"bind": f"127.0.0.1:{port}", "workers": 1, "worker_class": "gthread",
+                                "threads": 8, "keepalive": 60, "loglevel": "warning", "accesslog": None}.items():
+                self.cfg.set(name, value)
+
+        def load(self):
+            return app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conn.send((f"http://127.0.0.1:{port}", accounts))
+    Server().run()
+
+
+def wait_until_serving(url: str) -> None:
+    """Block until the fake answers (gunicorn binds after the child sent its address)."""
+    for _ in range(600):
+        try:
+            requests.get(f"{url}/_bench/ledger", timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("the fake Stripe did not start")
+
+
+def load(url: str, accounts: list[dict], args) -> None:
+    """COPY agencies, clients and usage events (not timed)."""
+    box = secret_box()
+    now = dt.datetime.now(dt.UTC)
+    rng = random.Random(7)
+    agencies, clients = [], []
+    for a, account in enumerate(accounts, start=1):
+        key = account["key"]
+        agencies.append((a, f"company-{a}", box.encrypt(key), key[-4:], "test", "ok", now, now))
+        for customer in account["customers"]:
+            client_id = len(clients) + 1
+            clients.append((
+                client_id, a, f"client {client_id}", "capri_api", f"chan-{client_id}", f"chan-{client_id}",
+                account["product"], account["price"], customer, "tokens", BILLING_UNIT, "active", "meter",
+                account["meter"], "ai_units", "stripe_customer_id", "value", "sum", secrets.token_hex(8), now, now,
+            ))  # fmt: skip
+    raw = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(raw) as conn:
+        with conn.cursor().copy(
+            "COPY agency (id, company_id, stripe_key_ciphertext, stripe_key_last4, stripe_mode, stripe_key_status, "
+            "created_at, updated_at) FROM STDIN"
+        ) as copy:
+            for row in agencies:
+                copy.write_row(row)
+        with conn.cursor().copy(
+            "COPY rebill_client (id, agency_id, nickname, provider, channel_id, source_key, stripe_product_id, "
+            "stripe_price_id, stripe_customer_id, charge_by, billing_unit, status, report_mode, meter_id, "
+            "meter_event_name, meter_customer_key, meter_value_key, meter_formula, report_prefix, created_at, "
+            "updated_at) FROM STDIN"
+        ) as copy:
+            for row in clients:
+                copy.write_row(row)
+        with conn.cursor().copy(
+            "COPY usage_event (agency_id, source, source_event_id, channel_id, input_tokens, output_tokens, "
+            "messages, occurred_at, received_at, state, counted) FROM STDIN"
+        ) as copy:
+            for n in range(args.events):
+                client = clients[n % len(clients)]
+                tokens = rng.randrange(0, 2000)
+                copy.write_row((
+                    client[1], "capri", f"ev-{n}", client[4], tokens // 2, tokens - tokens // 2, 1,
+                    now - dt.timedelta(seconds=n % 3600), now, "pending", 0,
+                ))  # fmt: skip
+        for table in ("agency", "rebill_client"):
+            conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+        conn.execute("ANALYZE")
+
+
+def run(stripe_url: str, args) -> bool:
+    """Time aggregation and one reporting tick; print the figures; tell whether the call count is exact."""
+    start = time.perf_counter()
+    aggregation = aggregate_pending_usage()
+    db.session.commit()
+    aggregated = time.perf_counter()
+    clients_with_units = db.session.scalar(
+        select(func.count(func.distinct(UnitReport.client_id))).where(UnitReport.status == "pending")
+    )
+    db.session.commit()
+    tick = time.perf_counter()
+    reporting = report_pending_units()
+    done = time.perf_counter()
+    ledger = requests.get(f"{stripe_url}/_bench/ledger", timeout=60).json()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    aggregation_s, reporting_s = aggregated - start, done - tick
+    print(f"aggregation: {aggregation.events:,} events -> {aggregation.units:,} units in {aggregation_s:.2f} s "
+          f"({aggregation.events / aggregation_s:,.0f} events/s), {aggregation.reports:,} outbox rows")
+    print(f"reporting tick: {reporting.reports_sent:,} reports sent ({reporting.units_sent:,} units) in "
+          f"{reporting_s:.2f} s ({reporting.reports_sent / reporting_s:,.0f} reports/s), "
+          f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}")
+    print(f"stripe calls: {reporting.stripe_calls:,} (the fake saw {ledger['posts']:,} POSTs, holds "
+          f"{ledger['units']:,} units); clients with new units: {clients_with_units:,}")
+    print(f"wall time (aggregation + tick): {aggregation_s + reporting_s:.2f} s; "
+          f"peak RSS of this process: {peak_mb:.0f} MB")
+    ok = (reporting.stripe_calls == clients_with_units == ledger["posts"] and reporting.reports_failed == 0
+          and ledger["units"] == aggregation.units)
+    print("one Stripe call per client with new units, every unit in Stripe:", "yes" if ok else "NO")
+    return ok
+
+
+if __name__ == "__main__":
+    main()
