@@ -1,0 +1,388 @@
+"""Rebill clients: validated creation and edits, pause/resume, soft delete — each edit exact for billing.
+
+Every edit that changes how usage counts (N, status, charge_by, message_source, source, deletion) first
+locks the client row and counts its pending events under the settings in force when they arrived
+(billing.units.flush_client_usage), then changes the settings, in the caller's transaction. Services flush,
+never commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from billing.errors import ClientInvalid, NotFound
+from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient
+from billing.stripe_gateway import (
+    PriceInfo,
+    StripeKeyRejected,
+    StripeRequestRejected,
+    gateway_for,
+)
+from billing.units import flush_client_usage, set_billing_unit, settle_source_before_mapping, take_write_lock
+from core.database import db, utcnow
+
+CLIENT_FIELDS = (
+    "nickname",
+    "provider",
+    "channel_id",
+    "location_id",
+    "stripe_product_id",
+    "stripe_price_id",
+    "stripe_customer_id",
+    "charge_by",
+    "billing_unit",
+    "message_source",
+    "status",
+)
+STRIPE_FIELDS = ("stripe_product_id", "stripe_price_id", "stripe_customer_id")
+# Fields whose change alters how usage is counted: pending events are counted under the old values first.
+COUNTING_FIELDS = ("provider", "channel_id", "location_id", "charge_by", "billing_unit", "message_source", "status")
+NICKNAME_MAX = 120
+CHANNEL_ID_MAX = 255
+LOCATION_ID_MAX = 64
+STRIPE_ID_MAX = 255
+BILLING_UNIT_MAX = 10**12
+DEFAULT_MESSAGE_SOURCE = "ghl_outbound"
+
+KnownLocations = Iterable[str] | Callable[[], Iterable[str]] | None
+
+
+def create_client(
+    agency: Agency,
+    fields: Mapping[str, Any],
+    *,
+    bill_unmapped_usage: bool = False,
+    known_location_ids: KnownLocations = None,
+) -> RebillClient:
+    """Validate and add a client; its counting starts now (rule 1 "counted from the client's creation").
+
+    ``bill_unmapped_usage``: usage of this channel/subaccount that arrived before any client mapped it is
+    never billed by default (rule 3). With True — the agency's explicit choice — every earlier unmapped event
+    of this source (not counted by any client) is counted under the new client at the next aggregation.
+    ``known_location_ids``: the agency's installed GHL subaccount ids (or a callable returning them); a
+    ghl client's location_id must be one of them. None skips that check (the caller vouches for the id).
+    """
+    values = validate_client_fields(fields, known_location_ids=known_location_ids)
+    reporting = stripe_reporting_config(agency, values)
+    take_write_lock()
+    source_key = _source_key(values)
+    _refuse_taken_source(agency.id, values["provider"], source_key, except_id=None)
+    client = RebillClient(agency_id=agency.id, source_key=source_key, **values, **reporting)
+    try:
+        with db.session.begin_nested():
+            db.session.add(client)
+            db.session.flush()
+    except IntegrityError:
+        # A concurrent request mapped the same source between our check and our insert.
+        raise ClientInvalid({_source_field(values["provider"]): "another client already uses it"}) from None
+    settle_source_before_mapping(agency.id, values["provider"], source_key, bill_unmapped=bill_unmapped_usage)
+    return client
+
+
+def update_client(
+    agency: Agency, client_id: int, fields: Mapping[str, Any], *, known_location_ids: KnownLocations = None
+) -> RebillClient:
+    """Change any client fields; usage pending at the change counts under the old settings (rules 4, 5).
+
+    A new N applies to the carried remainder (billing.units.set_billing_unit); pausing or resuming first
+    counts pending events under the old status, so usage received while paused is never billed. A new
+    channel/subaccount is mapped from now on (its earlier usage stays unmapped). Changing charge_by keeps
+    the remainder (never dropped, rule 1) and applies it toward the next unit of the new measure.
+    """
+    current = _locked_client(agency, client_id)
+    values = validate_client_fields(fields, current=_field_values(current), known_location_ids=known_location_ids)
+    changed = {name: value for name, value in values.items() if getattr(current, name) != value}
+    if not changed:
+        return current
+    reporting = {}
+    if any(name in changed for name in STRIPE_FIELDS):
+        reporting = stripe_reporting_config(agency, values)
+    source_key = _source_key(values)
+    new_source = (values["provider"], source_key) != (current.provider, current.source_key)
+    if new_source:
+        _refuse_taken_source(agency.id, values["provider"], source_key, except_id=current.id)
+    if any(name in changed for name in COUNTING_FIELDS):
+        flush_client_usage(current)
+    if "billing_unit" in changed:
+        set_billing_unit(current, changed.pop("billing_unit"))
+    for name, value in {**changed, **reporting}.items():
+        setattr(current, name, value)
+    current.source_key = source_key
+    if new_source:
+        try:
+            with db.session.begin_nested():
+                db.session.flush()
+        except IntegrityError:
+            raise ClientInvalid({_source_field(values["provider"]): "another client already uses it"}) from None
+        settle_source_before_mapping(agency.id, values["provider"], source_key, bill_unmapped=False)
+    db.session.flush()
+    return current
+
+
+def delete_client(agency: Agency, client_id: int) -> None:
+    """Soft-delete a client: its pending usage counts first, its history stays, new usage is unmapped."""
+    client = _locked_client(agency, client_id)
+    flush_client_usage(client)
+    client.deleted_at = utcnow()
+    db.session.flush()
+
+
+def get_client(agency: Agency, client_id: int) -> RebillClient:
+    """Return a live client of this agency; NotFound for other agencies' ids and deleted clients."""
+    client = db.session.scalars(
+        select(RebillClient).where(
+            RebillClient.id == client_id, RebillClient.agency_id == agency.id, RebillClient.deleted_at.is_(None)
+        )
+    ).one_or_none()
+    if client is None:
+        raise NotFound("client not found")
+    return client
+
+
+def list_clients(agency: Agency) -> list[RebillClient]:
+    """Return the agency's live clients, oldest first."""
+    return list(
+        db.session.scalars(
+            select(RebillClient)
+            .where(RebillClient.agency_id == agency.id, RebillClient.deleted_at.is_(None))
+            .order_by(RebillClient.id)
+        )
+    )
+
+
+def pause_clients_for_location(agency_id: int, location_id: str) -> int:
+    """Pause the live active ghl clients of an uninstalled subaccount; return how many were paused.
+
+    Their pending usage counts first (it arrived while they were active); history is kept, and an agency
+    can resume them later.
+    """
+    take_write_lock()
+    ids = db.session.scalars(
+        select(RebillClient.id)
+        .where(
+            RebillClient.agency_id == agency_id,
+            RebillClient.provider == "ghl",
+            RebillClient.source_key == location_id,
+            RebillClient.deleted_at.is_(None),
+            RebillClient.status == "active",
+        )
+        .order_by(RebillClient.id)
+    ).all()
+    paused = 0
+    for client_id in ids:
+        client = _lock_client_row(agency_id, client_id)
+        if client is None or client.status != "active":
+            continue
+        flush_client_usage(client)
+        client.status = "paused"
+        paused += 1
+    db.session.flush()
+    return paused
+
+
+def validate_client_fields(
+    fields: Mapping[str, Any], *, current: Mapping[str, Any] | None = None, known_location_ids: KnownLocations = None
+) -> dict[str, Any]:
+    """Return the complete, normalised client fields, or raise ClientInvalid naming every bad field.
+
+    ``current`` holds an existing client's values (an update); ``fields`` then names only what changes.
+    """
+    if not isinstance(fields, Mapping):
+        raise ClientInvalid({"fields": "send the client's fields as an object"})
+    errors: dict[str, str] = {name: "unknown field" for name in fields if name not in CLIENT_FIELDS}
+    merged = {**(current or {}), **{name: value for name, value in fields.items() if name in CLIENT_FIELDS}}
+    values: dict[str, Any] = {}
+
+    values["nickname"] = _text(merged, "nickname", NICKNAME_MAX, errors, strip=True)
+    values["provider"] = _choice(merged, "provider", PROVIDERS, errors)
+    values["charge_by"] = _choice(merged, "charge_by", CHARGE_BY, errors)
+    values["status"] = _choice({"status": merged.get("status", "active")}, "status", CLIENT_STATUSES, errors)
+    for name in STRIPE_FIELDS:
+        values[name] = _text(merged, name, STRIPE_ID_MAX, errors, single_token=True)
+    values["billing_unit"] = _billing_unit(merged.get("billing_unit"), errors)
+
+    provider = values["provider"]
+    values["channel_id"] = values["location_id"] = None
+    if provider == "capri_api":
+        values["channel_id"] = _text(merged, "channel_id", CHANNEL_ID_MAX, errors, strip=True)
+        if fields.get("location_id") is not None:
+            errors["location_id"] = "only GHL clients have a subaccount; API channel clients use channel_id"
+    elif provider == "ghl":
+        values["location_id"] = _text(merged, "location_id", LOCATION_ID_MAX, errors, strip=True)
+        if fields.get("channel_id") is not None:
+            errors["channel_id"] = "only API channel clients have a channel id; GHL clients use location_id"
+        location_changes = current is None or values["location_id"] != current.get("location_id")
+        if values["location_id"] and known_location_ids is not None and location_changes:
+            known = known_location_ids() if callable(known_location_ids) else known_location_ids
+            if values["location_id"] not in set(known):
+                errors["location_id"] = "not one of the agency's installed GHL subaccounts"
+
+    values["message_source"] = None
+    if provider == "ghl" and values["charge_by"] == "messages":
+        values["message_source"] = _choice(
+            {"message_source": merged.get("message_source") or DEFAULT_MESSAGE_SOURCE},
+            "message_source",
+            MESSAGE_SOURCES,
+            errors,
+        )
+    elif fields.get("message_source") is not None and provider and values["charge_by"]:
+        errors["message_source"] = "only GHL clients charged by messages have a message source"
+
+    if errors:
+        raise ClientInvalid(errors)
+    return values
+
+
+def stripe_reporting_config(agency: Agency, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the client's Stripe customer, product and price with the agency's Stripe; return how to report.
+
+    Raises ClientInvalid (422) with Stripe's reason: no connected key, unknown customer, unusable price, a
+    price of another product, or (legacy prices) a customer without a subscription on that price. Stripe
+    being unreachable raises billing.stripe_gateway.StripeUnavailable (retry later).
+    """
+    if not agency.stripe_key_ciphertext:
+        raise ClientInvalid({name: "connect the agency's Stripe account first" for name in STRIPE_FIELDS})
+    gateway = gateway_for(agency)
+    customer_id, price_id = values["stripe_customer_id"], values["stripe_price_id"]
+    try:
+        if not gateway.customer_exists(customer_id):
+            raise ClientInvalid({"stripe_customer_id": f"the agency's Stripe account has no customer {customer_id}"})
+        try:
+            price = gateway.describe_price(price_id)
+        except StripeRequestRejected as error:
+            raise ClientInvalid({"stripe_price_id": f"Stripe cannot use this price: {error.reason}"}) from None
+        _check_price(price, values)
+        subscription_item = None
+        if price.report_mode == "legacy":
+            # Legacy usage records go to the customer's subscription item for this price (reference §2.3).
+            subscription_item = gateway.find_subscription_item(customer_id, price_id)
+            if subscription_item is None:
+                raise ClientInvalid(
+                    {"stripe_customer_id": f"{customer_id} has no active subscription with price {price_id}"}
+                )
+    except StripeKeyRejected as error:
+        raise ClientInvalid({name: error.reason for name in STRIPE_FIELDS}) from None
+    except StripeRequestRejected as error:
+        raise ClientInvalid({"stripe_customer_id": f"Stripe refused the check: {error.reason}"}) from None
+    return {
+        "report_mode": price.report_mode,
+        "meter_id": price.meter_id,
+        "meter_event_name": price.event_name,
+        "meter_customer_key": price.customer_key,
+        "meter_value_key": price.value_key,
+        "meter_formula": price.formula,
+        "subscription_item_id": subscription_item,
+    }
+
+
+def _check_price(price: PriceInfo, values: Mapping[str, Any]) -> None:
+    if not price.usable:
+        raise ClientInvalid({"stripe_price_id": price.reason or "this price cannot carry usage units"})
+    if price.product_id != values["stripe_product_id"]:
+        raise ClientInvalid(
+            {"stripe_product_id": f"price {price.price_id} belongs to product {price.product_id}, not this one"}
+        )
+
+
+def _locked_client(agency: Agency, client_id: int) -> RebillClient:
+    """Take the write lock / the client's row lock and return it fresh; NotFound if not this agency's."""
+    take_write_lock()
+    if not isinstance(client_id, int) or isinstance(client_id, bool):
+        raise NotFound("client not found")
+    client = _lock_client_row(agency.id, client_id)
+    if client is None:
+        raise NotFound("client not found")
+    return client
+
+
+def _lock_client_row(agency_id: int, client_id: int) -> RebillClient | None:
+    # FOR UPDATE (waiting): aggregation never waits on us, and we hold only this one client, so no deadlock.
+    return db.session.scalars(
+        select(RebillClient)
+        .where(RebillClient.id == client_id, RebillClient.agency_id == agency_id, RebillClient.deleted_at.is_(None))
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+
+
+def _refuse_taken_source(agency_id: int, provider: str, source_key: str, *, except_id: int | None) -> None:
+    taken = db.session.scalars(
+        select(RebillClient).where(
+            RebillClient.agency_id == agency_id,
+            RebillClient.provider == provider,
+            RebillClient.source_key == source_key,
+            RebillClient.deleted_at.is_(None),
+        )
+    ).one_or_none()
+    if taken is not None and taken.id != except_id:
+        raise ClientInvalid({_source_field(provider): f"already billed by client '{taken.nickname}'"})
+
+
+def _field_values(client: RebillClient) -> dict[str, Any]:
+    return {name: getattr(client, name) for name in CLIENT_FIELDS}
+
+
+def _source_key(values: Mapping[str, Any]) -> str:
+    return values["channel_id"] if values["provider"] == "capri_api" else values["location_id"]
+
+
+def _source_field(provider: str) -> str:
+    return "channel_id" if provider == "capri_api" else "location_id"
+
+
+def _text(
+    values: Mapping[str, Any],
+    name: str,
+    max_length: int,
+    errors: dict,
+    *,
+    strip: bool = False,
+    single_token: bool = False,
+) -> str | None:
+    value = values.get(name)
+    if value is None:
+        errors[name] = "is required"
+        return None
+    if not isinstance(value, str):
+        errors[name] = "must be text"
+        return None
+    if strip:
+        value = value.strip()
+    if not value or not value.strip():
+        errors[name] = "must not be empty"
+        return None
+    if len(value) > max_length:
+        errors[name] = f"must be at most {max_length} characters"
+        return None
+    if single_token and (value != value.strip() or any(char.isspace() for char in value)):
+        errors[name] = "must not contain spaces"
+        return None
+    return value
+
+
+def _choice(values: Mapping[str, Any], name: str, choices: tuple[str, ...], errors: dict) -> str | None:
+    value = values.get(name)
+    if value is None:
+        errors[name] = f"is required: one of {', '.join(choices)}"
+        return None
+    if value not in choices:
+        errors[name] = f"must be one of {', '.join(choices)}"
+        return None
+    return value
+
+
+def _billing_unit(value: Any, errors: dict) -> int | None:
+    if value is None:
+        errors["billing_unit"] = "is required"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        errors["billing_unit"] = "must be a whole number"
+        return None
+    if not 1 <= value <= BILLING_UNIT_MAX:
+        errors["billing_unit"] = f"must be between 1 and {BILLING_UNIT_MAX:,}"
+        return None
+    return value
