@@ -97,6 +97,7 @@ class _Claim:
     attempt: int
     previous_first_attempt_at: dt.datetime | None  # before this claim; restored if Stripe was not reached
     needs_check: bool  # first attempted beyond Stripe's dedupe window: ask Stripe before resending
+    claimed_at: dt.datetime
     report_mode: str
     customer_id: str
     price_id: str
@@ -295,6 +296,7 @@ def _prepare(report: UnitReport, client: RebillClient, now: dt.datetime, result:
         attempt=report.attempts,
         previous_first_attempt_at=previous_first,
         needs_check=previous_first is not None and previous_first <= now - DEDUPE_SAFE_AGE,
+        claimed_at=now,
         report_mode=client.report_mode,
         customer_id=client.stripe_customer_id,
         price_id=client.stripe_price_id,
@@ -333,7 +335,7 @@ def _check_old_attempts(gateway: StripeGateway, claims: list[_Claim], clock: _Ti
             outcomes[claim.report_id] = _Outcome(claim, "skipped")
             continue
         try:
-            verdict = _compare_with_stripe(gateway, claim, clock.now())
+            verdict = _compare_with_stripe(gateway, claim)
         except StripeUnavailable as error:
             outcomes[claim.report_id] = _Outcome(claim, "unavailable", error.reason)
         except StripeKeyRejected as error:
@@ -347,7 +349,7 @@ def _check_old_attempts(gateway: StripeGateway, claims: list[_Claim], clock: _Ti
     return outcomes
 
 
-def _compare_with_stripe(gateway: StripeGateway, claim: _Claim, now: dt.datetime) -> _Outcome | None:
+def _compare_with_stripe(gateway: StripeGateway, claim: _Claim) -> _Outcome | None:
     """Return "delivered" or "needs reconcile" from Stripe's totals, or None when resending is safe."""
     if claim.report_mode == "meter":
         if not claim.meter_id:
@@ -375,12 +377,12 @@ def _compare_with_stripe(gateway: StripeGateway, claim: _Claim, now: dt.datetime
         .join(RebillClient, RebillClient.id == UnitReport.client_id)
         .where(*in_window, UnitReport.status == "sent")
     )
-    # Other rows attempted before this tick and not confirmed may or may not be in Stripe's total.
+    # Other rows attempted before this claim and not confirmed may or may not be in Stripe's total.
     unconfirmed = db.session.scalar(
         select(func.count())
         .select_from(UnitReport)
         .join(RebillClient, RebillClient.id == UnitReport.client_id)
-        .where(*in_window, UnitReport.status != "sent", UnitReport.first_attempt_at < now - dt.timedelta(seconds=1))
+        .where(*in_window, UnitReport.status != "sent", UnitReport.first_attempt_at < claim.claimed_at)
     )
     extra = window.total - sent
     if extra == 0:
