@@ -60,6 +60,7 @@ def tokens(event_id: str, total: int, *, channel: str | None = "chan-1", locatio
     if location is not None:
         channel = None
     fields.setdefault("occurred_at", NOW)
+    fields.setdefault("model", "test-model")
     return UsageRecord(
         source="capri",
         source_event_id=event_id,
@@ -67,7 +68,6 @@ def tokens(event_id: str, total: int, *, channel: str | None = "chan-1", locatio
         location_id=location,
         input_tokens=total // 2,
         output_tokens=total - total // 2,
-        model="test-model",
         **fields,
     )
 
