@@ -154,6 +154,9 @@ def main() -> int:
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--port", type=int, default=18431)
     parser.add_argument(
+        "--rebill-target", default="app:create_app()", help="gunicorn target for Rebill (for what-if experiments)"
+    )
+    parser.add_argument(
         "--worker-threads", type=int, default=0, help="gunicorn gthread threads per worker (0: sync workers)"
     )
     args = parser.parse_args()
@@ -219,7 +222,7 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
         results["bare"] = wrk(args, files, args.duration, 0, args.port)
     finally:
         stop(bare)
-    rebill = start_gunicorn("app:create_app()", args.port + 1, env, args.worker_threads)
+    rebill = start_gunicorn(args.rebill_target, args.port + 1, env, args.worker_threads)
     try:
         warm = sign_bodies(key, workdir, "warm", 2)
         wrk(args, warm, 2, 0, args.port + 1)

@@ -18,7 +18,7 @@ from billing.agencies import ensure_agency, find_agency
 from billing.clients import pause_clients_for_location
 from billing.models import Agency
 from core.database import db, is_postgresql, utcnow
-from ghl.client import GhlClient, GhlError, InstalledLocation, TokenGrant, ghl_client
+from ghl.client import GhlClient, GhlError, GhlResponseInvalid, InstalledLocation, TokenGrant, ghl_client
 from ghl.locations import find_location, upsert_location
 from ghl.models import GhlCompanyInstall, GhlLocation
 from ghl.payloads import PayloadInvalid, identifier, text
@@ -47,8 +47,9 @@ def exchange_authorization_code(code: str, *, client: GhlClient | None = None) -
     """Exchange the callback's code for a token pair; raises GhlGrantRejected / GhlUnavailable."""
     grant = (client or ghl_client()).exchange_code(code, user_type=EXCHANGE_USER_TYPE)
     if not grant.company_id:
-        raise GhlError("GHL's token answer has no companyId")
-    grant.resource_id  # noqa: B018  (raises GhlResponseInvalid when a Location token lacks its locationId)
+        raise GhlResponseInvalid("GHL's token answer has no companyId")
+    if grant.user_type == "Location" and not grant.location_id:
+        raise GhlResponseInvalid("GHL's Location token answer has no locationId")
     return grant
 
 

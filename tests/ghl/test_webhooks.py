@@ -274,3 +274,19 @@ def test_when_the_database_is_down_a_signed_webhook_gets_429(make_app, ghl_confi
     assert "retry" in response.json["error"]
     unsigned = app.test_client().post("/webhooks/ghl", data=body)
     assert unsigned.status_code == 401  # verification still comes first
+
+
+def test_a_database_error_while_processing_still_stores_the_delivery(app_context, webhooks, backend):
+    install_location()
+    # PostgreSQL refuses NUL characters in text; the delivery body keeps the JSON escape, so it can be stored.
+    payload = load_payload("outbound_message") | {"messageId": "bad\u0000id"}
+    response = webhooks.send(payload)
+    assert response.status_code == 200
+    [delivery] = deliveries()
+    if backend == "postgresql":
+        assert response.json == {"status": "failed"}
+        assert delivery.status == "failed" and "DataError" in delivery.error
+        assert usage_events() == []
+    else:  # SQLite stores NULs
+        assert response.json == {"status": "processed"}
+        assert len(usage_events()) == 1
