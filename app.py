@@ -54,11 +54,15 @@ def register_blueprints(app: Flask) -> None:
     from core.health import blueprint as health
     from ghl.oauth import blueprint as ghl_oauth
     from ghl.webhooks import blueprint as ghl_webhooks
+    from portal.api import blueprint as portal_api
+    from portal.pages import blueprint as portal_pages
 
     app.register_blueprint(health)
     app.register_blueprint(ghl_oauth)
     app.register_blueprint(ghl_webhooks)
     app.register_blueprint(capri_usage_api)
+    app.register_blueprint(portal_pages)
+    app.register_blueprint(portal_api)
 
 
 def register_errorhandlers(app: Flask) -> None:
@@ -80,8 +84,10 @@ def register_commands(app: Flask) -> None:
     from billing.cli import rebill_cli
     from capri.cli import api_key_cli
     from ghl.cli import ghl_cli
+    from portal.demo import demo_command
 
     rebill_cli.add_command(api_key_cli)
+    rebill_cli.add_command(demo_command)  # composed here: billing never imports portal
     app.cli.add_command(rebill_cli)
     app.cli.add_command(ghl_cli)
     for command in _walk_commands(app.cli):

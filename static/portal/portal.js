@@ -107,12 +107,24 @@
     return data;
   }
 
+  // Demo mode (development only): `make run` seeds the demo agency a moment after the web process starts.
+  async function demoSession(attempt = 1) {
+    try {
+      return await postJson("/demo-session", {});
+    } catch (error) {
+      if (error.status !== 503 || attempt >= 15) throw error;
+      $("#signing-in-text").textContent = "Waiting for the demo agency to be seeded…";
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+      return demoSession(attempt + 1);
+    }
+  }
+
   function signIn() {
     // One handshake at a time: parallel 401s share it.
     if (!state.signingIn) {
       state.signingIn = (async () => {
         const answer = document.body.dataset.demo === "on"
-          ? await postJson("/demo-session", {})
+          ? await demoSession()
           : await postJson("/session", { payload: await askParentForUserData() });
         state.token = answer.token;
         state.session = answer.session;
@@ -286,16 +298,28 @@
     $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
 
     const unit = client.billing_unit;
-    $("#client-stats").replaceChildren(
+    const stats = [
       stat("Usage counted", fmt(usage.counted_usage), client.charge_by),
       stat("Units logged", fmt(usage.units_logged), "in Rebill's ledger"),
       stat("Units reported", fmt(usage.units_reported), "accepted by Stripe"),
       stat("Remainder", `${fmt(usage.remainder)} / ${fmt(unit)}`, "toward the next unit"),
-    );
-    $("#chart-title").textContent = `Daily usage (${client.charge_by})`;
+    ];
+    if (usage.units_awaiting_stripe) stats.push(stat("Awaiting Stripe", fmt(usage.units_awaiting_stripe), "units, retried each tick"));
+    if (usage.paused_usage) stats.push(stat("Paused usage", fmt(usage.paused_usage), "received while paused, never billed"));
+    $("#client-stats").replaceChildren(...stats);
+    $("#chart-title").textContent = `Daily usage (${client.charge_by}, UTC days)`;
     $("#usage-chart").replaceChildren(usageChart(usage.daily || [], client.charge_by));
+    const models = usage.models || [];
+    $("#models-table tbody").replaceChildren(...models.map((row) => el("tr", {},
+      cell("Model", row.model || "(not given)"),
+      cell("Input tokens", fmt(row.input_tokens), "num"),
+      cell("Output tokens", fmt(row.output_tokens), "num"),
+      cell("Messages", fmt(row.messages), "num"),
+      cell("Events", fmt(row.events), "num"),
+    )));
+    $("#models-block").hidden = models.length === 0;
 
-    const reports = usage.recent_reports || usage.reports || [];
+    const reports = usage.reports || [];
     $("#reports-table tbody").replaceChildren(...reports.map((report) => el("tr", {},
       cell("Identifier", el("code", { text: report.identifier })),
       cell("Units", fmt(report.units), "num"),
@@ -316,7 +340,7 @@
       el("div", { className: "stat-note", text: note }));
   }
 
-  // A bar per day of the chosen measure, as inline SVG (no chart library).
+  // A bar per day, as inline SVG (no chart library): billed usage, with usage received while paused on top.
   function usageChart(days, measure) {
     const SVG = "http://www.w3.org/2000/svg";
     const svgEl = (tag, attrs, text) => {
@@ -325,12 +349,15 @@
       if (text !== undefined) node.textContent = text;
       return node;
     };
-    if (!days.length) return el("p", { className: "empty", text: "No usage yet." });
+    const billed = days.map((day) => Number(day.usage || 0));
+    const paused = days.map((day) => Number(day.paused_usage || 0));
+    if (!billed.some(Boolean) && !paused.some(Boolean)) {
+      return el("p", { className: "empty", text: "No usage in the last 30 days yet." });
+    }
     const width = 600;
     const height = 180;
     const pad = { left: 48, right: 8, top: 10, bottom: 28 };
-    const values = days.map((day) => Number(day[measure] ?? day.value ?? 0));
-    const max = Math.max(1, ...values);
+    const max = Math.max(1, ...billed.map((value, index) => value + paused[index]));
     const slot = (width - pad.left - pad.right) / days.length;
     const barWidth = Math.max(1, Math.min(40, slot * 0.7));
     const scaleY = (value) => ((height - pad.top - pad.bottom) * value) / max;
@@ -342,12 +369,16 @@
       numberFormat.format(max)));
     svg.append(svgEl("text", { x: pad.left - 6, y: height - pad.bottom, "text-anchor": "end", class: "tick" }, "0"));
     days.forEach((day, index) => {
-      const barHeight = scaleY(values[index]);
       const x = pad.left + index * slot + (slot - barWidth) / 2;
-      const bar = svgEl("rect", { x, y: height - pad.bottom - barHeight, width: barWidth,
-        height: Math.max(barHeight, values[index] > 0 ? 1 : 0), class: "bar" });
-      bar.append(svgEl("title", {}, `${day.date}: ${numberFormat.format(values[index])} ${measure}`));
-      svg.append(bar);
+      let top = height - pad.bottom;
+      for (const [value, className, note] of [[billed[index], "bar", "billed"], [paused[index], "bar-paused", "while paused"]]) {
+        if (value <= 0) continue;
+        const barHeight = Math.max(1, scaleY(value));
+        top -= barHeight;
+        const bar = svgEl("rect", { x, y: top, width: barWidth, height: barHeight, class: className });
+        bar.append(svgEl("title", {}, `${day.date}: ${numberFormat.format(value)} ${measure} ${note}`));
+        svg.append(bar);
+      }
     });
     const label = (index, anchor) => svg.append(svgEl("text", {
       x: pad.left + index * slot + slot / 2, y: height - 8, "text-anchor": anchor, class: "tick" }, days[index].date));

@@ -1,0 +1,407 @@
+"""The portal's JSON API (DESIGN.md §4): bearer-token sessions, one agency per request, thin views.
+
+Every route except the two session routes needs ``Authorization: Bearer <token>`` from POST /session.
+Errors are JSON ``{"error": ...}``: 401 no/bad/expired token, 403 not allowed, 404 not this agency's,
+422 invalid fields (with ``fields``), 503 Stripe unreachable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from dataclasses import asdict
+
+from flask import Blueprint, abort, current_app, g, jsonify, request
+
+from billing.agencies import find_agency
+from billing.clients import create_client, delete_client, get_client, list_clients, update_client
+from billing.errors import BillingError, ClientInvalid, NotFound, StripeKeyInvalid
+from billing.models import Agency, RebillClient
+from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
+from billing.stripe_gateway import StripeGatewayError, StripeUnavailable
+from billing.usage import client_usage, unmapped_usage
+from capri.api_keys import NAME_MAX_LENGTH, create_api_key, list_api_keys, revoke_api_key
+from core.database import db
+from ghl.locations import list_subaccounts
+from ghl.sso import SsoPayloadInvalid, decrypt_sso_payload, parse_sso_user
+from portal.demo import demo_enabled, demo_session
+from portal.sessions import (
+    TOKEN_SECONDS,
+    PortalSession,
+    SessionRefused,
+    open_session,
+    read_session,
+    session_agency,
+    sign_session,
+)
+
+log = logging.getLogger("portal.api")
+
+blueprint = Blueprint("portal_api", __name__, url_prefix="/api/portal")
+
+OPEN_ENDPOINTS = {"portal_api.create_session", "portal_api.create_demo_session"}
+MAX_STRIPE_KEY_CHARS = 255
+
+
+# ---- authentication, authorisation, errors --------------------------------------------------------
+
+
+@blueprint.before_request
+def authenticate():
+    """Load the session and agency from the bearer token (all routes but the session routes)."""
+    if request.endpoint in OPEN_ENDPOINTS:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise SessionRefused("sign in first: Authorization: Bearer <token> is missing")
+    session = read_session(token.strip())
+    if session.demo and not demo_enabled(current_app):
+        raise SessionRefused("demo sessions work only in demo mode")
+    g.portal_session = session
+    g.agency = session_agency(session)
+
+
+def billing_admin(view):
+    """Refuse the view with 403 unless the user is an agency admin."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if not g.portal_session.can_manage_billing:
+            abort(403, "only agency admins can change billing settings")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+@blueprint.errorhandler(SessionRefused)
+def session_refused(error: SessionRefused):
+    """Answer 401 with a Bearer challenge."""
+    return jsonify(error=str(error)), 401, {"WWW-Authenticate": 'Bearer realm="rebill-portal"'}
+
+
+@blueprint.errorhandler(NotFound)
+def not_found(error: NotFound):
+    """Answer 404: not this agency's, or gone."""
+    return jsonify(error=str(error) or "not found"), 404
+
+
+@blueprint.errorhandler(ClientInvalid)
+def client_invalid(error: ClientInvalid):
+    """Answer 422 naming each refused field."""
+    return jsonify(error=str(error) or "the client is not valid", fields=error.errors), 422
+
+
+@blueprint.errorhandler(StripeKeyInvalid)
+def stripe_key_invalid(error: StripeKeyInvalid):
+    """Answer 422 with Stripe's reason for refusing the key."""
+    return jsonify(error=error.reason, fields={"api_key": error.reason}), 422
+
+
+@blueprint.errorhandler(StripeUnavailable)
+def stripe_unavailable(error: StripeUnavailable):
+    """Answer 503: Stripe is down or slow, nothing was changed."""
+    return jsonify(error="Stripe cannot be reached right now; try again in a minute"), 503
+
+
+@blueprint.errorhandler(StripeGatewayError)
+def stripe_refused(error: StripeGatewayError):
+    """Answer 422 with what Stripe refused (a revoked key, a missing permission)."""
+    return jsonify(error=error.reason), 422
+
+
+@blueprint.errorhandler(BillingError)
+def billing_error(error: BillingError):
+    """Answer 422 for any other refusal of the billing core."""
+    return jsonify(error=str(error)), 422
+
+
+# ---- session ---------------------------------------------------------------------------------------
+
+
+@blueprint.post("/session")
+def create_session():
+    """Exchange GHL's encrypted user context for a short-lived bearer token."""
+    payload = _json_body().get("payload")
+    secret = current_app.config.get("GHL_SHARED_SECRET")
+    if not secret:
+        abort(503, "GHL_SHARED_SECRET is not configured, so nobody can sign in")
+    try:
+        user = parse_sso_user(decrypt_sso_payload(payload, secret))
+    except SsoPayloadInvalid as error:
+        log.info("sso payload refused: %s", error)
+        raise SessionRefused("the GHL sign-in payload is not valid") from None
+    session = open_session(user)
+    log.info("portal session opened", extra={"fields": {"company_id": user.company_id, "user_id": user.user_id}})
+    return _session_answer(session)
+
+
+@blueprint.post("/demo-session")
+def create_demo_session():
+    """Sign in as the demo agency's admin; exists only in demo mode (development)."""
+    if not demo_enabled(current_app):
+        abort(404)
+    session = demo_session()
+    if find_agency(session.company_id) is None:
+        abort(503, "the demo agency is not seeded yet; `flask rebill demo` (started by make run) seeds it")
+    return _session_answer(session)
+
+
+@blueprint.get("/me")
+def me():
+    """Describe the signed-in user and agency."""
+    return jsonify(session=_session_json(g.portal_session), agency={"name": g.agency.name})
+
+
+# ---- Stripe ----------------------------------------------------------------------------------------
+
+
+@blueprint.get("/stripe-key")
+def stripe_status():
+    """Show the agency's Stripe connection (never the key)."""
+    return jsonify(_stripe_json(g.agency))
+
+
+@blueprint.put("/stripe-key")
+@billing_admin
+def put_stripe_key():
+    """Validate and store the agency's Stripe secret or restricted key."""
+    api_key = _json_body().get("api_key")
+    if not isinstance(api_key, str) or not api_key.strip() or len(api_key) > MAX_STRIPE_KEY_CHARS:
+        raise StripeKeyInvalid("paste a Stripe secret key (sk_…) or restricted key (rk_…)")
+    agency = connect_stripe_key(g.agency, api_key.strip())
+    db.session.commit()
+    return jsonify(_stripe_json(agency))
+
+
+@blueprint.delete("/stripe-key")
+@billing_admin
+def delete_stripe_key():
+    """Forget the agency's Stripe key."""
+    disconnect_stripe(g.agency)
+    db.session.commit()
+    return jsonify(_stripe_json(g.agency))
+
+
+@blueprint.get("/prices")
+def prices():
+    """List the agency's Stripe products and prices, each marked usable or not, with the reason."""
+    return jsonify(products=_jsonable(list_prices(g.agency)))
+
+
+# ---- subaccounts, clients, usage -------------------------------------------------------------------
+
+
+@blueprint.get("/subaccounts")
+def subaccounts():
+    """List the agency's installed GHL subaccounts."""
+    return jsonify(subaccounts=[{"location_id": loc, "name": name} for loc, name in _subaccount_names().items()])
+
+
+@blueprint.get("/clients")
+def clients():
+    """List the agency's clients with their counters."""
+    names = _subaccount_names()
+    visible = [client for client in list_clients(g.agency) if _in_scope(client)]
+    return jsonify(clients=[_client_json(client, names) for client in visible])
+
+
+@blueprint.post("/clients")
+@billing_admin
+def add_client():
+    """Add a client ("Add User")."""
+    body = _json_body()
+    bill_unmapped = body.pop("bill_unmapped_usage", False)
+    if not isinstance(bill_unmapped, bool):
+        raise ClientInvalid({"bill_unmapped_usage": "must be true or false"})
+    _check_scope_of_fields(body)
+    client = create_client(g.agency, body, bill_unmapped_usage=bill_unmapped, known_location_ids=_installed_locations)
+    db.session.commit()
+    return jsonify(_client_json(client, _subaccount_names())), 201
+
+
+@blueprint.get("/clients/<int:client_id>")
+def client(client_id: int):
+    """Show one client."""
+    return jsonify(_client_json(_visible_client(client_id), _subaccount_names()))
+
+
+@blueprint.patch("/clients/<int:client_id>")
+@billing_admin
+def edit_client(client_id: int):
+    """Change a client's fields, including pause/resume (status) and billing unit."""
+    fields = _json_body()
+    _visible_client(client_id)
+    _check_scope_of_fields(fields)
+    client = update_client(g.agency, client_id, fields, known_location_ids=_installed_locations)
+    db.session.commit()
+    return jsonify(_client_json(client, _subaccount_names()))
+
+
+@blueprint.delete("/clients/<int:client_id>")
+@billing_admin
+def remove_client(client_id: int):
+    """Delete a client (its history is kept)."""
+    _visible_client(client_id)
+    delete_client(g.agency, client_id)
+    db.session.commit()
+    return "", 204
+
+
+@blueprint.get("/clients/<int:client_id>/usage")
+def usage(client_id: int):
+    """Show a client's counted usage, units logged and reported, daily series and recent Stripe reports."""
+    _visible_client(client_id)
+    return jsonify(_jsonable(client_usage(g.agency, client_id)))
+
+
+@blueprint.get("/unmapped-usage")
+def unmapped():
+    """List channels and subaccounts with usage but no client."""
+    scope = g.portal_session.location_scope
+    names = _subaccount_names()
+    rows = [
+        row | ({"subaccount_name": names.get(row["location_id"])} if row.get("location_id") else {})
+        for row in unmapped_usage(g.agency)
+        if scope is None or row.get("location_id") == scope
+    ]
+    return jsonify(unmapped=_jsonable(rows))
+
+
+# ---- API keys for the Capri adapter ---------------------------------------------------------------
+
+
+@blueprint.get("/api-keys")
+def api_keys():
+    """List the agency's API keys by prefix (the keys themselves are not stored)."""
+    return jsonify(api_keys=[_api_key_json(key) for key in list_api_keys(g.agency.id)])
+
+
+@blueprint.post("/api-keys")
+@billing_admin
+def add_api_key():
+    """Create an API key; the full key is in this answer and nowhere else, ever."""
+    name = _json_body().get("name")
+    if name is not None and (not isinstance(name, str) or len(name.strip()) > NAME_MAX_LENGTH):
+        abort(422, f"name must be text of at most {NAME_MAX_LENGTH} characters")
+    api_key, full_key = create_api_key(g.agency.id, name)
+    db.session.commit()
+    return jsonify(_api_key_json(api_key) | {"key": full_key}), 201
+
+
+@blueprint.delete("/api-keys/<int:key_id>")
+@billing_admin
+def remove_api_key(key_id: int):
+    """Revoke an API key."""
+    revoke_api_key(g.agency.id, key_id)
+    db.session.commit()
+    return "", 204
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, "the body must be a JSON object")
+    return body
+
+
+def _in_scope(client: RebillClient) -> bool:
+    scope = g.portal_session.location_scope
+    return scope is None or (client.provider == "ghl" and client.location_id == scope)
+
+
+def _visible_client(client_id: int) -> RebillClient:
+    client = get_client(g.agency, client_id)
+    if not _in_scope(client):
+        raise NotFound("client not found")
+    return client
+
+
+def _check_scope_of_fields(fields: dict) -> None:
+    scope = g.portal_session.location_scope
+    if scope is None:
+        return
+    if fields.get("provider", "ghl") != "ghl" or fields.get("location_id", scope) != scope or fields.get("channel_id"):
+        abort(403, "from inside a subaccount you can only manage that subaccount's client")
+
+
+def _installed_locations() -> list[str]:
+    return [location.location_id for location in list_subaccounts(g.agency.id)]
+
+
+def _subaccount_names() -> dict[str, str | None]:
+    scope = g.portal_session.location_scope
+    return {
+        location.location_id: location.name
+        for location in list_subaccounts(g.agency.id)
+        if scope is None or location.location_id == scope
+    }
+
+
+def _session_answer(session: PortalSession):
+    return jsonify(token=sign_session(session), expires_in=TOKEN_SECONDS, session=_session_json(session))
+
+
+def _session_json(session: PortalSession) -> dict:
+    return asdict(session) | {"can_manage_billing": session.can_manage_billing}
+
+
+def _stripe_json(agency: Agency) -> dict:
+    return {
+        "connected": agency.stripe_key_ciphertext is not None,
+        "account": agency.stripe_account_id,
+        "mode": agency.stripe_mode,
+        "last4": agency.stripe_key_last4,
+        "status": agency.stripe_key_status,
+        "problem": agency.stripe_key_problem,
+    }
+
+
+def _client_json(client: RebillClient, subaccount_names: dict[str, str | None]) -> dict:
+    return {
+        "id": client.id,
+        "nickname": client.nickname,
+        "provider": client.provider,
+        "channel_id": client.channel_id,
+        "location_id": client.location_id,
+        "subaccount_name": subaccount_names.get(client.location_id) if client.location_id else None,
+        "stripe_product_id": client.stripe_product_id,
+        "stripe_price_id": client.stripe_price_id,
+        "stripe_customer_id": client.stripe_customer_id,
+        "charge_by": client.charge_by,
+        "billing_unit": client.billing_unit,
+        "message_source": client.message_source,
+        "status": client.status,
+        "report_mode": client.report_mode,
+        "counted_usage": client.counted_usage,
+        "units_logged": client.units_logged,
+        "remainder": client.remainder,
+        "created_at": client.created_at.isoformat(),
+    }
+
+
+def _api_key_json(api_key) -> dict:
+    return {
+        "id": api_key.id,
+        "prefix": api_key.prefix,
+        "name": api_key.name,
+        "created_at": _jsonable(api_key.created_at),
+        "last_used_at": _jsonable(api_key.last_used_at),
+        "revoked_at": _jsonable(api_key.revoked_at),
+    }
+
+
+def _jsonable(value):
+    """Turn service results into JSON values: ISO-8601 datetimes, lists for tuples, dicts for dataclasses."""
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable(asdict(value))
+    return value

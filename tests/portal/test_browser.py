@@ -1,0 +1,204 @@
+"""The portal in a real browser, inside an iframe of a GHL-like host page on another origin.
+
+Debian's Chromium at /usr/bin/chromium through Playwright (no browser download). The app and the host page
+run on two loopback ports; the host answers REQUEST_USER_DATA with a payload encrypted exactly as GHL does.
+Screenshots land in tests/artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Response
+
+from app import create_app
+from billing.jobs import run_tick
+from core.database import db
+from portal.demo import DEMO_METER_EVENT
+from stripe_fake import FakeStripeServer
+from tests.conftest import base_config
+from tests.portal.conftest import install_tenant, sso_payload
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+IFRAME_WIDTH = 420  # narrow, as in GHL's side panel: tables turn into cards
+
+HOST_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>GHL (test host)</title></head>
+<body style="margin:0;background:#eef">
+<iframe id="rebill" src="__APP__/app" style="width:__WIDTH__px;height:1700px;border:0"></iframe>
+<script>
+  // What GHL's custom-page host does (reference/ghl.md §3.2).
+  const payload = __PAYLOAD__;
+  window.addEventListener("message", (event) => {
+    if (event.data && event.data.message === "REQUEST_USER_DATA") {
+      event.source.postMessage({message: "REQUEST_USER_DATA_RESPONSE", payload}, "*");
+    }
+  });
+</script>
+</body></html>
+"""
+
+
+class LoopbackServer:
+    """A WSGI app on 127.0.0.1 in a thread."""
+
+    def __init__(self, wsgi_app):
+        self.server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def chromium():
+    """A headless Debian Chromium driven by Playwright."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(chromium, sqlite_template, tmp_path):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    database = tmp_path / "browser.sqlite3"
+    shutil.copy(sqlite_template, database)
+    host_html = {}
+    host = LoopbackServer(lambda environ, start: Response(host_html["page"], mimetype="text/html")(environ, start))
+    with FakeStripeServer() as fake, host:
+        app = create_app(
+            base_config(f"sqlite:///{database}", STRIPE_API_BASE=fake.url, REBILL_FRAME_ANCESTORS=host.url)
+        )
+        tenant = install_tenant(app, fake, "company-browser")
+        with LoopbackServer(app) as rebill:
+            host_html["page"] = (
+                HOST_PAGE.replace("__APP__", rebill.url)
+                .replace("__WIDTH__", str(IFRAME_WIDTH))
+                .replace("__PAYLOAD__", json.dumps(sso_payload("company-browser")))
+            )
+            page = chromium.new_page(viewport={"width": IFRAME_WIDTH + 40, "height": 1750})
+
+            # Outside GHL nobody answers the handshake: the page says where to open it.
+            page.goto(f"{rebill.url}/app")
+            expect(page.locator("#signing-in-text")).to_contain_text("inside GoHighLevel")
+
+            page.goto(host.url)
+            frame = page.frame_locator("#rebill")
+            expect(frame.locator("#portal")).to_be_visible()
+            expect(frame.locator("#who")).to_have_text("Agency admin")
+
+            # Stripe: paste the key (masked input), see account, mode and last 4.
+            frame.get_by_role("link", name="Stripe", exact=True).click()
+            key_input = frame.locator("#stripe-key")
+            expect(key_input).to_have_attribute("type", "password")
+            key_input.fill(tenant.stripe_key)
+            frame.get_by_role("button", name="Connect").click()
+            facts = frame.locator("#stripe-facts")
+            expect(facts).to_contain_text("acct_companybrowser")
+            expect(facts).to_contain_text("Test")
+            expect(facts).to_contain_text(tenant.stripe_key[-4:])
+            page.screenshot(path=ARTIFACTS / "portal-1-stripe-connected.png", full_page=True)
+
+            # Add User, first with a customer Stripe does not know: the API's message shows inline.
+            frame.get_by_role("link", name="Clients", exact=True).click()
+            frame.get_by_role("button", name="Add User").click()
+            dialog = frame.locator("#client-dialog")
+            expect(dialog).to_be_visible()
+            dialog.locator("#f-nickname").fill("Acme <b>Browser</b>")
+            dialog.get_by_label("Capri API").check()
+            dialog.get_by_label("API Channel").fill("chan-browser")
+            dialog.get_by_label("Product").select_option(tenant.product_id)
+            expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_be_disabled()
+            expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_contain_text(
+                "can't be used"
+            )
+            dialog.get_by_label("Price").select_option(tenant.price_id)
+            dialog.get_by_label("Stripe customer ID").fill("cus_doesnotexist")
+            dialog.get_by_label("Tokens").check()
+            dialog.get_by_label("Billing unit").fill("1000")
+            dialog.get_by_role("button", name="Save").click()
+            customer_error = dialog.locator('[data-error-for="stripe_customer_id"]')
+            expect(customer_error).to_contain_text("cus_doesnotexist")
+            page.screenshot(path=ARTIFACTS / "portal-2-add-user-inline-error.png", full_page=True)
+
+            dialog.get_by_label("Stripe customer ID").fill(tenant.customer_id)
+            dialog.get_by_role("button", name="Save").click()
+            expect(dialog).to_be_hidden()
+            expect(frame.locator("#client-title")).to_have_text("Acme <b>Browser</b>")  # text, never markup
+
+            frame.get_by_role("link", name="Clients", exact=True).click()
+            rows = frame.locator("#clients-table tbody tr")
+            expect(rows).to_have_count(1)
+            expect(rows.first).to_contain_text("Acme <b>Browser</b>")
+            expect(rows.first).to_contain_text("chan-browser")
+            expect(rows.first).to_contain_text("active")
+            page.screenshot(path=ARTIFACTS / "portal-3-clients.png", full_page=True)
+
+            # An API key for the AI platform, shown once; then usage through the usage API and one tick.
+            frame.get_by_role("link", name="API keys", exact=True).click()
+            frame.locator("#api-key-name").fill("Capri test")
+            frame.get_by_role("button", name="Create key").click()
+            expect(frame.locator("#new-key")).to_be_visible()
+            api_key = frame.locator("#new-key-value").text_content()
+            now = dt.datetime.now(dt.UTC).isoformat()
+            events = [
+                {"id": f"evt-{index}", "channel": "chan-browser", "input_tokens": 900, "output_tokens": 350,
+                 "messages": 1, "model": "gpt-4o-mini", "occurred_at": now}
+                for index in range(2)
+            ]
+            answer = requests.post(
+                f"{rebill.url}/api/v1/usage", json={"events": events},
+                headers={"Authorization": f"Bearer {api_key}"}, timeout=10,
+            )
+            assert answer.status_code == 200, answer.text
+            with app.app_context():
+                summary = run_tick()
+                db.session.remove()
+            assert (summary.units_logged, summary.units_sent) == (2, 2)
+
+            frame.get_by_role("link", name="Clients", exact=True).click()
+            frame.get_by_role("link", name="Acme <b>Browser</b>").click()
+            stats = frame.locator("#client-stats")
+            expect(stats).to_contain_text("2,500")  # usage counted
+            expect(stats.locator(".stat").nth(1)).to_contain_text("2")  # units logged
+            expect(stats.locator(".stat").nth(2)).to_contain_text("2")  # units reported
+            expect(stats).to_contain_text("500 / 1,000")  # remainder toward the next unit
+            reports = frame.locator("#reports-table tbody tr")
+            expect(reports).to_have_count(1)
+            expect(reports.first).to_contain_text("sent")
+            expect(frame.locator("#usage-chart rect.bar")).to_have_count(1)
+            page.screenshot(path=ARTIFACTS / "portal-4-client-usage.png", full_page=True)
+
+        assert fake.state.total_units(tenant.stripe_key, tenant.customer_id, DEMO_METER_EVENT) == 2
+        with app.app_context():
+            db.engine.dispose()

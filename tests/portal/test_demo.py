@@ -1,0 +1,113 @@
+"""Demo mode: seeding on the fake Stripe, usage that turns into units, and the demo session."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+from sqlalchemy import func, select
+
+from billing.agencies import find_agency
+from billing.clients import list_clients
+from billing.jobs import run_tick
+from billing.models import UsageEvent
+from core.database import db
+from portal.demo import (
+    DEMO_COMPANY_ID,
+    DEMO_METER_EVENT,
+    DEMO_UNMAPPED_CHANNEL,
+    generate_demo_usage,
+    seed_demo_agency,
+    seed_fake_stripe,
+)
+from stripe_fake import FakeStripeServer
+
+
+def test_demo_usage_becomes_units_in_the_fake_stripe(make_app, fake_stripe):
+    app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True)
+    stripe = seed_fake_stripe(fake_stripe.state)
+    with app.app_context():
+        agency = seed_demo_agency(stripe)
+        db.session.commit()
+        rng = random.Random(7)
+        for _ in range(4):
+            generate_demo_usage(agency, rng)
+            db.session.commit()
+
+        summary = run_tick()
+
+        clients = {client.nickname: client for client in list_clients(agency)}
+        tokens = clients["Acme Chat Co"]
+        assert tokens.units_logged >= 1 and summary.units_sent == sum(c.units_logged for c in clients.values())
+        assert tokens.units_logged == tokens.counted_usage // 1000
+        customer = stripe.customer_ids["Acme Chat Co"]
+        assert fake_stripe.state.total_units(stripe.api_key, customer, DEMO_METER_EVENT) == tokens.units_logged
+        unmapped = db.session.scalar(
+            select(func.count()).select_from(UsageEvent).where(UsageEvent.channel_id == DEMO_UNMAPPED_CHANNEL)
+        )
+        assert unmapped == 4
+
+
+def test_seeding_again_reuses_the_clients_and_points_them_at_the_new_fake(make_app):
+    with FakeStripeServer() as first:
+        app = make_app(STRIPE_API_BASE=first.url, REBILL_DEMO=True)
+        with app.app_context():
+            seed_demo_agency(seed_fake_stripe(first.state))
+            db.session.commit()
+            before = {client.nickname: client.id for client in list_clients(find_agency(DEMO_COMPANY_ID))}
+    with FakeStripeServer() as second:
+        app = make_app(STRIPE_API_BASE=second.url, REBILL_DEMO=True)
+        stripe = seed_fake_stripe(second.state)
+        with app.app_context():
+            agency = seed_demo_agency(stripe)
+            db.session.commit()
+            after = {client.nickname: (client.id, client.stripe_customer_id) for client in list_clients(agency)}
+    assert {name: client_id for name, (client_id, _) in after.items()} == before
+    assert after["Acme Chat Co"][1] == stripe.customer_ids["Acme Chat Co"]
+
+
+def test_the_demo_command_serves_the_fake_stripe_seeds_and_records_usage(make_app):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = make_app(STRIPE_API_BASE=f"http://127.0.0.1:{port}", REBILL_DEMO=True)
+
+    result = app.test_cli_runner().invoke(args=["rebill", "demo", "--rounds", "2", "--seconds", "0"])
+
+    assert result.exit_code == 0, result.output
+    assert "fake Stripe on" in result.output
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(UsageEvent)) == 6
+    client = app.test_client()
+    session = client.post("/api/portal/demo-session")
+    assert session.status_code == 200
+    headers = {"Authorization": f"Bearer {session.get_json()['token']}"}
+    names = [row["nickname"] for row in client.get("/api/portal/clients", headers=headers).get_json()["clients"]]
+    assert names == ["Acme Chat Co", "Bright Smiles"]
+    assert 'data-demo="on"' in client.get("/app?demo=1").get_data(as_text=True)
+    assert 'data-demo="off"' in client.get("/app").get_data(as_text=True)
+
+
+def test_the_demo_command_refuses_outside_demo_mode(make_app):
+    result = make_app().test_cli_runner().invoke(args=["rebill", "demo", "--rounds", "1"])
+    assert result.exit_code != 0
+    assert "demo mode is off" in result.output
+
+
+def test_a_demo_token_is_refused_once_demo_mode_is_off(make_app, fake_stripe):
+    demo_app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True)
+    with demo_app.app_context():
+        seed_demo_agency(seed_fake_stripe(fake_stripe.state))
+        db.session.commit()
+    token = demo_app.test_client().post("/api/portal/demo-session").get_json()["token"]
+
+    plain = make_app(STRIPE_API_BASE=fake_stripe.url)
+    answer = plain.test_client().get("/api/portal/me", headers={"Authorization": f"Bearer {token}"})
+
+    assert answer.status_code == 401
+
+
+def test_the_demo_session_waits_for_the_demo_agency(make_app):
+    answer = make_app(REBILL_DEMO=True).test_client().post("/api/portal/demo-session")
+    assert answer.status_code == 503
+    assert "not seeded yet" in answer.get_json()["error"]
