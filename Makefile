@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 FLASK := $(BIN)/flask --app app
 HOST ?= 127.0.0.1
 PORT ?= 5000
-# The embedded default: SQLite in ./instance, development secrets, the demo agency and fake Stripe.
-DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10
+DEMO_STRIPE_PORT ?= 12111
+# The embedded default: SQLite in ./instance, development secrets, the demo agency and fake Stripe
+# (`rebill demo` serves the fake at STRIPE_API_BASE, seeds the demo agency and keeps usage flowing).
+DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10 STRIPE_API_BASE=http://127.0.0.1:$(DEMO_STRIPE_PORT)
 
 .PHONY: run test lint bench clean
 
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(DEV) $(FLASK) db upgrade
 	@echo "Rebill is starting on http://$(HOST):$(PORT)  (portal demo: http://$(HOST):$(PORT)/app?demo=1)"
-	$(DEV) bash -c 'trap "kill 0" EXIT; $(FLASK) rebill scheduler & $(FLASK) run --host $(HOST) --port $(PORT)'
+	$(DEV) bash -c 'trap "kill 0" EXIT; $(FLASK) rebill demo & $(FLASK) rebill scheduler & $(FLASK) run --host $(HOST) --port $(PORT)'
 
 test: $(STAMP)
 	$(BIN)/ruff check .
