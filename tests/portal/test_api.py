@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from sqlalchemy import func, select
@@ -12,26 +13,9 @@ from billing.models import Agency, RebillClient
 from billing.units import aggregate_pending_usage
 from capri.models import ApiKey
 from core.database import db
+from portal.api import OPEN_ENDPOINTS
 from tests.portal.conftest import client_fields, sign_in
 
-ROUTES = [
-    ("GET", "/api/portal/me"),
-    ("GET", "/api/portal/stripe-key"),
-    ("PUT", "/api/portal/stripe-key"),
-    ("DELETE", "/api/portal/stripe-key"),
-    ("GET", "/api/portal/prices"),
-    ("GET", "/api/portal/subaccounts"),
-    ("GET", "/api/portal/clients"),
-    ("POST", "/api/portal/clients"),
-    ("GET", "/api/portal/clients/1"),
-    ("PATCH", "/api/portal/clients/1"),
-    ("DELETE", "/api/portal/clients/1"),
-    ("GET", "/api/portal/clients/1/usage"),
-    ("GET", "/api/portal/unmapped-usage"),
-    ("GET", "/api/portal/api-keys"),
-    ("POST", "/api/portal/api-keys"),
-    ("DELETE", "/api/portal/api-keys/1"),
-]
 ADMIN_ONLY = [
     ("PUT", "/api/portal/stripe-key", {"api_key": "sk_test_whatever"}),
     ("DELETE", "/api/portal/stripe-key", None),
@@ -59,11 +43,29 @@ def count(model) -> int:
     return db.session.scalar(select(func.count()).select_from(model))
 
 
-def test_every_route_needs_a_session(portal_client, tenant_a):
-    for method, path in ROUTES:
+def portal_routes(app) -> list[tuple[str, str]]:
+    """Every (method, path) of the portal API except the session routes, ids filled with 1."""
+    routes = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("portal_api.") and rule.endpoint not in OPEN_ENDPOINTS:
+            path = re.sub(r"<int:\w+>", "1", rule.rule)
+            routes += [(method, path) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    return routes
+
+
+def test_every_route_needs_a_session(portal_app, portal_client, tenant_a):
+    routes = portal_routes(portal_app)
+    assert len(routes) == 16
+    for method, path in routes:
         answer = portal_client.open(path, method=method, json={})
         assert answer.status_code == 401, (method, path)
         assert answer.is_json and answer.get_json()["error"], (method, path)
+
+
+def test_every_changing_route_is_admin_only(portal_app):
+    changing = {(method, path) for method, path in portal_routes(portal_app) if method != "GET"}
+    listed = {(method, path.format(id=1, key_id=1)) for method, path, _ in ADMIN_ONLY}
+    assert changing == listed
 
 
 def test_stripe_key_connect_status_and_disconnect(portal_app, portal_client, tenant_a, fake_stripe):

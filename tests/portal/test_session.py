@@ -76,7 +76,13 @@ def test_a_location_only_install_admits_that_subaccount_only(portal_app, portal_
         "/api/portal/session", json={"payload": sso_payload("company-c", location="company-c-loc-9")}
     )
 
+    other = install_tenant(portal_app, fake_stripe, "company-d")
+    foreign = portal_client.post(  # another agency's installed subaccount
+        "/api/portal/session", json={"payload": sso_payload("company-c", location=other.location_id)}
+    )
+
     assert inside.status_code == 200
+    assert foreign.status_code == 401
     assert inside.get_json()["session"]["location_scope"] == tenant.location_id
     assert outside.status_code == 401
     assert elsewhere.status_code == 401
