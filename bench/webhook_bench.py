@@ -30,6 +30,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,7 @@ def main() -> int:
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
+        shutil.rmtree(workdir, ignore_errors=True)  # the signed bodies: tens of MB per run
     report(args, results)
     return 0 if results["lost"] == 0 else 1
 
