@@ -129,38 +129,18 @@ def seed_demo_agency(stripe: DemoStripe) -> Agency:
 
 def generate_demo_usage(agency: Agency, rng: random.Random) -> int:
     """Record one round of demo usage (a mapped channel, a mapped subaccount, an unmapped channel); flushes."""
+    usage = [
+        {"channel_id": DEMO_CHANNEL, "input_tokens": rng.randint(300, 900), "output_tokens": rng.randint(100, 500),
+         "messages": 1},
+        {"location_id": "demo-loc-bright", "input_tokens": rng.randint(50, 200), "output_tokens": rng.randint(50, 200),
+         "messages": rng.randint(1, 3)},
+        {"channel_id": DEMO_UNMAPPED_CHANNEL, "input_tokens": rng.randint(100, 400),
+         "output_tokens": rng.randint(50, 150), "messages": 1},
+    ]
     now = utcnow()
     records = [
-        UsageRecord(
-            source="capri",
-            source_event_id=f"demo-{uuid.uuid4()}",
-            occurred_at=now,
-            channel_id=DEMO_CHANNEL,
-            input_tokens=rng.randint(300, 900),
-            output_tokens=rng.randint(100, 500),
-            messages=1,
-            model="gpt-4o-mini",
-        ),
-        UsageRecord(
-            source="capri",
-            source_event_id=f"demo-{uuid.uuid4()}",
-            occurred_at=now,
-            location_id="demo-loc-bright",
-            input_tokens=rng.randint(50, 200),
-            output_tokens=rng.randint(50, 200),
-            messages=rng.randint(1, 3),
-            model="gpt-4o-mini",
-        ),
-        UsageRecord(
-            source="capri",
-            source_event_id=f"demo-{uuid.uuid4()}",
-            occurred_at=now,
-            channel_id=DEMO_UNMAPPED_CHANNEL,
-            input_tokens=rng.randint(100, 400),
-            output_tokens=rng.randint(50, 150),
-            messages=1,
-            model="gpt-4o-mini",
-        ),
+        UsageRecord(source="capri", source_event_id=f"demo-{uuid.uuid4()}", occurred_at=now, model="gpt-4o-mini", **row)
+        for row in usage
     ]
     return sum(record_usage(agency.id, records))
 
