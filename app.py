@@ -20,6 +20,9 @@ from core.logs import configure_logging
 
 log = logging.getLogger("rebill")
 
+# Token refresh looks an hour ahead (ghl.jobs.REFRESH_AHEAD), so every 10 minutes is plenty.
+GHL_JOB_SECONDS = 600
+
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build a configured Rebill app; ``config`` overrides defaults and the environment."""
@@ -81,11 +84,17 @@ def register_errorhandlers(app: Flask) -> None:
 
 def register_commands(app: Flask) -> None:
     """Register CLI groups; database failures in any command print one clear line."""
-    from billing.cli import rebill_cli
+    from billing.cli import SCHEDULED_JOBS, rebill_cli
     from capri.cli import api_key_cli
     from ghl.cli import ghl_cli
+    from ghl.jobs import refresh_expiring_tokens, retry_failed_deliveries
     from portal.demo import demo_command
 
+    # GHL upkeep runs in the one scheduler process beside the billing tick (billing never imports ghl).
+    app.extensions[SCHEDULED_JOBS] = [
+        ("ghl-refresh-tokens", refresh_expiring_tokens, GHL_JOB_SECONDS),
+        ("ghl-retry-deliveries", retry_failed_deliveries, GHL_JOB_SECONDS),
+    ]
     rebill_cli.add_command(api_key_cli)
     rebill_cli.add_command(demo_command)  # composed here: billing never imports portal
     app.cli.add_command(rebill_cli)

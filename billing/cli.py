@@ -25,36 +25,46 @@ def tick_command():
         raise SystemExit(1)  # reporting still ran; the log has the aggregation error
 
 
+# Other packages' periodic jobs, composed by the factory (billing imports no provider):
+# app.extensions[SCHEDULED_JOBS] = [(job_id, function, interval_seconds), ...]
+SCHEDULED_JOBS = "rebill.scheduled_jobs"
+
+
 @rebill_cli.command("scheduler")
 def scheduler_command():
-    """Run the long-lived scheduler (exactly one per deployment)."""
+    """Run the long-lived scheduler (exactly one per deployment): the tick plus the registered jobs."""
     from apscheduler.schedulers.blocking import BlockingScheduler
 
     app = current_app._get_current_object()
     seconds = app.config["REBILL_TICK_SECONDS"]
+    jobs = [("rebill-tick", run_tick, seconds), *app.extensions.get(SCHEDULED_JOBS, [])]
 
-    def tick_in_app_context():
-        with app.app_context():
-            try:
-                run_tick()
-            except Exception:
-                # A failed tick leaves its rows pending or leased; a later tick picks them up.
-                log.exception("tick failed")
+    def in_app_context(job_id, function):
+        def run():
+            with app.app_context():
+                try:
+                    function()
+                except Exception:
+                    # Jobs select work by database state: what failed now is picked up by a later run.
+                    log.exception("scheduled job failed", extra={"fields": {"job": job_id}})
+
+        return run
 
     scheduler = BlockingScheduler(timezone="UTC")
-    # coalesce + max_instances=1: a slow tick never overlaps the next, missed runs collapse into one; the
-    # grace time lets a run that was delayed by a slow tick still happen instead of being dropped.
-    scheduler.add_job(
-        tick_in_app_context,
-        "interval",
-        seconds=seconds,
-        coalesce=True,
-        max_instances=1,
-        misfire_grace_time=seconds,
-        id="rebill-tick",
-    )
-    click.echo(f"scheduler: one tick every {seconds}s")
-    tick_in_app_context()
+    for job_id, function, interval in jobs:
+        # coalesce + max_instances=1: a slow run never overlaps the next, missed runs collapse into one;
+        # the grace time lets a run delayed by a slow one still happen instead of being dropped.
+        scheduler.add_job(
+            in_app_context(job_id, function),
+            "interval",
+            seconds=interval,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=interval,
+            id=job_id,
+        )
+    click.echo("scheduler: " + ", ".join(f"{job_id} every {interval}s" for job_id, _, interval in jobs))
+    in_app_context("rebill-tick", run_tick)()
     scheduler.start()
 
 

@@ -74,7 +74,10 @@ def test_the_scheduler_process_runs_a_tick_at_start(database_url, stripe_server)
             lines.append(line)
             if "tick finished" in line:
                 break
-        assert any("scheduler: one tick every 3600s" in line for line in lines), lines
+        started = next(line for line in lines if line.startswith("scheduler:"))
+        assert "rebill-tick every 3600s" in started
+        # The factory composes GHL upkeep into the same single scheduler process.
+        assert "ghl-refresh-tokens every 600s" in started and "ghl-retry-deliveries every 600s" in started
         assert process.poll() is None  # still running, waiting for the next tick
     finally:
         process.send_signal(signal.SIGTERM)
