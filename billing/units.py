@@ -28,7 +28,7 @@ waits on aggregation on PostgreSQL (a duplicate of an event being aggregated rig
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, func, insert, select, text, tuple_, update
@@ -195,21 +195,48 @@ def measure_usage(
     direction: str | None,
 ) -> int:
     """Return how much of a client's charge_by one matched event carries (DESIGN.md §2 "What counts")."""
+    measure = usage_measure(charge_by, provider, message_source)
+    return measure(source, input_tokens, output_tokens, messages, direction)
+
+
+# The GHL message directions each message source counts; "platform" counts the AI platform's `messages`.
+GHL_DIRECTIONS = {"ghl_outbound": ("outbound",), "ghl_inbound": ("inbound",), "ghl_all": ("outbound", "inbound")}
+
+
+def usage_measure(charge_by: str, provider: str, message_source: str | None):
+    """Return the function (source, input, output, messages, direction) -> usage for a client's settings."""
     if charge_by == "tokens":
-        # Tokens are reported only by the AI platform through the usage API.
-        return input_tokens + output_tokens if source == "capri" else 0
+        # Tokens are reported only by the AI platform, through the usage API.
+        return lambda source, inputs, outputs, messages, direction: inputs + outputs if source == "capri" else 0
     if provider == "capri_api" or message_source == "platform":
-        return messages if source == "capri" else 0
-    if source != "ghl":
-        return 0
-    if message_source == "ghl_all" or (message_source or "ghl_outbound") == f"ghl_{direction}":
-        return messages
-    return 0
+        return lambda source, inputs, outputs, messages, direction: messages if source == "capri" else 0
+    directions = GHL_DIRECTIONS.get(message_source or "ghl_outbound", ())
+    return lambda source, inputs, outputs, messages, direction: (
+        messages if source == "ghl" and direction in directions else 0
+    )
 
 
 def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
     """Return the deterministic Stripe identifier of a client's n-th unit report (at most 45 chars)."""
     return f"rebill_{report_prefix}_{client_id}_{sequence}"
+
+
+def _fetch_all(statement) -> list[tuple]:
+    """Run a select on the session's connection and return plain DBAPI tuples (PostgreSQL hot path).
+
+    Streaming a million ledger rows through SQLAlchemy's per-row result processing costs seconds; the
+    values the aggregation reads (ids, strings, integers, aware datetimes from psycopg) need none of it.
+    """
+    compiled = statement.compile(dialect=db.engine.dialect)
+    connection = db.session.connection().connection.dbapi_connection
+    with connection.cursor() as cursor:
+        cursor.execute(str(compiled), compiled.params)
+        return cursor.fetchall()
+
+
+def _array_literal(values: Sequence[int | str]) -> str:
+    """Return a PostgreSQL array literal of integers or plain words (no quoting needed)."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime:
@@ -225,6 +252,7 @@ class _Tally:
     def __init__(self, row):
         for name in _TALLY_COLUMNS:
             setattr(self, name.key, getattr(row, name.key))
+        self.measure = usage_measure(self.charge_by, self.provider, self.message_source)
         self.new_usage = 0
         self.latest: dt.datetime | None = None
 
@@ -272,33 +300,27 @@ class _Aggregation:
                 # sees every pending event of its client (LockRows sits under LIMIT: rows that stopped
                 # being pending while we waited are skipped, not returned, so an empty batch means done).
                 claim = claim.with_for_update(skip_locked=self.skip_locked)
-            rows = db.session.execute(claim).all()
+            rows = _fetch_all(claim) if self.postgresql else db.session.execute(claim).all()
             if not rows:
                 return
-            after = rows[-1].id
-            live_keys = self._lock_clients({event_client_key(r.agency_id, r.channel_id, r.location_id) for r in rows})
-            self._write_events(self._classify(rows, live_keys))
+            after = rows[-1][0]
+            keys = {(row[1], "capri_api", row[3]) if row[3] is not None else (row[1], "ghl", row[4]) for row in rows}
+            live_keys = self._lock_clients(keys)
+            self._write_events(rows[0][0], after, *self._classify(rows, live_keys))
 
     def _lock_clients(self, keys: set[ClientKey]) -> set[ClientKey]:
         """Lock the live clients of these keys (skipping ones locked elsewhere); return every live key."""
         unknown = [key for key in keys if key not in self.by_key]
-        live: set[ClientKey] = set()
-        ids: list[int] = []
-        for start in range(0, len(unknown), KEY_LOOKUP_CHUNK):
-            chunk = unknown[start : start + KEY_LOOKUP_CHUNK]
-            found = db.session.execute(
-                select(_CLIENT.id, _CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).where(
-                    _CLIENT.deleted_at.is_(None),
-                    tuple_(_CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).in_(chunk),
-                )
-            ).all()
-            live.update((row.agency_id, row.provider, row.source_key) for row in found)
-            ids.extend(row.id for row in found)
+        if not unknown:
+            return set()
+        found = self._find_live_clients(unknown)
+        live = {(agency_id, provider, source_key) for _, agency_id, provider, source_key in found}
+        ids = sorted(client_id for client_id, *_ in found)
         for start in range(0, len(ids), KEY_LOOKUP_CHUNK):
             # Consistent id order; SKIP LOCKED so aggregation never waits (see the module docstring).
             locked = db.session.execute(
                 select(*_TALLY_COLUMNS)
-                .where(_CLIENT.id.in_(sorted(ids)[start : start + KEY_LOOKUP_CHUNK]), _CLIENT.deleted_at.is_(None))
+                .where(_CLIENT.id.in_(ids[start : start + KEY_LOOKUP_CHUNK]), _CLIENT.deleted_at.is_(None))
                 .order_by(_CLIENT.id)
                 .with_for_update(skip_locked=self.skip_locked)
             ).all()
@@ -306,30 +328,57 @@ class _Aggregation:
                 tally = _Tally(row)
                 self.tallies[tally.id] = tally
                 self.by_key[tally.key] = tally
-        return live | set(self.by_key)
+        return live
 
-    def _classify(self, rows: Iterable, live_keys: set[ClientKey]) -> list[dict]:
-        """Decide each event's new state and add counted usage to its client's tally."""
-        changes = []
-        for row in rows:
-            key = event_client_key(row.agency_id, row.channel_id, row.location_id)
-            tally = self.by_key.get(key)
+    def _find_live_clients(self, keys: list[ClientKey]) -> list[tuple[int, int, str, str]]:
+        """Return (id, agency_id, provider, source_key) of the live clients of these keys (no lock)."""
+        if self.postgresql:
+            # One statement for any number of keys; the join uses the live-source unique index.
+            return db.session.execute(
+                text(
+                    "SELECT c.id, c.agency_id, c.provider, c.source_key FROM rebill_client AS c "
+                    "JOIN unnest(CAST(:agencies AS integer[]), CAST(:providers AS text[]), CAST(:keys AS text[])) "
+                    "AS k(agency_id, provider, source_key) ON c.agency_id = k.agency_id "
+                    "AND c.provider = k.provider AND c.source_key = k.source_key WHERE c.deleted_at IS NULL"
+                ),
+                {
+                    "agencies": [key[0] for key in keys],
+                    "providers": [key[1] for key in keys],
+                    "keys": [key[2] for key in keys],
+                },
+            ).all()
+        found = []
+        for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
+            found += db.session.execute(
+                select(_CLIENT.id, _CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).where(
+                    _CLIENT.deleted_at.is_(None),
+                    tuple_(_CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).in_(
+                        keys[start : start + KEY_LOOKUP_CHUNK]
+                    ),
+                )
+            ).all()
+        return found
+
+    def _classify(self, rows: Sequence, live_keys: set[ClientKey]) -> tuple[list, list, list, list]:
+        """Decide each event's new state (as parallel lists) and add counted usage to its client's tally.
+
+        Client id 0 stands for "no client" (unmapped), so the lists stay plain integers.
+        """
+        ids, states, client_ids, quantities = [], [], [], []
+        by_key = self.by_key
+        for event_id, agency_id, source, channel_id, location_id, inputs, outputs, messages, direction, at in rows:
+            key = (agency_id, "capri_api", channel_id) if channel_id is not None else (agency_id, "ghl", location_id)
+            tally = by_key.get(key)
             if tally is None:
                 if key in live_keys:
                     self.deferred += 1  # its client is locked by an edit or another pass: next pass
                     continue
-                changes.append({"b_id": row.id, "b_state": "unmapped", "b_client_id": None, "b_counted": 0})
+                ids.append(event_id)
+                states.append("unmapped")
+                client_ids.append(0)
+                quantities.append(0)
                 continue
-            quantity = measure_usage(
-                tally.charge_by,
-                tally.provider,
-                tally.message_source,
-                row.source,
-                row.input_tokens,
-                row.output_tokens,
-                row.messages,
-                row.direction,
-            )
+            quantity = tally.measure(source, inputs, outputs, messages, direction)
             if quantity == 0:
                 state = "ignored"
             elif tally.status == "paused":
@@ -337,28 +386,38 @@ class _Aggregation:
             else:
                 state = "counted"
                 tally.new_usage += quantity
-                if tally.latest is None or row.occurred_at > tally.latest:
-                    tally.latest = row.occurred_at
-            changes.append({"b_id": row.id, "b_state": state, "b_client_id": tally.id, "b_counted": quantity})
-        return changes
+                if tally.latest is None or at > tally.latest:
+                    tally.latest = at
+            ids.append(event_id)
+            states.append(state)
+            client_ids.append(tally.id)
+            quantities.append(quantity)
+        return ids, states, client_ids, quantities
 
-    def _write_events(self, changes: list[dict]) -> None:
+    def _write_events(self, first_id: int, last_id: int, ids: list, states: list, client_ids: list, quantities: list):
         """Move a batch of events out of pending in one statement."""
-        if not changes:
+        if not ids:
             return
-        self.events += len(changes)
+        self.events += len(ids)
         if self.postgresql:
+            # Arrays as text literals (integers and fixed state words only): far cheaper to
+            # build than adapting Python lists element by element. The id range keeps the join on the
+            # primary key instead of a scan of the whole ledger.
             db.session.execute(
                 text(
-                    "UPDATE usage_event AS e SET state = v.state, client_id = v.client_id, counted = v.counted "
+                    "UPDATE usage_event AS e SET state = v.state, client_id = NULLIF(v.client_id, 0), "
+                    "counted = v.counted "
                     "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:client_ids AS integer[]), "
-                    "CAST(:counted AS bigint[])) AS v(id, state, client_id, counted) WHERE e.id = v.id"
+                    "CAST(:counted AS bigint[])) AS v(id, state, client_id, counted) "
+                    "WHERE e.id = v.id AND e.id BETWEEN :first_id AND :last_id"
                 ),
                 {
-                    "ids": [change["b_id"] for change in changes],
-                    "states": [change["b_state"] for change in changes],
-                    "client_ids": [change["b_client_id"] for change in changes],
-                    "counted": [change["b_counted"] for change in changes],
+                    "ids": _array_literal(ids),
+                    "states": _array_literal(states),
+                    "client_ids": _array_literal(client_ids),
+                    "counted": _array_literal(quantities),
+                    "first_id": first_id,
+                    "last_id": last_id,
                 },
             )
             return
@@ -366,7 +425,10 @@ class _Aggregation:
             update(UsageEvent.__table__)
             .where(_EVENT.id == bindparam("b_id"))
             .values(state=bindparam("b_state"), client_id=bindparam("b_client_id"), counted=bindparam("b_counted")),
-            changes,
+            [
+                {"b_id": event_id, "b_state": state, "b_client_id": client_id or None, "b_counted": quantity}
+                for event_id, state, client_id, quantity in zip(ids, states, client_ids, quantities, strict=True)
+            ],
         )
 
     def finish(self) -> AggregationResult:
@@ -404,6 +466,18 @@ class _Aggregation:
                     }
                 )
         if client_rows:
+            self._write_clients(client_rows)
+        if report_rows:
+            # Written last: if the outbox insert fails, the whole transaction (counters, event states)
+            # rolls back with it, so there are never counters without their outbox row.
+            self._write_reports(report_rows)
+            self.reports = len(report_rows)
+        self._expire_loaded(client_rows)
+        return AggregationResult(events=self.events, units=self.units, reports=self.reports, deferred=self.deferred)
+
+    def _write_clients(self, client_rows: list[dict]) -> None:
+        """Store the new counters of every client this pass changed, in one statement on PostgreSQL."""
+        if not self.postgresql:
             db.session.execute(
                 update(RebillClient.__table__)
                 .where(_CLIENT.id == bindparam("b_id"))
@@ -416,13 +490,48 @@ class _Aggregation:
                 ),
                 client_rows,
             )
-        if report_rows:
-            # Written last: if the outbox insert fails, the whole transaction (counters, event states)
-            # rolls back with it, so there are never counters without their outbox row.
+            return
+        db.session.execute(
+            text(
+                "UPDATE rebill_client AS c SET counted_usage = v.counted_usage, units_logged = v.units_logged, "
+                "remainder = v.remainder, report_sequence = v.report_sequence, updated_at = :now "
+                "FROM unnest(CAST(:ids AS integer[]), CAST(:counted AS bigint[]), CAST(:units AS bigint[]), "
+                "CAST(:remainders AS bigint[]), CAST(:sequences AS integer[])) "
+                "AS v(id, counted_usage, units_logged, remainder, report_sequence) WHERE c.id = v.id"
+            ),
+            {
+                "ids": _array_literal([row["b_id"] for row in client_rows]),
+                "counted": _array_literal([row["b_counted_usage"] for row in client_rows]),
+                "units": _array_literal([row["b_units_logged"] for row in client_rows]),
+                "remainders": _array_literal([row["b_remainder"] for row in client_rows]),
+                "sequences": _array_literal([row["b_report_sequence"] for row in client_rows]),
+                "now": self.now,
+            },
+        )
+
+    def _write_reports(self, report_rows: list[dict]) -> None:
+        """Insert the pass's outbox rows, in one statement on PostgreSQL."""
+        if not self.postgresql:
             db.session.execute(insert(UnitReport.__table__), report_rows)
-            self.reports = len(report_rows)
-        self._expire_loaded(client_rows)
-        return AggregationResult(events=self.events, units=self.units, reports=self.reports, deferred=self.deferred)
+            return
+        db.session.execute(
+            text(
+                "INSERT INTO unit_report (agency_id, client_id, identifier, units, usage_timestamp, status, "
+                "attempts, next_attempt_at, created_at, updated_at) "
+                "SELECT v.agency_id, v.client_id, v.identifier, v.units, v.usage_timestamp, 'pending', 0, "
+                ":now, :now, :now FROM unnest(CAST(:agencies AS integer[]), CAST(:clients AS integer[]), "
+                "CAST(:identifiers AS text[]), CAST(:units AS bigint[]), CAST(:stamps AS timestamptz[])) "
+                "AS v(agency_id, client_id, identifier, units, usage_timestamp)"
+            ),
+            {
+                "agencies": [row["agency_id"] for row in report_rows],
+                "clients": [row["client_id"] for row in report_rows],
+                "identifiers": [row["identifier"] for row in report_rows],
+                "units": [row["units"] for row in report_rows],
+                "stamps": [row["usage_timestamp"] for row in report_rows],
+                "now": self.now,
+            },
+        )
 
     @staticmethod
     def _expire_loaded(client_rows: list[dict]) -> None:
