@@ -93,14 +93,26 @@ def update_client(
     channel/subaccount is mapped from now on (its earlier usage stays unmapped). Changing charge_by keeps
     the remainder (never dropped, rule 1) and applies it toward the next unit of the new measure.
     """
+    # Validate and ask Stripe before taking any lock: a slow Stripe must not hold the client (or, on
+    # SQLite, the whole database) while usage keeps arriving.
+    snapshot = get_client(agency, client_id)
+    values = validate_client_fields(fields, current=_field_values(snapshot), known_location_ids=known_location_ids)
+    checked = {name: values[name] for name in STRIPE_FIELDS}
+    reporting = {}
+    if any(getattr(snapshot, name) != value for name, value in checked.items()):
+        reporting = stripe_reporting_config(agency, values)
+
     current = _locked_client(agency, client_id)
-    values = validate_client_fields(fields, current=_field_values(current), known_location_ids=known_location_ids)
+    values = validate_client_fields(fields, current=_field_values(current), known_location_ids=None)
     changed = {name: value for name, value in values.items() if getattr(current, name) != value}
     if not changed:
         return current
-    reporting = {}
-    if any(name in changed for name in STRIPE_FIELDS):
+    stripe_changed = any(name in changed for name in STRIPE_FIELDS)
+    if stripe_changed and (not reporting or any(values[name] != checked[name] for name in STRIPE_FIELDS)):
+        # Another edit changed the Stripe fields while we were asking Stripe: check what we will store.
         reporting = stripe_reporting_config(agency, values)
+    if not stripe_changed:
+        reporting = {}
     source_key = _source_key(values)
     new_source = (values["provider"], source_key) != (current.provider, current.source_key)
     if new_source:

@@ -152,10 +152,17 @@ def settle_source_before_mapping(agency_id: int, provider: str, source_key: str,
     """
     where = source_filter(agency_id, provider, source_key)
     if not bill_unmapped:
+        # Waits for events a running pass claimed; that pass marks them unmapped too (it cannot see the
+        # client this transaction is creating), and they no longer match "pending" when we get them.
         db.session.execute(
             update(UsageEvent.__table__).where(_EVENT.state == "pending", *where).values(state="unmapped")
         )
         return 0
+    # Lock (waiting) the source's pending and unmapped events first: events a running pass claimed come
+    # back here as "unmapped" once it commits, and are then put back to pending with the others.
+    db.session.execute(
+        select(_EVENT.id).where(_EVENT.state.in_(("pending", "unmapped")), *where).with_for_update()
+    ).all()
     db.session.execute(update(UsageEvent.__table__).where(_EVENT.state == "unmapped", *where).values(state="pending"))
     return db.session.scalar(select(func.count()).where(_EVENT.state == "pending", *where))
 
@@ -175,13 +182,6 @@ def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:
     """Return the WHERE terms selecting usage events of one channel (capri_api) or subaccount (ghl)."""
     column = _EVENT.channel_id if provider == "capri_api" else _EVENT.location_id
     return (_EVENT.agency_id == agency_id, column == source_key)
-
-
-def event_client_key(agency_id: int, channel_id: str | None, location_id: str | None) -> ClientKey:
-    """Return the (agency, provider, source_key) of the only kind of client that can map an event."""
-    if channel_id is not None:
-        return (agency_id, "capri_api", channel_id)
-    return (agency_id, "ghl", location_id)
 
 
 def measure_usage(
