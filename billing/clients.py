@@ -145,6 +145,8 @@ def delete_client(agency: Agency, client_id: int) -> None:
 
 def get_client(agency: Agency, client_id: int) -> RebillClient:
     """Return a live client of this agency; NotFound for other agencies' ids and deleted clients."""
+    if not isinstance(client_id, int) or isinstance(client_id, bool):
+        raise NotFound("client not found")
     client = db.session.scalars(
         select(RebillClient).where(
             RebillClient.id == client_id, RebillClient.agency_id == agency.id, RebillClient.deleted_at.is_(None)
@@ -302,9 +304,9 @@ def _check_price(price: PriceInfo, values: Mapping[str, Any]) -> None:
 
 def _locked_client(agency: Agency, client_id: int) -> RebillClient:
     """Take the write lock / the client's row lock and return it fresh; NotFound if not this agency's."""
-    take_write_lock()
     if not isinstance(client_id, int) or isinstance(client_id, bool):
         raise NotFound("client not found")
+    take_write_lock()
     client = _lock_client_row(agency.id, client_id)
     if client is None:
         raise NotFound("client not found")

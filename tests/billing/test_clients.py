@@ -432,3 +432,11 @@ def test_pause_clients_for_location_pauses_its_live_clients_after_counting_their
     assert (fresh(on_location).status, fresh(elsewhere).status) == ("paused", "active")
     assert event_states(stripe.agency) == {"before": "counted", "after": "paused"}
     assert fresh(on_location).units_logged == 1
+
+
+def test_ids_that_are_not_integers_are_not_found(stripe):
+    for bad in ("1", None, True):
+        with pytest.raises(NotFound):
+            get_client(stripe.agency, bad)
+        with pytest.raises(NotFound):
+            delete_client(stripe.agency, bad)
