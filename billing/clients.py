@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from billing.errors import ClientInvalid, NotFound
 from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient
+from billing.reporting import retry_failed_reports
 from billing.stripe_gateway import (
     PriceInfo,
     StripeKeyRejected,
@@ -132,6 +133,9 @@ def update_client(
             raise ClientInvalid({_source_field(values["provider"]): "another client already uses it"}) from None
         settle_source_before_mapping(agency.id, values["provider"], source_key, bill_unmapped=False)
     db.session.flush()
+    if stripe_changed:
+        # The agency fixed what Stripe refused (customer, price): the client's failed reports are due again.
+        retry_failed_reports(agency, current.id)
     return current
 
 

@@ -440,3 +440,25 @@ def test_ids_that_are_not_integers_are_not_found(stripe):
             get_client(stripe.agency, bad)
         with pytest.raises(NotFound):
             delete_client(stripe.agency, bad)
+
+
+def test_fixing_a_clients_stripe_customer_makes_its_failed_reports_due_again(stripe):
+    from billing.models import UnitReport
+    from billing.reporting import report_pending_units
+
+    client = create_client(stripe.agency, stripe.fields(billing_unit=10))
+    db.session.commit()
+    record(stripe.agency, tokens("e1", 25))
+    aggregate_pending_usage()
+    db.session.commit()
+    stripe.state.delete_customer(stripe.key, stripe.customer)  # Stripe now refuses the units
+    report_pending_units()
+    (report,) = reports_of(client)
+    assert (report.status, report.units) == ("failed", 2)
+
+    replacement = stripe.state.create_customer(stripe.key, name="Acme again")["id"]
+    update_client(stripe.agency, client.id, {"stripe_customer_id": replacement})
+    db.session.commit()
+    assert db.session.get(UnitReport, report.id).status == "pending"
+    report_pending_units()
+    assert stripe.state.total_units(stripe.key, replacement, "ai_units") == 2
