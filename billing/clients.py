@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from billing.errors import ClientInvalid, NotFound
-from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient
+from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
 from billing.reporting import retry_failed_reports
 from billing.stripe_gateway import (
     PriceInfo,
@@ -149,7 +149,7 @@ def delete_client(agency: Agency, client_id: int) -> None:
 
 def get_client(agency: Agency, client_id: int) -> RebillClient:
     """Return a live client of this agency; NotFound for other agencies' ids and deleted clients."""
-    if not isinstance(client_id, int) or isinstance(client_id, bool):
+    if not is_row_id(client_id):
         raise NotFound("client not found")
     client = db.session.scalars(
         select(RebillClient).where(
@@ -308,7 +308,7 @@ def _check_price(price: PriceInfo, values: Mapping[str, Any]) -> None:
 
 def _locked_client(agency: Agency, client_id: int) -> RebillClient:
     """Take the write lock / the client's row lock and return it fresh; NotFound if not this agency's."""
-    if not isinstance(client_id, int) or isinstance(client_id, bool):
+    if not is_row_id(client_id):
         raise NotFound("client not found")
     take_write_lock()
     client = _lock_client_row(agency.id, client_id)

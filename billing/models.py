@@ -22,6 +22,14 @@ USAGE_SOURCES = ("ghl", "capri")
 # paused: its client was paused; ignored: mapped, but the client does not count this kind of usage.
 USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored")
 REPORT_STATUSES = ("pending", "sent", "failed")
+# Integer primary keys are 32-bit on PostgreSQL: a larger number names no row, and PostgreSQL would refuse
+# to compare it with the column (an error, not "not found").
+MAX_ROW_ID = 2**31 - 1
+
+
+def is_row_id(value: object) -> bool:
+    """Tell whether a value can be the id of a row with an Integer primary key."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ROW_ID
 
 
 def new_report_prefix() -> str:

@@ -18,7 +18,7 @@ import string
 from sqlalchemy import or_, select, update
 
 from billing.errors import ClientInvalid, NotFound
-from billing.models import Agency
+from billing.models import Agency, is_row_id
 from capri.models import ApiKey
 from core.database import db, utcnow
 
@@ -54,6 +54,8 @@ def create_api_key(agency_id: int, name: str | None = None) -> tuple[ApiKey, str
 
 def revoke_api_key(agency_id: int, key_id: int) -> None:
     """Revoke one of the agency's keys; revoking twice keeps the first time. Other agencies' ids → NotFound."""
+    if not is_row_id(key_id):
+        raise NotFound("API key not found")
     api_key = db.session.scalars(
         select(ApiKey).where(ApiKey.id == key_id, ApiKey.agency_id == agency_id)
     ).one_or_none()

@@ -56,6 +56,8 @@ def test_revoke_by_id_or_prefix_and_only_the_companys_own(runner, app_context):
     assert result.exit_code != 0 and "no API key" in result.output
     result = runner.invoke(args=["rebill", "api-key", "revoke", "--company", "company-a", "rbk_unknown"])
     assert result.exit_code != 0 and "no API key" in result.output
+    result = runner.invoke(args=["rebill", "api-key", "revoke", "--company", "company-a", str(2**40)])
+    assert result.exit_code != 0 and "no API key" in result.output
 
     result = runner.invoke(args=["rebill", "api-key", "revoke", "--company", "company-a", prefix_a])
     assert result.exit_code == 0, result.output

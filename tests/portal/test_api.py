@@ -271,6 +271,20 @@ def test_agency_a_can_neither_see_nor_change_agency_b(portal_app, portal_client,
         assert db.session.get(ApiKey, b_key["id"]).revoked_at is None
 
 
+def test_ids_beyond_the_databases_integer_range_answer_404(portal_client, tenant_a):
+    headers = sign_in(portal_client, "company-a")
+    huge = 2**31  # PostgreSQL refuses to compare it with an integer column: never a 503 "database unavailable"
+    for method, path, body in [
+        ("GET", f"/api/portal/clients/{huge}", None),
+        ("PATCH", f"/api/portal/clients/{huge}", {"status": "paused"}),
+        ("DELETE", f"/api/portal/clients/{huge}", None),
+        ("GET", f"/api/portal/clients/{huge}/usage", None),
+        ("DELETE", f"/api/portal/api-keys/{huge}", None),
+    ]:
+        answer = portal_client.open(path, method=method, json=body, headers=headers)
+        assert answer.status_code == 404, (method, path, answer.get_json())
+
+
 def usage_record(event_id: str, **source) -> UsageRecord:
     return UsageRecord(
         source="capri",
