@@ -17,6 +17,8 @@ import requests
 from authlib.integrations.requests_client import OAuth2Session, OAuthError
 from flask import current_app
 
+from ghl.payloads import ID_MAX_LENGTH
+
 log = logging.getLogger("ghl.client")
 
 # Version header per service: conversations is documented under 2021-04-15, oauth/locations/marketplace
@@ -30,6 +32,8 @@ MAX_BACKOFF_SECONDS = 15.0
 # The choose-location page moved under /v2/ on 2026-05-27 (docs/oauth/Authorization.md, commit ae4d260).
 CHOOSE_LOCATION_PATH = "/v2/oauth/chooselocation"
 INSTALLED_LOCATIONS_PAGE = 100
+TOKEN_LIFETIME_DEFAULT = 86399  # seconds; GHL's access tokens live about a day (reference/ghl.md §1.4)
+TOKEN_LIFETIME_MAX = 366 * 86400
 
 
 class GhlError(Exception):
@@ -115,22 +119,26 @@ class TokenGrant:
         if kind not in ("Company", "Location"):
             raise GhlResponseInvalid(f"unknown userType {kind!r} in the token response")
         try:
-            expires_in = int(body.get("expires_in") or 86399)
-        except (TypeError, ValueError):
-            expires_in = 86399
-        approved = body.get("approvedLocations") or ()
+            expires_in = int(body.get("expires_in") or TOKEN_LIFETIME_DEFAULT)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
+            expires_in = TOKEN_LIFETIME_DEFAULT
+        approved = body.get("approvedLocations")
         return cls(
             access_token=access_token,
-            refresh_token=body.get("refresh_token") or None,
-            expires_in=max(expires_in, 60),
+            refresh_token=_optional_str(body.get("refresh_token")),
+            # Clamped: a lifetime beyond datetime's range would crash storing it, and refreshing early is harmless.
+            expires_in=min(max(expires_in, 60), TOKEN_LIFETIME_MAX),
             user_type=kind,
-            company_id=_optional_str(body.get("companyId")) or company_id,
-            location_id=_optional_str(body.get("locationId")),
+            company_id=_ghl_id(body.get("companyId"), "companyId") or company_id,
+            location_id=_ghl_id(body.get("locationId"), "locationId"),
             scope=_optional_str(body.get("scope")),
             user_id=_optional_str(body.get("userId")),
-            plan_id=_optional_str(body.get("planId")),
+            plan_id=_ghl_id(body.get("planId"), "planId"),
             is_bulk_installation=bool(body.get("isBulkInstallation")),
-            approved_locations=tuple(str(item) for item in approved if isinstance(item, str) and item),
+            approved_locations=tuple(
+                _ghl_id(item, "approvedLocations") for item in (approved if isinstance(approved, list) else ())
+                if isinstance(item, str) and item
+            ),
         )
 
 
@@ -332,7 +340,7 @@ class GhlClient:
                 raise GhlGrantRejected(f"GHL refused the grant: {error.error}") from None
             except requests.RequestException as error:
                 raise GhlUnavailable(f"GHL unreachable: {type(error).__name__}") from None
-            except ValueError as error:
+            except (ValueError, OverflowError) as error:  # OverflowError: authlib reading an infinite expires_in
                 raise GhlResponseInvalid(f"GHL's token endpoint answered an unusable body: {error}") from None
             finally:
                 session.close()
@@ -479,3 +487,11 @@ def _number(value: Any) -> float | None:
 
 def _optional_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _ghl_id(value: Any, name: str) -> str | None:
+    """A GHL id from a token answer, or None; one longer than our id columns is an unusable answer."""
+    value = _optional_str(value)
+    if value is not None and len(value) > ID_MAX_LENGTH:
+        raise GhlResponseInvalid(f"the token response's {name} is longer than {ID_MAX_LENGTH} characters")
+    return value

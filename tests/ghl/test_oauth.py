@@ -3,6 +3,7 @@ stores the install, or ends on an error page (4xx/502, never 500, never the succ
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from urllib.parse import parse_qs, urlsplit
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 
 from billing.agencies import find_agency
 from billing.models import Agency
-from core.database import db
+from core.database import db, utcnow
 from ghl.installs import is_agency_installed, is_location_installed
 from ghl.locations import list_subaccounts
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlToken
@@ -217,10 +218,16 @@ def test_a_state_we_did_not_sign_is_refused_before_any_exchange(app_context, cli
         ({"status": 503, "body": "<html>maintenance</html>"}, 502),
         ({"status": 200, "body": "not json"}, 502),
         ({"status": 200, "json": {"token_type": "Bearer"}}, 502),
+        ({"status": 200, "json": load_payload("token_location") | {"locationId": "l" * 65}}, 502),
+        ({"status": 200, "json": load_payload("token_company_bulk") | {"companyId": "c" * 65}}, 502),
+        ({"status": 200, "body": json.dumps(load_payload("token_location") | {"expires_in": 1e400})}, 502),
         ({"body": requests.ConnectionError("down")}, 502),
         ({"body": requests.Timeout("slow")}, 502),
     ],
-    ids=["400", "401", "422", "200-error", "500", "503-html", "not-json", "no-token", "network", "timeout"],
+    ids=[
+        "400", "401", "422", "200-error", "500", "503-html", "not-json", "no-token", "long-location-id",
+        "long-company-id", "infinite-lifetime", "network", "timeout",
+    ],
 )
 def test_a_failed_exchange_ends_on_an_error_page_and_stores_nothing(app_context, client, ghl_api, fake, status):
     ghl_api.post(TOKEN_URL, **fake)
@@ -230,6 +237,22 @@ def test_a_failed_exchange_ends_on_an_error_page_and_stores_nothing(app_context,
     assert b"Rebill is installed" not in response.data
     assert db.session.scalars(select(Agency)).all() == []
     assert db.session.scalars(select(GhlToken)).all() == []
+
+
+def test_a_huge_token_lifetime_is_clamped_not_a_500(app_context, client, ghl_api):
+    ghl_api.post(TOKEN_URL, json=load_payload("token_location") | {"expires_in": 10**30})
+    ghl_api.get(f"{API}/locations/{LOCATION_ID}", json={"location": {"id": LOCATION_ID, "name": "Downtown Dental"}})
+    assert client.get("/oauth/callback?code=abc123").status_code == 200
+    assert stored_token(LOCATION_ID).expires_at - utcnow() < dt.timedelta(days=367)  # refreshed within a year
+
+
+@pytest.mark.parametrize("approved", [5, "loc0"], ids=["a-number", "a-string"])
+def test_approved_locations_that_are_not_a_list_are_ignored(app_context, client, ghl_api, approved):
+    fake_company_install(ghl_api, [], approved=approved)
+    assert client.get("/oauth/callback?code=bulk").status_code == 200
+    assert is_agency_installed(COMPANY_ID)
+    assert db.session.scalars(select(GhlLocation)).all() == []  # not one subaccount per character
+    assert [call.request.url for call in ghl_api.calls if call.request.url == LOCATION_TOKEN_URL] == []
 
 
 def test_a_callback_that_cannot_store_is_a_503_page_not_a_500(make_app, ghl_config, ghl_api, backend, tmp_path):
