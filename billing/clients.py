@@ -68,6 +68,11 @@ def create_client(
     ghl client's location_id must be one of them. None skips that check (the caller vouches for the id).
     """
     values = validate_client_fields(fields, known_location_ids=known_location_ids)
+    if bill_unmapped_usage and values["status"] == "paused":
+        # The earlier usage would be aggregated as "paused" and so never billed, against the agency's choice.
+        raise ClientInvalid(
+            {"bill_unmapped_usage": "a paused client bills nothing: add it active to bill the earlier usage"}
+        )
     reporting = stripe_reporting_config(agency, values)
     take_write_lock()
     source_key = _source_key(values)

@@ -331,6 +331,16 @@ def test_rule3_an_agency_choosing_to_bill_unmapped_usage_bills_the_sources_earli
     assert [report.units for report in reports_of(client)] == [8]
 
 
+def test_rule3_billing_unmapped_usage_is_refused_for_a_client_added_paused(stripe):
+    record(stripe.agency, tokens("early", 4000))
+    aggregate_pending_usage()
+    with pytest.raises(ClientInvalid) as refused:
+        create_client(stripe.agency, stripe.fields(status="paused"), bill_unmapped_usage=True)
+    assert "paused" in refused.value.errors["bill_unmapped_usage"]
+    assert client_count() == 0
+    assert event_states(stripe.agency) == {"early": "unmapped"}  # still billable by a client added active
+
+
 def test_rule3_usage_counted_by_a_deleted_client_is_never_billed_again_by_its_successor(stripe):
     first = create_client(stripe.agency, stripe.fields())
     record(stripe.agency, tokens("first", 2000))
