@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 
 from flask import Blueprint, abort, current_app, g, jsonify, request
@@ -62,16 +63,29 @@ def authenticate():
     g.agency = session_agency(session)
 
 
-def billing_admin(view):
-    """Refuse the view with 403 unless the user is an agency admin."""
+def _allowed_if(permitted: Callable[[PortalSession], bool], reason: str):
+    """Make a view answer 403 with ``reason`` unless ``permitted`` says yes for the signed-in session."""
 
-    @functools.wraps(view)
-    def wrapper(*args, **kwargs):
-        if not g.portal_session.can_manage_billing:
-            abort(403, "only agency admins can change billing settings")
-        return view(*args, **kwargs)
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            if not permitted(g.portal_session):
+                abort(403, reason)
+            return view(*args, **kwargs)
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+billing_admin = _allowed_if(
+    lambda session: session.can_manage_billing, "only agency admins can change billing settings"
+)
+# A subaccount user is the agency's customer: the agency's Stripe account, prices and API keys are not theirs.
+agency_user = _allowed_if(
+    lambda session: session.sees_agency_settings,
+    "only agency users can see the agency's Stripe connection, prices and API keys",
+)
 
 
 @blueprint.errorhandler(SessionRefused)
@@ -157,6 +171,7 @@ def me():
 
 
 @blueprint.get("/stripe-key")
+@agency_user
 def stripe_status():
     """Show the agency's Stripe connection (never the key)."""
     return jsonify(_stripe_json(g.agency))
@@ -184,6 +199,7 @@ def delete_stripe_key():
 
 
 @blueprint.get("/prices")
+@agency_user
 def prices():
     """List the agency's Stripe products and prices, each marked usable or not, with the reason."""
     return jsonify(products=_jsonable(list_prices(g.agency)))
@@ -272,6 +288,7 @@ def unmapped():
 
 
 @blueprint.get("/api-keys")
+@agency_user
 def api_keys():
     """List the agency's API keys by prefix (the keys themselves are not stored)."""
     return jsonify(api_keys=[_api_key_json(key) for key in list_api_keys(g.agency.id)])
@@ -346,7 +363,10 @@ def _session_answer(session: PortalSession):
 
 
 def _session_json(session: PortalSession) -> dict:
-    return asdict(session) | {"can_manage_billing": session.can_manage_billing}
+    return asdict(session) | {
+        "can_manage_billing": session.can_manage_billing,
+        "sees_agency_settings": session.sees_agency_settings,
+    }
 
 
 def _stripe_json(agency: Agency) -> dict:

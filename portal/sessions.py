@@ -44,6 +44,14 @@ class PortalSession:
         """Tell whether this user may change billing settings (agency admins only, DESIGN.md §1)."""
         return self.user_type == "agency" and self.role == "admin"
 
+    @property
+    def sees_agency_settings(self) -> bool:
+        """Tell whether this user may read the agency's own settings (Stripe account, prices, API keys).
+
+        Agency users only: a subaccount user is the agency's customer and sees their subaccount only.
+        """
+        return self.user_type == "agency"
+
 
 def open_session(user: SsoUser) -> PortalSession:
     """Admit a decrypted GHL user if Rebill is installed for their agency or their subaccount."""

@@ -173,9 +173,13 @@
     "api-keys": showApiKeys,
   };
 
+  // The agency's own settings; subaccount users (the agency's customers) neither see nor load them.
+  const AGENCY_VIEWS = new Set(["stripe", "api-keys"]);
+
   async function route() {
     const [name, id] = (location.hash.replace(/^#/, "") || "clients").split("/");
-    const view = views[name] ? name : "clients";
+    const allowed = views[name] && (state.session.sees_agency_settings || !AGENCY_VIEWS.has(name));
+    const view = allowed ? name : "clients";
     for (const section of $$(".view")) section.hidden = section.dataset.view !== view;
     for (const tab of $$(".tabs a")) {
       const current = tab.dataset.tab === view || (view === "client" && tab.dataset.tab === "clients");
@@ -191,6 +195,12 @@
   }
 
   // ---- shared data ----------------------------------------------------------------------------------
+  // Once per page: the Stripe connection and its prices, for agency users (they label clients' prices).
+  function loadAgencySettings() {
+    if (state.stripe || !state.session.sees_agency_settings) return Promise.resolve();
+    return loadStripe().then(loadProducts);
+  }
+
   async function loadStripe() {
     state.stripe = await api("GET", "/stripe-key");
     return state.stripe;
@@ -236,12 +246,9 @@
 
   // ---- clients --------------------------------------------------------------------------------------
   async function showClients() {
-    const [clients] = await Promise.all([
-      api("GET", "/clients"),
-      state.stripe ? Promise.resolve() : loadStripe().then(loadProducts),
-    ]);
+    const [clients] = await Promise.all([api("GET", "/clients"), loadAgencySettings()]);
     state.clients = clients.clients;
-    $("#stripe-missing").hidden = Boolean(state.stripe && state.stripe.connected);
+    $("#stripe-missing").hidden = !state.session.sees_agency_settings || Boolean(state.stripe && state.stripe.connected);
     const body = $("#clients-table tbody");
     body.replaceChildren(...state.clients.map(clientRow));
     $("#clients-empty").hidden = state.clients.length > 0;
@@ -272,7 +279,7 @@
     const [client, usage] = await Promise.all([
       api("GET", `/clients/${encodeURIComponent(id)}`),
       api("GET", `/clients/${encodeURIComponent(id)}/usage`),
-      state.stripe ? Promise.resolve() : loadStripe().then(loadProducts),
+      loadAgencySettings(),
     ]);
     $("#client-title").textContent = client.nickname;
     const status = $("#client-status");
@@ -740,6 +747,7 @@
     $("#who").textContent = `${session.can_manage_billing ? "Agency admin" : "Read only"}${session.demo ? " · demo" : ""}`;
     document.body.classList.toggle("read-only", !session.can_manage_billing);
     for (const node of $$("[data-admin-only]")) node.hidden = !session.can_manage_billing;
+    for (const node of $$("[data-agency-only]")) node.hidden = !session.sees_agency_settings;
     $("#signing-in").hidden = true;
     $("#portal").hidden = false;
     await route();

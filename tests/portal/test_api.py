@@ -235,6 +235,28 @@ def test_non_admins_read_but_cannot_change_billing_settings(portal_app, portal_c
         assert db.session.get(Agency, tenant_a.agency_id).stripe_key_ciphertext is not None
 
 
+def test_a_subaccount_user_sees_their_subaccount_but_not_the_agencys_own_settings(portal_client, tenant_a):
+    admin = sign_in(portal_client, "company-a")
+    connect(portal_client, admin, tenant_a)
+    add_client(portal_client, admin, tenant_a, nickname="Other channel")
+    own = add_client(
+        portal_client, admin, tenant_a, provider="ghl", channel_id=None, location_id=tenant_a.location_id,
+        charge_by="messages", billing_unit=10,
+    )
+    portal_client.post("/api/portal/api-keys", json={"name": "platform"}, headers=admin)
+    subaccount_user = sign_in(
+        portal_client, "company-a", role="admin", user_type="location", location=tenant_a.location_id, user_id="u-3"
+    )
+
+    for path in ("/api/portal/stripe-key", "/api/portal/prices", "/api/portal/api-keys"):
+        answer = portal_client.get(path, headers=subaccount_user)
+        assert answer.status_code == 403, path
+        assert "agency users" in answer.get_json()["error"]
+    listed = portal_client.get("/api/portal/clients", headers=subaccount_user).get_json()["clients"]
+    assert [row["id"] for row in listed] == [own["id"]]
+    assert portal_client.get(f"/api/portal/clients/{own['id']}/usage", headers=subaccount_user).status_code == 200
+
+
 def test_agency_a_can_neither_see_nor_change_agency_b(portal_app, portal_client, tenant_a, tenant_b):
     a = sign_in(portal_client, "company-a")
     b = sign_in(portal_client, "company-b", user_id="user-b")

@@ -11,7 +11,9 @@ import datetime as dt
 import json
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -24,7 +26,7 @@ from core.database import db
 from portal.demo import DEMO_METER_EVENT
 from stripe_fake import FakeStripeServer
 from tests.conftest import base_config
-from tests.portal.conftest import install_tenant, sso_payload
+from tests.portal.conftest import Tenant, client_fields, install_tenant, sign_in, sso_payload
 
 pytestmark = pytest.mark.browser
 
@@ -87,9 +89,33 @@ def chromium():
         browser.close()
 
 
-def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(chromium, sqlite_template, tmp_path):
-    from playwright.sync_api import expect
+@dataclass
+class EmbeddedPortal:
+    """Rebill and a GHL-like host page on two loopback ports, one installed agency, a fake Stripe."""
 
+    chromium: Any
+    app: Any
+    fake: FakeStripeServer
+    tenant: Tenant
+    url: str
+    host_url: str
+    host_html: dict
+
+    def open_in_ghl(self, payload: str):
+        """Open the host page, which embeds /app and answers the handshake with ``payload``; return the page."""
+        self.host_html["page"] = (
+            HOST_PAGE.replace("__APP__", self.url)
+            .replace("__WIDTH__", str(IFRAME_WIDTH))
+            .replace("__PAYLOAD__", json.dumps(payload))
+        )
+        page = self.chromium.new_page(viewport={"width": IFRAME_WIDTH + 40, "height": 1750})
+        page.goto(self.host_url)
+        return page
+
+
+@pytest.fixture
+def embedded(chromium, sqlite_template, tmp_path):
+    """An installed agency's Rebill, ready to be opened inside the GHL-like host page."""
     ARTIFACTS.mkdir(exist_ok=True)
     database = tmp_path / "browser.sqlite3"
     shutil.copy(sqlite_template, database)
@@ -101,104 +127,138 @@ def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(chromium, 
         )
         tenant = install_tenant(app, fake, "company-browser")
         with LoopbackServer(app) as rebill:
-            host_html["page"] = (
-                HOST_PAGE.replace("__APP__", rebill.url)
-                .replace("__WIDTH__", str(IFRAME_WIDTH))
-                .replace("__PAYLOAD__", json.dumps(sso_payload("company-browser")))
-            )
-            page = chromium.new_page(viewport={"width": IFRAME_WIDTH + 40, "height": 1750})
-
-            # Outside GHL nobody answers the handshake: the page says where to open it.
-            page.goto(f"{rebill.url}/app")
-            expect(page.locator("#signing-in-text")).to_contain_text("inside GoHighLevel")
-
-            page.goto(host.url)
-            frame = page.frame_locator("#rebill")
-            expect(frame.locator("#portal")).to_be_visible()
-            expect(frame.locator("#who")).to_have_text("Agency admin")
-
-            # Stripe: paste the key (masked input), see account, mode and last 4.
-            frame.get_by_role("link", name="Stripe", exact=True).click()
-            key_input = frame.locator("#stripe-key")
-            expect(key_input).to_have_attribute("type", "password")
-            key_input.fill(tenant.stripe_key)
-            frame.get_by_role("button", name="Connect").click()
-            facts = frame.locator("#stripe-facts")
-            expect(facts).to_contain_text("acct_companybrowser")
-            expect(facts).to_contain_text("Test")
-            expect(facts).to_contain_text(tenant.stripe_key[-4:])
-            page.screenshot(path=ARTIFACTS / "portal-1-stripe-connected.png", full_page=True)
-
-            # Add User, first with a customer Stripe does not know: the API's message shows inline.
-            frame.get_by_role("link", name="Clients", exact=True).click()
-            frame.get_by_role("button", name="Add User").click()
-            dialog = frame.locator("#client-dialog")
-            expect(dialog).to_be_visible()
-            dialog.locator("#f-nickname").fill("Acme <b>Browser</b>")
-            dialog.get_by_label("Capri API").check()
-            dialog.get_by_label("API Channel").fill("chan-browser")
-            dialog.get_by_label("Product").select_option(tenant.product_id)
-            expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_be_disabled()
-            expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_contain_text(
-                "can't be used"
-            )
-            dialog.get_by_label("Price").select_option(tenant.price_id)
-            dialog.get_by_label("Stripe customer ID").fill("cus_doesnotexist")
-            dialog.get_by_label("Tokens").check()
-            dialog.get_by_label("Billing unit").fill("1000")
-            dialog.get_by_role("button", name="Save").click()
-            customer_error = dialog.locator('[data-error-for="stripe_customer_id"]')
-            expect(customer_error).to_contain_text("cus_doesnotexist")
-            page.screenshot(path=ARTIFACTS / "portal-2-add-user-inline-error.png", full_page=True)
-
-            dialog.get_by_label("Stripe customer ID").fill(tenant.customer_id)
-            dialog.get_by_role("button", name="Save").click()
-            expect(dialog).to_be_hidden()
-            expect(frame.locator("#client-title")).to_have_text("Acme <b>Browser</b>")  # text, never markup
-
-            frame.get_by_role("link", name="Clients", exact=True).click()
-            rows = frame.locator("#clients-table tbody tr")
-            expect(rows).to_have_count(1)
-            expect(rows.first).to_contain_text("Acme <b>Browser</b>")
-            expect(rows.first).to_contain_text("chan-browser")
-            expect(rows.first).to_contain_text("active")
-            page.screenshot(path=ARTIFACTS / "portal-3-clients.png", full_page=True)
-
-            # An API key for the AI platform, shown once; then usage through the usage API and one tick.
-            frame.get_by_role("link", name="API keys", exact=True).click()
-            frame.locator("#api-key-name").fill("Capri test")
-            frame.get_by_role("button", name="Create key").click()
-            expect(frame.locator("#new-key")).to_be_visible()
-            api_key = frame.locator("#new-key-value").text_content()
-            now = dt.datetime.now(dt.UTC).isoformat()
-            events = [
-                {"id": f"evt-{index}", "channel": "chan-browser", "input_tokens": 900, "output_tokens": 350,
-                 "messages": 1, "model": "gpt-4o-mini", "occurred_at": now}
-                for index in range(2)
-            ]
-            answer = requests.post(
-                f"{rebill.url}/api/v1/usage", json={"events": events},
-                headers={"Authorization": f"Bearer {api_key}"}, timeout=10,
-            )
-            assert answer.status_code == 200, answer.text
-            with app.app_context():
-                summary = run_tick()
-                db.session.remove()
-            assert (summary.units_logged, summary.units_sent) == (2, 2)
-
-            frame.get_by_role("link", name="Clients", exact=True).click()
-            frame.get_by_role("link", name="Acme <b>Browser</b>").click()
-            stats = frame.locator("#client-stats")
-            expect(stats).to_contain_text("2,500")  # usage counted
-            expect(stats.locator(".stat").nth(1)).to_contain_text("2")  # units logged
-            expect(stats.locator(".stat").nth(2)).to_contain_text("2")  # units reported
-            expect(stats).to_contain_text("500 / 1,000")  # remainder toward the next unit
-            reports = frame.locator("#reports-table tbody tr")
-            expect(reports).to_have_count(1)
-            expect(reports.first).to_contain_text("sent")
-            expect(frame.locator("#usage-chart rect.bar")).to_have_count(1)
-            page.screenshot(path=ARTIFACTS / "portal-4-client-usage.png", full_page=True)
-
-        assert fake.state.total_units(tenant.stripe_key, tenant.customer_id, DEMO_METER_EVENT) == 2
+            yield EmbeddedPortal(chromium, app, fake, tenant, rebill.url, host.url, host_html)
         with app.app_context():
             db.engine.dispose()
+
+
+def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(embedded):
+    from playwright.sync_api import expect
+
+    app, fake, tenant = embedded.app, embedded.fake, embedded.tenant
+    page = embedded.chromium.new_page(viewport={"width": IFRAME_WIDTH + 40, "height": 1750})
+
+    # Outside GHL nobody answers the handshake: the page says where to open it.
+    page.goto(f"{embedded.url}/app")
+    expect(page.locator("#signing-in-text")).to_contain_text("inside GoHighLevel")
+
+    page = embedded.open_in_ghl(sso_payload("company-browser"))
+    frame = page.frame_locator("#rebill")
+    expect(frame.locator("#portal")).to_be_visible()
+    expect(frame.locator("#who")).to_have_text("Agency admin")
+
+    # Stripe: paste the key (masked input), see account, mode and last 4.
+    frame.get_by_role("link", name="Stripe", exact=True).click()
+    key_input = frame.locator("#stripe-key")
+    expect(key_input).to_have_attribute("type", "password")
+    key_input.fill(tenant.stripe_key)
+    frame.get_by_role("button", name="Connect").click()
+    facts = frame.locator("#stripe-facts")
+    expect(facts).to_contain_text("acct_companybrowser")
+    expect(facts).to_contain_text("Test")
+    expect(facts).to_contain_text(tenant.stripe_key[-4:])
+    page.screenshot(path=ARTIFACTS / "portal-1-stripe-connected.png", full_page=True)
+
+    # Add User, first with a customer Stripe does not know: the API's message shows inline.
+    frame.get_by_role("link", name="Clients", exact=True).click()
+    frame.get_by_role("button", name="Add User").click()
+    dialog = frame.locator("#client-dialog")
+    expect(dialog).to_be_visible()
+    dialog.locator("#f-nickname").fill("Acme <b>Browser</b>")
+    dialog.get_by_label("Capri API").check()
+    dialog.get_by_label("API Channel").fill("chan-browser")
+    dialog.get_by_label("Product").select_option(tenant.product_id)
+    expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_be_disabled()
+    expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_contain_text(
+        "can't be used"
+    )
+    dialog.get_by_label("Price").select_option(tenant.price_id)
+    dialog.get_by_label("Stripe customer ID").fill("cus_doesnotexist")
+    dialog.get_by_label("Tokens").check()
+    dialog.get_by_label("Billing unit").fill("1000")
+    dialog.get_by_role("button", name="Save").click()
+    customer_error = dialog.locator('[data-error-for="stripe_customer_id"]')
+    expect(customer_error).to_contain_text("cus_doesnotexist")
+    page.screenshot(path=ARTIFACTS / "portal-2-add-user-inline-error.png", full_page=True)
+
+    dialog.get_by_label("Stripe customer ID").fill(tenant.customer_id)
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    expect(frame.locator("#client-title")).to_have_text("Acme <b>Browser</b>")  # text, never markup
+
+    frame.get_by_role("link", name="Clients", exact=True).click()
+    rows = frame.locator("#clients-table tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("Acme <b>Browser</b>")
+    expect(rows.first).to_contain_text("chan-browser")
+    expect(rows.first).to_contain_text("active")
+    page.screenshot(path=ARTIFACTS / "portal-3-clients.png", full_page=True)
+
+    # An API key for the AI platform, shown once; then usage through the usage API and one tick.
+    frame.get_by_role("link", name="API keys", exact=True).click()
+    frame.locator("#api-key-name").fill("Capri test")
+    frame.get_by_role("button", name="Create key").click()
+    expect(frame.locator("#new-key")).to_be_visible()
+    api_key = frame.locator("#new-key-value").text_content()
+    now = dt.datetime.now(dt.UTC).isoformat()
+    events = [
+        {"id": f"evt-{index}", "channel": "chan-browser", "input_tokens": 900, "output_tokens": 350,
+         "messages": 1, "model": "gpt-4o-mini", "occurred_at": now}
+        for index in range(2)
+    ]
+    answer = requests.post(
+        f"{embedded.url}/api/v1/usage", json={"events": events},
+        headers={"Authorization": f"Bearer {api_key}"}, timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    with app.app_context():
+        summary = run_tick()
+        db.session.remove()
+    assert (summary.units_logged, summary.units_sent) == (2, 2)
+
+    frame.get_by_role("link", name="Clients", exact=True).click()
+    frame.get_by_role("link", name="Acme <b>Browser</b>").click()
+    stats = frame.locator("#client-stats")
+    expect(stats).to_contain_text("2,500")  # usage counted
+    expect(stats.locator(".stat").nth(1)).to_contain_text("2")  # units logged
+    expect(stats.locator(".stat").nth(2)).to_contain_text("2")  # units reported
+    expect(stats).to_contain_text("500 / 1,000")  # remainder toward the next unit
+    reports = frame.locator("#reports-table tbody tr")
+    expect(reports).to_have_count(1)
+    expect(reports.first).to_contain_text("sent")
+    expect(frame.locator("#usage-chart rect.bar")).to_have_count(1)
+    page.screenshot(path=ARTIFACTS / "portal-4-client-usage.png", full_page=True)
+    assert fake.state.total_units(tenant.stripe_key, tenant.customer_id, DEMO_METER_EVENT) == 2
+
+
+def test_a_subaccount_user_sees_only_their_subaccount_and_none_of_the_agencys_settings(embedded):
+    from playwright.sync_api import expect
+
+    tenant = embedded.tenant
+    admin = embedded.app.test_client()
+    headers = sign_in(admin, tenant.company_id)
+    assert admin.put("/api/portal/stripe-key", json={"api_key": tenant.stripe_key}, headers=headers).status_code == 200
+    for fields in (
+        client_fields(tenant, nickname="Another client"),
+        client_fields(tenant, nickname="Their client", provider="ghl", channel_id=None, location_id=tenant.location_id),
+    ):
+        assert admin.post("/api/portal/clients", json=fields, headers=headers).status_code == 201
+
+    payload = sso_payload(tenant.company_id, role="user", user_type="location", location=tenant.location_id)
+    page = embedded.open_in_ghl(payload)
+    frame = page.frame_locator("#rebill")
+    expect(frame.locator("#who")).to_have_text("Read only")
+    rows = frame.locator("#clients-table tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("Their client")
+    expect(frame.get_by_role("link", name="Stripe", exact=True)).to_be_hidden()
+    expect(frame.get_by_role("link", name="API keys", exact=True)).to_be_hidden()
+    expect(frame.locator("#stripe-missing")).to_be_hidden()
+    expect(frame.locator("#notice")).to_be_hidden()  # no failed request for the agency's settings
+    portal_frame = next(f for f in page.frames if f.url.startswith(f"{embedded.url}/app"))
+    # Resolves once the portal's own hashchange handler has switched the views.
+    portal_frame.evaluate("""() => new Promise((resolve) => {
+        window.addEventListener("hashchange", () => setTimeout(resolve, 0), {once: true});
+        location.hash = "#stripe";
+    })""")
+    expect(frame.locator("#view-clients")).to_be_visible()  # an agency view falls back to the clients
