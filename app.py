@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 from flask import Flask, jsonify
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from core.config import ConfigError, load_settings
@@ -68,8 +69,12 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(portal_api)
 
 
+# The database is down, unreachable or out of connections: the same request can succeed later.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+
+
 def register_errorhandlers(app: Flask) -> None:
-    """Answer JSON errors on API paths and turn an unreachable database into a 503."""
+    """Answer every error as JSON; an unreachable database is a 503, any other database error a logged 500."""
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -78,8 +83,12 @@ def register_errorhandlers(app: Flask) -> None:
     @app.errorhandler(SQLAlchemyError)
     def database_error(error: SQLAlchemyError):
         db.session.rollback()
-        log.error("database error: %s", type(error).__name__)
-        return jsonify(error="the database is unavailable, try again"), 503
+        if isinstance(error, DATABASE_UNAVAILABLE):
+            log.error("database unavailable: %s", type(error).__name__)
+            return jsonify(error="the database is unavailable, try again"), 503
+        # A value the database refused (a check we lack): a bug to fix, not an outage to wait out.
+        log.error("database error", exc_info=error)
+        return jsonify(error="internal error"), 500
 
 
 def register_commands(app: Flask) -> None:
