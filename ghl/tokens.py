@@ -156,18 +156,6 @@ def refresh_access_token(
         raise ReauthRequired(f"GHL refused to refresh the token for {resource_id}: {refused}") from None
 
 
-def remint_location_token(location_id: str, *, client: GhlClient | None = None) -> None:
-    """Replace a location's token with one minted from its agency's company token; commits its own work."""
-    client = client or ghl_client()
-    with _refresh_lock(), Session(db.engine, expire_on_commit=False) as session, session.begin():
-        token = session.scalars(
-            select(GhlToken).where(GhlToken.resource_id == location_id).with_for_update()
-        ).one_or_none()
-        if token is None:
-            raise TokenMissing(f"no GHL token stored for {location_id}")
-        _apply(token, _mint(token.company_id, location_id, client))
-
-
 def _renew(token: GhlToken, client: GhlClient) -> TokenGrant:
     """Refresh with the stored refresh token; a refused location refresh falls back to a re-mint."""
     box = secret_box()

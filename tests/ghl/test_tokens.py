@@ -18,7 +18,7 @@ from ghl.installs import record_install_event
 from ghl.jobs import refresh_expiring_tokens
 from ghl.locations import upsert_location
 from ghl.models import GhlCompanyInstall
-from ghl.tokens import ReauthRequired, TokenMissing, access_token, refresh_access_token, remint_location_token
+from ghl.tokens import ReauthRequired, TokenMissing, access_token, refresh_access_token
 from tests.ghl.fake_ghl import (
     COMPANY_ID,
     LOCATION_TOKEN_URL,
@@ -153,14 +153,6 @@ def test_a_location_with_no_way_back_needs_reauth(app_context, ghl_api):
         access_token(LOCATION_ID)
     assert stored_token(LOCATION_ID).needs_reauth is True
     assert stored_token(COMPANY_ID).needs_reauth is False
-
-
-def test_remint_replaces_a_location_token(app_context, ghl_api):
-    store_token(COMPANY_ID)
-    store_token(LOCATION_ID, user_type="Location", access="old")
-    ghl_api.post(LOCATION_TOKEN_URL, json=load_payload("location_token") | {"access_token": "reminted"})
-    remint_location_token(LOCATION_ID)
-    assert access_token(LOCATION_ID) == "reminted"
 
 
 def test_a_401_rejected_token_is_refreshed_unless_someone_already_did(app_context, ghl_api):
