@@ -52,7 +52,11 @@ def connect_stripe_key(agency: Agency, api_key: str) -> Agency:
 
 
 def disconnect_stripe(agency: Agency) -> None:
-    """Forget the agency's Stripe key; its unsent units wait in the outbox until a key is connected again."""
+    """Forget the agency's Stripe key; its unsent units wait in the outbox until a key is connected again.
+
+    Within Stripe's limit: a unit whose usage is older than 35 days when the key is back fails as too old to
+    send (billing.reporting), and stays visible on the client's page.
+    """
     agency.stripe_key_ciphertext = None
     agency.stripe_account_id = None
     agency.stripe_mode = None
