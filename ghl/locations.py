@@ -89,4 +89,5 @@ def record_location_event(event: dict[str, Any]) -> str | None:
 def _clean_name(name: str | None) -> str | None:
     if not isinstance(name, str):
         return None
-    return name.strip()[:NAME_MAX_LENGTH] or None
+    # NUL: PostgreSQL text cannot hold it, and one in a name must not fail the whole webhook.
+    return name.replace("\x00", "").strip()[:NAME_MAX_LENGTH] or None

@@ -249,6 +249,9 @@ def test_location_events_use_id_as_the_subaccount_and_keep_its_name(app_context,
     db.session.expire_all()
     assert db.session.scalars(select(GhlLocation)).one().name == "Renamed"
     assert deliveries()[0].location_id == "ve9EPM428h8vShlRW1KT"
+    assert webhooks.send(load_payload("location_update") | {"name": "Nul\x00Name"}).json == {"status": "processed"}
+    db.session.expire_all()
+    assert db.session.scalars(select(GhlLocation)).one().name == "NulName"
 
 
 def test_an_overlong_id_fails_processing_but_the_delivery_is_kept(app_context, webhooks):
