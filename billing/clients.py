@@ -1,6 +1,6 @@
 """Rebill clients: validated creation and edits, pause/resume, soft delete — each edit exact for billing.
 
-Every edit that changes how usage counts (N, status, charge_by, message_source, source, deletion) first
+Every edit that changes how usage counts (N, status, message_source, source, deletion) first
 locks the client row and counts its pending events under the settings in force when they arrived
 (billing.units.flush_client_usage), then changes the settings, in the caller's transaction. Services flush,
 never commit.
@@ -41,7 +41,7 @@ CLIENT_FIELDS = (
 )
 STRIPE_FIELDS = ("stripe_product_id", "stripe_price_id", "stripe_customer_id")
 # Fields whose change alters how usage is counted: pending events are counted under the old values first.
-COUNTING_FIELDS = ("provider", "channel_id", "location_id", "charge_by", "billing_unit", "message_source", "status")
+COUNTING_FIELDS = ("provider", "channel_id", "location_id", "billing_unit", "message_source", "status")
 NICKNAME_MAX = 120
 CHANNEL_ID_MAX = 255
 LOCATION_ID_MAX = 64
@@ -96,13 +96,21 @@ def update_client(
 
     A new N applies to the carried remainder (billing.units.set_billing_unit); pausing or resuming first
     counts pending events under the old status, so usage received while paused is never billed. A new
-    channel/subaccount is mapped from now on (its earlier usage stays unmapped). Changing charge_by keeps
-    the remainder (never dropped, rule 1) and applies it toward the next unit of the new measure.
+    channel/subaccount is mapped from now on (its earlier usage stays unmapped). charge_by is fixed at
+    creation: a remainder of tokens is no remainder of messages (carrying it would bill usage that never
+    happened, dropping it would lose usage), so billing another measure takes a new client.
     """
     # Validate and ask Stripe before taking any lock: a slow Stripe must not hold the client (or, on
     # SQLite, the whole database) while usage keeps arriving.
     snapshot = get_client(agency, client_id)
     values = validate_client_fields(fields, current=_field_values(snapshot), known_location_ids=known_location_ids)
+    if values["charge_by"] != snapshot.charge_by:
+        raise ClientInvalid(
+            {
+                "charge_by": "cannot change after creation; add a new client to bill another measure "
+                "(this one keeps its history)"
+            }
+        )
     checked = {name: values[name] for name in STRIPE_FIELDS}
     reporting = {}
     if any(getattr(snapshot, name) != value for name, value in checked.items()):

@@ -443,6 +443,8 @@
     setRadio(form, "provider", values.provider || "capri_api");
     form.elements.channel_id.value = values.channel_id || "";
     setRadio(form, "charge_by", values.charge_by || "tokens");
+    // The measure is fixed once a client exists (a token remainder is no message remainder).
+    for (const input of form.querySelectorAll('input[name="charge_by"]')) input.disabled = Boolean(client);
     form.elements.billing_unit.value = values.billing_unit || 1000;
     form.elements.stripe_customer_id.value = values.stripe_customer_id || "";
     if (values.message_source) form.elements.message_source.value = values.message_source;

@@ -416,17 +416,16 @@ def test_moving_a_client_onto_a_channel_another_client_bills_is_refused(stripe):
     assert "already billed" in refused.value.errors["channel_id"]
 
 
-def test_changing_charge_by_counts_pending_usage_under_the_old_measure_and_keeps_the_remainder(stripe):
+def test_charge_by_cannot_change_so_a_token_remainder_never_becomes_message_units(stripe):
     client = create_client(stripe.agency, stripe.ghl_fields(charge_by="tokens", billing_unit=1000))
-    record(stripe.agency, tokens("t1", 1300, location="loc-1"), ghl_message("m0", "loc-1", "outbound"))
-    update_client(stripe.agency, client.id, {"charge_by": "messages", "billing_unit": 10})
-    record(stripe.agency, *[ghl_message(f"m{i}", "loc-1", "outbound") for i in range(1, 8)])
+    record(stripe.agency, tokens("t1", 1300, location="loc-1"))
     aggregate_pending_usage()
+    with pytest.raises(ClientInvalid) as refused:
+        update_client(stripe.agency, client.id, {"charge_by": "messages", "billing_unit": 10})
+    assert "add a new client" in refused.value.errors["charge_by"]
     client = fresh(client)
-    # 1300 tokens: 1 unit of 1000, 300 carried; N=10 on the carried 300 gives 30 units at the change,
-    # then 7 messages (m0 was ignored: it arrived while the client counted tokens).
-    assert (client.units_logged, client.remainder, client.message_source) == (31, 7, "ghl_outbound")
-    assert event_states(stripe.agency)["m0"] == "ignored"
+    # Carrying the 300 tokens into N=10 messages would have logged 30 units nobody used.
+    assert (client.charge_by, client.billing_unit, client.units_logged, client.remainder) == ("tokens", 1000, 1, 300)
 
 
 def test_pause_clients_for_location_pauses_its_live_clients_after_counting_their_pending_usage(stripe):
