@@ -191,15 +191,29 @@ def pause_clients_for_location(agency_id: int, location_id: str) -> int:
     Their pending usage counts first (it arrived while they were active); history is kept, and an agency
     can resume them later.
     """
+    return _pause_clients(
+        agency_id, RebillClient.provider == "ghl", RebillClient.source_key == location_id
+    )
+
+
+def pause_agency_clients(agency_id: int) -> int:
+    """Pause every live active client of an agency that uninstalled Rebill; return how many were paused.
+
+    API-channel clients too: nobody of the agency can sign in to manage them any more, so nothing may keep
+    billing into its Stripe. Pending usage counts first; history is kept; a reinstalled agency resumes them.
+    """
+    return _pause_clients(agency_id)
+
+
+def _pause_clients(agency_id: int, *conditions) -> int:
     take_write_lock()
     ids = db.session.scalars(
         select(RebillClient.id)
         .where(
             RebillClient.agency_id == agency_id,
-            RebillClient.provider == "ghl",
-            RebillClient.source_key == location_id,
             RebillClient.deleted_at.is_(None),
             RebillClient.status == "active",
+            *conditions,
         )
         .order_by(RebillClient.id)
     ).all()

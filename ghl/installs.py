@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.agencies import ensure_agency, find_agency
-from billing.clients import pause_clients_for_location
+from billing.clients import pause_agency_clients, pause_clients_for_location
 from billing.models import Agency
 from core.database import db, is_postgresql, utcnow
 from ghl.client import GhlClient, GhlError, GhlResponseInvalid, InstalledLocation, TokenGrant, ghl_client
@@ -147,7 +147,8 @@ def record_install_event(event: dict[str, Any], *, client: GhlClient | None = No
 
 
 def record_uninstall_event(event: dict[str, Any]) -> str | None:
-    """Handle an UNINSTALL webhook; an agency-level one deactivates all its subaccounts (history kept)."""
+    """Handle an UNINSTALL webhook; an agency-level one deactivates all its subaccounts and pauses every
+    client, API-channel ones included (history kept)."""
     company_id = identifier(event, "companyId")
     location_id = identifier(event, "locationId")
     if location_id:
@@ -171,6 +172,7 @@ def record_uninstall_event(event: dict[str, Any]) -> str | None:
         select(GhlLocation.location_id).where(GhlLocation.agency_id == agency.id, GhlLocation.is_installed.is_(True))
     ).all()
     uninstall_locations(agency.id, list(installed))
+    pause_agency_clients(agency.id)
     mark_uninstalled([company_id])
     return None
 

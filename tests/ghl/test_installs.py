@@ -180,10 +180,16 @@ def test_a_company_uninstall_deactivates_every_subaccount(app_context, webhooks)
     for location_id in APPROVED:
         webhooks.send(install_event(location_id))
         make_ghl_client(agency.id, location_id)
+    api_channel_client = make_ghl_client(agency.id, "unused")
+    api_channel_client.provider, api_channel_client.location_id = "capri_api", None
+    api_channel_client.channel_id = api_channel_client.source_key = "support-bot"
+    db.session.commit()
     store_token(COMPANY_ID)
     assert webhooks.send(load_payload("uninstall_company") | {"companyId": COMPANY_ID}).json == {
         "status": "processed"
     }
+    db.session.expire_all()
+    assert api_channel_client.status == "paused"  # nothing keeps billing an agency that left
     assert not is_agency_installed(COMPANY_ID)
     assert not any(is_location_installed(loc) for loc in APPROVED)
     assert list_subaccounts(agency.id) == []
