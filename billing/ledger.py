@@ -10,10 +10,28 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import Select, bindparam, literal
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import UsageEvent
 from core.database import db, utcnow
+
+_USAGE = UsageEvent.__table__
+KEY_COLUMNS = ("agency_id", "source", "source_event_id")
+# What a caller supplies per usage row; the ledger sets the rest (_INITIAL_STATE, and id).
+FACT_COLUMNS = (
+    *KEY_COLUMNS,
+    "channel_id",
+    "location_id",
+    "input_tokens",
+    "output_tokens",
+    "messages",
+    "direction",
+    "model",
+    "occurred_at",
+    "received_at",
+)
+_INITIAL_STATE = {"state": "pending", "counted": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,24 +81,49 @@ def record_usage(agency_id: int, records: Sequence[UsageRecord]) -> list[bool]:
             "model": record.model,
             "occurred_at": record.occurred_at,
             "received_at": received_at,
-            "state": "pending",
-            "counted": 0,
         }
         # Insert in key order: concurrent overlapping batches then take row locks in the same order and
         # cannot deadlock on PostgreSQL's unique index.
         for record in sorted(records, key=lambda record: (record.source, record.source_event_id))
     ]
-    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
-    statement = (
-        dialect.insert(UsageEvent)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["agency_id", "source", "source_event_id"])
-        .returning(UsageEvent.source, UsageEvent.source_event_id)
-    )
-    inserted = {(row.source, row.source_event_id) for row in db.session.execute(statement)}
+    db.session.flush()  # pending ORM writes go first, as they did when this was an ORM statement
+    connection = db.session.connection()
+    # One statement compiled once per dialect and reused: several rows are sent as one multi-VALUES INSERT
+    # per 1,000 rows (SQLAlchemy's insertmanyvalues), in the order given, in the caller's transaction.
+    inserted = {
+        (row.source, row.source_event_id)
+        for row in connection.execute(_RECORD_STATEMENTS[connection.dialect.name], rows)
+    }
     accepted = []
     for record in records:
         key = (record.source, record.source_event_id)
         accepted.append(key in inserted)
         inserted.discard(key)  # a second copy inside the same batch is a duplicate
     return accepted
+
+
+def insert_usage_from(facts: Select) -> postgresql.Insert:
+    """Build an INSERT … SELECT that records the usage facts ``facts`` selects once each, like record_usage.
+
+    For a caller that records usage inside its own single SQL statement (PostgreSQL: the GHL webhook hot
+    path stores its delivery and the message's usage in one statement). ``facts`` selects the columns of
+    FACT_COLUMNS in that order; the rows start pending, and duplicates are skipped on the same unique key.
+    """
+    return (
+        postgresql.insert(_USAGE)
+        .from_select([*FACT_COLUMNS, *_INITIAL_STATE], facts.add_columns(*map(literal, _INITIAL_STATE.values())))
+        .on_conflict_do_nothing(index_elements=KEY_COLUMNS)
+    )
+
+
+def _record_statement(dialect):
+    """INSERT … ON CONFLICT DO NOTHING RETURNING the key, with bound parameters: compiled once, reused."""
+    return (
+        dialect.insert(_USAGE)
+        .values({column: bindparam(column) for column in FACT_COLUMNS} | _INITIAL_STATE)
+        .on_conflict_do_nothing(index_elements=KEY_COLUMNS)
+        .returning(_USAGE.c.source, _USAGE.c.source_event_id)
+    )
+
+
+_RECORD_STATEMENTS = {"postgresql": _record_statement(postgresql), "sqlite": _record_statement(sqlite)}
