@@ -6,7 +6,9 @@ A handler flushes its writes and returns None ("processed") or a short reason wh
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, select
@@ -20,21 +22,17 @@ from ghl.payloads import PayloadInvalid, identifier, timestamp
 
 Handler = Callable[[dict[str, Any]], str | None]
 
+MESSAGE_DIRECTIONS = {"InboundMessage": "inbound", "OutboundMessage": "outbound"}
+
 # Built once: a cached compiled statement run on the session's connection keeps the hot path cheap.
 _LOCATION_STATE = select(GhlLocation.agency_id, GhlLocation.is_installed).where(
     GhlLocation.location_id == bindparam("location_id")
 )
 
 
-def record_inbound_message(event: dict[str, Any]) -> str | None:
-    """Record an InboundMessage as one inbound message of its subaccount."""
-    return _record_message(event, "inbound")
-
-
-def record_outbound_message(event: dict[str, Any]) -> str | None:
-    """Record an OutboundMessage as one outbound message of its subaccount."""
-    # The type decides the direction: GHL's own OutboundMessage example says "inbound" (a doc typo, §2.2).
-    return _record_message(event, "outbound")
+def record_message(event: dict[str, Any]) -> str | None:
+    """Record an InboundMessage or OutboundMessage as one message of its subaccount, in that direction."""
+    return _record_message(read_message(event))
 
 
 def acknowledge(event: dict[str, Any]) -> str | None:
@@ -47,46 +45,85 @@ HANDLERS: dict[str, Handler] = {
     "UNINSTALL": record_uninstall_event,
     "LocationCreate": record_location_event,
     "LocationUpdate": record_location_event,
-    "InboundMessage": record_inbound_message,
-    "OutboundMessage": record_outbound_message,
+    "InboundMessage": record_message,
+    "OutboundMessage": record_message,
     "PLAN_CHANGE": acknowledge,
 }
 
 
 def handle_event(event: dict[str, Any]) -> str | None:
     """Dispatch a verified webhook payload to its handler."""
-    handler = HANDLERS.get(event.get("type"))  # type: ignore[arg-type]
+    event_type = event.get("type")
+    handler = HANDLERS.get(event_type) if isinstance(event_type, str) else None
     if handler is None:
         return f"no handler for event type {str(event.get('type'))[:64]!r}"
     return handler(event)
 
 
-def _record_message(event: dict[str, Any], direction: str) -> str | None:
-    """Put one message into the usage ledger, keyed on messageId so a redelivered message counts once.
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The usage fact a message webhook carries."""
 
-    Counting per client (and which message source a client uses) happens in billing aggregation; here
-    we only record the fact, for installed subaccounts.
-    """
+    location_id: str
+    message_id: str
+    direction: str  # inbound | outbound
+    occurred_at: dt.datetime
+
+
+def read_message(event: dict[str, Any]) -> Message:
+    """Read the message fact out of an InboundMessage/OutboundMessage; raise PayloadInvalid without its ids."""
     location_id = identifier(event, "locationId")
     message_id = identifier(event, "messageId")
     if not location_id:
         raise PayloadInvalid("message without a locationId")
     if not message_id:
         raise PayloadInvalid("message without a messageId: it cannot be counted exactly once")
-    location = db.session.connection().execute(_LOCATION_STATE, {"location_id": location_id}).one_or_none()
+    return Message(
+        location_id=location_id,
+        message_id=message_id,
+        # The type decides the direction: GHL's own OutboundMessage example says "inbound" (a doc typo, §2.2).
+        direction=MESSAGE_DIRECTIONS[event["type"]],
+        occurred_at=timestamp(event, "dateAdded", "timestamp") or utcnow(),
+    )
+
+
+# The outcomes of recording a message other than "processed". The webhook hot path on PostgreSQL records
+# messages in one SQL statement (ghl.webhooks) and stores these same texts, so both paths read alike.
+def unknown_subaccount(message: Message) -> PayloadInvalid:
+    """The failure for a message of a subaccount Rebill does not know (yet): replay once it is known."""
+    return PayloadInvalid(f"message for subaccount {message.location_id}, which Rebill does not know yet")
+
+
+def not_installed_note(message: Message) -> str:
+    """Why a message of an uninstalled subaccount is kept but not counted."""
+    return f"subaccount {message.location_id} is not installed; message kept, not counted"
+
+
+def already_recorded_note(message: Message) -> str:
+    """Why a message delivered again (in another webhook) is not counted twice."""
+    return f"message {message.message_id} was already recorded"
+
+
+def _record_message(message: Message) -> str | None:
+    """Put one message into the usage ledger, keyed on messageId so a redelivered message counts once.
+
+    Counting per client (and which message source a client uses) happens in billing aggregation; here
+    we only record the fact, for installed subaccounts.
+    """
+    location = db.session.connection().execute(_LOCATION_STATE, {"location_id": message.location_id}).one_or_none()
     if location is None:
         # Not ours yet (its INSTALL or our sync has not landed): fail visibly, replay once it is known.
-        raise PayloadInvalid(f"message for subaccount {location_id}, which Rebill does not know yet")
+        raise unknown_subaccount(message)
     if not location.is_installed:
-        return f"subaccount {location_id} is not installed; message kept, not counted"
+        return not_installed_note(message)
     record = UsageRecord(
         source="ghl",
-        source_event_id=message_id,
-        occurred_at=timestamp(event, "dateAdded", "timestamp") or utcnow(),
-        location_id=location_id,
+        source_event_id=message.message_id,
+        occurred_at=message.occurred_at,
+        location_id=message.location_id,
         messages=1,
-        direction=direction,
+        direction=message.direction,
     )
     if record_usage(location.agency_id, [record]) == [False]:
-        return f"message {message_id} was already recorded"
+        return already_recorded_note(message)
     return None

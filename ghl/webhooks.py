@@ -17,6 +17,10 @@ Transactions, per event type:
   fails too (database down) is the answer 429. The one thing given up is a worker killed inside those
   few milliseconds of local SQL, before the commit: no answer is sent, and GHL drops it — the same
   window a worker killed just before any store has.
+- Messages on PostgreSQL: that one transaction is one SQL statement (``accept_message``), sent on its own
+  connection in autocommit mode: a single round trip, whose answer arrives only after the commit is
+  flushed to the WAL (synchronous_commit stays on), so the 200 still follows a durable commit. On SQLite,
+  and for replays, the same outcome comes from the statements above (ghl.events).
 """
 
 from __future__ import annotations
@@ -29,14 +33,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import Row, String, bindparam, case, exists, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from core.database import db, utcnow
+from billing.ledger import insert_usage_from
+from billing.models import UsageEvent
+from core.database import UTCDateTime, db, utcnow
 from ghl.client import app_id_of
-from ghl.events import handle_event
-from ghl.models import GhlWebhookDelivery
+from ghl.events import (
+    MESSAGE_DIRECTIONS,
+    already_recorded_note,
+    handle_event,
+    not_installed_note,
+    read_message,
+    unknown_subaccount,
+)
+from ghl.models import GhlLocation, GhlWebhookDelivery
+from ghl.payloads import PayloadInvalid
 from ghl.signatures import WebhookVerifier
 
 log = logging.getLogger("ghl.webhooks")
@@ -52,10 +66,15 @@ STALE_AFTER = dt.timedelta(minutes=5)
 # Processing that may call GHL or wait on other rows' locks: stored and committed first (see above).
 TWO_PHASE_TYPES = frozenset({"INSTALL", "UNINSTALL"})
 _DELIVERY = GhlWebhookDelivery.__table__
+_LOCATION = GhlLocation.__table__
 _STORED_COLUMNS = (
     "webhook_id", "event_type", "company_id", "location_id", "body", "signature_scheme",
     "received_at", "status", "error", "attempts", "processed_at",
 )
+# The bound parameter of each stored column. The delivery's own copy of the subaccount id (cut to the
+# column, never refused) is named apart from the message's location_id, which the one-statement message
+# path binds too (the subaccount lookup and the usage row).
+_PARAMETERS = {column: column for column in _STORED_COLUMNS} | {"location_id": "delivery_location_id"}
 
 
 def _insert_statement(dialect):
@@ -65,13 +84,89 @@ def _insert_statement(dialect):
     """
     return (
         dialect.insert(_DELIVERY)
-        .values({column: bindparam(column) for column in _STORED_COLUMNS})
+        .values({column: bindparam(parameter) for column, parameter in _PARAMETERS.items()})
         .on_conflict_do_nothing(index_elements=["webhook_id"])
         .returning(_DELIVERY.c.id)
     )
 
 
 _INSERTS = {"postgresql": _insert_statement(postgresql), "sqlite": _insert_statement(sqlite)}
+
+
+def _message_statement():
+    """Store a message delivery and record its usage in ONE PostgreSQL statement; RETURNING id, status, error.
+
+        WITH location AS (SELECT agency_id, is_installed FROM ghl_location WHERE location_id = :location_id),
+             usage AS (INSERT INTO usage_event … SELECT … FROM location
+                       WHERE is_installed AND no delivery with :webhook_id is stored
+                       ON CONFLICT (agency_id, source, source_event_id) DO NOTHING RETURNING id)
+        INSERT INTO ghl_webhook_delivery … SELECT …, <status and error from location and usage>
+        ON CONFLICT (webhook_id) DO NOTHING RETURNING id, status, error
+
+    The outcomes are those of ghl.events for the same message: subaccount unknown → "failed" (replayable),
+    not installed → "ignored", message recorded before → "ignored", else "processed"; no row → a duplicate
+    delivery, which records nothing. The usage INSERT comes first so that its outcome can label the
+    delivery; it skips a delivery already stored (a redelivery never records usage). Two copies of one
+    message in flight at once are exact too: the second usage INSERT waits on the first's unique-index
+    entry, then does nothing, so its delivery reads "already recorded". (Only two different messages
+    sharing one webhookId at the same instant — GHL's ids are unique per event — would record both
+    messages and keep one delivery.)
+    """
+    location = (
+        select(_LOCATION.c.agency_id, _LOCATION.c.is_installed)
+        .where(_LOCATION.c.location_id == bindparam("location_id"))
+        .cte("location")
+    )
+    received_at = bindparam("received_at", type_=UTCDateTime())
+    stored_before = exists().where(_DELIVERY.c.webhook_id == bindparam("webhook_id"))
+    usage = (
+        insert_usage_from(
+            select(
+                location.c.agency_id,
+                literal("ghl"),
+                bindparam("message_id", type_=String()),
+                None,  # channel_id
+                bindparam("location_id"),
+                0,  # input_tokens
+                0,  # output_tokens
+                1,  # messages
+                bindparam("direction", type_=String()),
+                None,  # model
+                bindparam("occurred_at", type_=UTCDateTime()),
+                received_at,
+            ).where(location.c.is_installed, ~stored_before)
+        )
+        .returning(UsageEvent.__table__.c.id)
+        .cte("usage")
+    )
+    known = exists(select(location.c.agency_id))
+    uninstalled = exists(select(location.c.agency_id).where(~location.c.is_installed))
+    recorded = exists(select(usage.c.id))
+    delivery = select(
+        *(bindparam(_PARAMETERS[column]) for column in _STORED_COLUMNS[:6]),  # webhook_id … signature_scheme
+        received_at,
+        case((~known, "failed"), (recorded, "processed"), else_="ignored"),  # status
+        case(  # error
+            (~known, bindparam("unknown_subaccount")),
+            (uninstalled, bindparam("not_installed")),
+            (~recorded, bindparam("already_recorded")),
+        ),
+        1,  # attempts
+        case((known, received_at)),  # processed_at: not for a failure, which stays replayable
+    )
+    return (
+        postgresql.insert(_DELIVERY)
+        .from_select(_STORED_COLUMNS, delivery)
+        .on_conflict_do_nothing(index_elements=["webhook_id"])
+        .returning(_DELIVERY.c.id, _DELIVERY.c.status, _DELIVERY.c.error)
+    )
+
+
+_MESSAGE_STATEMENT = _message_statement()
+# The 200 answers, encoded once: jsonify on every request costs ~20 µs of the hot path's CPU.
+_STORED_ANSWERS = {
+    status: json.dumps({"status": status}) for status in ("processed", "ignored", "failed", "received", "duplicate")
+}
 
 
 @blueprint.record_once
@@ -106,7 +201,7 @@ def receive_webhook():
         db.session.rollback()
         log.error("cannot store a GHL webhook; answering 429", extra={"fields": {"error": type(error).__name__}})
         return jsonify(error="cannot store the webhook right now; retry later"), 429
-    return jsonify(status=status), 200
+    return current_app.response_class(_STORED_ANSWERS[status], mimetype="application/json")
 
 
 def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) -> str:
@@ -114,9 +209,14 @@ def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) 
 
     Raises SQLAlchemyError only when the delivery could not be stored at all.
     """
-    if event.get("type") in TWO_PHASE_TYPES:
+    event_type = event.get("type")
+    if not isinstance(event_type, str):
+        event_type = None  # stored and acknowledged like a body without a type (a list is unhashable, too)
+    if event_type in TWO_PHASE_TYPES:
         delivery_id = store_delivery(body, text, event, scheme)
         return "duplicate" if delivery_id is None else process_delivery(delivery_id, event)
+    if event_type in MESSAGE_DIRECTIONS and db.engine.dialect.name == "postgresql":
+        return accept_message(body, text, event, scheme)
     now = utcnow()
     try:
         delivery_id = _insert_delivery(body, text, event, scheme, status="processed", attempts=1, processed_at=now)
@@ -135,6 +235,37 @@ def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) 
         db.session.commit()
         _log_failure(event, message, delivery_id)
         return "failed" if delivery_id is not None else "duplicate"
+
+
+def accept_message(body: bytes, text: str, event: dict[str, Any], scheme: str) -> str:
+    """Store a message delivery and record its usage in one autocommitted statement (PostgreSQL).
+
+    Same outcomes and fallbacks as accept_delivery: a payload without its ids, or a statement the
+    database refuses, stores the delivery alone as failed; raises SQLAlchemyError only when even that fails.
+    """
+    delivery = _delivery_values(body, text, event, scheme)
+    try:
+        message = read_message(event)
+    except PayloadInvalid as error:
+        return _store_failed(delivery, event, error)
+    parameters = delivery | {
+        "location_id": message.location_id,
+        "message_id": message.message_id,
+        "direction": message.direction,
+        "occurred_at": message.occurred_at,
+        "unknown_subaccount": _failure_message(unknown_subaccount(message)),
+        "not_installed": not_installed_note(message),
+        "already_recorded": already_recorded_note(message),
+    }
+    try:
+        stored = _execute_alone(_MESSAGE_STATEMENT, parameters)
+    except SQLAlchemyError as error:  # e.g. a value PostgreSQL refuses: keep the delivery alone, failed
+        return _store_failed(delivery, event, error)
+    if stored is None:
+        return "duplicate"
+    if stored.status == "failed":
+        _log_failure(event, stored.error, stored.id)
+    return stored.status
 
 
 def store_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) -> int | None:
@@ -227,22 +358,59 @@ def replay_deliveries(
 
 def _insert_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str, **outcome: Any) -> int | None:
     """INSERT the delivery unless its webhookId is stored already; flushes nothing else, never commits."""
+    connection = db.session.connection()
+    values = _delivery_values(body, text, event, scheme) | outcome
+    return connection.execute(_INSERTS[connection.dialect.name], values).scalar()
+
+
+def _delivery_values(body: bytes, text: str, event: dict[str, Any], scheme: str) -> dict[str, Any]:
+    """The delivery row as received (status "received", no attempt yet)."""
     event_type = event.get("type")
     location_id = event.get("id") if event_type in ("LocationCreate", "LocationUpdate") else event.get("locationId")
-    connection = db.session.connection()
-    values = {
+    return {
         "webhook_id": delivery_key(body, event),
         "event_type": _column_text(event_type, 64) or "",
         "company_id": _column_text(event.get("companyId"), 64),
-        "location_id": _column_text(location_id, 64),
+        "delivery_location_id": _column_text(location_id, 64),
         "body": text,
         "signature_scheme": scheme,
         "received_at": utcnow(),
+        "status": "received",
         "error": None,
         "attempts": 0,
         "processed_at": None,
-    } | outcome
-    return connection.execute(_INSERTS[connection.dialect.name], values).scalar()
+    }
+
+
+def _store_failed(delivery: dict[str, Any], event: dict[str, Any], error: Exception) -> str:
+    """Store the delivery alone, failed with ``error`` (replayable), in its own autocommitted statement."""
+    message = _failure_message(error)
+    stored = _execute_alone(_INSERTS["postgresql"], delivery | {"status": "failed", "error": message, "attempts": 1})
+    if stored is None:
+        return "duplicate"
+    _log_failure(event, message, stored.id)
+    return "failed"
+
+
+def _execute_alone(statement, parameters: dict[str, Any]) -> Row | None:
+    """Run one statement as its own transaction (autocommit) and return its first row.
+
+    The server answers only once the commit is durable, so there is no separate BEGIN or COMMIT round
+    trip. A pooled connection the database dropped (restart, failover: the pool does not ping busy
+    connections, see core.database) is retried once on a fresh one; the statements are idempotent (ON
+    CONFLICT DO NOTHING on webhookId and messageId), so a retry after a lost answer stores nothing twice.
+    """
+    try:
+        return _execute_autocommit(statement, parameters)
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        return _execute_autocommit(statement, parameters)
+
+
+def _execute_autocommit(statement, parameters: dict[str, Any]) -> Row | None:
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        return connection.execute(statement, parameters).first()
 
 
 def _set_outcome(delivery_id: int, status: str, error: str | None) -> None:

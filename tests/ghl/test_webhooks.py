@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 
+import psycopg
 import pytest
 from sqlalchemy import select
 
@@ -232,8 +234,9 @@ def test_plan_changes_and_unknown_types_are_stored_and_acknowledged(app_context,
     assert json.loads(delivery.body)["type"] == payload["type"]
 
 
-def test_a_body_without_a_type_is_stored_and_acknowledged(app_context, webhooks):
-    assert webhooks.send({"hello": "world"}).status_code == 200
+@pytest.mark.parametrize("payload", [{"hello": "world"}, {"type": ["OutboundMessage"]}, {"type": {"a": 1}}])
+def test_a_body_without_a_type_is_stored_and_acknowledged(app_context, webhooks, payload):
+    assert webhooks.send(payload).status_code == 200
     [delivery] = deliveries()
     assert (delivery.event_type, delivery.status) == ("", "ignored")
 
@@ -293,3 +296,82 @@ def test_a_database_error_while_processing_still_stores_the_delivery(app_context
     else:  # SQLite stores NULs
         assert response.json == {"status": "processed"}
         assert len(usage_events()) == 1
+
+
+def test_a_connection_the_database_dropped_is_retried_not_answered_429(app_context, webhooks, database_url, backend):
+    install_location()
+    assert webhooks.send(load_payload("outbound_message") | {"messageId": "before"}).json == {"status": "processed"}
+    if backend == "postgresql":
+        db.session.close()  # the test's own session gives its connection back: every pooled one is the app's
+        assert drop_connections(database_url) >= 1  # a database restart: the pool still holds the dead connections
+    assert webhooks.send(load_payload("outbound_message") | {"messageId": "after"}).json == {"status": "processed"}
+    assert [d.status for d in deliveries()] == ["processed", "processed"]
+    assert [e.source_event_id for e in usage_events()] == ["before", "after"]
+
+
+# The one-statement path (PostgreSQL) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["unknown subaccount", "not installed", "message recorded before"])
+def test_a_webhook_stores_the_outcome_a_replay_of_it_records(app_context, webhooks, runner, case):
+    # PostgreSQL stores and records a message in one statement; replays (and SQLite) go through ghl.events.
+    # Both must leave the same status and error, and a replay must not count anything again.
+    if case != "unknown subaccount":
+        install_location(installed=case != "not installed")
+    if case == "message recorded before":
+        webhooks.send(load_payload("outbound_message"))
+    webhooks.send(load_payload("outbound_message"))
+    stored = deliveries()[-1]
+    outcome = (stored.status, stored.error, stored.attempts, stored.processed_at is None)
+    assert outcome[0] == ("failed" if case == "unknown subaccount" else "ignored")
+    assert outcome[3] == (case == "unknown subaccount")  # a failure is not processed: it stays replayable
+    counted = len(usage_events())
+    assert runner.invoke(args=["ghl", "replay", "--id", str(stored.id)]).exit_code in (0, 1)
+    replayed = deliveries()[-1]
+    assert (replayed.status, replayed.error, replayed.processed_at is None) == (outcome[0], outcome[1], outcome[3])
+    assert replayed.attempts == outcome[2] + 1
+    assert len(usage_events()) == counted
+
+
+@pytest.mark.parametrize("same_webhook", [True, False], ids=["one webhook twice", "one message in two webhooks"])
+def test_two_copies_in_flight_at_once_count_once(app, signer, postgres_only, same_webhook):
+    with app.app_context():
+        install_location()
+    bodies = [
+        encode(load_payload("outbound_message"), webhook_id="wh-race" if same_webhook else f"wh-race-{n}")
+        for n in range(2)
+    ]
+    barrier = threading.Barrier(2)
+    answers: list[str] = []
+
+    def deliver(body: bytes) -> None:
+        client = app.test_client()
+        barrier.wait()
+        answers.append(client.post("/webhooks/ghl", data=body, headers=signer.headers(body)).json["status"])
+
+    threads = [threading.Thread(target=deliver, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with app.app_context():
+        assert len(usage_events()) == 1
+        if same_webhook:
+            assert sorted(answers) == ["duplicate", "processed"] and delivery_count() == 1
+        else:
+            # The second usage INSERT waits on the first's unique-index entry, so its delivery says why.
+            assert sorted(answers) == ["ignored", "processed"]
+            [ignored] = [d for d in deliveries() if d.status == "ignored"]
+            assert "already recorded" in ignored.error
+
+
+def drop_connections(database_url: str) -> int:
+    """Terminate every other session on the test database, as a database restart would; return how many."""
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+        return len(
+            admin.execute(
+                # With a timeout, each call returns once that session has ended (PostgreSQL 14+).
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        )
