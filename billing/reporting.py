@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from flask import current_app
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from billing.models import Agency, RebillClient, UnitReport
 from billing.stripe_gateway import (
@@ -69,6 +69,36 @@ BACKOFF_BASE = dt.timedelta(seconds=30)
 BACKOFF_CAP = dt.timedelta(hours=1)
 CLAIM_BATCH = 1000
 NEEDS_RECONCILE = "needs reconcile"
+
+_REPORT = UnitReport.__table__
+_CLIENT = RebillClient.__table__
+_CLAIM_REPORT_COLUMNS = tuple(
+    _REPORT.c[name]
+    for name in (
+        "id",
+        "agency_id",
+        "client_id",
+        "identifier",
+        "units",
+        "usage_timestamp",
+        "attempts",
+        "first_attempt_at",
+    )
+)
+_CLAIM_CLIENT_COLUMNS = tuple(
+    _CLIENT.c[name]
+    for name in (
+        "report_mode",
+        "stripe_customer_id",
+        "stripe_price_id",
+        "meter_id",
+        "meter_event_name",
+        "meter_customer_key",
+        "meter_value_key",
+        "meter_formula",
+        "subscription_item_id",
+    )
+)
 
 
 @dataclass
@@ -184,42 +214,53 @@ def backoff_delay(attempts: int) -> dt.timedelta:
 
 
 def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
-    """Lease up to CLAIM_BATCH due rows (agencies with a working key) and commit before Stripe is called."""
+    """Lease up to CLAIM_BATCH due rows (agencies with a working key) and commit before Stripe is called.
+
+    A fixed number of statements per batch, whatever its size: the lease (UPDATE … RETURNING), one read of
+    the rows with their clients, one UPDATE counting the attempt on every row about to be sent, and one
+    statement for the few rows that are not sent now (future timestamp, too old, client incomplete).
+    """
     now = clock.now()
     due = (
-        select(UnitReport.id)
+        select(_REPORT.c.id)
         .where(
-            UnitReport.status == "pending",
-            UnitReport.next_attempt_at <= clock.start,
-            UnitReport.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
+            _REPORT.c.status == "pending",
+            _REPORT.c.next_attempt_at <= clock.start,
+            _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
         )
-        .order_by(UnitReport.id)
+        .order_by(_REPORT.c.id)
         .limit(CLAIM_BATCH)
     )
     if is_postgresql():
         # Rows another tick is claiming right now are skipped, not waited for; agency rows are not locked.
-        due = due.with_for_update(skip_locked=True, of=UnitReport)
+        due = due.with_for_update(skip_locked=True, of=_REPORT)
     claimed_ids = db.session.scalars(
-        update(UnitReport)
-        .where(UnitReport.id.in_(due.scalar_subquery()), UnitReport.status == "pending")
+        update(_REPORT)
+        .where(_REPORT.c.id.in_(due.scalar_subquery()), _REPORT.c.status == "pending")
         .values(next_attempt_at=now + LEASE)
-        .returning(UnitReport.id)
-        .execution_options(synchronize_session=False)
+        .returning(_REPORT.c.id)
     ).all()
     if not claimed_ids:
         db.session.rollback()
         return []
     rows = db.session.execute(
-        select(UnitReport, RebillClient)
-        .join(RebillClient, RebillClient.id == UnitReport.client_id)
-        .where(UnitReport.id.in_(claimed_ids))
-        .order_by(UnitReport.id)
+        select(*_CLAIM_REPORT_COLUMNS, *_CLAIM_CLIENT_COLUMNS)
+        .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)
+        .where(_REPORT.c.id.in_(claimed_ids))
+        .order_by(_REPORT.c.id)
     ).all()
-    claims = []
-    for report, client in rows:
-        claim = _prepare(report, client, now, result)
+    claims, held = [], []
+    for row in rows:
+        claim = _prepare(row, now, result, held)
         if claim is not None:
             claims.append(claim)
+    if claims:
+        db.session.execute(
+            update(_REPORT)
+            .where(_REPORT.c.id.in_([claim.report_id for claim in claims]))
+            .values(attempts=_REPORT.c.attempts + 1, first_attempt_at=func.coalesce(_REPORT.c.first_attempt_at, now))
+        )
+    _write_rows(held)
     db.session.commit()
     return claims
 
@@ -262,54 +303,50 @@ def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyReject
     return gateways[agency_id]
 
 
-def _prepare(report: UnitReport, client: RebillClient, now: dt.datetime, result: ReportingResult) -> _Claim | None:
-    """Decide what to do with a leased row; count the attempt on rows that will be sent."""
-    if report.usage_timestamp > now:
-        report.next_attempt_at = report.usage_timestamp  # never send a timestamp from the future
+def _prepare(row, now: dt.datetime, result: ReportingResult, held: list[dict]) -> _Claim | None:
+    """Decide what to do with a leased row: a claim to send now, or the row's new values in ``held``."""
+    if row.usage_timestamp > now:
+        held.append({"b_id": row.id, "next_attempt_at": row.usage_timestamp})  # never send a future timestamp
         result.reports_deferred += 1
         return None
-    if report.usage_timestamp < now - MAX_EVENT_AGE:
+    if row.usage_timestamp < now - MAX_EVENT_AGE:
         unconfirmed = " (an earlier attempt may have reached Stripe: run `rebill reconcile`)"
-        report.status = "failed"
-        report.last_error = (
-            "usage is older than Stripe accepts (35 days); these units cannot be sent"
-            + (unconfirmed if report.first_attempt_at else "")
+        reason = "usage is older than Stripe accepts (35 days); these units cannot be sent"
+        held.append(
+            {"b_id": row.id, "status": "failed", "last_error": reason + (unconfirmed if row.first_attempt_at else "")}
         )
         result.reports_failed += 1
         return None
-    problem = _client_problem(client)
+    problem = _client_problem(row)
     if problem:
-        report.status = "failed"
-        report.last_error = problem
+        held.append({"b_id": row.id, "status": "failed", "last_error": problem})
         result.reports_failed += 1
         return None
-    previous_first = report.first_attempt_at
-    report.attempts += 1
-    report.first_attempt_at = previous_first or now
+    previous_first = row.first_attempt_at
     return _Claim(
-        report_id=report.id,
-        agency_id=report.agency_id,
-        client_id=client.id,
-        identifier=report.identifier,
-        units=report.units,
-        timestamp=report.usage_timestamp,
-        attempt=report.attempts,
+        report_id=row.id,
+        agency_id=row.agency_id,
+        client_id=row.client_id,
+        identifier=row.identifier,
+        units=row.units,
+        timestamp=row.usage_timestamp,
+        attempt=row.attempts + 1,  # counted by _claim_batch's UPDATE, under the row's lease
         previous_first_attempt_at=previous_first,
         needs_check=previous_first is not None and previous_first <= now - DEDUPE_SAFE_AGE,
         claimed_at=now,
-        report_mode=client.report_mode,
-        customer_id=client.stripe_customer_id,
-        price_id=client.stripe_price_id,
-        meter_id=client.meter_id,
-        event_name=client.meter_event_name,
-        customer_key=client.meter_customer_key,
-        value_key=client.meter_value_key,
-        formula=client.meter_formula,
-        subscription_item_id=client.subscription_item_id,
+        report_mode=row.report_mode,
+        customer_id=row.stripe_customer_id,
+        price_id=row.stripe_price_id,
+        meter_id=row.meter_id,
+        event_name=row.meter_event_name,
+        customer_key=row.meter_customer_key,
+        value_key=row.meter_value_key,
+        formula=row.meter_formula,
+        subscription_item_id=row.subscription_item_id,
     )
 
 
-def _client_problem(client: RebillClient) -> str | None:
+def _client_problem(client) -> str | None:
     """Say what is missing for sending this client's units, or None."""
     if not client.stripe_customer_id:
         return "the client has no Stripe customer; edit the client"
@@ -486,41 +523,52 @@ def _send_one(gateway: StripeGateway, claim: _Claim) -> _Outcome:
 
 
 def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: ReportingResult) -> None:
-    """Write what Stripe said and commit; flag agencies whose key Stripe refused."""
+    """Write what Stripe said and commit; flag agencies whose key Stripe refused.
+
+    Delivered rows (nearly all of them) are marked in one UPDATE per distinct note; the rest row by row.
+    """
     now = clock.now()
-    reports = {
-        report.id: report
-        for report in db.session.scalars(
-            select(UnitReport).where(UnitReport.id.in_([o.claim.report_id for o in outcomes]))
-        )
-    }
+    delivered: dict[str | None, list[int]] = defaultdict(list)
+    other_rows: list[dict] = []
     key_problems: dict[int, str] = {}
     found_items: dict[int, str] = {}
     for outcome in outcomes:
-        report, claim = reports[outcome.claim.report_id], outcome.claim
+        claim = outcome.claim
         if outcome.kind == "delivered":
-            report.status = "sent"
-            report.sent_at = now
-            report.last_error = outcome.reason
+            delivered[outcome.reason].append(claim.report_id)
             result.reports_sent += 1
-            result.units_sent += report.units
+            result.units_sent += claim.units
             if outcome.subscription_item_id and outcome.subscription_item_id != claim.subscription_item_id:
                 found_items[claim.client_id] = outcome.subscription_item_id
         elif outcome.kind == "unavailable":
-            report.next_attempt_at = now + backoff_delay(report.attempts)
-            report.last_error = outcome.reason
+            other_rows.append(
+                {
+                    "b_id": claim.report_id,
+                    "next_attempt_at": now + backoff_delay(claim.attempt),
+                    "last_error": outcome.reason,
+                }
+            )
             result.reports_retrying += 1
         elif outcome.kind == "rejected":
-            report.status = "failed"
-            report.last_error = outcome.reason
+            other_rows.append({"b_id": claim.report_id, "status": "failed", "last_error": outcome.reason})
             result.reports_failed += 1
         else:  # key_rejected or skipped: Stripe did not apply it, so undo the claim as if never attempted
             if outcome.kind == "key_rejected":
                 key_problems[claim.agency_id] = outcome.reason
-            report.attempts = claim.attempt - 1
-            report.first_attempt_at = claim.previous_first_attempt_at
-            report.next_attempt_at = now
+            other_rows.append(
+                {
+                    "b_id": claim.report_id,
+                    "attempts": claim.attempt - 1,
+                    "first_attempt_at": claim.previous_first_attempt_at,
+                    "next_attempt_at": now,
+                }
+            )
             result.reports_deferred += 1
+    for reason, report_ids in delivered.items():
+        db.session.execute(
+            update(_REPORT).where(_REPORT.c.id.in_(report_ids)).values(status="sent", sent_at=now, last_error=reason)
+        )
+    _write_rows(other_rows)
     for client_id, item in found_items.items():
         client = db.session.get(RebillClient, client_id)
         if client is not None and not client.subscription_item_id:
@@ -528,6 +576,18 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
     for agency_id, reason in key_problems.items():
         _flag_agency(db.session.get(Agency, agency_id), reason, result)
     db.session.commit()
+
+
+def _write_rows(rows: list[dict]) -> None:
+    """Update outbox rows one by one with their own values (``b_id`` names the row), grouped by column set."""
+    by_columns: dict[tuple[str, ...], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_columns[tuple(sorted(key for key in row if key != "b_id"))].append(row)
+    for columns, group in by_columns.items():
+        db.session.execute(
+            update(_REPORT).where(_REPORT.c.id == bindparam("b_id")).values({c: bindparam(c) for c in columns}),
+            group,
+        )
 
 
 def _flag_agency(agency: Agency, reason: str, result: ReportingResult) -> None:

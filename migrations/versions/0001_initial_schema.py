@@ -199,12 +199,11 @@ def upgrade():
     sa.Column('client_id', sa.Integer(), nullable=True),
     sa.Column('counted', sa.BigInteger(), server_default='0', nullable=False),
     sa.ForeignKeyConstraint(['agency_id'], ['agency.id'], name=op.f('fk_usage_event_agency_id_agency')),
-    sa.ForeignKeyConstraint(['client_id'], ['rebill_client.id'], name=op.f('fk_usage_event_client_id_rebill_client')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_usage_event')),
     sa.UniqueConstraint('agency_id', 'source', 'source_event_id', name=op.f('uq_usage_event_agency_id_source_source_event_id'))
     )
     with op.batch_alter_table('usage_event', schema=None) as batch_op:
-        batch_op.create_index('ix_usage_event_agency_source_key', ['agency_id', 'channel_id', 'location_id'], unique=False)
+        batch_op.create_index('ix_usage_event_agency_source_key', ['agency_id', 'channel_id', 'location_id'], unique=False, postgresql_where=sa.text("state IN ('pending', 'unmapped')"), sqlite_where=sa.text("state IN ('pending', 'unmapped')"))
         batch_op.create_index('ix_usage_event_client_received', ['client_id', 'received_at'], unique=False)
         batch_op.create_index('ix_usage_event_pending', ['id'], unique=False, postgresql_where=sa.text("state = 'pending'"), sqlite_where=sa.text("state = 'pending'"))
 
@@ -216,7 +215,7 @@ def downgrade():
     with op.batch_alter_table('usage_event', schema=None) as batch_op:
         batch_op.drop_index('ix_usage_event_pending', postgresql_where=sa.text("state = 'pending'"), sqlite_where=sa.text("state = 'pending'"))
         batch_op.drop_index('ix_usage_event_client_received')
-        batch_op.drop_index('ix_usage_event_agency_source_key')
+        batch_op.drop_index('ix_usage_event_agency_source_key', postgresql_where=sa.text("state IN ('pending', 'unmapped')"), sqlite_where=sa.text("state IN ('pending', 'unmapped')"))
 
     op.drop_table('usage_event')
     with op.batch_alter_table('unit_report', schema=None) as batch_op:

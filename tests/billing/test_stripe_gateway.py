@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import threading
 import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import responses
+from werkzeug.serving import make_server
 
 from billing.errors import BillingError, StripeKeyInvalid
 from billing.stripe_gateway import (
@@ -346,6 +347,28 @@ def test_the_sdk_retries_a_500_with_the_same_idempotency_key(stripe_server, key,
     assert [c.status for c in posts] == [500, 200] and len({c.idempotency_key for c in posts}) == 1
 
 
+def test_the_sdk_retries_a_dropped_connection_with_the_same_idempotency_key(stripe_server, key, metered):
+    stripe_server.state.inject("/v1/billing/meter_events", "accept_then_drop")  # applied, answer lost
+    send(StripeGateway(key, stripe_server.url, max_network_retries=1), metered)
+    posts = [c for c in stripe_server.state.calls if c.method == "POST"]
+    assert len(posts) == 2 and len({c.idempotency_key for c in posts}) == 1
+    assert [event["payload"]["value"] for event in stripe_server.state.meter_events(key)] == ["3"]
+
+
+def test_a_refused_connection_is_unavailable(key, metered):
+    with pytest.raises(StripeUnavailable, match="reached"):
+        send(StripeGateway(key, "http://127.0.0.1:9", max_network_retries=0), metered)  # discard port: closed
+
+
+def test_stripe_calls_ignore_proxy_settings_in_the_environment(monkeypatch, gateway, metered):
+    # Rebill reads its environment once (core.config); a proxy variable set for other tools changes nothing.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert send(gateway, metered).events_accepted == 1
+
+
 def test_a_revoked_key_is_rejected(stripe_server, metered):
     with pytest.raises(StripeKeyRejected, match="401"):
         send(StripeGateway(new_key(), stripe_server.url), metered)
@@ -370,43 +393,86 @@ def test_other_refusals_carry_stripe_s_message(gateway, metered):
 # ---- contract: the same checks against the fake and against recorded Stripe shapes ----------------------------
 
 
+class RecordedAnswers:
+    """A loopback HTTP server answering recorded Stripe shapes: the gateway's real transport reaches it.
+
+    Like `responses`: answers match on method and path; of several matching answers the first one not yet
+    used is given (the last one repeats), and ``unused()`` lists answers no request reached.
+    """
+
+    def __init__(self):
+        self.answers: list[dict] = []
+        self._server = make_server("127.0.0.1", 0, self, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def add(self, method: str, path: str, body: dict, status: int = 200, headers: dict | None = None) -> None:
+        self.answers.append(
+            {"method": method, "path": re.compile(path), "body": body, "status": status, "headers": headers or {},
+             "used": 0}
+        )  # fmt: skip
+
+    def unused(self) -> list[str]:
+        return [f"{answer['method']} {answer['path'].pattern}" for answer in self.answers if not answer["used"]]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=5)
+
+    def __call__(self, environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        matches = [a for a in self.answers if a["method"] == method and a["path"].fullmatch(path)]
+        if not matches:
+            start_response("404 Not Found", [("Content-Type", "application/json")])
+            return [json.dumps({"error": {"message": f"nothing recorded for {method} {path}"}}).encode()]
+        answer = next((a for a in matches if not a["used"]), matches[-1])
+        answer["used"] += 1
+        body = json.dumps(answer["body"]).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                   *answer["headers"].items()]  # fmt: skip
+        start_response(f"{answer['status']} Recorded", headers)
+        return [body]
+
+
 class RecordedStripe:
-    """Stripe answered by `responses` with the recorded shapes of reference/stripe.md §5.5."""
+    """Stripe answered over HTTP with the recorded shapes of reference/stripe.md §5.5."""
 
-    base = "http://stripe.recorded"
-
-    def __init__(self, mock: responses.RequestsMock):
-        self.mock = mock
+    def __init__(self, recorded: RecordedAnswers):
+        self.recorded = recorded
         self.errors = json.loads((FIXTURES / "errors.json").read_text())
         meter = json.loads((FIXTURES / "meter.json").read_text())
         price = json.loads((FIXTURES / "price.json").read_text())
         summary = json.loads((FIXTURES / "meter_event_summary.json").read_text())
         self.price_id, self.meter_id, self.customer_id = price["id"], meter["id"], "cus_123"
         self.event_name, self.customer_key = meter["event_name"], "customer"
-        mock.get(f"{self.base}/v1/prices/{price['id']}", json=price)
-        mock.get(f"{self.base}/v1/billing/meters/{meter['id']}", json=meter)
-        mock.get(
-            re.compile(rf"{self.base}/v1/billing/meters/{meter['id']}/event_summaries\?.*"),
-            json={"object": "list", "data": [summary], "has_more": False, "url": "/v1/billing/meters"},
+        recorded.add("GET", f"/v1/prices/{price['id']}", price)
+        recorded.add("GET", f"/v1/billing/meters/{meter['id']}", meter)
+        recorded.add(
+            "GET",
+            f"/v1/billing/meters/{meter['id']}/event_summaries",
+            {"object": "list", "data": [summary], "has_more": False, "url": "/v1/billing/meters"},
         )
-        self.gateway = StripeGateway("sk_test_recorded1234", self.base, max_network_retries=0)
-        self.revoked = StripeGateway("sk_test_revoked12345", self.base, max_network_retries=0)
-        self.restricted = StripeGateway("rk_test_restricted123", self.base, max_network_retries=0)
+        base = recorded.url
+        self.gateway = StripeGateway("sk_test_recorded1234", base, max_network_retries=0)
+        self.revoked = StripeGateway("sk_test_revoked12345", base, max_network_retries=0)
+        self.restricted = StripeGateway("rk_test_restricted123", base, max_network_retries=0)
         self.now = 1234567890
 
     def arrange(self, answer: str) -> None:
-        url = f"{self.base}/v1/billing/meter_events"
+        path = "/v1/billing/meter_events"
         if answer == "accept":
-            self.mock.post(url, json=json.loads((FIXTURES / "meter_event.json").read_text()))
+            self.recorded.add("POST", path, json.loads((FIXTURES / "meter_event.json").read_text()))
         elif answer == "duplicate":
-            self.mock.post(url, status=400, json=self.errors["duplicate_identifier"],
-                           headers={"Stripe-Should-Retry": "false"})
+            self.recorded.add("POST", path, self.errors["duplicate_identifier"], status=400,
+                              headers={"Stripe-Should-Retry": "false"})  # fmt: skip
         elif answer == "rate_limit":
-            self.mock.post(url, status=429, json=self.errors["rate_limit"])
+            self.recorded.add("POST", path, self.errors["rate_limit"], status=429)
         elif answer == "revoked":
-            self.mock.get(f"{self.base}/v1/billing/meters", status=401, json=self.errors["invalid_api_key"])
+            self.recorded.add("GET", "/v1/billing/meters", self.errors["invalid_api_key"], status=401)
         elif answer == "forbidden":
-            self.mock.post(url, status=403, json=self.errors["more_permissions_required"])
+            self.recorded.add("POST", path, self.errors["more_permissions_required"], status=403)
 
 
 class FakeStripe:
@@ -437,8 +503,12 @@ def contract(request):
     if request.param == "fake":
         yield FakeStripe(request.getfixturevalue("stripe_server"))
         return
-    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
-        yield RecordedStripe(mock)
+    recorded = RecordedAnswers()
+    try:
+        yield RecordedStripe(recorded)
+    finally:
+        recorded.stop()
+    assert recorded.unused() == []
 
 
 def test_gateway_contract(contract):
