@@ -29,6 +29,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 
+# Benchmarks, not timed tests (bench/README.md): PostgreSQL at 127.0.0.1:5432 and Debian's wrk needed.
+bench: $(STAMP)
+	$(BIN)/python bench/billing_bench.py
+	$(BIN)/python bench/webhook_bench.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
