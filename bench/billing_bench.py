@@ -3,7 +3,8 @@
 Runs on PostgreSQL in a throwaway database it creates, migrates and drops. Loading the data (COPY) is not
 timed; aggregation and the reporting tick are. The fake Stripe (stripe_fake's app and state) runs in a child
 process behind a keep-alive server, as Stripe would be elsewhere. Prints events/s, wall times, Stripe calls
-made (must equal the clients with new units: one call per client per tick) and this process's peak RSS.
+made (must equal the clients with new units: one call per client per tick), this process's peak RSS, and
+where the CPU went (this process, the fake Stripe's process, the load average) — the fake shares the cores.
 
     .venv/bin/python bench/billing_bench.py [--events 1000000] [--clients 10000] [--agencies 100]
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.fernet import Fernet
 from flask_migrate import upgrade
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app import create_app
 from billing.models import UnitReport
@@ -113,6 +114,10 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int) -> None:
     fake = FakeStripeApp(state)
 
     def app(environ, start_response):
+        if environ["PATH_INFO"] == "/_bench/cpu":  # the fake's own CPU seconds (all its threads)
+            body = json.dumps({"cpu": time.process_time()}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
         if environ["PATH_INFO"] != "/_bench/ledger":
             return fake(environ, start_response)
         events = [event for account in accounts for event in state.meter_events(account["key"])]
@@ -200,30 +205,39 @@ def load(url: str, accounts: list[dict], args) -> None:
 
 def run(stripe_url: str, args) -> bool:
     """Time aggregation and one reporting tick; print the figures; tell whether the call count is exact."""
-    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    wal_start = db.session.scalar(text("SELECT pg_current_wal_lsn()"))
+    db.session.commit()
+    start, cpu_start = time.perf_counter(), time.process_time()
     aggregation = aggregate_pending_usage()
     db.session.commit()
-    aggregated = time.perf_counter()
+    aggregated, cpu_aggregated = time.perf_counter(), time.process_time()
+    wal_mb = db.session.scalar(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), :start)"), {"start": wal_start})
     clients_with_units = db.session.scalar(
         select(func.count(func.distinct(UnitReport.client_id))).where(UnitReport.status == "pending")
     )
     db.session.commit()
-    tick = time.perf_counter()
+    fake_cpu_start = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"]
+    tick, cpu_tick = time.perf_counter(), time.process_time()
     reporting = report_pending_units()
-    done = time.perf_counter()
+    done, cpu_done = time.perf_counter(), time.process_time()
+    fake_cpu = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"] - fake_cpu_start
     ledger = requests.get(f"{stripe_url}/_bench/ledger", timeout=60).json()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     aggregation_s, reporting_s = aggregated - start, done - tick
     print(f"aggregation: {aggregation.events:,} events -> {aggregation.units:,} units in {aggregation_s:.2f} s "
-          f"({aggregation.events / aggregation_s:,.0f} events/s), {aggregation.reports:,} outbox rows")
+          f"({aggregation.events / aggregation_s:,.0f} events/s), {aggregation.reports:,} outbox rows; "
+          f"CPU of this process {cpu_aggregated - cpu_start:.1f} s (the rest is waiting on PostgreSQL); "
+          f"WAL written (whole server) {float(wal_mb) / 2**20:,.0f} MB")
     print(f"reporting tick: {reporting.reports_sent:,} reports sent ({reporting.units_sent:,} units) in "
           f"{reporting_s:.2f} s ({reporting.reports_sent / reporting_s:,.0f} reports/s), "
-          f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}")
+          f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}; CPU of this process "
+          f"{cpu_done - cpu_tick:.1f} s, of the fake Stripe {fake_cpu:.1f} s")
     print(f"stripe calls: {reporting.stripe_calls:,} (the fake saw {ledger['posts']:,} POSTs, holds "
           f"{ledger['units']:,} units); clients with new units: {clients_with_units:,}")
     print(f"wall time (aggregation + tick): {aggregation_s + reporting_s:.2f} s; "
-          f"peak RSS of this process: {peak_mb:.0f} MB")
+          f"peak RSS of this process: {peak_mb:.0f} MB; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     ok = (reporting.stripe_calls == clients_with_units == ledger["posts"] and reporting.reports_failed == 0
           and ledger["units"] == aggregation.units)
     print("one Stripe call per client with new units, every unit in Stripe:", "yes" if ok else "NO")

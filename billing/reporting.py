@@ -2,11 +2,11 @@
 
 How a tick sends (DESIGN.md §2 rules 6-7; reference/stripe.md §1.9, §3.4, §8):
 
-- Claim: due rows (``pending``, ``next_attempt_at <= now``, agency key ``ok``) are leased in a short
-  transaction: ``next_attempt_at = now + LEASE`` and, for rows about to be sent, ``attempts + 1`` and
-  ``first_attempt_at`` (kept from the first attempt). On PostgreSQL the claim selects with
-  ``FOR UPDATE SKIP LOCKED``; on SQLite the claiming UPDATE takes the write lock. Either way two ticks or
-  two schedulers never hold the same row, and no database lock is held while Stripe is called.
+- Claim: due rows (``pending``, ``next_attempt_at <= now``, agency key ``ok``) about to be sent are leased
+  in a short transaction: ``next_attempt_at = now + LEASE``, ``attempts + 1`` and ``first_attempt_at``
+  (kept from the first attempt). On PostgreSQL the claim selects with ``FOR UPDATE SKIP LOCKED``; on SQLite
+  the claiming transaction takes the write lock before it reads. Either way two ticks or two schedulers
+  never hold the same row, and no database lock is held while Stripe is called.
 - Send: after the claim is committed. Each row goes with its own deterministic identifier. Aggregation
   writes one row per client per pass, so a normal tick makes exactly one Stripe call per client with new
   units (``value = k`` on a sum meter; k events ``<identifier>-<i>`` on a count meter). A backlog (after
@@ -54,6 +54,7 @@ from billing.stripe_gateway import (
     StripeUnavailable,
     gateway_for,
 )
+from billing.units import take_write_lock
 from core.database import db, is_postgresql, utcnow
 
 log = logging.getLogger("billing.reporting")
@@ -216,13 +217,16 @@ def backoff_delay(attempts: int) -> dt.timedelta:
 def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
     """Lease up to CLAIM_BATCH due rows (agencies with a working key) and commit before Stripe is called.
 
-    A fixed number of statements per batch, whatever its size: the lease (UPDATE … RETURNING), one read of
-    the rows with their clients, one UPDATE counting the attempt on every row about to be sent, and one
-    statement for the few rows that are not sent now (future timestamp, too old, client incomplete).
+    Three statements per batch, whatever its size: one read of the due rows with their clients (locked on
+    PostgreSQL, skipping rows another tick holds; on SQLite this transaction is the writer from the start),
+    one UPDATE leasing the rows about to be sent and counting the attempt, and one for the few rows not sent
+    now (future timestamp, too old, client incomplete). Each sent row gets one new version here, not two.
     """
     now = clock.now()
+    take_write_lock()
     due = (
-        select(_REPORT.c.id)
+        select(*_CLAIM_REPORT_COLUMNS, *_CLAIM_CLIENT_COLUMNS)
+        .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)
         .where(
             _REPORT.c.status == "pending",
             _REPORT.c.next_attempt_at <= clock.start,
@@ -232,23 +236,13 @@ def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
         .limit(CLAIM_BATCH)
     )
     if is_postgresql():
-        # Rows another tick is claiming right now are skipped, not waited for; agency rows are not locked.
+        # Rows another tick is claiming right now are skipped, not waited for; client and agency rows are
+        # not locked. A row locked here is re-checked against the conditions in its newest version.
         due = due.with_for_update(skip_locked=True, of=_REPORT)
-    claimed_ids = db.session.scalars(
-        update(_REPORT)
-        .where(_REPORT.c.id.in_(due.scalar_subquery()), _REPORT.c.status == "pending")
-        .values(next_attempt_at=now + LEASE)
-        .returning(_REPORT.c.id)
-    ).all()
-    if not claimed_ids:
+    rows = db.session.execute(due).all()
+    if not rows:
         db.session.rollback()
         return []
-    rows = db.session.execute(
-        select(*_CLAIM_REPORT_COLUMNS, *_CLAIM_CLIENT_COLUMNS)
-        .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)
-        .where(_REPORT.c.id.in_(claimed_ids))
-        .order_by(_REPORT.c.id)
-    ).all()
     claims, held = [], []
     for row in rows:
         claim = _prepare(row, now, result, held)
@@ -258,7 +252,11 @@ def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
         db.session.execute(
             update(_REPORT)
             .where(_REPORT.c.id.in_([claim.report_id for claim in claims]))
-            .values(attempts=_REPORT.c.attempts + 1, first_attempt_at=func.coalesce(_REPORT.c.first_attempt_at, now))
+            .values(
+                next_attempt_at=now + LEASE,
+                attempts=_REPORT.c.attempts + 1,
+                first_attempt_at=func.coalesce(_REPORT.c.first_attempt_at, now),
+            )
         )
     _write_rows(held)
     db.session.commit()
@@ -330,7 +328,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, held: list[dict]) -
         identifier=row.identifier,
         units=row.units,
         timestamp=row.usage_timestamp,
-        attempt=row.attempts + 1,  # counted by _claim_batch's UPDATE, under the row's lease
+        attempt=row.attempts + 1,  # counted by _claim_batch's UPDATE, under the row's lock
         previous_first_attempt_at=previous_first,
         needs_check=previous_first is not None and previous_first <= now - DEDUPE_SAFE_AGE,
         claimed_at=now,
