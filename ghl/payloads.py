@@ -28,7 +28,8 @@ def text(event: dict[str, Any], name: str, max_length: int = 255) -> str | None:
     value = event.get(name)
     if not isinstance(value, str):
         return None
-    return value.strip()[:max_length] or None
+    # NUL is dropped: PostgreSQL text cannot hold it, and a display name loses nothing without it.
+    return value.replace("\x00", "").strip()[:max_length] or None
 
 
 def timestamp(event: dict[str, Any], *names: str) -> dt.datetime | None:
@@ -39,7 +40,7 @@ def timestamp(event: dict[str, Any], *names: str) -> dt.datetime | None:
             continue
         try:
             parsed = dt.datetime.fromisoformat(value.strip())
-        except ValueError:
+            return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
+        except (ValueError, OverflowError):  # unreadable, or beyond year 9999 once converted to UTC
             continue
-        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
     return None

@@ -186,7 +186,7 @@ def receive_webhook():
     try:
         text = body.decode("utf-8")
         event = json.loads(text)
-    except ValueError:  # UnicodeDecodeError is one too
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; absurd nesting recurses
         return jsonify(error="the webhook body is not UTF-8 JSON"), 400
     if not isinstance(event, dict):
         return jsonify(error="the webhook body is not a JSON object"), 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 
@@ -9,7 +10,7 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from billing.agencies import ensure_agency
+from billing.agencies import ensure_agency, find_agency
 from billing.models import UsageEvent
 from core.config import ConfigError
 from core.database import db
@@ -141,7 +142,11 @@ def test_a_key_of_the_wrong_type_stops_the_start(make_app, signer):
 # Bad bodies, other apps ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"INSTALL"', b"null", b"\xff\xfe{}"])
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'"INSTALL"', b"null", b"\xff\xfe{}", b'{"a":' * 200_000 + b"1" + b"}" * 200_000],
+    ids=["text", "array", "string", "null", "not-utf8", "absurdly-nested"],
+)
 def test_a_signed_body_that_is_not_a_json_object_is_a_400_and_stores_nothing(app_context, webhooks, signer, body):
     response = webhooks.post(body, signer.headers(body))
     assert response.status_code == 400
@@ -375,3 +380,17 @@ def drop_connections(database_url: str) -> int:
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             ).fetchall()
         )
+
+
+def test_a_message_date_beyond_year_9999_in_utc_still_counts_the_message(app_context, webhooks):
+    install_location()
+    payload = load_payload("outbound_message") | {"dateAdded": "9999-12-31T23:59:59-05:00"}
+    assert webhooks.send(payload).json == {"status": "processed"}
+    [event] = usage_events()
+    assert event.occurred_at.year == dt.datetime.now(dt.UTC).year  # unreadable: the time it arrived
+
+
+def test_an_install_whose_company_name_holds_a_nul_is_processed(app_context, webhooks):
+    payload = load_payload("install_company") | {"companyName": "Acme\u0000 Agency"}
+    assert webhooks.send(payload).json == {"status": "processed"}
+    assert find_agency(payload["companyId"]).name == "Acme Agency"
