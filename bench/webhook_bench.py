@@ -1,16 +1,17 @@
 """Benchmark POST /webhooks/ghl against a bare Flask endpoint, both under the same gunicorn settings.
 
-    .venv/bin/python bench/webhook_bench.py [--duration 10] [--connections 16]
+    .venv/bin/python bench/webhook_bench.py [--duration 10] [--connections 16] [--gunicorn-options "..."]
 
 What it does, in one run:
 1. creates a throwaway PostgreSQL database, migrates it, seeds one agency with one installed subaccount;
 2. pre-signs (Ed25519, a key generated for the run and injected through GHL_WEBHOOK_ED25519_KEY) one
    OutboundMessage body per request, each with its own webhookId and messageId, into files that a wrk
    Lua script loads and cycles through (every wrk thread takes its own share);
-3. starts gunicorn (2 sync workers, as the Procfile) on Rebill, and the same gunicorn on a bare Flask app
-   whose endpoint only parses the JSON and answers 200;
-4. drives both at full speed with wrk, then Rebill at half its full-speed rate, and reports requests/s,
-   the ratio, p50/p99 latency, and whether anything was lost: delivery rows stored == 2xx answers.
+3. starts gunicorn with the Procfile's web options (or --gunicorn-options) on Rebill, and the same on a
+   bare Flask app whose endpoint only parses the JSON and answers 200, and on a reference app that also
+   verifies the signature with Rebill's verifier but stores nothing (what verification alone costs);
+4. drives all three at full speed with wrk, then Rebill at half its full-speed rate, and reports
+   requests/s, the ratios, p50/p99 latency, and whether anything was lost: delivery rows stored == 2xx.
 
 wrk2 (constant-rate) is not available: the half-rate run paces requests with wrk's per-request delay()
 hook, each thread handing out send slots at rate/threads (an open schedule, like wrk2, but latency is
@@ -30,6 +31,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,7 +55,6 @@ CLIENT_ID = "6650aaaabbbbccccdddd0001-benchmark"
 APP_ID = CLIENT_ID.split("-")[0]
 COMPANY_ID = "benchCompany00000001"
 LOCATION_ID = "benchLocation0000001"
-WORKERS = 2
 TAIL_SECONDS = 1
 MAX_RATE_GUESS = 6000  # bodies signed per second of run; more than this machine can take
 
@@ -131,13 +132,25 @@ end
 """
 
 
-def create_bare_app() -> Flask:
-    """The baseline: an endpoint that only parses the JSON body and answers 200."""
+def create_bare_app(verify: bool = False) -> Flask:
+    """The baseline: an endpoint that only parses the JSON body and answers 200.
+
+    With ``verify``, the reference: it first checks the signature with Rebill's own verifier (the key in
+    GHL_WEBHOOK_ED25519_KEY) and stores nothing, so its rate is the ceiling for any Rebill that verifies.
+    """
     app = Flask("bare")
+    verifier = None
+    if verify:
+        from ghl.signatures import WebhookVerifier
+
+        verifier = WebhookVerifier(os.environ["GHL_WEBHOOK_ED25519_KEY"], None)
 
     @app.post("/webhooks/ghl")
     def receive():
-        json.loads(request.get_data())
+        body = request.get_data()
+        if verifier is not None and verifier.verify(body, request.headers) is None:
+            return jsonify(error="missing or invalid webhook signature"), 401
+        json.loads(body)
         return jsonify(status="ok"), 200
 
     @app.get("/healthz")
@@ -158,8 +171,11 @@ def main() -> int:
         "--rebill-target", default="app:create_app()", help="gunicorn target for Rebill (for what-if experiments)"
     )
     parser.add_argument(
-        "--worker-threads", type=int, default=0, help="gunicorn gthread threads per worker (0: sync workers)"
+        "--gunicorn-options",
+        default=procfile_gunicorn_options(),
+        help="gunicorn options for all three apps (default: the Procfile's web line, without bind and target)",
     )
+    parser.add_argument("--no-verify-reference", action="store_true", help="skip the verify-only reference app")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="rebill-webhook-bench-"))
@@ -209,22 +225,21 @@ def prepare_database(env: dict[str, str]) -> None:
 
 
 def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
-    """Bare app at full speed, Rebill at full speed, Rebill at half that rate."""
+    """Bare app (and the verify-only reference) at full speed, Rebill at full speed, Rebill at half that rate."""
     results: dict = {"load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
-    bare = start_gunicorn(
-        "webhook_bench:create_bare_app()",
-        args.port,
-        env,
-        args.worker_threads,
-        extra=["--pythonpath", str(ROOT / "bench")],
-    )
-    try:
-        files = sign_bodies(key, workdir, "bare", args.duration + 2)
-        wrk(args, files, 2, 0, args.port)  # warm-up
-        results["bare"] = wrk(args, files, args.duration, 0, args.port)
-    finally:
-        stop(bare)
-    rebill = start_gunicorn(args.rebill_target, args.port + 1, env, args.worker_threads)
+    files = sign_bodies(key, workdir, "bare", args.duration + 2)
+    references = [("bare", "webhook_bench:create_bare_app()")]
+    if not args.no_verify_reference:
+        references.append(("verify", "webhook_bench:create_bare_app(verify=True)"))
+    for name, target in references:
+        bench_path = ["--pythonpath", str(ROOT / "bench")]
+        reference = start_gunicorn(target, args.port, env, args.gunicorn_options, extra=bench_path)
+        try:
+            wrk(args, files, 2, 0, args.port)  # warm-up
+            results[name] = wrk(args, files, args.duration, 0, args.port)
+        finally:
+            stop(reference)
+    rebill = start_gunicorn(args.rebill_target, args.port + 1, env, args.gunicorn_options)
     try:
         warm = sign_bodies(key, workdir, "warm", 2)
         wrk(args, warm, 2, 0, args.port + 1)
@@ -306,17 +321,34 @@ def wrk(args, bodies: Path, seconds: int, rate: float, port: int) -> dict:
     return figures
 
 
-def start_gunicorn(target: str, port: int, env: dict[str, str], threads: int, extra: list[str] | None = None):
-    """Start gunicorn with the Procfile's settings (2 workers) and wait until it answers."""
-    workers = ["--workers", str(WORKERS)] + (
-        ["--worker-class", "gthread", "--threads", str(threads)] if threads else []
-    )
+def procfile_gunicorn_options() -> str:
+    """The gunicorn options of the Procfile's web line (workers, worker class, threads, logs), minus bind and target.
+
+    The benchmark then measures what production runs; the access log it may ask for goes to /dev/null here.
+    """
+    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    words = shlex.split(line.removeprefix("web:"))
+    if words[0] != "gunicorn":
+        raise RuntimeError(f"the Procfile's web line does not run gunicorn: {line}")
+    options, skip = [], False
+    for word in words[1:-1]:  # the last word is the app target
+        if skip:
+            skip = False
+        elif word in ("--bind", "-b"):
+            skip = True
+        else:
+            options.append(word)
+    return shlex.join(options)
+
+
+def start_gunicorn(target: str, port: int, env: dict[str, str], options: str, extra: list[str] | None = None):
+    """Start gunicorn with ``options`` (the same for every app of a run) and wait until it answers."""
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "gunicorn",
-            *workers,
+            *shlex.split(options),
             "--bind",
             f"127.0.0.1:{port}",
             "--log-level",
@@ -326,6 +358,7 @@ def start_gunicorn(target: str, port: int, env: dict[str, str], threads: int, ex
         ],
         cwd=ROOT,
         env=env,
+        stdout=subprocess.DEVNULL,  # an access log, if the options ask for one
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -363,21 +396,20 @@ def usage_rows(database_url: str) -> int:
 def report(args, results: dict) -> None:
     bare, full, half = results["bare"], results["full"], results["half"]
     ms = 1000.0
-    workers = (
-        f"{WORKERS} gthread workers x {args.worker_threads} threads"
-        if args.worker_threads
-        else f"{WORKERS} sync workers"
-    )
     print(
-        f"\nwebhook bench: gunicorn {workers}, wrk -t{args.threads} -c{args.connections}, "
+        f"\nwebhook bench: gunicorn {args.gunicorn_options}, wrk -t{args.threads} -c{args.connections}, "
         f"{args.duration}s per run (+{TAIL_SECONDS}s sentinel tail), PostgreSQL, {os.cpu_count()} CPUs, "
-        f"load average before: {results['load']}"
+        f"load average before: {results['load']}, after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
     )
     print(
         f"{'run':<22}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
         f"{'other':>7}{'errors':>7}"
     )
-    for name, figures in (("bare Flask, max", bare), ("Rebill, max", full), ("Rebill, half of max", half)):
+    runs = [("bare Flask, max", bare)]
+    if "verify" in results:
+        runs.append(("verify only, max", results["verify"]))
+    runs += [("Rebill, max", full), ("Rebill, half of max", half)]
+    for name, figures in runs:
         print(
             f"{name:<22}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
             f"{figures['max_us'] / ms:>9.1f}{figures['ok']:>9}{figures.get('stored', '-')!s:>9}{figures['other']:>7}"
@@ -385,12 +417,17 @@ def report(args, results: dict) -> None:
         )
     ratio = full["rate"] / bare["rate"]
     print(f"ratio Rebill/bare at max: {ratio:.2f} (goal >= 0.6)")
+    if "verify" in results:
+        print(
+            f"ratio verify-only/bare at max: {results['verify']['rate'] / bare['rate']:.2f} "
+            "(the ceiling for any Rebill that checks signatures)"
+        )
     print(
         f"half-rate target {half['target_rate']:.0f}/s, achieved {half['rate']:.0f}/s; "
         f"p99 {half['p99_us'] / ms:.2f} ms (goal < 20 ms)"
     )
     print(f"lost (2xx without a stored row): {results['lost']}; usage events recorded: {results['usage_events']}")
-    if any(results[run]["wrapped"] for run in ("bare", "full", "half")):
+    if any(results[run]["wrapped"] for run in ("bare", "verify", "full", "half") if run in results):
         print("WARNING: wrk ran out of pre-signed bodies and reused some (raise MAX_RATE_GUESS)")
 
 
