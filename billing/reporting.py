@@ -192,10 +192,16 @@ def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:
 
     Call it after the agency fixed what Stripe refused (client edited, key reconnected). Rows whose earlier
     attempts are older than Stripe's dedupe window are still checked against Stripe before any resend.
+    "Needs reconcile" rows stay failed: their units may already be in Stripe, and after an edit the check
+    would look at the new customer or meter, so only a person who reconciled may release them.
     """
     statement = (
         update(UnitReport)
-        .where(UnitReport.agency_id == agency.id, UnitReport.status == "failed")
+        .where(
+            UnitReport.agency_id == agency.id,
+            UnitReport.status == "failed",
+            UnitReport.last_error.not_like(f"{NEEDS_RECONCILE}%"),
+        )
         .values(status="pending", next_attempt_at=utcnow())
         .execution_options(synchronize_session=False)
     )

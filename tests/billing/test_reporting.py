@@ -427,6 +427,12 @@ def test_after_24h_unconfirmed_neighbours_make_the_total_ambiguous_so_nothing_is
     assert len(world.calls()) == posts  # nothing resent blindly
     assert world.stripe_total(setup, client) == 4
 
+    # Fixing the client or the key re-arms refused rows, never these: their units may be in Stripe already.
+    from billing.reporting import retry_failed_reports
+
+    assert retry_failed_reports(world.agency_row(setup), client.id) == 0
+    assert [r.status for r in world.reports()] == ["failed", "failed"]
+
 
 def test_after_24h_a_total_that_does_not_match_is_flagged_for_reconcile(world):
     setup = world.agency()
