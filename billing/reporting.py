@@ -66,6 +66,10 @@ LEASE = dt.timedelta(minutes=5)
 DEDUPE_SAFE_AGE = dt.timedelta(hours=23)
 # Meter events may be "within the past 35 calendar days" (reference §1.3); a margin for the call itself.
 MAX_EVENT_AGE = dt.timedelta(days=35) - dt.timedelta(minutes=10)
+TOO_OLD = (
+    "earlier attempts failed and the usage is now older than Stripe accepts (35 days); one may have reached "
+    "Stripe: run `rebill reconcile`"
+)
 BACKOFF_BASE = dt.timedelta(seconds=30)
 BACKOFF_CAP = dt.timedelta(hours=1)
 CLAIM_BATCH = 1000
@@ -313,14 +317,16 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, held: list[dict]) -
         held.append({"b_id": row.id, "next_attempt_at": row.usage_timestamp})  # never send a future timestamp
         result.reports_deferred += 1
         return None
-    if row.usage_timestamp < now - MAX_EVENT_AGE:
-        unconfirmed = " (an earlier attempt may have reached Stripe: run `rebill reconcile`)"
-        reason = "usage is older than Stripe accepts (35 days); these units cannot be sent"
-        held.append(
-            {"b_id": row.id, "status": "failed", "last_error": reason + (unconfirmed if row.first_attempt_at else "")}
-        )
-        result.reports_failed += 1
-        return None
+    timestamp = row.usage_timestamp
+    if timestamp < now - MAX_EVENT_AGE:
+        if row.first_attempt_at is not None:
+            held.append({"b_id": row.id, "status": "failed", "last_error": f"{NEEDS_RECONCILE}: {TOO_OLD}"})
+            result.reports_failed += 1
+            return None
+        # Logged but never offered to Stripe (a key problem or outage that lasted weeks, or usage that
+        # arrived already that old): none of it can be in Stripe, so bill it now rather than lose it.
+        timestamp = now
+        held.append({"b_id": row.id, "usage_timestamp": now})
     problem = _client_problem(row)
     if problem:
         held.append({"b_id": row.id, "status": "failed", "last_error": problem})
@@ -333,7 +339,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, held: list[dict]) -
         client_id=row.client_id,
         identifier=row.identifier,
         units=row.units,
-        timestamp=row.usage_timestamp,
+        timestamp=timestamp,
         attempt=row.attempts + 1,  # counted by _claim_batch's UPDATE, under the row's lock
         previous_first_attempt_at=previous_first,
         needs_check=previous_first is not None and previous_first <= now - DEDUPE_SAFE_AGE,

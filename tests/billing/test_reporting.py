@@ -354,14 +354,32 @@ def test_stripe_already_having_the_identifier_counts_as_delivered(world):
 # ---- timestamps -----------------------------------------------------------------------------------------------
 
 
-def test_units_older_than_35_days_fail_with_the_reason_and_no_call(world):
+def test_units_never_offered_to_stripe_and_older_than_35_days_are_billed_now_not_lost(world):
     setup = world.agency()
-    world.report(world.client(setup), 2, at=world.clock.now() - dt.timedelta(days=36))
+    client = world.client(setup)
+    world.report(client, 2, at=world.clock.now() - dt.timedelta(days=36))
 
     result = tick(world)
 
     (report,) = world.reports()
-    assert result.stripe_calls == 0 and report.status == "failed" and "35 days" in report.last_error
+    assert result.stripe_calls == 1 and report.status == "sent"
+    assert abs(report.usage_timestamp - world.clock.now()) < dt.timedelta(seconds=1)
+    assert world.stripe_total(setup, client) == 2
+
+
+def test_units_attempted_before_and_now_older_than_35_days_wait_for_reconcile(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 2)
+    world.state.inject("/v1/billing/meter_events", "rate_limit")
+    tick(world)
+    calls = len(world.calls())
+
+    result = tick(world, days=36)
+
+    (report,) = world.reports()
+    assert report.status == "failed" and report.last_error.startswith("needs reconcile")
+    assert "35 days" in report.last_error and len(world.calls()) == calls and result.stripe_calls == 0
 
 
 def test_a_future_timestamp_waits_until_its_time(world):
