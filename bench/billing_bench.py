@@ -14,7 +14,9 @@ REBILL_BENCH_POSTGRES_URL picks the server (default postgresql://postgres@127.0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
+import io
 import json
 import multiprocessing
 import os
@@ -54,13 +56,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--agencies", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4, help="STRIPE_CONCURRENCY for the tick")
+    parser.add_argument(
+        "--fake-server", choices=("asyncio", "gunicorn"), default="asyncio",
+        help="what serves the fake Stripe: a minimal asyncio HTTP/1.1 keep-alive server, or gunicorn gthread",
+    )  # fmt: skip
     args = parser.parse_args()
 
     # The fake Stripe runs in its own process, as Stripe would: its request handling must not compete with
     # the tick for this process's GIL (it would measure the fake, not Rebill).
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
-    fake = context.Process(target=serve_fake_stripe, args=(child_conn, args.agencies, args.clients // args.agencies))
+    fake = context.Process(
+        target=serve_fake_stripe, args=(child_conn, args.agencies, args.clients // args.agencies, args.fake_server)
+    )
     fake.start()
     stripe_url, accounts = conn.recv()
     wait_until_serving(stripe_url)
@@ -91,15 +99,16 @@ def main() -> None:
         sys.exit(1)
 
 
-def serve_fake_stripe(conn, agencies: int, clients_per_agency: int) -> None:
+def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str) -> None:
     """Child process: build each agency's Stripe account (meter, price, customers), then serve it.
 
-    Served by gunicorn's threaded worker rather than FakeStripeServer's werkzeug server: werkzeug closes the
-    connection after every request, while Stripe (and requests' session) keep connections alive, so a
-    werkzeug-served fake would charge the tick a TCP handshake per call that production never pays.
+    Not FakeStripeServer's werkzeug server: it closes the connection after every request, while Stripe (and
+    Rebill's connection pool) keep connections alive, so a werkzeug-served fake would charge the tick a TCP
+    handshake per call that production never pays. The fake shares the machine's cores with Rebill and
+    PostgreSQL, so its host's own cost shows in the tick's wall time: the fake app handles a meter event in
+    ~0.12 ms of CPU; hosted by gunicorn's gthread worker a call costs the fake's process ~0.45 ms, hosted by
+    ``serve_keep_alive`` (below) ~0.23 ms (bench/README.md).
     """
-    from gunicorn.app.base import BaseApplication
-
     state = FakeStripeState()
     accounts = []
     for a in range(1, agencies + 1):
@@ -128,6 +137,16 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int) -> None:
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conn.send((f"http://127.0.0.1:{port}", accounts))
+    if server == "asyncio":
+        serve_keep_alive(app, "127.0.0.1", port)
+        return
+
+    from gunicorn.app.base import BaseApplication
+
     class Server(BaseApplication):
         def load_config(self):
             for name, value in {"bind": f"127.0.0.1:{port}", "workers": 1, "worker_class": "gthread",
@@ -137,11 +156,69 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int) -> None:
         def load(self):
             return app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    conn.send((f"http://127.0.0.1:{port}", accounts))
     Server().run()
+
+
+def serve_keep_alive(app, host: str, port: int) -> None:
+    """Serve a WSGI app over HTTP/1.1 with keep-alive on one asyncio thread (the bench's fake Stripe host).
+
+    Just what the bench's clients send: requests with a Content-Length body (or none), one at a time per
+    connection; each is answered with a Content-Length body, and the connection is kept unless the client
+    says "Connection: close". The app runs on the event loop: fine for the in-memory fake, whose fault
+    injection (hangs) the bench does not use.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                method, target, protocol = head[0].split(" ", 2)
+                headers = {}
+                for line in head[1:]:
+                    if line:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                body = await reader.readexactly(length) if length else b""
+                path, _, query = target.partition("?")
+                environ = {
+                    "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": host,
+                    "SERVER_PORT": str(port), "SERVER_PROTOCOL": protocol, "CONTENT_LENGTH": str(length),
+                    "CONTENT_TYPE": headers.get("content-type", ""), "wsgi.input": io.BytesIO(body),
+                    "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http", "wsgi.version": (1, 0),
+                    "wsgi.multithread": False, "wsgi.multiprocess": False, "wsgi.run_once": False,
+                    **{f"HTTP_{name.upper().replace('-', '_')}": value for name, value in headers.items()
+                       if name not in ("content-length", "content-type")},
+                }  # fmt: skip
+                answer: dict = {}
+
+                def start_response(status, response_headers, exc_info=None, answer=answer):
+                    answer["status"], answer["headers"] = status, response_headers
+
+                chunks = app(environ, start_response)
+                try:
+                    payload = b"".join(chunks)
+                finally:
+                    getattr(chunks, "close", lambda: None)()
+                close = headers.get("connection", "").lower() == "close"
+                lines = [f"HTTP/1.1 {answer['status']}"]
+                lines += [f"{name}: {value}" for name, value in answer["headers"]
+                          if name.lower() not in ("content-length", "connection")]  # fmt: skip
+                lines += [f"Content-Length: {len(payload)}", f"Connection: {'close' if close else 'keep-alive'}"]
+                writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+                await writer.drain()
+                if close:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # the client closed its connection
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        async with await asyncio.start_server(handle, host, port) as listener:
+            await listener.serve_forever()
+
+    asyncio.run(serve())
 
 
 def wait_until_serving(url: str) -> None:
@@ -233,7 +310,7 @@ def run(stripe_url: str, args) -> bool:
     print(f"reporting tick: {reporting.reports_sent:,} reports sent ({reporting.units_sent:,} units) in "
           f"{reporting_s:.2f} s ({reporting.reports_sent / reporting_s:,.0f} reports/s), "
           f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}; CPU of this process "
-          f"{cpu_done - cpu_tick:.1f} s, of the fake Stripe {fake_cpu:.1f} s")
+          f"{cpu_done - cpu_tick:.1f} s, of the fake Stripe ({args.fake_server}) {fake_cpu:.1f} s")
     print(f"stripe calls: {reporting.stripe_calls:,} (the fake saw {ledger['posts']:,} POSTs, holds "
           f"{ledger['units']:,} units); clients with new units: {clients_with_units:,}")
     print(f"wall time (aggregation + tick): {aggregation_s + reporting_s:.2f} s; "

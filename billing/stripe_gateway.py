@@ -311,17 +311,20 @@ class StripeGateway:
             raise StripeRequestRejected(f"a meter with formula '{formula}' cannot carry units")
         accepted = already_there = 0
         for event_identifier, value in identifiers:
-            params = {
+            # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
+            # 5xx from being replayed forever, while the SDK reuses it across its own retries (reference §8.3).
+            # POST /v1/billing/meter_events exactly as ``v1.billing.meter_events.create`` sends it (same
+            # encoding, retries and error handling), without building a MeterEvent object nobody reads: that
+            # was a tenth of the SDK's CPU per call.
+            request = {
                 "event_name": event_name,
                 "identifier": event_identifier,
                 "timestamp": timestamp,
                 "payload": {customer_key: customer_id, value_key: str(value)},
+                "idempotency_key": f"{event_identifier}:a{attempt}",
             }
-            # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
-            # 5xx from being replayed forever, while the SDK reuses it across its own retries (reference §8.3).
-            options = {"idempotency_key": f"{event_identifier}:a{attempt}"}
             try:
-                self._call(lambda p=params, o=options: self._client.v1.billing.meter_events.create(p, o))
+                self._call(lambda r=request: self._client.raw_request("post", "/v1/billing/meter_events", **r))
             except StripeRequestRejected as error:
                 if DUPLICATE_IDENTIFIER not in error.reason:
                     raise
