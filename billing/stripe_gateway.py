@@ -314,8 +314,8 @@ class StripeGateway:
             # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
             # 5xx from being replayed forever, while the SDK reuses it across its own retries (reference §8.3).
             # POST /v1/billing/meter_events exactly as ``v1.billing.meter_events.create`` sends it (same
-            # encoding, retries and error handling), without building a MeterEvent object nobody reads: that
-            # was a tenth of the SDK's CPU per call.
+            # encoding, retries and error handling), without building a MeterEvent object nobody reads
+            # (~0.06 ms, a tenth of a call's CPU in a reporting tick; bench/README.md).
             request = {
                 "event_name": event_name,
                 "identifier": event_identifier,
