@@ -34,6 +34,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -343,6 +344,11 @@ def procfile_gunicorn_options() -> str:
 
 def start_gunicorn(target: str, port: int, env: dict[str, str], options: str, extra: list[str] | None = None):
     """Start gunicorn with ``options`` (the same for every app of a run) and wait until it answers."""
+    with socket.socket() as probe:  # another run's server on this port would answer our health check
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(f"port {port} is in use (another benchmark running?); pass --port") from None
     process = subprocess.Popen(
         [
             sys.executable,
@@ -361,7 +367,7 @@ def start_gunicorn(target: str, port: int, env: dict[str, str], options: str, ex
         stdout=subprocess.DEVNULL,  # an access log, if the options ask for one
     )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
                 if answer.status == 200:
