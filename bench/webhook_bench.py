@@ -345,6 +345,7 @@ def procfile_gunicorn_options() -> str:
 def start_gunicorn(target: str, port: int, env: dict[str, str], options: str, extra: list[str] | None = None):
     """Start gunicorn with ``options`` (the same for every app of a run) and wait until it answers."""
     with socket.socket() as probe:  # another run's server on this port would answer our health check
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: TIME_WAIT is no owner
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
