@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from billing.reporting import report_pending_units
 from billing.units import aggregate_pending_usage
@@ -48,11 +48,8 @@ def run_tick(now: dt.datetime | None = None) -> TickSummary:
         log.exception("aggregation failed")
     # Outbox rows written just now are stamped with the real clock; a caller's earlier `now` must not hide them.
     reporting = report_pending_units(max(now, utcnow()) if now else None)
-    summary.reports_sent = reporting.reports_sent
-    summary.units_sent = reporting.units_sent
-    summary.reports_failed = reporting.reports_failed
-    summary.reports_retrying = reporting.reports_retrying
-    summary.stripe_calls = reporting.stripe_calls
-    summary.agencies_flagged = reporting.agencies_flagged
+    for field in fields(reporting):  # the summary carries every reporting count it names
+        if hasattr(summary, field.name):
+            setattr(summary, field.name, getattr(reporting, field.name))
     log.info("tick finished", extra={"fields": vars(summary)})
     return summary
