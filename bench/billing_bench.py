@@ -105,9 +105,8 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str)
     Not FakeStripeServer's werkzeug server: it closes the connection after every request, while Stripe (and
     Rebill's connection pool) keep connections alive, so a werkzeug-served fake would charge the tick a TCP
     handshake per call that production never pays. The fake shares the machine's cores with Rebill and
-    PostgreSQL, so its host's own cost shows in the tick's wall time: the fake app handles a meter event in
-    ~0.12 ms of CPU; hosted by gunicorn's gthread worker a call costs the fake's process ~0.45 ms, hosted by
-    ``serve_keep_alive`` (below) ~0.23 ms (bench/README.md).
+    PostgreSQL, so its host's own cost shows in the tick's wall time: ``serve_keep_alive`` (below) costs the
+    fake's process about half of what gunicorn's gthread worker does per call (figures: bench/README.md).
     """
     state = FakeStripeState()
     accounts = []

@@ -303,7 +303,7 @@ def stripe_reporting_config(agency: Agency, values: Mapping[str, Any]) -> dict[s
         _check_price(price, values)
         subscription_item = None
         if price.report_mode == "legacy":
-            # Legacy usage records go to the customer's subscription item for this price (reference §2.3).
+            # Legacy usage records go to the customer's subscription item for this price (docs/stripe.md §2.3).
             subscription_item = gateway.find_subscription_item(customer_id, price_id)
             if subscription_item is None:
                 raise ClientInvalid(

@@ -91,7 +91,7 @@ class RebillClient(TimestampMixin, db.Model):
     status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
-    # How units reach Stripe, read from the price when the client is saved (reference/stripe.md §8).
+    # How units reach Stripe, read from the price when the client is saved (docs/stripe.md §8).
     report_mode: Mapped[str] = mapped_column(String(16), default="meter", server_default="meter")
     meter_id: Mapped[str | None] = mapped_column(String(255))
     meter_event_name: Mapped[str | None] = mapped_column(String(100))
@@ -106,7 +106,7 @@ class RebillClient(TimestampMixin, db.Model):
     remainder: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     report_sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Random per client, first part of every UnitReport identifier: two Rebill deployments (or a rebuilt
-    # database) sending to one Stripe account never reuse an identifier (reference/stripe.md §1.9).
+    # database) sending to one Stripe account never reuse an identifier (docs/stripe.md §1.9).
     report_prefix: Mapped[str] = mapped_column(String(16), default=new_report_prefix)
 
     agency: Mapped[Agency] = relationship(back_populates="clients")
@@ -153,7 +153,7 @@ class UsageEvent(db.Model):
     state: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
     # The client the event was counted for. No foreign key: only aggregation writes it, from a client row
     # it holds locked, and clients are never deleted (soft delete), so the key always exists; PostgreSQL's
-    # per-row check of that key was a quarter of the aggregation's UPDATE (bench/README.md).
+    # per-row check of that key was a large part of the aggregation's UPDATE (see bench/README.md).
     client_id: Mapped[int | None] = mapped_column(Integer)
     # What this event measures for its client under the client's charge_by/message_source (set by
     # aggregation). Billed only in state "counted"; kept for "paused" events so paused usage stays visible.

@@ -2,7 +2,7 @@
 
 Read-only: it never sends or resends anything. Stripe deduplicates identifiers only for ~24 h, so a unit
 whose delivery is unknown after that window must be settled by a person looking at these numbers
-(reference/stripe.md §1.8-§1.9, §8.6), not by retrying blindly.
+(docs/stripe.md §1.8-§1.9, §8.6), not by retrying blindly.
 """
 
 from __future__ import annotations

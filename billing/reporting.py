@@ -1,6 +1,6 @@
 """Reporting: drain the unit outbox (UnitReport rows) into each agency's Stripe, every unit exactly once.
 
-How a tick sends (DESIGN.md §2 rules 6-7; reference/stripe.md §1.9, §3.4, §8):
+How a tick sends (docs/billing-rules.md rules 6-7; docs/stripe.md §1.9, §3.4, §8):
 
 - Claim: due rows (``pending``, ``next_attempt_at <= now``, agency key ``ok``) about to be sent are leased
   in a short transaction: ``next_attempt_at = now + LEASE``, ``attempts + 1`` and ``first_attempt_at``
@@ -62,9 +62,9 @@ log = logging.getLogger("billing.reporting")
 # Longer than the slowest possible Stripe call (timeout x attempts + SDK backoff), so a lease never ends
 # while its tick is still talking to Stripe; a crashed tick's rows wait this long before being resent.
 LEASE = dt.timedelta(minutes=5)
-# Stripe keeps identifiers "within a rolling period of at least 24 hours" (reference §1.3); an hour of margin.
+# Stripe keeps identifiers "within a rolling period of at least 24 hours" (docs/stripe.md §1.3); an hour of margin.
 DEDUPE_SAFE_AGE = dt.timedelta(hours=23)
-# Meter events may be "within the past 35 calendar days" (reference §1.3); a margin for the call itself.
+# Meter events may be "within the past 35 calendar days" (docs/stripe.md §1.3); a margin for the call itself.
 MAX_EVENT_AGE = dt.timedelta(days=35) - dt.timedelta(minutes=10)
 TOO_OLD = (
     "earlier attempts failed and the usage is now older than Stripe accepts (35 days); one may have reached "
@@ -504,7 +504,7 @@ def _send_one(gateway: StripeGateway, claim: _Claim) -> _Outcome:
                     "rejected",
                     f"customer {claim.customer_id} has no active subscription on price {claim.price_id}",
                 )
-            # Legacy usage records have no identifier: the idempotency key is the dedupe (reference §2.1).
+            # Legacy usage records have no identifier: the idempotency key is the dedupe (docs/stripe.md §2.1).
             gateway.send_usage_record(item, claim.units, timestamp, idempotency_key=claim.identifier)
             return _Outcome(claim, "delivered", subscription_item_id=item)
         delivery = gateway.send_meter_units(

@@ -1,8 +1,8 @@
 """The one gateway to Stripe: an agency's key, base addresses, API versions, timeouts, retries, typed errors.
 
 Every call runs on a ``stripe.StripeClient`` built for one agency's key; ``stripe.api_key`` is never set, so
-tenants can never borrow each other's credentials (reference/stripe.md §3.3). Facts cited below are from
-/work/shared/reference/stripe.md, verified against stripe-python 16.1.0.
+tenants can never borrow each other's credentials (docs/stripe.md §3.3). The Stripe facts cited below are in
+docs/stripe.md, checked against stripe-python 16.1.0.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from core.encryption import SecretUnreadable, secret_box
 
 # Usage records were removed in 2025-03-31.basil and the SDK always sends its pinned version, so legacy
 # calls pin the last pre-basil version per request
-# (docs.stripe.com/billing/subscriptions/usage-based-legacy/sdk-upgrade; reference §2.2).
+# (docs.stripe.com/billing/subscriptions/usage-based-legacy/sdk-upgrade; docs/stripe.md §2.2).
 LEGACY_USAGE_API_VERSION = "2025-02-24.acacia"
 DEFAULT_TIMEOUT_SECONDS = 15
 DEFAULT_MAX_NETWORK_RETRIES = 2
 KEY_PATTERN = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]{8,}$")
 # Stripe refuses a reused meter-event identifier with this message; it means "already delivered"
-# (langfuse/langfuse PR #16292; reference §1.4 and §7.1).
+# (langfuse/langfuse PR #16292; docs/stripe.md §1.4 and §7.1).
 DUPLICATE_IDENTIFIER = "An event already exists with identifier"
-# 403 bodies name the missing permission as 'rak_charge_write' or 'checkout_session_read' (reference §4.1).
+# 403 bodies name the missing permission as 'rak_charge_write' or 'checkout_session_read' (docs/stripe.md §4.1).
 PERMISSION_PATTERN = re.compile(r"'((?:rak_)?[a-z_]+_(?:read|write))'")
 ACCOUNT_PATTERN = re.compile(r"account '(acct_[A-Za-z0-9]+)'")
 PAGE_SIZE = 100
@@ -167,7 +167,7 @@ class StripeGateway:
     ):
         self._api_key = api_key
         base = api_base.rstrip("/")
-        # StripeClient defaults to 0 retries and an 80 s timeout; both are set explicitly (reference §3.2, §3.4).
+        # StripeClient defaults to 0 retries and an 80 s timeout; both are set explicitly (docs/stripe.md §3.2, §3.4).
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": base, "meter_events": base},
@@ -194,7 +194,7 @@ class StripeGateway:
         """
         mode = key_mode(self._api_key)
         try:
-            # One cheap read that the job needs anyway: proves the key and billing_meter_read (reference §4.3).
+            # One cheap read that the job needs anyway: proves the key and billing_meter_read (docs/stripe.md §4.3).
             self._call(lambda: self._client.v1.billing.meters.list({"limit": 1}))
             account_id, display_name = self._account()
         except StripeKeyRejected as error:
@@ -269,7 +269,7 @@ class StripeGateway:
         return _from_unix(start), _from_unix(end)
 
     def _subscription_item(self, customer_id: str, price_id: str):
-        # `price` filters subscriptions containing that price (reference §2.3); canceled ones are not listed.
+        # `price` filters subscriptions containing that price (docs/stripe.md §2.3); canceled ones are not listed.
         subscriptions = self._all(
             lambda params: self._client.v1.subscriptions.list(params), {"customer": customer_id, "price": price_id}
         )
@@ -312,10 +312,10 @@ class StripeGateway:
         accepted = already_there = 0
         for event_identifier, value in identifiers:
             # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
-            # 5xx from being replayed forever, while the SDK reuses it across its own retries (reference §8.3).
+            # 5xx from being replayed forever, while the SDK reuses it across its own retries (docs/stripe.md §8.3).
             # POST /v1/billing/meter_events exactly as ``v1.billing.meter_events.create`` sends it (same
             # encoding, retries and error handling), without building a MeterEvent object nobody reads
-            # (~0.06 ms, a tenth of a call's CPU in a reporting tick; bench/README.md).
+            # (its CPU cost per call: see bench/README.md).
             request = {
                 "event_name": event_name,
                 "identifier": event_identifier,
@@ -354,7 +354,7 @@ class StripeGateway:
     ) -> StripeWindowTotal:
         """Sum the meter's event summaries for a customer over [start, end), widened to whole minutes.
 
-        Summaries are eventually consistent (reference §1.8): recent events may not show yet.
+        Summaries are eventually consistent (docs/stripe.md §1.8): recent events may not show yet.
         """
         start_time = _floor_minute(start)
         end_time = max(_ceil_minute(end), start_time + 60)
@@ -497,7 +497,7 @@ def translate_stripe_errors() -> Iterator[None]:
     except stripe.PermissionError as error:
         raise StripeKeyRejected(_permission_reason(error), stripe_message=_message(error)) from None
     except stripe.RateLimitError as error:
-        # A plain 429 is not retried by the SDK (reference §3.4); the next tick retries with backoff.
+        # A plain 429 is not retried by the SDK (docs/stripe.md §3.4); the next tick retries with backoff.
         raise StripeUnavailable(f"Stripe rate limit (429): {_message(error)}") from None
     except stripe.APIConnectionError as error:
         raise StripeUnavailable(f"Stripe could not be reached: {_message(error)}") from None
@@ -512,7 +512,7 @@ def translate_stripe_errors() -> Iterator[None]:
 
 
 def classify_price(price: Any, meter: Any | None) -> PriceInfo:
-    """Decide whether a price can carry Rebill's units and how they must be sent (reference §2.2, §8.1)."""
+    """Decide whether a price can carry Rebill's units and how they must be sent (docs/stripe.md §2.2, §8.1)."""
     recurring = getattr(price, "recurring", None)
     product = price.product if isinstance(price.product, str) else price.product.id
     base = {
@@ -526,7 +526,7 @@ def classify_price(price: Any, meter: Any | None) -> PriceInfo:
     transform = getattr(price, "transform_quantity", None)
     warning = None
     if transform:
-        # Rebill already turns N tokens into one unit; Stripe would divide the units again (reference §1.2).
+        # Rebill already turns N tokens into one unit; Stripe would divide the units again (docs/stripe.md §1.2).
         divide_by, rounding = getattr(transform, "divide_by", None), getattr(transform, "round", None)
         warning = (
             f"this price divides the reported quantity by {divide_by} (rounding {rounding}), so Stripe would "
@@ -544,7 +544,7 @@ def classify_price(price: Any, meter: Any | None) -> PriceInfo:
         )
     meter_id = _meter_of(price)
     if meter_id is None:
-        # A metered price without a meter is a legacy usage-record price (basil changelog, reference §2.2).
+        # A metered price without a meter is a legacy usage-record price (basil changelog, docs/stripe.md §2.2).
         return PriceInfo(**base, usable=True, report_mode="legacy", warning=warning)
     if meter is None:
         return PriceInfo(**base, usable=False, reason=f"its billing meter {meter_id} cannot be read", meter_id=meter_id)
@@ -565,7 +565,7 @@ def classify_price(price: Any, meter: Any | None) -> PriceInfo:
             **details,
         )
     if getattr(meter, "event_time_window", None):
-        # Pre-aggregated ingestion keeps only the latest event per window (reference §1.1): units would be lost.
+        # Pre-aggregated ingestion keeps only the latest event per window (docs/stripe.md §1.1): units would be lost.
         return PriceInfo(
             **base,
             usable=False,

@@ -1,6 +1,6 @@
 """Aggregation: turn pending usage events into per-client counted usage, units and outbox rows.
 
-The rules (DESIGN.md §2) this module implements, each pinned by a named test in tests/billing/test_units.py:
+The rules (docs/billing-rules.md) this module implements, each pinned by a named test in tests/billing/test_units.py:
 
 1. A client keeps ``remainder`` (usage toward its next unit). On q new counted usage:
    ``remainder += q; k = remainder // N; remainder -= k * N; units_logged += k``. Nothing is rounded or dropped.
@@ -39,7 +39,7 @@ from core.database import db, is_postgresql, utcnow
 
 BATCH_SIZE = 20_000
 KEY_LOOKUP_CHUNK = 500
-# Stripe takes meter event timestamps "within the past 35 calendar days" (reference/stripe.md §1.3,
+# Stripe takes meter event timestamps "within the past 35 calendar days" (docs/stripe.md §1.3,
 # docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api); keep an hour of slack for the
 # time between writing the outbox row and sending it.
 OLDEST_USAGE_TIMESTAMP = dt.timedelta(days=35) - dt.timedelta(hours=1)
@@ -60,9 +60,9 @@ _CLAIM_COLUMNS = (
     _EVENT.direction,
     _EVENT.occurred_at,
 )
-# On PostgreSQL the claim reads occurred_at as integer microseconds since the epoch: formatting a million
-# timestamps in the server and parsing them into datetimes cost ~0.7 s a million events (bench/README.md);
-# only each client's latest is turned back into a datetime (``_from_microseconds``).
+# On PostgreSQL the claim reads occurred_at as integer microseconds since the epoch: formatting every
+# timestamp in the server and parsing it into a datetime was a measurable part of the claim reads (see
+# bench/README.md); only each client's latest is turned back into a datetime (``_from_microseconds``).
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _CLAIM_COLUMNS_POSTGRESQL = (
     *_CLAIM_COLUMNS[:-1],
@@ -202,7 +202,7 @@ def measure_usage(
     messages: int,
     direction: str | None,
 ) -> int:
-    """Return how much of a client's charge_by one matched event carries (DESIGN.md §2 "What counts")."""
+    """Return how much of a client's charge_by one matched event carries (docs/billing-rules.md#what-counts)."""
     measure = usage_measure(charge_by, provider, message_source)
     return measure(source, input_tokens, output_tokens, messages, direction)
 

@@ -147,7 +147,10 @@ def _daily_series(client: RebillClient, days: int) -> list[dict[str, Any]]:
 
 
 def _model_breakdown(client: RebillClient) -> list[dict[str, Any]]:
-    """Sum the client's billed events per model, with the input/output token split (DESIGN.md §2)."""
+    """Sum the client's billed events per model, with the input/output token split.
+
+    What counts: docs/billing-rules.md#what-counts.
+    """
     rows = db.session.execute(
         select(
             UsageEvent.model,

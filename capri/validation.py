@@ -1,6 +1,6 @@
 """Parse and check usage API bodies: the whole body (400/413) and each event (accepted or rejected whole).
 
-Rules the contract fixes (DESIGN.md §4 "Usage API"); the OpenAPI document in ``capri.openapi`` is built from
+Rules the contract fixes (docs/contract.md §4); the OpenAPI document in ``capri.openapi`` is built from
 the same constants and a test keeps the two in agreement:
 - the body is a JSON object ``{"events": [...]}`` with at most ``MAX_EVENTS`` events and no other field;
 - an event names an ``id`` (1-255 characters), exactly one of ``channel`` or ``location_id``, non-negative
@@ -34,7 +34,7 @@ COUNT_FIELDS = ("input_tokens", "output_tokens", "messages")
 COUNT_MAX = 10**12
 EVENT_FIELDS = frozenset({"id", "channel", "location_id", *COUNT_FIELDS, "model", "occurred_at"})
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
-# Stripe takes meter events at most 35 calendar days old (reference/stripe.md §1.4,
+# Stripe takes meter events at most 35 calendar days old (docs/stripe.md §1.4,
 # https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api): older usage is kept in the
 # ledger and flagged so the caller knows it may not reach Stripe in its own period.
 STRIPE_WINDOW = dt.timedelta(days=35)

@@ -15,8 +15,8 @@ from cryptography.fernet import Fernet
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-# GHL's published webhook public keys, verbatim from GoHighLevel/highlevel-api-docs
-# docs/oauth/WebhookAuthentication.md (reference/ghl.md §2); overridable for tests and key rotations.
+# GHL's published webhook public keys, where each is published: docs/ghl.md §2.3; overridable for tests and
+# key rotations.
 GHL_ED25519_PUBLIC_KEY = """-----BEGIN PUBLIC KEY-----
 MCowBQYDK2VwAyEAi2HR1srL4o18O8BRa7gVJY7G7bupbN3H9AwJrHCDiOg=
 -----END PUBLIC KEY-----

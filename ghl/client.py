@@ -2,7 +2,7 @@
 backoff on 429 and typed errors.
 
 Tokens pass through here only in memory, are sent only in the ``Authorization`` header or the token
-endpoint's form body, and are never logged (reference/ghl.md §1, §4).
+endpoint's form body, and are never logged (docs/ghl.md §1, §4).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ghl.payloads import ID_MAX_LENGTH
 log = logging.getLogger("ghl.client")
 
 # Version header per service: conversations is documented under 2021-04-15, oauth/locations/marketplace
-# under 2021-07-28 (reference/ghl.md §1.7; GoHighLevel/highlevel-api-docs apps/*.json).
+# under 2021-07-28 (docs/ghl.md §1.7; GoHighLevel/highlevel-api-docs apps/*.json).
 DEFAULT_VERSION = "2021-07-28"
 SERVICE_VERSIONS = {"conversations": "2021-04-15"}
 # connect, read; every call carries one (the SDKs use 30 s; GHL's webhook deadline is ~10 s).
@@ -32,7 +32,7 @@ MAX_BACKOFF_SECONDS = 15.0
 # The choose-location page moved under /v2/ on 2026-05-27 (docs/oauth/Authorization.md, commit ae4d260).
 CHOOSE_LOCATION_PATH = "/v2/oauth/chooselocation"
 INSTALLED_LOCATIONS_PAGE = 100
-TOKEN_LIFETIME_DEFAULT = 86399  # seconds; GHL's access tokens live about a day (reference/ghl.md §1.4)
+TOKEN_LIFETIME_DEFAULT = 86399  # seconds; GHL's access tokens live about a day (docs/ghl.md §1.4)
 TOKEN_LIFETIME_MAX = 366 * 86400
 
 
@@ -111,7 +111,7 @@ class TokenGrant:
 
     @classmethod
     def from_response(cls, body: dict[str, Any], *, user_type: str | None = None, company_id: str | None = None):
-        """Build a grant from a v2 token response (reference/ghl.md §1.3, §1.5)."""
+        """Build a grant from a v2 token response (docs/ghl.md §1.3, §1.5)."""
         access_token = body.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise GhlResponseInvalid("the token response has no access_token")
@@ -187,7 +187,7 @@ class GhlClient:
 
     @property
     def app_id(self) -> str:
-        """The marketplace appId: the client id before its first '-' (reference/ghl.md §1.1)."""
+        """The marketplace appId: the client id before its first '-' (docs/ghl.md §1.1)."""
         return app_id_of(self.client_id)
 
     # OAuth ---------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ class GhlClient:
         token = credentials.access_token()
         response = self._send(method, url, token, headers=headers, params=params, data=data, json=json)
         if response.status_code == 401:
-            # The SDKs refresh and retry once (reference/ghl.md §1.4); a second 401 is final.
+            # The SDKs refresh and retry once (docs/ghl.md §1.4); a second 401 is final.
             token = credentials.refreshed_access_token(token)
             response = self._send(method, url, token, headers=headers, params=params, data=data, json=json)
         return _answer(response, path)
@@ -392,7 +392,7 @@ def version_for(path: str) -> str:
 def retry_delay(headers: Any, attempt: int) -> float | None:
     """Seconds to wait before retrying a 429, or None when the daily budget is spent.
 
-    GHL documents X-RateLimit-* headers but not Retry-After (reference/ghl.md §4): honour Retry-After if
+    GHL documents X-RateLimit-* headers but not Retry-After (docs/ghl.md §4): honour Retry-After if
     present; if the burst window is used up, wait one window (X-RateLimit-Interval-Milliseconds);
     otherwise back off exponentially, capped.
     """

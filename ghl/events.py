@@ -81,7 +81,8 @@ def read_message(event: dict[str, Any]) -> Message:
     return Message(
         location_id=location_id,
         message_id=message_id,
-        # The type decides the direction: GHL's own OutboundMessage example says "inbound" (a doc typo, §2.2).
+        # The type decides the direction: GHL's own OutboundMessage example says "inbound" (a doc typo,
+        # docs/ghl.md §2.2).
         direction=MESSAGE_DIRECTIONS[event["type"]],
         occurred_at=timestamp(event, "dateAdded", "timestamp") or utcnow(),
     )

@@ -1,6 +1,6 @@
 """Installs of Rebill in GHL: the OAuth callback's work, INSTALL / UNINSTALL webhooks, and install state.
 
-INSTALL webhooks may arrive before or after the OAuth callback (reference/ghl.md §2.2), so every step is
+INSTALL webhooks may arrive before or after the OAuth callback (docs/ghl.md §2.2), so every step is
 an idempotent upsert. Calls to GHL happen before any row is written, so no lock is held across a network
 call and a failed call leaves nothing half-written.
 """
@@ -27,7 +27,7 @@ from ghl.tokens import StoredCredentials, has_usable_token, mark_uninstalled, sa
 log = logging.getLogger("ghl.installs")
 
 # What we ask the token endpoint for. GHL answers with the token type of whoever installed (userType in
-# the answer decides what we store); the reference's curl example sends Location (§1.3). UNCONFIRMED.
+# the answer decides what we store); GHL's samples differ on what to send (docs/ghl.md §1.3). UNCONFIRMED.
 EXCHANGE_USER_TYPE = "Location"
 
 
@@ -231,7 +231,7 @@ def _mark_company_installed(agency_id: int, *, plan_id: str | None) -> None:
 def _mint_if_possible(company_id: str, location_id: str, client: GhlClient | None) -> TokenGrant | None:
     """Mint a location token when the company token is stored and the location has no usable one.
 
-    The SDKs' webhook managers do this on every per-location INSTALL (§1.5). Without a company token yet
+    The SDKs' webhook managers do this on every per-location INSTALL (docs/ghl.md §1.5). Without a company token yet
     (INSTALL before the callback), the callback mints for approvedLocations; a failure here is retried
     by the token job, so it never fails the delivery.
     """

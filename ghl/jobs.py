@@ -20,7 +20,7 @@ from ghl.webhooks import ReplaySummary, replay_deliveries
 
 log = logging.getLogger("ghl.jobs")
 
-# About an hour before expiry (reference/ghl.md §9.8): access tokens live ~24 h, so every install's
+# About an hour before expiry (docs/ghl.md §1.4): access tokens live ~24 h, so every install's
 # refresh token is also renewed daily and never reaches its one-year death by disuse.
 REFRESH_AHEAD = dt.timedelta(hours=1)
 FAILED_DELIVERY_MAX_ATTEMPTS = 5

@@ -70,7 +70,7 @@ def upsert_location(
 
 
 def record_location_event(event: dict[str, Any]) -> str | None:
-    """Handle LocationCreate / LocationUpdate: the subaccount id is ``id``, not ``locationId`` (§2.2)."""
+    """Handle LocationCreate / LocationUpdate: the subaccount id is ``id``, not ``locationId`` (docs/ghl.md §2.2)."""
     location_id = identifier(event, "id")
     if not location_id:
         raise PayloadInvalid(f"{event.get('type')} without an id")

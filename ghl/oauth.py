@@ -1,5 +1,5 @@
 """The install flow: ``GET /oauth/install`` sends the installer to GHL's choose-location page,
-``GET /oauth/callback?code=`` exchanges the code and stores the install (reference/ghl.md §1).
+``GET /oauth/callback?code=`` exchanges the code and stores the install (docs/ghl.md §1).
 
 A failed callback ends on an error page with a 4xx or 502, never a 500 and never the success page.
 """
@@ -47,7 +47,7 @@ def callback():
     code = request.args.get("code", "")
     if not code or len(code) > CODE_MAX_LENGTH:
         return _failed("The install link is missing its authorization code.", 400)
-    # Marketplace-started installs carry no state (§1.2); a state we did not sign is refused.
+    # Marketplace-started installs carry no state (docs/ghl.md §1.2); a state we did not sign is refused.
     state = request.args.get("state")
     if state is not None and not state_is_valid(state):
         return _failed("The install link has expired or was not issued by Rebill. Start the install again.", 400)

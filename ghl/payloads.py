@@ -1,4 +1,4 @@
-"""Reading fields out of GHL webhook payloads, which are signed but not always complete (§8 of the reference)."""
+"""Reading fields out of GHL webhook payloads, which are signed but not always complete (docs/ghl.md §8)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 GHL makes the blob with ``CryptoJS.AES.encrypt(JSON.stringify(user), SharedSecret)``: CryptoJS passphrase
 mode, which is OpenSSL's ``Salted__`` format (EVP_BytesToKey with MD5, AES-256-CBC, PKCS#7). The Shared
-Secret is used as a UTF-8 passphrase, never base64-decoded. Reference: reference/ghl.md §3.3-3.4;
+Secret is used as a UTF-8 passphrase, never base64-decoded. See docs/ghl.md §3.3-3.4;
 https://marketplace.gohighlevel.com/docs/other/user-context-marketplace-apps
 """
 
@@ -83,7 +83,7 @@ def decrypt_sso_payload(payload: str, shared_secret: str) -> dict:
 
 
 def parse_sso_user(data: dict) -> SsoUser:
-    """Check the decrypted fields (reference/ghl.md §3.4) and return them typed."""
+    """Check the decrypted fields (docs/ghl.md §3.4) and return them typed."""
     user_type = _text(data, "type", required=True)
     if user_type not in USER_TYPES:
         raise SsoPayloadInvalid(f"type must be one of {', '.join(USER_TYPES)}")

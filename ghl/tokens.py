@@ -1,6 +1,6 @@
 """Stored GHL tokens: encrypted at rest, decrypted only in memory, refreshed under a row lock.
 
-GHL refresh tokens rotate and are single-use (reference/ghl.md §1.4): two workers refreshing the same
+GHL refresh tokens rotate and are single-use (docs/ghl.md §1.4): two workers refreshing the same
 install at once would leave one holding a dead refresh token. So a refresh takes the token row's lock,
 re-reads it, and calls GHL only if nobody refreshed it meanwhile; the new pair is committed in its own
 transaction right away, because losing it to a caller's rollback would kill the install.
@@ -170,7 +170,7 @@ def _renew(token: GhlToken, client: GhlClient) -> TokenGrant:
             return client.refresh(refresh_token, user_type="Location", company_id=token.company_id)
         except GhlGrantRejected as error:
             refused = error
-    # The official SDKs fall back to /oauth/locationToken when a location refresh fails (§1.4).
+    # The official SDKs fall back to /oauth/locationToken when a location refresh fails (docs/ghl.md §1.4).
     try:
         return _mint(token.company_id, token.resource_id, client)
     except (TokenMissing, ReauthRequired, GhlRejected) as error:

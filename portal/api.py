@@ -1,4 +1,4 @@
-"""The portal's JSON API (DESIGN.md §4): bearer-token sessions, one agency per request, thin views.
+"""The portal's JSON API (docs/contract.md §5): bearer-token sessions, one agency per request, thin views.
 
 Every route except the two session routes needs ``Authorization: Bearer <token>`` from POST /session.
 Errors are JSON ``{"error": ...}``: 401 no/bad/expired token, 403 not allowed, 404 not this agency's,

@@ -1,13 +1,13 @@
 """The page GHL embeds (``GET /app``) and the headers that let GHL, and only GHL-like parents, frame it.
 
-Framing (reference/ghl.md §3.5): no ``X-Frame-Options`` at all (DENY/SAMEORIGIN break the iframe and
+Framing (docs/ghl.md §3.5): no ``X-Frame-Options`` at all (DENY/SAMEORIGIN break the iframe and
 ALLOW-FROM is dead), CSP ``frame-ancestors`` instead. GHL's own hosts are fixed; a white-label agency
 serves GHL from its own domain, which we learn at install (``Agency.whitelabel_domain``). ``/app`` is one
 URL for every agency and we only know who is looking after the SSO handshake, so the header lists GHL's
 hosts plus every white-label domain of an agency that installed Rebill. That is safe: framing does not
 authenticate anyone (the encrypted SSO payload does), it only keeps unknown sites from dressing up the
 page. Past MAX_WHITELABEL_ANCESTORS domains the header would outgrow proxies' header limits, so we fall
-back to ``https:`` (any HTTPS parent), the option reference/ghl.md §3.5 also names.
+back to ``https:`` (any HTTPS parent), the option docs/ghl.md §3.5 also names.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ log = logging.getLogger("portal.pages")
 
 blueprint = Blueprint("portal_pages", __name__)
 
-# reference/ghl.md §3.5: the standard UI and the white-label hosts GHL itself serves.
+# docs/ghl.md §3.5: the standard UI and the white-label hosts GHL itself serves.
 GHL_FRAME_ANCESTORS = (
     "https://app.gohighlevel.com",
     "https://*.gohighlevel.com",

@@ -1,8 +1,8 @@
 """Portal sessions: a GHL user context, checked against our installs, becomes a short-lived bearer token.
 
 No cookies: inside the GHL iframe our cookies are third-party and browsers drop them, so the page keeps
-the token in memory and sends ``Authorization: Bearer`` (reference/ghl.md §3.5). The SSO blob has no
-expiry of its own (§3.4), which is why it is exchanged at once for a token that does.
+the token in memory and sends ``Authorization: Bearer`` (docs/ghl.md §3.5). The SSO blob has no
+expiry of its own (docs/ghl.md §3.4), which is why it is exchanged at once for a token that does.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class PortalSession:
     user_type: str
     active_location: str | None
     # Set when this session may see only one subaccount: a subaccount user, or an agency whose only
-    # install is that subaccount (DESIGN.md §4: a location-only install shows that subaccount).
+    # install is that subaccount (docs/contract.md §3: a location-only install shows that subaccount).
     location_scope: str | None
     demo: bool = False
 
     @property
     def can_manage_billing(self) -> bool:
-        """Tell whether this user may change billing settings (agency admins only, DESIGN.md §1)."""
+        """Tell whether this user may change billing settings (agency admins only, docs/contract.md §1)."""
         return self.user_type == "agency" and self.role == "admin"
 
     @property

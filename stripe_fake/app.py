@@ -1,6 +1,6 @@
 """A stateful, per-account fake of the Stripe v1 API subset Rebill uses, served as a Werkzeug WSGI app.
 
-Facts and their sources are in /work/shared/reference/stripe.md; UNCONFIRMED ones are marked here too.
+Facts and their sources are in docs/stripe.md; UNCONFIRMED ones are marked here too.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _KEY_MODE = re.compile(r"^(sk|rk|pk)_(test|live)_")
 
 # (method, path, endpoint, restricted-key permission[, object kind for `retrieve`]). Permission names follow
-# the `rak_*` names seen in real 403 bodies (reference §4.2); which one guards each endpoint is UNCONFIRMED.
+# the `rak_*` names seen in real 403 bodies (docs/stripe.md §4.2); which one guards each endpoint is UNCONFIRMED.
 ROUTES = [
     ("GET", "/v1/account", "get_account", "rak_account_read"),
     ("GET", "/v1/products", "list_products", "rak_product_read"),
@@ -626,7 +626,10 @@ class FakeStripeState:
         return self._set_meter_status(t, id, active=True)
 
     def _api_create_meter_event(self, t, params, version):
-        """Validate and store a meter event; which checks real v1 runs synchronously is UNCONFIRMED (§1.4)."""
+        """Validate and store a meter event; which checks real v1 runs synchronously is UNCONFIRMED.
+
+        See docs/stripe.md §1.4.
+        """
         event_name = _str(params, "event_name", required=True)
         payload = _obj(params, "payload")
         if not payload:
@@ -645,7 +648,7 @@ class FakeStripeState:
                            "resource_missing")
         now = self.now()
         timestamp = _int(params, "timestamp", now)
-        # Codes below reuse the async error-report codes (reference §1.4) so callers can classify them.
+        # Codes below reuse the async error-report codes (docs/stripe.md §1.4) so callers can classify them.
         if timestamp < now - METER_EVENT_MAX_AGE:
             raise _invalid("Timestamp must be within the past 35 calendar days.", "timestamp",
                            "timestamp_too_far_in_past")

@@ -1,7 +1,7 @@
 // Rebill portal: the page GHL embeds. Vanilla JS, no build step.
 // Sign-in: ask the GHL parent for the encrypted user context (REQUEST_USER_DATA), exchange it at
 // POST /api/portal/session for a short-lived bearer token, keep the token in memory only (cookies are
-// third-party inside the iframe and browsers drop them; reference/ghl.md §3.2, §3.5).
+// third-party inside the iframe and browsers drop them; docs/ghl.md §3.2, §3.5).
 // Safety: every value from the API reaches the page through textContent or attributes, never innerHTML.
 "use strict";
 
@@ -81,7 +81,7 @@
         reject(new Error("GoHighLevel did not answer. Open Rebill from inside GoHighLevel (Billing → Rebilling)."));
       }, HANDSHAKE_TIMEOUT_MS);
       // The parent's origin varies with white-labelling, so it is not checked here: the payload is
-      // encrypted with our Shared Secret and the server decides (reference/ghl.md §3.2).
+      // encrypted with our Shared Secret and the server decides (docs/ghl.md §3.2).
       function onMessage(event) {
         const data = event.data;
         if (data && data.message === "REQUEST_USER_DATA_RESPONSE" && typeof data.payload === "string") {

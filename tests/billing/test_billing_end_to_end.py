@@ -1,7 +1,7 @@
 """End to end: usage → ledger → aggregation → outbox → the fake Stripe, through the real tick and the real SDK.
 
 The property: whatever the order of usage, duplicates, changes of N, pauses, ticks and Stripe faults,
-Stripe's total per client equals the rebilling rule (DESIGN.md §2) and the remainder carries.
+Stripe's total per client equals the rebilling rule (docs/billing-rules.md) and the remainder carries.
 """
 
 from __future__ import annotations

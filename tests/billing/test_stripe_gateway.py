@@ -437,7 +437,7 @@ class RecordedAnswers:
 
 
 class RecordedStripe:
-    """Stripe answered over HTTP with the recorded shapes of reference/stripe.md §5.5."""
+    """Stripe answered over HTTP with the recorded shapes of docs/stripe.md §5.5."""
 
     def __init__(self, recorded: RecordedAnswers):
         self.recorded = recorded

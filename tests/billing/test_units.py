@@ -1,4 +1,4 @@
-"""Aggregation turns pending usage into exact units: one named test per rule of DESIGN.md §2 (1, 2, 4, 5, 7).
+"""Aggregation turns pending usage into exact units: one named test per rule of docs/billing-rules.md (1, 2, 4, 5, 7).
 
 Rule 3 (unmapped usage and the agency's choice to bill it) needs create_client: tests/billing/test_clients.py.
 """

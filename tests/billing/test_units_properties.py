@@ -1,5 +1,5 @@
 """Property: any stream of usage (duplicates, reordering), N changes, pauses/resumes, deletes and interleaved
-aggregation passes ends exactly where an independent, event-by-event model of DESIGN.md §2 ends."""
+aggregation passes ends exactly where an independent, event-by-event model of docs/billing-rules.md ends."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ HOST_PAGE = """<!doctype html>
 <body style="margin:0;background:#eef">
 <iframe id="rebill" src="__APP__/app" style="width:__WIDTH__px;height:1700px;border:0"></iframe>
 <script>
-  // What GHL's custom-page host does (reference/ghl.md §3.2).
+  // What GHL's custom-page host does (docs/ghl.md §3.2).
   const payload = __PAYLOAD__;
   window.addEventListener("message", (event) => {
     if (event.data && event.data.message === "REQUEST_USER_DATA") {
