@@ -9,7 +9,7 @@ PORT ?= 5000
 DEMO_STRIPE_PORT ?= 12111
 # The embedded default: SQLite in ./instance, development secrets, the demo agency and fake Stripe
 # (`rebill demo` serves the fake at STRIPE_API_BASE, seeds the demo agency and keeps usage flowing).
-DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10 STRIPE_API_BASE=http://127.0.0.1:$(DEMO_STRIPE_PORT)
+DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10 STRIPE_API_BASE=http://127.0.0.1:$(DEMO_STRIPE_PORT) REBILL_PUBLIC_URL=http://$(HOST):$(PORT)
 
 .PHONY: run test lint bench clean
 

@@ -54,6 +54,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount every feature's routes."""
+    from billing.stripe_webhooks import blueprint as stripe_webhooks
     from capri.views import blueprint as capri_usage_api
     from core.health import blueprint as health
     from ghl.oauth import blueprint as ghl_oauth
@@ -64,6 +65,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(health)
     app.register_blueprint(ghl_oauth)
     app.register_blueprint(ghl_webhooks)
+    app.register_blueprint(stripe_webhooks)
     app.register_blueprint(capri_usage_api)
     app.register_blueprint(portal_pages)
     app.register_blueprint(portal_api)
@@ -94,6 +96,8 @@ def register_errorhandlers(app: Flask) -> None:
 def register_commands(app: Flask) -> None:
     """Register CLI groups; database failures in any command print one clear line."""
     from billing.cli import SCHEDULED_JOBS, rebill_cli
+    from billing.stripe_events import retry_failed_events
+    from billing.stripe_webhooks import stripe_events_cli
     from capri.cli import api_key_cli
     from ghl.cli import ghl_cli
     from ghl.jobs import refresh_expiring_tokens, retry_failed_deliveries
@@ -103,8 +107,10 @@ def register_commands(app: Flask) -> None:
     app.extensions[SCHEDULED_JOBS] = [
         ("ghl-refresh-tokens", refresh_expiring_tokens, GHL_JOB_SECONDS),
         ("ghl-retry-deliveries", retry_failed_deliveries, GHL_JOB_SECONDS),
+        ("stripe-retry-events", retry_failed_events, GHL_JOB_SECONDS),
     ]
     rebill_cli.add_command(api_key_cli)
+    rebill_cli.add_command(stripe_events_cli)
     rebill_cli.add_command(demo_command)  # composed here: billing never imports portal
     app.cli.add_command(rebill_cli)
     app.cli.add_command(ghl_cli)

@@ -38,6 +38,7 @@ CLIENT_FIELDS = (
     "billing_unit",
     "message_source",
     "status",
+    "pause_on_payment_failure",
 )
 STRIPE_FIELDS = ("stripe_product_id", "stripe_price_id", "stripe_customer_id")
 # Fields whose change alters how usage is counted: pending events are counted under the old values first.
@@ -135,6 +136,8 @@ def update_client(
         flush_client_usage(current)
     if "billing_unit" in changed:
         set_billing_unit(current, changed.pop("billing_unit"))
+    if "status" in changed:
+        current.paused_for_payment = False  # the agency decided; a paid invoice must not undo its choice
     for name, value in {**changed, **reporting}.items():
         setattr(current, name, value)
     current.source_key = source_key
@@ -249,6 +252,9 @@ def validate_client_fields(
     for name in STRIPE_FIELDS:
         values[name] = _text(merged, name, STRIPE_ID_MAX, errors, single_token=True)
     values["billing_unit"] = _billing_unit(merged.get("billing_unit"), errors)
+    values["pause_on_payment_failure"] = merged.get("pause_on_payment_failure", False)
+    if not isinstance(values["pause_on_payment_failure"], bool):
+        errors["pause_on_payment_failure"] = "must be true or false"
 
     provider = values["provider"]
     values["channel_id"] = values["location_id"] = None

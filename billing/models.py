@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from core.database import BigId, TimestampMixin, UTCDateTime, db, utcnow
@@ -109,6 +109,17 @@ class RebillClient(TimestampMixin, db.Model):
     # database) sending to one Stripe account never reuse an identifier (docs/stripe.md §1.9).
     report_prefix: Mapped[str] = mapped_column(String(16), default=new_report_prefix)
 
+    # Spend controls (billing.stripe_events): an unpaid invoice marks the client; the agency chooses whether
+    # that also pauses it. payment_event_at is the Stripe time of the last payment event applied, so an
+    # older event arriving late never undoes a newer one.
+    payment_failed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    payment_problem: Mapped[str | None] = mapped_column(Text)
+    payment_event_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    pause_on_payment_failure: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    paused_for_payment: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Set when Stripe says the customer's subscription no longer holds the client's price.
+    subscription_problem: Mapped[str | None] = mapped_column(Text)
+
     agency: Mapped[Agency] = relationship(back_populates="clients")
 
 
@@ -178,3 +189,42 @@ class UnitReport(TimestampMixin, db.Model):
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class StripeEventEndpoint(TimestampMixin, db.Model):
+    """The webhook endpoint Rebill registered in an agency's Stripe account (one per agency).
+
+    ``route_id`` is Rebill's own random name for it in ``POST /webhooks/stripe/<route_id>`` (the URL must be
+    known before Stripe assigns ``stripe_endpoint_id``); the signing secret is stored encrypted.
+    """
+
+    __tablename__ = "stripe_event_endpoint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), unique=True)
+    route_id: Mapped[str] = mapped_column(String(64), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    stripe_endpoint_id: Mapped[str | None] = mapped_column(String(255))
+    secret_ciphertext: Mapped[str | None] = mapped_column(Text)
+    # registered | not_permitted (a restricted key without the permission) | failed (Stripe refused or was down)
+    status: Mapped[str] = mapped_column(String(16))
+    problem: Mapped[str | None] = mapped_column(Text)
+
+
+class StripeEvent(db.Model):
+    """A verified Stripe event exactly as received, stored before processing (deduplicated per agency)."""
+
+    __tablename__ = "stripe_event"
+    __table_args__ = (UniqueConstraint("agency_id", "event_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"))
+    event_id: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str] = mapped_column(String(100))
+    body: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # received | processed | ignored | failed
+    status: Mapped[str] = mapped_column(String(12), default="received", server_default="received", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

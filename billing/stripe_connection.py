@@ -14,6 +14,7 @@ from flask import current_app
 from billing.errors import StripeKeyInvalid
 from billing.models import Agency
 from billing.reporting import retry_failed_reports
+from billing.stripe_events import remove_stripe_events
 from billing.stripe_gateway import PriceInfo, StripeGateway, gateway_for, key_mode
 from core.database import db
 from core.encryption import secret_box
@@ -55,8 +56,10 @@ def disconnect_stripe(agency: Agency) -> None:
     """Forget the agency's Stripe key; its unsent units wait in the outbox until a key is connected again.
 
     Within Stripe's limit: a unit whose usage is older than 35 days when the key is back fails as too old to
-    send (billing.reporting), and stays visible on the client's page.
+    send (billing.reporting), and stays visible on the client's page. The webhook endpoint Rebill registered
+    in the account is removed first, while the key can still do it.
     """
+    remove_stripe_events(agency)
     agency.stripe_key_ciphertext = None
     agency.stripe_account_id = None
     agency.stripe_mode = None

@@ -118,6 +118,14 @@ class MeterDelivery:
 
 
 @dataclass(frozen=True)
+class WebhookEndpoint:
+    """A webhook endpoint Rebill created in the agency's account; ``secret`` is only known at creation."""
+
+    endpoint_id: str
+    secret: str
+
+
+@dataclass(frozen=True)
 class StripeWindowTotal:
     """Stripe's aggregated usage of one customer over a window (meter summaries or a usage-record period)."""
 
@@ -381,6 +389,28 @@ class StripeGateway:
             if start <= at < end:
                 return StripeWindowTotal(total=Decimal(summary.total_usage), start=start, end=end)
         return None
+
+    # ---- webhook endpoints (the agency's Stripe events come to Rebill) ---------------------------------
+
+    def create_webhook_endpoint(self, url: str, events: list[str], description: str) -> WebhookEndpoint:
+        """Register ``url`` for ``events`` in this account; Stripe returns the signing secret only now.
+
+        https://docs.stripe.com/api/webhook_endpoints/create
+        """
+        endpoint = self._call(
+            lambda: self._client.v1.webhook_endpoints.create(
+                {"url": url, "enabled_events": events, "description": description}
+            )
+        )
+        return WebhookEndpoint(endpoint_id=endpoint.id, secret=endpoint.secret)
+
+    def delete_webhook_endpoint(self, endpoint_id: str) -> None:
+        """Remove a webhook endpoint; one already gone counts as removed."""
+        try:
+            self._call(lambda: self._client.v1.webhook_endpoints.delete(endpoint_id))
+        except StripeRequestRejected as error:
+            if error.code != "resource_missing":
+                raise
 
     # ---- plumbing -------------------------------------------------------------------------------------
 

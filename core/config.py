@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     # Extra CSP frame-ancestors for /app beyond GHL's hosts and known white-label domains (portal.pages).
     "REBILL_FRAME_ANCESTORS": "",
     "REBILL_LOG_LEVEL": "INFO",
+    # The app's external base URL; Stripe webhook endpoints are registered under it. Unset: the address the
+    # portal request that connected the key came to (portal.api).
+    "REBILL_PUBLIC_URL": None,
 }
 
 ENVIRONMENT_VARIABLES = tuple(DEFAULTS)
@@ -130,6 +133,9 @@ def _coerce_types(settings: dict[str, Any]) -> None:
         value = settings[name]
         if isinstance(value, str):
             settings[name] = value.strip().lower() in {"1", "true", "yes", "on"}
+    public_url = settings["REBILL_PUBLIC_URL"]
+    if public_url and not (isinstance(public_url, str) and public_url.startswith(("https://", "http://"))):
+        raise ConfigError(f"REBILL_PUBLIC_URL must be an http(s) URL (https://rebill.example.com), not {public_url!r}")
     if settings["REBILL_ENV"] not in DEVELOPMENT_ENVIRONMENTS | {"production"}:
         raise ConfigError("REBILL_ENV must be production, development or test")
 

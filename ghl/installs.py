@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from billing.agencies import ensure_agency, find_agency
 from billing.clients import pause_agency_clients, pause_clients_for_location
 from billing.models import Agency
+from billing.stripe_events import remove_stripe_events
 from core.database import db, is_postgresql, utcnow
 from ghl.client import GhlClient, GhlError, GhlResponseInvalid, InstalledLocation, TokenGrant, ghl_client
 from ghl.locations import find_location, upsert_location
@@ -173,6 +174,7 @@ def record_uninstall_event(event: dict[str, Any]) -> str | None:
     ).all()
     uninstall_locations(agency.id, list(installed))
     pause_agency_clients(agency.id)
+    remove_stripe_events(agency)  # nobody of the agency can act on its Stripe events any more
     mark_uninstalled([company_id])
     return None
 

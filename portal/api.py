@@ -20,6 +20,7 @@ from billing.clients import create_client, delete_client, get_client, list_clien
 from billing.errors import BillingError, ClientInvalid, NotFound, StripeKeyInvalid
 from billing.models import Agency, RebillClient
 from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
+from billing.stripe_events import register_stripe_events, stripe_events_status
 from billing.stripe_gateway import StripeGatewayError, StripeUnavailable
 from billing.usage import client_usage, unmapped_usage
 from capri.api_keys import NAME_MAX_LENGTH, create_api_key, list_api_keys, revoke_api_key
@@ -185,6 +186,10 @@ def put_stripe_key():
     if not isinstance(api_key, str) or not api_key.strip() or len(api_key) > MAX_STRIPE_KEY_CHARS:
         raise StripeKeyInvalid("paste a Stripe secret key (sk_…) or restricted key (rk_…)")
     agency = connect_stripe_key(g.agency, api_key.strip())
+    db.session.commit()
+    # Committed first: the key works whatever the registration's outcome (a restricted key may lack the
+    # permission; the answer's "events" says which one to add).
+    register_stripe_events(agency, current_app.config["REBILL_PUBLIC_URL"] or request.host_url)
     db.session.commit()
     return jsonify(_stripe_json(agency))
 
@@ -377,6 +382,7 @@ def _stripe_json(agency: Agency) -> dict:
         "last4": agency.stripe_key_last4,
         "status": agency.stripe_key_status,
         "problem": agency.stripe_key_problem,
+        "events": stripe_events_status(agency),
     }
 
 
@@ -395,6 +401,11 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None]) 
         "billing_unit": client.billing_unit,
         "message_source": client.message_source,
         "status": client.status,
+        "pause_on_payment_failure": client.pause_on_payment_failure,
+        "payment_failed": client.payment_failed_at is not None,
+        "payment_problem": client.payment_problem,
+        "paused_for_payment": client.paused_for_payment,
+        "subscription_problem": client.subscription_problem,
         "report_mode": client.report_mode,
         "counted_usage": client.counted_usage,
         "units_logged": client.units_logged,

@@ -25,11 +25,12 @@ from billing.errors import BillingError
 from billing.ledger import UsageRecord, record_usage
 from billing.models import Agency
 from billing.stripe_connection import connect_stripe_key
+from billing.stripe_events import register_stripe_events
 from core.config import is_development
 from core.database import db, utcnow
 from ghl.locations import upsert_location
 from portal.sessions import PortalSession
-from stripe_fake import FakeStripeServer, FakeStripeState
+from stripe_fake import FakeStripeServer, FakeStripeState, SignedDelivery
 
 log = logging.getLogger("portal.demo")
 
@@ -42,6 +43,10 @@ DEMO_LOCATIONS = {"demo-loc-bright": "Bright Smiles Dental", "demo-loc-sunny": "
 DEMO_CHANNEL = "demo-chat-acme"
 DEMO_UNMAPPED_CHANNEL = "demo-chat-newco"
 GENERATOR_SECONDS = 5
+# After this many usage rounds the demo's fake Stripe fails Bright Smiles' invoice payment and delivers the
+# signed invoice.payment_failed event to Rebill's webhook endpoint, so the portal shows a payment failure.
+PAYMENT_FAILURE_ROUND = 6
+PAYMENT_FAILURE_CLIENT = "Bright Smiles"
 
 
 def demo_session() -> PortalSession:
@@ -90,12 +95,17 @@ def seed_fake_stripe(
     return DemoStripe(api_key, product["id"], price["id"], licensed["id"], customers)
 
 
-def seed_demo_agency(stripe: DemoStripe) -> Agency:
-    """Create (or re-point at a fresh fake Stripe) the demo agency, its subaccounts and clients; flushes."""
+def seed_demo_agency(stripe: DemoStripe, public_url: str | None = None) -> Agency:
+    """Create (or re-point at a fresh fake Stripe) the demo agency, its subaccounts and clients; flushes.
+
+    With ``public_url`` (where Rebill's web process answers) its Stripe events are registered there too.
+    """
     agency = ensure_agency(DEMO_COMPANY_ID, DEMO_AGENCY_NAME)
     for location_id, name in DEMO_LOCATIONS.items():
         upsert_location(agency.id, location_id, name=name, installed=True)
     connect_stripe_key(agency, stripe.api_key)
+    if public_url:
+        register_stripe_events(agency, public_url)
     wanted = [
         {
             "nickname": "Acme Chat Co",
@@ -145,6 +155,12 @@ def generate_demo_usage(agency: Agency, rng: random.Random) -> int:
     return sum(record_usage(agency.id, records))
 
 
+def demo_payment_failure(state: FakeStripeState, stripe: DemoStripe) -> list[SignedDelivery]:
+    """Fail one demo customer's invoice in the fake Stripe: the signed events to deliver to Rebill."""
+    customer = stripe.customer_ids[DEMO_LOCATIONS["demo-loc-bright"]]
+    return state.invoice_event(stripe.api_key, "invoice.payment_failed", customer)
+
+
 @click.command("demo")
 @click.option("--seconds", default=GENERATOR_SECONDS, show_default=True, help="Seconds between usage rounds.")
 @click.option("--rounds", default=0, help="Stop after this many usage rounds (0 = run until interrupted).")
@@ -161,18 +177,23 @@ def demo_command(seconds: int, rounds: int):
     click.echo(f"demo: fake Stripe on {server.url}")
     try:
         stripe = seed_fake_stripe(server.state)
-        agency = seed_demo_agency(stripe)
+        agency = seed_demo_agency(stripe, app.config["REBILL_PUBLIC_URL"] or "http://127.0.0.1:5000")
         db.session.commit()
     except BillingError as error:
         server.stop()
         raise click.ClickException(f"could not seed the demo agency: {error}") from None
     click.echo(f"demo: agency {DEMO_AGENCY_NAME!r} ready; open /app?demo=1. Usage every {seconds}s.")
-    rng, done = random.Random(), 0
+    rng, done, undelivered = random.Random(), 0, []
     try:
         while True:
             generate_demo_usage(agency, rng)
             db.session.commit()
             done += 1
+            if done == PAYMENT_FAILURE_ROUND:
+                undelivered = demo_payment_failure(server.state, stripe)
+                click.echo(f"demo: Stripe failed {PAYMENT_FAILURE_CLIENT}'s invoice payment; telling Rebill")
+            # Like Stripe, deliver again until Rebill answers 2xx (the web process may still be starting).
+            undelivered = [delivery for delivery in undelivered if not 200 <= delivery.send() < 300]
             if rounds and done >= rounds:
                 break
             time.sleep(seconds)

@@ -1,7 +1,16 @@
 """A stateful fake of the Stripe API subset Rebill uses; see stripe_fake.app for the rules it enforces."""
 
-from stripe_fake.app import Call, FakeStripeApp, FakeStripeState, StripeFakeError, create_app, unflatten
+from stripe_fake.app import (
+    Call,
+    FakeStripeApp,
+    FakeStripeState,
+    SignedDelivery,
+    StripeFakeError,
+    create_app,
+    stripe_signature,
+    unflatten,
+)
 from stripe_fake.server import FakeStripeServer
 
-__all__ = ["Call", "FakeStripeApp", "FakeStripeServer", "FakeStripeState", "StripeFakeError", "create_app",
-           "unflatten"]
+__all__ = ["Call", "FakeStripeApp", "FakeStripeServer", "FakeStripeState", "SignedDelivery", "StripeFakeError",
+           "create_app", "stripe_signature", "unflatten"]

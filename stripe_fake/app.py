@@ -9,12 +9,15 @@ import calendar
 import contextlib
 import copy
 import hashlib
+import hmac
 import json
 import logging
 import re
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +74,10 @@ ROUTES = [
     ("POST", "/v1/subscription_items/<id>/usage_records", "create_usage_record", "rak_usage_record_write"),
     ("GET", "/v1/subscription_items/<id>/usage_record_summaries", "usage_record_summaries",
      "rak_usage_record_read"),
+    ("GET", "/v1/webhook_endpoints", "list_webhook_endpoints", "rak_webhook_read"),
+    ("POST", "/v1/webhook_endpoints", "create_webhook_endpoint", "rak_webhook_write"),
+    ("GET", "/v1/webhook_endpoints/<id>", "retrieve", "rak_webhook_read", "webhook_endpoint"),
+    ("DELETE", "/v1/webhook_endpoints/<id>", "delete_webhook_endpoint", "rak_webhook_write"),
 ]
 _URLS = Map([Rule(path, endpoint=n, methods=[method]) for n, (method, path, *_) in enumerate(ROUTES)],
             strict_slashes=False, merge_slashes=False).bind("api.stripe.com")
@@ -134,6 +141,37 @@ class _Tenant:
     identifiers: set[str] = field(default_factory=set)
     usage: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     idempotency: dict[str, tuple] = field(default_factory=dict)
+    webhook_secrets: dict[str, str] = field(default_factory=dict)  # endpoint id -> whsec_… (shown at create only)
+
+
+@dataclass(frozen=True)
+class SignedDelivery:
+    """One event POST to one webhook endpoint, signed as Stripe signs it (not sent yet)."""
+
+    url: str
+    body: bytes
+    headers: dict
+
+    def send(self, timeout: float = 10.0) -> int:
+        """POST it over HTTP (the demo); return the status code (0 when nothing answered)."""
+        # The URL is one Rebill registered (http(s) only, checked at create).
+        request = urllib.request.Request(self.url, data=self.body, headers=self.headers, method="POST")  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return 0
+
+
+def stripe_signature(payload: bytes, secret: str, timestamp: int) -> str:
+    """The `Stripe-Signature` header: `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<payload>")>`.
+
+    https://docs.stripe.com/webhooks#verify-manually (the signed payload is the timestamp, a dot, the raw body).
+    """
+    signed = f"{timestamp}.".encode() + payload
+    return f"t={timestamp},v1={hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()}"
 
 
 @dataclass
@@ -380,6 +418,59 @@ class FakeStripeState:
         """Sum of the legacy usage records of a subscription item."""
         with self._lock:
             return sum(self._tenant(api_key).usage[_id_of(subscription_item)].values())
+
+    # ---- events to webhook endpoints ------------------------------------------------------------------
+    def emit_event(self, api_key: str, event_type: str, data_object: Mapping) -> list[SignedDelivery]:
+        """Create an event in the key's account and sign one delivery per enabled endpoint that wants it.
+
+        The caller sends them (``SignedDelivery.send`` or a test client), so tests control timing and order.
+        """
+        with self._lock:
+            t = self._tenant(api_key)
+            now = self.now()
+            event = {"id": _new_id("evt"), "object": "event", "api_version": DEFAULT_API_VERSION,
+                     "created": now, "data": {"object": copy.deepcopy(dict(data_object))},
+                     "livemode": t.livemode, "pending_webhooks": 0,
+                     "request": {"id": None, "idempotency_key": None}, "type": event_type}
+            endpoints = [e for e in t.objects["webhook_endpoint"].values()
+                         if not e.get("deleted") and e["status"] == "enabled"
+                         and ("*" in e["enabled_events"] or event_type in e["enabled_events"])]
+            event["pending_webhooks"] = len(endpoints)
+            t.objects["event"][event["id"]] = event
+            body = json.dumps(event).encode()
+            return [SignedDelivery(e["url"], body, {
+                "Content-Type": "application/json; charset=utf-8",
+                "Stripe-Signature": stripe_signature(body, t.webhook_secrets[e["id"]], now),
+                "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}) for e in endpoints]
+
+    def webhook_endpoints(self, api_key: str) -> list[dict]:
+        """The account's live webhook endpoints (without secrets), oldest first."""
+        with self._lock:
+            return [copy.deepcopy(e) for e in self._tenant(api_key).objects["webhook_endpoint"].values()
+                    if not e.get("deleted")]
+
+    def invoice_event(self, api_key: str, event_type: str, customer: str | Mapping,
+                      subscription: str | Mapping | None = None, amount_due: int = 1000) -> list[SignedDelivery]:
+        """Emit invoice.payment_failed / invoice.paid for a customer's invoice (the invoice is built here)."""
+        paid = event_type == "invoice.paid"
+        sub_id = _id_of(subscription) if subscription else None
+        invoice = {"id": _new_id("in"), "object": "invoice", "customer": _id_of(customer),
+                   "amount_due": amount_due, "amount_paid": amount_due if paid else 0, "currency": "usd",
+                   "status": "paid" if paid else "open", "attempt_count": 1, "livemode": False,
+                   # Since 2025-03-31.basil the subscription sits under parent.subscription_details.
+                   "parent": {"type": "subscription_details",
+                              "subscription_details": {"subscription": sub_id}} if sub_id else None}
+        return self.emit_event(api_key, event_type, invoice)
+
+    def cancel_subscription(self, api_key: str, subscription: str | Mapping) -> list[SignedDelivery]:
+        """Cancel a subscription now and emit customer.subscription.deleted."""
+        with self._lock:
+            t = self._tenant(api_key)
+            sub = self._get(t, "subscription", _id_of(subscription))
+            sub["status"] = "canceled"
+            sub["canceled_at"] = self.now()
+            snapshot = copy.deepcopy(sub)
+        return self.emit_event(api_key, "customer.subscription.deleted", snapshot)
 
     # ---- request dispatch ---------------------------------------------------------------------------
     def dispatch(self, method: str, path: str, params: dict, headers: Mapping[str, str]) -> _Outcome:
@@ -813,6 +904,36 @@ class FakeStripeState:
                    "period": {"start": item["current_period_start"], "end": item["current_period_end"]},
                    "subscription_item": id, "total_usage": sum(t.usage[id].values())}
         return self._page([summary], params, f"/v1/subscription_items/{id}/usage_record_summaries")
+
+    # ---- webhook endpoints ----------------------------------------------------------------------------
+    def _api_create_webhook_endpoint(self, t, params, version):
+        url = _str(params, "url", required=True)
+        if not re.match(r"^https?://", url):
+            raise _invalid("Invalid URL: URL must be publicly accessible and use http or https.", "url",
+                           "url_invalid")
+        events = params.get("enabled_events")
+        if isinstance(events, str):
+            events = [events]
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+            raise _invalid("Missing required param: enabled_events.", "enabled_events", "parameter_missing")
+        endpoint = {"id": _new_id("we"), "object": "webhook_endpoint", "api_version": params.get("api_version"),
+                    "application": None, "created": self.now(), "description": params.get("description"),
+                    "enabled_events": list(events), "livemode": t.livemode,
+                    "metadata": params.get("metadata") or {}, "status": "enabled", "url": url}
+        t.objects["webhook_endpoint"][endpoint["id"]] = endpoint
+        # https://docs.stripe.com/api/webhook_endpoints/object: `secret` "is only returned at creation".
+        t.webhook_secrets[endpoint["id"]] = f"whsec_{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
+        return {**endpoint, "secret": t.webhook_secrets[endpoint["id"]]}
+
+    def _api_list_webhook_endpoints(self, t, params, version):
+        return self._list(t, "webhook_endpoint", params, "/v1/webhook_endpoints", lambda e: True)
+
+    def _api_delete_webhook_endpoint(self, t, params, version, id):
+        if self._get(t, "webhook_endpoint", id).get("deleted"):
+            raise _missing("webhook_endpoint", id)
+        t.objects["webhook_endpoint"][id] = {"id": id, "object": "webhook_endpoint", "deleted": True}
+        t.webhook_secrets.pop(id, None)
+        return t.objects["webhook_endpoint"][id]
 
 
 class FakeStripeApp:

@@ -270,7 +270,8 @@
       cell("Usage counted", fmt(client.counted_usage), "num"),
       cell("Units logged", fmt(client.units_logged), "num"),
       cell("Remainder", `${fmt(client.remainder)} / ${fmt(client.billing_unit)}`, "num"),
-      cell("Status", el("span", { className: `badge ${client.status}`, text: client.status })),
+      cell("Status", el("span", {}, el("span", { className: `badge ${client.status}`, text: client.status }),
+        ...(client.payment_failed ? [" ", el("span", { className: "badge failed", text: "payment failed" })] : []))),
     );
   }
 
@@ -302,6 +303,9 @@
       ["Billing unit", `1 unit every ${fmt(client.billing_unit)} ${client.charge_by}`],
     ];
     if (client.message_source) facts.push(["Messages counted", client.message_source]);
+    if (client.payment_problem) facts.push(["Payment failed", client.payment_problem]);
+    if (client.subscription_problem) facts.push(["Subscription", client.subscription_problem]);
+    facts.push(["When a payment fails", client.pause_on_payment_failure ? "Pause billing until paid" : "Keep billing"]);
     $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
 
     const unit = client.billing_unit;
@@ -448,6 +452,7 @@
     form.elements.billing_unit.value = values.billing_unit || 1000;
     form.elements.stripe_customer_id.value = values.stripe_customer_id || "";
     if (values.message_source) form.elements.message_source.value = values.message_source;
+    form.elements.pause_on_payment_failure.checked = Boolean(values.pause_on_payment_failure);
     fillProducts(values.stripe_product_id, values.stripe_price_id);
     $("#bill-unmapped-row").hidden = !prefill;
     $("#f-bill-unmapped").checked = false;
@@ -532,6 +537,7 @@
       charge_by: chargeBy,
       // Sent as typed when it is not a whole number, so the API's message explains it.
       billing_unit: /^\d+$/.test(unitText) ? Number(unitText) : unitText,
+      pause_on_payment_failure: form.elements.pause_on_payment_failure.checked,
     };
     if (provider === "ghl") {
       body.location_id = form.elements.location_id.value;
@@ -638,6 +644,9 @@
         ["Account", stripe.account],
         ["Mode", stripe.mode === "live" ? "Live" : "Test"],
         ["Key", `…${stripe.last4}`],
+        ["Stripe events", stripe.events.status === "registered"
+          ? "Received (failed payments, subscription changes)"
+          : stripe.events.problem || "Not registered: connect the key again"],
       ]
       : [["Status", "Not connected"]];
     $("#stripe-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
@@ -16,6 +17,8 @@ from portal.demo import (
     DEMO_COMPANY_ID,
     DEMO_METER_EVENT,
     DEMO_UNMAPPED_CHANNEL,
+    PAYMENT_FAILURE_CLIENT,
+    demo_payment_failure,
     generate_demo_usage,
     seed_demo_agency,
     seed_fake_stripe,
@@ -46,6 +49,21 @@ def test_demo_usage_becomes_units_in_the_fake_stripe(make_app, fake_stripe):
             select(func.count()).select_from(UsageEvent).where(UsageEvent.channel_id == DEMO_UNMAPPED_CHANNEL)
         )
         assert unmapped == 4
+
+
+def test_the_demo_shows_a_payment_failure_delivered_as_a_signed_stripe_event(make_app, fake_stripe):
+    app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True)
+    stripe = seed_fake_stripe(fake_stripe.state)
+    with app.app_context():
+        agency = seed_demo_agency(stripe, "http://127.0.0.1:5000")
+        db.session.commit()
+        [delivery] = demo_payment_failure(fake_stripe.state, stripe)
+
+        answer = app.test_client().post(urlsplit(delivery.url).path, data=delivery.body, headers=delivery.headers)
+
+        assert answer.get_json() == {"status": "processed"}
+        failed = {client.nickname for client in list_clients(agency) if client.payment_failed_at is not None}
+        assert failed == {PAYMENT_FAILURE_CLIENT}
 
 
 def test_seeding_again_reuses_the_clients_and_points_them_at_the_new_fake(make_app):

@@ -1,0 +1,415 @@
+"""An agency's Stripe events: register a webhook endpoint in its account, take its signed events, act on them.
+
+When an agency connects Stripe, Rebill registers ``<public URL>/webhooks/stripe/<route id>`` in that account
+(through the agency's key) for the events below; disconnecting or uninstalling removes it. Each event is
+verified with that endpoint's signing secret (stored encrypted), stored once per agency and Stripe event id,
+committed, then processed; a failed one stays replayable (``flask --app app rebill stripe-events replay``).
+
+Effects (docs/billing-rules.md):
+- ``invoice.payment_failed`` marks the customer's clients ``payment_failed``; billing continues, and a client
+  whose agency chose ``pause_on_payment_failure`` is also paused (its usage is recorded, not billed).
+- ``invoice.paid`` clears it and resumes a client that the failure paused.
+- ``customer.subscription.updated`` / ``.deleted`` re-read the customer's subscription for each client's price:
+  the cached subscription item is refreshed, and a client whose price is no longer subscribed is flagged.
+Payment events carry Stripe's ``created`` time; an older event applied after a newer one changes nothing
+(Stripe does not promise delivery order: https://docs.stripe.com/webhooks#event-ordering).
+
+Services flush; the webhook view, the CLI and the scheduler job commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+from sqlalchemy import or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
+from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
+from billing.units import flush_client_usage, take_write_lock
+from core.database import db, utcnow
+from core.encryption import SecretUnreadable, secret_box
+
+log = logging.getLogger("billing.stripe_events")
+
+EVENT_TYPES = (
+    "invoice.payment_failed",
+    "invoice.paid",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+)
+WEBHOOK_PATH = "/webhooks/stripe/"
+# stripe-python's default: a signature older than 5 minutes is refused (replay protection).
+SIGNATURE_TOLERANCE_SECONDS = 300
+EVENT_ID_MAX_LENGTH = 255
+ERROR_MAX_LENGTH = 2000
+# A "received" event older than this was abandoned by a dead worker; replay picks it up.
+STALE_AFTER = dt.timedelta(minutes=5)
+FAILED_EVENT_MAX_ATTEMPTS = 5
+# What the agency must add to a restricted key (Stripe dashboard: Developers → API keys → edit the key).
+WEBHOOK_PERMISSION_HINT = (
+    "Rebill cannot learn about failed payments and changed subscriptions: give the restricted key the "
+    "'Webhook Endpoints' permission (Write), then connect the key again. Everything else keeps working."
+)
+
+
+class StripeEventInvalid(ValueError):
+    """A verified body that is not a Stripe event Rebill can store (no id, type or object)."""
+
+
+# ---- registration --------------------------------------------------------------------------------------
+
+
+def register_stripe_events(agency: Agency, public_url: str) -> StripeEventEndpoint:
+    """Create (or re-create) the agency's webhook endpoint in its Stripe account; flushes, never raises for
+    Stripe's answers: a key without the permission, or Stripe down, is recorded on the endpoint row with the
+    reason, and connecting the key again retries."""
+    endpoint = _endpoint_of(agency.id)
+    gateway = gateway_for(agency)
+    if endpoint is None:
+        endpoint = StripeEventEndpoint(agency_id=agency.id)
+        db.session.add(endpoint)
+    elif endpoint.stripe_endpoint_id:
+        _delete_quietly(agency, endpoint.stripe_endpoint_id)
+    # A fresh route id each time: events still addressed to an old endpoint answer 404 from now on.
+    endpoint.route_id = secrets.token_urlsafe(24)
+    endpoint.url = public_url.rstrip("/") + WEBHOOK_PATH + endpoint.route_id
+    endpoint.stripe_endpoint_id = endpoint.secret_ciphertext = None
+    try:
+        created = gateway.create_webhook_endpoint(
+            endpoint.url, list(EVENT_TYPES), description="Rebill: failed payments and subscription changes"
+        )
+    except StripeKeyRejected as error:
+        endpoint.status, endpoint.problem = "not_permitted", f"{error.reason}. {WEBHOOK_PERMISSION_HINT}"
+    except StripeGatewayError as error:
+        endpoint.status = "failed"
+        endpoint.problem = f"Stripe did not register Rebill's webhook endpoint: {error.reason}; connect the key again"
+    else:
+        endpoint.stripe_endpoint_id = created.endpoint_id
+        endpoint.secret_ciphertext = secret_box().encrypt(created.secret)
+        endpoint.status, endpoint.problem = "registered", None
+    db.session.flush()
+    log.info(
+        "stripe webhook endpoint",
+        extra={"fields": {"agency_id": agency.id, "status": endpoint.status, "endpoint": endpoint.stripe_endpoint_id}},
+    )
+    return endpoint
+
+
+def remove_stripe_events(agency: Agency) -> None:
+    """Delete the agency's webhook endpoint in Stripe (while its key is still known) and forget it; flushes.
+
+    If Stripe cannot be reached the endpoint is forgotten anyway: its events then answer 404, and Stripe
+    disables an endpoint that keeps failing (https://docs.stripe.com/webhooks#retries).
+    """
+    endpoint = _endpoint_of(agency.id)
+    if endpoint is None:
+        return
+    if endpoint.stripe_endpoint_id and agency.stripe_key_ciphertext:
+        _delete_quietly(agency, endpoint.stripe_endpoint_id)
+    db.session.delete(endpoint)
+    db.session.flush()
+
+
+def stripe_events_status(agency: Agency) -> dict[str, Any]:
+    """Describe the agency's webhook endpoint for the portal."""
+    endpoint = _endpoint_of(agency.id)
+    if endpoint is None:
+        return {"status": "none", "problem": None, "url": None}
+    return {"status": endpoint.status, "problem": endpoint.problem, "url": endpoint.url}
+
+
+def _endpoint_of(agency_id: int) -> StripeEventEndpoint | None:
+    return db.session.scalars(
+        select(StripeEventEndpoint).where(StripeEventEndpoint.agency_id == agency_id)
+    ).one_or_none()
+
+
+def _delete_quietly(agency: Agency, stripe_endpoint_id: str) -> None:
+    try:
+        gateway_for(agency).delete_webhook_endpoint(stripe_endpoint_id)
+    except StripeGatewayError as error:
+        log.warning(
+            "cannot delete a Stripe webhook endpoint; forgetting it",
+            extra={"fields": {"agency_id": agency.id, "endpoint": stripe_endpoint_id, "error": error.reason}},
+        )
+
+
+# ---- intake: verify, store ------------------------------------------------------------------------------
+
+
+def find_endpoint(route_id: str) -> StripeEventEndpoint | None:
+    """Return the registered endpoint named by a webhook URL, or None."""
+    if not route_id or len(route_id) > 64:
+        return None
+    return db.session.scalars(
+        select(StripeEventEndpoint).where(
+            StripeEventEndpoint.route_id == route_id, StripeEventEndpoint.status == "registered"
+        )
+    ).one_or_none()
+
+
+def verify_signature(endpoint: StripeEventEndpoint, payload: bytes, header: str | None) -> bool:
+    """Check ``Stripe-Signature`` over the raw body with the endpoint's secret (stripe-python's own check)."""
+    try:
+        secret = secret_box().decrypt(endpoint.secret_ciphertext or "")
+        stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS)
+    except (stripe.SignatureVerificationError, SecretUnreadable, UnicodeDecodeError):
+        return False
+    return True
+
+
+def read_event(payload: bytes) -> dict[str, Any]:
+    """Parse a verified body into a Stripe event; raise StripeEventInvalid if it is not one."""
+    try:
+        event = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise StripeEventInvalid("the body is not JSON") from None
+    if not isinstance(event, dict):
+        raise StripeEventInvalid("the body is not a JSON object")
+    event_id, event_type = event.get("id"), event.get("type")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= EVENT_ID_MAX_LENGTH:
+        raise StripeEventInvalid("the event has no usable id")
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 100:
+        raise StripeEventInvalid("the event has no usable type")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise StripeEventInvalid("the event has no data.object")
+    return event
+
+
+def store_event(agency_id: int, event: dict[str, Any], body: str) -> int | None:
+    """INSERT the event once per agency and event id (flushes); return its row id, None for a duplicate."""
+    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(StripeEvent)
+        .values(
+            agency_id=agency_id,
+            event_id=event["id"],
+            event_type=event["type"],
+            body=body,
+            received_at=utcnow(),
+            status="received",
+            attempts=0,
+        )
+        .on_conflict_do_nothing(index_elements=["agency_id", "event_id"])
+        .returning(StripeEvent.id)
+    )
+    return db.session.execute(statement).scalar()
+
+
+# ---- processing ---------------------------------------------------------------------------------------
+
+
+def process_event(event_row_id: int, *, force: bool = False) -> str:
+    """Apply a stored event in its own transaction and record the outcome; commits, never raises.
+
+    Returns processed, ignored, failed (error kept, replayable), duplicate (another run recorded it first)
+    or received (not even the failure could be written). Handlers are idempotent.
+    """
+    row = db.session.get(StripeEvent, event_row_id)
+    if row is None:
+        return "duplicate"
+    agency_id, body = row.agency_id, row.body
+    try:
+        note = handle_event(db.session.get(Agency, agency_id), json.loads(body))
+        status = "processed" if note is None else "ignored"
+        pending = ["received", "failed"] + (["processed", "ignored"] if force else [])
+        recorded = db.session.execute(
+            update(StripeEvent)
+            .where(StripeEvent.id == event_row_id, StripeEvent.status.in_(pending))
+            .values(status=status, error=note, attempts=StripeEvent.attempts + 1, processed_at=utcnow())
+        ).rowcount
+        if not recorded:
+            db.session.rollback()
+            return "duplicate"
+        db.session.commit()
+        return status
+    except Exception as error:  # recorded on the event, which stays replayable
+        db.session.rollback()
+        return _record_failure(event_row_id, error)
+
+
+def handle_event(agency: Agency, event: dict[str, Any]) -> str | None:
+    """Apply one Stripe event to the agency's clients; return a note when there was nothing to do."""
+    event_type = event["type"]
+    stripe_object = event["data"]["object"]
+    customer_id = _id_of(stripe_object.get("customer"))
+    if not customer_id:
+        return f"{event_type} names no customer"
+    at = dt.datetime.fromtimestamp(int(event.get("created") or 0), dt.UTC)
+    if event_type == "invoice.payment_failed":
+        return mark_payment_failed(agency, customer_id, at, f"invoice {stripe_object.get('id')} was not paid")
+    if event_type == "invoice.paid":
+        return clear_payment_failed(agency, customer_id, at)
+    if event_type in ("customer.subscription.updated", "customer.subscription.deleted"):
+        return refresh_subscriptions(agency, customer_id)
+    return f"event type {event_type} is not used by Rebill"
+
+
+def mark_payment_failed(agency: Agency, customer_id: str, at: dt.datetime, reason: str) -> str | None:
+    """Mark the customer's clients payment_failed; pause those whose agency asked for it. Flushes."""
+    clients = _locked_clients(agency.id, customer_id)
+    if not clients:
+        return f"no client bills Stripe customer {customer_id}"
+    for client in clients:
+        if client.payment_event_at is not None and at < client.payment_event_at:
+            continue  # a newer payment event was applied already
+        client.payment_event_at = at
+        client.payment_failed_at = at
+        client.payment_problem = f"{reason}; Stripe retries the payment per the account's settings"
+        if client.pause_on_payment_failure and client.status == "active":
+            flush_client_usage(client)  # usage received before the failure counts as active usage
+            client.status = "paused"
+            client.paused_for_payment = True
+    db.session.flush()
+    return None
+
+
+def clear_payment_failed(agency: Agency, customer_id: str, at: dt.datetime) -> str | None:
+    """Clear payment_failed on the customer's clients and resume those the failure paused. Flushes."""
+    clients = _locked_clients(agency.id, customer_id)
+    if not clients:
+        return f"no client bills Stripe customer {customer_id}"
+    for client in clients:
+        if client.payment_event_at is not None and at < client.payment_event_at:
+            continue
+        client.payment_event_at = at
+        client.payment_failed_at = client.payment_problem = None
+        if client.paused_for_payment and client.status == "paused":
+            flush_client_usage(client)  # usage received while paused stays unbilled
+            client.status = "active"
+        client.paused_for_payment = False
+    db.session.flush()
+    return None
+
+
+def refresh_subscriptions(agency: Agency, customer_id: str) -> str | None:
+    """Re-read the customer's subscription item for each client's price; flag clients whose price is gone.
+
+    Stripe is asked before any row is locked (a slow Stripe must not hold clients); raises StripeGatewayError
+    when it cannot answer, so the event fails and is retried.
+    """
+    prices = db.session.scalars(
+        select(RebillClient.stripe_price_id)
+        .where(*_customer_clients(agency.id, customer_id))
+        .distinct()
+    ).all()
+    if not prices:
+        return f"no client bills Stripe customer {customer_id}"
+    gateway = gateway_for(agency)
+    items = {price_id: gateway.find_subscription_item(customer_id, price_id) for price_id in prices}
+    for client in _locked_clients(agency.id, customer_id):
+        item = items.get(client.stripe_price_id)
+        if item is None:
+            client.subscription_problem = (
+                f"customer {customer_id} has no active subscription with price {client.stripe_price_id} any "
+                "more: its units reach Stripe but no invoice bills them; subscribe the customer again or pick "
+                "another price"
+            )
+        else:
+            client.subscription_problem = None
+            if client.report_mode == "legacy":
+                client.subscription_item_id = item
+    db.session.flush()
+    return None
+
+
+def _customer_clients(agency_id: int, customer_id: str) -> tuple:
+    return (
+        RebillClient.agency_id == agency_id,
+        RebillClient.stripe_customer_id == customer_id,
+        RebillClient.deleted_at.is_(None),
+    )
+
+
+def _locked_clients(agency_id: int, customer_id: str) -> list[RebillClient]:
+    take_write_lock()
+    # Id order, like every other writer of several clients, so two writers cannot deadlock.
+    return list(
+        db.session.scalars(
+            select(RebillClient)
+            .where(*_customer_clients(agency_id, customer_id))
+            .order_by(RebillClient.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def _id_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+# ---- replay -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay run did."""
+
+    replayed: int = 0
+    processed: int = 0
+    ignored: int = 0
+    failed: int = 0
+
+
+def replay_events(
+    *, failed_only: bool = False, event_row_id: int | None = None, max_attempts: int | None = None
+) -> ReplaySummary:
+    """Process stored events again: one by row id (whatever its status), the failed ones, or every one not
+    processed (failed, or received and abandoned longer than STALE_AFTER). Commits per event."""
+    query = select(StripeEvent.id).order_by(StripeEvent.id)
+    if event_row_id is not None:
+        query = query.where(StripeEvent.id == event_row_id)
+    elif failed_only:
+        query = query.where(StripeEvent.status == "failed")
+    else:
+        stale = utcnow() - STALE_AFTER
+        query = query.where(
+            or_(
+                StripeEvent.status == "failed",
+                (StripeEvent.status == "received") & (StripeEvent.received_at < stale),
+            )
+        )
+    if max_attempts is not None:
+        query = query.where(StripeEvent.attempts < max_attempts)
+    ids = db.session.scalars(query).all()
+    db.session.rollback()
+    summary = ReplaySummary()
+    for row_id in ids:
+        status = process_event(row_id, force=event_row_id is not None)
+        summary.replayed += 1
+        if status in ("processed", "ignored", "failed"):
+            setattr(summary, status, getattr(summary, status) + 1)
+    return summary
+
+
+def retry_failed_events() -> ReplaySummary:
+    """The scheduler's job: replay failed (and abandoned) events, each at most FAILED_EVENT_MAX_ATTEMPTS times."""
+    return replay_events(max_attempts=FAILED_EVENT_MAX_ATTEMPTS)
+
+
+def _record_failure(event_row_id: int, error: Exception) -> str:
+    message = f"{type(error).__name__}: {getattr(error, 'reason', error)}"[:ERROR_MAX_LENGTH]
+    log.warning("stripe event processing failed", extra={"fields": {"event": event_row_id, "error": message}})
+    try:
+        db.session.execute(
+            update(StripeEvent)
+            .where(StripeEvent.id == event_row_id, StripeEvent.status != "processed")
+            .values(status="failed", error=message, attempts=StripeEvent.attempts + 1)
+        )
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        log.error("cannot record a stripe event failure", extra={"fields": {"event": event_row_id}})
+        return "received"
+    return "failed"

@@ -1,0 +1,74 @@
+"""``POST /webhooks/stripe/<route id>``: verify over the raw body → store → commit → process; and its replay CLI.
+
+Stripe retries a delivery that is not answered 2xx, for up to three days
+(https://docs.stripe.com/webhooks#retries), so the answer is 200 once the event is stored (whatever
+processing does: a failed event keeps its error and is replayed) or was stored before, 401 for a missing or
+wrong signature (nothing stored), 404 for an endpoint Rebill does not know, 400 for a signed body that is
+no Stripe event, and 503 when it cannot be stored (Stripe retries).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+from flask import Blueprint, jsonify, request
+from flask.cli import AppGroup
+from sqlalchemy.exc import SQLAlchemyError
+
+from billing.stripe_events import (
+    StripeEventInvalid,
+    find_endpoint,
+    process_event,
+    read_event,
+    replay_events,
+    store_event,
+    verify_signature,
+)
+from core.database import db
+
+log = logging.getLogger("billing.stripe_webhooks")
+
+blueprint = Blueprint("stripe_webhooks", __name__)
+
+
+@blueprint.post("/webhooks/stripe/<route_id>")
+def receive_stripe_event(route_id: str):
+    """Verify, store, commit, process; answer 200 stored/duplicate, 401, 404, 400 or 503."""
+    payload = request.get_data(cache=False)
+    endpoint = find_endpoint(route_id)
+    if endpoint is None:
+        return jsonify(error="no Stripe webhook endpoint here"), 404
+    agency_id = endpoint.agency_id
+    if not verify_signature(endpoint, payload, request.headers.get("Stripe-Signature")):
+        return jsonify(error="missing or invalid Stripe-Signature"), 401
+    try:
+        event = read_event(payload)
+    except StripeEventInvalid as error:
+        return jsonify(error=str(error)), 400
+    try:
+        row_id = store_event(agency_id, event, payload.decode("utf-8"))
+        db.session.commit()
+    except SQLAlchemyError as error:
+        db.session.rollback()
+        log.error("cannot store a Stripe event; answering 503", extra={"fields": {"error": type(error).__name__}})
+        return jsonify(error="cannot store the event right now; retry later"), 503
+    if row_id is None:
+        return jsonify(status="duplicate")
+    return jsonify(status=process_event(row_id))
+
+
+stripe_events_cli = AppGroup("stripe-events", help="Stripe events of the agencies' accounts.")
+
+
+@stripe_events_cli.command("replay")
+@click.option("--failed", "failed_only", is_flag=True, help="Only events whose processing failed.")
+@click.option("--id", "event_row_id", type=int, help="Only this stored event (whatever its status).")
+def replay_command(failed_only: bool, event_row_id: int | None):
+    """Process stored Stripe events again (default: every one not processed)."""
+    summary = replay_events(failed_only=failed_only, event_row_id=event_row_id)
+    if event_row_id is not None and summary.replayed == 0:
+        raise click.ClickException(f"no stored Stripe event with id {event_row_id}")
+    click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
+    if summary.failed:
+        raise SystemExit(1)
