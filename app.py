@@ -23,6 +23,8 @@ log = logging.getLogger("rebill")
 
 # Token refresh looks an hour ahead (ghl.jobs.REFRESH_AHEAD), so every 10 minutes is plenty.
 GHL_JOB_SECONDS = 600
+# Webhook deliveries are kept for days (ghl.webhooks.DELIVERY_RETENTION); pruning hourly keeps each run small.
+GHL_PRUNE_SECONDS = 3600
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -101,6 +103,7 @@ def register_commands(app: Flask) -> None:
     from capri.cli import api_key_cli
     from ghl.cli import ghl_cli
     from ghl.jobs import refresh_expiring_tokens, retry_failed_deliveries
+    from ghl.webhooks import prune_deliveries
     from portal.demo import demo_command
 
     # GHL upkeep runs in the one scheduler process beside the billing tick (billing never imports ghl).
@@ -108,6 +111,7 @@ def register_commands(app: Flask) -> None:
         ("ghl-refresh-tokens", refresh_expiring_tokens, GHL_JOB_SECONDS),
         ("ghl-retry-deliveries", retry_failed_deliveries, GHL_JOB_SECONDS),
         ("stripe-retry-events", retry_failed_events, GHL_JOB_SECONDS),
+        ("ghl-prune-deliveries", prune_deliveries, GHL_PRUNE_SECONDS),
     ]
     rebill_cli.add_command(api_key_cli)
     rebill_cli.add_command(stripe_events_cli)

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "GHL_CLIENT_ID": None,
     "GHL_CLIENT_SECRET": None,
     "GHL_SHARED_SECRET": None,
+    "GHL_APP_ID": None,  # the marketplace app's id; default: GHL_CLIENT_ID before its last "-"
     "GHL_API_BASE": "https://services.leadconnectorhq.com",
     "GHL_MARKETPLACE_BASE": "https://marketplace.gohighlevel.com",
     "GHL_SCOPES": (
@@ -94,7 +95,15 @@ def load_settings(
     _coerce_types(settings)
     _check_required(settings, instance_path)
     settings["DATABASE_URL"] = normalise_database_url(settings["DATABASE_URL"], instance_path)
+    settings["GHL_APP_ID"] = settings["GHL_APP_ID"] or app_id_of(settings["GHL_CLIENT_ID"])
     return settings
+
+
+def app_id_of(client_id: str | None) -> str | None:
+    """Return the marketplace appId a client id names: ``<appId>-<suffix>`` (docs/ghl.md), or None."""
+    if not client_id:
+        return None
+    return client_id.rpartition("-")[0] or client_id
 
 
 def is_development(settings: Mapping[str, Any]) -> bool:

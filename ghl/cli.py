@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import click
 from flask.cli import AppGroup
 
@@ -9,7 +11,7 @@ from core.database import db
 from ghl.client import GhlError
 from ghl.installs import sync_installed_locations
 from ghl.jobs import refresh_expiring_tokens
-from ghl.webhooks import replay_deliveries
+from ghl.webhooks import DELIVERY_RETENTION, prune_deliveries, replay_deliveries
 
 ghl_cli = AppGroup("ghl", help="GoHighLevel integration: webhook replay, tokens, subaccounts.")
 
@@ -25,6 +27,23 @@ def replay_command(failed_only: bool, delivery_id: int | None):
     click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
     if summary.failed:
         raise SystemExit(1)
+
+
+@ghl_cli.command("prune-deliveries")
+@click.option(
+    "--older-than-days",
+    type=click.FloatRange(min=0),
+    default=DELIVERY_RETENTION.total_seconds() / 86400,
+    show_default=True,
+    help="Delete processed and ignored deliveries received longer ago than this.",
+)
+def prune_deliveries_command(older_than_days: float):
+    """Delete old processed and ignored webhook deliveries (the scheduler does this hourly)."""
+    try:
+        pruned = prune_deliveries(older_than=dt.timedelta(days=older_than_days))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"pruned={pruned}")
 
 
 @ghl_cli.command("refresh-tokens")

@@ -17,6 +17,7 @@ import requests
 from authlib.integrations.requests_client import OAuth2Session, OAuthError
 from flask import current_app
 
+from core.config import app_id_of
 from ghl.payloads import ID_MAX_LENGTH
 
 log = logging.getLogger("ghl.client")
@@ -169,6 +170,7 @@ class GhlClient:
         client_id: str,
         client_secret: str,
         redirect_uri: str | None = None,
+        app_id: str | None = None,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
         max_attempts: int = MAX_ATTEMPTS,
         sleep: Callable[[float], None] = time.sleep,
@@ -180,15 +182,12 @@ class GhlClient:
         self.client_id = client_id
         self._client_secret = client_secret
         self.redirect_uri = redirect_uri
+        # The marketplace appId (GHL_APP_ID): installedLocations asks for it, webhooks name it.
+        self.app_id = app_id or app_id_of(client_id)
         self.timeout = timeout
         self.max_attempts = max(1, max_attempts)
         self._sleep = sleep
         self._session = session or requests.Session()
-
-    @property
-    def app_id(self) -> str:
-        """The marketplace appId: the client id before its first '-' (docs/ghl.md §1.1)."""
-        return app_id_of(self.client_id)
 
     # OAuth ---------------------------------------------------------------------------------------
 
@@ -203,14 +202,18 @@ class GhlClient:
         # Form-style '+' for spaces is ambiguous outside form bodies; GHL's docs URL-encode them as %20.
         return url.replace("+", "%20")
 
-    def exchange_code(self, code: str, *, user_type: str = "Location") -> TokenGrant:
-        """Exchange an authorization code for a token pair (POST /oauth/token, form-encoded)."""
+    def exchange_code(self, code: str) -> TokenGrant:
+        """Exchange an authorization code for a token pair (POST /oauth/token, form-encoded).
+
+        No ``user_type``: it asks for a token type ("Company" | "Location", apps/oauth.json), and the code
+        already belongs to whoever installed. GHL's own app template sends none (docs/ghl.md); the answer's
+        ``userType`` is stored and sent back on every refresh.
+        """
         body = self._token_call(
             lambda session: session.fetch_token(
                 self._url("/oauth/token"),
                 grant_type="authorization_code",
                 code=code,
-                user_type=user_type,
                 redirect_uri=self.redirect_uri,
             ),
             "/oauth/token",
@@ -242,7 +245,13 @@ class GhlClient:
         return TokenGrant.from_response(body, user_type="Location", company_id=company_id)
 
     def installed_locations(self, company: Credentials, *, company_id: str) -> list[InstalledLocation]:
-        """List every location where the app is installed, following skip/limit pages."""
+        """List every location where the app is installed, following skip/limit pages.
+
+        Pages until ``count`` rows were read or a page is empty, never stopping at a short page: the spec
+        (apps/oauth.json) defaults ``limit`` to 20 and states no maximum, so a server capping pages below
+        our limit must not end the listing early. A page that adds no new location also ends it (a
+        server ignoring ``skip`` would otherwise be asked forever).
+        """
         found: dict[str, InstalledLocation] = {}
         skip = 0
         while True:
@@ -261,6 +270,7 @@ class GhlClient:
             page = body.get("locations")
             if not isinstance(page, list):
                 raise GhlResponseInvalid("installedLocations answered without a locations list")
+            known = len(found)
             for item in page:
                 location_id = _optional_str(item.get("_id") or item.get("id")) if isinstance(item, dict) else None
                 if location_id:
@@ -271,7 +281,8 @@ class GhlClient:
                     )
             skip += len(page)
             total = body.get("count")
-            if not page or len(page) < INSTALLED_LOCATIONS_PAGE or (isinstance(total, int) and skip >= total):
+            counted = isinstance(total, int) and not isinstance(total, bool)
+            if not page or len(found) == known or (counted and skip >= total):
                 return list(found.values())
 
     def get_location(self, credentials: Credentials, location_id: str) -> dict[str, Any]:
@@ -373,14 +384,10 @@ def ghl_client(**overrides: Any) -> GhlClient:
         "client_id": config.get("GHL_CLIENT_ID") or "",
         "client_secret": config.get("GHL_CLIENT_SECRET") or "",
         "redirect_uri": config.get("GHL_REDIRECT_URI"),
+        "app_id": config.get("GHL_APP_ID"),
     }
     options.update(overrides)
     return GhlClient(**options)
-
-
-def app_id_of(client_id: str | None) -> str:
-    """Return the appId part of a marketplace client id (``<appId>-<suffix>``)."""
-    return (client_id or "").split("-", 1)[0]
 
 
 def version_for(path: str) -> str:

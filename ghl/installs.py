@@ -27,10 +27,6 @@ from ghl.tokens import StoredCredentials, has_usable_token, mark_uninstalled, sa
 
 log = logging.getLogger("ghl.installs")
 
-# What we ask the token endpoint for. GHL answers with the token type of whoever installed (userType in
-# the answer decides what we store); GHL's samples differ on what to send (docs/ghl.md §1.3). UNCONFIRMED.
-EXCHANGE_USER_TYPE = "Location"
-
 
 @dataclass
 class InstallResult:
@@ -46,7 +42,7 @@ class InstallResult:
 
 def exchange_authorization_code(code: str, *, client: GhlClient | None = None) -> TokenGrant:
     """Exchange the callback's code for a token pair; raises GhlGrantRejected / GhlUnavailable."""
-    grant = (client or ghl_client()).exchange_code(code, user_type=EXCHANGE_USER_TYPE)
+    grant = (client or ghl_client()).exchange_code(code)
     if not grant.company_id:
         raise GhlResponseInvalid("GHL's token answer has no companyId")
     if grant.user_type == "Location" and not grant.location_id:

@@ -21,6 +21,15 @@ Transactions, per event type:
   connection in autocommit mode: a single round trip, whose answer arrives only after the commit is
   flushed to the WAL (synchronous_commit stays on), so the 200 still follows a durable commit. On SQLite,
   and for replays, the same outcome comes from the statements above (ghl.events).
+
+Before any of that, two checks that need no database, so every path (two-phase, one transaction, one
+statement) sees the same outcome:
+- Another app's delivery: GHL signs every app's webhooks with the same key, so a delivery captured from
+  another marketplace app verifies. A foreign ``appId``, or none on a type whose documented payload
+  carries it, is answered 200 "ignored", stored nowhere, and logged.
+- A stale delivery: its ``timestamp`` must lie within DELIVERY_MAX_AGE before now (DELIVERY_MAX_AHEAD
+  after); otherwise 400, nothing stored. Dedupe rows are kept DELIVERY_RETENTION (far longer than the
+  window) and then pruned (``prune_deliveries``), so a copy of a pruned delivery can only ever be stale.
 """
 
 from __future__ import annotations
@@ -33,14 +42,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
-from sqlalchemy import Row, String, bindparam, case, exists, literal, or_, select, update
+from sqlalchemy import Row, String, bindparam, case, delete, exists, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from billing.ledger import insert_usage_from
 from billing.models import UsageEvent
 from core.database import UTCDateTime, db, utcnow
-from ghl.client import app_id_of
 from ghl.events import (
     MESSAGE_DIRECTIONS,
     already_recorded_note,
@@ -50,7 +58,7 @@ from ghl.events import (
     unknown_subaccount,
 )
 from ghl.models import GhlLocation, GhlWebhookDelivery
-from ghl.payloads import PayloadInvalid
+from ghl.payloads import PayloadInvalid, timestamp
 from ghl.signatures import WebhookVerifier
 
 log = logging.getLogger("ghl.webhooks")
@@ -65,6 +73,23 @@ ERROR_MAX_LENGTH = 2000
 STALE_AFTER = dt.timedelta(minutes=5)
 # Processing that may call GHL or wait on other rows' locks: stored and committed first (see above).
 TWO_PHASE_TYPES = frozenset({"INSTALL", "UNINSTALL"})
+# Types whose documented payloads always name the app (AppInstall.md, AppUninstall.md, PlanChange.md in
+# GoHighLevel/highlevel-api-docs "docs/webhook events"; docs/ghl.md): a delivery of one without our appId
+# is not ours. Other types are compared when they carry an appId (real message deliveries do) and
+# accepted without one: a message is counted only for a subaccount that installed Rebill, once per
+# messageId, so another copy of it can never count twice, while dropping it would lose usage.
+APP_ID_REQUIRED_TYPES = frozenset({"INSTALL", "UNINSTALL", "PLAN_CHANGE"})
+# GHL retries a delivery only after a 429, at most six times, ten minutes apart plus jitter: about 1 h 10 min
+# from the first attempt to the last (https://help.gohighlevel.com/support/solutions/articles/155000007071).
+# Whether a retry carries a new timestamp is undocumented, so the window assumes the first one, plus
+# margin for clock skew and slow answers. GHL's own guidance is a window "e.g. 5 minutes"
+# (docs/oauth/WebhookAuthentication.md), which would drop genuine retries.
+DELIVERY_MAX_AGE = dt.timedelta(hours=2)
+DELIVERY_MAX_AHEAD = dt.timedelta(minutes=5)  # clock skew; GHL never dates a delivery ahead on purpose
+# How long a processed or ignored delivery (its dedupe row) is kept: far beyond the window, so a copy of a
+# pruned delivery is always refused as stale. Failed and unfinished ones stay until replayed.
+DELIVERY_RETENTION = dt.timedelta(days=7)
+PRUNE_BATCH = 5000
 _DELIVERY = GhlWebhookDelivery.__table__
 _LOCATION = GhlLocation.__table__
 _STORED_COLUMNS = (
@@ -174,7 +199,7 @@ _STORED_ANSWERS = {
 def _prepare(state) -> None:
     """Parse the public keys once per app (a bad key stops the start) and remember our appId."""
     state.app.extensions[VERIFIER] = WebhookVerifier.from_config(state.app.config)
-    state.app.extensions[APP_ID] = app_id_of(state.app.config.get("GHL_CLIENT_ID"))
+    state.app.extensions[APP_ID] = state.app.config.get("GHL_APP_ID")
 
 
 @blueprint.post("/webhooks/ghl")
@@ -191,11 +216,17 @@ def receive_webhook():
         return jsonify(error="the webhook body is not UTF-8 JSON"), 400
     if not isinstance(event, dict):
         return jsonify(error="the webhook body is not a JSON object"), 400
-    app_id = event.get("appId")
-    expected = current_app.extensions[APP_ID]
-    if app_id and expected and app_id != expected:
-        # Signed by GHL but for another app (the SDKs compare appId the same way): acknowledge, drop.
-        return jsonify(status="ignored", reason="another app's webhook"), 200
+    foreign = other_app_reason(event, current_app.extensions[APP_ID])
+    if foreign is not None:
+        # Signed by GHL but not for us: acknowledged (a retry would change nothing), dropped, logged.
+        log.warning("GHL webhook of another app ignored", extra={"fields": _log_fields(event) | {"reason": foreign}})
+        return jsonify(status="ignored", reason=foreign), 200
+    stale = staleness_reason(event, utcnow())
+    if stale is not None:
+        # 400, not 200: nothing was accepted, and the failure shows in GHL's delivery log as well as ours
+        # (GHL retries only 429, so this is final either way). A replay of a captured delivery lands here.
+        log.warning("stale GHL webhook refused", extra={"fields": _log_fields(event) | {"reason": stale}})
+        return jsonify(error=f"webhook refused: {stale}"), 400
     try:
         status = accept_delivery(body, text, event, scheme)
     except SQLAlchemyError as error:
@@ -203,6 +234,31 @@ def receive_webhook():
         log.error("cannot store a GHL webhook; answering 429", extra={"fields": {"error": type(error).__name__}})
         return jsonify(error="cannot store the webhook right now; retry later"), 429
     return current_app.response_class(_STORED_ANSWERS[status], mimetype="application/json")
+
+
+def other_app_reason(event: dict[str, Any], app_id: str | None) -> str | None:
+    """Why a verified delivery is not for this app (``app_id``), or None when it is."""
+    carried = event.get("appId")
+    if carried is None:
+        event_type = event.get("type")
+        if isinstance(event_type, str) and event_type in APP_ID_REQUIRED_TYPES:
+            return f"{event_type} without an appId"
+        return None
+    if not app_id or carried != app_id:
+        return "another app's webhook"
+    return None
+
+
+def staleness_reason(event: dict[str, Any], now: dt.datetime) -> str | None:
+    """Why a delivery's ``timestamp`` is outside the accepted window (or missing), or None when it is inside."""
+    sent_at = timestamp(event, "timestamp")
+    if sent_at is None:
+        return "no readable timestamp (GHL dates every delivery)"
+    if sent_at < now - DELIVERY_MAX_AGE:
+        return f"timestamp older than {DELIVERY_MAX_AGE.total_seconds() / 3600:g} h"
+    if sent_at > now + DELIVERY_MAX_AHEAD:
+        return f"timestamp more than {DELIVERY_MAX_AHEAD.total_seconds() / 60:g} min ahead"
+    return None
 
 
 def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) -> str:
@@ -357,6 +413,35 @@ def replay_deliveries(
     return summary
 
 
+def prune_deliveries(*, older_than: dt.timedelta = DELIVERY_RETENTION) -> int:
+    """Delete processed and ignored deliveries received before ``older_than`` ago; commits per batch.
+
+    Failed and unfinished deliveries stay (replay needs them). ``older_than`` below the stale window would
+    let a redelivery of a pruned delivery be processed again, so it is refused.
+    """
+    if older_than < DELIVERY_MAX_AGE + DELIVERY_MAX_AHEAD:
+        raise ValueError(f"deliveries must be kept at least {DELIVERY_MAX_AGE + DELIVERY_MAX_AHEAD}")
+    cutoff = utcnow() - older_than
+    # Batches in id order (the primary key), so each DELETE is short and holds few locks.
+    batch = (
+        select(_DELIVERY.c.id)
+        .where(_DELIVERY.c.received_at < cutoff, _DELIVERY.c.status.in_(("processed", "ignored")))
+        .order_by(_DELIVERY.c.id)
+        .limit(PRUNE_BATCH)
+        .scalar_subquery()
+    )
+    pruned = 0
+    while True:
+        deleted = db.session.execute(delete(_DELIVERY).where(_DELIVERY.c.id.in_(batch))).rowcount
+        db.session.commit()
+        pruned += deleted
+        if deleted < PRUNE_BATCH:
+            break
+    if pruned:
+        log.info("pruned GHL webhook deliveries", extra={"fields": {"pruned": pruned, "before": cutoff.isoformat()}})
+    return pruned
+
+
 def _insert_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str, **outcome: Any) -> int | None:
     """INSERT the delivery unless its webhookId is stored already; flushes nothing else, never commits."""
     connection = db.session.connection()
@@ -439,6 +524,15 @@ def _record_failure(delivery_id: int, event: dict[str, Any], error: Exception) -
 
 def _failure_message(error: Exception) -> str:
     return _column_text(f"{type(error).__name__}: {error}", ERROR_MAX_LENGTH) or type(error).__name__
+
+
+def _log_fields(event: dict[str, Any]) -> dict[str, str]:
+    """What identifies a delivery in a log line (ids only, cut to length)."""
+    return {
+        "type": str(event.get("type"))[:64],
+        "app_id": str(event.get("appId"))[:64],
+        "webhook_id": str(event.get("webhookId"))[:128],
+    }
 
 
 def _log_failure(event: dict[str, Any], message: str, delivery_id: int | None = None) -> None:

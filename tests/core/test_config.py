@@ -65,3 +65,18 @@ def test_bad_encryption_keys_fail_the_start(tmp_path):
     config = {"REBILL_ENV": "test", "SECRET_KEY": "s", "REBILL_ENCRYPTION_KEYS": "not-a-fernet-key"}
     with pytest.raises(ConfigError, match="REBILL_ENCRYPTION_KEYS"):
         create_app(config)
+
+
+@pytest.mark.parametrize(
+    ("environ", "app_id"),
+    [
+        ({"GHL_CLIENT_ID": "68a32958b5154ca8bbdc4d40-meh5chaj"}, "68a32958b5154ca8bbdc4d40"),
+        ({"GHL_CLIENT_ID": "app-with-dash-meh5chaj"}, "app-with-dash"),  # before the LAST "-"
+        ({"GHL_CLIENT_ID": "nodash"}, "nodash"),
+        ({"GHL_CLIENT_ID": "68a32958b5154ca8bbdc4d40-meh5chaj", "GHL_APP_ID": "explicit"}, "explicit"),
+        ({}, None),
+    ],
+)
+def test_ghl_app_id_defaults_to_the_client_id_before_its_last_dash(tmp_path, environ, app_id):
+    settings = load_settings(str(tmp_path), {}, environ={"REBILL_ENV": "development"} | environ)
+    assert settings["GHL_APP_ID"] == app_id

@@ -8,6 +8,7 @@ import datetime as dt
 import itertools
 import json
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
@@ -96,6 +97,22 @@ class WebhookSender:
 
     def post(self, body: bytes, headers: dict[str, str]):
         return self.client.post("/webhooks/ghl", data=body, headers=headers)
+
+
+def installed_locations_server(locations: list[dict], *, page_cap: int, count: bool = True):
+    """A ``responses`` callback for GET /oauth/installedLocations that honours skip but caps every page at
+    ``page_cap`` rows whatever ``limit`` asks (the spec states no maximum), with or without ``count``."""
+
+    def answer(request):
+        query = parse_qs(urlsplit(request.url).query)
+        skip = int(query["skip"][0])
+        limit = min(int(query["limit"][0]), page_cap)
+        body = {"locations": locations[skip : skip + limit], "installToFutureLocations": True}
+        if count:
+            body["count"] = len(locations)
+        return 200, {"Content-Type": "application/json"}, json.dumps(body)
+
+    return answer
 
 
 def delivery_count() -> int:

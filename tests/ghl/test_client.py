@@ -166,6 +166,14 @@ def test_installed_locations_follows_every_page(ghl, ghl_api):
     assert all(call.request.headers["Version"] == "2021-07-28" for call in ghl_api.calls)
 
 
+def test_installed_locations_stops_when_a_page_adds_nothing_new(ghl, ghl_api):
+    # A server that ignores skip answers the same page forever; count says there are more.
+    page = {"locations": [{"_id": f"l{i}"} for i in range(20)], "count": 500}
+    ghl_api.get(f"{API}/oauth/installedLocations", json=page)
+    assert len(ghl.installed_locations(FakeCredentials(), company_id=COMPANY_ID)) == 20
+    assert len(ghl_api.calls) == 2
+
+
 def test_the_token_endpoint_refusal_is_a_grant_rejection(ghl, ghl_api):
     ghl_api.post(TOKEN_URL, status=400, json={"statusCode": 400, "message": "Location is not active"})
     with pytest.raises(GhlGrantRejected, match="Location is not active") as raised:

@@ -19,6 +19,7 @@ from ghl.installs import is_agency_installed, is_location_installed
 from ghl.locations import list_subaccounts
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlToken
 from ghl.oauth import issue_state, state_is_valid
+from ghl.tokens import access_token
 from tests.ghl.fake_ghl import (
     API,
     APP_ID,
@@ -27,6 +28,7 @@ from tests.ghl.fake_ghl import (
     INSTALLED_LOCATIONS_URL,
     LOCATION_TOKEN_URL,
     TOKEN_URL,
+    installed_locations_server,
     load_payload,
     stored_token,
 )
@@ -106,10 +108,9 @@ def test_a_location_install_stores_the_encrypted_token_and_the_subaccount(app_co
     assert response.status_code == 200
     assert b"Rebill is installed" in response.data
     exchange = form(ghl_api.calls[0])
-    assert exchange == {
+    assert exchange == {  # no user_type: the code decides the token type (GHL's app template sends none)
         "grant_type": "authorization_code",
         "code": "abc123",
-        "user_type": "Location",
         "redirect_uri": "https://rebill.test/oauth/callback",
         "client_id": CLIENT_ID,
         "client_secret": "test-ghl-client-secret",
@@ -172,6 +173,32 @@ def test_a_bulk_company_install_mints_location_tokens_and_syncs_every_page(app_c
         assert stored_token(location_id).user_type == "Location"
     assert stored_token("loc050") is None  # minted later by the token job, not in the callback
     assert db.session.query(GhlToken).count() == 4
+
+
+@pytest.mark.parametrize("count", [True, False], ids=["with count", "without count"])
+def test_a_server_capping_pages_below_our_limit_still_syncs_every_subaccount(app_context, client, ghl_api, count):
+    locations = [{"_id": f"loc{i:03d}", "name": f"Subaccount {i:03d}", "isInstalled": True} for i in range(45)]
+    ghl_api.post(TOKEN_URL, json=load_payload("token_company_bulk") | {"approvedLocations": []})
+    ghl_api.add_callback("GET", INSTALLED_LOCATIONS_URL, callback=installed_locations_server(
+        locations, page_cap=20, count=count))
+    assert client.get("/oauth/callback?code=capped").status_code == 200
+    assert len(list_subaccounts(find_agency(COMPANY_ID).id)) == 45
+    skips = [parse_qs(urlsplit(call.request.url).query)["skip"][0]
+             for call in ghl_api.calls if call.request.url.startswith(INSTALLED_LOCATIONS_URL)]
+    assert skips == ["0", "20", "40"] + ([] if count else ["45"])  # without a count: until an empty page
+
+
+def test_the_code_exchange_asks_for_no_token_type_and_refreshes_send_the_tokens_own(app_context, client, ghl_api):
+    fake_company_install(ghl_api, [], approved=[])
+    assert client.get("/oauth/callback?code=bulk").status_code == 200
+    assert "user_type" not in form(ghl_api.calls[0])
+    token = stored_token(COMPANY_ID)
+    assert token.user_type == "Company"
+    token.expires_at = utcnow() - dt.timedelta(minutes=1)
+    db.session.commit()
+    ghl_api.replace("POST", TOKEN_URL, json={"access_token": "a2", "refresh_token": "r2", "expires_in": 86399})
+    assert access_token(COMPANY_ID) == "a2"
+    assert form(ghl_api.calls[-1])["user_type"] == "Company"
 
 
 def test_a_failing_location_sync_still_completes_the_install(app_context, client, ghl_api):

@@ -8,18 +8,22 @@ import threading
 
 import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from billing.agencies import ensure_agency, find_agency
+from billing.cli import SCHEDULED_JOBS
 from billing.models import UsageEvent
 from core.config import ConfigError
-from core.database import db
+from core.database import db, utcnow
+from ghl.installs import is_agency_installed
 from ghl.locations import upsert_location
-from ghl.models import GhlLocation
+from ghl.models import GhlCompanyInstall, GhlLocation, GhlWebhookDelivery
+from ghl.webhooks import DELIVERY_MAX_AGE, DELIVERY_MAX_AHEAD, DELIVERY_RETENTION, prune_deliveries
 from tests.ghl.fake_ghl import (
     APP_ID,
     COMPANY_ID,
     Signer,
+    WebhookSender,
     deliveries,
     delivery_count,
     encode,
@@ -394,3 +398,141 @@ def test_an_install_whose_company_name_holds_a_nul_is_processed(app_context, web
     payload = load_payload("install_company") | {"companyName": "Acme\u0000 Agency"}
     assert webhooks.send(payload).json == {"status": "processed"}
     assert find_agency(payload["companyId"]).name == "Acme Agency"
+
+
+# Only this app's deliveries (appId) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("app_id", [None, "698de27f462dc22d054c5cf5", ""], ids=["missing", "another app", "empty"])
+@pytest.mark.parametrize("fixture", ["install_company", "install_location", "uninstall_company", "plan_change"])
+def test_installs_uninstalls_and_plan_changes_need_our_app_id(app_context, webhooks, caplog, fixture, app_id):
+    install_company(COMPANY_ID)
+    payload = load_payload(fixture) | {"companyId": COMPANY_ID}
+    payload.pop("appId")
+    response = webhooks.send(payload, app_id=app_id)
+    assert (response.status_code, response.json["status"]) == (200, "ignored")
+    assert delivery_count() == 0
+    assert [loc.location_id for loc in db.session.scalars(select(GhlLocation))] == []
+    assert is_agency_installed(COMPANY_ID)  # the UNINSTALL changed nothing
+    assert find_agency("otg8dTQqGLh3Q6iQI55w") is None  # nor did the INSTALL create anything
+    [record] = [r for r in caplog.records if r.name == "ghl.webhooks"]
+    assert record.fields["type"] == payload["type"] and record.fields["reason"]
+
+
+def test_an_install_with_our_app_id_is_processed(app_context, webhooks):
+    assert webhooks.send(load_payload("install_company")).json == {"status": "processed"}
+    assert is_agency_installed(load_payload("install_company")["companyId"])
+
+
+def test_messages_without_an_app_id_still_count_and_another_apps_never(app_context, webhooks):
+    # Message types are compared only when they carry an appId: a copy of a message can never count twice
+    # (messageId), and dropping GHL's own delivery would lose usage.
+    install_location()
+    without_app_id = load_payload("outbound_message")
+    del without_app_id["appId"]  # the recorded delivery names the app it was captured from
+    assert webhooks.send(without_app_id, app_id=None).json == {"status": "processed"}
+    other = load_payload("outbound_message") | {"messageId": "from-another-app"}
+    assert webhooks.send(other, app_id="698de27f462dc22d054c5cf5").json["status"] == "ignored"
+    assert [e.source_event_id for e in usage_events()] == ["cXcYRmGhooTfw05RZhiK"]
+
+
+def test_ghl_app_id_overrides_the_id_taken_from_the_client_id(make_app, ghl_config, signer):
+    app = make_app(GHL_APP_ID="the-real-app-id", **ghl_config)
+    sender = WebhookSender(app.test_client(), signer)
+    with app.app_context():
+        assert sender.send(load_payload("install_company")).json["status"] == "ignored"  # APP_ID is not it
+        assert sender.send(load_payload("install_company"), app_id="the-real-app-id").json == {"status": "processed"}
+
+
+# Stale deliveries ----------------------------------------------------------------------------------
+
+
+def ghl_time(delta: dt.timedelta) -> str:
+    return (utcnow() + delta).isoformat().replace("+00:00", "Z")
+
+
+# One fixture per intake path: a message (one statement on PostgreSQL), LocationUpdate (one transaction)
+# and an INSTALL (stored, committed, then processed). Every path must answer the same.
+PATHS = ["outbound_message", "location_update", "install_location"]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "2019-06-01T12:00:00.000Z",
+        ghl_time(-DELIVERY_MAX_AGE - dt.timedelta(minutes=1)),
+        ghl_time(DELIVERY_MAX_AHEAD + dt.timedelta(minutes=1)),
+        None,
+        "yesterday",
+        12345,
+    ],
+    ids=["2019", "just-past-the-window", "ahead", "missing", "unreadable", "not-a-string"],
+)
+@pytest.mark.parametrize("fixture", PATHS)
+def test_a_stale_or_undated_delivery_is_refused_on_every_path(app_context, webhooks, signer, caplog, fixture, sent):
+    install_location()
+    payload = load_payload(fixture) | {"webhookId": "wh-fresh-id", "appId": APP_ID}
+    if sent is not None:
+        payload["timestamp"] = sent
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    response = webhooks.post(body, signer.headers(body))
+    assert response.status_code == 400
+    assert "timestamp" in response.json["error"]
+    assert delivery_count() == 0 and usage_events() == []
+    [record] = [r for r in caplog.records if r.name == "ghl.webhooks"]
+    assert record.fields["webhook_id"] == "wh-fresh-id"
+
+
+@pytest.mark.parametrize("fixture", PATHS)
+def test_a_delivery_retried_late_within_the_window_is_processed(app_context, webhooks, fixture):
+    # GHL's last retry comes ~1 h 10 min after the first attempt, perhaps with the first timestamp.
+    install_location()
+    payload = load_payload(fixture) | {"timestamp": ghl_time(-dt.timedelta(hours=1, minutes=15))}
+    assert webhooks.send(payload).json == {"status": "processed"}
+    ahead = load_payload(fixture) | {"timestamp": ghl_time(dt.timedelta(minutes=4)), "messageId": "m2"}
+    assert webhooks.send(ahead).status_code == 200
+
+
+def test_dedupe_rows_outlive_the_window_and_are_pruned_after_it(app_context, webhooks, signer, runner):
+    install_location()
+    kept = webhooks.send(load_payload("outbound_message"), webhook_id="wh-old")
+    assert kept.json == {"status": "processed"}
+    webhooks.send(load_payload("inbound_message_sms_doc") | {"locationId": LOCATION_ID}, webhook_id="wh-failed")
+    webhooks.send(load_payload("outbound_message") | {"messageId": "recent"}, webhook_id="wh-recent")
+    assert [d.status for d in deliveries()] == ["processed", "failed", "processed"]
+    backdate(["wh-old", "wh-failed"], DELIVERY_RETENTION + dt.timedelta(hours=1))
+    # Six days on, a copy is still a duplicate: rows are kept far longer than the stale window.
+    assert webhooks.send(load_payload("outbound_message"), webhook_id="wh-recent").json == {"status": "duplicate"}
+    result = runner.invoke(args=["ghl", "prune-deliveries"])
+    assert result.exit_code == 0 and result.output.strip() == "pruned=1"
+    assert [d.webhook_id for d in deliveries()] == ["wh-failed", "wh-recent"]  # failed ones wait for replay
+    # A copy of the pruned delivery carries its old timestamp: refused as stale, never counted again.
+    old = load_payload("outbound_message") | {"timestamp": ghl_time(-DELIVERY_RETENTION)}
+    assert webhooks.send(old, webhook_id="wh-old").status_code == 400
+    assert len(usage_events()) == 2
+
+
+def test_pruning_inside_the_window_is_refused(app_context, runner):
+    result = runner.invoke(args=["ghl", "prune-deliveries", "--older-than-days", "0.05"])
+    assert result.exit_code == 1 and "at least" in result.output
+    with pytest.raises(ValueError):
+        prune_deliveries(older_than=DELIVERY_MAX_AGE)
+
+
+def test_the_scheduler_prunes_deliveries(app):
+    assert "ghl-prune-deliveries" in [job_id for job_id, _, _ in app.extensions[SCHEDULED_JOBS]]
+
+
+def backdate(webhook_ids: list[str], age: dt.timedelta) -> None:
+    db.session.execute(
+        update(GhlWebhookDelivery)
+        .where(GhlWebhookDelivery.webhook_id.in_(webhook_ids))
+        .values(received_at=utcnow() - age)
+    )
+    db.session.commit()
+
+
+def install_company(company_id: str) -> None:
+    agency = ensure_agency(company_id)
+    db.session.add(GhlCompanyInstall(agency_id=agency.id, is_installed=True))
+    db.session.commit()
