@@ -280,7 +280,8 @@ def sign_bodies(key: ed25519.Ed25519PrivateKey, workdir: Path, run: str, seconds
         "userId": "hN1nLpe3EmzSU5ybqosH",
         "status": "delivered",
         "source": "app",
-        "timestamp": "2026-02-26T15:40:14.400Z",
+        # Signed just before the run: Rebill refuses deliveries dated more than 2 h ago (ghl.webhooks).
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
     }
     with path.open("w") as out:
         for number in range(seconds * MAX_RATE_GUESS):

@@ -156,7 +156,7 @@ def sign_bodies(count: int) -> tuple[str, list[tuple[str, bytes]]]:
                 "messageType": "SMS",
                 "messageId": f"cpu-{number:08d}",
                 "webhookId": f"cpu-{number:08d}",
-                "timestamp": "2026-02-26T15:40:14.400Z",
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),  # within the 2 h window
             },
             separators=(",", ":"),
         ).encode()
