@@ -6,12 +6,13 @@ import json
 import logging
 import re
 
-# Stripe keys, bearer tokens, Rebill API keys and JWT-looking strings.
+# Stripe keys, bearer tokens, Rebill API keys, JWT-looking strings and OAuth codes in URLs.
 SECRET_PATTERNS = [
     re.compile(r"\b(sk|rk|pk)_(live|test)_[A-Za-z0-9]+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(r"\brbk_[A-Za-z0-9_-]+"),
     re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
+    re.compile(r"([?&]code=)[^&\s\"']+"),  # GHL's single-use OAuth code in a logged URL
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 
-from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,6 +22,7 @@ log = logging.getLogger("ghl.oauth")
 blueprint = Blueprint("ghl_oauth", __name__)
 
 STATE_SALT = "rebill.ghl.oauth-state.v1"
+OUTCOME_SALT = "rebill.ghl.install-outcome.v1"
 STATE_MAX_AGE_SECONDS = 3600
 CODE_MAX_LENGTH = 2048
 
@@ -78,7 +79,20 @@ def callback():
         extra={"fields": {"company_id": result.company_id, "user_type": result.user_type,
                           "locations": len(result.location_ids), "problems": len(result.problems)}},
     )
-    return render_template("ghl/installed.html", result=result)
+    # POST/redirect/GET: the success page is another URL, so reloading it never spends the single-use
+    # code again, and the code leaves the address bar (and the history) at once.
+    outcome = {"user_type": result.user_type, "locations": len(result.location_ids), "problems": bool(result.problems)}
+    return _private(redirect(url_for(".installed", outcome=_outcome_serializer().dumps(outcome)), 303))
+
+
+@blueprint.get("/oauth/installed")
+def installed():
+    """Show what an install stored (from the callback's signed summary); reloading calls nobody."""
+    try:
+        outcome = _outcome_serializer().loads(request.args.get("outcome", ""), max_age=STATE_MAX_AGE_SECONDS)
+    except BadSignature:
+        outcome = None  # an old or altered link: say nothing about any install
+    return _private(make_response(render_template("ghl/installed.html", outcome=outcome)))
 
 
 def issue_state() -> str:
@@ -99,5 +113,17 @@ def _state_serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=STATE_SALT)
 
 
+def _outcome_serializer() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=OUTCOME_SALT)
+
+
+def _private(response: Response) -> Response:
+    """Keep an install page out of caches and out of the Referer header of anything it links to."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
 def _failed(reason: str, status: int):
-    return render_template("ghl/install_failed.html", reason=reason, retry_url=url_for(".install")), status
+    page = render_template("ghl/install_failed.html", reason=reason, retry_url=url_for(".install"))
+    return _private(make_response(page, status))

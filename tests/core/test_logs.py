@@ -20,3 +20,8 @@ def test_formatter_writes_one_json_object_with_fields():
     assert entry["message"] == "stored [redacted]"
     assert entry["agency"] == 7
     assert "sk_test_999" not in json.dumps(entry)
+
+
+def test_redact_hides_an_oauth_code_in_a_logged_url():
+    line = '"GET /oauth/callback?code=4f1b9c2e&state=s HTTP/1.1" 303 - /x?a=1&code=zz9'
+    assert redact(line) == '"GET /oauth/callback?code=[redacted]&state=s HTTP/1.1" 303 - /x?a=1&code=[redacted]'

@@ -94,7 +94,7 @@ def test_install_webhooks_before_the_callback_then_the_callback_mints_tokens(app
     assert is_agency_installed(COMPANY_ID)
     assert sorted(loc.location_id for loc in list_subaccounts(agency.id)) == sorted(APPROVED)
 
-    assert client.get("/oauth/callback?code=bulk").status_code == 200
+    assert client.get("/oauth/callback?code=bulk").status_code == 303
     assert mint_calls(ghl_api) == sorted(APPROVED)
     db.session.expire_all()
     assert {loc.name for loc in list_subaccounts(agency.id)} == {f"Name of {loc}" for loc in APPROVED}
@@ -105,7 +105,7 @@ def test_install_webhooks_before_the_callback_then_the_callback_mints_tokens(app
 
 def test_install_webhooks_after_the_callback_do_not_mint_again(app_context, client, webhooks, ghl_api):
     fake_bulk_install(ghl_api)
-    assert client.get("/oauth/callback?code=bulk").status_code == 200
+    assert client.get("/oauth/callback?code=bulk").status_code == 303
     minted = mint_calls(ghl_api)
     assert minted == sorted(APPROVED)
     for location_id in APPROVED:

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from cryptography.fernet import Fernet
 from responses import matchers
 from sqlalchemy import select
 
@@ -104,8 +111,8 @@ def test_a_location_install_stores_the_encrypted_token_and_the_subaccount(app_co
     answer = load_payload("token_location")
     ghl_api.post(TOKEN_URL, json=answer)
     ghl_api.get(f"{API}/locations/{LOCATION_ID}", json={"location": {"id": LOCATION_ID, "name": "Downtown Dental"}})
-    response = client.get("/oauth/callback?code=abc123")
-    assert response.status_code == 200
+    response = client.get("/oauth/callback?code=abc123", follow_redirects=True)
+    assert [r.status_code for r in response.history] == [303] and response.status_code == 200
     assert b"Rebill is installed" in response.data
     exchange = form(ghl_api.calls[0])
     assert exchange == {  # no user_type: the code decides the token type (GHL's app template sends none)
@@ -135,7 +142,7 @@ def test_callbacks_with_or_without_state_are_accepted(app_context, client, ghl_a
     ghl_api.post(TOKEN_URL, json=load_payload("token_location"))
     ghl_api.get(f"{API}/locations/{LOCATION_ID}", status=403, json={"message": "no scope"})
     query = "code=abc" + (f"&state={issue_state_in(app_context)}" if state else "")
-    response = client.get(f"/oauth/callback?{query}")
+    response = client.get(f"/oauth/callback?{query}", follow_redirects=True)
     assert response.status_code == 200
     assert b"could not be read" in response.data  # the name lookup failed; the install still stands
     assert is_location_installed(LOCATION_ID)
@@ -153,7 +160,7 @@ def test_a_bulk_company_install_mints_location_tokens_and_syncs_every_page(app_c
     locations = [{"_id": f"loc{i:03d}", "name": f"Subaccount {i:03d}", "isInstalled": True} for i in range(130)]
     approved = ["loc000", "loc001", "loc129"]
     fake_company_install(ghl_api, locations, approved=approved)
-    response = client.get("/oauth/callback?code=bulk")
+    response = client.get("/oauth/callback?code=bulk", follow_redirects=True)
     assert response.status_code == 200
     assert b"130" in response.data
     company = stored_token(COMPANY_ID)
@@ -181,7 +188,7 @@ def test_a_server_capping_pages_below_our_limit_still_syncs_every_subaccount(app
     ghl_api.post(TOKEN_URL, json=load_payload("token_company_bulk") | {"approvedLocations": []})
     ghl_api.add_callback("GET", INSTALLED_LOCATIONS_URL, callback=installed_locations_server(
         locations, page_cap=20, count=count))
-    assert client.get("/oauth/callback?code=capped").status_code == 200
+    assert client.get("/oauth/callback?code=capped").status_code == 303
     assert len(list_subaccounts(find_agency(COMPANY_ID).id)) == 45
     skips = [parse_qs(urlsplit(call.request.url).query)["skip"][0]
              for call in ghl_api.calls if call.request.url.startswith(INSTALLED_LOCATIONS_URL)]
@@ -190,7 +197,7 @@ def test_a_server_capping_pages_below_our_limit_still_syncs_every_subaccount(app
 
 def test_the_code_exchange_asks_for_no_token_type_and_refreshes_send_the_tokens_own(app_context, client, ghl_api):
     fake_company_install(ghl_api, [], approved=[])
-    assert client.get("/oauth/callback?code=bulk").status_code == 200
+    assert client.get("/oauth/callback?code=bulk").status_code == 303
     assert "user_type" not in form(ghl_api.calls[0])
     token = stored_token(COMPANY_ID)
     assert token.user_type == "Company"
@@ -205,7 +212,7 @@ def test_a_failing_location_sync_still_completes_the_install(app_context, client
     ghl_api.post(TOKEN_URL, json=load_payload("token_company_bulk"))
     ghl_api.get(INSTALLED_LOCATIONS_URL, status=500, json={"message": "boom"})
     ghl_api.post(LOCATION_TOKEN_URL, status=422, json={"message": "not approved"})
-    response = client.get("/oauth/callback?code=bulk")
+    response = client.get("/oauth/callback?code=bulk", follow_redirects=True)
     assert response.status_code == 200
     assert b"could not be read" in response.data
     agency = find_agency(COMPANY_ID)
@@ -269,14 +276,14 @@ def test_a_failed_exchange_ends_on_an_error_page_and_stores_nothing(app_context,
 def test_a_huge_token_lifetime_is_clamped_not_a_500(app_context, client, ghl_api):
     ghl_api.post(TOKEN_URL, json=load_payload("token_location") | {"expires_in": 10**30})
     ghl_api.get(f"{API}/locations/{LOCATION_ID}", json={"location": {"id": LOCATION_ID, "name": "Downtown Dental"}})
-    assert client.get("/oauth/callback?code=abc123").status_code == 200
+    assert client.get("/oauth/callback?code=abc123").status_code == 303
     assert stored_token(LOCATION_ID).expires_at - utcnow() < dt.timedelta(days=367)  # refreshed within a year
 
 
 @pytest.mark.parametrize("approved", [5, "loc0"], ids=["a-number", "a-string"])
 def test_approved_locations_that_are_not_a_list_are_ignored(app_context, client, ghl_api, approved):
     fake_company_install(ghl_api, [], approved=approved)
-    assert client.get("/oauth/callback?code=bulk").status_code == 200
+    assert client.get("/oauth/callback?code=bulk").status_code == 303
     assert is_agency_installed(COMPANY_ID)
     assert db.session.scalars(select(GhlLocation)).all() == []  # not one subaccount per character
     assert [call.request.url for call in ghl_api.calls if call.request.url == LOCATION_TOKEN_URL] == []
@@ -297,14 +304,95 @@ def test_a_callback_that_cannot_store_is_a_503_page_not_a_500(make_app, ghl_conf
 
 def test_reinstalling_replaces_the_token_and_reactivates_the_agency(app_context, client, ghl_api):
     fake_company_install(ghl_api, [])
-    assert client.get("/oauth/callback?code=one").status_code == 200
+    assert client.get("/oauth/callback?code=one").status_code == 303
     install = db.session.scalars(select(GhlCompanyInstall)).one()
     install.is_installed = False
     db.session.commit()
     assert not is_agency_installed(COMPANY_ID)
     second = load_payload("token_company_bulk") | {"access_token": "second-access", "approvedLocations": []}
     ghl_api.replace("POST", TOKEN_URL, json=second)
-    assert client.get("/oauth/callback?code=two").status_code == 200
+    assert client.get("/oauth/callback?code=two").status_code == 303
     assert is_agency_installed(COMPANY_ID)
     assert db.session.scalars(select(GhlToken).where(GhlToken.resource_id == COMPANY_ID)).one()
     assert db.session.query(GhlLocation).count() == 3
+
+
+# POST/redirect/GET and access logs ------------------------------------------------------------------
+
+
+def test_a_successful_callback_redirects_so_reloading_never_spends_the_code_again(app_context, client, ghl_api):
+    ghl_api.post(TOKEN_URL, json=load_payload("token_location"))
+    ghl_api.get(f"{API}/locations/{LOCATION_ID}", json={"location": {"id": LOCATION_ID, "name": "Downtown Dental"}})
+    response = client.get("/oauth/callback?code=single-use-code")
+    assert response.status_code == 303
+    assert response.location.startswith("/oauth/installed?outcome=") and "single-use-code" not in response.location
+    calls = len(ghl_api.calls)
+    for _ in range(2):  # the page and a reload of it
+        page = client.get(response.location)
+        assert page.status_code == 200 and b"Rebill is installed in your subaccount" in page.data
+        assert (page.headers["Cache-Control"], page.headers["Referrer-Policy"]) == ("no-store", "no-referrer")
+    assert len(ghl_api.calls) == calls  # no second exchange, no GHL call at all
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_an_altered_success_link_claims_no_install(app_context, client):
+    page = client.get("/oauth/installed?outcome=eyJ1c2VyX3R5cGUiOiJDb21wYW55In0.forged.sig")
+    assert page.status_code == 200
+    assert b"installed" not in page.data.split(b"<body>")[1].split(b"Open Rebill")[0]
+    assert b"expired" in page.data
+
+
+def test_the_production_access_log_never_shows_the_oauth_code(tmp_path):
+    # Black box: gunicorn exactly as the Procfile starts it, from the repository root (gunicorn.conf.py).
+    root = Path(__file__).resolve().parents[2]
+    web = next(line for line in (root / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    port = free_port()
+    command = web.removeprefix("web:").strip().replace("${PORT:-8000}", str(port)).replace("0.0.0.0", "127.0.0.1")
+    environ = {
+        "PATH": os.environ["PATH"],
+        "REBILL_ENV": "production",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/rebill.sqlite3",
+        "SECRET_KEY": "access-log-test-secret-key",
+        "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "GHL_CLIENT_ID": CLIENT_ID,
+        "GHL_CLIENT_SECRET": "secret",
+        "GHL_API_BASE": "http://127.0.0.1:9",  # never reached: the unsigned state is refused first
+    }
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], cwd=root, env=environ | {"PATH": f"{sys.prefix}/bin:{environ['PATH']}"},
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, server)
+            answer = requests.get(
+                f"http://127.0.0.1:{port}/oauth/callback?code=SECRET-CODE-123&state=x",
+                headers={"Referer": "https://app.gohighlevel.com/?code=SECRET-CODE-456"},
+                timeout=30,
+            )
+            assert answer.status_code == 400  # the unsigned state is refused: the code is never even sent
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    text = log.read_text()
+    assert '"GET /oauth/callback HTTP/1.1" 400' in text
+    assert "SECRET-CODE" not in text
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, server: subprocess.Popen, *, seconds: float = 60) -> None:
+    """Return once the server accepts connections; fail if it exits or never does."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "gunicorn exited at start"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    pytest.fail("gunicorn did not start listening")
