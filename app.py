@@ -101,6 +101,7 @@ def register_commands(app: Flask) -> None:
     from billing.stripe_events import retry_failed_events
     from billing.stripe_webhooks import stripe_events_cli
     from capri.cli import api_key_cli
+    from core.cli import rotate_keys_command
     from ghl.cli import ghl_cli
     from ghl.jobs import refresh_expiring_tokens, retry_failed_deliveries
     from ghl.webhooks import prune_deliveries
@@ -115,6 +116,7 @@ def register_commands(app: Flask) -> None:
     ]
     rebill_cli.add_command(api_key_cli)
     rebill_cli.add_command(stripe_events_cli)
+    rebill_cli.add_command(rotate_keys_command)
     rebill_cli.add_command(demo_command)  # composed here: billing never imports portal
     app.cli.add_command(rebill_cli)
     app.cli.add_command(ghl_cli)
