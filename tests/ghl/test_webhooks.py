@@ -67,7 +67,8 @@ def test_a_signed_outbound_message_is_stored_and_recorded_as_usage(app_context, 
 
 def test_the_raw_body_is_verified_not_a_reserialisation(app_context, webhooks, signer):
     install_location()
-    body = json.dumps({**load_payload("outbound_message"), "appId": APP_ID}, indent=1).encode()  # odd spacing
+    payload = load_payload("outbound_message") | {"appId": APP_ID, "timestamp": utcnow().isoformat()}
+    body = json.dumps(payload, indent=1).encode()  # odd spacing
     assert webhooks.post(body, signer.headers(body)).status_code == 200
     assert delivery_count() == 1
 
@@ -460,8 +461,8 @@ PATHS = ["outbound_message", "location_update", "install_location"]
     "sent",
     [
         "2019-06-01T12:00:00.000Z",
-        ghl_time(-DELIVERY_MAX_AGE - dt.timedelta(minutes=1)),
-        ghl_time(DELIVERY_MAX_AHEAD + dt.timedelta(minutes=1)),
+        -DELIVERY_MAX_AGE - dt.timedelta(minutes=1),  # offsets from now, taken when the test runs
+        DELIVERY_MAX_AHEAD + dt.timedelta(minutes=1),
         None,
         "yesterday",
         12345,
@@ -473,7 +474,7 @@ def test_a_stale_or_undated_delivery_is_refused_on_every_path(app_context, webho
     install_location()
     payload = load_payload(fixture) | {"webhookId": "wh-fresh-id", "appId": APP_ID}
     if sent is not None:
-        payload["timestamp"] = sent
+        payload["timestamp"] = ghl_time(sent) if isinstance(sent, dt.timedelta) else sent
     body = json.dumps(payload, separators=(",", ":")).encode()
     response = webhooks.post(body, signer.headers(body))
     assert response.status_code == 400
