@@ -4,49 +4,26 @@ Development only: core.config refuses REBILL_DEMO outside REBILL_ENV=development
 checks both again, so a production app can neither open ``/app?demo=1`` nor mint a demo session.
 ``flask --app app rebill demo`` (started by ``make run``) serves the fake Stripe at STRIPE_API_BASE, seeds
 it and the database, then records a little usage every few seconds; the scheduler turns it into units.
+
+Every web worker imports this module (the portal asks whether demo mode is on), so it holds only the mode,
+the session and the command; the demo itself, with the fake Stripe, is portal.demo_agency, which only the
+command loads, in demo mode.
 """
 
 from __future__ import annotations
 
-import logging
-import random
-import time
-import uuid
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from billing.agencies import ensure_agency
-from billing.clients import create_client, list_clients, update_client
-from billing.errors import BillingError
-from billing.ledger import UsageRecord, record_usage
-from billing.models import Agency
-from billing.stripe_connection import connect_stripe_key
-from billing.stripe_events import register_stripe_events
 from core.config import is_development
-from core.database import db, utcnow
-from ghl.locations import upsert_location
 from portal.sessions import PortalSession
-from stripe_fake import FakeStripeServer, FakeStripeState, SignedDelivery
-
-log = logging.getLogger("portal.demo")
 
 DEMO_COMPANY_ID = "demo-agency"
 DEMO_AGENCY_NAME = "Demo Agency"
-DEMO_STRIPE_KEY = "sk_test_rebilldemo0000000000000000"
-DEMO_ACCOUNT_ID = "acct_rebilldemo"
-DEMO_METER_EVENT = "rebill_demo_units"
-DEMO_LOCATIONS = {"demo-loc-bright": "Bright Smiles Dental", "demo-loc-sunny": "Sunny Side Realty"}
-DEMO_CHANNEL = "demo-chat-acme"
-DEMO_UNMAPPED_CHANNEL = "demo-chat-newco"
 GENERATOR_SECONDS = 5
-# After this many usage rounds the demo's fake Stripe fails Bright Smiles' invoice payment and delivers the
-# signed invoice.payment_failed event to Rebill's webhook endpoint, so the portal shows a payment failure.
-PAYMENT_FAILURE_ROUND = 6
-PAYMENT_FAILURE_CLIENT = "Bright Smiles"
 
 
 def demo_session() -> PortalSession:
@@ -67,100 +44,6 @@ def demo_enabled(app: Flask) -> bool:
     return bool(app.config.get("REBILL_DEMO")) and is_development(app.config)
 
 
-@dataclass(frozen=True)
-class DemoStripe:
-    """What the fake Stripe holds for the demo agency."""
-
-    api_key: str
-    product_id: str
-    price_id: str  # metered, on a sum meter: usable
-    licensed_price_id: str  # a flat monthly price: shown, but disabled with the reason
-    customer_ids: dict[str, str]  # customer name → cus_…
-
-
-def seed_fake_stripe(
-    state: FakeStripeState, api_key: str = DEMO_STRIPE_KEY, account_id: str = DEMO_ACCOUNT_ID
-) -> DemoStripe:
-    """Give a fake Stripe account a meter, a product with a metered and a licensed price, and customers."""
-    state.add_account(api_key, account_id=account_id, display_name="Demo Agency (fake Stripe)")
-    meter = state.create_meter(api_key, DEMO_METER_EVENT, display_name="AI usage units")
-    product = state.create_product(api_key, name="AI usage")
-    price = state.create_price(api_key, product, unit_amount=10, meter=meter)  # $0.10 per unit per month
-    licensed = state.create_price(api_key, product, unit_amount=4900, metered=False)
-    customers = {}
-    for name in ("Acme Chat Co", *DEMO_LOCATIONS.values()):
-        customer = state.create_customer(api_key, name=name, email=f"billing@{name.split()[0].lower()}.example")
-        state.create_subscription(api_key, customer, price)
-        customers[name] = customer["id"]
-    return DemoStripe(api_key, product["id"], price["id"], licensed["id"], customers)
-
-
-def seed_demo_agency(stripe: DemoStripe, public_url: str | None = None) -> Agency:
-    """Create (or re-point at a fresh fake Stripe) the demo agency, its subaccounts and clients; flushes.
-
-    With ``public_url`` (where Rebill's web process answers) its Stripe events are registered there too.
-    """
-    agency = ensure_agency(DEMO_COMPANY_ID, DEMO_AGENCY_NAME)
-    for location_id, name in DEMO_LOCATIONS.items():
-        upsert_location(agency.id, location_id, name=name, installed=True)
-    connect_stripe_key(agency, stripe.api_key)
-    if public_url:
-        register_stripe_events(agency, public_url)
-    wanted = [
-        {
-            "nickname": "Acme Chat Co",
-            "provider": "capri_api",
-            "channel_id": DEMO_CHANNEL,
-            "charge_by": "tokens",
-            "billing_unit": 1000,
-            "stripe_customer_id": stripe.customer_ids["Acme Chat Co"],
-        },
-        {
-            "nickname": "Bright Smiles",
-            "provider": "ghl",
-            "location_id": "demo-loc-bright",
-            "charge_by": "messages",
-            "message_source": "platform",
-            "billing_unit": 5,
-            "stripe_customer_id": stripe.customer_ids[DEMO_LOCATIONS["demo-loc-bright"]],
-        },
-    ]
-    existing = {client.nickname: client for client in list_clients(agency)}
-    for fields in wanted:
-        fields |= {"stripe_product_id": stripe.product_id, "stripe_price_id": stripe.price_id}
-        client = existing.get(fields["nickname"])
-        if client is None:
-            create_client(agency, fields)
-        else:
-            # The fake Stripe starts empty on every run: point the client at this run's ids.
-            update_client(agency, client.id, {key: fields[key] for key in fields if key.startswith("stripe_")})
-    return agency
-
-
-def generate_demo_usage(agency: Agency, rng: random.Random) -> int:
-    """Record one round of demo usage (a mapped channel, a mapped subaccount, an unmapped channel); flushes."""
-    usage = [
-        {"channel_id": DEMO_CHANNEL, "input_tokens": rng.randint(300, 900), "output_tokens": rng.randint(100, 500),
-         "messages": 1},
-        {"location_id": "demo-loc-bright", "input_tokens": rng.randint(50, 200), "output_tokens": rng.randint(50, 200),
-         "messages": rng.randint(1, 3)},
-        {"channel_id": DEMO_UNMAPPED_CHANNEL, "input_tokens": rng.randint(100, 400),
-         "output_tokens": rng.randint(50, 150), "messages": 1},
-    ]
-    now = utcnow()
-    records = [
-        UsageRecord(source="capri", source_event_id=f"demo-{uuid.uuid4()}", occurred_at=now, model="gpt-4o-mini", **row)
-        for row in usage
-    ]
-    return sum(record_usage(agency.id, records))
-
-
-def demo_payment_failure(state: FakeStripeState, stripe: DemoStripe) -> list[SignedDelivery]:
-    """Fail one demo customer's invoice in the fake Stripe: the signed events to deliver to Rebill."""
-    customer = stripe.customer_ids[DEMO_LOCATIONS["demo-loc-bright"]]
-    return state.invoice_event(stripe.api_key, "invoice.payment_failed", customer)
-
-
 @click.command("demo")
 @click.option("--seconds", default=GENERATOR_SECONDS, show_default=True, help="Seconds between usage rounds.")
 @click.option("--rounds", default=0, help="Stop after this many usage rounds (0 = run until interrupted).")
@@ -173,31 +56,6 @@ def demo_command(seconds: int, rounds: int):
     address = urlsplit(app.config["STRIPE_API_BASE"])
     if address.scheme != "http" or address.hostname not in {"127.0.0.1", "localhost"} or not address.port:
         raise click.ClickException("in demo mode STRIPE_API_BASE must be a local http://127.0.0.1:<port> address")
-    server = FakeStripeServer(host=address.hostname, port=address.port).start()
-    click.echo(f"demo: fake Stripe on {server.url}")
-    try:
-        stripe = seed_fake_stripe(server.state)
-        agency = seed_demo_agency(stripe, app.config["REBILL_PUBLIC_URL"] or "http://127.0.0.1:5000")
-        db.session.commit()
-    except BillingError as error:
-        server.stop()
-        raise click.ClickException(f"could not seed the demo agency: {error}") from None
-    click.echo(f"demo: agency {DEMO_AGENCY_NAME!r} ready; open /app?demo=1. Usage every {seconds}s.")
-    rng, done, undelivered = random.Random(), 0, []
-    try:
-        while True:
-            generate_demo_usage(agency, rng)
-            db.session.commit()
-            done += 1
-            if done == PAYMENT_FAILURE_ROUND:
-                undelivered = demo_payment_failure(server.state, stripe)
-                click.echo(f"demo: Stripe failed {PAYMENT_FAILURE_CLIENT}'s invoice payment; telling Rebill")
-            # Like Stripe, deliver again until Rebill answers 2xx (the web process may still be starting).
-            undelivered = [delivery for delivery in undelivered if not 200 <= delivery.send() < 300]
-            if rounds and done >= rounds:
-                break
-            time.sleep(seconds)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    from portal.demo_agency import run_demo  # the fake Stripe: loaded in demo mode only
+
+    run_demo(address, app.config["REBILL_PUBLIC_URL"] or "http://127.0.0.1:5000", seconds, rounds)

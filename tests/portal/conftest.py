@@ -10,7 +10,7 @@ from billing.agencies import ensure_agency
 from core.database import db
 from ghl.installs import record_install_event
 from ghl.locations import upsert_location
-from portal.demo import seed_fake_stripe
+from portal.demo_agency import seed_fake_stripe
 from stripe_fake import FakeStripeServer
 from tests.portal.cryptojs import ghl_sso_payload
 

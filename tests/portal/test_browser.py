@@ -23,7 +23,7 @@ from werkzeug.wrappers import Response
 from app import create_app
 from billing.jobs import run_tick
 from core.database import db
-from portal.demo import DEMO_METER_EVENT
+from portal.demo_agency import DEMO_METER_EVENT
 from stripe_fake import FakeStripeServer
 from tests.conftest import base_config
 from tests.portal.conftest import Tenant, client_fields, install_tenant, sign_in, sso_payload

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
 from billing.agencies import find_agency
@@ -13,8 +19,8 @@ from billing.clients import list_clients
 from billing.jobs import run_tick
 from billing.models import UsageEvent
 from core.database import db
-from portal.demo import (
-    DEMO_COMPANY_ID,
+from portal.demo import DEMO_COMPANY_ID
+from portal.demo_agency import (
     DEMO_METER_EVENT,
     DEMO_UNMAPPED_CHANNEL,
     PAYMENT_FAILURE_CLIENT,
@@ -129,3 +135,29 @@ def test_the_demo_session_waits_for_the_demo_agency(make_app):
     answer = make_app(REBILL_DEMO=True).test_client().post("/api/portal/demo-session")
     assert answer.status_code == 503
     assert "not seeded yet" in answer.get_json()["error"]
+
+
+PRODUCTION_WORKER = """
+import json, sys
+from app import create_app
+client = create_app().test_client()
+client.get("/healthz"), client.get("/app?demo=1"), client.post("/api/portal/demo-session")
+print(json.dumps(sorted(name for name in sys.modules if name.startswith(("stripe_fake", "portal.demo_agency")))))
+"""
+
+
+def test_a_production_app_never_loads_the_demo_or_the_fake_stripe(tmp_path):
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("REBILL_", "DATABASE_URL"))}
+    environment |= {
+        "REBILL_ENV": "production",
+        "SECRET_KEY": "a-production-secret",
+        "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'rebill.sqlite3'}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", PRODUCTION_WORKER],
+        cwd=Path(__file__).resolve().parents[2], env=environment, capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
