@@ -61,6 +61,7 @@ def register_blueprints(app: Flask) -> None:
     from core.health import blueprint as health
     from ghl.oauth import blueprint as ghl_oauth
     from ghl.webhooks import blueprint as ghl_webhooks
+    from portal import money  # noqa: F401  (adds the money routes to the portal API blueprint)
     from portal.api import blueprint as portal_api
     from portal.pages import blueprint as portal_pages
 

@@ -9,6 +9,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from billing.jobs import run_tick
+from billing.periods import refresh_stale_periods
 from billing.reconcile import reconcile_clients
 
 log = logging.getLogger("billing.scheduler")
@@ -25,6 +26,17 @@ def tick_command():
         raise SystemExit(1)  # reporting still ran; the log has the aggregation error
 
 
+# Cached billing periods are re-read hourly (billing.periods.REFRESH_EVERY); a minute's interval picks up new
+# clients and renewals soon after they happen.
+PERIODS_JOB_SECONDS = 60
+
+
+@rebill_cli.command("refresh-periods")
+def refresh_periods_command():
+    """Re-read from Stripe the clients' billing periods, prices and names that are missing or stale."""
+    click.echo(f"refreshed={refresh_stale_periods()}")
+
+
 # Other packages' periodic jobs, composed by the factory (billing imports no provider):
 # app.extensions[SCHEDULED_JOBS] = [(job_id, function, interval_seconds), ...]
 SCHEDULED_JOBS = "rebill.scheduled_jobs"
@@ -37,7 +49,11 @@ def scheduler_command():
 
     app = current_app._get_current_object()
     seconds = app.config["REBILL_TICK_SECONDS"]
-    jobs = [("rebill-tick", run_tick, seconds), *app.extensions.get(SCHEDULED_JOBS, [])]
+    jobs = [
+        ("rebill-tick", run_tick, seconds),
+        ("rebill-periods", refresh_stale_periods, PERIODS_JOB_SECONDS),
+        *app.extensions.get(SCHEDULED_JOBS, []),
+    ]
 
     def in_app_context(job_id, function):
         def run():

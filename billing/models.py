@@ -228,3 +228,27 @@ class StripeEvent(db.Model):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class ClientPeriod(db.Model):
+    """What Stripe last said about a client's billing: its current period, how its price charges, and names.
+
+    A cache, refreshed on a schedule and whenever the client's Stripe fields change (billing.periods), so
+    listing clients with their estimated charge never waits on Stripe. ``customer_id``/``price_id`` say what
+    it was read for: a row for other values is stale.
+    """
+
+    __tablename__ = "client_period"
+
+    client_id: Mapped[int] = mapped_column(ForeignKey("rebill_client.id"), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(255))
+    price_id: Mapped[str] = mapped_column(String(255))
+    # None: the customer has no live subscription on the price (Stripe then bills these units on no invoice).
+    period_start: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    period_end: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    price_terms: Mapped[str | None] = mapped_column(Text)  # billing.estimates.PriceTerms.to_json()
+    product_name: Mapped[str | None] = mapped_column(String(255))
+    price_name: Mapped[str | None] = mapped_column(String(255))
+    customer_name: Mapped[str | None] = mapped_column(String(255))
+    problem: Mapped[str | None] = mapped_column(Text)  # in plain words, for the agency
+    refreshed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

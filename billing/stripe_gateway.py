@@ -22,6 +22,7 @@ import urllib3
 from flask import current_app
 
 from billing.errors import BillingError, StripeKeyInvalid
+from billing.estimates import PriceTerms, PriceTermsInvalid, price_terms
 from billing.models import Agency
 from core.encryption import SecretUnreadable, secret_box
 
@@ -107,6 +108,25 @@ class ProductPrices:
     product_id: str
     name: str
     prices: list[PriceInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PriceTermsInfo:
+    """How a price charges (None with the reason when Rebill cannot price it), with names to show."""
+
+    terms: PriceTerms | None
+    problem: str | None
+    product_name: str | None
+    price_name: str | None
+
+
+@dataclass(frozen=True)
+class CustomerInfo:
+    """A Stripe customer as the customer picker shows it."""
+
+    id: str
+    name: str | None
+    email: str | None
 
 
 @dataclass(frozen=True)
@@ -250,7 +270,56 @@ class StripeGateway:
         meter = self._call(lambda: self._client.v1.billing.meters.retrieve(meter_id)) if meter_id else None
         return classify_price(price, meter)
 
+    def read_price_terms(self, price_id: str) -> PriceTermsInfo:
+        """Read how a price charges (tiers included) and its product's name, for estimates and display."""
+        # `tiers` is only in the answer when expanded (docs.stripe.com/api/prices/object#price_object-tiers).
+        price = self._call(lambda: self._client.v1.prices.retrieve(price_id, {"expand": ["tiers", "product"]}))
+        product = price.product
+        product_name = product if isinstance(product, str) else getattr(product, "name", None)
+        try:
+            terms, problem = price_terms(price.to_dict()), None
+        except PriceTermsInvalid as error:
+            terms, problem = None, f"Rebill cannot estimate this price: {error}"
+        return PriceTermsInfo(terms, problem, product_name, getattr(price, "nickname", None))
+
     # ---- customers and subscriptions ------------------------------------------------------------------
+
+    def search_customers(self, query: str, limit: int = 20) -> list[CustomerInfo]:
+        """Find the account's customers whose name or email contains ``query``, or whose id it is.
+
+        Empty query: the newest customers. A ``cus_`` id is read directly; fewer than 3 characters is too
+        short for Stripe's substring search (``~`` needs 3), so it filters the newest page instead
+        (docs.stripe.com/search#search-query-language; the search index lags new customers by about a minute).
+        """
+        query = query.strip()
+        if query.startswith("cus_") and " " not in query:
+            try:
+                customer = self._call(lambda: self._client.v1.customers.retrieve(query))
+            except StripeRequestRejected as error:
+                if error.code == "resource_missing":
+                    return []
+                raise
+            return [] if getattr(customer, "deleted", False) else [_customer_info(customer)]
+        if len(query) < 3:
+            page = self._call(lambda: self._client.v1.customers.list({"limit": PAGE_SIZE}))
+            wanted = query.lower()
+            found = [
+                _customer_info(customer)
+                for customer in page.data
+                if wanted in (customer.name or "").lower() or wanted in (customer.email or "").lower()
+            ]
+            return found[:limit]
+        quoted = query.replace("\\", "\\\\").replace('"', '\\"')
+        search = f'name~"{quoted}" OR email~"{quoted}"'
+        result = self._call(lambda: self._client.v1.customers.search({"query": search, "limit": limit}))
+        return [_customer_info(customer) for customer in result.data]
+
+    def customer_name(self, customer_id: str) -> str | None:
+        """Return the customer's name (or email) to show instead of its id; None if it has neither."""
+        customer = self._call(lambda: self._client.v1.customers.retrieve(customer_id))
+        if getattr(customer, "deleted", False):
+            return None
+        return getattr(customer, "name", None) or getattr(customer, "email", None)
 
     def customer_exists(self, customer_id: str) -> bool:
         """Tell whether the account has this customer (a deleted customer counts as unknown)."""
@@ -605,6 +674,10 @@ def classify_price(price: Any, meter: Any | None) -> PriceInfo:
     if details["formula"] not in ("sum", "count"):
         return PriceInfo(**base, usable=False, reason=f"unknown meter formula '{details['formula']}'", **details)
     return PriceInfo(**base, usable=True, report_mode="meter", warning=warning, **details)
+
+
+def _customer_info(customer: Any) -> CustomerInfo:
+    return CustomerInfo(id=customer.id, name=getattr(customer, "name", None), email=getattr(customer, "email", None))
 
 
 def _meter_of(price: Any) -> str | None:

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from flask import Blueprint, abort, current_app, g, jsonify, request
 
 from billing.agencies import find_agency
-from billing.clients import create_client, delete_client, get_client, list_clients, update_client
+from billing.clients import STRIPE_FIELDS, create_client, delete_client, get_client, list_clients, update_client
 from billing.errors import BillingError, ClientInvalid, NotFound, StripeKeyInvalid
 from billing.models import Agency, RebillClient
+from billing.periods import ClientMoney, client_money, refresh_client_period
 from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
 from billing.stripe_events import register_stripe_events, stripe_events_status
 from billing.stripe_gateway import StripeGatewayError, StripeUnavailable
@@ -224,7 +225,8 @@ def clients():
     """List the agency's clients with their counters."""
     names = _subaccount_names()
     visible = [client for client in list_clients(g.agency) if _in_scope(client)]
-    return jsonify(clients=[_client_json(client, names) for client in visible])
+    money = client_money(g.agency, visible)
+    return jsonify(clients=[_client_json(client, names, money[client.id]) for client in visible])
 
 
 @blueprint.post("/clients")
@@ -238,13 +240,15 @@ def add_client():
     _check_scope_of_fields(body)
     client = create_client(g.agency, body, bill_unmapped_usage=bill_unmapped, known_location_ids=_installed_locations)
     db.session.commit()
-    return jsonify(_client_json(client, _subaccount_names())), 201
+    _refresh_period(client)
+    return jsonify(_client_json(client, _subaccount_names(), _money(client))), 201
 
 
 @blueprint.get("/clients/<int:client_id>")
 def client(client_id: int):
     """Show one client."""
-    return jsonify(_client_json(_visible_client(client_id), _subaccount_names()))
+    client = _visible_client(client_id)
+    return jsonify(_client_json(client, _subaccount_names(), _money(client)))
 
 
 @blueprint.patch("/clients/<int:client_id>")
@@ -256,7 +260,9 @@ def edit_client(client_id: int):
     _check_scope_of_fields(fields)
     client = update_client(g.agency, client_id, fields, known_location_ids=_installed_locations)
     db.session.commit()
-    return jsonify(_client_json(client, _subaccount_names()))
+    if any(name in fields for name in STRIPE_FIELDS):
+        _refresh_period(client)
+    return jsonify(_client_json(client, _subaccount_names(), _money(client)))
 
 
 @blueprint.delete("/clients/<int:client_id>")
@@ -386,7 +392,17 @@ def _stripe_json(agency: Agency) -> dict:
     }
 
 
-def _client_json(client: RebillClient, subaccount_names: dict[str, str | None]) -> dict:
+def _money(client: RebillClient) -> ClientMoney:
+    return client_money(g.agency, [client])[client.id]
+
+
+def _refresh_period(client: RebillClient) -> None:
+    """Read the client's new period and price from Stripe now (its own commit: the client is already saved)."""
+    refresh_client_period(g.agency, client)
+    db.session.commit()
+
+
+def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], money: ClientMoney) -> dict:
     return {
         "id": client.id,
         "nickname": client.nickname,
@@ -411,6 +427,13 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None]) 
         "units_logged": client.units_logged,
         "remainder": client.remainder,
         "created_at": client.created_at.isoformat(),
+        # This period's units and estimated charge, and whether they reach an invoice (DESIGN.md §4 additions).
+        "period": money.period_json(),
+        "billing_state": money.billing_state,
+        "billing_problem": money.billing_problem,
+        "product_name": money.product_name,
+        "price_name": money.price_name,
+        "customer_name": money.customer_name,
     }
 
 

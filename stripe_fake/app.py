@@ -43,6 +43,7 @@ LAST_LEGACY_VERSION = "2025-02-24.acacia"  # builders act as a pre-basil client 
 DEFAULT_API_VERSION = "2026-10-28.endive"  # what stripe-python 16.1.0 sends
 FAULTS = ("rate_limit", "server_error", "timeout", "accept_then_drop", "accept_then_500")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
+_SEARCH_CLAUSE = re.compile(r'(name|email|id)([:~])"((?:[^"\\]|\\.)*)"')
 _KEY_MODE = re.compile(r"^(sk|rk|pk)_(test|live)_")
 
 # (method, path, endpoint, restricted-key permission[, object kind for `retrieve`]). Permission names follow
@@ -63,6 +64,7 @@ ROUTES = [
     ("GET", "/v1/billing/meters/<id>/event_summaries", "event_summaries", "rak_billing_meter_read"),
     ("POST", "/v1/billing/meter_events", "create_meter_event", "rak_billing_meter_event_write"),
     ("GET", "/v1/customers", "list_customers", "rak_customer_read"),
+    ("GET", "/v1/customers/search", "search_customers", "rak_customer_read"),
     ("POST", "/v1/customers", "create_customer", "rak_customer_write"),
     ("GET", "/v1/customers/<id>", "retrieve", "rak_customer_read", "customer"),
     ("DELETE", "/v1/customers/<id>", "delete_customer", "rak_customer_write"),
@@ -371,14 +373,24 @@ class FakeStripeState:
         """Create a product."""
         return self._build(api_key, lambda t: self._api_create_product(t, {"name": name, **fields}))
 
-    def create_price(self, api_key: str, product: str | Mapping, unit_amount: int, metered: bool = True,
+    def create_price(self, api_key: str, product: str | Mapping, unit_amount: int | None, metered: bool = True,
                      meter: str | Mapping | None = None, transform_quantity: Mapping | None = None,
-                     currency: str = "usd", interval: str = "month") -> dict:
-        """Create a monthly price; metered without a meter makes a legacy (pre-basil) usage price."""
-        params = {"product": _id_of(product), "unit_amount": unit_amount, "currency": currency,
+                     currency: str = "usd", interval: str = "month", *, nickname: str | None = None,
+                     unit_amount_decimal: str | None = None, tiers: list[Mapping] | None = None,
+                     tiers_mode: str | None = None) -> dict:
+        """Create a monthly price; metered without a meter makes a legacy (pre-basil) usage price.
+
+        ``tiers`` (with ``tiers_mode`` graduated or volume) makes a tiered price; ``unit_amount`` is then None.
+        """
+        params = {"product": _id_of(product), "currency": currency,
                   "recurring": {"interval": interval, "usage_type": "metered" if metered else "licensed",
                                 **({"meter": _id_of(meter)} if meter else {})},
                   **({"transform_quantity": dict(transform_quantity)} if transform_quantity else {})}
+        optional = {"unit_amount": unit_amount, "nickname": nickname, "unit_amount_decimal": unit_amount_decimal,
+                    "tiers_mode": tiers_mode}
+        params.update({name: value for name, value in optional.items() if value is not None})
+        if tiers is not None:
+            params.update(billing_scheme="tiered", tiers=[dict(tier) for tier in tiers])
         return self._build(api_key, lambda t: self._api_create_price(t, params, LAST_LEGACY_VERSION))
 
     def create_customer(self, api_key: str, name: str | None = None, email: str | None = None,
@@ -583,9 +595,15 @@ class FakeStripeState:
     def _expand(self, t: _Tenant, obj: dict, params: Mapping, in_list: bool = False) -> dict:
         """Apply `expand[]` (price.product, subscription.customer); unknown paths are refused like Stripe."""
         paths = params.get("expand") or []
+        tiers = None
+        if obj["object"] == "price":  # `tiers` is not included by default (docs.stripe.com/api/prices/object)
+            tiers = obj["_tiers"]
+            obj = {k: v for k, v in obj.items() if k != "_tiers"}
         for path in [paths] if isinstance(paths, str) else paths:
             name = path[5:] if in_list and path.startswith("data.") else path
-            if (obj["object"], name) == ("price", "product"):
+            if (obj["object"], name) == ("price", "tiers"):
+                obj = {**obj, "tiers": copy.deepcopy(tiers)}
+            elif (obj["object"], name) == ("price", "product"):
                 obj = {**obj, "product": self._get(t, "product", obj["product"])}
             elif (obj["object"], name) == ("subscription", "customer"):
                 obj = {**obj, "customer": self._get(t, "customer", obj["customer"])}
@@ -628,8 +646,12 @@ class FakeStripeState:
             product_id = self._api_create_product(t, params["product_data"])["id"]
         else:
             product_id = self._get(t, "product", _str(params, "product", required=True), "product")["id"]
-        unit_amount = _int(params, "unit_amount", required="unit_amount_decimal" not in params)
+        scheme = _str(params, "billing_scheme", choices=("per_unit", "tiered")) or "per_unit"
+        tiers, tiers_mode = self._price_tiers(params) if scheme == "tiered" else (None, None)
+        unit_amount = _int(params, "unit_amount", required=scheme == "per_unit" and "unit_amount_decimal" not in params)
         recurring, transform = _obj(params, "recurring"), _obj(params, "transform_quantity")
+        if transform is not None and tiers is not None:  # https://docs.stripe.com/api/prices/create
+            raise _invalid("transform_quantity cannot be combined with tiers.", "transform_quantity")
         if recurring is not None:
             meter = _str(recurring, "meter")
             usage_type = _str(recurring, "usage_type", choices=("licensed", "metered")) or "licensed"
@@ -649,18 +671,41 @@ class FakeStripeState:
                          "round": _str(transform, "round", True, ("up", "down"))}
             if transform["divide_by"] < 1:
                 raise _invalid("transform_quantity[divide_by] must be positive.", "transform_quantity[divide_by]")
-        decimal = params.get("unit_amount_decimal") or str(unit_amount)
+        decimal = params.get("unit_amount_decimal") or (None if unit_amount is None else str(unit_amount))
         price = {"id": _new_id("price"), "object": "price", "active": _bool(params, "active") is not False,
-                 "billing_scheme": "per_unit", "created": self.now(),
+                 "billing_scheme": scheme, "created": self.now(),
                  "currency": _str(params, "currency", required=True).lower(), "custom_unit_amount": None,
                  "livemode": t.livemode, "lookup_key": params.get("lookup_key"),
                  "metadata": params.get("metadata") or {}, "nickname": params.get("nickname"),
                  "product": product_id, "recurring": recurring, "tax_behavior": "unspecified",
-                 "tiers_mode": None, "transform_quantity": transform,
+                 "tiers_mode": tiers_mode, "_tiers": tiers, "transform_quantity": transform,
                  "type": "recurring" if recurring else "one_time", "unit_amount": unit_amount,
                  "unit_amount_decimal": decimal}
         t.objects["price"][price["id"]] = price
         return self._expand(t, price, params)
+
+    @staticmethod
+    def _price_tiers(params: Mapping) -> tuple[list[dict], str]:
+        """Validate ``tiers`` and ``tiers_mode`` of a tiered price as Stripe does (the last up_to is inf)."""
+        tiers_mode = _str(params, "tiers_mode", True, ("graduated", "volume"))
+        raw = params.get("tiers")
+        if not isinstance(raw, list) or not raw or not all(isinstance(tier, dict) for tier in raw):
+            raise _invalid("Missing required param: tiers.", "tiers", "parameter_missing")
+        tiers, previous = [], 0
+        for n, tier in enumerate(raw):
+            last = n == len(raw) - 1
+            up_to = tier.get("up_to")
+            if (up_to == "inf") != last:
+                raise _invalid("Only the last tier may (and must) have up_to=inf.", f"tiers[{n}][up_to]")
+            up_to = None if last else _int(tier, "up_to", required=True)
+            if up_to is not None and up_to <= previous:
+                raise _invalid("Tiers must be in increasing order of up_to.", f"tiers[{n}][up_to]")
+            previous = up_to or previous
+            unit = tier.get("unit_amount_decimal") or tier.get("unit_amount")
+            flat = tier.get("flat_amount_decimal") or tier.get("flat_amount")
+            tiers.append({"flat_amount": _int(tier, "flat_amount"), "flat_amount_decimal": flat,
+                          "unit_amount": _int(tier, "unit_amount"), "unit_amount_decimal": unit, "up_to": up_to})
+        return tiers, tiers_mode
 
     def _api_list_prices(self, t, params, version):
         want = {"product": params.get("product"), "active": _bool(params, "active"),
@@ -814,6 +859,36 @@ class FakeStripeState:
         email = params.get("email")
         return self._list(t, "customer", params, "/v1/customers", lambda c: email in (None, c["email"]))
 
+    def _api_search_customers(self, t, params, version):
+        """Search customers in the subset of Stripe's query language Rebill sends: ``field:"v"`` (exact) or
+        ``field~"v"`` (substring, 3+ characters) on name or email, joined by OR or AND; one page
+        (https://docs.stripe.com/search#search-query-language). Stripe's index lags writes by about a minute;
+        the fake's does not."""
+        query = _str(params, "query", required=True)
+        limit = _int(params, "limit", 10)
+        if not 1 <= limit <= 100:
+            raise _invalid("Invalid limit: must be between 1 and 100", "limit")
+        joiner = " AND " if " AND " in query else " OR "
+        clauses = []
+        for clause in query.split(joiner):
+            match = _SEARCH_CLAUSE.fullmatch(clause.strip())
+            if match is None:
+                raise _invalid(f"Invalid search query: {query}", "query")
+            field, operator, value = match.group(1), match.group(2), re.sub(r"\\(.)", r"\1", match.group(3))
+            if operator == "~" and len(value) < 3:
+                raise _invalid("Substring matching (~) needs at least 3 characters.", "query")
+            clauses.append((field, operator, value.lower()))
+
+        def matches(customer, field, operator, value):
+            have = str(customer.get(field) or "").lower()
+            return value in have if operator == "~" else have == value
+
+        combine = all if joiner == " AND " else any
+        found = [c for c in reversed(t.objects["customer"].values()) if not c.get("deleted")
+                 and combine(matches(c, *clause) for clause in clauses)]
+        return {"object": "search_result", "data": found[:limit], "has_more": len(found) > limit,
+                "next_page": None, "url": "/v1/customers/search"}
+
     # ---- subscriptions and legacy usage records -----------------------------------------------------
     def _api_create_subscription(self, t: _Tenant, params: Mapping, version: str, status: str = "active") -> dict:
         customer = self._get(t, "customer", _str(params, "customer", required=True), "customer")
@@ -836,7 +911,7 @@ class FakeStripeState:
                 raise _invalid("You cannot set the quantity for metered plans.", f"items[{n}][quantity]")
             data.append({"id": _new_id("si"), "object": "subscription_item", "created": now,
                          "current_period_end": _add_month(start), "current_period_start": start,
-                         "metadata": {}, "price": copy.deepcopy(price),
+                         "metadata": {}, "price": self._expand(t, copy.deepcopy(price), {}),
                          "quantity": None if metered else _int(item, "quantity", 1), "subscription": sub_id})
         sub = {"id": sub_id, "object": "subscription", "cancel_at_period_end": False, "created": now,
                "customer": customer["id"], "livemode": t.livemode,

@@ -396,3 +396,36 @@ def test_wsgi_app_works_without_a_server():
     assert [c["name"] for c in listed["data"]] == ["n"]
     missing = client.get("/v1/nope", headers={"Authorization": "Bearer sk_test_inprocess"})
     assert missing.status_code == 404 and missing.json["error"]["type"] == "invalid_request_error"
+
+
+# ---- tiered prices and customer search -----------------------------------------------------------------
+def test_tiered_price_shows_its_tiers_only_when_expanded(sc, setup):
+    params = {"currency": "usd", "product": setup.product["id"], "billing_scheme": "tiered",
+              "tiers_mode": "volume", "recurring": {"interval": "month", "usage_type": "metered",
+                                                    "meter": setup.meter["id"]},
+              "tiers": [{"up_to": 100, "unit_amount": 5, "flat_amount": 200},
+                        {"up_to": "inf", "unit_amount_decimal": "2.5"}]}
+    made = sc.v1.prices.create(params)
+    assert (made.billing_scheme, made.tiers_mode, made.unit_amount) == ("tiered", "volume", None)
+    assert "tiers" not in made
+    tiers = sc.v1.prices.retrieve(made.id, {"expand": ["tiers"]}).tiers
+    assert [(t.up_to, t.unit_amount, t.flat_amount) for t in tiers] == [(100, 5, 200), (None, None, None)]
+    assert str(tiers[1].unit_amount_decimal) == "2.5"
+    with pytest.raises(stripe.InvalidRequestError, match="last tier"):
+        sc.v1.prices.create({**params, "tiers": [{"up_to": 100, "unit_amount": 5}]})
+    with pytest.raises(stripe.InvalidRequestError, match="transform_quantity cannot be combined"):
+        sc.v1.prices.create({**params, "transform_quantity": {"divide_by": 10, "round": "up"}})
+
+
+def test_customer_search_matches_name_or_email_substrings(sc, fake, sk, setup):
+    fake.state.create_customer(sk, name="Bright Smiles Dental", email="billing@bright.example")
+    fake.state.create_customer(sk, name="Sunny Side", email="ops@sunny.example")
+    found = sc.v1.customers.search({"query": 'name~"smiles" OR email~"smiles"'})
+    assert found.object == "search_result" and [c.name for c in found.data] == ["Bright Smiles Dental"]
+    by_email = sc.v1.customers.search({"query": 'name~"sunny.ex" OR email~"sunny.ex"'})
+    assert [c.name for c in by_email.data] == ["Sunny Side"]
+    assert sc.v1.customers.search({"query": 'email:"ops@sunny.example"'}).data[0].name == "Sunny Side"
+    with pytest.raises(stripe.InvalidRequestError, match="at least 3"):
+        sc.v1.customers.search({"query": 'name~"su"'})
+    with pytest.raises(stripe.InvalidRequestError, match="Invalid search query"):
+        sc.v1.customers.search({"query": "sunny"})

@@ -1,0 +1,361 @@
+"""A client's money this period: its Stripe billing period (cached), units in it, estimated charge, billing state.
+
+The period is the current period of the customer's subscription item on the client's price, as Stripe bills
+it; without such a subscription, the UTC calendar month (as ``rebill reconcile`` reads it) and a problem
+saying Stripe bills these units on no invoice. Period, price terms and names come from ``ClientPeriod``, a
+cache refreshed by the scheduler (``refresh_stale_periods``) and when a client's Stripe fields change
+(``refresh_client_period``), so reading a list never waits on Stripe.
+
+``period.units`` are the units Rebill billed in the period (sent to Stripe or waiting to be), by each report's
+usage timestamp, which is the time Stripe bills them at.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, or_, select
+
+from billing.estimates import Estimate, PriceTerms, add_amounts, estimate
+from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
+from billing.stripe_gateway import (
+    StripeGateway,
+    StripeKeyRejected,
+    StripeRequestRejected,
+    StripeUnavailable,
+    gateway_for,
+)
+from core.database import db, utcnow
+
+log = logging.getLogger("billing.periods")
+
+# Stripe changes a period only at renewal (refreshed right after ``period_end``), a price only by archiving
+# it, and names rarely: an hourly re-read keeps names fresh without costing agencies' rate limits.
+REFRESH_EVERY = dt.timedelta(hours=1)
+REFRESH_BATCH = 200
+REFRESH_BUDGET_SECONDS = 20.0
+# A report retried this often without reaching Stripe shows the client as failing, not just "slow".
+FAILING_AFTER_ATTEMPTS = 3
+BILLING_STATES = ("ok", "failing", "paused", "stripe_disconnected")
+
+
+@dataclass(frozen=True)
+class ClientMoney:
+    """A client's period, units and estimated charge in it, and whether its billing works."""
+
+    period_start: dt.datetime
+    period_end: dt.datetime
+    units: int
+    estimate: Estimate | None  # None until the price has been read (or when Rebill cannot price it)
+    billing_state: str
+    billing_problem: str | None
+    product_name: str | None
+    price_name: str | None
+    customer_name: str | None
+
+    def period_json(self) -> dict:
+        """The contract's ``period`` object (DESIGN.md §4 additions)."""
+        return {
+            "start": self.period_start.isoformat(),
+            "end": self.period_end.isoformat(),
+            "units": self.units,
+            "estimate": None
+            if self.estimate is None
+            else {"amount": self.estimate.amount, "currency": self.estimate.currency},
+        }
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+
+def client_money(
+    agency: Agency, clients: Sequence[RebillClient], now: dt.datetime | None = None
+) -> dict[int, ClientMoney]:
+    """Return each client's period figures and billing state, from the cache and the outbox (no Stripe call)."""
+    now = now or utcnow()
+    ids = [client.id for client in clients]
+    if not ids:
+        return {}
+    cached = {
+        row.client_id: row for row in db.session.scalars(select(ClientPeriod).where(ClientPeriod.client_id.in_(ids)))
+    }
+    periods = {client.id: _period_of(cached.get(client.id), client, now) for client in clients}
+    units = _units_in_periods(periods)
+    troubles = _report_troubles(ids)
+    money = {}
+    for client in clients:
+        row = cached.get(client.id)
+        if row is not None and (row.customer_id, row.price_id) != (client.stripe_customer_id, client.stripe_price_id):
+            row = None  # read for the client's previous customer or price: names and terms no longer apply
+        terms = PriceTerms.from_json(row.price_terms) if row is not None and row.price_terms else None
+        start, end = periods[client.id]
+        state, problem = billing_state(agency, client, row, troubles.get(client.id))
+        money[client.id] = ClientMoney(
+            period_start=start,
+            period_end=end,
+            units=units.get(client.id, 0),
+            estimate=estimate(terms, units.get(client.id, 0)) if terms is not None else None,
+            billing_state=state,
+            billing_problem=problem,
+            product_name=row.product_name if row else None,
+            price_name=row.price_name if row else None,
+            customer_name=row.customer_name if row else None,
+        )
+    return money
+
+
+def money_summary(agency: Agency, clients: Sequence[RebillClient], now: dt.datetime | None = None) -> dict:
+    """Total the clients' estimated charges and units this period per currency; count clients and failing ones."""
+    money = client_money(agency, clients, now)
+    amounts: dict[str, list[str]] = defaultdict(list)
+    units: dict[str, int] = defaultdict(int)
+    for client in clients:
+        figures = money[client.id]
+        if figures.estimate is not None:
+            amounts[figures.estimate.currency].append(figures.estimate.amount)
+            units[figures.estimate.currency] += figures.units
+    failing = [client for client in clients if money[client.id].billing_state == "failing"]
+    return {
+        "totals": [
+            {"currency": currency, "amount": add_amounts(amounts[currency], currency), "units": units[currency]}
+            for currency in sorted(amounts)
+        ],
+        "clients": len(clients),
+        "clients_failing": len(failing),
+        "problems": [
+            {"client_id": client.id, "nickname": client.nickname, "problem": money[client.id].billing_problem}
+            for client in failing
+        ],
+        "stripe_disconnected": _stripe_stopped(agency) is not None,
+        "billing_problem": _stripe_stopped(agency),
+    }
+
+
+def billing_state(
+    agency: Agency, client: RebillClient, cached: ClientPeriod | None, trouble: str | None
+) -> tuple[str, str | None]:
+    """Say whether the client's units reach an invoice: ok, failing, paused or stripe_disconnected, and why."""
+    stopped = _stripe_stopped(agency)
+    if stopped:
+        return "stripe_disconnected", stopped
+    if client.status == "paused":
+        return "paused", "paused: usage is recorded but not billed until the client is resumed"
+    if trouble:
+        return "failing", trouble
+    if cached is not None and cached.problem:
+        return "failing", cached.problem
+    return "ok", None
+
+
+def plain_report_error(error: str | None, units: int) -> str:
+    """Turn what Stripe answered for a unit report into what the agency should fix."""
+    error = error or "Stripe refused them"
+    lowered = error.lower()
+    if "no such customer" in lowered:
+        customer = error.split("'")[1] if error.count("'") >= 2 else "this customer"
+        return f"Stripe has no customer {customer}: pick the right customer for this client ({units} units waiting)"
+    if "no such price" in lowered or "no active meter" in lowered:
+        return f"the client's Stripe price or meter is gone: pick another price ({units} units waiting)"
+    if "could not be reached" in lowered or "rate limit" in lowered or "answered 5" in lowered:
+        return f"Stripe cannot be reached; Rebill keeps retrying ({units} units waiting)"
+    return f"Stripe refused {units} units: {error}"
+
+
+def _stripe_stopped(agency: Agency) -> str | None:
+    if not agency.stripe_key_ciphertext or agency.stripe_key_status == "missing":
+        return "Stripe is not connected: billing has stopped. Connect the agency's Stripe key on the Stripe tab."
+    if agency.stripe_key_status != "ok":
+        reason = agency.stripe_key_problem or "Stripe refused the agency's key"
+        return f"billing has stopped: {reason}. Replace the Stripe key on the Stripe tab."
+    return None
+
+
+def _period_of(row: ClientPeriod | None, client: RebillClient, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    fresh = row is not None and (row.customer_id, row.price_id) == (client.stripe_customer_id, client.stripe_price_id)
+    if fresh and row.period_start and row.period_end and row.period_start <= now < row.period_end:
+        return row.period_start, row.period_end
+    return calendar_month(now)
+
+
+def calendar_month(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """Return the UTC calendar month holding ``now``: the period when Stripe names none."""
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + dt.timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+def _units_in_periods(periods: dict[int, tuple[dt.datetime, dt.datetime]]) -> dict[int, int]:
+    """Sum each client's reported and waiting units stamped in its period: one query per distinct period."""
+    by_period: dict[tuple[dt.datetime, dt.datetime], list[int]] = defaultdict(list)
+    for client_id, period in periods.items():
+        by_period[period].append(client_id)
+    units: dict[int, int] = {}
+    for (start, end), client_ids in by_period.items():
+        rows = db.session.execute(
+            select(UnitReport.client_id, func.sum(UnitReport.units))
+            .where(
+                UnitReport.client_id.in_(client_ids),
+                UnitReport.usage_timestamp >= start,
+                UnitReport.usage_timestamp < end,
+            )
+            .group_by(UnitReport.client_id)
+        ).all()
+        units.update({client_id: int(total) for client_id, total in rows})
+    return units
+
+
+def _report_troubles(client_ids: Iterable[int]) -> dict[int, str]:
+    """Describe, per client, the units Stripe refused or that keep failing to reach it (newest reason)."""
+    rows = db.session.execute(
+        select(UnitReport.client_id, UnitReport.last_error, func.sum(UnitReport.units), func.max(UnitReport.id))
+        .where(
+            UnitReport.client_id.in_(list(client_ids)),
+            or_(
+                UnitReport.status == "failed",
+                and_(
+                    UnitReport.status == "pending",
+                    UnitReport.attempts >= FAILING_AFTER_ATTEMPTS,
+                    UnitReport.last_error.is_not(None),
+                ),
+            ),
+        )
+        .group_by(UnitReport.client_id, UnitReport.last_error)
+    ).all()
+    newest: dict[int, tuple[int, str | None]] = {}
+    waiting: dict[int, int] = defaultdict(int)
+    for client_id, error, units, report_id in rows:
+        waiting[client_id] += int(units)
+        if client_id not in newest or report_id > newest[client_id][0]:
+            newest[client_id] = (report_id, error)
+    return {client_id: plain_report_error(error, waiting[client_id]) for client_id, (_, error) in newest.items()}
+
+
+# ---- refreshing the cache ----------------------------------------------------------------------------
+
+
+def refresh_client_period(
+    agency: Agency, client: RebillClient, gateway: StripeGateway | None = None
+) -> ClientPeriod | None:
+    """Re-read a client's period, price terms and names from Stripe into the cache; flushes, never commits.
+
+    Stripe being unreachable or refusing the agency's key leaves the cache as it was (None is returned then);
+    a customer or price Stripe does not know is recorded as the client's problem.
+    """
+    try:
+        gateway = gateway or gateway_for(agency)
+        return _store_period(client, *_read_period(gateway, client))
+    except (StripeUnavailable, StripeKeyRejected) as error:
+        log.info("period not refreshed", extra={"fields": {"client_id": client.id, "reason": error.reason}})
+        return None
+
+
+def refresh_stale_periods(now: dt.datetime | None = None, limit: int = REFRESH_BATCH) -> int:
+    """Refresh the cached periods that are missing, stale or past their end; commits per agency; returns how many.
+
+    The scheduler's job. Agencies whose key is missing or refused are skipped (nothing can be read); one
+    agency's slow or failing Stripe costs only its own clients this run, within a time budget for all.
+    """
+    now = now or utcnow()
+    deadline = time.monotonic() + REFRESH_BUDGET_SECONDS
+    stale = or_(
+        ClientPeriod.client_id.is_(None),
+        ClientPeriod.customer_id != RebillClient.stripe_customer_id,
+        ClientPeriod.price_id != RebillClient.stripe_price_id,
+        ClientPeriod.refreshed_at < now - REFRESH_EVERY,
+        ClientPeriod.period_end <= now,
+    )
+    rows = db.session.execute(
+        select(RebillClient.id, RebillClient.agency_id)
+        .join(Agency, Agency.id == RebillClient.agency_id)
+        .outerjoin(ClientPeriod, ClientPeriod.client_id == RebillClient.id)
+        .where(RebillClient.deleted_at.is_(None), Agency.stripe_key_status == "ok", stale)
+        .order_by(ClientPeriod.refreshed_at.is_not(None), ClientPeriod.refreshed_at, RebillClient.id)
+        .limit(limit)
+    ).all()
+    by_agency: dict[int, list[int]] = defaultdict(list)
+    for client_id, agency_id in rows:
+        by_agency[agency_id].append(client_id)
+    refreshed = 0
+    for agency_id, client_ids in by_agency.items():
+        if time.monotonic() > deadline:
+            break
+        refreshed += _refresh_agency(agency_id, client_ids, deadline)
+    return refreshed
+
+
+def _refresh_agency(agency_id: int, client_ids: list[int], deadline: float) -> int:
+    refreshed = 0
+    try:
+        agency = db.session.get(Agency, agency_id)
+        gateway = gateway_for(agency)
+        for client_id in client_ids:
+            if time.monotonic() > deadline:
+                break
+            client = db.session.get(RebillClient, client_id)
+            if client is None or client.deleted_at is not None:
+                continue
+            _store_period(client, *_read_period(gateway, client))
+            refreshed += 1
+        db.session.commit()
+    except (StripeUnavailable, StripeKeyRejected) as error:
+        db.session.commit()  # keep the clients refreshed before Stripe stopped answering
+        log.info("periods not refreshed", extra={"fields": {"agency_id": agency_id, "reason": error.reason}})
+    except Exception:
+        db.session.rollback()
+        log.exception("period refresh failed", extra={"fields": {"agency_id": agency_id}})
+    return refreshed
+
+
+def _read_period(gateway: StripeGateway, client: RebillClient) -> tuple[dict, str | None]:
+    """Ask Stripe for the client's period, price terms and names; return the cache values and a problem."""
+    values: dict = {"period_start": None, "period_end": None, "price_terms": None}
+    problems = []
+    try:
+        name = gateway.customer_name(client.stripe_customer_id)
+        values["customer_name"] = name
+    except StripeRequestRejected as error:
+        if error.code != "resource_missing":
+            raise
+        problems.append(f"Stripe has no customer {client.stripe_customer_id}: pick the right customer")
+    try:
+        info = gateway.read_price_terms(client.stripe_price_id)
+        values.update(product_name=info.product_name, price_name=info.price_name)
+        values["price_terms"] = info.terms.to_json() if info.terms else None
+        if info.problem:
+            problems.append(info.problem)
+    except StripeRequestRejected as error:
+        problems.append(f"Stripe cannot read the client's price {client.stripe_price_id}: {error.reason}")
+    if not problems:
+        period = gateway.subscription_period(client.stripe_customer_id, client.stripe_price_id)
+        if period is None:
+            problems.append(
+                "the customer has no active subscription with this price, so Stripe bills these units on no "
+                "invoice: subscribe the customer to the price in Stripe"
+            )
+        else:
+            values["period_start"], values["period_end"] = period
+    return values, "; ".join(problems) or None
+
+
+def _store_period(client: RebillClient, values: dict, problem: str | None) -> ClientPeriod:
+    row = db.session.get(ClientPeriod, client.id)
+    if row is None:
+        row = ClientPeriod(client_id=client.id)
+        db.session.add(row)
+    row.customer_id = client.stripe_customer_id
+    row.price_id = client.stripe_price_id
+    for name, value in values.items():
+        setattr(row, name, _clip(value) if name.endswith("_name") else value)
+    row.problem = problem
+    row.refreshed_at = utcnow()
+    db.session.flush()
+    return row
+
+
+def _clip(name: str | None) -> str | None:
+    return name[:255] if name else name

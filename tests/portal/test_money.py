@@ -1,0 +1,307 @@
+"""The money view: each client's period, units and estimated charge, billing state, and the agency summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+from sqlalchemy import select
+
+from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
+from billing.periods import refresh_stale_periods
+from core.database import db, utcnow
+from tests.portal.conftest import install_tenant, sign_in
+from tests.portal.test_api import add_client, connect
+
+_identifiers = itertools.count(1)
+
+
+def add_report(
+    app,
+    client_id: int,
+    units: int,
+    *,
+    at: dt.datetime | None = None,
+    status: str = "sent",
+    error: str | None = None,
+    attempts: int = 1,
+) -> None:
+    """Put a unit report in the outbox as reporting would have left it."""
+    with app.app_context():
+        client = db.session.get(RebillClient, client_id)
+        db.session.add(
+            UnitReport(
+                agency_id=client.agency_id,
+                client_id=client_id,
+                identifier=f"rebill_test_{client_id}_{next(_identifiers)}",
+                units=units,
+                usage_timestamp=at or utcnow(),
+                status=status,
+                last_error=error,
+                attempts=attempts,
+            )
+        )
+        db.session.commit()
+
+
+def subscription_period(fake_stripe, tenant, customer_id) -> tuple[int, int]:
+    """Read the customer's subscription item period straight from the fake."""
+    client = fake_stripe.client(tenant.stripe_key)
+    subscription = client.v1.subscriptions.list({"customer": customer_id}).data[0]
+    item = subscription["items"].data[0]
+    return item.current_period_start, item.current_period_end
+
+
+@pytest.fixture
+def admin(portal_client, tenant_a):
+    headers = sign_in(portal_client, "company-a")
+    connect(portal_client, headers, tenant_a)
+    return headers
+
+
+def test_a_client_carries_its_stripe_period_units_and_estimated_charge(
+    portal_app, portal_client, admin, tenant_a, fake_stripe
+):
+    created = add_client(portal_client, admin, tenant_a)
+    start, end = subscription_period(fake_stripe, tenant_a, tenant_a.customer_id)
+    add_report(portal_app, created["id"], 30)
+    add_report(portal_app, created["id"], 7, status="pending")  # waiting to be sent: billed this period too
+    add_report(portal_app, created["id"], 500, at=dt.datetime.fromtimestamp(start, dt.UTC) - dt.timedelta(seconds=1))
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+
+    assert shown["period"] == {
+        "start": dt.datetime.fromtimestamp(start, dt.UTC).isoformat(),
+        "end": dt.datetime.fromtimestamp(end, dt.UTC).isoformat(),
+        "units": 37,
+        "estimate": {"amount": "3.70", "currency": "usd"},  # $0.10 a unit
+    }
+    assert (shown["billing_state"], shown["billing_problem"]) == ("ok", None)
+    assert shown["product_name"] == "AI usage"
+    assert shown["customer_name"] == "Acme Chat Co"
+    listed = portal_client.get("/api/portal/clients", headers=admin).get_json()["clients"]
+    assert listed[0]["period"] == shown["period"]
+
+
+def test_summary_totals_this_periods_charges_per_currency(portal_app, portal_client, admin, tenant_a, fake_stripe):
+    first = add_client(portal_client, admin, tenant_a)
+    customers = fake_stripe.client(tenant_a.stripe_key).v1.customers.list().data
+    other_customer = next(c.id for c in customers if c.id != tenant_a.customer_id)
+    second = add_client(
+        portal_client, admin, tenant_a, nickname="Other", channel_id="chan-2", stripe_customer_id=other_customer
+    )
+    add_report(portal_app, first["id"], 12)
+    add_report(portal_app, second["id"], 3)
+
+    summary = portal_client.get("/api/portal/summary", headers=admin).get_json()
+
+    assert summary["totals"] == [{"currency": "usd", "amount": "1.50", "units": 15}]
+    assert (summary["clients"], summary["clients_failing"]) == (2, 0)
+    assert summary["stripe_disconnected"] is False
+
+
+def test_summary_and_periods_are_the_agencys_own(portal_app, portal_client, admin, tenant_a, tenant_b):
+    created = add_client(portal_client, admin, tenant_a)
+    add_report(portal_app, created["id"], 50)
+    headers_b = sign_in(portal_client, "company-b")
+
+    summary_b = portal_client.get("/api/portal/summary", headers=headers_b).get_json()
+
+    assert summary_b == {
+        "totals": [],
+        "clients": 0,
+        "clients_failing": 0,
+        "problems": [],
+        "stripe_disconnected": True,
+        "billing_problem": summary_b["billing_problem"],
+    }
+    assert portal_client.get(f"/api/portal/clients/{created['id']}", headers=headers_b).status_code == 404
+
+
+def test_a_subaccount_user_sums_only_their_subaccount(portal_app, portal_client, admin, tenant_a):
+    add_report(portal_app, add_client(portal_client, admin, tenant_a)["id"], 50)
+    ghl = add_client(
+        portal_client,
+        admin,
+        tenant_a,
+        nickname="Sub",
+        provider="ghl",
+        channel_id=None,
+        location_id=tenant_a.location_id,
+        charge_by="messages",
+        billing_unit=5,
+    )
+    add_report(portal_app, ghl["id"], 4)
+    headers = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
+
+    summary = portal_client.get("/api/portal/summary", headers=headers).get_json()
+
+    assert summary["totals"] == [{"currency": "usd", "amount": "0.40", "units": 4}]
+    assert summary["clients"] == 1
+
+
+def test_refused_units_mark_the_client_failing_in_plain_words(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    add_report(portal_app, created["id"], 4, status="failed", error="No such customer: 'cus_gone123'")
+    add_report(portal_app, created["id"], 2, status="failed", error="No such customer: 'cus_gone123'")
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    summary = portal_client.get("/api/portal/summary", headers=admin).get_json()
+
+    assert shown["billing_state"] == "failing"
+    assert shown["billing_problem"].startswith("Stripe has no customer cus_gone123: pick the right customer")
+    assert "6 units" in shown["billing_problem"]
+    assert summary["clients_failing"] == 1
+    assert summary["problems"] == [
+        {"client_id": created["id"], "nickname": "Acme", "problem": shown["billing_problem"]}
+    ]
+
+
+def test_units_that_keep_failing_to_reach_stripe_mark_the_client_failing(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    add_report(portal_app, created["id"], 3, status="pending", attempts=2, error="Stripe could not be reached: x")
+    assert portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()["billing_state"] == "ok"
+
+    add_report(portal_app, created["id"], 3, status="pending", attempts=3, error="Stripe could not be reached: x")
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    assert shown["billing_state"] == "failing"
+    assert "keeps retrying" in shown["billing_problem"]
+
+
+def test_paused_and_disconnected_clients_say_so(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    portal_client.patch(f"/api/portal/clients/{created['id']}", json={"status": "paused"}, headers=admin)
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    assert shown["billing_state"] == "paused" and "not billed" in shown["billing_problem"]
+
+    portal_client.delete("/api/portal/stripe-key", headers=admin)
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    summary = portal_client.get("/api/portal/summary", headers=admin).get_json()
+    assert shown["billing_state"] == "stripe_disconnected"
+    assert "billing has stopped" in shown["billing_problem"]
+    assert summary["stripe_disconnected"] is True and "billing has stopped" in summary["billing_problem"]
+
+
+def test_a_refused_key_stops_billing_visibly(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    with portal_app.app_context():
+        agency = db.session.get(Agency, tenant_a.agency_id)
+        agency.stripe_key_status, agency.stripe_key_problem = "needs_attention", "Stripe rejected the API key (401)"
+        db.session.commit()
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+
+    assert shown["billing_state"] == "stripe_disconnected"
+    assert "Stripe rejected the API key (401)" in shown["billing_problem"]
+
+
+def test_a_customer_without_a_subscription_is_failing_on_the_calendar_month(
+    portal_app, portal_client, admin, tenant_a, fake_stripe
+):
+    lonely = fake_stripe.state.create_customer(tenant_a.stripe_key, name="No Plan Ltd")
+    created = add_client(portal_client, admin, tenant_a, stripe_customer_id=lonely["id"])
+    add_report(portal_app, created["id"], 5)
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+
+    now = utcnow()
+    assert shown["period"]["start"] == now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).isoformat()
+    assert shown["period"]["units"] == 5
+    assert shown["period"]["estimate"] == {"amount": "0.50", "currency": "usd"}
+    assert shown["billing_state"] == "failing"
+    assert "no active subscription" in shown["billing_problem"]
+
+
+def test_a_tiered_price_is_estimated_as_stripe_would(portal_app, portal_client, admin, tenant_a, fake_stripe):
+    state = fake_stripe.state
+    meter = state.create_meter(tenant_a.stripe_key, "tiered_units")
+    price = state.create_price(
+        tenant_a.stripe_key,
+        tenant_a.product_id,
+        None,
+        meter=meter,
+        nickname="Graduated",
+        tiers_mode="graduated",
+        tiers=[{"up_to": 10, "unit_amount": 100, "flat_amount": 500}, {"up_to": "inf", "unit_amount_decimal": "50.5"}],
+    )
+    customer = state.create_customer(tenant_a.stripe_key, name="Tiered Inc")
+    state.create_subscription(tenant_a.stripe_key, customer, price)
+    created = add_client(portal_client, admin, tenant_a, stripe_customer_id=customer["id"], stripe_price_id=price["id"])
+    add_report(portal_app, created["id"], 13)
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+
+    # $5 flat + 10 x $1 + 3 x $0.505 = $16.515 -> $16.52 (rounded once, half up)
+    assert shown["period"]["estimate"] == {"amount": "16.52", "currency": "usd"}
+    assert shown["price_name"] == "Graduated"
+
+
+def test_changing_the_customer_rereads_the_period(portal_app, portal_client, admin, tenant_a, fake_stripe):
+    created = add_client(portal_client, admin, tenant_a)
+    lonely = fake_stripe.state.create_customer(tenant_a.stripe_key, name="No Plan Ltd")
+
+    edited = portal_client.patch(
+        f"/api/portal/clients/{created['id']}", json={"stripe_customer_id": lonely["id"]}, headers=admin
+    ).get_json()
+
+    assert edited["customer_name"] == "No Plan Ltd"
+    assert edited["billing_state"] == "failing"
+
+
+def test_the_scheduled_refresh_fills_missing_and_stale_periods(portal_app, portal_client, admin, tenant_a, tenant_b):
+    created = add_client(portal_client, admin, tenant_a)
+    with portal_app.app_context():
+        db.session.delete(db.session.get(ClientPeriod, created["id"]))
+        db.session.commit()
+        shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+        assert shown["period"]["estimate"] is None  # not read yet: no guess
+        assert shown["customer_name"] is None
+
+        assert refresh_stale_periods() == 1
+        assert refresh_stale_periods() == 0  # fresh now
+        assert refresh_stale_periods(now=utcnow() + dt.timedelta(hours=2)) == 1  # an hour old: read again
+        row = db.session.scalars(select(ClientPeriod)).one()
+        assert row.customer_name == "Acme Chat Co" and row.period_end > utcnow()
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    assert shown["period"]["estimate"] == {"amount": "0.00", "currency": "usd"}
+
+
+def test_one_agencys_unreachable_stripe_does_not_stop_anothers_refresh(
+    portal_app, portal_client, admin, tenant_a, tenant_b, fake_stripe
+):
+    headers_b = sign_in(portal_client, "company-b")
+    connect(portal_client, headers_b, tenant_b)
+    add_client(portal_client, admin, tenant_a)
+    add_client(portal_client, headers_b, tenant_b)
+    with portal_app.app_context():
+        for row in db.session.scalars(select(ClientPeriod)):
+            db.session.delete(row)
+        db.session.commit()
+        fake_stripe.state.inject("/v1/customers", "server_error", times=50, api_key=tenant_a.stripe_key)
+
+        assert refresh_stale_periods() == 1
+
+        assert [row.client_id for row in db.session.scalars(select(ClientPeriod))] == [
+            db.session.scalars(select(RebillClient.id).where(RebillClient.agency_id == tenant_b.agency_id)).one()
+        ]
+
+
+def test_an_agency_without_a_key_is_skipped_by_the_refresh(portal_app, portal_client, fake_stripe):
+    install_tenant(portal_app, fake_stripe, "company-c")
+    with portal_app.app_context():
+        assert refresh_stale_periods() == 0
+
+
+def test_refresh_periods_command(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    with portal_app.app_context():
+        db.session.delete(db.session.get(ClientPeriod, created["id"]))
+        db.session.commit()
+
+    result = portal_app.test_cli_runner().invoke(args=["rebill", "refresh-periods"])
+
+    assert result.exit_code == 0 and result.output.strip() == "refreshed=1"
