@@ -59,7 +59,7 @@ class ClientMoney:
     customer_name: str | None
 
     def period_json(self) -> dict:
-        """The contract's ``period`` object (DESIGN.md §4 additions)."""
+        """The contract's ``period`` object (docs/contract.md §5)."""
         return {
             "start": self.period_start.isoformat(),
             "end": self.period_end.isoformat(),

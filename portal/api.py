@@ -427,7 +427,7 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], 
         "units_logged": client.units_logged,
         "remainder": client.remainder,
         "created_at": client.created_at.isoformat(),
-        # This period's units and estimated charge, and whether they reach an invoice (DESIGN.md §4 additions).
+        # This period's units and estimated charge, and whether they reach an invoice (docs/contract.md §5).
         "period": money.period_json(),
         "billing_state": money.billing_state,
         "billing_problem": money.billing_problem,
