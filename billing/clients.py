@@ -426,14 +426,15 @@ def _choice(values: Mapping[str, Any], name: str, choices: tuple[str, ...], erro
     return value
 
 
+# One message for every wrong billing unit; the portal's live hint says the same words.
+BILLING_UNIT_RULE = f"a whole number from 1 to {BILLING_UNIT_MAX:,}"
+
+
 def _billing_unit(value: Any, errors: dict) -> int | None:
     if value is None:
-        errors["billing_unit"] = "is required"
+        errors["billing_unit"] = f"is required: {BILLING_UNIT_RULE}"
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        errors["billing_unit"] = "must be a whole number"
-        return None
-    if not 1 <= value <= BILLING_UNIT_MAX:
-        errors["billing_unit"] = f"must be between 1 and {BILLING_UNIT_MAX:,}"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= BILLING_UNIT_MAX:
+        errors["billing_unit"] = f"must be {BILLING_UNIT_RULE}"
         return None
     return value

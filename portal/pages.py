@@ -18,6 +18,7 @@ import re
 from flask import Blueprint, Flask, current_app, render_template, request
 from sqlalchemy import select
 
+from billing.clients import BILLING_UNIT_MAX, BILLING_UNIT_RULE
 from billing.models import Agency
 from core.config import ConfigError
 from core.database import db
@@ -50,7 +51,15 @@ def check_frame_ancestors_setting(state) -> None:
 def portal_page():
     """Serve the embedded portal; its script runs the SSO handshake with the GHL parent."""
     demo = demo_enabled(current_app) and request.args.get("demo") == "1"
-    response = current_app.make_response(render_template("portal/app.html", demo=demo))
+    page = render_template(
+        "portal/app.html",
+        demo=demo,
+        # The open page re-reads its numbers after each scheduler tick.
+        refresh_seconds=min(max(current_app.config["REBILL_TICK_SECONDS"], 5), 60),
+        billing_unit_max=BILLING_UNIT_MAX,
+        billing_unit_rule=BILLING_UNIT_RULE,
+    )
+    response = current_app.make_response(page)
     response.headers["Content-Security-Policy"] = content_security_policy(frame_ancestors())
     response.headers.pop("X-Frame-Options", None)
     response.headers["Cache-Control"] = "no-store"

@@ -868,22 +868,27 @@ class FakeStripeState:
         limit = _int(params, "limit", 10)
         if not 1 <= limit <= 100:
             raise _invalid("Invalid limit: must be between 1 and 100", "limit")
-        joiner = " AND " if " AND " in query else " OR "
-        clauses = []
-        for clause in query.split(joiner):
-            match = _SEARCH_CLAUSE.fullmatch(clause.strip())
-            if match is None:
+        clauses, joiners, position = [], set(), 0
+        for match in _SEARCH_CLAUSE.finditer(query):
+            between = query[position:match.start()].strip()  # "" before the first clause, OR/AND after
+            if between != ("" if not clauses else between) or (clauses and between not in ("OR", "AND")):
                 raise _invalid(f"Invalid search query: {query}", "query")
+            if clauses:
+                joiners.add(between)
             field, operator, value = match.group(1), match.group(2), re.sub(r"\\(.)", r"\1", match.group(3))
             if operator == "~" and len(value) < 3:
                 raise _invalid("Substring matching (~) needs at least 3 characters.", "query")
             clauses.append((field, operator, value.lower()))
+            position = match.end()
+        if not clauses or query[position:].strip() or len(joiners) > 1:
+            raise _invalid(f"Invalid search query: {query}", "query")
+        joiner = joiners.pop() if joiners else "OR"
 
         def matches(customer, field, operator, value):
             have = str(customer.get(field) or "").lower()
             return value in have if operator == "~" else have == value
 
-        combine = all if joiner == " AND " else any
+        combine = all if joiner == "AND" else any
         found = [c for c in reversed(t.objects["customer"].values()) if not c.get("deleted")
                  and combine(matches(c, *clause) for clause in clauses)]
         return {"object": "search_result", "data": found[:limit], "has_more": len(found) > limit,

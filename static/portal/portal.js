@@ -18,7 +18,11 @@
     clients: [],
     stripe: null,
     editing: null, // the client being edited in the dialog, or null when adding
+    summary: null, // GET /summary: this period's totals, failing clients, whether billing has stopped
+    current: null, // [view, id] on screen, re-read after each tick
+    pollTimer: null,
   };
+  const REFRESH_SECONDS = Number(document.body.dataset.refreshSeconds) || 15;
 
   // ---- small DOM helpers ------------------------------------------------------------------------
   const $ = (selector, root = document) => root.querySelector(selector);
@@ -60,6 +64,22 @@
     } catch (error) {
       return `${amount / 100} ${currency || ""}`;
     }
+  }
+
+  // A decimal string in major units ("12.30") with its currency, shown in the user's locale.
+  function amount(estimate) {
+    if (!estimate) return "—";
+    try {
+      return new Intl.NumberFormat(undefined, { style: "currency", currency: estimate.currency.toUpperCase() })
+        .format(estimate.amount);
+    } catch (error) {
+      return `${estimate.amount} ${estimate.currency.toUpperCase()}`;
+    }
+  }
+
+  function day(iso) {
+    const date = new Date(iso);
+    return isNaN(date) ? String(iso) : date.toLocaleDateString(undefined, { timeZone: "UTC", day: "numeric", month: "short" });
   }
 
   function notify(message, kind = "error") {
@@ -187,11 +207,55 @@
       else tab.removeAttribute("aria-current");
     }
     notify("");
+    state.current = [view, id];
+    await refresh(true);
+  }
+
+  // Re-read the screen's numbers (and the banner every screen shows); quietly when it is a background poll.
+  async function refresh(firstLoad = false) {
+    const [view, id] = state.current || [];
+    if (!view) return;
+    const stamp = $("#updated");
+    if (firstLoad) stamp.textContent = "Loading…";
     try {
-      await views[view](id);
+      await Promise.all([views[view](id), refreshBanner()]);
+      stamp.textContent = `Updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
     } catch (error) {
-      notify(error.message);
+      if (firstLoad) notify(error.message);
+      stamp.textContent = `Could not update: ${error.message}`;
     }
+  }
+
+  function startPolling() {
+    clearInterval(state.pollTimer);
+    state.pollTimer = setInterval(() => {
+      // Not while a dialog is open (it would re-render what the user is editing) or the page is hidden.
+      if (document.hidden || $$("dialog[open]").length) return;
+      refresh();
+    }, REFRESH_SECONDS * 1000);
+  }
+
+  // ---- billing problems in plain sight --------------------------------------------------------------
+  async function refreshBanner() {
+    state.summary = await api("GET", "/summary");
+    const summary = state.summary;
+    const banner = $("#billing-banner");
+    if (summary.stripe_disconnected) {
+      banner.className = "banner stopped";
+      banner.replaceChildren(el("strong", { text: "Billing has stopped. " }), state.session.sees_agency_settings
+        ? summary.billing_problem
+        : "Your agency's Stripe connection needs attention; usage is still recorded.");
+    } else if (summary.clients_failing) {
+      const count = summary.clients_failing;
+      banner.className = "banner";
+      banner.replaceChildren(
+        el("strong", { text: `${count} client${count === 1 ? "" : "s"} not billing correctly:` }),
+        el("ul", {}, summary.problems.map((row) => el("li", {},
+          el("a", { href: `#client/${row.client_id}`, text: row.nickname }), ` — ${row.problem}`))),
+      );
+    }
+    banner.hidden = !(summary.stripe_disconnected || summary.clients_failing);
+    renderMoneySummary();
   }
 
   // ---- shared data ----------------------------------------------------------------------------------
@@ -243,6 +307,26 @@
 
   const PROVIDERS = { capri_api: "Capri API", ghl: "GoHighLevel" };
   const CHARGE_BY = { tokens: "Tokens", messages: "Messages" };
+  const MESSAGE_SOURCES = {
+    ghl_outbound: "GHL outbound messages",
+    ghl_inbound: "GHL inbound messages",
+    ghl_all: "All GHL messages (inbound and outbound)",
+    platform: "Messages the AI platform reports",
+  };
+  const BILLING_STATES = { ok: "OK", failing: "Failing", paused: "Paused", stripe_disconnected: "Stopped" };
+
+  // Names, not ids: what Stripe calls the product and price (cached with the client's period), else /prices.
+  function productPriceNames(client) {
+    const found = findPrice(client.stripe_price_id);
+    const product = client.product_name || (found && found.product.name) || "Unnamed product";
+    const price = client.price_name || (found && priceLabel(found.price)) || "unnamed price";
+    return { product, price };
+  }
+
+  function measure(client) {
+    return client.message_source ? MESSAGE_SOURCES[client.message_source] || client.message_source
+      : CHARGE_BY[client.charge_by] || client.charge_by;
+  }
 
   // ---- clients --------------------------------------------------------------------------------------
   async function showClients() {
@@ -255,23 +339,40 @@
     $("#clients-table").hidden = state.clients.length === 0;
   }
 
+  function renderMoneySummary() {
+    const summary = state.summary;
+    const tiles = [];
+    for (const total of (summary && summary.totals) || []) {
+      tiles.push(stat("Estimated this period", amount(total), `${fmt(total.units)} units, ${total.currency.toUpperCase()}`));
+    }
+    if (summary) {
+      tiles.push(stat("Clients", fmt(summary.clients),
+        summary.clients_failing ? `${fmt(summary.clients_failing)} not billing correctly` : "all billing normally"));
+    }
+    $("#money-summary").replaceChildren(...tiles);
+  }
+
   function clientRow(client) {
-    const found = findPrice(client.stripe_price_id);
-    const productPrice = found
-      ? `${found.product.name} · ${priceLabel(found.price)}`
-      : `${client.stripe_product_id} · ${client.stripe_price_id}`;
-    return el("tr", { dataset: { clientId: client.id } },
-      cell("Nickname", el("a", { href: `#client/${client.id}`, text: client.nickname })),
-      cell("Provider", PROVIDERS[client.provider] || client.provider),
-      cell("API channel / subaccount", sourceLabel(client)),
-      cell("Product / price", productPrice),
-      cell("Charge by", CHARGE_BY[client.charge_by] || client.charge_by),
-      cell("Billing unit", fmt(client.billing_unit)),
-      cell("Usage counted", fmt(client.counted_usage), "num"),
-      cell("Units logged", fmt(client.units_logged), "num"),
-      cell("Remainder", `${fmt(client.remainder)} / ${fmt(client.billing_unit)}`, "num"),
-      cell("Status", el("span", {}, el("span", { className: `badge ${client.status}`, text: client.status }),
-        ...(client.payment_failed ? [" ", el("span", { className: "badge failed", text: "payment failed" })] : []))),
+    const names = productPriceNames(client);
+    const period = client.period || {};
+    const state_ = client.billing_state || "ok";
+    const badge = el("span", {
+      className: `badge ${client.status === "shadow" ? "shadow" : state_}`,
+      title: client.billing_problem || "",
+      text: client.status === "shadow" ? "Dry run" : BILLING_STATES[state_] || state_,
+    });
+    return el("tr", { dataset: { clientId: client.id }, className: state_ === "failing" ? "failing" : null },
+      cell("Nickname", el("a", { href: `#client/${client.id}`, text: client.nickname, title: client.nickname }), "nickname"),
+      cell(client.provider === "ghl" ? "Subaccount" : "API channel", sourceLabel(client)),
+      cell("Product / price", `${names.product} · ${names.price}`),
+      cell("Charge by", measure(client)),
+      cell("Billing unit", fmt(client.billing_unit), "num"),
+      cell("Counted (lifetime)", fmt(client.counted_usage), "num"),
+      cell("Units (lifetime)", fmt(client.units_logged), "num"),
+      cell("Units this period", fmt(period.units), "num"),
+      cell("Estimated charge", client.status === "shadow" ? `would be ${amount(period.estimate)}` : amount(period.estimate), "num"),
+      cell("Billing", el("div", { className: "state-cell" }, badge,
+        state_ === "ok" ? null : el("div", { className: "hint", text: client.billing_problem }))),
     );
   }
 
@@ -284,33 +385,41 @@
     ]);
     $("#client-title").textContent = client.nickname;
     const status = $("#client-status");
-    status.textContent = client.status;
-    status.className = `badge ${client.status}`;
+    const billing = client.billing_state || "ok";
+    status.textContent = client.status === "shadow" ? "Dry run" : BILLING_STATES[billing] || billing;
+    status.className = `badge ${client.status === "shadow" ? "shadow" : billing}`;
+    const problem = $("#client-problem");
+    problem.hidden = billing === "ok";
+    problem.textContent = billing === "ok" ? "" : `What to fix: ${client.billing_problem}`;
     const pause = $("#client-pause");
     pause.textContent = client.status === "paused" ? "Resume" : "Pause";
     pause.onclick = () => setClientStatus(client, client.status === "paused" ? "active" : "paused");
     $("#client-edit").onclick = () => openClientDialog({ client });
     $("#client-delete").onclick = () => deleteClient(client);
 
-    const found = findPrice(client.stripe_price_id);
+    const names = productPriceNames(client);
+    const period = client.period || {};
     const facts = [
       ["Provider", PROVIDERS[client.provider] || client.provider],
       [client.provider === "ghl" ? "Subaccount" : "API channel", sourceLabel(client)],
-      ["Product", found ? found.product.name : client.stripe_product_id],
-      ["Price", found ? priceLabel(found.price) : client.stripe_price_id],
-      ["Stripe customer", client.stripe_customer_id],
-      ["Charge by", CHARGE_BY[client.charge_by] || client.charge_by],
+      ["Product", names.product],
+      ["Price", names.price],
+      ["Stripe customer", client.customer_name ? `${client.customer_name} (${client.stripe_customer_id})` : client.stripe_customer_id],
+      ["Charge by", measure(client)],
       ["Billing unit", `1 unit every ${fmt(client.billing_unit)} ${client.charge_by}`],
+      ["This billing period", period.start ? `${day(period.start)} – ${day(period.end)} (UTC)` : "—"],
     ];
-    if (client.message_source) facts.push(["Messages counted", client.message_source]);
     if (client.payment_problem) facts.push(["Payment failed", client.payment_problem]);
     if (client.subscription_problem) facts.push(["Subscription", client.subscription_problem]);
     facts.push(["When a payment fails", client.pause_on_payment_failure ? "Pause billing until paid" : "Keep billing"]);
     $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
 
     const unit = client.billing_unit;
+    const estimateNote = client.status === "shadow" ? "dry run: would have been billed" : "so far this period";
     const stats = [
-      stat("Usage counted", fmt(usage.counted_usage), client.charge_by),
+      stat("Units this period", fmt(period.units), "sent or waiting for Stripe"),
+      stat("Estimated charge", amount(period.estimate), period.estimate ? estimateNote : "price not read from Stripe yet"),
+      stat("Usage counted", fmt(usage.counted_usage), `${client.charge_by}, lifetime`),
       stat("Units logged", fmt(usage.units_logged), "in Rebill's ledger"),
       stat("Units reported", fmt(usage.units_reported), "accepted by Stripe"),
       stat("Remainder", `${fmt(usage.remainder)} / ${fmt(unit)}`, "toward the next unit"),
@@ -427,11 +536,13 @@
   // ---- "Add User" / edit dialog ----------------------------------------------------------------------
   async function openClientDialog({ client = null, prefill = null } = {}) {
     if (!state.stripe) await loadStripe();
-    const [, subaccounts] = await Promise.all([
+    const [, subaccounts, clients] = await Promise.all([
       loadProducts(),
       api("GET", "/subaccounts"),
+      api("GET", "/clients"), // for the "already used" warnings
     ]);
     state.subaccounts = subaccounts.subaccounts;
+    state.clients = clients.clients;
     state.editing = client;
     const form = $("#client-form");
     form.reset();
@@ -451,6 +562,10 @@
     for (const input of form.querySelectorAll('input[name="charge_by"]')) input.disabled = Boolean(client);
     form.elements.billing_unit.value = values.billing_unit || 1000;
     form.elements.stripe_customer_id.value = values.stripe_customer_id || "";
+    closePicker();
+    const chosen = $("#customer-chosen");
+    chosen.hidden = !(client && client.customer_name);
+    chosen.textContent = client && client.customer_name ? client.customer_name : "";
     if (values.message_source) form.elements.message_source.value = values.message_source;
     form.elements.pause_on_payment_failure.checked = Boolean(values.pause_on_payment_failure);
     fillProducts(values.stripe_product_id, values.stripe_price_id);
@@ -518,10 +633,115 @@
     const chargeBy = form.elements.charge_by.value;
     for (const block of $$("[data-when-provider]", form)) block.hidden = block.dataset.whenProvider !== provider;
     $("[data-when-messages-ghl]", form).hidden = !(provider === "ghl" && chargeBy === "messages");
-    const unit = Number(form.elements.billing_unit.value) || 0;
-    $("#unit-hint").textContent = unit > 0
+    // The same words as the API's refusal: "must be a whole number from 1 to …".
+    const unitInput = form.elements.billing_unit;
+    const unitText = unitInput.value.trim();
+    const unit = Number(unitText);
+    const valid = /^\d+$/.test(unitText) && unit >= 1 && unit <= Number(unitInput.max);
+    $("#unit-hint").textContent = valid
       ? `One unit is logged in Stripe every ${numberFormat.format(unit)} ${chargeBy}.`
-      : "A positive whole number.";
+      : `The billing unit must be ${unitInput.dataset.rule}.`;
+    $("#unit-hint").classList.toggle("warning", !valid);
+    syncWarnings();
+  }
+
+  // ---- customer picker: the agency's Stripe customers, searched as you type -------------------------
+  let pickerTimer = null;
+  let pickerSearch = 0;
+
+  function wirePicker() {
+    const input = $("#f-customer");
+    input.addEventListener("input", () => {
+      clearTimeout(pickerTimer);
+      $("#customer-chosen").hidden = true;
+      pickerTimer = setTimeout(searchCustomers, 250);
+    });
+    input.addEventListener("focus", () => { if (!input.value.trim()) searchCustomers(); });
+    input.addEventListener("keydown", onPickerKey);
+    input.addEventListener("blur", () => setTimeout(closePicker, 150));
+  }
+
+  async function searchCustomers() {
+    const search = ++pickerSearch;
+    const list = $("#customer-results");
+    list.replaceChildren(el("li", { className: "muted", text: "Searching Stripe…" }));
+    openPicker();
+    try {
+      const query = $("#f-customer").value.trim();
+      const found = (await api("GET", `/customers?q=${encodeURIComponent(query)}`)).customers;
+      if (search !== pickerSearch) return; // a newer keystroke's search answers instead
+      list.replaceChildren(...(found.length ? found.map(customerOption)
+        : [el("li", { className: "muted", text: "No customer in Stripe matches; check the spelling or the id." })]));
+    } catch (error) {
+      if (search === pickerSearch) list.replaceChildren(el("li", { className: "muted", text: error.message }));
+    }
+  }
+
+  function customerOption(customer) {
+    return el("li", {
+      role: "option",
+      "aria-selected": "false",
+      dataset: { customerId: customer.id },
+      onmousedown: (event) => { event.preventDefault(); chooseCustomer(customer); },
+    },
+    el("div", { text: customer.name || customer.email || customer.id }),
+    el("div", { className: "muted", text: [customer.email, customer.id].filter(Boolean).join(" · ") }));
+  }
+
+  function chooseCustomer(customer) {
+    $("#f-customer").value = customer.id;
+    closePicker();
+    const chosen = $("#customer-chosen");
+    chosen.textContent = [customer.name || "(no name in Stripe)", customer.email].filter(Boolean).join(" · ");
+    chosen.hidden = false;
+    syncWarnings();
+  }
+
+  function onPickerKey(event) {
+    const options = $$('#customer-results li[role="option"]');
+    if (!options.length || $("#customer-results").hidden) return;
+    const current = options.findIndex((option) => option.getAttribute("aria-selected") === "true");
+    if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+      event.preventDefault();
+      const next = (current + (event.key === "ArrowDown" ? 1 : options.length - 1)) % options.length;
+      options.forEach((option, index) => option.setAttribute("aria-selected", String(index === next)));
+      options[next].scrollIntoView({ block: "nearest" });
+    } else if (event.key === "Enter" && current >= 0) {
+      event.preventDefault();
+      options[current].dispatchEvent(new MouseEvent("mousedown"));
+    } else if (event.key === "Escape") {
+      event.preventDefault(); // keep the dialog open: Escape closes only the list
+      closePicker();
+    }
+  }
+
+  function openPicker() {
+    $("#customer-results").hidden = false;
+    $("#f-customer").setAttribute("aria-expanded", "true");
+  }
+
+  function closePicker() {
+    $("#customer-results").hidden = true;
+    $("#f-customer").setAttribute("aria-expanded", "false");
+  }
+
+  // Warnings, not errors: two clients may share a nickname or a Stripe customer, but rarely should.
+  function syncWarnings() {
+    const form = $("#client-form");
+    const others = state.clients.filter((client) => !state.editing || client.id !== state.editing.id);
+    const nickname = form.elements.nickname.value.trim().toLowerCase();
+    const sameName = nickname && others.find((client) => client.nickname.toLowerCase() === nickname);
+    const nameWarning = $("#nickname-warning");
+    nameWarning.hidden = !sameName;
+    nameWarning.textContent = sameName ? `Another client is already called “${sameName.nickname}”.` : "";
+    const customer = form.elements.stripe_customer_id.value.trim();
+    const backing = customer ? others.filter((client) => client.stripe_customer_id === customer) : [];
+    const customerWarning = $("#customer-warning");
+    customerWarning.hidden = backing.length === 0;
+    customerWarning.textContent = backing.length
+      ? `This customer already backs ${backing.map((client) => `“${client.nickname}”`).join(", ")}: `
+        + "their units add up on the same Stripe invoice."
+      : "";
   }
 
   function clientFormBody(form) {
@@ -738,6 +958,7 @@
     });
     form.addEventListener("input", syncDialog);
     $("#client-cancel").addEventListener("click", () => $("#client-dialog").close());
+    wirePicker();
     $("#stripe-form").addEventListener("submit", connectStripe);
     $("#stripe-disconnect").addEventListener("click", disconnectStripe);
     $("#api-key-form").addEventListener("submit", createApiKey);
@@ -762,6 +983,7 @@
     $("#signing-in").hidden = true;
     $("#portal").hidden = false;
     await route();
+    startPolling();
   }
 
   document.addEventListener("DOMContentLoaded", start);

@@ -22,6 +22,7 @@ from werkzeug.wrappers import Response
 
 from app import create_app
 from billing.jobs import run_tick
+from billing.models import UnitReport
 from core.database import db
 from portal.demo_agency import DEMO_METER_EVENT
 from stripe_fake import FakeStripeServer
@@ -173,7 +174,7 @@ def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(embedded):
         "can't be used"
     )
     dialog.get_by_label("Price").select_option(tenant.price_id)
-    dialog.get_by_label("Stripe customer ID").fill("cus_doesnotexist")
+    dialog.get_by_label("Stripe customer", exact=True).fill("cus_doesnotexist")
     dialog.get_by_label("Tokens").check()
     dialog.get_by_label("Billing unit").fill("1000")
     dialog.get_by_role("button", name="Save").click()
@@ -181,7 +182,7 @@ def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(embedded):
     expect(customer_error).to_contain_text("cus_doesnotexist")
     page.screenshot(path=ARTIFACTS / "portal-2-add-user-inline-error.png", full_page=True)
 
-    dialog.get_by_label("Stripe customer ID").fill(tenant.customer_id)
+    dialog.get_by_label("Stripe customer", exact=True).fill(tenant.customer_id)
     dialog.get_by_role("button", name="Save").click()
     expect(dialog).to_be_hidden()
     expect(frame.locator("#client-title")).to_have_text("Acme <b>Browser</b>")  # text, never markup
@@ -191,7 +192,7 @@ def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(embedded):
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("Acme <b>Browser</b>")
     expect(rows.first).to_contain_text("chan-browser")
-    expect(rows.first).to_contain_text("active")
+    expect(rows.first).to_contain_text("OK")
     page.screenshot(path=ARTIFACTS / "portal-3-clients.png", full_page=True)
 
     # An API key for the AI platform, shown once; then usage through the usage API and one tick.
@@ -262,3 +263,76 @@ def test_a_subaccount_user_sees_only_their_subaccount_and_none_of_the_agencys_se
         location.hash = "#stripe";
     })""")
     expect(frame.locator("#view-clients")).to_be_visible()  # an agency view falls back to the clients
+
+
+def test_the_money_view_shows_amounts_a_failing_client_and_the_customer_picker(embedded):
+    from playwright.sync_api import expect
+
+    tenant, app = embedded.tenant, embedded.app
+    admin = app.test_client()
+    headers = sign_in(admin, tenant.company_id)
+    assert admin.put("/api/portal/stripe-key", json={"api_key": tenant.stripe_key}, headers=headers).status_code == 200
+    long_name = "Northwind Regional Dental Group of Greater Springfield and Shelbyville (Annex)"
+    ok = admin.post("/api/portal/clients", json=client_fields(tenant, nickname=long_name), headers=headers)
+    broken = client_fields(tenant, nickname="Broken Co", channel_id="chan-broken")
+    failing = admin.post("/api/portal/clients", json=broken, headers=headers)
+    assert ok.status_code == failing.status_code == 201
+    with app.app_context():
+        now = dt.datetime.now(dt.UTC)
+        db.session.add_all([
+            UnitReport(agency_id=tenant.agency_id, client_id=ok.get_json()["id"], identifier="rebill_b_1", units=123,
+                       usage_timestamp=now, status="sent"),
+            UnitReport(agency_id=tenant.agency_id, client_id=failing.get_json()["id"], identifier="rebill_b_2",
+                       units=4, usage_timestamp=now, status="failed", last_error="No such customer: 'cus_gone'"),
+        ])
+        db.session.commit()
+        db.session.remove()
+
+    page = embedded.open_in_ghl(sso_payload(tenant.company_id))
+    frame = page.frame_locator("#rebill")
+    summary = frame.locator("#money-summary")
+    expect(summary).to_contain_text("$12.70")  # 127 units at $0.10
+    expect(summary).to_contain_text("127 units")
+    banner = frame.locator("#billing-banner")
+    expect(banner).to_contain_text("1 client not billing correctly")
+    expect(banner).to_contain_text("Stripe has no customer cus_gone")
+    rows = frame.locator("#clients-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("$12.30")
+    expect(rows.nth(0)).to_contain_text("AI usage")  # the product's name, not its id
+    expect(rows.nth(1)).to_have_class("failing")
+    expect(rows.nth(1)).to_contain_text("Failing")
+    expect(frame.locator("#updated")).to_contain_text("Updated")
+    page.screenshot(path=ARTIFACTS / "money-1-clients-with-amounts-and-a-failing-client.png", full_page=True)
+
+    # The client page says what to fix.
+    rows.nth(1).get_by_role("link", name="Broken Co").click()
+    expect(frame.locator("#client-problem")).to_contain_text("What to fix: Stripe has no customer cus_gone")
+    expect(frame.locator("#client-stats")).to_contain_text("$0.40")
+    page.screenshot(path=ARTIFACTS / "money-2-failing-client-page.png", full_page=True)
+
+    # The picker: search customers by name as you type, warn when one already backs a client.
+    frame.get_by_role("link", name="Clients", exact=True).click()
+    frame.get_by_role("button", name="Add User").click()
+    dialog = frame.locator("#client-dialog")
+    dialog.locator("#f-nickname").fill("broken co")
+    expect(dialog.locator("#nickname-warning")).to_contain_text("already called “Broken Co”")
+    dialog.locator("#f-customer").fill("acme")
+    option = dialog.locator("#customer-results li[role=option]")
+    expect(option).to_have_count(1)
+    expect(option.first).to_contain_text("Acme Chat Co")
+    page.screenshot(path=ARTIFACTS / "money-3-customer-picker.png", full_page=True)
+    option.first.click()
+    expect(dialog.locator("#f-customer")).to_have_value(tenant.customer_id)
+    expect(dialog.locator("#customer-chosen")).to_contain_text("billing@acme.example")
+    expect(dialog.locator("#customer-warning")).to_contain_text("already backs")
+    dialog.locator("#f-unit").fill("0")
+    expect(dialog.locator("#unit-hint")).to_contain_text("must be a whole number from 1 to 1,000,000,000,000")
+    page.screenshot(path=ARTIFACTS / "money-4-picker-warnings.png", full_page=True)
+
+    # Stripe disconnected: every screen says billing has stopped.
+    dialog.get_by_role("button", name="Cancel").click()
+    assert admin.delete("/api/portal/stripe-key", headers=headers).status_code == 200
+    frame.get_by_role("link", name="Unmapped usage", exact=True).click()
+    expect(banner).to_contain_text("Billing has stopped")
+    page.screenshot(path=ARTIFACTS / "money-5-billing-stopped.png", full_page=True)

@@ -6,12 +6,12 @@ import datetime as dt
 import itertools
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
 from billing.periods import refresh_stale_periods
 from core.database import db, utcnow
-from tests.portal.conftest import install_tenant, sign_in
+from tests.portal.conftest import client_fields, install_tenant, sign_in
 from tests.portal.test_api import add_client, connect
 
 _identifiers = itertools.count(1)
@@ -305,3 +305,57 @@ def test_refresh_periods_command(portal_app, portal_client, admin, tenant_a):
     result = portal_app.test_cli_runner().invoke(args=["rebill", "refresh-periods"])
 
     assert result.exit_code == 0 and result.output.strip() == "refreshed=1"
+
+
+# ---- the customer picker -------------------------------------------------------------------------------
+
+
+def test_customer_search_finds_the_agencys_customers_by_name_email_or_id(portal_client, admin, tenant_a, tenant_b):
+    def search(query):
+        answer = portal_client.get("/api/portal/customers", query_string={"q": query}, headers=admin)
+        assert answer.status_code == 200, answer.get_json()
+        return answer.get_json()["customers"]
+
+    everyone = search("")
+    assert len(everyone) == 3 and set(everyone[0]) == {"id", "name", "email"}
+    assert [c["name"] for c in search("smiles")] == ["Bright Smiles Dental"]
+    assert [c["name"] for c in search("billing@sunny")] == ["Sunny Side Realty"]
+    assert [c["name"] for c in search("Ac")] == ["Acme Chat Co"]  # too short for Stripe search: newest page
+    assert search(tenant_a.customer_id) == [
+        {"id": tenant_a.customer_id, "name": "Acme Chat Co", "email": "billing@acme.example"}
+    ]
+    assert search(tenant_b.customer_id) == []  # another agency's customer is not in this Stripe account
+    assert search('x" OR name~"') == []  # quotes cannot widen the query
+
+
+def test_customer_search_is_for_agency_users_with_a_connected_stripe(portal_client, tenant_a):
+    headers = sign_in(portal_client, "company-a")
+    assert portal_client.get("/api/portal/customers?q=acme", headers=headers).status_code == 422  # no key yet
+    connect(portal_client, headers, tenant_a)
+    sub_user = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
+    assert portal_client.get("/api/portal/customers?q=acme", headers=sub_user).status_code == 403
+    reader = sign_in(portal_client, "company-a", role="user")
+    assert portal_client.get("/api/portal/customers?q=acme", headers=reader).status_code == 200
+    too_long = portal_client.get("/api/portal/customers", query_string={"q": "x" * 201}, headers=headers)
+    assert too_long.status_code == 400 and too_long.get_json()["error"]
+
+
+def test_stripe_down_during_customer_search_answers_503(portal_client, admin, fake_stripe, tenant_a):
+    fake_stripe.state.inject("/v1/customers", "server_error", times=10)
+    assert portal_client.get("/api/portal/customers?q=acme", headers=admin).status_code == 503
+
+
+@pytest.mark.parametrize("billing_unit", [0, -1, 10**12 + 1, 1.5, "10", True, None])
+def test_every_bad_billing_unit_gets_the_one_message_the_page_hint_shows(
+    portal_app, portal_client, admin, tenant_a, billing_unit
+):
+    answer = portal_client.post(
+        "/api/portal/clients", json=client_fields(tenant_a, billing_unit=billing_unit), headers=admin
+    )
+
+    assert answer.status_code == 422
+    assert "a whole number from 1 to 1,000,000,000,000" in answer.get_json()["fields"]["billing_unit"]
+    page = portal_client.get("/app").get_data(as_text=True)
+    assert 'data-rule="a whole number from 1 to 1,000,000,000,000"' in page
+    with portal_app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(RebillClient)) == 0
