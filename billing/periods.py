@@ -144,9 +144,16 @@ def billing_state(
     if stopped:
         return "stripe_disconnected", stopped
     if client.status == "paused":
+        if client.paused_for_payment:
+            return "paused", f"paused until the customer pays: {client.payment_problem or 'an invoice payment failed'}"
         return "paused", "paused: usage is recorded but not billed until the client is resumed"
     if trouble:
         return "failing", trouble
+    # Told by Stripe's events (billing.stripe_events): the units reach Stripe, but nobody pays for them.
+    if client.payment_failed_at is not None:
+        return "failing", f"the customer's payment failed: {client.payment_problem or 'ask them to update their card'}"
+    if client.subscription_problem:
+        return "failing", client.subscription_problem
     if cached is not None and cached.problem:
         return "failing", cached.problem
     return "ok", None

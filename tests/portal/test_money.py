@@ -359,3 +359,21 @@ def test_every_bad_billing_unit_gets_the_one_message_the_page_hint_shows(
     assert 'data-rule="a whole number from 1 to 1,000,000,000,000"' in page
     with portal_app.app_context():
         assert db.session.scalar(select(func.count()).select_from(RebillClient)) == 0
+
+
+def test_a_failed_payment_marks_the_client_failing_or_paused(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    with portal_app.app_context():
+        client = db.session.get(RebillClient, created["id"])
+        client.payment_failed_at, client.payment_problem = utcnow(), "the invoice payment failed: card declined"
+        db.session.commit()
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    assert shown["billing_state"] == "failing" and "card declined" in shown["billing_problem"]
+
+    with portal_app.app_context():
+        client = db.session.get(RebillClient, created["id"])
+        client.status, client.paused_for_payment = "paused", True
+        db.session.commit()
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    assert shown["billing_state"] == "paused" and "until the customer pays" in shown["billing_problem"]
