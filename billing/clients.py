@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from billing.errors import ClientInvalid, NotFound
 from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
 from billing.reporting import retry_failed_reports
 from billing.stripe_gateway import (
@@ -25,6 +24,7 @@ from billing.stripe_gateway import (
 )
 from billing.units import flush_client_usage, set_billing_unit, settle_source_before_mapping, take_write_lock
 from core.database import db, utcnow
+from core.errors import ClientInvalid, NotFound
 
 CLIENT_FIELDS = (
     "nickname",

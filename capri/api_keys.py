@@ -17,10 +17,10 @@ import string
 
 from sqlalchemy import or_, select, update
 
-from billing.errors import ClientInvalid, NotFound
 from billing.models import Agency, is_row_id
 from capri.models import ApiKey
 from core.database import db, utcnow
+from core.errors import ClientInvalid, NotFound
 
 KEY_SCHEME = "rbk"
 PREFIX_LENGTH = 12
@@ -41,7 +41,6 @@ def create_api_key(agency_id: int, name: str | None = None) -> tuple[ApiKey, str
         raise NotFound("agency not found")
     name = (name or "").strip() or None
     if name is not None and len(name) > NAME_MAX_LENGTH:
-        # ClientInvalid is the billing core's "fields refused" error, which the portal answers as a 422.
         raise ClientInvalid({"name": f"at most {NAME_MAX_LENGTH} characters"})
     # 62^12 ≈ 3·10^21 prefixes: a collision (the unique constraint would refuse it) is not worth a retry loop.
     prefix = f"{KEY_SCHEME}_{_random_text(PREFIX_LENGTH)}"

@@ -6,10 +6,10 @@ import click
 from flask.cli import AppGroup
 
 from billing.agencies import find_agency
-from billing.errors import ClientInvalid, NotFound
 from billing.models import Agency
 from capri.api_keys import create_api_key, list_api_keys, revoke_api_key
 from core.database import db
+from core.errors import ClientInvalid, NotFound
 
 api_key_cli = AppGroup("api-key", help="Usage API keys of an agency.")
 

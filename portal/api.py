@@ -17,7 +17,7 @@ from flask import Blueprint, abort, current_app, g, jsonify, request
 
 from billing.agencies import find_agency
 from billing.clients import STRIPE_FIELDS, create_client, delete_client, get_client, list_clients, update_client
-from billing.errors import BillingError, ClientInvalid, NotFound, StripeKeyInvalid
+from billing.errors import BillingError, StripeKeyInvalid
 from billing.models import Agency, RebillClient
 from billing.periods import ClientMoney, client_money, refresh_client_period
 from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
@@ -26,6 +26,7 @@ from billing.stripe_gateway import StripeGatewayError, StripeUnavailable
 from billing.usage import client_usage, unmapped_usage
 from capri.api_keys import NAME_MAX_LENGTH, create_api_key, list_api_keys, revoke_api_key
 from core.database import db
+from core.errors import ClientInvalid, NotFound
 from ghl.locations import list_subaccounts
 from ghl.sso import SsoPayloadInvalid, decrypt_sso_payload, parse_sso_user
 from portal.demo import demo_enabled, demo_session

@@ -16,12 +16,12 @@ import click
 
 from billing.agencies import ensure_agency
 from billing.clients import create_client, list_clients, update_client
-from billing.errors import BillingError
 from billing.ledger import UsageRecord, record_usage
 from billing.models import Agency
 from billing.stripe_connection import connect_stripe_key
 from billing.stripe_events import register_stripe_events
 from core.database import db, utcnow
+from core.errors import RebillError
 from ghl.locations import upsert_location
 from portal.demo import DEMO_AGENCY_NAME, DEMO_COMPANY_ID
 from stripe_fake import FakeStripeServer, FakeStripeState, SignedDelivery
@@ -140,7 +140,7 @@ def run_demo(address: SplitResult, public_url: str, seconds: int, rounds: int) -
         stripe = seed_fake_stripe(server.state)
         agency = seed_demo_agency(stripe, public_url)
         db.session.commit()
-    except BillingError as error:
+    except RebillError as error:
         server.stop()
         raise click.ClickException(f"could not seed the demo agency: {error}") from None
     click.echo(f"demo: agency {DEMO_AGENCY_NAME!r} ready; open /app?demo=1. Usage every {seconds}s.")

@@ -17,13 +17,13 @@ from billing.clients import (
     pause_clients_for_location,
     update_client,
 )
-from billing.errors import ClientInvalid, NotFound
 from billing.models import RebillClient
 from billing.stripe_connection import connect_stripe_key
 from billing.stripe_gateway import StripeUnavailable
 from billing.units import aggregate_pending_usage
 from core.database import db
 from core.encryption import secret_box
+from core.errors import ClientInvalid, NotFound
 from stripe_fake import FakeStripeServer
 from tests.billing.factories import event_states, fresh, ghl_message, record, reports_of, tokens
 

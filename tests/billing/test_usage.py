@@ -6,10 +6,10 @@ import pytest
 
 from billing.agencies import ensure_agency
 from billing.clients import update_client
-from billing.errors import NotFound
 from billing.units import aggregate_pending_usage
 from billing.usage import client_usage, unmapped_usage
 from core.database import db, utcnow
+from core.errors import NotFound
 from tests.billing.factories import capri_messages, ghl_message, make_client, record, reports_of, tokens
 
 

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select, text
 
 from billing.agencies import ensure_agency
-from billing.errors import ClientInvalid, NotFound
 from capri.api_keys import authenticate, create_api_key, list_api_keys, revoke_api_key
 from capri.models import ApiKey
 from core.database import db, utcnow
+from core.errors import ClientInvalid, NotFound
 
 
 def test_a_created_key_is_stored_only_as_a_hash_with_its_visible_prefix(app_context):
