@@ -247,36 +247,48 @@ def load(url: str, accounts: list[dict], args) -> None:
                 account["product"], account["price"], customer, "tokens", BILLING_UNIT, "active", "meter",
                 account["meter"], "ai_units", "stripe_customer_id", "value", "sum", secrets.token_hex(8), now, now,
             ))  # fmt: skip
+
+    def usage_events():
+        for n in range(args.events):
+            client = clients[n % len(clients)]
+            tokens = rng.randrange(0, 2000)
+            yield (
+                client[1], "capri", f"ev-{n}", client[4], tokens // 2, tokens - tokens // 2, 1,
+                now - dt.timedelta(seconds=n % 3600), now, "pending", 0,
+            )  # fmt: skip
+
     raw = url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(raw) as conn:
-        with conn.cursor().copy(
-            "COPY agency (id, company_id, stripe_key_ciphertext, stripe_key_last4, stripe_mode, stripe_key_status, "
-            "created_at, updated_at) FROM STDIN"
-        ) as copy:
-            for row in agencies:
-                copy.write_row(row)
-        with conn.cursor().copy(
-            "COPY rebill_client (id, agency_id, nickname, provider, channel_id, source_key, stripe_product_id, "
+        copy_rows(
+            conn,
+            "agency (id, company_id, stripe_key_ciphertext, stripe_key_last4, stripe_mode, stripe_key_status, "
+            "created_at, updated_at)",
+            agencies,
+        )
+        copy_rows(
+            conn,
+            "rebill_client (id, agency_id, nickname, provider, channel_id, source_key, stripe_product_id, "
             "stripe_price_id, stripe_customer_id, charge_by, billing_unit, status, report_mode, meter_id, "
             "meter_event_name, meter_customer_key, meter_value_key, meter_formula, report_prefix, created_at, "
-            "updated_at) FROM STDIN"
-        ) as copy:
-            for row in clients:
-                copy.write_row(row)
-        with conn.cursor().copy(
-            "COPY usage_event (agency_id, source, source_event_id, channel_id, input_tokens, output_tokens, "
-            "messages, occurred_at, received_at, state, counted) FROM STDIN"
-        ) as copy:
-            for n in range(args.events):
-                client = clients[n % len(clients)]
-                tokens = rng.randrange(0, 2000)
-                copy.write_row((
-                    client[1], "capri", f"ev-{n}", client[4], tokens // 2, tokens - tokens // 2, 1,
-                    now - dt.timedelta(seconds=n % 3600), now, "pending", 0,
-                ))  # fmt: skip
+            "updated_at)",
+            clients,
+        )
+        copy_rows(
+            conn,
+            "usage_event (agency_id, source, source_event_id, channel_id, input_tokens, output_tokens, "
+            "messages, occurred_at, received_at, state, counted)",
+            usage_events(),
+        )
         for table in ("agency", "rebill_client"):
             conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
         conn.execute("ANALYZE")
+
+
+def copy_rows(conn, target: str, rows) -> None:
+    """COPY ``rows`` into ``target``, a table with its column list, streaming them."""
+    with conn.cursor().copy(f"COPY {target} FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def run(stripe_url: str, args) -> bool:

@@ -259,10 +259,9 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
     return results
 
 
-def sign_bodies(key: ed25519.Ed25519PrivateKey, workdir: Path, run: str, seconds: int) -> Path:
-    """Write one signed OutboundMessage per line: base64 signature, a tab, the compact JSON body."""
-    path = workdir / f"{run}.tsv"
-    template = {
+def outbound_message() -> dict:
+    """Return a real OutboundMessage delivery (GHL's highlevel-api-docs#260) dated now, without its ids."""
+    return {
         "type": "OutboundMessage",
         "locationId": LOCATION_ID,
         "versionId": APP_ID,
@@ -283,13 +282,22 @@ def sign_bodies(key: ed25519.Ed25519PrivateKey, workdir: Path, run: str, seconds
         # Signed just before the run: Rebill refuses deliveries dated more than 2 h ago (ghl.webhooks).
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
     }
+
+
+def signed_delivery(key: ed25519.Ed25519PrivateKey, message: dict, ids: str) -> tuple[str, bytes]:
+    """Return the base64 signature and compact JSON body of ``message`` with ``ids`` as its ids."""
+    body = json.dumps(message | {"messageId": ids, "webhookId": ids}, separators=(",", ":")).encode()
+    return base64.b64encode(key.sign(body)).decode(), body
+
+
+def sign_bodies(key: ed25519.Ed25519PrivateKey, workdir: Path, run: str, seconds: int) -> Path:
+    """Write one signed OutboundMessage per line: base64 signature, a tab, the compact JSON body."""
+    path = workdir / f"{run}.tsv"
+    message = outbound_message()
     with path.open("w") as out:
         for number in range(seconds * MAX_RATE_GUESS):
-            body = json.dumps(
-                template | {"messageId": f"{run}-{number:08d}", "webhookId": f"{run}-{number:08d}"},
-                separators=(",", ":"),
-            ).encode()
-            out.write(f"{base64.b64encode(key.sign(body)).decode()}\t{body.decode()}\n")
+            signature, body = signed_delivery(key, message, f"{run}-{number:08d}")
+            out.write(f"{signature}\t{body.decode()}\n")
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import re
 import subprocess
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from webhook_bench import APP_ID, CLIENT_ID, COMPANY_ID, LOCATION_ID  # noqa: E402
+from webhook_bench import CLIENT_ID, COMPANY_ID, LOCATION_ID, outbound_message, signed_delivery  # noqa: E402
 
 WARM_UP = 200
 
@@ -140,27 +139,8 @@ def measure(app, bodies: list[tuple[str, bytes]], args) -> int:
 def sign_bodies(count: int) -> tuple[str, list[tuple[str, bytes]]]:
     """Make a key; return its public PEM and ``count`` signed OutboundMessages, each with its own ids."""
     key = ed25519.Ed25519PrivateKey.generate()
-    bodies = []
-    for number in range(count):
-        body = json.dumps(
-            {
-                "type": "OutboundMessage",
-                "locationId": LOCATION_ID,
-                "appId": APP_ID,
-                "body": "Hi there",
-                "contactId": "M96zrsDWGhHNvlX7XagM",
-                "contentType": "text/plain",
-                "conversationId": "h0VYhyhDhebobpHpjP9w",
-                "dateAdded": "2026-02-26T15:40:14.307Z",
-                "direction": "outbound",
-                "messageType": "SMS",
-                "messageId": f"cpu-{number:08d}",
-                "webhookId": f"cpu-{number:08d}",
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),  # within the 2 h window
-            },
-            separators=(",", ":"),
-        ).encode()
-        bodies.append((base64.b64encode(key.sign(body)).decode(), body))
+    message = outbound_message()
+    bodies = [signed_delivery(key, message, f"cpu-{number:08d}") for number in range(count)]
     public_pem = (
         key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     ).decode()

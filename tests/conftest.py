@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from app import create_app
 from core.database import db
+from stripe_fake import FakeStripeServer
 
 POSTGRES_ADMIN_URL = os.environ.get("REBILL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_ENCRYPTION_KEY = Fernet.generate_key().decode()
@@ -156,3 +157,22 @@ def postgres_only(backend):
 def execute_sql(sql: str, **params):
     """Run raw SQL in the current app context and return the result."""
     return db.session.execute(text(sql), params)
+
+
+def drop_connections(database_url: str) -> int:
+    """Terminate every other session on the test database, as a database restart would; return how many."""
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+        return len(
+            admin.execute(
+                # With a timeout, each call returns once that session has ended (PostgreSQL 14+).
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        )
+
+
+@pytest.fixture
+def fake_stripe():
+    """A fake Stripe on a loopback port, reached by the real stripe-python client."""
+    with FakeStripeServer() as server:
+        yield server

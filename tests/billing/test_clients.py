@@ -29,13 +29,6 @@ from tests.billing.factories import event_states, fresh, ghl_message, record, re
 
 
 @pytest.fixture
-def fake_stripe():
-    """A fake Stripe on a loopback port, reached by the real stripe-python client."""
-    with FakeStripeServer() as server:
-        yield server
-
-
-@pytest.fixture
 def stripe_context(make_app, fake_stripe):
     app = make_app(STRIPE_API_BASE=fake_stripe.url, STRIPE_NETWORK_ATTEMPTS=1)
     with app.app_context():

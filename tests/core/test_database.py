@@ -3,25 +3,13 @@ when the database has dropped pooled connections (a restart or failover)."""
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 import core.database
 from core.database import db
-
-
-def drop_connections(database_url: str) -> int:
-    """Terminate every other session on the test database, as a database restart would; return how many."""
-    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
-        return len(
-            admin.execute(
-                # With a timeout, each call returns once that session has ended (PostgreSQL 14+).
-                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchall()
-        )
+from tests.conftest import drop_connections
 
 
 def select_one() -> int:

@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import threading
 
-import psycopg
 import pytest
 from sqlalchemy import select, update
 
@@ -19,6 +18,7 @@ from ghl.installs import is_agency_installed
 from ghl.locations import upsert_location
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlWebhookDelivery
 from ghl.webhooks import DELIVERY_MAX_AGE, DELIVERY_MAX_AHEAD, DELIVERY_RETENTION, prune_deliveries
+from tests.conftest import drop_connections
 from tests.ghl.fake_ghl import (
     APP_ID,
     COMPANY_ID,
@@ -373,18 +373,6 @@ def test_two_copies_in_flight_at_once_count_once(app, signer, postgres_only, sam
             assert sorted(answers) == ["ignored", "processed"]
             [ignored] = [d for d in deliveries() if d.status == "ignored"]
             assert "already recorded" in ignored.error
-
-
-def drop_connections(database_url: str) -> int:
-    """Terminate every other session on the test database, as a database restart would; return how many."""
-    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
-        return len(
-            admin.execute(
-                # With a timeout, each call returns once that session has ended (PostgreSQL 14+).
-                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchall()
-        )
 
 
 def test_a_message_date_beyond_year_9999_in_utc_still_counts_the_message(app_context, webhooks):

@@ -11,7 +11,6 @@ from core.database import db
 from ghl.installs import record_install_event
 from ghl.locations import upsert_location
 from portal.demo_agency import seed_fake_stripe
-from stripe_fake import FakeStripeServer
 from tests.portal.cryptojs import ghl_sso_payload
 
 SHARED_SECRET = "test-shared-secret"  # tests/conftest.py base_config's GHL_SHARED_SECRET
@@ -29,13 +28,6 @@ class Tenant:
     licensed_price_id: str
     customer_id: str
     location_id: str
-
-
-@pytest.fixture
-def fake_stripe():
-    """A fake Stripe server for this test."""
-    with FakeStripeServer() as server:
-        yield server
 
 
 @pytest.fixture
