@@ -79,7 +79,7 @@ def main() -> None:
     url = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     try:
         app = create_app({
-            "REBILL_ENV": "test", "DATABASE_URL": url, "SECRET_KEY": "bench",
+            "REBILL_ENV": "test", "DATABASE_URL": url, "SECRET_KEY": secrets.token_urlsafe(32),
             "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "STRIPE_API_BASE": stripe_url,
             "STRIPE_NETWORK_ATTEMPTS": 1, "STRIPE_CONCURRENCY": args.concurrency, "REBILL_LOG_LEVEL": "WARNING",
         })  # fmt: skip

@@ -31,6 +31,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -188,7 +189,7 @@ def main() -> int:
     env = os.environ | {
         "REBILL_ENV": "production",
         "DATABASE_URL": database_url,
-        "SECRET_KEY": "bench-secret",
+        "SECRET_KEY": secrets.token_urlsafe(32),
         "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "GHL_CLIENT_ID": CLIENT_ID,
         "GHL_CLIENT_SECRET": "bench-client-secret",

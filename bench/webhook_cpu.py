@@ -20,6 +20,7 @@ import base64
 import io
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ def main() -> int:
             {
                 "REBILL_ENV": "production",
                 "DATABASE_URL": args.postgres.rsplit("/", 1)[0] + f"/{database}",
-                "SECRET_KEY": "bench-secret",
+                "SECRET_KEY": secrets.token_urlsafe(32),
                 "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
                 "GHL_CLIENT_ID": CLIENT_ID,
                 "GHL_CLIENT_SECRET": "bench-client-secret",

@@ -72,8 +72,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 ENVIRONMENT_VARIABLES = tuple(DEFAULTS)
-DEVELOPMENT_ENVIRONMENTS = {"development", "test"}
+ENVIRONMENTS = ("production", "development", "test")
 REQUIRED_OUTSIDE_DEVELOPMENT = ("SECRET_KEY", "REBILL_ENCRYPTION_KEYS")
+# SECRET_KEY signs portal session tokens: whoever knows it can sign in as any agency's admin. Only
+# development falls back to a public key; every other environment needs a long key of its own.
+DEVELOPMENT_SECRET_KEY = "development-only-secret-key"
+MIN_SECRET_KEY_CHARS = 32
+KNOWN_SECRET_KEYS = {DEVELOPMENT_SECRET_KEY, "test-secret-key", "changeme", "change-me", "secret", "dev"}
 INTEGER_SETTINGS = ("REBILL_TICK_SECONDS", "STRIPE_TIMEOUT_SECONDS", "STRIPE_NETWORK_ATTEMPTS", "STRIPE_CONCURRENCY")
 BOOLEAN_SETTINGS = ("REBILL_DEMO",)
 
@@ -107,8 +112,8 @@ def app_id_of(client_id: str | None) -> str | None:
 
 
 def is_development(settings: Mapping[str, Any]) -> bool:
-    """Tell whether the settings describe a development or test run."""
-    return settings["REBILL_ENV"] in DEVELOPMENT_ENVIRONMENTS
+    """Tell whether the settings describe a development run (the only one with public fallbacks and the demo)."""
+    return settings["REBILL_ENV"] == "development"
 
 
 def normalise_database_url(url: str | None, instance_path: str) -> str:
@@ -145,7 +150,7 @@ def _coerce_types(settings: dict[str, Any]) -> None:
     public_url = settings["REBILL_PUBLIC_URL"]
     if public_url and not (isinstance(public_url, str) and public_url.startswith(("https://", "http://"))):
         raise ConfigError(f"REBILL_PUBLIC_URL must be an http(s) URL (https://rebill.example.com), not {public_url!r}")
-    if settings["REBILL_ENV"] not in DEVELOPMENT_ENVIRONMENTS | {"production"}:
+    if settings["REBILL_ENV"] not in ENVIRONMENTS:
         raise ConfigError("REBILL_ENV must be production, development or test")
 
 
@@ -154,15 +159,26 @@ def _check_required(settings: dict[str, Any], instance_path: str) -> None:
         missing = [name for name in REQUIRED_OUTSIDE_DEVELOPMENT if not settings.get(name)]
         if missing:
             raise ConfigError(
-                f"{', '.join(missing)} must be set when REBILL_ENV is production (see README: Configuration)"
+                f"{', '.join(missing)} must be set when REBILL_ENV is {settings['REBILL_ENV']} "
+                "(see README: Configuration)"
             )
         if settings["REBILL_DEMO"]:
             raise ConfigError("REBILL_DEMO can only be enabled when REBILL_ENV=development")
+        _check_secret_key(str(settings["SECRET_KEY"]))
         return
     if not settings.get("SECRET_KEY"):
-        settings["SECRET_KEY"] = "development-only-secret-key"
+        settings["SECRET_KEY"] = DEVELOPMENT_SECRET_KEY
     if not settings.get("REBILL_ENCRYPTION_KEYS"):
         settings["REBILL_ENCRYPTION_KEYS"] = _development_encryption_key(instance_path)
+
+
+def _check_secret_key(key: str) -> None:
+    # Few distinct characters ("xxxx…") is a placeholder, not a random key.
+    if len(key) < MIN_SECRET_KEY_CHARS or len(set(key)) < 8 or key.strip().lower() in KNOWN_SECRET_KEYS:
+        raise ConfigError(
+            f"SECRET_KEY must be a random value of at least {MIN_SECRET_KEY_CHARS} characters, not a short or "
+            "published one; make one with: python -c \"import secrets; print(secrets.token_urlsafe(48))\""
+        )
 
 
 def _development_encryption_key(instance_path: str) -> str:

@@ -8,6 +8,7 @@ Without a reachable PostgreSQL the PostgreSQL leg is skipped locally, and fails 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import uuid
 
@@ -23,6 +24,8 @@ from stripe_fake import FakeStripeServer
 
 POSTGRES_ADMIN_URL = os.environ.get("REBILL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_ENCRYPTION_KEY = Fernet.generate_key().decode()
+# Random like a real deployment's (core.config refuses short or published keys outside development).
+TEST_SECRET_KEY = secrets.token_urlsafe(32)
 BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -32,7 +35,7 @@ def base_config(database_url: str, **overrides) -> dict:
         "REBILL_ENV": "test",
         "TESTING": True,
         "DATABASE_URL": database_url,
-        "SECRET_KEY": "test-secret-key",
+        "SECRET_KEY": TEST_SECRET_KEY,
         "REBILL_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
         "GHL_CLIENT_ID": "6650aaaabbbbccccdddd0001-lx1abcde",
         "GHL_CLIENT_SECRET": "test-ghl-client-secret",

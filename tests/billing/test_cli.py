@@ -10,7 +10,7 @@ from pathlib import Path
 
 from billing.ledger import UsageRecord, record_usage
 from core.database import db, utcnow
-from tests.conftest import TEST_ENCRYPTION_KEY
+from tests.conftest import TEST_ENCRYPTION_KEY, TEST_SECRET_KEY
 
 REPO = Path(__file__).parents[2]
 
@@ -61,6 +61,7 @@ def test_the_scheduler_process_runs_a_tick_at_start(database_url, stripe_server)
         "DATABASE_URL": database_url,
         "REBILL_ENV": "test",
         "REBILL_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        "SECRET_KEY": TEST_SECRET_KEY,
         "STRIPE_API_BASE": stripe_server.url,
         "REBILL_TICK_SECONDS": "3600",
     }

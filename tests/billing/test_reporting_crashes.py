@@ -21,7 +21,7 @@ from billing.reporting import LEASE, report_pending_units
 from core.database import db, utcnow
 from stripe_fake import FakeStripeServer, FakeStripeState
 from tests.billing.stripe_support import StripeWorld
-from tests.conftest import TEST_ENCRYPTION_KEY
+from tests.conftest import TEST_ENCRYPTION_KEY, TEST_SECRET_KEY
 
 REPO = Path(__file__).parents[2]
 WAIT = 60  # seconds; only reached if something is broken
@@ -84,6 +84,7 @@ def run_tick_until_gate(database_url: str, server: FakeStripeServer, gate: Gate)
         "DATABASE_URL": database_url,
         "REBILL_ENV": "test",
         "REBILL_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        "SECRET_KEY": TEST_SECRET_KEY,
         "STRIPE_API_BASE": server.url,
         "STRIPE_NETWORK_ATTEMPTS": "1",
     }

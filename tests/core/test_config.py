@@ -3,7 +3,9 @@
 import pytest
 
 from app import create_app
-from core.config import ConfigError, load_settings, normalise_database_url
+from core.config import ConfigError, is_development, load_settings, normalise_database_url
+
+STRONG_KEY = "kJ3v9Qm2Xw8Lr5Tz0Yb7Nc4Hd6Fg1Sa-Pq"
 
 
 def test_production_without_secret_key_names_the_variable(tmp_path):
@@ -30,10 +32,31 @@ def test_development_generates_and_keeps_an_encryption_key(tmp_path):
     assert first["REBILL_ENCRYPTION_KEYS"] == second["REBILL_ENCRYPTION_KEYS"]
 
 
-def test_demo_mode_is_refused_in_production(tmp_path):
-    environ = {"SECRET_KEY": "s", "REBILL_ENCRYPTION_KEYS": "k", "REBILL_DEMO": "1"}
+@pytest.mark.parametrize("env", ["production", "test"])
+def test_demo_mode_is_refused_outside_development(tmp_path, env):
+    environ = {"REBILL_ENV": env, "SECRET_KEY": STRONG_KEY, "REBILL_ENCRYPTION_KEYS": "k", "REBILL_DEMO": "1"}
     with pytest.raises(ConfigError, match="REBILL_DEMO"):
         load_settings(str(tmp_path), {}, environ=environ)
+
+
+@pytest.mark.parametrize("env", ["production", "test"])
+@pytest.mark.parametrize("key", [None, "s", "k" * 64, "development-only-secret-key", "ab" * 15 + "c"])
+def test_outside_development_a_missing_short_or_known_secret_key_stops_the_start(tmp_path, env, key):
+    environ = {"REBILL_ENV": env, "REBILL_ENCRYPTION_KEYS": "k"} | ({"SECRET_KEY": key} if key else {})
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        load_settings(str(tmp_path), {}, environ=environ)
+
+
+def test_outside_development_a_long_random_secret_key_is_accepted(tmp_path):
+    settings = load_settings(str(tmp_path), {}, environ={"SECRET_KEY": STRONG_KEY, "REBILL_ENCRYPTION_KEYS": "k"})
+    assert settings["SECRET_KEY"] == STRONG_KEY
+
+
+def test_only_development_falls_back_to_a_public_key_and_enables_the_demo(tmp_path):
+    settings = load_settings(str(tmp_path), {}, environ={"REBILL_ENV": "development", "REBILL_DEMO": "1"})
+    assert settings["REBILL_DEMO"] is True
+    assert is_development(settings)
+    assert not is_development({"REBILL_ENV": "test"})
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5"])
@@ -62,7 +85,7 @@ def test_wrong_database_url_is_one_clear_line(tmp_path, url, message):
 
 
 def test_bad_encryption_keys_fail_the_start(tmp_path):
-    config = {"REBILL_ENV": "test", "SECRET_KEY": "s", "REBILL_ENCRYPTION_KEYS": "not-a-fernet-key"}
+    config = {"REBILL_ENV": "test", "SECRET_KEY": STRONG_KEY, "REBILL_ENCRYPTION_KEYS": "not-a-fernet-key"}
     with pytest.raises(ConfigError, match="REBILL_ENCRYPTION_KEYS"):
         create_app(config)
 

@@ -33,7 +33,7 @@ from stripe_fake import FakeStripeServer
 
 
 def test_demo_usage_becomes_units_in_the_fake_stripe(make_app, fake_stripe):
-    app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True)
+    app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True, REBILL_ENV="development")
     stripe = seed_fake_stripe(fake_stripe.state)
     with app.app_context():
         agency = seed_demo_agency(stripe)
@@ -74,13 +74,13 @@ def test_the_demo_shows_a_payment_failure_delivered_as_a_signed_stripe_event(mak
 
 def test_seeding_again_reuses_the_clients_and_points_them_at_the_new_fake(make_app):
     with FakeStripeServer() as first:
-        app = make_app(STRIPE_API_BASE=first.url, REBILL_DEMO=True)
+        app = make_app(STRIPE_API_BASE=first.url, REBILL_DEMO=True, REBILL_ENV="development")
         with app.app_context():
             seed_demo_agency(seed_fake_stripe(first.state))
             db.session.commit()
             before = {client.nickname: client.id for client in list_clients(find_agency(DEMO_COMPANY_ID))}
     with FakeStripeServer() as second:
-        app = make_app(STRIPE_API_BASE=second.url, REBILL_DEMO=True)
+        app = make_app(STRIPE_API_BASE=second.url, REBILL_DEMO=True, REBILL_ENV="development")
         stripe = seed_fake_stripe(second.state)
         with app.app_context():
             agency = seed_demo_agency(stripe)
@@ -94,7 +94,7 @@ def test_the_demo_command_serves_the_fake_stripe_seeds_and_records_usage(make_ap
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = make_app(STRIPE_API_BASE=f"http://127.0.0.1:{port}", REBILL_DEMO=True)
+    app = make_app(STRIPE_API_BASE=f"http://127.0.0.1:{port}", REBILL_DEMO=True, REBILL_ENV="development")
 
     result = app.test_cli_runner().invoke(args=["rebill", "demo", "--rounds", "2", "--seconds", "0"])
 
@@ -119,7 +119,7 @@ def test_the_demo_command_refuses_outside_demo_mode(make_app):
 
 
 def test_a_demo_token_is_refused_once_demo_mode_is_off(make_app, fake_stripe):
-    demo_app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True)
+    demo_app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True, REBILL_ENV="development")
     with demo_app.app_context():
         seed_demo_agency(seed_fake_stripe(fake_stripe.state))
         db.session.commit()
@@ -132,7 +132,7 @@ def test_a_demo_token_is_refused_once_demo_mode_is_off(make_app, fake_stripe):
 
 
 def test_the_demo_session_waits_for_the_demo_agency(make_app):
-    answer = make_app(REBILL_DEMO=True).test_client().post("/api/portal/demo-session")
+    answer = make_app(REBILL_DEMO=True, REBILL_ENV="development").test_client().post("/api/portal/demo-session")
     assert answer.status_code == 503
     assert "not seeded yet" in answer.get_json()["error"]
 

@@ -8,6 +8,7 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from portal.sessions import TOKEN_SALT, TOKEN_SECONDS
+from tests.conftest import TEST_SECRET_KEY
 from tests.portal.conftest import install_tenant, sign_in, sso_payload
 from tests.portal.cryptojs import cryptojs_encrypt
 
@@ -133,7 +134,7 @@ SESSION_DATA = {
 
 
 def test_tokens_that_are_missing_forged_expired_or_odd_answer_401(portal_client, tenant_a):
-    good = _token_signed("test-secret-key", SESSION_DATA)
+    good = _token_signed(TEST_SECRET_KEY, SESSION_DATA)
     assert portal_client.get("/api/portal/me", headers={"Authorization": f"Bearer {good}"}).status_code == 200
 
     cases = {
@@ -144,9 +145,9 @@ def test_tokens_that_are_missing_forged_expired_or_odd_answer_401(portal_client,
         "forged": {"Authorization": f"Bearer {_token_signed('someone-elses-secret', SESSION_DATA)}"},
         "tampered": {"Authorization": f"Bearer {good[:-2]}xx"},
         "expired": {
-            "Authorization": f"Bearer {_token_signed('test-secret-key', SESSION_DATA, time.time() - TOKEN_SECONDS - 5)}"
+            "Authorization": f"Bearer {_token_signed(TEST_SECRET_KEY, SESSION_DATA, time.time() - TOKEN_SECONDS - 5)}"
         },
-        "wrong shape": {"Authorization": f"Bearer {_token_signed('test-secret-key', {'company_id': 'company-a'})}"},
+        "wrong shape": {"Authorization": f"Bearer {_token_signed(TEST_SECRET_KEY, {'company_id': 'company-a'})}"},
     }
     for name, headers in cases.items():
         answer = portal_client.get("/api/portal/me", headers=headers)
@@ -156,7 +157,7 @@ def test_tokens_that_are_missing_forged_expired_or_odd_answer_401(portal_client,
 
 
 def test_a_token_for_an_agency_that_no_longer_exists_answers_401(portal_client, tenant_a):
-    token = _token_signed("test-secret-key", SESSION_DATA | {"company_id": "company-gone"})
+    token = _token_signed(TEST_SECRET_KEY, SESSION_DATA | {"company_id": "company-gone"})
     assert portal_client.get("/api/portal/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
