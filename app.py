@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from flask import Flask, jsonify
+from flask.logging import default_handler
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
@@ -17,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from core.config import ConfigError, load_settings
 from core.database import db, migrate
 from core.encryption import SecretBox
+from core.json_bodies import StrictJsonProvider
 from core.logs import configure_logging
 
 log = logging.getLogger("rebill")
@@ -30,12 +32,15 @@ GHL_PRUNE_SECONDS = 3600
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build a configured Rebill app; ``config`` overrides defaults and the environment."""
     app = Flask(__name__, instance_relative_config=True)
+    app.json = StrictJsonProvider(app)
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     settings = load_settings(app.instance_path, config)
     app.config.update(settings)
     app.config["SQLALCHEMY_DATABASE_URI"] = settings["DATABASE_URL"]
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
     configure_logging(settings["REBILL_LOG_LEVEL"])
+    # Flask's plain-text handler would print tracebacks outside the JSON lines; the root's handler has them.
+    app.logger.removeHandler(default_handler)
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
@@ -47,6 +52,7 @@ def register_extensions(app: Flask) -> None:
     """Bind the unbound extensions to this app."""
     import billing.models  # noqa: F401  (tables must be known to the metadata for migrations)
     import capri.models  # noqa: F401
+    import core.rate_limits  # noqa: F401
     import ghl.models  # noqa: F401
 
     db.init_app(app)

@@ -53,6 +53,12 @@ class Agency(TimestampMixin, db.Model):
     # missing | ok | needs_attention (Stripe answered 401/403 with this key)
     stripe_key_status: Mapped[str] = mapped_column(String(24), default="missing", server_default="missing")
     stripe_key_problem: Mapped[str | None] = mapped_column(Text)
+    # Set while Rebill is installed neither at agency level nor in any subaccount (the GHL adapter keeps it);
+    # the agency's API keys are refused meanwhile.
+    uninstalled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Portal tokens carry the generation they were signed under; an uninstall or a reinstall bumps it, so
+    # every token signed before stops working at once.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     clients: Mapped[list[RebillClient]] = relationship(back_populates="agency")
 

@@ -75,13 +75,21 @@ def list_api_keys(agency_id: int) -> list[ApiKey]:
 
 
 def authenticate(bearer: str) -> ApiKey | None:
-    """Return the live key a bearer token names, or None; refresh its last use at most once a minute."""
+    """Return the live key a bearer token names, or None (unknown, revoked, or its agency uninstalled Rebill);
+    refresh its last use at most once a minute."""
     prefix = _prefix_of(bearer)
     if prefix is None:
         return None
-    api_key = db.session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    row = db.session.execute(
+        select(ApiKey, Agency.uninstalled_at).join(Agency, Agency.id == ApiKey.agency_id).where(ApiKey.prefix == prefix)
+    ).one_or_none()
+    api_key, agency_uninstalled_at = row if row is not None else (None, None)
     # Compare the hashes in constant time, so response timing tells nothing about how much of a guess matched.
     if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_api_key(bearer)):
+        return None
+    if agency_uninstalled_at is not None:
+        # The agency removed Rebill: nothing it sends is billed until it installs again.
+        log.info("API key of an uninstalled agency used", extra={"fields": {"agency_id": api_key.agency_id}})
         return None
     if api_key.revoked_at is not None:
         # Ids only: an operator can tell the agency which of its integrations still uses a revoked key.

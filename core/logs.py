@@ -40,12 +40,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+REBILL_LOGGERS = ("rebill", "billing", "ghl", "capri", "portal", "core")
+# Loggers of the servers we run under that format their own records: gunicorn sets handlers on these two
+# before it loads the app in a worker (https://docs.gunicorn.org/en/stable/settings.html#logging).
+SERVER_LOGGERS = ("gunicorn.error", "gunicorn.access")
+
+
+class JsonHandler(logging.StreamHandler):
+    """A stderr handler writing redacted JSON lines (its own class, so configuring again replaces it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+
+
 def configure_logging(level: str) -> None:
-    """Send Rebill's loggers to stderr as JSON lines."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    for name in ("rebill", "billing", "ghl", "capri", "portal", "core"):
+    """Send every log record as a redacted JSON line: Rebill's, Flask's, werkzeug's and gunicorn's.
+
+    Rebill's loggers get the handler directly. Everything else propagates to the root logger, which gets it
+    too: Flask's app logger (once its plain default handler is removed, see app.py), werkzeug's (it adds a
+    plain handler of its own only when the root has none) and any library's. Handlers others put on the
+    root (pytest's log capture) are kept. Gunicorn's handlers write to the files gunicorn was told to
+    use; only their format changes.
+    """
+    handler = JsonHandler()
+    for name in REBILL_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [existing for existing in root.handlers if not isinstance(existing, JsonHandler)] + [handler]
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.handlers[:] = [existing for existing in werkzeug.handlers if isinstance(existing, JsonHandler)]
+    for name in SERVER_LOGGERS:
+        for server_handler in logging.getLogger(name).handlers:
+            server_handler.setFormatter(JsonFormatter())

@@ -14,7 +14,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from billing.agencies import ensure_agency, find_agency
+from billing.agencies import (
+    end_agency_sessions,
+    ensure_agency,
+    find_agency,
+    mark_agency_installed,
+    mark_agency_uninstalled,
+)
 from billing.clients import pause_agency_clients, pause_clients_for_location
 from billing.models import Agency
 from billing.stripe_events import remove_stripe_events
@@ -55,6 +61,7 @@ def record_oauth_install(grant: TokenGrant) -> InstallResult:
     agency = ensure_agency(grant.company_id)
     save_grant(grant)
     result = InstallResult(agency_id=agency.id, company_id=grant.company_id, user_type=grant.user_type)
+    mark_agency_installed(agency.id)
     if grant.user_type == "Company":
         _mark_company_installed(agency.id, plan_id=grant.plan_id)
     else:
@@ -131,6 +138,7 @@ def record_install_event(event: dict[str, Any], *, client: GhlClient | None = No
         company_id = db.session.get(Agency, known.agency_id).company_id
     minted = _mint_if_possible(company_id, location_id, client) if location_id else None
     agency = ensure_agency(company_id, name=text(event, "companyName"))
+    mark_agency_installed(agency.id)
     details = event.get("whitelabelDetails")
     if event.get("isWhitelabelCompany") and isinstance(details, dict) and text(details, "domain"):
         agency.whitelabel_domain = text(details, "domain")
@@ -155,6 +163,10 @@ def record_uninstall_event(event: dict[str, Any]) -> str | None:
         if agency is None:
             return f"UNINSTALL for subaccount {location_id}, which Rebill never knew"
         uninstall_locations(agency.id, [location_id])
+        if is_installed_anywhere(agency.id):
+            end_agency_sessions(agency.id)
+        else:
+            mark_agency_uninstalled(agency.id)
         return None
     if not company_id:
         raise PayloadInvalid("UNINSTALL names neither a companyId nor a locationId")
@@ -172,6 +184,7 @@ def record_uninstall_event(event: dict[str, Any]) -> str | None:
     pause_agency_clients(agency.id)
     remove_stripe_events(agency)  # nobody of the agency can act on its Stripe events any more
     mark_uninstalled([company_id])
+    mark_agency_uninstalled(agency.id)
     return None
 
 
@@ -196,12 +209,26 @@ def is_agency_installed(company_id: str) -> bool:
     )
 
 
+def is_installed_anywhere(agency_id: int) -> bool:
+    """Tell whether Rebill is still installed at agency level or in at least one subaccount of the agency."""
+    company = select(GhlCompanyInstall.id).where(
+        GhlCompanyInstall.agency_id == agency_id, GhlCompanyInstall.is_installed.is_(True)
+    )
+    location = select(GhlLocation.id).where(GhlLocation.agency_id == agency_id, GhlLocation.is_installed.is_(True))
+    return bool(db.session.scalar(select(company.exists() | location.exists())))
+
+
 def is_location_installed(location_id: str, company_id: str | None = None) -> bool:
     """Tell whether Rebill is installed in this subaccount (and, if given, that it belongs to company_id)."""
     query = select(GhlLocation.is_installed).where(GhlLocation.location_id == location_id)
     if company_id is not None:
         query = query.join(Agency, Agency.id == GhlLocation.agency_id).where(Agency.company_id == company_id)
     return bool(db.session.scalar(query))
+
+
+def is_location_uninstalled(location_id: str) -> bool:
+    """Tell whether Rebill was uninstalled from this subaccount (known and not installed now)."""
+    return db.session.scalar(select(GhlLocation.is_installed).where(GhlLocation.location_id == location_id)) is False
 
 
 def _mark_company_installed(agency_id: int, *, plan_id: str | None) -> None:

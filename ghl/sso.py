@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from core.json_bodies import loads_strictly
 
 OPENSSL_MAGIC = b"Salted__"
 SALT_BYTES = 8
@@ -74,7 +75,9 @@ def decrypt_sso_payload(payload: str, shared_secret: str) -> dict:
     try:
         plaintext = unpadder.update(padded) + unpadder.finalize()
         # A wrong secret usually fails the padding check but can pass it with garbage: JSON decides.
-        data = json.loads(plaintext.decode("utf-8"))
+        # Strictly: with a repeated key the last one would win, so a payload such as
+        # {"type": "location", "role": "user", …, "type": "agency", "role": "admin"} is refused whole.
+        data = loads_strictly(plaintext.decode("utf-8"))
     except ValueError:
         raise SsoPayloadInvalid("the payload does not decrypt with the Shared Secret") from None
     if not isinstance(data, dict):

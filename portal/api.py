@@ -31,12 +31,15 @@ from ghl.locations import list_subaccounts
 from ghl.sso import SsoPayloadInvalid, decrypt_sso_payload, parse_sso_user
 from portal.demo import demo_enabled, demo_session
 from portal.sessions import (
+    SIGN_IN_REFUSED,
     TOKEN_SECONDS,
     PortalSession,
     SessionRefused,
+    TooManySignIns,
+    admit_request,
+    count_sign_in,
     open_session,
     read_session,
-    session_agency,
     sign_session,
 )
 
@@ -63,7 +66,7 @@ def authenticate():
     if session.demo and not demo_enabled(current_app):
         raise SessionRefused("demo sessions work only in demo mode")
     g.portal_session = session
-    g.agency = session_agency(session)
+    g.agency = admit_request(session)
 
 
 def _allowed_if(permitted: Callable[[PortalSession], bool], reason: str):
@@ -95,6 +98,12 @@ agency_user = _allowed_if(
 def session_refused(error: SessionRefused):
     """Answer 401 with a Bearer challenge."""
     return jsonify(error=str(error)), 401, {"WWW-Authenticate": 'Bearer realm="rebill-portal"'}
+
+
+@blueprint.errorhandler(TooManySignIns)
+def too_many_sign_ins(error: TooManySignIns):
+    """Answer 429 with the seconds until the next window."""
+    return jsonify(error=str(error)), 429, {"Retry-After": str(error.retry_after)}
 
 
 @blueprint.errorhandler(NotFound)
@@ -139,6 +148,8 @@ def billing_error(error: BillingError):
 @blueprint.post("/session")
 def create_session():
     """Exchange GHL's encrypted user context for a short-lived bearer token."""
+    count_sign_in(request.remote_addr)
+    db.session.commit()  # the attempt counts whatever the outcome
     payload = _json_body().get("payload")
     secret = current_app.config.get("GHL_SHARED_SECRET")
     if not secret:
@@ -147,7 +158,7 @@ def create_session():
         user = parse_sso_user(decrypt_sso_payload(payload, secret))
     except SsoPayloadInvalid as error:
         log.info("sso payload refused: %s", error)
-        raise SessionRefused("the GHL sign-in payload is not valid") from None
+        raise SessionRefused(SIGN_IN_REFUSED) from None
     session = open_session(user)
     log.info("portal session opened", extra={"fields": {"company_id": user.company_id, "user_id": user.user_id}})
     return _session_answer(session)

@@ -3,10 +3,18 @@
 No cookies: inside the GHL iframe our cookies are third-party and browsers drop them, so the page keeps
 the token in memory and sends ``Authorization: Bearer`` (docs/ghl.md §3.5). The SSO blob has no
 expiry of its own (docs/ghl.md §3.4), which is why it is exchanged at once for a token that does.
+
+A token is not trusted on its own word for long: it lives TOKEN_SECONDS (the page renews it silently
+through the same SSO handshake before it expires and on any 401), and every request checks again that
+the install still admits the user (``admit_request``) and that the agency's session generation is the
+one the token was signed under. An uninstall or a reinstall bumps the generation (billing.agencies), so
+no token signed before it works afterwards, even if the install comes back.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import asdict, dataclass
 
 from flask import current_app
@@ -14,15 +22,36 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from billing.agencies import find_agency
 from billing.models import Agency
-from ghl.installs import is_agency_installed, is_location_installed
+from core.rate_limits import count_hit
+from ghl.installs import is_agency_installed, is_location_installed, is_location_uninstalled
 from ghl.sso import SsoUser
 
-TOKEN_SALT = "rebill.portal.session.v1"
-TOKEN_SECONDS = 3600
+log = logging.getLogger("portal.sessions")
+
+# v2: tokens carry the agency's session generation; v1 tokens (without it) are refused as malformed.
+TOKEN_SALT = "rebill.portal.session.v2"
+# Minutes, not an hour: a GHL role change or a removed user is picked up at the next renewal.
+TOKEN_SECONDS = 600
+# One text for every refused sign-in: a different answer for "decrypted, but not installed" would tell
+# whoever tampers with payloads that a forged one decrypted to valid JSON.
+SIGN_IN_REFUSED = "GoHighLevel sign-in failed; reload the page inside GoHighLevel"
+# Sign-ins per client address and minute, counted in the database so all workers share the count. A page
+# signs in once when opened and once per TOKEN_SECONDS while open: 30 a minute lets hundreds of pages
+# behind one office address work, and keeps a script from probing payloads at speed.
+SIGN_INS_PER_WINDOW = 30
+SIGN_IN_WINDOW_SECONDS = 60
 
 
 class SessionRefused(Exception):
     """The user may not open the portal, or the bearer token is missing, forged or expired."""
+
+
+class TooManySignIns(Exception):
+    """This client address signed in too often in the current window."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many sign-ins from this address; try again in a minute")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +66,7 @@ class PortalSession:
     # Set when this session may see only one subaccount: a subaccount user, or an agency whose only
     # install is that subaccount (docs/contract.md §3: a location-only install shows that subaccount).
     location_scope: str | None
+    generation: int = 0  # the agency's session_generation when the token was signed
     demo: bool = False
 
     @property
@@ -55,17 +85,14 @@ class PortalSession:
 
 def open_session(user: SsoUser) -> PortalSession:
     """Admit a decrypted GHL user if Rebill is installed for their agency or their subaccount."""
-    if find_agency(user.company_id) is None:
-        raise SessionRefused("Rebill is not installed for this agency")
-    agency_installed = is_agency_installed(user.company_id)
-    if user.user_type == "agency" and agency_installed:
-        scope = None
-    elif user.active_location and (
-        agency_installed or is_location_installed(user.active_location, company_id=user.company_id)
-    ):
-        scope = user.active_location
-    else:
-        raise SessionRefused("Rebill is not installed for this agency or subaccount")
+    agency = find_agency(user.company_id)
+    try:
+        if agency is None:
+            raise SessionRefused("Rebill is not installed for this agency")
+        scope = _admitted_scope(user.company_id, user.user_type, user.active_location)
+    except SessionRefused as refused:
+        log.info("sign-in refused: %s", refused, extra={"fields": {"company_id": user.company_id}})
+        raise SessionRefused(SIGN_IN_REFUSED) from None
     return PortalSession(
         company_id=user.company_id,
         user_id=user.user_id,
@@ -73,7 +100,48 @@ def open_session(user: SsoUser) -> PortalSession:
         user_type=user.user_type,
         active_location=user.active_location,
         location_scope=scope,
+        generation=agency.session_generation,
     )
+
+
+def count_sign_in(address: str | None, *, now: float | None = None) -> None:
+    """Count a sign-in attempt of a client address; TooManySignIns past the limit. Flushes only."""
+    now = time.time() if now is None else now
+    hits = count_hit(f"portal-session:{address or 'unknown'}", window_seconds=SIGN_IN_WINDOW_SECONDS, now=now)
+    if hits > SIGN_INS_PER_WINDOW:
+        raise TooManySignIns(retry_after=SIGN_IN_WINDOW_SECONDS - int(now) % SIGN_IN_WINDOW_SECONDS)
+
+
+def admit_request(session: PortalSession) -> Agency:
+    """Return the session's agency if its token still holds: same generation, install still admits it."""
+    agency = find_agency(session.company_id)
+    if agency is None:
+        raise SessionRefused("Rebill is not installed for this agency")
+    if session.demo:
+        return agency  # the demo agency is seeded, not installed; demo tokens work only in demo mode
+    if agency.session_generation != session.generation:
+        raise SessionRefused("the session ended (Rebill was uninstalled or reinstalled); reload the page")
+    if _admitted_scope(session.company_id, session.user_type, session.active_location) != session.location_scope:
+        raise SessionRefused("the install changed since this session began; reload the page")
+    return agency
+
+
+def _admitted_scope(company_id: str, user_type: str, active_location: str | None) -> str | None:
+    """Return the subaccount a user is limited to (None: the whole agency); SessionRefused if not admitted.
+
+    Agency users of an agency-level install see the agency. A subaccount user, or anyone of an agency that
+    installed Rebill only in some subaccounts, sees the open subaccount, if Rebill is installed there: an
+    installed subaccount row, or an agency-level install with no record of that subaccount's uninstall.
+    """
+    agency_installed = is_agency_installed(company_id)
+    if user_type == "agency" and agency_installed:
+        return None
+    if active_location and (
+        is_location_installed(active_location, company_id=company_id)
+        or (agency_installed and not is_location_uninstalled(active_location))
+    ):
+        return active_location
+    raise SessionRefused("Rebill is not installed for this agency or subaccount")
 
 
 def sign_session(session: PortalSession) -> str:
@@ -93,14 +161,6 @@ def read_session(token: str) -> PortalSession:
         return PortalSession(**data)
     except TypeError:
         raise SessionRefused("the session token is not valid") from None
-
-
-def session_agency(session: PortalSession) -> Agency:
-    """Return the session's agency; SessionRefused if it no longer exists."""
-    agency = find_agency(session.company_id)
-    if agency is None:
-        raise SessionRefused("Rebill is not installed for this agency")
-    return agency
 
 
 def _serializer() -> URLSafeTimedSerializer:

@@ -1,5 +1,6 @@
 """Logs are JSON lines and never carry credentials."""
 
+import io
 import json
 import logging
 
@@ -25,3 +26,49 @@ def test_formatter_writes_one_json_object_with_fields():
 def test_redact_hides_an_oauth_code_in_a_logged_url():
     line = '"GET /oauth/callback?code=4f1b9c2e&state=s HTTP/1.1" 303 - /x?a=1&code=zz9'
     assert redact(line) == '"GET /oauth/callback?code=[redacted]&state=s HTTP/1.1" 303 - /x?a=1&code=[redacted]'
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # a plain-text line fails here
+
+
+def test_an_unhandled_error_is_logged_as_one_redacted_json_line_with_its_traceback(make_app, capfd):
+    app = make_app(TESTING=False)  # TESTING re-raises errors instead of logging them
+
+    def fail():
+        raise RuntimeError("boom with sk_live_51Secret")
+
+    app.add_url_rule("/fail", view_func=fail)
+    capfd.readouterr()
+    answer = app.test_client().get("/fail")
+
+    assert answer.status_code == 500 and answer.is_json
+    (entry,) = _json_lines(capfd.readouterr().err)
+    assert entry["logger"] == "app" and entry["level"] == "ERROR"
+    assert "RuntimeError" in entry["exception"] and "sk_live_51Secret" not in entry["exception"]
+
+
+def test_werkzeug_and_library_loggers_write_json_lines(make_app, capfd):
+    make_app()
+    capfd.readouterr()
+    logging.getLogger("werkzeug").warning("127.0.0.1 - GET /app?token=x Bearer abc.def")
+    logging.getLogger("some.library").error("failed with rk_test_123")
+    entries = _json_lines(capfd.readouterr().err)
+    assert [entry["logger"] for entry in entries] == ["werkzeug", "some.library"]
+    assert "abc.def" not in entries[0]["message"] and "rk_test_123" not in entries[1]["message"]
+
+
+def test_gunicorn_handlers_keep_their_stream_and_write_json(make_app):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # what gunicorn sets before loading the app
+    access = logging.getLogger("gunicorn.access")
+    access.addHandler(handler)
+    try:
+        make_app()
+        access.warning('203.0.113.9 "GET /api/portal/me HTTP/1.1" 200 Bearer eyJh.eyJz.sig')
+    finally:
+        access.removeHandler(handler)
+    (entry,) = _json_lines(stream.getvalue())
+    assert entry["logger"] == "gunicorn.access" and "eyJh" not in entry["message"]
