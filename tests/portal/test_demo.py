@@ -58,7 +58,7 @@ def test_demo_usage_becomes_units_in_the_fake_stripe(make_app, fake_stripe):
 
 
 def test_the_demo_shows_a_payment_failure_delivered_as_a_signed_stripe_event(make_app, fake_stripe):
-    app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True)
+    app = make_app(STRIPE_API_BASE=fake_stripe.url, REBILL_DEMO=True, REBILL_ENV="development")
     stripe = seed_fake_stripe(fake_stripe.state)
     with app.app_context():
         agency = seed_demo_agency(stripe, "http://127.0.0.1:5000")
