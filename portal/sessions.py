@@ -14,7 +14,6 @@ no token signed before it works afterwards, even if the install comes back.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 
 from flask import current_app
@@ -104,12 +103,11 @@ def open_session(user: SsoUser) -> PortalSession:
     )
 
 
-def count_sign_in(address: str | None, *, now: float | None = None) -> None:
+def count_sign_in(address: str | None) -> None:
     """Count a sign-in attempt of a client address; TooManySignIns past the limit. Flushes only."""
-    now = time.time() if now is None else now
-    hits = count_hit(f"portal-session:{address or 'unknown'}", window_seconds=SIGN_IN_WINDOW_SECONDS, now=now)
+    hits, seconds_left = count_hit(f"portal-session:{address or 'unknown'}", window_seconds=SIGN_IN_WINDOW_SECONDS)
     if hits > SIGN_INS_PER_WINDOW:
-        raise TooManySignIns(retry_after=SIGN_IN_WINDOW_SECONDS - int(now) % SIGN_IN_WINDOW_SECONDS)
+        raise TooManySignIns(retry_after=max(seconds_left, 1))
 
 
 def admit_request(session: PortalSession) -> Agency:

@@ -27,14 +27,18 @@ def upgrade():
         " AND NOT EXISTS (SELECT 1 FROM ghl_location l WHERE l.agency_id = agency.id AND l.is_installed)"
     )
     op.create_table('rate_limit_window',
-    sa.Column('window_start', sa.BigInteger(), autoincrement=False, nullable=False),
     sa.Column('key', sa.String(length=160), nullable=False),
+    sa.Column('window_start', sa.BigInteger(), nullable=False),
     sa.Column('hits', sa.Integer(), nullable=False),
-    sa.PrimaryKeyConstraint('window_start', 'key', name=op.f('pk_rate_limit_window'))
+    sa.PrimaryKeyConstraint('key', name=op.f('pk_rate_limit_window'))
     )
+    with op.batch_alter_table('rate_limit_window', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_rate_limit_window_window_start'), ['window_start'], unique=False)
 
 
 def downgrade():
+    with op.batch_alter_table('rate_limit_window', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_rate_limit_window_window_start'))
     op.drop_table('rate_limit_window')
     with op.batch_alter_table('agency', schema=None) as batch_op:
         batch_op.drop_column('session_generation')
