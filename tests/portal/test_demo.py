@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def test_a_production_app_never_loads_the_demo_or_the_fake_stripe(tmp_path):
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("REBILL_", "DATABASE_URL"))}
     environment |= {
         "REBILL_ENV": "production",
-        "SECRET_KEY": "a-production-secret",
+        "SECRET_KEY": secrets.token_urlsafe(32),  # production refuses a short key
         "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'rebill.sqlite3'}",
     }
