@@ -75,8 +75,10 @@ def list_api_keys(agency_id: int) -> list[ApiKey]:
 
 
 def authenticate(bearer: str) -> ApiKey | None:
-    """Return the live key a bearer token names, or None (unknown, revoked, or its agency uninstalled Rebill);
-    refresh its last use at most once a minute."""
+    """Return the live key a bearer token names, or None (unknown, revoked, agency uninstalled); touch its use.
+
+    The last use is refreshed at most once a minute.
+    """
     prefix = _prefix_of(bearer)
     if prefix is None:
         return None
