@@ -192,9 +192,33 @@ class UnitReport(TimestampMixin, db.Model):
     status: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Attempt history, append-only: a claim for sending counts an attempt and nothing ever lowers or clears it.
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    # Where the units went (rule 9), recorded before the first offer to Stripe and kept while any of them may
+    # be in Stripe: retries, the >24 h check and reconcile use these, never the client's current settings.
+    target_account: Mapped[str | None] = mapped_column(String(64))
+    target_mode: Mapped[str | None] = mapped_column(String(16))  # meter | legacy
+    target_customer: Mapped[str | None] = mapped_column(String(255))
+    target_price: Mapped[str | None] = mapped_column(String(255))
+    target_meter: Mapped[str | None] = mapped_column(String(255))
+    target_event_name: Mapped[str | None] = mapped_column(String(100))
+    target_customer_key: Mapped[str | None] = mapped_column(String(100))
+    target_value_key: Mapped[str | None] = mapped_column(String(100))
+    target_formula: Mapped[str | None] = mapped_column(String(8))
+    target_subscription_item: Mapped[str | None] = mapped_column(String(255))
+    # The timestamp Stripe is given; differs from usage_timestamp when the usage fell before the customer's
+    # current billing period or beyond Stripe's 35 days (rule 10), and timestamp_shift then says why.
+    stripe_timestamp: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    timestamp_shift: Mapped[str | None] = mapped_column(String(255))
+    # Units Stripe confirmed: all or none on a sum meter or usage record; on a count meter events
+    # 1..units_confirmed, so a resend starts after the last event Stripe accepted.
+    units_confirmed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Earliest offer whose outcome Stripe never told (timeout, 5xx, crash); None when every offer was answered.
+    # Past Stripe's 24 h dedupe window such a row is checked against Stripe's totals before any resend.
+    in_doubt_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class StripeEventEndpoint(TimestampMixin, db.Model):

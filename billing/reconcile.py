@@ -26,12 +26,12 @@ class ReconcileLine:
     company_id: str
     client_ids: list[int]
     customer_id: str
-    target: str  # the meter's event name, or the legacy price id
+    target: str  # the meter's event name, or the legacy price id (what the reports recorded, rule 9)
     period_start: dt.datetime | None = None
     period_end: dt.datetime | None = None
-    units_sent: int = 0  # marked sent in the ledger, usage timestamp inside the period
-    units_unconfirmed: int = 0  # attempted, delivery not confirmed (pending retries, failed rows)
-    units_waiting: int = 0  # never attempted yet
+    units_sent: int = 0  # confirmed by Stripe, offered with a timestamp inside the period
+    units_unconfirmed: int = 0  # offered, Stripe's answer unknown (in doubt)
+    units_waiting: int = 0  # not offered yet, or refused and waiting for a fix
     stripe_total: Decimal | None = None
     problem: str | None = None
     nicknames: list[str] = field(default_factory=list)
@@ -43,7 +43,7 @@ class ReconcileLine:
 
 
 def reconcile_clients(company_id: str | None = None, now: dt.datetime | None = None) -> list[ReconcileLine]:
-    """Compare ledger and Stripe for every client (of one agency, or all) over its current billing period."""
+    """Compare ledger and Stripe for every Stripe target (of one agency, or all) over its current billing period."""
     now = now or utcnow()
     agencies = select(Agency).where(Agency.stripe_key_ciphertext.is_not(None)).order_by(Agency.id)
     if company_id is not None:
@@ -55,82 +55,144 @@ def reconcile_clients(company_id: str | None = None, now: dt.datetime | None = N
     return lines
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where units go in Stripe: a customer and meter, or a customer and legacy price."""
+
+    customer_id: str
+    mode: str
+    name: str  # the meter's event name, or the legacy price id
+    meter_id: str | None
+    price_id: str | None
+
+
 def _reconcile_agency(agency: Agency, now: dt.datetime) -> list[ReconcileLine]:
-    clients = db.session.scalars(
-        select(RebillClient).where(RebillClient.agency_id == agency.id).order_by(RebillClient.id)
-    ).all()
-    groups: dict[tuple[str, str], list[RebillClient]] = defaultdict(list)
-    for client in clients:
-        target = client.meter_event_name if client.report_mode == "meter" else client.stripe_price_id
-        groups[(client.stripe_customer_id, target or "")].append(client)
-    if not groups:
+    """One line per Stripe target: the clients' current targets and every target a report was offered to."""
+    clients = {
+        client.id: client
+        for client in db.session.scalars(
+            select(RebillClient).where(RebillClient.agency_id == agency.id).order_by(RebillClient.id)
+        )
+    }
+    members: dict[_Target, set[int]] = defaultdict(set)
+    current: dict[_Target, set[int]] = defaultdict(set)
+    for client in clients.values():
+        target = _Target(
+            client.stripe_customer_id,
+            client.report_mode,
+            (client.meter_event_name if client.report_mode == "meter" else client.stripe_price_id) or "",
+            client.meter_id,
+            client.stripe_price_id,
+        )
+        members[target].add(client.id)
+        current[target].add(client.id)
+    # Reports remember where they went (rule 9): a client moved to another customer still has its earlier
+    # units on the first one, and reconcile shows them there.
+    offered = db.session.execute(
+        select(
+            UnitReport.client_id,
+            UnitReport.target_customer,
+            UnitReport.target_mode,
+            UnitReport.target_event_name,
+            UnitReport.target_meter,
+            UnitReport.target_price,
+        )
+        .where(UnitReport.agency_id == agency.id, UnitReport.target_mode.is_not(None))
+        .distinct()
+    )
+    for client_id, customer, mode, event_name, meter_id, price_id in offered:
+        target = _Target(customer, mode, (event_name if mode == "meter" else price_id) or "", meter_id, price_id)
+        members[target].add(client_id)
+    if not members:
         return []
     try:
         gateway = gateway_for(agency)
     except StripeGatewayError as error:
-        return [_line(agency, key, members, problem=error.reason) for key, members in groups.items()]
-    return [_reconcile_group(gateway, agency, key, members, now) for key, members in groups.items()]
+        return [_line(agency, target, ids, clients, problem=error.reason) for target, ids in members.items()]
+    return [
+        _reconcile_target(gateway, agency, target, ids, current[target], clients, now)
+        for target, ids in members.items()
+    ]
 
 
-def _line(agency: Agency, key: tuple[str, str], clients: list[RebillClient], **fields) -> ReconcileLine:
+def _line(agency: Agency, target: _Target, client_ids: set[int], clients: dict, **fields) -> ReconcileLine:
+    ordered = sorted(client_ids)
     return ReconcileLine(
         company_id=agency.company_id,
-        client_ids=[client.id for client in clients],
-        nicknames=[client.nickname for client in clients],
-        customer_id=key[0],
-        target=key[1],
+        client_ids=ordered,
+        nicknames=[clients[client_id].nickname for client_id in ordered if client_id in clients],
+        customer_id=target.customer_id,
+        target=target.name,
         **fields,
     )
 
 
-def _reconcile_group(
-    gateway: StripeGateway, agency: Agency, key: tuple[str, str], clients: list[RebillClient], now: dt.datetime
+def _reconcile_target(
+    gateway: StripeGateway,
+    agency: Agency,
+    target: _Target,
+    client_ids: set[int],
+    current_clients: set[int],
+    clients: dict,
+    now: dt.datetime,
 ) -> ReconcileLine:
-    line = _line(agency, key, clients)
-    first = clients[0]
+    line = _line(agency, target, client_ids, clients)
     try:
-        window = _stripe_window(gateway, first, now)
+        window = _stripe_window(gateway, target, now)
     except StripeGatewayError as error:
         line.problem = error.reason
         return line
     if window is None:
-        line.problem = "Stripe shows no current period for this client (no subscription item on its price)"
+        line.problem = "Stripe shows no current period for this target (no subscription item on its price)"
         return line
     line.period_start, line.period_end, line.stripe_total = window.start, window.end, window.total
-    sent, unconfirmed, waiting = db.session.execute(
+    offered_here = (
+        UnitReport.agency_id == agency.id,
+        UnitReport.target_customer == target.customer_id,
+        (UnitReport.target_event_name if target.mode == "meter" else UnitReport.target_price) == target.name,
+        UnitReport.stripe_timestamp >= window.start,
+        UnitReport.stripe_timestamp < window.end,
+    )
+    not_confirmed = UnitReport.units - UnitReport.units_confirmed
+    sent, unconfirmed = db.session.execute(
         select(
-            _units_where(UnitReport.status == "sent"),
-            _units_where((UnitReport.status != "sent") & UnitReport.first_attempt_at.is_not(None)),
-            _units_where((UnitReport.status != "sent") & UnitReport.first_attempt_at.is_(None)),
-        ).where(
-            UnitReport.client_id.in_(line.client_ids),
+            func.coalesce(func.sum(UnitReport.units_confirmed), 0),
+            _units_where(UnitReport.in_doubt_since.is_not(None), not_confirmed),
+        ).where(*offered_here)
+    ).one()
+    waiting = db.session.scalar(
+        select(func.coalesce(func.sum(not_confirmed), 0)).where(
+            UnitReport.client_id.in_(current_clients or {0}),
+            UnitReport.status != "sent",
+            UnitReport.in_doubt_since.is_(None),
             UnitReport.usage_timestamp >= window.start,
             UnitReport.usage_timestamp < window.end,
         )
-    ).one()
+    )
     line.units_sent, line.units_unconfirmed, line.units_waiting = int(sent), int(unconfirmed), int(waiting)
     return line
 
 
-def _units_where(condition):
-    """Sum the units of the reports matching a condition (0 when none)."""
-    return func.coalesce(func.sum(case((condition, UnitReport.units), else_=0)), 0)
+def _units_where(condition, units):
+    """Sum ``units`` over the reports matching a condition (0 when none)."""
+    return func.coalesce(func.sum(case((condition, units), else_=0)), 0)
 
 
-def _stripe_window(gateway: StripeGateway, client: RebillClient, now: dt.datetime) -> StripeWindowTotal | None:
-    """Read Stripe's total for the client's current period (subscription period, else the calendar month)."""
-    if client.report_mode == "legacy":
-        item = client.subscription_item_id or gateway.find_subscription_item(
-            client.stripe_customer_id, client.stripe_price_id
-        )
+def _stripe_window(gateway: StripeGateway, target: _Target, now: dt.datetime) -> StripeWindowTotal | None:
+    """Read Stripe's total for the target's current period (subscription period, else the calendar month)."""
+    if target.mode == "legacy":
+        item = gateway.find_subscription_item(target.customer_id, target.price_id)
         return gateway.usage_record_total(item, now) if item else None
-    if not client.meter_id:
+    if not target.meter_id:
         raise _NoMeter()
-    period = gateway.subscription_period(client.stripe_customer_id, client.stripe_price_id)
-    start, end = period if period else (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), now)
-    return gateway.meter_event_total(client.meter_id, client.stripe_customer_id, start, min(end, now))
+    period = gateway.subscription_period(target.customer_id, target.price_id) if target.price_id else None
+    if period is not None:
+        start, end = period.start, period.end
+    else:
+        start, end = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), now
+    return gateway.meter_event_total(target.meter_id, target.customer_id, start, min(end, now))
 
 
 class _NoMeter(StripeGatewayError):
     def __init__(self):
-        super().__init__("the client's meter id is unknown; edit the client to refresh its price")
+        super().__init__("the meter id is unknown; edit the client to refresh its price")

@@ -1,37 +1,53 @@
 """Reporting: drain the unit outbox (UnitReport rows) into each agency's Stripe, every unit exactly once.
 
-How a tick sends (docs/billing-rules.md rules 6-7; docs/stripe.md §1.9, §3.4, §8):
+How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
 
-- Claim: due rows (``pending``, ``next_attempt_at <= now``, agency key ``ok``) about to be sent are leased
-  in a short transaction: ``next_attempt_at = now + LEASE``, ``attempts + 1`` and ``first_attempt_at``
-  (kept from the first attempt). On PostgreSQL the claim selects with ``FOR UPDATE SKIP LOCKED``; on SQLite
-  the claiming transaction takes the write lock before it reads. Either way two ticks or two schedulers
-  never hold the same row, and no database lock is held while Stripe is called.
-- Send: after the claim is committed. Each row goes with its own deterministic identifier. Aggregation
-  writes one row per client per pass, so a normal tick makes exactly one Stripe call per client with new
-  units (``value = k`` on a sum meter; k events ``<identifier>-<i>`` on a count meter). A backlog (after
-  an outage) is sent row by row, oldest first, never merged: merging would need a new identifier for units
-  that may already sit in Stripe under the old one. Rows of one customer and meter go in order on one
-  thread (Stripe allows one concurrent call per customer per meter); different customers go in parallel.
-- Record: a row is marked ``sent`` only after Stripe answered, or answered "an event already exists with
-  identifier" (it was delivered before). A crash between Stripe and this commit leaves the row leased;
-  when the lease ends the next tick resends the same identifier and Stripe deduplicates it.
+- Claim: due rows (``pending``, ``next_attempt_at <=`` the tick's start, agency key ``ok``) are leased in a
+  short transaction: ``next_attempt_at = now + LEASE`` and the attempt counted (``attempts + 1``,
+  ``first_attempt_at`` kept from the first). Attempt history is append-only: nothing lowers ``attempts`` or
+  clears ``first_attempt_at``. Rows are taken round-robin across agencies (each agency's oldest row, then
+  each agency's second...), so one agency's backlog never pushes another's rows out of a batch. On
+  PostgreSQL the claim locks with ``FOR UPDATE SKIP LOCKED``; on SQLite the claiming transaction takes the
+  write lock before it reads. Two ticks never hold the same row; no database lock is held while Stripe is
+  called.
+- Target (rule 9): a row's first offer records where it goes (the agency's Stripe account, meter event name
+  and payload keys or legacy subscription item, customer, price, timestamp) in the row, committed before
+  Stripe is called. While any of its units may be in Stripe (``in_doubt_since`` set, or some count-meter
+  events confirmed) every retry, the >24 h check and reconcile use that record, never the client's current
+  settings. Once Stripe answered every offer with a refusal, none of it is in Stripe and the next offer
+  records the client's (fixed) settings afresh.
+- Timestamp (rule 10): the usage time, unless it lies before the customer's current billing period (whose
+  previous invoice may be finalized: usage stamped there is billed nowhere, or refused for legacy usage
+  records) or beyond Stripe's 35 days; then the start of the current period (or now), and the row says so
+  in ``timestamp_shift``. Usage younger than PERIOD_CHECK_AGE is sent as is without asking Stripe: it lies in
+  the current period or in the previous one's finalization grace (an hour by default).
+- Send: rows of one customer and meter go in order on one thread (Stripe allows one concurrent call per
+  customer per meter); different customers go in parallel. A sum meter gets one event of value k, a legacy
+  price one usage record of k. A count meter gets k events ``<identifier>-<n>``, at most
+  COUNT_EVENTS_PER_CLAIM per claim, and the row records how many Stripe confirmed (``units_confirmed``), so a
+  resend, a crash or a lease expiry resumes after the last confirmed event, and a huge row goes back in line
+  between slices instead of holding the tick.
+- Budget (rule 8): a tick stops claiming and sending when its time budget is spent (a call in flight is
+  finished) and leaves the rest, untouched, for the next tick. An unexpected error on one row quarantines
+  that row (visible reason, retried with backoff); the tick goes on.
+- Record: a row is ``sent`` only after Stripe answered, or answered "an event already exists with
+  identifier" (delivered before). A crash before this commit leaves the row leased and in doubt; after the
+  lease the same identifiers go again and Stripe deduplicates them (~24 h).
 - Errors: StripeUnavailable (429/5xx/connection/timeout) → retried with exponential backoff and jitter;
-  StripeKeyRejected (401/403) → the agency is flagged ``needs_attention`` and its rows are released
-  untouched (no retry storm: nothing of that agency is sent until the key is fixed); StripeRequestRejected
-  (unknown customer, no subscription item, no active meter…) → ``failed`` with Stripe's reason, retried
-  after the agency fixes the client or the key (``retry_failed_reports``).
-- Stripe deduplicates identifiers (and idempotency keys) only for ~24 h. A row first attempted more than
-  DEDUPE_SAFE_AGE ago is never resent blindly: Stripe's totals for its window (meter event summaries, or
-  the legacy usage-record summary) are compared with what the ledger knows was sent; Stripe having exactly
-  this row's units extra → ``sent``; nothing extra → resent; anything else → ``failed`` "needs reconcile".
-- Timestamps: a row older than MAX_EVENT_AGE (Stripe takes meter events up to 35 days back) fails with
-  that reason; a row stamped in the future waits until its time.
+  StripeKeyRejected (401/403) → the agency is flagged ``needs_attention`` and its rows wait for the key;
+  StripeRequestRejected (unknown customer, no subscription item, no active meter…) → ``failed`` with
+  Stripe's reason, re-offered after the agency fixes the client or key (``retry_failed_reports``); a
+  refused timestamp (before the current period, older than 35 days) is re-stamped and re-offered at once.
+- Past Stripe's ~24 h dedupe window a row in doubt is never resent blindly: Stripe's totals for its target
+  and window (meter event summaries, or the legacy usage-record summary) are compared with what the ledger
+  knows is there; exactly this row's missing units extra → delivered; nothing extra → resent (re-stamped if
+  its timestamp is no longer accepted); anything else → ``failed`` "needs reconcile".
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import random
 import threading
@@ -39,19 +55,19 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flask import current_app
 from sqlalchemy import bindparam, func, select, update
 
 from billing.models import Agency, RebillClient, UnitReport
 from billing.stripe_gateway import (
-    MeterDelivery,
     StripeGateway,
-    StripeGatewayError,
     StripeKeyRejected,
     StripeRequestRejected,
     StripeUnavailable,
+    SubscriptionPeriod,
+    count_event_identifier,
     gateway_for,
 )
 from billing.units import take_write_lock
@@ -62,47 +78,67 @@ log = logging.getLogger("billing.reporting")
 # Longer than the slowest possible Stripe call (timeout x attempts + SDK backoff), so a lease never ends
 # while its tick is still talking to Stripe; a crashed tick's rows wait this long before being resent.
 LEASE = dt.timedelta(minutes=5)
-# Stripe keeps identifiers "within a rolling period of at least 24 hours" (docs/stripe.md §1.3); an hour of margin.
+# Stripe keeps identifiers "within a rolling period of at least 24 hours" (docs/stripe.md); an hour of margin.
 DEDUPE_SAFE_AGE = dt.timedelta(hours=23)
-# Meter events may be "within the past 35 calendar days" (docs/stripe.md §1.3); a margin for the call itself.
+# Meter events may be "within the past 35 calendar days" (docs/stripe.md); a margin for the call itself.
 MAX_EVENT_AGE = dt.timedelta(days=35) - dt.timedelta(minutes=10)
-TOO_OLD = (
-    "earlier attempts failed and the usage is now older than Stripe accepts (35 days); one may have reached "
-    "Stripe: run `rebill reconcile`"
-)
+# Usage younger than this is in the customer's current period or in the previous period's finalization grace
+# (one hour unless the account changed it: docs.stripe.com/billing/subscriptions/usage-based/configure-grace-
+# period), so it is sent with its own time without reading the subscription.
+PERIOD_CHECK_AGE = dt.timedelta(minutes=30)
+# A count-meter row sends at most this many events, or for at most this share of the tick's budget, per
+# claim; then it records its progress and goes back in line behind every other row due.
+COUNT_EVENTS_PER_CLAIM = 100
+COUNT_SLICE_SHARE = 0.1
+# Share of the scheduler interval a tick's reporting may take (the rest is aggregation and slack).
+BUDGET_SHARE = 0.75
 BACKOFF_BASE = dt.timedelta(seconds=30)
 BACKOFF_CAP = dt.timedelta(hours=1)
 CLAIM_BATCH = 1000
 NEEDS_RECONCILE = "needs reconcile"
+QUARANTINED = "quarantined"
+# Stripe's refusals of a timestamp: a meter event older than 35 days (code as in docs/stripe.md), a legacy
+# usage record before the current period ("Cannot create the usage record with this timestamp because
+# timestamps must be after the subscription's last invoice period (or current period start time).").
+STALE_TIMESTAMP_CODES = ("timestamp_too_far_in_past",)
+STALE_TIMESTAMP_TEXT = "usage record with this timestamp"
 
 _REPORT = UnitReport.__table__
 _CLIENT = RebillClient.__table__
-_CLAIM_REPORT_COLUMNS = tuple(
-    _REPORT.c[name]
-    for name in (
-        "id",
-        "agency_id",
-        "client_id",
-        "identifier",
-        "units",
-        "usage_timestamp",
-        "attempts",
-        "first_attempt_at",
-    )
-)
-_CLAIM_CLIENT_COLUMNS = tuple(
-    _CLIENT.c[name]
-    for name in (
-        "report_mode",
-        "stripe_customer_id",
-        "stripe_price_id",
-        "meter_id",
-        "meter_event_name",
-        "meter_customer_key",
-        "meter_value_key",
-        "meter_formula",
-        "subscription_item_id",
-    )
+_AGENCY = Agency.__table__
+_TARGET_FROM_CLIENT = {
+    "target_mode": "report_mode",
+    "target_customer": "stripe_customer_id",
+    "target_price": "stripe_price_id",
+    "target_meter": "meter_id",
+    "target_event_name": "meter_event_name",
+    "target_customer_key": "meter_customer_key",
+    "target_value_key": "meter_value_key",
+    "target_formula": "meter_formula",
+}
+_CLAIM_COLUMNS = (
+    *(
+        _REPORT.c[name]
+        for name in (
+            "id",
+            "agency_id",
+            "client_id",
+            "identifier",
+            "units",
+            "usage_timestamp",
+            "attempts",
+            "first_attempt_at",
+            "target_account",
+            "target_subscription_item",
+            "stripe_timestamp",
+            "timestamp_shift",
+            "units_confirmed",
+            "in_doubt_since",
+            *_TARGET_FROM_CLIENT,
+        )
+    ),
+    *(_CLIENT.c[name] for name in _TARGET_FROM_CLIENT.values()),
+    _AGENCY.c.stripe_account_id,
 )
 
 
@@ -115,27 +151,33 @@ class ReportingResult:
     reports_failed: int = 0
     reports_retrying: int = 0
     reports_deferred: int = 0
+    reports_quarantined: int = 0
     stripe_calls: int = 0
     agencies_flagged: int = 0
+    budget_spent: bool = False
 
 
 @dataclass(frozen=True)
 class _Claim:
-    """A leased report and everything needed to send it, as plain data (sender threads never touch the DB)."""
+    """A leased report and its Stripe target, as plain data (sender threads never touch the database)."""
 
     report_id: int
     agency_id: int
-    client_id: int
     identifier: str
     units: int
-    timestamp: dt.datetime
+    units_confirmed: int  # before this attempt
+    usage_timestamp: dt.datetime
+    timestamp: dt.datetime | None  # what Stripe is given; None until stamped
+    timestamp_shift: str | None
     attempt: int
-    previous_first_attempt_at: dt.datetime | None  # before this claim; restored if Stripe was not reached
-    needs_check: bool  # first attempted beyond Stripe's dedupe window: ask Stripe before resending
+    previous_in_doubt_since: dt.datetime | None
     claimed_at: dt.datetime
-    report_mode: str
+    needs_check: bool  # in doubt beyond the dedupe window: ask Stripe's totals before any resend
+    needs_stamp: bool  # the timestamp depends on the customer's current period (asked of Stripe)
+    account: str | None
+    mode: str
     customer_id: str
-    price_id: str
+    price_id: str | None
     meter_id: str | None
     event_name: str | None
     customer_key: str | None
@@ -145,27 +187,38 @@ class _Claim:
 
     @property
     def send_group(self) -> tuple[str, str]:
-        """Rows sharing a customer and meter (or subscription item) are sent one after another."""
-        return self.customer_id, (self.event_name or "") if self.report_mode == "meter" else self.price_id
+        """Claims sharing a customer and meter (or legacy price) must go one at a time, in order."""
+        return (self.customer_id, self.event_name if self.mode == "meter" else (self.price_id or ""))
+
+    @property
+    def remaining(self) -> int:
+        return self.units - self.units_confirmed
 
 
 @dataclass(frozen=True)
 class _Outcome:
-    """What happened to one claim: delivered | unavailable | rejected | key_rejected | skipped."""
+    """What happened to one claim.
+
+    kind: delivered | progress (count-meter slice confirmed, more to send) | unavailable | rejected |
+    stale_timestamp | key_rejected | skipped (not offered) | quarantined.
+    ``confirmed`` counts units Stripe confirmed during this attempt; ``answered`` is False when this attempt
+    may have reached Stripe without an answer (the row is then in doubt).
+    """
 
     claim: _Claim
     kind: str
     reason: str | None = None
-    delivery: MeterDelivery | None = None
-    subscription_item_id: str | None = None
+    confirmed: int = 0
+    answered: bool = True
 
 
 class _TickClock:
-    """The tick's notion of now: the caller's ``now`` advanced by the real time elapsed since the start."""
+    """The tick's notion of now (the caller's ``now`` advanced by the real time elapsed) and its budget."""
 
-    def __init__(self, now: dt.datetime | None):
+    def __init__(self, now: dt.datetime | None, budget: dt.timedelta):
         self._start = now or utcnow()
         self._monotonic = time.monotonic()
+        self._budget = budget.total_seconds()
 
     def now(self) -> dt.datetime:
         return self._start + dt.timedelta(seconds=time.monotonic() - self._monotonic)
@@ -174,18 +227,36 @@ class _TickClock:
     def start(self) -> dt.datetime:
         return self._start
 
+    def spent(self) -> bool:
+        """Tell whether the tick's time budget is used up."""
+        return time.monotonic() - self._monotonic >= self._budget
 
-def report_pending_units(now: dt.datetime | None = None) -> ReportingResult:
-    """Send every due unit report to Stripe; commits its own short transactions (a job, not a service)."""
-    clock = _TickClock(now)
+    def slice_deadline(self, share: float) -> float:
+        """Return the monotonic time ``share`` of the budget from now."""
+        return time.monotonic() + self._budget * share
+
+
+def report_pending_units(now: dt.datetime | None = None, budget: dt.timedelta | None = None) -> ReportingResult:
+    """Send due unit reports to Stripe within a time budget; commits its own transactions (a job, not a service).
+
+    ``budget`` defaults to BUDGET_SHARE of the scheduler interval; what is left goes next tick.
+    """
+    config = current_app.config
+    if budget is None:
+        budget = dt.timedelta(seconds=config["REBILL_TICK_SECONDS"] * BUDGET_SHARE)
+    clock = _TickClock(now, budget)
     result = ReportingResult()
     gateways: dict[int, StripeGateway | StripeKeyRejected] = {}
-    workers = current_app.config["STRIPE_CONCURRENCY"]
+    workers = config["STRIPE_CONCURRENCY"]
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
+            # At least one batch per tick, so every agency with rows due makes progress whatever the budget.
             while claims := _claim_batch(clock, result):
                 outcomes = _process_batch(claims, gateways, clock, pool if workers > 1 else None)
                 _record_outcomes(outcomes, clock, result)
+                if clock.spent():
+                    break
+        result.budget_spent = clock.spent()
     finally:
         result.stripe_calls = sum(g.calls for g in gateways.values() if isinstance(g, StripeGateway))
     return result
@@ -194,10 +265,10 @@ def report_pending_units(now: dt.datetime | None = None) -> ReportingResult:
 def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:
     """Make the agency's failed reports (of one client, or all) due again; return how many. Flushes only.
 
-    Call it after the agency fixed what Stripe refused (client edited, key reconnected). Rows whose earlier
-    attempts are older than Stripe's dedupe window are still checked against Stripe before any resend.
-    "Needs reconcile" rows stay failed: their units may already be in Stripe, and after an edit the check
-    would look at the new customer or meter, so only a person who reconciled may release them.
+    Call it after the agency fixed what Stripe refused (client edited, key reconnected). A row Stripe refused
+    on every offer is then offered afresh to the client's current target with a valid timestamp; a row whose
+    units may be in Stripe keeps its recorded target and is checked against Stripe's totals before any
+    resend. "Needs reconcile" rows stay failed: only a person who reconciled may release them.
     """
     statement = (
         update(UnitReport)
@@ -225,135 +296,176 @@ def backoff_delay(attempts: int) -> dt.timedelta:
 
 
 def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
-    """Lease up to CLAIM_BATCH due rows (agencies with a working key) and commit before Stripe is called.
+    """Lease up to CLAIM_BATCH due rows, round-robin across agencies with a working key, and commit.
 
-    Three statements per batch, whatever its size: one read of the due rows with their clients (locked on
-    PostgreSQL, skipping rows another tick holds; on SQLite this transaction is the writer from the start),
-    one UPDATE leasing the rows about to be sent and counting the attempt, and one for the few rows not sent
-    now (future timestamp, too old, client incomplete). Each sent row gets one new version here, not two.
+    One read of the due rows with their clients (locked on PostgreSQL, skipping rows another tick holds; on
+    SQLite this transaction is the writer from the start), then the leases, attempt counts and first-offer
+    targets written row by row in one executemany, and the rows not sent now (future timestamp, client
+    incomplete, quarantined) likewise.
     """
     now = clock.now()
     take_write_lock()
     due = (
-        select(*_CLAIM_REPORT_COLUMNS, *_CLAIM_CLIENT_COLUMNS)
-        .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)
-        .where(
-            _REPORT.c.status == "pending",
-            _REPORT.c.next_attempt_at <= clock.start,
-            _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
+        _REPORT.c.status == "pending",
+        _REPORT.c.next_attempt_at <= clock.start,
+        _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
+    )
+    # Each agency's oldest due row first, then each one's second...: a backlog of one agency fills a batch
+    # only when no other agency has rows due.
+    ranked = (
+        select(
+            _REPORT.c.id, func.row_number().over(partition_by=_REPORT.c.agency_id, order_by=_REPORT.c.id).label("turn")
         )
+        .where(*due)
+        .subquery()
+    )
+    chosen = select(ranked.c.id).order_by(ranked.c.turn, ranked.c.id).limit(CLAIM_BATCH)
+    statement = (
+        select(*_CLAIM_COLUMNS)
+        .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)
+        .join(_AGENCY, _AGENCY.c.id == _REPORT.c.agency_id)
+        .where(_REPORT.c.id.in_(chosen), *due)
         .order_by(_REPORT.c.id)
-        .limit(CLAIM_BATCH)
     )
     if is_postgresql():
         # Rows another tick is claiming right now are skipped, not waited for; client and agency rows are
         # not locked. A row locked here is re-checked against the conditions in its newest version.
-        due = due.with_for_update(skip_locked=True, of=_REPORT)
-    rows = db.session.execute(due).all()
+        statement = statement.with_for_update(skip_locked=True, of=_REPORT)
+    rows = db.session.execute(statement).all()
     if not rows:
         db.session.rollback()
         return []
-    claims, held = [], []
+    claims, writes = [], []
     for row in rows:
-        claim = _prepare(row, now, result, held)
+        try:
+            claim = _prepare(row, now, result, writes)
+        except Exception as error:  # one bad row never stops the batch (rule 8)
+            log.exception("report quarantined", extra={"fields": {"report_id": row.id}})
+            writes.append(_quarantine_values(row.id, row.attempts + 1, now, f"{type(error).__name__}: {error}"))
+            result.reports_quarantined += 1
+            continue
         if claim is not None:
             claims.append(claim)
-    if claims:
-        db.session.execute(
-            update(_REPORT)
-            .where(_REPORT.c.id.in_([claim.report_id for claim in claims]))
-            .values(
-                next_attempt_at=now + LEASE,
-                attempts=_REPORT.c.attempts + 1,
-                first_attempt_at=func.coalesce(_REPORT.c.first_attempt_at, now),
-            )
-        )
-    _write_rows(held)
+            writes.append(_claim_values(claim, row, now))
+    _write_rows(writes)
     db.session.commit()
     return claims
 
 
-def _process_batch(
-    claims: list[_Claim],
-    gateways: dict[int, StripeGateway | StripeKeyRejected],
-    clock: _TickClock,
-    pool: ThreadPoolExecutor | None,
-) -> list[_Outcome]:
-    """Check old attempts, then send a batch of claims; return one outcome per claim."""
-    by_agency: dict[int, list[_Claim]] = defaultdict(list)
-    for claim in claims:
-        by_agency[claim.agency_id].append(claim)
-    outcomes: list[_Outcome] = []
-    sendable: dict[int, list[_Claim]] = {}
-    for agency_id, agency_claims in by_agency.items():
-        gateway = _gateway(agency_id, gateways)
-        if isinstance(gateway, StripeKeyRejected):
-            outcomes.append(_Outcome(agency_claims[0], "key_rejected", gateway.reason))
-            outcomes.extend(_Outcome(claim, "skipped") for claim in agency_claims[1:])
-            continue
-        checked = _check_old_attempts(gateway, agency_claims, clock)
-        outcomes.extend(checked.values())
-        if any(outcome.kind == "key_rejected" for outcome in checked.values()):
-            outcomes.extend(_Outcome(c, "skipped") for c in agency_claims if c.report_id not in checked)
-            continue
-        sendable[agency_id] = [claim for claim in agency_claims if claim.report_id not in checked]
-    return outcomes + _send_claims(gateways, sendable, pool)
-
-
-def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected]):
-    """Return the tick's gateway for an agency (built once), or the key problem that prevents one."""
-    if agency_id not in gateways:
-        try:
-            gateways[agency_id] = gateway_for(db.session.get(Agency, agency_id))
-        except StripeKeyRejected as error:
-            gateways[agency_id] = error
-        db.session.rollback()
-    return gateways[agency_id]
-
-
-def _prepare(row, now: dt.datetime, result: ReportingResult, held: list[dict]) -> _Claim | None:
-    """Decide what to do with a leased row: a claim to send now, or the row's new values in ``held``."""
-    if row.usage_timestamp > now:
-        held.append({"b_id": row.id, "next_attempt_at": row.usage_timestamp})  # never send a future timestamp
-        result.reports_deferred += 1
-        return None
-    timestamp = row.usage_timestamp
-    if timestamp < now - MAX_EVENT_AGE:
-        if row.first_attempt_at is not None:
-            held.append({"b_id": row.id, "status": "failed", "last_error": f"{NEEDS_RECONCILE}: {TOO_OLD}"})
+def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict]) -> _Claim | None:
+    """Decide what to do with a due row: a claim to send now, or the row's new values in ``writes``."""
+    keep_target = row.target_mode is not None and (row.in_doubt_since is not None or row.units_confirmed > 0)
+    if not keep_target:
+        if row.usage_timestamp > now:
+            writes.append({"b_id": row.id, "next_attempt_at": row.usage_timestamp})  # never a future timestamp
+            result.reports_deferred += 1
+            return None
+        problem = _client_problem(row)
+        if problem:
+            writes.append({"b_id": row.id, "status": "failed", "last_error": problem})
             result.reports_failed += 1
             return None
-        # Logged but never offered to Stripe (a key problem or outage that lasted weeks, or usage that
-        # arrived already that old): none of it can be in Stripe, so bill it now rather than lose it.
-        timestamp = now
-        held.append({"b_id": row.id, "usage_timestamp": now})
-    problem = _client_problem(row)
-    if problem:
-        held.append({"b_id": row.id, "status": "failed", "last_error": problem})
+        fresh = _Claim(
+            report_id=row.id,
+            agency_id=row.agency_id,
+            identifier=row.identifier,
+            units=row.units,
+            units_confirmed=row.units_confirmed,
+            usage_timestamp=row.usage_timestamp,
+            timestamp=row.usage_timestamp,
+            timestamp_shift=None,
+            attempt=row.attempts + 1,
+            previous_in_doubt_since=None,
+            claimed_at=now,
+            needs_check=False,
+            needs_stamp=row.report_mode == "legacy" or row.usage_timestamp < now - PERIOD_CHECK_AGE,
+            account=row.stripe_account_id,
+            mode=row.report_mode,
+            customer_id=row.stripe_customer_id,
+            price_id=row.stripe_price_id,
+            meter_id=row.meter_id,
+            event_name=row.meter_event_name,
+            customer_key=row.meter_customer_key or "stripe_customer_id",
+            value_key=row.meter_value_key or "value",
+            formula=row.meter_formula,
+            subscription_item_id=None,
+        )
+        return replace(fresh, timestamp=None) if fresh.needs_stamp else fresh
+    if row.target_account and row.stripe_account_id and row.target_account != row.stripe_account_id:
+        writes.append(
+            {
+                "b_id": row.id,
+                "status": "failed",
+                "last_error": f"{NEEDS_RECONCILE}: first offered to Stripe account {row.target_account}, but "
+                f"the agency's key now opens {row.stripe_account_id}; some units may be in the first account",
+            }
+        )
         result.reports_failed += 1
         return None
-    previous_first = row.first_attempt_at
+    timestamp = row.stripe_timestamp
+    needs_check = row.in_doubt_since is not None and row.in_doubt_since <= now - DEDUPE_SAFE_AGE
+    stale = timestamp is None or timestamp < now - MAX_EVENT_AGE
+    if stale and row.in_doubt_since is not None and not needs_check:
+        # Only Stripe's totals can tell whether the doubtful offer landed, and only once the dedupe window
+        # is over; then the rest goes with a new timestamp (rule 10: never left unbillable).
+        writes.append({"b_id": row.id, "next_attempt_at": row.in_doubt_since + DEDUPE_SAFE_AGE})
+        result.reports_deferred += 1
+        return None
     return _Claim(
         report_id=row.id,
         agency_id=row.agency_id,
-        client_id=row.client_id,
         identifier=row.identifier,
         units=row.units,
-        timestamp=timestamp,
-        attempt=row.attempts + 1,  # counted by _claim_batch's UPDATE, under the row's lock
-        previous_first_attempt_at=previous_first,
-        needs_check=previous_first is not None and previous_first <= now - DEDUPE_SAFE_AGE,
+        units_confirmed=row.units_confirmed,
+        usage_timestamp=row.usage_timestamp,
+        timestamp=None if stale else timestamp,
+        timestamp_shift=row.timestamp_shift,
+        attempt=row.attempts + 1,
+        previous_in_doubt_since=row.in_doubt_since,
         claimed_at=now,
-        report_mode=row.report_mode,
-        customer_id=row.stripe_customer_id,
-        price_id=row.stripe_price_id,
-        meter_id=row.meter_id,
-        event_name=row.meter_event_name,
-        customer_key=row.meter_customer_key,
-        value_key=row.meter_value_key,
-        formula=row.meter_formula,
-        subscription_item_id=row.subscription_item_id,
+        needs_check=needs_check,
+        needs_stamp=stale,
+        account=row.target_account,
+        mode=row.target_mode,
+        customer_id=row.target_customer,
+        price_id=row.target_price,
+        meter_id=row.target_meter,
+        event_name=row.target_event_name,
+        customer_key=row.target_customer_key or "stripe_customer_id",
+        value_key=row.target_value_key or "value",
+        formula=row.target_formula,
+        subscription_item_id=row.target_subscription_item,
     )
+
+
+def _claim_values(claim: _Claim, row, now: dt.datetime) -> dict:
+    """The row's lease, attempt and, when about to be offered, its target and doubt (written before sending)."""
+    values = {
+        "b_id": claim.report_id,
+        "next_attempt_at": now + LEASE,
+        "attempts": claim.attempt,  # read under the row's lock: the claim counts exactly one attempt
+        "first_attempt_at": row.first_attempt_at or now,
+        "target_account": claim.account,
+        "stripe_timestamp": claim.timestamp,
+        "target_subscription_item": claim.subscription_item_id,
+        "timestamp_shift": claim.timestamp_shift,
+        **{target: getattr(claim, field) for target, field in _TARGET_FIELDS.items()},
+    }
+    if not claim.needs_stamp and not claim.needs_check:
+        values["in_doubt_since"] = claim.previous_in_doubt_since or now  # offered right after this commit
+    return values
+
+
+_TARGET_FIELDS = {
+    "target_mode": "mode",
+    "target_customer": "customer_id",
+    "target_price": "price_id",
+    "target_meter": "meter_id",
+    "target_event_name": "event_name",
+    "target_customer_key": "customer_key",
+    "target_value_key": "value_key",
+    "target_formula": "formula",
+}
 
 
 def _client_problem(client) -> str | None:
@@ -369,78 +481,198 @@ def _client_problem(client) -> str | None:
     return None
 
 
-# ---- the 24 h rule -------------------------------------------------------------------------------------
+def _quarantine_values(report_id: int, attempt: int, now: dt.datetime, problem: str) -> dict:
+    """Set a row aside after an unexpected error: visible reason, retried later with backoff (rule 8)."""
+    return {
+        "b_id": report_id,
+        "next_attempt_at": now + backoff_delay(attempt),
+        "last_error": f"{QUARANTINED}: Rebill could not process this report ({problem}); retried automatically",
+    }
 
 
-def _check_old_attempts(gateway: StripeGateway, claims: list[_Claim], clock: _TickClock) -> dict[int, _Outcome]:
-    """Ask Stripe about rows first attempted beyond the dedupe window; return outcomes for rows not to resend."""
-    outcomes: dict[int, _Outcome] = {}
+# ---- before sending: the 24 h check and the timestamp ---------------------------------------------------
+
+
+def _process_batch(
+    claims: list[_Claim],
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    clock: _TickClock,
+    pool: ThreadPoolExecutor | None,
+) -> list[_Outcome]:
+    """Check old doubts, stamp, record the targets, then send a batch of claims; one outcome per claim."""
+    by_agency: dict[int, list[_Claim]] = defaultdict(list)
     for claim in claims:
-        if not claim.needs_check:
+        by_agency[claim.agency_id].append(claim)
+    outcomes: list[_Outcome] = []
+    sendable: dict[int, list[_Claim]] = {}
+    for agency_id, agency_claims in by_agency.items():
+        gateway = _gateway(agency_id, gateways)
+        if isinstance(gateway, StripeKeyRejected):
+            outcomes.append(_Outcome(agency_claims[0], "key_rejected", gateway.reason))
+            outcomes.extend(_Outcome(claim, "skipped") for claim in agency_claims[1:])
             continue
-        if outcomes and any(o.kind == "key_rejected" for o in outcomes.values()):
-            outcomes[claim.report_id] = _Outcome(claim, "skipped")
+        ready, decided = _ready_to_send(gateway, agency_claims, clock)
+        outcomes.extend(decided)
+        if any(outcome.kind == "key_rejected" for outcome in decided):
+            outcomes.extend(_Outcome(claim, "skipped") for claim in ready)
+            continue
+        sendable[agency_id] = ready
+    _record_targets([claim for ready in sendable.values() for claim in ready if claim.needs_stamp], clock.now())
+    return outcomes + _send_claims(gateways, sendable, pool, clock)
+
+
+def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected]):
+    """Return the tick's gateway for an agency (built once), or the key problem that prevents one."""
+    if agency_id not in gateways:
+        try:
+            gateways[agency_id] = gateway_for(db.session.get(Agency, agency_id))
+        except StripeKeyRejected as error:
+            gateways[agency_id] = error
+        db.session.rollback()
+    return gateways[agency_id]
+
+
+def _ready_to_send(
+    gateway: StripeGateway, claims: list[_Claim], clock: _TickClock
+) -> tuple[list[_Claim], list[_Outcome]]:
+    """Run the >24 h check and the period lookup where needed; return claims to send and decided outcomes."""
+    ready: list[_Claim] = []
+    decided: list[_Outcome] = []
+    periods: dict[tuple[str, str | None], SubscriptionPeriod | None] = {}
+    for claim in claims:
+        if any(outcome.kind == "key_rejected" for outcome in decided):
+            decided.append(_Outcome(claim, "skipped"))
             continue
         try:
-            verdict = _compare_with_stripe(gateway, claim)
+            if claim.needs_check:
+                checked = _compare_with_stripe(gateway, claim)
+                if isinstance(checked, _Outcome):
+                    decided.append(checked)
+                    continue
+                claim = checked
+            if claim.needs_stamp:
+                stamped = _stamp(gateway, claim, clock.now(), periods)
+                if isinstance(stamped, _Outcome):
+                    decided.append(stamped)
+                    continue
+                claim = stamped
         except StripeUnavailable as error:
-            outcomes[claim.report_id] = _Outcome(claim, "unavailable", error.reason)
+            decided.append(_Outcome(claim, "unavailable", error.reason))
         except StripeKeyRejected as error:
-            outcomes[claim.report_id] = _Outcome(claim, "key_rejected", error.reason)
+            decided.append(_Outcome(claim, "key_rejected", error.reason))
         except StripeRequestRejected as error:
-            outcomes[claim.report_id] = _Outcome(claim, "rejected", f"{NEEDS_RECONCILE}: {error.reason}")
+            prefix = f"{NEEDS_RECONCILE}: " if claim.needs_check else ""
+            decided.append(_Outcome(claim, "rejected", f"{prefix}{error.reason}"))
+        except Exception as error:  # rule 8: this row is set aside, the others go on
+            log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
+            decided.append(_Outcome(claim, "quarantined", f"{type(error).__name__}: {error}"))
         else:
-            if verdict is not None:
-                outcomes[claim.report_id] = verdict
+            ready.append(claim)
     db.session.rollback()
-    return outcomes
+    return ready, decided
 
 
-def _compare_with_stripe(gateway: StripeGateway, claim: _Claim) -> _Outcome | None:
-    """Return "delivered" or "needs reconcile" from Stripe's totals, or None when resending is safe."""
-    if claim.report_mode == "meter":
+def _stamp(
+    gateway: StripeGateway,
+    claim: _Claim,
+    now: dt.datetime,
+    periods: dict[tuple[str, str | None], SubscriptionPeriod | None],
+) -> _Claim | _Outcome:
+    """Give a claim the timestamp (and legacy subscription item) its units bill on (rule 10)."""
+    base, shift = claim.usage_timestamp, None
+    if base < now - MAX_EVENT_AGE:
+        base, shift = now, "usage older than Stripe's 35 days; billed at its first offer"
+    key = (claim.customer_id, claim.price_id)
+    if claim.mode == "legacy" or base < now - PERIOD_CHECK_AGE:
+        if key not in periods:
+            periods[key] = gateway.subscription_period(claim.customer_id, claim.price_id) if claim.price_id else None
+        period = periods[key]
+    else:
+        period = None
+    item = None
+    if claim.mode == "legacy":
+        if period is None:
+            return _Outcome(
+                claim, "rejected", f"customer {claim.customer_id} has no active subscription on price {claim.price_id}"
+            )
+        item = period.subscription_item_id
+    if period is not None and base < period.start:
+        base = min(period.start, now)
+        shift = (
+            f"usage of {claim.usage_timestamp:%Y-%m-%d %H:%M} UTC falls before the customer's current billing "
+            f"period (from {period.start:%Y-%m-%d %H:%M} UTC), whose invoice may be final; billed on the next invoice"
+        )
+    item = item or claim.subscription_item_id
+    return replace(claim, timestamp=base, timestamp_shift=shift, subscription_item_id=item)
+
+
+def _record_targets(claims: list[_Claim], now: dt.datetime) -> None:
+    """Commit the stamped timestamps and targets, and the doubt of the coming offer, before Stripe is called."""
+    _write_rows(
+        [
+            {
+                "b_id": claim.report_id,
+                "stripe_timestamp": claim.timestamp,
+                "timestamp_shift": claim.timestamp_shift,
+                "target_subscription_item": claim.subscription_item_id,
+                "units_confirmed": claim.units_confirmed,
+                "in_doubt_since": claim.previous_in_doubt_since or now,
+            }
+            for claim in claims
+        ]
+    )
+    db.session.commit()
+
+
+def _compare_with_stripe(gateway: StripeGateway, claim: _Claim) -> _Claim | _Outcome:
+    """Settle a doubtful row from Stripe's totals for its recorded target and window.
+
+    Returns an outcome ("delivered" or "needs reconcile"), or the claim to resend: with nothing of it extra
+    in Stripe, or (count meter) after the extra events, which were sent in order, are counted as confirmed.
+    """
+    stamp = claim.timestamp or claim.usage_timestamp
+    if claim.mode == "meter":
         if not claim.meter_id:
-            return _Outcome(claim, "rejected", f"{NEEDS_RECONCILE}: the client's meter id is unknown")
-        window = gateway.meter_event_total(claim.meter_id, claim.customer_id, claim.timestamp, claim.timestamp)
-        same_target = (RebillClient.meter_event_name == claim.event_name,)
+            return _Outcome(claim, "rejected", f"{NEEDS_RECONCILE}: the report's meter id is unknown")
+        window = gateway.meter_event_total(claim.meter_id, claim.customer_id, stamp, stamp)
+        same_target = (UnitReport.target_event_name == claim.event_name,)
     else:
         item = claim.subscription_item_id or gateway.find_subscription_item(claim.customer_id, claim.price_id)
-        window = gateway.usage_record_total(item, claim.timestamp) if item else None
+        window = gateway.usage_record_total(item, stamp) if item else None
         if window is None:
             return _Outcome(
                 claim, "rejected", f"{NEEDS_RECONCILE}: Stripe shows no usage period for this report's time"
             )
-        same_target = (RebillClient.stripe_price_id == claim.price_id,)
+        same_target = (UnitReport.target_subscription_item == item,)
     in_window = (
         UnitReport.agency_id == claim.agency_id,
         UnitReport.id != claim.report_id,
-        UnitReport.usage_timestamp >= window.start,
-        UnitReport.usage_timestamp < window.end,
-        RebillClient.stripe_customer_id == claim.customer_id,
+        UnitReport.stripe_timestamp >= window.start,
+        UnitReport.stripe_timestamp < window.end,
+        UnitReport.target_customer == claim.customer_id,
         *same_target,
     )
-    sent = db.session.scalar(
-        select(func.coalesce(func.sum(UnitReport.units), 0))
-        .join(RebillClient, RebillClient.id == UnitReport.client_id)
-        .where(*in_window, UnitReport.status == "sent")
-    )
-    # Other rows attempted before this claim and not confirmed may or may not be in Stripe's total.
+    known = db.session.scalar(select(func.coalesce(func.sum(UnitReport.units_confirmed), 0)).where(*in_window))
+    # Other rows in doubt from before this claim may or may not be in Stripe's total.
     unconfirmed = db.session.scalar(
         select(func.count())
         .select_from(UnitReport)
-        .join(RebillClient, RebillClient.id == UnitReport.client_id)
-        .where(*in_window, UnitReport.status != "sent", UnitReport.first_attempt_at < claim.claimed_at)
+        .where(*in_window, UnitReport.in_doubt_since.is_not(None), UnitReport.in_doubt_since < claim.claimed_at)
     )
-    extra = window.total - sent
+    extra = window.total - known - claim.units_confirmed
     if extra == 0:
-        return None  # Stripe has none of it: resending is safe (a recent copy would be deduplicated anyway)
-    if extra == claim.units and unconfirmed == 0:
-        return _Outcome(claim, "delivered", "confirmed from Stripe's totals after the 24 h dedupe window")
+        return claim  # Stripe has none of the rest: resending is safe (a recent copy would be deduplicated)
+    if unconfirmed == 0 and extra == claim.remaining:
+        return _Outcome(
+            claim, "delivered", "confirmed from Stripe's totals after the 24 h dedupe window", confirmed=claim.remaining
+        )
+    if unconfirmed == 0 and claim.formula == "count" and 0 < extra < claim.remaining:
+        return replace(claim, units_confirmed=claim.units_confirmed + int(extra))
     return _Outcome(
         claim,
         "rejected",
-        f"{NEEDS_RECONCILE}: first sent over 24 h ago and Stripe's total for its window is {window.total} "
-        f"against {sent} known sent (+{claim.units} here, {unconfirmed} other unconfirmed); not resent",
+        f"{NEEDS_RECONCILE}: first offered over 24 h ago and Stripe's total for its window is {window.total} "
+        f"against {known} known there (+{claim.remaining} here, {unconfirmed} other rows in doubt); not resent",
     )
 
 
@@ -451,82 +683,99 @@ def _send_claims(
     gateways: dict[int, StripeGateway | StripeKeyRejected],
     claims_by_agency: dict[int, list[_Claim]],
     pool: ThreadPoolExecutor | None,
+    clock: _TickClock,
 ) -> list[_Outcome]:
     """Send claims: in order within a customer+meter group; groups in parallel up to STRIPE_CONCURRENCY.
 
     Each agency's first group goes before its others, so a revoked key costs one refused call per agency,
-    not one per thread.
+    not one per thread; the other groups follow round-robin across agencies.
     """
-    first_groups, other_groups = [], []
+    first_groups, later = [], []
     stops = {agency_id: threading.Event() for agency_id in claims_by_agency}
     for agency_id, claims in claims_by_agency.items():
         groups: dict[tuple[str, str], list[_Claim]] = defaultdict(list)
         for claim in claims:
             groups[claim.send_group].append(claim)
-        ordered = list(groups.values())
-        if not ordered:
-            continue
-        first_groups.append((agency_id, ordered[0]))
-        other_groups.extend((agency_id, group) for group in ordered[1:])
+        ordered = [(agency_id, group) for group in groups.values()]
+        if ordered:
+            first_groups.append(ordered[0])
+            later.append(ordered[1:])
+    other_groups = [job for turn in itertools.zip_longest(*later) for job in turn if job is not None]
 
     def send(job: tuple[int, list[_Claim]]) -> list[_Outcome]:
         agency_id, group = job
-        return _send_group(gateways[agency_id], group, stops[agency_id])
+        return _send_group(gateways[agency_id], group, stops[agency_id], clock)
 
     run = pool.map if pool is not None else map
     outcomes = [outcome for group in run(send, first_groups) for outcome in group]
     return outcomes + [outcome for group in run(send, other_groups) for outcome in group]
 
 
-def _send_group(gateway: StripeGateway, claims: Iterable[_Claim], stop: threading.Event) -> list[_Outcome]:
+def _send_group(
+    gateway: StripeGateway, claims: Iterable[_Claim], stop: threading.Event, clock: _TickClock
+) -> list[_Outcome]:
     outcomes = []
-    blocked = False  # after a 429/5xx the rest of this customer's rows wait for the next tick
+    blocked = False  # after a 429/5xx or a partial slice the rest of this customer's rows wait
     for claim in claims:
-        if stop.is_set() or blocked:
+        if stop.is_set() or blocked or clock.spent():
             outcomes.append(_Outcome(claim, "skipped"))
             continue
-        outcome = _send_one(gateway, claim)
+        outcome = _send_one(gateway, claim, clock)
         if outcome.kind == "key_rejected":
             stop.set()
-        blocked = outcome.kind == "unavailable"
+        blocked = outcome.kind in ("unavailable", "progress")
         outcomes.append(outcome)
     return outcomes
 
 
-def _send_one(gateway: StripeGateway, claim: _Claim) -> _Outcome:
+def _send_one(gateway: StripeGateway, claim: _Claim, clock: _TickClock) -> _Outcome:
     timestamp = int(claim.timestamp.timestamp())
+    confirmed = 0
     try:
-        if claim.report_mode == "legacy":
-            item = claim.subscription_item_id or gateway.find_subscription_item(claim.customer_id, claim.price_id)
-            if item is None:
-                return _Outcome(
-                    claim,
-                    "rejected",
-                    f"customer {claim.customer_id} has no active subscription on price {claim.price_id}",
-                )
-            # Legacy usage records have no identifier: the idempotency key is the dedupe (docs/stripe.md §2.1).
-            gateway.send_usage_record(item, claim.units, timestamp, idempotency_key=claim.identifier)
-            return _Outcome(claim, "delivered", subscription_item_id=item)
-        delivery = gateway.send_meter_units(
-            event_name=claim.event_name,
-            customer_key=claim.customer_key or "stripe_customer_id",
-            value_key=claim.value_key or "value",
-            customer_id=claim.customer_id,
-            units=claim.units,
-            identifier=claim.identifier,
-            timestamp=timestamp,
-            formula=claim.formula,
-            attempt=claim.attempt,
-        )
-        return _Outcome(claim, "delivered", delivery=delivery)
+        if claim.remaining < 1:
+            raise ValueError(f"a report must carry at least one unit, this one has {claim.remaining}")
+        if claim.mode == "legacy":
+            # Legacy usage records have no identifier: the idempotency key is the dedupe (docs/stripe.md).
+            gateway.send_usage_record(
+                claim.subscription_item_id, claim.units, timestamp, idempotency_key=claim.identifier
+            )
+            return _Outcome(claim, "delivered", confirmed=claim.units)
+        if claim.formula == "count":
+            # Events in order from the first not confirmed; the slice ends early when the budget is spent.
+            last = min(claim.units, claim.units_confirmed + COUNT_EVENTS_PER_CLAIM)
+            slice_ends = clock.slice_deadline(COUNT_SLICE_SHARE)
+            for number in range(claim.units_confirmed + 1, last + 1):
+                if confirmed and (clock.spent() or time.monotonic() >= slice_ends):
+                    break
+                _send_event(gateway, claim, count_event_identifier(claim.identifier, number), 1, timestamp)
+                confirmed += 1
+            kind = "delivered" if confirmed == claim.remaining else "progress"
+            return _Outcome(claim, kind, confirmed=confirmed)
+        _send_event(gateway, claim, claim.identifier, claim.units, timestamp)
+        return _Outcome(claim, "delivered", confirmed=claim.units)
     except StripeUnavailable as error:
-        return _Outcome(claim, "unavailable", error.reason)
+        return _Outcome(claim, "unavailable", error.reason, confirmed, answered=False)
     except StripeKeyRejected as error:
-        return _Outcome(claim, "key_rejected", error.reason)
+        return _Outcome(claim, "key_rejected", error.reason, confirmed)
     except StripeRequestRejected as error:
-        return _Outcome(claim, "rejected", error.reason)
-    except StripeGatewayError as error:  # pragma: no cover - the three kinds above are exhaustive
-        return _Outcome(claim, "unavailable", error.reason)
+        stale = error.code in STALE_TIMESTAMP_CODES or STALE_TIMESTAMP_TEXT in error.reason
+        return _Outcome(claim, "stale_timestamp" if stale else "rejected", error.reason, confirmed)
+    except Exception as error:  # rule 8: this row is set aside (it may have reached Stripe), the others go on
+        log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
+        return _Outcome(claim, "quarantined", f"{type(error).__name__}: {error}", confirmed, answered=False)
+
+
+def _send_event(gateway: StripeGateway, claim: _Claim, identifier: str, value: int, timestamp: int) -> None:
+    gateway.send_meter_event(
+        event_name=claim.event_name,
+        customer_key=claim.customer_key,
+        value_key=claim.value_key,
+        customer_id=claim.customer_id,
+        value=value,
+        identifier=identifier,
+        timestamp=timestamp,
+        attempt=claim.attempt,
+    )
 
 
 # ---- recording -----------------------------------------------------------------------------------------
@@ -536,53 +785,60 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
     """Write what Stripe said and commit; flag agencies whose key Stripe refused.
 
     Delivered rows (nearly all of them) are marked in one UPDATE per distinct note; the rest row by row.
+    ``attempts`` and ``first_attempt_at`` are never touched here (append-only history).
     """
     now = clock.now()
     delivered: dict[str | None, list[int]] = defaultdict(list)
-    other_rows: list[dict] = []
+    rows: list[dict] = []
     key_problems: dict[int, str] = {}
-    found_items: dict[int, str] = {}
     for outcome in outcomes:
         claim = outcome.claim
         if outcome.kind == "delivered":
             delivered[outcome.reason].append(claim.report_id)
             result.reports_sent += 1
-            result.units_sent += claim.units
-            if outcome.subscription_item_id and outcome.subscription_item_id != claim.subscription_item_id:
-                found_items[claim.client_id] = outcome.subscription_item_id
+            result.units_sent += outcome.confirmed
+            continue
+        values = {
+            "b_id": claim.report_id,
+            "units_confirmed": claim.units_confirmed + outcome.confirmed,
+            # This offer answered: the row's doubt is what it was before; unanswered: it is in doubt from now.
+            "in_doubt_since": (claim.previous_in_doubt_since or claim.claimed_at)
+            if not outcome.answered
+            else claim.previous_in_doubt_since,
+        }
+        result.units_sent += outcome.confirmed
+        if outcome.kind == "progress":
+            # Every event of the slice answered, in order: nothing of this row is in doubt. Due again in this
+            # tick (next_attempt_at <= its start), behind every other agency's rows.
+            values.update(in_doubt_since=None, next_attempt_at=clock.start, last_error=None)
         elif outcome.kind == "unavailable":
-            other_rows.append(
-                {
-                    "b_id": claim.report_id,
-                    "next_attempt_at": now + backoff_delay(claim.attempt),
-                    "last_error": outcome.reason,
-                }
-            )
+            values.update(next_attempt_at=now + backoff_delay(claim.attempt), last_error=outcome.reason)
             result.reports_retrying += 1
         elif outcome.kind == "rejected":
-            other_rows.append({"b_id": claim.report_id, "status": "failed", "last_error": outcome.reason})
+            values.update(status="failed", last_error=outcome.reason)
             result.reports_failed += 1
-        else:  # key_rejected or skipped: Stripe did not apply it, so undo the claim as if never attempted
+        elif outcome.kind == "stale_timestamp":
+            # Stripe refused the time, so this offer left nothing; re-stamped at the next offer (rule 10).
+            values.update(
+                stripe_timestamp=None, next_attempt_at=now + backoff_delay(claim.attempt), last_error=outcome.reason
+            )
+            result.reports_retrying += 1
+        elif outcome.kind == "quarantined":
+            values.update(_quarantine_values(claim.report_id, claim.attempt, now, outcome.reason))
+            result.reports_quarantined += 1
+        else:  # key_rejected or skipped: not applied by Stripe; due again when the key works / next tick
             if outcome.kind == "key_rejected":
                 key_problems[claim.agency_id] = outcome.reason
-            other_rows.append(
-                {
-                    "b_id": claim.report_id,
-                    "attempts": claim.attempt - 1,
-                    "first_attempt_at": claim.previous_first_attempt_at,
-                    "next_attempt_at": now,
-                }
-            )
+            values.update(next_attempt_at=now)
             result.reports_deferred += 1
+        rows.append(values)
     for reason, report_ids in delivered.items():
         db.session.execute(
-            update(_REPORT).where(_REPORT.c.id.in_(report_ids)).values(status="sent", sent_at=now, last_error=reason)
+            update(_REPORT)
+            .where(_REPORT.c.id.in_(report_ids))
+            .values(status="sent", sent_at=now, last_error=reason, units_confirmed=_REPORT.c.units, in_doubt_since=None)
         )
-    _write_rows(other_rows)
-    for client_id, item in found_items.items():
-        client = db.session.get(RebillClient, client_id)
-        if client is not None and not client.subscription_item_id:
-            client.subscription_item_id = item
+    _write_rows(rows)
     for agency_id, reason in key_problems.items():
         _flag_agency(db.session.get(Agency, agency_id), reason, result)
     db.session.commit()

@@ -146,6 +146,15 @@ class WebhookEndpoint:
 
 
 @dataclass(frozen=True)
+class SubscriptionPeriod:
+    """The customer's live subscription item on a price and its current billing period [start, end)."""
+
+    subscription_item_id: str
+    start: dt.datetime
+    end: dt.datetime
+
+
+@dataclass(frozen=True)
 class StripeWindowTotal:
     """Stripe's aggregated usage of one customer over a window (meter summaries or a usage-record period)."""
 
@@ -169,6 +178,11 @@ def gateway_for(agency: Agency) -> StripeGateway:
         timeout=config["STRIPE_TIMEOUT_SECONDS"],
         max_network_retries=config["STRIPE_NETWORK_ATTEMPTS"] - 1,
     )
+
+
+def count_event_identifier(identifier: str, number: int) -> str:
+    """Return the identifier of event ``number`` (1-based) of a report on a count meter."""
+    return f"{identifier}-{number}"
 
 
 def key_mode(api_key: str) -> str:
@@ -333,19 +347,17 @@ class StripeGateway:
 
     def find_subscription_item(self, customer_id: str, price_id: str) -> str | None:
         """Return the customer's live subscription item on this price (legacy usage records need it)."""
-        item = self._subscription_item(customer_id, price_id)
-        return item.id if item is not None else None
+        period = self.subscription_period(customer_id, price_id)
+        return period.subscription_item_id if period is not None else None
 
-    def subscription_period(self, customer_id: str, price_id: str) -> tuple[dt.datetime, dt.datetime] | None:
-        """Return the current billing period of the customer's subscription item on this price, if any."""
-        item = self._subscription_item(customer_id, price_id)
-        start = getattr(item, "current_period_start", None) if item is not None else None
-        end = getattr(item, "current_period_end", None) if item is not None else None
-        if start is None or end is None:
-            return None
-        return _from_unix(start), _from_unix(end)
+    def subscription_period(self, customer_id: str, price_id: str) -> SubscriptionPeriod | None:
+        """Return the customer's live subscription item on this price with its current billing period.
 
-    def _subscription_item(self, customer_id: str, price_id: str):
+        Reads every subscription of the customer with that price and every item of each (a subscription
+        embeds only its first items and says ``items.has_more``). The period fields live on the item since
+        API version 2025-03-31.basil (docs.stripe.com/changelog/basil/2025-03-31/deprecate-subscription-
+        current-period-start-and-end). None when the customer has no live subscription on the price.
+        """
         # `price` filters subscriptions containing that price (docs/stripe.md §2.3); canceled ones are not listed.
         subscriptions = self._all(
             lambda params: self._client.v1.subscriptions.list(params), {"customer": customer_id, "price": price_id}
@@ -353,9 +365,20 @@ class StripeGateway:
         for subscription in subscriptions:
             if subscription.status not in ("active", "trialing", "past_due"):
                 continue
-            for item in subscription["items"].data:
+            items = subscription["items"]
+            listed = items.data
+            if items.has_more:
+                listed = self._all(
+                    lambda params: self._client.v1.subscription_items.list(params),
+                    {"subscription": subscription.id},
+                )
+            for item in listed:
                 if item.price.id == price_id:
-                    return item
+                    return SubscriptionPeriod(
+                        subscription_item_id=item.id,
+                        start=_from_unix(item.current_period_start),
+                        end=_from_unix(item.current_period_end),
+                    )
         return None
 
     # ---- sending units --------------------------------------------------------------------------------
@@ -381,34 +404,58 @@ class StripeGateway:
             raise ValueError("units must be positive")
         if formula == "count":
             # A count meter counts events, so k units need k events, each its own stable identifier.
-            identifiers = [(f"{identifier}-{number}", 1) for number in range(1, units + 1)]
+            events = ((count_event_identifier(identifier, number), 1) for number in range(1, units + 1))
         elif formula == "sum":
-            identifiers = [(identifier, units)]
+            events = iter([(identifier, units)])
         else:
             raise StripeRequestRejected(f"a meter with formula '{formula}' cannot carry units")
         accepted = already_there = 0
-        for event_identifier, value in identifiers:
-            # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
-            # 5xx from being replayed forever, while the SDK reuses it across its own retries (docs/stripe.md §8.3).
-            # POST /v1/billing/meter_events exactly as ``v1.billing.meter_events.create`` sends it (same
-            # encoding, retries and error handling), without building a MeterEvent object nobody reads
-            # (its CPU cost per call: see bench/README.md).
-            request = {
-                "event_name": event_name,
-                "identifier": event_identifier,
-                "timestamp": timestamp,
-                "payload": {customer_key: customer_id, value_key: str(value)},
-                "idempotency_key": f"{event_identifier}:a{attempt}",
-            }
-            try:
-                self._call(lambda r=request: self._client.raw_request("post", "/v1/billing/meter_events", **r))
-            except StripeRequestRejected as error:
-                if DUPLICATE_IDENTIFIER not in error.reason:
-                    raise
-                already_there += 1
-            else:
-                accepted += 1
+        for event_identifier, value in events:
+            new = self.send_meter_event(
+                event_name=event_name,
+                customer_key=customer_key,
+                value_key=value_key,
+                customer_id=customer_id,
+                value=value,
+                identifier=event_identifier,
+                timestamp=timestamp,
+                attempt=attempt,
+            )
+            accepted, already_there = accepted + new, already_there + (not new)
         return MeterDelivery(events_accepted=accepted, events_already_there=already_there)
+
+    def send_meter_event(
+        self,
+        *,
+        event_name: str,
+        customer_key: str,
+        value_key: str,
+        customer_id: str,
+        value: int,
+        identifier: str,
+        timestamp: int,
+        attempt: int,
+    ) -> bool:
+        """Send one meter event; True if Stripe took it now, False if it already had this identifier."""
+        # The identifier is the real dedupe; a fresh idempotency key per app-level attempt keeps a saved
+        # 5xx from being replayed forever, while the SDK reuses it across its own retries (docs/stripe.md §8.3).
+        # POST /v1/billing/meter_events exactly as ``v1.billing.meter_events.create`` sends it (same
+        # encoding, retries and error handling), without building a MeterEvent object nobody reads
+        # (its CPU cost per call: see bench/README.md).
+        request = {
+            "event_name": event_name,
+            "identifier": identifier,
+            "timestamp": timestamp,
+            "payload": {customer_key: customer_id, value_key: str(value)},
+            "idempotency_key": f"{identifier}:a{attempt}",
+        }
+        try:
+            self._call(lambda: self._client.raw_request("post", "/v1/billing/meter_events", **request))
+        except StripeRequestRejected as error:
+            if DUPLICATE_IDENTIFIER not in error.reason:
+                raise
+            return False
+        return True
 
     def send_usage_record(self, subscription_item: str, units: int, timestamp: int, idempotency_key: str) -> None:
         """Add k units to a legacy metered subscription item (``action=increment``, pre-basil API version)."""

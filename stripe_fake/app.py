@@ -41,7 +41,16 @@ METER_EVENT_MAX_AHEAD = 5 * 60
 LEGACY_USAGE_REMOVED_IN = "2025-03-31"
 LAST_LEGACY_VERSION = "2025-02-24.acacia"  # builders act as a pre-basil client so tests can seed legacy prices
 DEFAULT_API_VERSION = "2026-10-28.endive"  # what stripe-python 16.1.0 sends
-FAULTS = ("rate_limit", "server_error", "timeout", "accept_then_drop", "accept_then_500")
+FAULTS = ("rate_limit", "server_error", "timeout", "accept_then_drop", "accept_then_500", "revoke_key")
+# Meter-event identifiers are unique "within a rolling period of at least 24 hours"
+# (https://docs.stripe.com/api/billing/meter-event/create): the fake forgets them after exactly that.
+IDENTIFIER_TTL = 24 * 3600
+# An invoice is finalized an hour after its period ends unless the account sets another grace period
+# (https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period); usage reported for a
+# period after its invoice was finalized is billed on no invoice.
+INVOICE_GRACE = 3600
+# A subscription embeds its first 10 items; more are read from /v1/subscription_items (items.has_more).
+EMBEDDED_ITEMS = 10
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _SEARCH_CLAUSE = re.compile(r'(name|email|id)([:~])"((?:[^"\\]|\\.)*)"')
 _KEY_MODE = re.compile(r"^(sk|rk|pk)_(test|live)_")
@@ -128,6 +137,7 @@ class _Fault:
     method: str | None
     api_key: str | None
     headers: dict
+    skip: int = 0  # matching requests let through before the fault fires
 
 
 @dataclass
@@ -140,7 +150,7 @@ class _Tenant:
     objects: dict[str, dict[str, dict]] = field(default_factory=lambda: defaultdict(dict))
     events: list[dict] = field(default_factory=list)
     events_by: dict[tuple[str, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
-    identifiers: set[str] = field(default_factory=set)
+    identifiers: dict[str, int] = field(default_factory=dict)  # identifier -> when Stripe took it
     usage: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     idempotency: dict[str, tuple] = field(default_factory=dict)
     webhook_secrets: dict[str, str] = field(default_factory=dict)  # endpoint id -> whsec_… (shown at create only)
@@ -277,11 +287,23 @@ def _number(value: Decimal) -> int | float:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def _add_month(ts: int) -> int:
+def _add_month(ts: int, months: int = 1) -> int:
     d = datetime.fromtimestamp(ts, UTC)
-    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    year, month = divmod(d.month - 1 + months, 12)
+    year, month = d.year + year, month + 1
     return int(d.replace(year=year, month=month, day=min(d.day, calendar.monthrange(year, month)[1]))
                .timestamp())
+
+
+def _periods(anchor: int, until: int) -> list[tuple[int, int]]:
+    """Monthly billing periods from a subscription's anchor up to the one containing ``until``, oldest first."""
+    periods, months = [], 0
+    while True:
+        start, end = _add_month(anchor, months), _add_month(anchor, months + 1)
+        periods.append((start, end))
+        if end > until:
+            return periods
+        months += 1
 
 
 def _aggregate(formula: str, events: list[dict]) -> Decimal:
@@ -326,14 +348,23 @@ class FakeStripeState:
 
     def inject(self, path: str | re.Pattern, fault: str, times: int = 1, *, seconds: float = 2.0,
                method: str | None = None, api_key: str | None = None,
-               headers: Mapping[str, str] | None = None) -> None:
-        """Queue a fault for the next `times` matching requests (str = path prefix, compiled regex = search)."""
+               headers: Mapping[str, str] | None = None, after: int = 0) -> None:
+        """Queue a fault for the next `times` matching requests (str = path prefix, compiled regex = search).
+
+        ``after`` lets that many matching requests through first. ``revoke_key`` answers 401 and removes the
+        request's key for good, as when the agency rolls its key in the Dashboard.
+        """
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
         matches = path.search if isinstance(path, re.Pattern) else (lambda p, prefix=path: p.startswith(prefix))
         with self._lock:
             self._faults.append(_Fault(fault, matches, times, seconds, method and method.upper(), api_key,
-                                       dict(headers or {})))
+                                       dict(headers or {}), after))
+
+    def revoke_key(self, api_key: str) -> None:
+        """Forget a key: every later request with it answers 401 (the agency rolled it)."""
+        with self._lock:
+            self._keys.pop(api_key, None)
 
     def clear_faults(self) -> None:
         """Drop all queued faults."""
@@ -402,13 +433,48 @@ class FakeStripeState:
         """Delete a customer (reads then answer the `deleted: true` stub)."""
         return self._build(api_key, lambda t: self._api_delete_customer(t, {}, None, _id_of(customer)))
 
-    def create_subscription(self, api_key: str, customer: str | Mapping, price: str | Mapping,
-                            status: str = "active", start_date: int | None = None) -> dict:
-        """Create a one-item subscription in the given status (legacy prices allowed)."""
-        params = {"customer": _id_of(customer), "items": [{"price": _id_of(price)}],
+    def create_subscription(self, api_key: str, customer: str | Mapping,
+                            price: str | Mapping | list[str | Mapping], status: str = "active",
+                            start_date: int | None = None) -> dict:
+        """Create a subscription (one item per price) in the given status (legacy prices allowed).
+
+        Its billing periods are monthly from ``start_date`` and roll over as the fake's clock passes them.
+        """
+        prices = price if isinstance(price, list) else [price]
+        params = {"customer": _id_of(customer), "items": [{"price": _id_of(p)} for p in prices],
                   "backdate_start_date": start_date}
         return self._build(api_key, lambda t: self._api_create_subscription(
             t, params, LAST_LEGACY_VERSION, status))
+
+    def cancel_subscription(self, api_key: str, subscription: str | Mapping) -> dict:
+        """Cancel a subscription now (it is no longer listed unless asked for)."""
+        def cancel(t: _Tenant) -> dict:
+            sub = self._get(t, "subscription", _id_of(subscription))
+            sub["status"] = "canceled"
+            return sub
+        return self._build(api_key, cancel)
+
+    def billed_units(self, api_key: str, customer: str | Mapping, event_name: str) -> int | float:
+        """Units of a customer's meter events that landed on an invoice.
+
+        An event counts in the billing period of its timestamp (on the customer's subscription item whose
+        price uses the meter) only if Stripe received it before that period's invoice was finalized (period
+        end + INVOICE_GRACE); later ones are accepted but billed nowhere. Events of no period bill nothing.
+        """
+        with self._lock:
+            t = self._tenant(api_key)
+            meter = self._active_meter(t, event_name)
+            items = [i for s in t.objects["subscription"].values() if s["customer"] == _id_of(customer)
+                     for i in s["_items"] if (i["price"]["recurring"] or {}).get("meter") == meter["id"]]
+            billed = []
+            for event in t.events_by[(meter["id"], _id_of(customer))]:
+                for item in items:
+                    period = next(((start, end) for start, end in _periods(item["_anchor"], event["timestamp"])
+                                   if start <= event["timestamp"] < end), None)
+                    if period is not None and event["created"] < period[1] + INVOICE_GRACE:
+                        billed.append(event)
+                        break
+            return _number(_aggregate(meter["default_aggregation"]["formula"], billed))
 
     def meter_events(self, api_key: str, event_name: str | None = None) -> list[dict]:
         """Stored meter events of the key's account, oldest first."""
@@ -510,7 +576,7 @@ class FakeStripeState:
                 if fault is not None and fault.fault == "timeout":
                     outcome = _Outcome(0, "", {}, fault)
                 else:
-                    self._raise_fault(fault)
+                    self._raise_fault(fault, api_key)
                     outcome = self._execute(key.tenant, endpoint, args, params, headers, idem_key)
                     outcome.fault = fault
             except StripeFakeError as err:
@@ -531,16 +597,21 @@ class FakeStripeState:
         for fault in self._faults:  # FIFO: the oldest matching fault fires first
             if (fault.matches(path) and fault.method in (None, method)
                     and fault.api_key in (None, api_key)):
+                if fault.skip > 0:
+                    fault.skip -= 1
+                    return None
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)
                 return fault
         return None
 
-    @staticmethod
-    def _raise_fault(fault: _Fault | None) -> None:
+    def _raise_fault(self, fault: _Fault | None, api_key: str | None) -> None:
         if fault is None or fault.fault.startswith("accept_then_"):
             return
+        if fault.fault == "revoke_key":
+            self._keys.pop(api_key, None)
+            self._authenticate(api_key)
         if fault.fault == "rate_limit":
             # Real 429 bodies carry code rate_limit; the SDK maps any 429 to RateLimitError.
             raise StripeFakeError(429, "Request rate limit exceeded. Learn more about rate limits here "
@@ -594,6 +665,10 @@ class FakeStripeState:
 
     def _expand(self, t: _Tenant, obj: dict, params: Mapping, in_list: bool = False) -> dict:
         """Apply `expand[]` (price.product, subscription.customer); unknown paths are refused like Stripe."""
+        if obj["object"] == "subscription":
+            obj = self._public_subscription(obj)
+        elif obj["object"] == "subscription_item":
+            obj = self._public_item(obj)
         paths = params.get("expand") or []
         tiers = None
         if obj["object"] == "price":  # `tiers` is not included by default (docs.stripe.com/api/prices/object)
@@ -775,7 +850,8 @@ class FakeStripeState:
             raise _invalid("identifier must be at most 100 characters.", "identifier")
         # https://docs.stripe.com/api/billing/meter-event/create: identifiers are unique "within a rolling
         # period of at least 24 hours"; the fake never forgets. Wording as observed (langfuse PR #16292).
-        if identifier in t.identifiers:
+        taken = t.identifiers.get(identifier)
+        if taken is not None and self.now() - taken < IDENTIFIER_TTL:
             raise StripeFakeError(400, f"An event already exists with identifier {identifier}.",
                                   param="identifier", headers={"Stripe-Should-Retry": "false"})
         meter = self._active_meter(t, event_name)
@@ -812,7 +888,7 @@ class FakeStripeState:
         event = {"object": "billing.meter_event", "created": now, "event_name": event_name,
                  "identifier": identifier, "livemode": t.livemode, "payload": dict(payload),
                  "timestamp": timestamp, "_meter": meter["id"], "_value_key": value_key}
-        t.identifiers.add(identifier)
+        t.identifiers[identifier] = now
         t.events.append(event)
         t.events_by[(meter["id"], customer_id)].append(event)
         return self._public_event(event)
@@ -917,16 +993,29 @@ class FakeStripeState:
             data.append({"id": _new_id("si"), "object": "subscription_item", "created": now,
                          "current_period_end": _add_month(start), "current_period_start": start,
                          "metadata": {}, "price": self._expand(t, copy.deepcopy(price), {}),
-                         "quantity": None if metered else _int(item, "quantity", 1), "subscription": sub_id})
+                         "quantity": None if metered else _int(item, "quantity", 1), "subscription": sub_id,
+                         "_anchor": start})
         sub = {"id": sub_id, "object": "subscription", "cancel_at_period_end": False, "created": now,
-               "customer": customer["id"], "livemode": t.livemode,
-               "items": {"object": "list", "data": data, "has_more": False, "total_count": len(data),
-                         "url": f"/v1/subscription_items?subscription={sub_id}"},
+               "customer": customer["id"], "livemode": t.livemode, "_items": data,
                "metadata": params.get("metadata") or {}, "start_date": start, "status": status}
         t.objects["subscription"][sub_id] = sub
         for item in data:
             t.objects["subscription_item"][item["id"]] = item
         return self._expand(t, sub, params)
+
+    def _public_item(self, item: dict) -> dict:
+        """A subscription item as of now: its current period rolled forward from the anchor."""
+        start, end = _periods(item["_anchor"], self.now())[-1]
+        public = {k: v for k, v in item.items() if not k.startswith("_")}
+        return {**public, "current_period_start": start, "current_period_end": end}
+
+    def _public_subscription(self, sub: dict) -> dict:
+        items = sub["_items"]
+        public = {k: v for k, v in sub.items() if not k.startswith("_")}
+        return {**public, "items": {
+            "object": "list", "data": [self._public_item(i) for i in items[:EMBEDDED_ITEMS]],
+            "has_more": len(items) > EMBEDDED_ITEMS, "total_count": len(items),
+            "url": f"/v1/subscription_items?subscription={sub['id']}"}}
 
     def _api_list_subscriptions(self, t, params, version):
         customer, price, status = params.get("customer"), params.get("price"), params.get("status")
@@ -935,7 +1024,7 @@ class FakeStripeState:
             # Stripe lists every status but canceled unless `status` (or "all") says otherwise.
             if status != "all" and (s["status"] != status if status else s["status"] == "canceled"):
                 return False
-            has_price = any(i["price"]["id"] == price for i in s["items"]["data"])
+            has_price = any(i["price"]["id"] == price for i in s["_items"])
             return customer in (None, s["customer"]) and (price is None or has_price)
         page = self._list(t, "subscription", params, "/v1/subscriptions", keep)
         page["data"] = [self._expand(t, s, params, in_list=True) for s in page["data"]]
@@ -943,7 +1032,7 @@ class FakeStripeState:
 
     def _api_list_subscription_items(self, t, params, version):
         sub = self._get(t, "subscription", _str(params, "subscription", required=True), "subscription")
-        return self._page(list(sub["items"]["data"]), params, "/v1/subscription_items")
+        return self._page([self._public_item(i) for i in sub["_items"]], params, "/v1/subscription_items")
 
     def _legacy_item(self, t: _Tenant, version: str, item_id: str) -> dict:
         if version >= LEGACY_USAGE_REMOVED_IN:
@@ -963,8 +1052,7 @@ class FakeStripeState:
         action = _str(params, "action", choices=("increment", "set")) or "increment"
         now = self.now()
         timestamp = now if params.get("timestamp") in (None, "now") else _int(params, "timestamp")
-        # The fake keeps each item's first period forever (no renewals).
-        if timestamp < item["current_period_start"]:
+        if timestamp < self._public_item(item)["current_period_start"]:
             raise _invalid("Cannot create the usage record with this timestamp because timestamps must be "
                            "after the subscription's last invoice period (or current period start time).",
                            "timestamp")
@@ -979,11 +1067,13 @@ class FakeStripeState:
 
     def _api_usage_record_summaries(self, t, params, version, id):
         item = self._legacy_item(t, version, id)
-        summary = {"id": f"sis_{hashlib.sha256(id.encode()).hexdigest()[:24]}", "object": "usage_record_summary",
-                   "invoice": None, "livemode": t.livemode,
-                   "period": {"start": item["current_period_start"], "end": item["current_period_end"]},
-                   "subscription_item": id, "total_usage": sum(t.usage[id].values())}
-        return self._page([summary], params, f"/v1/subscription_items/{id}/usage_record_summaries")
+        summaries = [  # one per billing period, newest first
+            {"id": f"sis_{hashlib.sha256(f'{id}:{start}'.encode()).hexdigest()[:24]}",
+             "object": "usage_record_summary", "invoice": None, "livemode": t.livemode,
+             "period": {"start": start, "end": end}, "subscription_item": id,
+             "total_usage": sum(q for ts, q in t.usage[id].items() if start <= ts < end)}
+            for start, end in reversed(_periods(item["_anchor"], self.now()))]
+        return self._page(summaries, params, f"/v1/subscription_items/{id}/usage_record_summaries")
 
     # ---- webhook endpoints ----------------------------------------------------------------------------
     def _api_create_webhook_endpoint(self, t, params, version):

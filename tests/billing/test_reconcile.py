@@ -86,3 +86,20 @@ def test_clients_sharing_a_customer_and_meter_are_reconciled_together(world):
     (line,) = reconcile_clients()
 
     assert line.client_ids == [first.id, second.id] and (line.units_sent, line.drift) == (3, 0)
+
+
+def test_units_stay_on_the_customer_they_went_to_after_the_client_moves(world):
+    setup = world.agency()
+    client = world.client(setup)
+    first_customer = client.stripe_customer_id
+    world.report(client, 4)
+    send_all(world)
+    client.stripe_customer_id = moved = world.customer(setup)
+    world.report(client, 1)
+    db.session.commit()
+
+    lines = {line.customer_id: line for line in reconcile_clients()}
+
+    assert (lines[first_customer].units_sent, lines[first_customer].drift) == (4, 0)
+    assert (lines[moved].units_sent, lines[moved].units_waiting, lines[moved].drift) == (0, 1, 0)
+    assert lines[first_customer].client_ids == lines[moved].client_ids == [client.id]

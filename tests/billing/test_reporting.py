@@ -45,8 +45,8 @@ def test_one_stripe_call_per_client_with_new_units_and_exact_totals(world):
 
 def test_the_identifier_and_timestamp_sent_are_the_outbox_row_s(world):
     setup = world.agency()
-    client = world.client(setup)
-    at = world.clock.now() - dt.timedelta(days=3, minutes=7)
+    client = world.client(setup, customer_id=world.customer(setup, start=world.clock.now() - dt.timedelta(days=10)))
+    at = world.clock.now() - dt.timedelta(days=3, minutes=7)  # inside the customer's current period
     report = world.report(client, 4, at=at)
 
     tick(world)
@@ -109,13 +109,14 @@ def test_legacy_price_gets_a_usage_record_keyed_by_the_identifier(world):
     }
     assert call.idempotency_key == report.identifier
     assert world.stripe_total(setup, client) == 7
-    assert result.stripe_calls == 2  # the subscription item lookup, once
-    assert world.reports()[0].status == "sent"
-    db.session.expire_all()
-    assert db.session.get(type(client), client.id).subscription_item_id == call.path.split("/")[3]
+    assert result.stripe_calls == 2  # the subscription item and its period, then the usage record
+    (sent,) = world.reports()
+    assert sent.status == "sent" and sent.target_subscription_item == call.path.split("/")[3]
 
+    # The item is looked up at every first offer, never taken from a cache the agency may have made stale
+    # by re-creating the subscription: one read and one write per legacy client per tick.
     world.report(db.session.get(type(client), client.id), 2)
-    assert tick(world).stripe_calls == 1  # cached subscription item: one call per client per tick
+    assert tick(world).stripe_calls == 2
     assert world.stripe_total(setup, client) == 9
 
 
@@ -236,7 +237,10 @@ def test_a_rejected_key_flags_the_agency_and_stops_its_calls(world):
     assert result.agencies_flagged == 1
     assert len([call for call in world.state.calls if call.api_key == broken.agency_key]) == 1
     untouched = [r for r in world.reports() if r.agency_id == broken.agency.id]
-    assert all(r.status == "pending" and r.attempts == 0 and r.first_attempt_at is None for r in untouched)
+    # Still pending and not in doubt (Stripe refused the key: nothing landed); the attempt stays counted, since
+    # attempt history is append-only (rule 9).
+    assert all(r.status == "pending" and r.in_doubt_since is None and r.units_confirmed == 0 for r in untouched)
+    assert all(r.attempts == 1 and r.first_attempt_at is not None for r in untouched)
     assert world.stripe_total(healthy, other) == 5
 
     for _ in range(3):
@@ -259,7 +263,8 @@ def test_a_missing_permission_is_named_and_the_agency_flagged(world):
     agency = world.agency_row(setup)
     assert agency.stripe_key_status == "needs_attention"
     assert "rak_billing_meter_event_write" in agency.stripe_key_problem
-    assert world.reports()[0].attempts == 0
+    (report,) = world.reports()
+    assert report.status == "pending" and report.attempts == 1 and report.in_doubt_since is None
 
 
 def test_agencies_without_a_key_are_skipped_without_calls(world):
@@ -363,11 +368,13 @@ def test_units_never_offered_to_stripe_and_older_than_35_days_are_billed_now_not
 
     (report,) = world.reports()
     assert result.stripe_calls == 1 and report.status == "sent"
-    assert abs(report.usage_timestamp - world.clock.now()) < dt.timedelta(seconds=1)
+    assert abs(report.stripe_timestamp - world.clock.now()) < dt.timedelta(seconds=1)
+    assert report.usage_timestamp < report.stripe_timestamp and "35 days" in report.timestamp_shift
     assert world.stripe_total(setup, client) == 2
 
 
-def test_units_attempted_before_and_now_older_than_35_days_wait_for_reconcile(world):
+def test_units_in_doubt_and_now_older_than_35_days_are_checked_then_re_offered_with_a_valid_timestamp(world):
+    # Rule 10: no unit is left unbillable. Before, such a row became "needs reconcile" for good.
     setup = world.agency()
     client = world.client(setup)
     world.report(client, 2)
@@ -375,11 +382,13 @@ def test_units_attempted_before_and_now_older_than_35_days_wait_for_reconcile(wo
     tick(world)
     calls = len(world.calls())
 
-    result = tick(world, days=36)
+    tick(world, days=36)
 
     (report,) = world.reports()
-    assert report.status == "failed" and report.last_error.startswith("needs reconcile")
-    assert "35 days" in report.last_error and len(world.calls()) == calls and result.stripe_calls == 0
+    assert len(world.calls("/v1/billing/meters/", "GET")) == 1  # Stripe's totals say none of it landed
+    assert report.status == "sent" and len(world.calls()) == calls + 1
+    assert abs(report.stripe_timestamp - world.clock.now()) < dt.timedelta(seconds=5)
+    assert world.stripe_total(setup, client) == 2
 
 
 def test_a_future_timestamp_waits_until_its_time(world):

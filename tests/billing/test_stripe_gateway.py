@@ -223,7 +223,8 @@ def test_find_subscription_item_for_customer_and_price(stripe_server, key, gatew
     subscription = state.create_subscription(key, customer, legacy)
     assert gateway.find_subscription_item(customer, legacy) == subscription["items"]["data"][0]["id"]
     period = gateway.subscription_period(customer, legacy)
-    assert period[0] == dt.datetime.fromtimestamp(subscription["start_date"], dt.UTC) and period[1] > period[0]
+    assert period.subscription_item_id == subscription["items"]["data"][0]["id"]
+    assert period.start == dt.datetime.fromtimestamp(subscription["start_date"], dt.UTC) and period.end > period.start
 
 
 # ---- sending ----------------------------------------------------------------------------------------------------

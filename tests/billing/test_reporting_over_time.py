@@ -1,0 +1,268 @@
+"""Units stay exact as time passes: the 24 h dedupe lapse, 35 days, a period rollover, a key or customer change.
+
+Each test plays the clock forward for Rebill and the fake Stripe together (issue 9, scenarios 1-4 and the
+"also likely" findings). The fake forgets meter-event identifiers after 24 h, as Stripe may.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import replace
+
+from billing.reporting import report_pending_units, retry_failed_reports
+from billing.stripe_connection import connect_stripe_key
+from core.database import db
+from stripe_fake.app import _add_month
+
+
+def tick(world, **shift):
+    """Commit the test's writes, then run one reporting pass at the world's (shifted) now."""
+    if shift:
+        world.clock.advance(**shift)
+    db.session.commit()
+    return report_pending_units(world.clock.now())
+
+
+def roll_key(world, setup):
+    """The agency rolls its Stripe key: the old one answers 401 from now on; returns the setup on the new key."""
+    new_key = f"sk_test_{uuid.uuid4().hex}"
+    world.state.add_account(new_key, account_id=setup.account_id)
+    world.state.revoke_key(setup.key)
+    return replace(setup, key=new_key, agency_key=new_key)
+
+
+def reconnect(world, setup) -> None:
+    """The agency pastes its new key in the portal."""
+    connect_stripe_key(world.agency_row(setup), setup.agency_key)
+    db.session.commit()
+
+
+def at(world, **ago) -> dt.datetime:
+    return world.clock.now() - dt.timedelta(**ago)
+
+
+# ---- scenario 1: count meter, key revoked mid-row ------------------------------------------------------------
+
+
+def test_a_count_row_cut_by_a_revoked_key_resumes_after_the_last_event_stripe_accepted(world):
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    report = world.report(client, 3)
+    world.state.inject("/v1/billing/meter_events", "revoke_key", after=1)  # event 1 accepted, then the key is rolled
+
+    tick(world)
+
+    (row,) = world.reports()
+    assert world.agency_row(setup).stripe_key_status == "needs_attention"
+    first_attempt = row.first_attempt_at
+    assert (row.status, row.attempts) == ("pending", 1) and first_attempt is not None  # the 401 erases no history
+    assert (row.units_confirmed, row.in_doubt_since) == (1, None)
+
+    world.clock.advance(days=2)  # Stripe may have forgotten identifier -1 by now
+    new = roll_key(world, setup)
+    reconnect(world, new)
+    tick(world)
+
+    (row,) = world.reports()
+    assert world.state.total_units(new.key, client.stripe_customer_id, "ai_units") == 3
+    assert [e["identifier"] for e in world.state.meter_events(new.key)] == [
+        f"{report.identifier}-{n}" for n in (1, 2, 3)
+    ]
+    assert (row.status, row.attempts, row.first_attempt_at) == ("sent", 2, first_attempt)
+
+
+# ---- scenario 2: lost answer, then the client's customer changes --------------------------------------------
+
+
+def test_a_lost_answer_is_settled_on_the_customer_it_went_to_not_the_client_s_new_one(world):
+    setup = world.agency()
+    client = world.client(setup)
+    customer_a = client.stripe_customer_id
+    world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)  # Stripe applied the 4 on customer A; Rebill never heard back
+    new = roll_key(world, setup)
+    tick(world, minutes=5)  # the retry meets the rolled key: the agency is flagged
+    assert world.agency_row(setup).stripe_key_status == "needs_attention"
+
+    world.clock.advance(days=1)
+    reconnect(world, new)
+    customer_b = world.customer(new)
+    client.stripe_customer_id = customer_b  # the agency moved the client to customer B
+    tick(world)
+
+    (row,) = world.reports()
+    assert world.state.total_units(new.key, customer_a, "ai_units") == 4
+    assert world.state.total_units(new.key, customer_b, "ai_units") == 0
+    assert row.status == "sent" and "confirmed" in row.last_error and row.target_customer == customer_a
+
+
+def test_units_never_offered_go_to_the_client_s_current_customer(world):
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 2)
+    client.stripe_customer_id = customer_b = world.customer(setup)
+
+    tick(world)
+
+    assert world.state.total_units(setup.key, customer_b, "ai_units") == 2
+    assert world.reports()[0].target_customer == customer_b
+
+
+# ---- scenario 3: a definite refusal fixed after 35 days ---------------------------------------------------------
+
+
+def test_a_refused_row_fixed_after_36_days_is_re_offered_with_a_valid_timestamp(world):
+    setup = world.agency()
+    client = world.client(setup, customer_id="cus_doesnotexist")
+    world.report(client, 3)
+    tick(world)
+    (row,) = world.reports()
+    assert row.status == "failed" and "No such customer" in row.last_error and row.in_doubt_since is None
+
+    world.clock.advance(days=36)
+    client.stripe_customer_id = fixed = world.customer(setup)
+    assert retry_failed_reports(setup.agency, client.id) == 1
+    tick(world)
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.target_customer == fixed, row.last_error
+    assert world.state.total_units(setup.key, fixed, "ai_units") == 3
+    assert abs(row.stripe_timestamp - world.clock.now()) < dt.timedelta(seconds=5)
+    assert "35 days" in row.timestamp_shift
+
+
+# ---- scenario 4 and the finalized period: usage before the current billing period --------------------------
+
+
+def test_a_legacy_backlog_across_a_period_rollover_is_billed_in_the_current_period(world):
+    setup = world.agency(legacy=True)
+    start = at(world, days=20)
+    client = world.client(setup, customer_id=world.customer(setup, start=start))
+    world.report(client, 5, at=at(world, hours=1))
+    setup.agency.stripe_key_status = "needs_attention"  # a key problem holds the backlog...
+    tick(world)
+
+    world.clock.advance(days=15)  # ...across the subscription's period start
+    world.agency_row(setup).stripe_key_status = "ok"
+    tick(world)
+
+    (row,) = world.reports()
+    period_start = dt.datetime.fromtimestamp(_add_month(int(start.timestamp())), dt.UTC)
+    assert row.status == "sent" and world.stripe_total(setup, client) == 5
+    assert row.stripe_timestamp == period_start and row.usage_timestamp < period_start
+    assert "before the customer's current billing period" in row.timestamp_shift
+
+
+def test_meter_units_from_a_period_whose_invoice_is_final_are_billed_on_the_next_invoice(world):
+    setup = world.agency()
+    start = at(world, days=20)
+    client = world.client(setup, customer_id=world.customer(setup, start=start))
+    world.report(client, 6, at=at(world, days=1))
+    setup.agency.stripe_key_status = "needs_attention"
+    tick(world)
+
+    world.clock.advance(days=12)  # the period ended about two days ago; its invoice is finalized
+    world.agency_row(setup).stripe_key_status = "ok"
+    tick(world)
+
+    assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 6
+    (row,) = world.reports()
+    assert row.status == "sent" and row.stripe_timestamp > row.usage_timestamp
+
+
+def test_recent_usage_is_sent_with_its_own_time_without_reading_the_subscription(world):
+    setup = world.agency()
+    client = world.client(setup)
+    report = world.report(client, 2, at=at(world, minutes=2))
+
+    assert tick(world).stripe_calls == 1
+
+    (row,) = world.reports()
+    assert row.stripe_timestamp == report.usage_timestamp and row.timestamp_shift is None
+
+
+# ---- legacy subscription items ------------------------------------------------------------------------------
+
+
+def test_a_legacy_client_s_units_follow_a_re_created_subscription(world):
+    setup = world.agency(legacy=True)
+    customer = world.customer(setup, subscribe=False)
+    old = world.state.create_subscription(
+        setup.key, customer, setup.price, start_date=int(at(world, days=3).timestamp())
+    )
+    client = world.client(setup, customer_id=customer)
+    client.subscription_item_id = old["items"]["data"][0]["id"]  # as cached when the client was added
+    world.state.cancel_subscription(setup.key, old)
+    new = world.state.create_subscription(
+        setup.key, customer, setup.price, start_date=int(at(world, days=1).timestamp())
+    )
+    world.report(client, 5)
+
+    tick(world)
+
+    new_item = new["items"]["data"][0]["id"]
+    assert world.state.usage_record_total(setup.key, new_item) == 5
+    assert world.state.usage_record_total(setup.key, old["items"]["data"][0]["id"]) == 0
+    assert world.reports()[0].target_subscription_item == new_item
+
+
+def test_a_legacy_item_beyond_the_items_a_subscription_embeds_is_found(world):
+    setup = world.agency(legacy=True)
+    customer = world.customer(setup, subscribe=False)
+    others = [world.state.create_price(setup.key, setup.product, 5, metered=False) for _ in range(11)]
+    subscription = world.state.create_subscription(
+        setup.key, customer, [*others, setup.price], start_date=int(at(world, days=1).timestamp())
+    )
+    assert subscription["items"]["has_more"]
+    client = world.client(setup, customer_id=customer)
+    world.report(client, 4)
+
+    tick(world)
+
+    items = world.server.client(setup.key).v1.subscription_items.list({"subscription": subscription["id"], "limit": 20})
+    (item,) = [item.id for item in items.data if item.price.id == setup.price["id"]]
+    (row,) = world.reports()
+    assert row.status == "sent" and row.target_subscription_item == item
+    assert world.state.usage_record_total(setup.key, item) == 4
+
+
+# ---- count meters: progress per event ---------------------------------------------------------------------------
+
+
+def test_a_large_count_row_keeps_its_progress_between_ticks_and_never_resends_an_event(world):
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    report = world.report(client, 1200)
+
+    db.session.commit()
+    report_pending_units(world.clock.now(), budget=dt.timedelta(seconds=0.3))  # a tick cut short by its budget
+    (row,) = world.reports()
+    done = row.units_confirmed
+    assert 0 < done < 1200 and row.status == "pending" and row.in_doubt_since is None
+
+    tick(world)
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.units_confirmed == 1200
+    assert world.stripe_total(setup, client) == 1200
+    posted = [call.params["identifier"] for call in world.calls()]
+    assert posted == [f"{report.identifier}-{n}" for n in range(1, 1201)]  # each event offered exactly once
+
+
+def test_a_count_row_in_doubt_after_24h_counts_the_events_stripe_has_and_sends_the_rest(world):
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    report = world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop", after=1)  # event 2 applied, answer lost
+    tick(world)
+    (row,) = world.reports()
+    assert row.units_confirmed == 1 and row.in_doubt_since is not None
+
+    tick(world, hours=25)
+
+    (row,) = world.reports()
+    assert row.status == "sent" and world.stripe_total(setup, client) == 4
+    identifiers = [e["identifier"] for e in world.state.meter_events(setup.key)]
+    assert identifiers == [f"{report.identifier}-{n}" for n in (1, 2, 3, 4)]
