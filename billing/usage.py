@@ -188,6 +188,9 @@ def _recent_reports(client: RebillClient, limit: int) -> list[dict[str, Any]]:
             "attempts": report.attempts,
             "last_error": report.last_error,
             "usage_timestamp": report.usage_timestamp,
+            # The time Stripe was given and why it differs (usage before the current period, or too old).
+            "stripe_timestamp": report.stripe_timestamp,
+            "timestamp_shift": report.timestamp_shift,
             "created_at": report.created_at,
             "sent_at": report.sent_at,
         }

@@ -446,14 +446,6 @@ class FakeStripeState:
         return self._build(api_key, lambda t: self._api_create_subscription(
             t, params, LAST_LEGACY_VERSION, status))
 
-    def cancel_subscription(self, api_key: str, subscription: str | Mapping) -> dict:
-        """Cancel a subscription now (it is no longer listed unless asked for)."""
-        def cancel(t: _Tenant) -> dict:
-            sub = self._get(t, "subscription", _id_of(subscription))
-            sub["status"] = "canceled"
-            return sub
-        return self._build(api_key, cancel)
-
     def billed_units(self, api_key: str, customer: str | Mapping, event_name: str) -> int | float:
         """Units of a customer's meter events that landed on an invoice.
 
@@ -547,7 +539,7 @@ class FakeStripeState:
             sub = self._get(t, "subscription", _id_of(subscription))
             sub["status"] = "canceled"
             sub["canceled_at"] = self.now()
-            snapshot = copy.deepcopy(sub)
+            snapshot = copy.deepcopy(self._public_subscription(sub))
         return self.emit_event(api_key, "customer.subscription.deleted", snapshot)
 
     # ---- request dispatch ---------------------------------------------------------------------------

@@ -447,7 +447,7 @@
       cell("Created", when(report.created_at)),
       cell("Sent", when(report.sent_at)),
       cell("Attempts", fmt(report.attempts), "num"),
-      cell("Last error", report.last_error || ""),
+      cell("Last error", [report.timestamp_shift, report.last_error].filter(Boolean).join(" · ")),
     )));
     $("#reports-empty").hidden = reports.length > 0;
     $("#reports-table").hidden = reports.length === 0;

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from billing.reporting import report_pending_units, retry_failed_reports
 from billing.stripe_connection import connect_stripe_key
+from billing.usage import client_usage
 from core.database import db
 from stripe_fake.app import _add_month
 
@@ -153,6 +154,8 @@ def test_a_legacy_backlog_across_a_period_rollover_is_billed_in_the_current_peri
     assert row.status == "sent" and world.stripe_total(setup, client) == 5
     assert row.stripe_timestamp == period_start and row.usage_timestamp < period_start
     assert "before the customer's current billing period" in row.timestamp_shift
+    (shown,) = client_usage(world.agency_row(setup), client.id)["reports"]  # what the client page shows
+    assert shown["stripe_timestamp"] == period_start and shown["timestamp_shift"] == row.timestamp_shift
 
 
 def test_meter_units_from_a_period_whose_invoice_is_final_are_billed_on_the_next_invoice(world):
