@@ -13,11 +13,12 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from billing.reporting import LEASE, report_pending_units
+from billing.reporting import COUNT_EVENTS_PER_CLAIM, LEASE, report_pending_units
 from core.database import db, utcnow
 from stripe_fake import FakeStripeServer, FakeStripeState
 from tests.billing.stripe_support import StripeWorld
@@ -167,3 +168,39 @@ def test_a_tick_killed_between_the_events_of_a_count_meter_finishes_them_once(
         assert world.stripe_total(setup, client) == 4 and world.reports()[0].status == "sent"
         identifiers = [e["identifier"] for e in world.state.meter_events(setup.key)]
         assert identifiers == [f"{report.identifier}-{n}" for n in (1, 2, 3, 4)]
+
+
+def test_a_tick_killed_in_a_later_slice_of_a_count_meter_row_resumes_after_the_recorded_progress(
+    make_app, database_url, gated, stripe_clock
+):
+    # 150 events go in slices of COUNT_EVENTS_PER_CLAIM; the kill comes after event 102 was applied, in the
+    # second slice, when the row had recorded the first slice as confirmed.
+    server, arm = gated
+    gate = arm(hold="after_apply", nth=COUNT_EVENTS_PER_CLAIM + 2)
+    app = make_app(STRIPE_API_BASE=server.url, STRIPE_NETWORK_ATTEMPTS=1)
+    with app.app_context():
+        world = StripeWorld(server, stripe_clock)
+        setup = world.agency(formula="count")
+        client = world.client(setup)
+        report = world.report(client, 150)
+        db.session.commit()
+
+        run_tick_until_gate(database_url, server, gate)
+        gate.release.set()
+        assert gate.finished.wait(WAIT)
+        (row,) = world.reports()
+        recorded = row.units_confirmed  # the first slice (it may end early when slow)
+        assert 0 < recorded <= COUNT_EVENTS_PER_CLAIM and row.in_doubt_since is not None
+
+        report_pending_units(utcnow() + LEASE + LEASE)
+
+        (row,) = world.reports()
+        assert row.status == "sent" and row.units_confirmed == 150 and world.stripe_total(setup, client) == 150
+        identifiers = [e["identifier"] for e in world.state.meter_events(setup.key)]
+        assert identifiers == [f"{report.identifier}-{n}" for n in range(1, 151)]
+        # The resend started after the recorded progress: events up to it were offered once, the killed
+        # slice's events twice (Stripe deduplicated them), the rest once.
+        posted = Counter(c.params["identifier"] for c in world.state.calls if c.path == "/v1/billing/meter_events")
+        offers = [posted[f"{report.identifier}-{n}"] for n in range(1, 151)]
+        killed_slice = COUNT_EVENTS_PER_CLAIM + 2 - recorded
+        assert offers == [1] * recorded + [2] * killed_slice + [1] * (150 - recorded - killed_slice)
