@@ -345,7 +345,7 @@ def _read_period(gateway: StripeGateway, client: RebillClient) -> tuple[dict, st
                 "invoice: subscribe the customer to the price in Stripe"
             )
         else:
-            values["period_start"], values["period_end"] = period
+            values["period_start"], values["period_end"] = period.start, period.end
     return values, "; ".join(problems) or None
 
 
