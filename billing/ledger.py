@@ -33,6 +33,13 @@ FACT_COLUMNS = (
 )
 _INITIAL_STATE = {"state": "pending", "counted": 0}
 
+# docs/billing-rules.md rule 12: the most one usage event may carry. The largest context windows offered
+# today hold about 10^7 tokens, so 10^8 input and 10^8 output tokens leave ten times that; one AI call sends
+# a handful of messages, 10^4 is far beyond any. Adapters refuse larger counts at ingest with a clear reason
+# (capri.validation); an event stored before these bounds existed is quarantined by aggregation, not counted.
+MAX_TOKENS_PER_EVENT = 10**8  # each of input_tokens and output_tokens
+MAX_MESSAGES_PER_EVENT = 10**4
+
 
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
@@ -54,8 +61,17 @@ class UsageRecord:
             raise ValueError("a usage record names exactly one of channel_id or location_id")
         if min(self.input_tokens, self.output_tokens, self.messages) < 0:
             raise ValueError("usage counts are non-negative integers")
+        if not is_possible_usage(self.input_tokens, self.output_tokens, self.messages):
+            raise ValueError("usage counts beyond what one AI call produces (rule 12)")
         if self.occurred_at.tzinfo is None:
             raise ValueError("occurred_at must be timezone-aware")
+
+
+def is_possible_usage(input_tokens: int, output_tokens: int, messages: int) -> bool:
+    """Tell whether one event's counts are within what a real AI call can produce (rule 12)."""
+    return input_tokens <= MAX_TOKENS_PER_EVENT and output_tokens <= MAX_TOKENS_PER_EVENT and (
+        messages <= MAX_MESSAGES_PER_EVENT
+    )
 
 
 def record_usage(agency_id: int, records: Sequence[UsageRecord]) -> list[bool]:

@@ -19,8 +19,9 @@ MESSAGE_SOURCES = ("ghl_outbound", "ghl_inbound", "ghl_all", "platform")
 CLIENT_STATUSES = ("active", "paused")
 USAGE_SOURCES = ("ghl", "capri")
 # pending: not yet aggregated; counted: added to a client; unmapped: no client mapped it when aggregated;
-# paused: its client was paused; ignored: mapped, but the client does not count this kind of usage.
-USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored")
+# paused: its client was paused; ignored: mapped, but the client does not count this kind of usage;
+# quarantined: an impossible value (rule 12) — counts beyond one AI call, or its client is quarantined.
+USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored", "quarantined")
 REPORT_STATUSES = ("pending", "sent", "failed")
 # Integer primary keys are 32-bit on PostgreSQL: a larger number names no row, and PostgreSQL would refuse
 # to compare it with the column (an error, not "not found").
@@ -106,7 +107,8 @@ class RebillClient(TimestampMixin, db.Model):
     meter_formula: Mapped[str | None] = mapped_column(String(8))
     subscription_item_id: Mapped[str | None] = mapped_column(String(255))
 
-    # Running counters, changed only by aggregation (billing.units) under the client's row lock.
+    # Running counters, changed only by aggregation (billing.units) under the client's row lock. BIGINT has
+    # lifetime headroom: aggregation quarantines a client before counted_usage passes CLIENT_USAGE_MAX (4e18).
     counted_usage: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     units_logged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     remainder: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -114,6 +116,10 @@ class RebillClient(TimestampMixin, db.Model):
     # Random per client, first part of every UnitReport identifier: two Rebill deployments (or a rebuilt
     # database) sending to one Stripe account never reuse an identifier (docs/stripe.md §1.9).
     report_prefix: Mapped[str] = mapped_column(String(16), default=new_report_prefix)
+    # Set by aggregation when the client's usage cannot be counted (rule 12: its total would pass the
+    # lifetime bound, or its settings are impossible). Its events are then kept as "quarantined", never
+    # billed, and aggregation of every other client goes on.
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
 
     # Spend controls (billing.stripe_events): an unpaid invoice marks the client; the agency chooses whether
     # that also pauses it. payment_event_at is the Stripe time of the last payment event applied, so an

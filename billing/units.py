@@ -1,6 +1,7 @@
 """Aggregation: turn pending usage events into per-client counted usage, units and outbox rows.
 
-The rules (docs/billing-rules.md) this module implements, each pinned by a named test in tests/billing/test_units.py:
+The rules (docs/billing-rules.md) this module implements, each pinned by a named test in tests/billing/test_units.py
+(8 and 12: tests/billing/test_units_isolation.py):
 
 1. A client keeps ``remainder`` (usage toward its next unit). On q new counted usage:
    ``remainder += q; k = remainder // N; remainder -= k * N; units_logged += k``. Nothing is rounded or dropped.
@@ -14,6 +15,12 @@ The rules (docs/billing-rules.md) this module implements, each pinned by a named
    count the pending events under the old status, so usage received while paused is never billed.
 7. One pass writes ONE ``UnitReport`` outbox row per client carrying all its new units k, in the same
    transaction as the counters and the events' state change (the reporter sends one Stripe call for it).
+8. Isolation: one agency's bad data never stops the pass for the others. An impossible value (rule 12) is
+   quarantined where it is: an event beyond what one AI call produces becomes ``quarantined``; a client whose
+   total would pass ``CLIENT_USAGE_MAX`` (or whose N is not positive) gets a ``quarantine_reason`` and its
+   further events are ``quarantined`` — kept, visible, never billed. Anything else that fails a pass (a
+   fault nobody foresaw) rolls that pass back and reruns it agency by agency: only the failing agency's
+   events wait, and the error is logged with its agency id.
 
 Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
 second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
@@ -28,16 +35,24 @@ waits on aggregation on PostgreSQL (a duplicate of an event being aggregated rig
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from sqlalchemy import BigInteger, bindparam, cast, extract, func, insert, select, text, tuple_, update
 from sqlalchemy.orm.util import identity_key
 
+from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
 from billing.models import RebillClient, UnitReport, UsageEvent
 from core.database import db, is_postgresql, utcnow
 
+log = logging.getLogger("billing.units")
+
 BATCH_SIZE = 20_000
+# Rule 12: a client's lifetime usage stops counting here, well inside BIGINT (9.2e18). No real client gets
+# near it: 10^8 tokens every second for a hundred years is 3e17, and 4e18 tokens cost about $400 billion even
+# at $0.10 per million. Reaching it means bad data, so the client is quarantined instead of overflowing.
+CLIENT_USAGE_MAX = 4 * 10**18
 KEY_LOOKUP_CHUNK = 500
 # Stripe takes meter event timestamps "within the past 35 calendar days" (docs/stripe.md §1.3,
 # docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api); keep an hour of slack for the
@@ -82,6 +97,7 @@ _TALLY_COLUMNS = (
     _CLIENT.remainder,
     _CLIENT.report_sequence,
     _CLIENT.report_prefix,
+    _CLIENT.quarantine_reason,
 )
 
 
@@ -93,18 +109,48 @@ class AggregationResult:
     units: int = 0  # units logged (sum of the new outbox rows' units)
     reports: int = 0  # UnitReport outbox rows written (at most one per client)
     deferred: int = 0  # events left pending because their client was locked by an edit or another pass
+    quarantined: int = 0  # events kept as "quarantined" (rule 12), of those that left pending
+    failed_agencies: tuple[int, ...] = ()  # agencies whose events stay pending after an unforeseen error
+
+    def __add__(self, other: AggregationResult) -> AggregationResult:
+        return AggregationResult(*(getattr(self, field.name) + getattr(other, field.name) for field in fields(self)))
 
 
 def aggregate_pending_usage(batch_size: int = BATCH_SIZE) -> AggregationResult:
     """Aggregate every pending usage event into client counters and outbox rows; flush, never commit.
 
     Streams pending events in id order, ``batch_size`` at a time, and keeps only per-client tallies in
-    memory. Events recorded after the pass started wait for the next pass.
+    memory. Events recorded after the pass started wait for the next pass. If the pass fails, it is rolled
+    back and run again one agency at a time, so only the agency whose data fails waits (rule 8).
     """
     take_write_lock()
+    try:
+        with db.session.begin_nested():
+            return _aggregate(batch_size)
+    except Exception:  # any fault: the other agencies must not wait on it
+        log.exception("aggregation pass failed; aggregating agency by agency")
+    result = AggregationResult()
+    for agency_id in _agencies_with_pending_usage():
+        try:
+            with db.session.begin_nested():
+                result += _aggregate(batch_size, where=(_EVENT.agency_id == agency_id,))
+        except Exception:
+            log.exception(
+                "aggregation failed for one agency; its usage stays pending", extra={"fields": {"agency_id": agency_id}}
+            )
+            result += AggregationResult(failed_agencies=(agency_id,))
+    return result
+
+
+def _aggregate(batch_size: int, where: Sequence = ()) -> AggregationResult:
     aggregation = _Aggregation(skip_locked=True)
-    aggregation.run(batch_size=batch_size)
+    aggregation.run(batch_size=batch_size, where=where)
     return aggregation.finish()
+
+
+def _agencies_with_pending_usage() -> list[int]:
+    query = select(_EVENT.agency_id).where(_EVENT.state == "pending").distinct().order_by(_EVENT.agency_id)
+    return list(db.session.scalars(query))
 
 
 def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> AggregationResult:
@@ -270,6 +316,16 @@ class _Tally:
         self.measure = usage_measure(self.charge_by, self.provider, self.message_source)
         self.new_usage = 0
         self.latest: dt.datetime | int | None = None  # int: microseconds since the epoch (PostgreSQL)
+        # What the client may still count before CLIENT_USAGE_MAX (rule 12); below zero is never written.
+        self.headroom = CLIENT_USAGE_MAX - self.counted_usage
+        self.newly_quarantined = False
+        if self.quarantine_reason is None and self.billing_unit < 1:
+            self.quarantine(f"its billing unit is {self.billing_unit}, not a positive number; usage kept, not billed")
+
+    def quarantine(self, reason: str) -> None:
+        """Stop counting this client's usage, for a reason the agency and operators can read."""
+        self.quarantine_reason = reason
+        self.newly_quarantined = True
 
     @property
     def key(self) -> ClientKey:
@@ -289,6 +345,7 @@ class _Aggregation:
         self.deferred = 0
         self.units = 0
         self.reports = 0
+        self.quarantined = 0
 
     def adopt(self, client: RebillClient) -> None:
         """Aggregate for a client the caller already locked."""
@@ -381,31 +438,44 @@ class _Aggregation:
         """
         ids, states, client_ids, quantities = [], [], [], []
         by_key = self.by_key
+        max_tokens, max_messages = MAX_TOKENS_PER_EVENT, MAX_MESSAGES_PER_EVENT
         for event_id, agency_id, source, channel_id, location_id, inputs, outputs, messages, direction, at in rows:
             key = (agency_id, "capri_api", channel_id) if channel_id is not None else (agency_id, "ghl", location_id)
             tally = by_key.get(key)
-            if tally is None:
-                if key in live_keys:
-                    self.deferred += 1  # its client is locked by an edit or another pass: next pass
-                    continue
-                ids.append(event_id)
-                states.append("unmapped")
-                client_ids.append(0)
-                quantities.append(0)
+            if tally is None and key in live_keys:
+                self.deferred += 1  # its client is locked by an edit or another pass: next pass
                 continue
-            quantity = tally.measure(source, inputs, outputs, messages, direction)
-            if quantity == 0:
-                state = "ignored"
-            elif tally.status == "paused":
-                state = "paused"
+            if inputs > max_tokens or outputs > max_tokens or messages > max_messages:
+                # Rule 12: more than one AI call produces (stored before the ingest bounds existed).
+                state, quantity = "quarantined", 0
+            elif tally is None:
+                state, quantity = "unmapped", 0
             else:
+                quantity = tally.measure(source, inputs, outputs, messages, direction)
                 state = "counted"
-                tally.new_usage += quantity
-                if tally.latest is None or at > tally.latest:
-                    tally.latest = at
+                if quantity == 0:
+                    state = "ignored"
+                elif tally.quarantine_reason is not None:
+                    state = "quarantined"
+                elif tally.status == "paused":
+                    state = "paused"
+                elif quantity > tally.headroom:
+                    tally.quarantine(
+                        f"its usage stopped counting at {CLIENT_USAGE_MAX - tally.headroom:,} {tally.charge_by}: "
+                        f"{quantity:,} more would pass the lifetime limit of {CLIENT_USAGE_MAX:,}, which no real "
+                        "usage reaches; its later usage is kept, not billed"
+                    )
+                    state = "quarantined"
+                else:
+                    tally.headroom -= quantity
+                    tally.new_usage += quantity
+                    if tally.latest is None or at > tally.latest:
+                        tally.latest = at
+            if state == "quarantined":
+                self.quarantined += 1
             ids.append(event_id)
             states.append(state)
-            client_ids.append(tally.id)
+            client_ids.append(tally.id if tally is not None else 0)
             quantities.append(quantity)
         return ids, states, client_ids, quantities
 
@@ -449,6 +519,7 @@ class _Aggregation:
     def finish(self) -> AggregationResult:
         """Apply the rule-1 arithmetic per client and write counters and one outbox row per client."""
         client_rows, report_rows = [], []
+        self._write_quarantines([tally for tally in self.tallies.values() if tally.newly_quarantined])
         for tally in self.tallies.values():
             if tally.new_usage == 0:
                 continue
@@ -488,7 +559,31 @@ class _Aggregation:
             self._write_reports(report_rows)
             self.reports = len(report_rows)
         self._expire_loaded(client_rows)
-        return AggregationResult(events=self.events, units=self.units, reports=self.reports, deferred=self.deferred)
+        return AggregationResult(
+            events=self.events,
+            units=self.units,
+            reports=self.reports,
+            deferred=self.deferred,
+            quarantined=self.quarantined,
+        )
+
+    def _write_quarantines(self, tallies: list[_Tally]) -> None:
+        """Record why these clients stopped counting (rare: one statement per client)."""
+        for tally in tallies:
+            log.error(
+                "client quarantined: its usage is kept but no longer counted",
+                extra={
+                    "fields": {"client_id": tally.id, "agency_id": tally.agency_id, "reason": tally.quarantine_reason}
+                },
+            )
+            db.session.execute(
+                update(RebillClient.__table__)
+                .where(_CLIENT.id == tally.id)
+                .values(quarantine_reason=tally.quarantine_reason, updated_at=self.now)
+            )
+            client = db.session.identity_map.get(identity_key(RebillClient, tally.id))
+            if client is not None:
+                db.session.expire(client)
 
     def _write_clients(self, client_rows: list[dict]) -> None:
         """Store the new counters of every client this pass changed, in one statement on PostgreSQL."""

@@ -21,6 +21,8 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
 
     ``daily`` covers the last ``days`` UTC days (oldest first, days without usage included) by the day the
     usage occurred: ``usage`` is what was billed toward units, ``paused_usage`` what arrived while paused.
+    ``quarantine_reason`` says why the client's usage stopped counting (None while it counts), and
+    ``quarantined_events`` how many of its events were held back as impossible values.
     NotFound for another agency's client or a deleted one.
     """
     client = get_client(agency, client_id)
@@ -35,6 +37,9 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
         select(func.coalesce(func.sum(UsageEvent.counted), 0)).where(
             UsageEvent.client_id == client.id, UsageEvent.state == "paused"
         )
+    )
+    quarantined_events = db.session.scalar(
+        select(func.count()).where(UsageEvent.client_id == client.id, UsageEvent.state == "quarantined")
     )
     awaiting = db.session.scalar(
         select(func.count())
@@ -52,6 +57,9 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
         "units_awaiting_stripe": int(sum(units for status, units in units_by_status.items() if status != "sent")),
         "remainder": client.remainder,
         "paused_usage": int(paused_usage),
+        # Rule 12: events held back as impossible (beyond one AI call, or after the client's own quarantine).
+        "quarantined_events": quarantined_events,
+        "quarantine_reason": client.quarantine_reason,
         "events_awaiting_aggregation": awaiting,
         "daily": _daily_series(client, days),
         "models": _model_breakdown(client),

@@ -18,8 +18,10 @@ from capri.validation import (
     OCCURRED_AT_MAX_LENGTH,
 )
 
-# No C0/C1 control characters (NUL included): they cannot be stored or shown faithfully.
-PRINTABLE_TEXT = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+# No C0/C1 control characters (NUL included): they cannot be stored or shown faithfully. The end is
+# "(?![\s\S])" (nothing follows), not "$": Python's re, which jsonschema uses, lets "$" match before a
+# final newline, so "a\n" would pass Python's check while the validator (and ECMA-262) refuse it.
+PRINTABLE_TEXT = "^[^\\u0000-\\u001F\\u007F-\\u009F]*(?![\\s\\S])"
 
 API_DESCRIPTION = f"""\
 The AI platform reports token and message usage to Rebill here, per Capri API channel or per GHL
@@ -67,8 +69,9 @@ def _optional(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "type": [schema["type"], "null"]}
 
 
-def _count(description: str) -> dict[str, Any]:
-    return {"type": ["integer", "null"], "minimum": 0, "maximum": COUNT_MAX, "default": 0, "description": description}
+def _count(name: str, description: str) -> dict[str, Any]:
+    maximum = COUNT_MAX[name]
+    return {"type": ["integer", "null"], "minimum": 0, "maximum": maximum, "default": 0, "description": description}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -89,9 +92,9 @@ def openapi_document() -> dict[str, Any]:
             "id": _text(ID_MAX_LENGTH, "Idempotency key of the event, unique per agency (any Unicode text)."),
             "channel": _optional(_text(CHANNEL_MAX_LENGTH, "The Capri API channel id the agency typed in.")),
             "location_id": _optional(_text(LOCATION_ID_MAX_LENGTH, "The GHL subaccount (locationId).")),
-            "input_tokens": _count("Input (prompt) tokens."),
-            "output_tokens": _count("Output (completion) tokens."),
-            "messages": _count("Messages."),
+            "input_tokens": _count("input_tokens", "Input (prompt) tokens of one AI call or run."),
+            "output_tokens": _count("output_tokens", "Output (completion) tokens of one AI call or run."),
+            "messages": _count("messages", "Messages."),
             "model": _optional(_text(MODEL_MAX_LENGTH, "The model that served the request, for display.")),
             "occurred_at": {
                 "type": "string",

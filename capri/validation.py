@@ -4,7 +4,8 @@ Rules the contract fixes (docs/contract.md §4); the OpenAPI document in ``capri
 the same constants and a test keeps the two in agreement:
 - the body is a JSON object ``{"events": [...]}`` with at most ``MAX_EVENTS`` events and no other field;
 - an event names an ``id`` (1-255 characters), exactly one of ``channel`` or ``location_id``, non-negative
-  integer ``input_tokens``/``output_tokens``/``messages`` (at least one above zero), an optional ``model``
+  integer ``input_tokens``/``output_tokens`` (each at most 10^8) and ``messages`` (at most 10^4), at least
+  one above zero, an optional ``model``
   and an ``occurred_at`` with a timezone, not more than 5 minutes in the future;
 - ``null`` means "not given" for the optional fields; unknown fields are rejected, because a misspelt
   count (``"output_token"``) silently ignored would under-bill the client.
@@ -18,7 +19,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from billing.ledger import UsageRecord
+from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT, UsageRecord
 
 SOURCE = "capri"
 MAX_EVENTS = 1000
@@ -30,8 +31,12 @@ LOCATION_ID_MAX_LENGTH = 64
 MODEL_MAX_LENGTH = 128
 OCCURRED_AT_MAX_LENGTH = 64
 COUNT_FIELDS = ("input_tokens", "output_tokens", "messages")
-# Far above any real event, and small enough that sums over millions of events fit a BIGINT.
-COUNT_MAX = 10**12
+# What one event may carry (rule 12: what a real AI call can produce; billing.ledger says why these).
+COUNT_MAX = {
+    "input_tokens": MAX_TOKENS_PER_EVENT,
+    "output_tokens": MAX_TOKENS_PER_EVENT,
+    "messages": MAX_MESSAGES_PER_EVENT,
+}
 EVENT_FIELDS = frozenset({"id", "channel", "location_id", *COUNT_FIELDS, "model", "occurred_at"})
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 # Stripe takes meter events at most 35 calendar days old (docs/stripe.md §1.4,
@@ -164,8 +169,13 @@ def _count(event: dict, name: str) -> int:
     # bool is an int in Python and 1.0 a float in JSON: neither is an integer count.
     if isinstance(value, bool) or not isinstance(value, int | _OutOfRange):
         raise _Rejected(f"{name} must be a non-negative integer (no fraction or exponent)")
-    if isinstance(value, _OutOfRange) or not 0 <= value <= COUNT_MAX:
-        raise _Rejected(f"{name} must be between 0 and {COUNT_MAX}")
+    if isinstance(value, _OutOfRange) or value < 0:
+        raise _Rejected(f"{name} must be between 0 and {COUNT_MAX[name]}")
+    if value > COUNT_MAX[name]:
+        raise _Rejected(
+            f"{name} must be between 0 and {COUNT_MAX[name]}: one AI call produces far less; "
+            "report larger usage as several events"
+        )
     return value
 
 

@@ -65,13 +65,17 @@ class Message:
     """The usage fact a message webhook carries."""
 
     location_id: str
-    message_id: str
+    message_id: str  # the message's first attempt: its usage key, the same for every retry of it
     direction: str  # inbound | outbound
     occurred_at: dt.datetime
 
 
 def read_message(event: dict[str, Any]) -> Message:
-    """Read the message fact out of an InboundMessage/OutboundMessage; raise PayloadInvalid without its ids."""
+    """Read the message fact out of an InboundMessage/OutboundMessage; raise PayloadInvalid without its ids.
+
+    GHL sends a retried message (a failed SMS sent again) with a new ``messageId`` and an ``originalMessageId``
+    naming the first attempt (docs/ghl.md §2.2): keyed on the first attempt, a message counts once across retries.
+    """
     location_id = identifier(event, "locationId")
     message_id = identifier(event, "messageId")
     if not location_id:
@@ -80,7 +84,7 @@ def read_message(event: dict[str, Any]) -> Message:
         raise PayloadInvalid("message without a messageId: it cannot be counted exactly once")
     return Message(
         location_id=location_id,
-        message_id=message_id,
+        message_id=identifier(event, "originalMessageId") or message_id,
         # The type decides the direction: GHL's own OutboundMessage example says "inbound" (a doc typo,
         # docs/ghl.md §2.2).
         direction=MESSAGE_DIRECTIONS[event["type"]],

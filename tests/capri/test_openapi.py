@@ -15,7 +15,7 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
 from capri.openapi import openapi_document
-from capri.validation import check_event
+from capri.validation import COUNT_MAX, check_event
 from core.database import utcnow
 from tests.capri.conftest import event, iso, make_keyed_agency
 
@@ -98,7 +98,8 @@ text_values = st.one_of(
 count_values = st.one_of(
     st.none(),
     st.integers(min_value=-5, max_value=10),
-    st.integers(min_value=10**12 - 2, max_value=10**12 + 2),
+    st.integers(min_value=10**4 - 2, max_value=10**4 + 2),
+    st.integers(min_value=10**8 - 2, max_value=10**8 + 2),
     st.booleans(),
     st.floats(allow_nan=False).filter(lambda number: not number.is_integer()),
     st.text(max_size=3),
@@ -125,7 +126,7 @@ def events(draw):
     candidate = {"id": draw(printable), "occurred_at": draw(st.sampled_from(VALID_TIMES))}
     candidate[draw(st.sampled_from(["channel", "location_id"]))] = draw(printable)
     for name in draw(st.lists(st.sampled_from(["input_tokens", "output_tokens", "messages"]), min_size=1)):
-        candidate[name] = draw(st.integers(min_value=0, max_value=10**12))
+        candidate[name] = draw(st.integers(min_value=0, max_value=COUNT_MAX[name]))
     if draw(st.booleans()):
         candidate["model"] = draw(printable)
     for name in draw(st.lists(st.sampled_from(sorted(event_fields)), unique=True, max_size=3)):

@@ -172,14 +172,14 @@ def test_other_methods_are_405_json(client):
 def test_an_accepted_event_is_stored_as_sent(client, agency):
     plus_two = dt.timezone(dt.timedelta(hours=2))
     occurred = (utcnow() - dt.timedelta(days=1)).astimezone(plus_two).replace(microsecond=123456)
-    sent = event(id="évènement-😀-1", channel="canal-ß", input_tokens=10**12, output_tokens=0, messages=7,
+    sent = event(id="évènement-😀-1", channel="canal-ß", input_tokens=10**8, output_tokens=0, messages=7,
                  model="claude-3-5", occurred_at=occurred.isoformat())
     response = post_usage(client, agency.key, {"events": [sent]})
     assert response.get_json() == {"results": [{"id": "évènement-😀-1", "status": "accepted"}]}
     (row,) = ledger_rows()
     assert (row.agency_id, row.source, row.source_event_id) == (agency.id, "capri", "évènement-😀-1")
     assert (row.channel_id, row.location_id, row.model) == ("canal-ß", None, "claude-3-5")
-    assert (row.input_tokens, row.output_tokens, row.messages) == (10**12, 0, 7)
+    assert (row.input_tokens, row.output_tokens, row.messages) == (10**8, 0, 7)
     assert row.occurred_at == occurred.astimezone(dt.UTC)
     assert row.state == "pending" and row.client_id is None
 
@@ -246,7 +246,7 @@ INVALID_EVENTS = {
     ],
     "counts": [
         *(event(**{name: value}) for name in ("input_tokens", "output_tokens", "messages")
-          for value in (-1, 1.5, 2.0, True, False, "5", [5], {"n": 5}, 10**12 + 1, 10**30, -(10**30))),
+          for value in (-1, 1.5, 2.0, True, False, "5", [5], {"n": 5}, 10**12, 10**30, -(10**30))),
         event(input_tokens=0, output_tokens=0, messages=0),
         without(event(), "input_tokens", "output_tokens", "messages"),
         event(input_tokens=None, output_tokens=None, messages=None),
@@ -318,7 +318,29 @@ def test_a_count_too_long_to_parse_rejects_only_its_event(client, agency, digits
     )
     results = post_usage(client, agency.key, raw).get_json()["results"]
     assert [result["status"] for result in results] == ["rejected", "accepted"]
-    assert "between 0 and 1000000000000" in results[0]["reason"]
+    assert "input_tokens must be between 0 and 100000000" in results[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "bound"),
+    [
+        ("input_tokens", 10**8 + 1, "100000000"),
+        ("output_tokens", 2 * 10**12, "100000000"),
+        ("messages", 10**4 + 1, "10000"),
+    ],
+)
+def test_counts_beyond_one_ai_call_reject_only_their_event_with_the_bound(client, agency, name, value, bound):
+    """Rule 12: an event carries at most what one AI call produces, so no client total can overflow."""
+    body = {"events": [event(id="huge", **{name: value}), event(id="fine")]}
+    results = post_usage(client, agency.key, body).get_json()["results"]
+    assert results[0] == {
+        "id": "huge",
+        "status": "rejected",
+        "reason": f"{name} must be between 0 and {bound}: one AI call produces far less; "
+        "report larger usage as several events",
+    }
+    assert results[1]["status"] == "accepted"
+    assert [row.source_event_id for row in ledger_rows()] == ["fine"]
 
 
 def test_boundaries_are_accepted(client, agency):
@@ -327,7 +349,7 @@ def test_boundaries_are_accepted(client, agency):
         event(id="i" * 255),
         event(id="😀" * 255, channel="c" * 255),
         event(channel=None, location_id="l" * 64, model="m" * 128),
-        event(input_tokens=10**12, output_tokens=10**12, messages=10**12),
+        event(input_tokens=10**8, output_tokens=10**8, messages=10**4),
         event(input_tokens=0, output_tokens=0, messages=1),
         event(occurred_at=iso(now + dt.timedelta(minutes=4))),
         event(occurred_at=(now - dt.timedelta(hours=1)).astimezone(dt.timezone(dt.timedelta(hours=-7))).isoformat()),

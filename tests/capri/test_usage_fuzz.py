@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from billing.models import UsageEvent
+from capri.validation import COUNT_MAX
 from core.database import db, utcnow
 from tests.capri.conftest import iso, ledger_count, post_usage
 
@@ -40,7 +41,8 @@ times = st.one_of(
 )
 counts = st.one_of(
     st.integers(min_value=-3, max_value=1000),
-    st.integers(min_value=10**12 - 1, max_value=10**12 + 1),
+    st.integers(min_value=10**4 - 1, max_value=10**4 + 1),
+    st.integers(min_value=10**8 - 1, max_value=10**8 + 1),
     json_scalars,
 )
 field_values = {
@@ -69,7 +71,7 @@ def events(draw):
         "occurred_at": draw(recent_times),
     }
     for name in draw(st.lists(st.sampled_from(["input_tokens", "output_tokens", "messages"]), min_size=1)):
-        candidate[name] = draw(st.integers(min_value=0, max_value=10**12))
+        candidate[name] = draw(st.integers(min_value=0, max_value=COUNT_MAX[name]))
     fields_to_mutate = st.lists(st.sampled_from(sorted(field_values)), unique=True, min_size=1, max_size=3)
     for name in draw(fields_to_mutate) if draw(st.booleans()) else []:
         if draw(st.integers(0, 3)):

@@ -197,6 +197,22 @@ def test_a_message_delivered_in_two_webhooks_counts_once(app_context, webhooks):
     assert len(usage_events()) == 1
 
 
+@pytest.mark.parametrize("retry_first", [False, True], ids=["in order", "retry delivered first"])
+def test_a_retried_message_counts_once_across_its_attempts(app_context, webhooks, retry_first):
+    # GHL sends a retried message with a new messageId and originalMessageId naming the first attempt.
+    install_location()
+    first = load_payload("outbound_message")
+    retries = [
+        first | {"messageId": f"retryAttempt{n:08d}", "originalMessageId": first["messageId"], "status": "delivered"}
+        for n in (1, 2)
+    ]
+    order = [*retries, first] if retry_first else [first, *retries]
+    assert [webhooks.send(payload).json["status"] for payload in order] == ["processed", "ignored", "ignored"]
+    [event] = usage_events()
+    assert (event.source_event_id, event.messages) == (first["messageId"], 1)
+    assert all(f"message {first['messageId']} was already recorded" in d.error for d in deliveries()[1:])
+
+
 # Processing ---------------------------------------------------------------------------------------
 
 
