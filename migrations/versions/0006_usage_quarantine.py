@@ -1,7 +1,7 @@
 """usage quarantine: a client's reason when aggregation cannot count its usage (rule 12)
 
-Revision ID: 0005_usage_quarantine
-Revises: 0004
+Revision ID: 0006_usage_quarantine
+Revises: 0005
 Create Date: 2026-12-04 16:50:00
 
 """
@@ -9,8 +9,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0005_usage_quarantine'
-down_revision = '0004'
+revision = '0006_usage_quarantine'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
