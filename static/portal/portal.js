@@ -186,6 +186,7 @@
 
   // ---- routing --------------------------------------------------------------------------------------
   const views = {
+    statement: showStatement,
     clients: showClients,
     client: showClient,
     unmapped: showUnmapped,
@@ -197,9 +198,11 @@
   const AGENCY_VIEWS = new Set(["stripe", "api-keys"]);
 
   async function route() {
-    const [name, id] = (location.hash.replace(/^#/, "") || "clients").split("/");
+    // A subaccount user is the agency's customer: their statement comes first.
+    const home = state.session.sees_agency_settings ? "clients" : "statement";
+    const [name, id] = (location.hash.replace(/^#/, "") || home).split("/");
     const allowed = views[name] && (state.session.sees_agency_settings || !AGENCY_VIEWS.has(name));
-    const view = allowed ? name : "clients";
+    const view = allowed ? name : home;
     for (const section of $$(".view")) section.hidden = section.dataset.view !== view;
     for (const tab of $$(".tabs a")) {
       const current = tab.dataset.tab === view || (view === "client" && tab.dataset.tab === "clients");
@@ -376,6 +379,62 @@
     );
   }
 
+  // ---- a client's statement (what a subaccount user reads first) ------------------------------------
+  async function showStatement() {
+    const statements = (await api("GET", "/statement")).statements;
+    $("#statements").replaceChildren(...statements.map(statementCard));
+    $("#statements-empty").hidden = statements.length > 0;
+  }
+
+  function statementCard(statement) {
+    const period = statement.period;
+    const charge = statement.dry_run ? `would be ${amount(period.estimate)}` : amount(period.estimate);
+    const previous = statement.previous_periods;
+    return el("article", { className: "statement", dataset: { clientId: statement.client_id } },
+      el("div", { className: "toolbar" },
+        el("h3", { text: statement.nickname }),
+        el("span", { className: "hint", text: statement.state }),
+        el("span", { className: "spacer" }),
+        el("button", { type: "button", text: "Download CSV", onclick: () => downloadCsv(statement.client_id) })),
+      el("p", { className: "hint", text: `Billing period ${day(period.start)} – ${day(period.end)}`
+        + (statement.product_name ? ` · ${statement.product_name}` : "") }),
+      el("div", { className: "stats" },
+        stat("Usage this period", fmt(period.usage), statement.measure),
+        stat("Units", fmt(period.units), `1 unit per ${fmt(statement.billing_unit)} ${statement.measure}`),
+        stat("Estimated charge", charge, statement.dry_run ? "dry run: nothing is billed yet" : "so far this period")),
+      el("h4", { text: `Daily usage (${statement.measure}, UTC days)` }),
+      el("div", { className: "chart" }, usageChart(statement.daily, statement.measure)),
+      previous.length ? el("h4", { text: "Previous periods" }) : null,
+      previous.length ? el("div", { className: "table-wrap" }, el("table", { className: "previous-periods" },
+        el("thead", {}, el("tr", {}, el("th", { text: "Period" }), el("th", { className: "num", text: "Units" }),
+          el("th", { className: "num", text: "Estimated charge" }))),
+        el("tbody", {}, previous.map((row) => el("tr", {},
+          cell("Period", `${day(row.start)} – ${day(row.end)}`),
+          cell("Units", fmt(row.units), "num"),
+          cell("Estimated charge", amount(row.estimate), "num")))))) : null,
+    );
+  }
+
+  // The export needs the bearer token, so it is fetched and handed to the browser as a file.
+  async function downloadCsv(clientId) {
+    if (!state.token) await signIn();
+    const response = await fetch(`${API}/clients/${encodeURIComponent(clientId)}/export.csv`, {
+      headers: { Authorization: `Bearer ${state.token}` },
+      credentials: "omit",
+    });
+    if (!response.ok) {
+      notify((await response.json().catch(() => ({}))).error || `export failed (${response.status})`);
+      return;
+    }
+    const disposition = response.headers.get("Content-Disposition") || "";
+    const name = (disposition.match(/filename="([^"]+)"/) || [])[1] || "rebill-export.csv";
+    const link = el("a", { href: URL.createObjectURL(await response.blob()), download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  }
+
   // ---- one client -----------------------------------------------------------------------------------
   async function showClient(id) {
     const [client, usage] = await Promise.all([
@@ -395,6 +454,7 @@
     pause.textContent = client.status === "paused" ? "Resume" : "Pause";
     pause.onclick = () => setClientStatus(client, client.status === "paused" ? "active" : "paused");
     $("#client-edit").onclick = () => openClientDialog({ client });
+    $("#client-export").onclick = () => downloadCsv(client.id);
     $("#client-delete").onclick = () => deleteClient(client);
 
     const names = productPriceNames(client);

@@ -55,7 +55,7 @@ def portal_routes(app) -> list[tuple[str, str]]:
 
 def test_every_route_needs_a_session(portal_app, portal_client, tenant_a):
     routes = portal_routes(portal_app)
-    assert len(routes) == 18  # the 16 of issue 6 + GET /summary, /customers
+    assert len(routes) == 20  # the 16 of issue 6 + GET /summary, /customers, /statement, export.csv
     for method, path in routes:
         answer = portal_client.open(path, method=method, json={})
         assert answer.status_code == 401, (method, path)

@@ -22,7 +22,9 @@ from werkzeug.wrappers import Response
 
 from app import create_app
 from billing.jobs import run_tick
+from billing.ledger import UsageRecord, record_usage
 from billing.models import UnitReport
+from billing.units import aggregate_pending_usage
 from core.database import db
 from portal.demo_agency import DEMO_METER_EVENT
 from stripe_fake import FakeStripeServer
@@ -239,16 +241,43 @@ def test_a_subaccount_user_sees_only_their_subaccount_and_none_of_the_agencys_se
     admin = embedded.app.test_client()
     headers = sign_in(admin, tenant.company_id)
     assert admin.put("/api/portal/stripe-key", json={"api_key": tenant.stripe_key}, headers=headers).status_code == 200
-    for fields in (
-        client_fields(tenant, nickname="Another client"),
-        client_fields(tenant, nickname="Their client", provider="ghl", channel_id=None, location_id=tenant.location_id),
-    ):
-        assert admin.post("/api/portal/clients", json=fields, headers=headers).status_code == 201
+    created = [
+        admin.post("/api/portal/clients", json=fields, headers=headers)
+        for fields in (
+            client_fields(tenant, nickname="Another client"),
+            client_fields(
+                tenant, nickname="Their client", provider="ghl", channel_id=None, location_id=tenant.location_id
+            ),
+        )
+    ]
+    assert [answer.status_code for answer in created] == [201, 201]
+    with embedded.app.app_context():
+        db.session.add(UnitReport(agency_id=tenant.agency_id, client_id=created[1].get_json()["id"],
+                                  identifier="rebill_sub_1", units=42, usage_timestamp=dt.datetime.now(dt.UTC)))
+        usage = UsageRecord(source="capri", source_event_id="sub-1", location_id=tenant.location_id,
+                            input_tokens=4200, occurred_at=dt.datetime.now(dt.UTC))
+        record_usage(tenant.agency_id, [usage])
+        aggregate_pending_usage()  # 4 more units
+        db.session.commit()
+        db.session.remove()
 
     payload = sso_payload(tenant.company_id, role="user", user_type="location", location=tenant.location_id)
     page = embedded.open_in_ghl(payload)
     frame = page.frame_locator("#rebill")
     expect(frame.locator("#who")).to_have_text("Read only")
+    # Their statement first: this period's units and estimated charge, in names, without Stripe ids.
+    statement = frame.locator("#statements article")
+    expect(statement).to_have_count(1)
+    expect(statement).to_contain_text("Their client")
+    expect(statement).to_contain_text("$4.60")  # 46 units at $0.10
+    expect(statement).to_contain_text("4,200")  # tokens this period
+    expect(statement).to_contain_text("AI usage")
+    expect(statement.locator(".chart")).to_be_visible()
+    text = frame.locator("#view-statement").inner_text()
+    assert tenant.customer_id not in text and tenant.price_id not in text and "cus_" not in text
+    page.screenshot(path=ARTIFACTS / "money-6-subaccount-statement.png", full_page=True)
+
+    frame.get_by_role("link", name="Clients", exact=True).click()
     rows = frame.locator("#clients-table tbody tr")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("Their client")
@@ -262,7 +291,7 @@ def test_a_subaccount_user_sees_only_their_subaccount_and_none_of_the_agencys_se
         window.addEventListener("hashchange", () => setTimeout(resolve, 0), {once: true});
         location.hash = "#stripe";
     })""")
-    expect(frame.locator("#view-clients")).to_be_visible()  # an agency view falls back to the clients
+    expect(frame.locator("#view-statement")).to_be_visible()  # an agency view falls back to their statement
 
 
 def test_the_money_view_shows_amounts_a_failing_client_and_the_customer_picker(embedded):

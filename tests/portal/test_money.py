@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import itertools
 
 import pytest
 from sqlalchemy import func, select
 
+from billing.ledger import UsageRecord, record_usage
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
 from billing.periods import refresh_stale_periods
+from billing.units import aggregate_pending_usage
 from core.database import db, utcnow
 from tests.portal.conftest import client_fields, install_tenant, sign_in
 from tests.portal.test_api import add_client, connect
@@ -377,3 +381,177 @@ def test_a_failed_payment_marks_the_client_failing_or_paused(portal_app, portal_
         db.session.commit()
     shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
     assert shown["billing_state"] == "paused" and "until the customer pays" in shown["billing_problem"]
+
+
+# ---- a client's statement and its CSV export -----------------------------------------------------------
+
+
+def record_counted_usage(app, client_id: int, rows: list[tuple[str, int, str, str | None]]) -> None:
+    """Record usage for a Capri client and aggregate it: (event id, tokens, ISO time, model)."""
+    with app.app_context():
+        client = db.session.get(RebillClient, client_id)
+        record_usage(
+            client.agency_id,
+            [
+                UsageRecord(
+                    source="capri",
+                    source_event_id=event_id,
+                    channel_id=client.channel_id,
+                    input_tokens=tokens,
+                    occurred_at=dt.datetime.fromisoformat(at),
+                    model=model,
+                )
+                for event_id, tokens, at, model in rows
+            ],
+        )
+        aggregate_pending_usage()
+        db.session.commit()
+
+
+def test_a_subaccount_user_reads_their_statement_without_stripe_ids(
+    portal_app, portal_client, admin, tenant_a, fake_stripe
+):
+    add_client(portal_client, admin, tenant_a)  # another client of the agency: not in their statement
+    theirs = add_client(
+        portal_client,
+        admin,
+        tenant_a,
+        nickname="Their client",
+        provider="ghl",
+        channel_id=None,
+        location_id=tenant_a.location_id,
+        charge_by="messages",
+        message_source="ghl_outbound",
+        billing_unit=5,
+    )
+    start, _end = subscription_period(fake_stripe, tenant_a, tenant_a.customer_id)
+    period_start = dt.datetime.fromtimestamp(start, dt.UTC)
+    add_report(portal_app, theirs["id"], 9)
+    with portal_app.app_context():  # pretend the client existed a month earlier, with 20 units then
+        db.session.get(RebillClient, theirs["id"]).created_at = period_start - dt.timedelta(days=40)
+        db.session.commit()
+    add_report(portal_app, theirs["id"], 20, at=period_start - dt.timedelta(days=3))
+    headers = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
+
+    answer = portal_client.get("/api/portal/statement", headers=headers)
+
+    assert answer.status_code == 200
+    [statement] = answer.get_json()["statements"]
+    assert statement["nickname"] == "Their client"
+    assert statement["measure"] == "GHL outbound messages"
+    assert statement["state"] == "Billing normally"
+    assert statement["period"]["units"] == 9
+    assert statement["period"]["estimate"] == {"amount": "0.90", "currency": "usd"}
+    assert statement["product_name"] == "AI usage"
+    assert len(statement["daily"]) == 30
+    previous = statement["previous_periods"]
+    assert [row["units"] for row in previous] == [20, 0]  # the client did not exist before that
+    assert previous[0]["end"] == period_start.isoformat()
+    assert previous[0]["estimate"] == {"amount": "2.00", "currency": "usd"}
+    text = answer.get_data(as_text=True)
+    for stripe_id in (tenant_a.customer_id, tenant_a.price_id, tenant_a.product_id, "rebill_test_"):
+        assert stripe_id not in text
+
+
+def test_the_statement_is_the_sessions_own(portal_client, admin, tenant_a, tenant_b):
+    add_client(portal_client, admin, tenant_a)
+    headers_b = sign_in(portal_client, "company-b")
+    assert portal_client.get("/api/portal/statement", headers=headers_b).get_json() == {"statements": []}
+    other_location = sign_in(
+        portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id
+    )
+    assert portal_client.get("/api/portal/statement", headers=other_location).get_json() == {"statements": []}
+
+
+def test_previous_periods_step_back_whole_months_or_the_period_length():
+    from billing.statements import previous_periods
+
+    utc = dt.UTC
+    monthly = previous_periods(dt.datetime(2026, 3, 31, tzinfo=utc), dt.datetime(2026, 4, 30, tzinfo=utc), 2)
+    assert monthly == [
+        (dt.datetime(2026, 2, 28, tzinfo=utc), dt.datetime(2026, 3, 31, tzinfo=utc)),
+        (dt.datetime(2026, 1, 28, tzinfo=utc), dt.datetime(2026, 2, 28, tzinfo=utc)),
+    ]
+    weekly = previous_periods(dt.datetime(2026, 3, 8, tzinfo=utc), dt.datetime(2026, 3, 15, tzinfo=utc), 1)
+    assert weekly == [(dt.datetime(2026, 3, 1, tzinfo=utc), dt.datetime(2026, 3, 8, tzinfo=utc))]
+
+
+def test_export_streams_usage_and_reports_as_quoted_csv(portal_app, portal_client, admin, tenant_a):
+    created = add_client(portal_client, admin, tenant_a)
+    today = utcnow().date()
+    at = f"{today.isoformat()}T08:00:00+00:00"
+    record_counted_usage(
+        portal_app,
+        created["id"],
+        [
+            ("evt-1", 1500, at, 'gpt "quoted", with comma'),
+            ("=HYPERLINK(1)", 700, at, None),
+            ("evt-old", 10, "2020-01-01T00:00:00+00:00", None),
+        ],
+    )
+    add_report(portal_app, created["id"], 2, status="failed", error="No such customer: 'cus_x'")
+
+    answer = portal_client.get(
+        f"/api/portal/clients/{created['id']}/export.csv",
+        query_string={"from": (today - dt.timedelta(days=1)).isoformat(), "to": today.isoformat()},
+        headers=admin,
+    )
+
+    assert answer.status_code == 200 and answer.is_streamed
+    assert answer.mimetype == "text/csv"
+    assert "attachment" in answer.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(answer.get_data(as_text=True))))
+    usage = [row for row in rows if row["record"] == "usage"]
+    assert {row["event_id"] for row in usage} == {"evt-1", "'=HYPERLINK(1)"}  # not evt-old; no formula
+    assert next(row for row in usage if row["event_id"] == "evt-1")["model"] == 'gpt "quoted", with comma'
+    assert sum(int(row["counted"]) for row in usage) == 2200
+    reports = [row for row in rows if row["record"] == "unit_report"]
+    assert sorted((row["units"], row["report_status"]) for row in reports) == [("2", "failed"), ("2", "pending")]
+    report = next(row for row in reports if row["report_status"] == "failed")
+    assert report["last_error"] == "No such customer: 'cus_x'"
+
+
+def test_a_subaccount_user_exports_without_stripes_raw_errors(portal_app, portal_client, admin, tenant_a):
+    theirs = add_client(
+        portal_client,
+        admin,
+        tenant_a,
+        nickname="Theirs",
+        provider="ghl",
+        channel_id=None,
+        location_id=tenant_a.location_id,
+        charge_by="messages",
+        billing_unit=5,
+    )
+    add_report(portal_app, theirs["id"], 1, status="failed", error="No such customer: 'cus_x'")
+    headers = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
+
+    answer = portal_client.get(f"/api/portal/clients/{theirs['id']}/export.csv", headers=headers)
+
+    assert answer.status_code == 200
+    assert "cus_x" not in answer.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"from": "yesterday"},
+        {"to": "2026-13-01"},
+        {"from": "2026-02-01", "to": "2026-01-01"},
+        {"from": "2024-01-01", "to": "2026-01-01"},
+        {"to": "9999-12-31"},
+    ],
+)
+def test_export_refuses_bad_dates(portal_client, admin, tenant_a, query):
+    created = add_client(portal_client, admin, tenant_a)
+    answer = portal_client.get(f"/api/portal/clients/{created['id']}/export.csv", query_string=query, headers=admin)
+    assert answer.status_code == 400 and answer.get_json()["error"]
+
+
+def test_export_follows_tenancy(portal_client, admin, tenant_a, tenant_b):
+    created = add_client(portal_client, admin, tenant_a)
+    headers_b = sign_in(portal_client, "company-b")
+    assert portal_client.get(f"/api/portal/clients/{created['id']}/export.csv", headers=headers_b).status_code == 404
+    sub_user = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
+    assert portal_client.get(f"/api/portal/clients/{created['id']}/export.csv", headers=sub_user).status_code == 404
+    assert portal_client.get(f"/api/portal/clients/{created['id']}/export.csv").status_code == 401
