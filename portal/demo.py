@@ -12,6 +12,7 @@ command loads, in demo mode.
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
@@ -47,8 +48,14 @@ def demo_enabled(app: Flask) -> bool:
 @click.command("demo")
 @click.option("--seconds", default=GENERATOR_SECONDS, show_default=True, help="Seconds between usage rounds.")
 @click.option("--rounds", default=0, help="Stop after this many usage rounds (0 = run until interrupted).")
+@click.option(
+    "--stripe-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where the fake Stripe is kept between runs (default: demo-stripe.json in the instance folder).",
+)
 @with_appcontext
-def demo_command(seconds: int, rounds: int):
+def demo_command(seconds: int, rounds: int, stripe_file: Path | None):
     """Serve the fake Stripe at STRIPE_API_BASE, seed the demo agency and keep usage flowing (demo mode)."""
     app = current_app._get_current_object()
     if not demo_enabled(app):
@@ -58,4 +65,5 @@ def demo_command(seconds: int, rounds: int):
         raise click.ClickException("in demo mode STRIPE_API_BASE must be a local http://127.0.0.1:<port> address")
     from portal.demo_agency import run_demo  # the fake Stripe: loaded in demo mode only
 
-    run_demo(address, app.config["REBILL_PUBLIC_URL"] or "http://127.0.0.1:5000", seconds, rounds)
+    snapshot = stripe_file or Path(app.instance_path) / "demo-stripe.json"
+    run_demo(address, app.config["REBILL_PUBLIC_URL"] or "http://127.0.0.1:5000", seconds, rounds, snapshot)

@@ -7,9 +7,12 @@ which no production process needs.
 from __future__ import annotations
 
 import random
+import signal
+import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from urllib.parse import SplitResult
 
 import click
@@ -36,6 +39,7 @@ DEMO_UNMAPPED_CHANNEL = "demo-chat-newco"
 # signed invoice.payment_failed event to Rebill's webhook endpoint, so the portal shows a payment failure.
 PAYMENT_FAILURE_ROUND = 6
 PAYMENT_FAILURE_CLIENT = "Bright Smiles"
+DEMO_ID_SEED = "rebill-demo"
 
 
 @dataclass(frozen=True)
@@ -132,17 +136,36 @@ def demo_payment_failure(state: FakeStripeState, stripe: DemoStripe) -> list[Sig
     return state.invoice_event(stripe.api_key, "invoice.payment_failed", customer)
 
 
-def run_demo(address: SplitResult, public_url: str, seconds: int, rounds: int) -> None:
-    """Serve the fake Stripe at ``address``, seed it and the demo agency (events to ``public_url``), record usage."""
-    server = FakeStripeServer(host=address.hostname, port=address.port).start()
-    click.echo(f"demo: fake Stripe on {server.url}")
+def open_demo_stripe(snapshot: Path) -> tuple[FakeStripeState, DemoStripe]:
+    """Return the demo's fake Stripe as the last run left it (``snapshot``), or freshly seeded.
+
+    Ids are repeatable either way (the same seed calls give the same ids), so clients added in the demo keep
+    pointing at customers and prices that exist after a restart.
+    """
+    state = FakeStripeState(id_seed=DEMO_ID_SEED)
+    if snapshot.exists():
+        try:
+            return state, DemoStripe(**state.load(snapshot))
+        except (ValueError, KeyError, TypeError) as error:
+            click.echo(f"demo: {snapshot} is unreadable ({error!r}); starting the fake Stripe afresh")
+            state = FakeStripeState(id_seed=DEMO_ID_SEED)
+    return state, seed_fake_stripe(state)
+
+
+def run_demo(address: SplitResult, public_url: str, seconds: int, rounds: int, snapshot: Path) -> None:
+    """Serve the fake Stripe at ``address`` (kept in ``snapshot`` across runs), seed it and the demo agency
+    (events to ``public_url``), record usage."""
+    state, stripe = open_demo_stripe(snapshot)
+    server = FakeStripeServer(state, host=address.hostname, port=address.port).start()
+    click.echo(f"demo: fake Stripe on {server.url} (kept in {snapshot})")
     try:
-        stripe = seed_fake_stripe(server.state)
         agency = seed_demo_agency(stripe, public_url)
         db.session.commit()
     except RebillError as error:
         server.stop()
         raise click.ClickException(f"could not seed the demo agency: {error}") from None
+    # `make run` ends its processes with SIGTERM: leave through `finally`, which saves the fake Stripe.
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     click.echo(f"demo: agency {DEMO_AGENCY_NAME!r} ready; open /app?demo=1. Usage every {seconds}s.")
     rng, done, undelivered = random.Random(), 0, []
     try:
@@ -155,6 +178,7 @@ def run_demo(address: SplitResult, public_url: str, seconds: int, rounds: int) -
                 click.echo(f"demo: Stripe failed {PAYMENT_FAILURE_CLIENT}'s invoice payment; telling Rebill")
             # Like Stripe, deliver again until Rebill answers 2xx (the web process may still be starting).
             undelivered = [delivery for delivery in undelivered if not 200 <= delivery.send() < 300]
+            state.save(snapshot, asdict(stripe))
             if rounds and done >= rounds:
                 break
             time.sleep(seconds)
@@ -162,3 +186,5 @@ def run_demo(address: SplitResult, public_url: str, seconds: int, rounds: int) -
         pass
     finally:
         server.stop()
+        state.save(snapshot, asdict(stripe))
+        signal.signal(signal.SIGTERM, previous_handler)

@@ -47,6 +47,14 @@ def check_frame_ancestors_setting(state) -> None:
     parse_extra_ancestors(state.app)
 
 
+@blueprint.get("/")
+def landing_page():
+    """Say what Rebill is and where to open it (and, in the development demo, link the demo)."""
+    response = current_app.make_response(render_template("portal/index.html", demo=demo_enabled(current_app)))
+    response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+    return response
+
+
 @blueprint.get("/app")
 def portal_page():
     """Serve the embedded portal; its script runs the SSO handshake with the GHL parent."""
@@ -54,6 +62,7 @@ def portal_page():
     page = render_template(
         "portal/app.html",
         demo=demo,
+        demo_available=demo_enabled(current_app),
         # The open page re-reads its numbers after each scheduler tick.
         refresh_seconds=min(max(current_app.config["REBILL_TICK_SECONDS"], 5), 60),
         billing_unit_max=BILLING_UNIT_MAX,

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -319,7 +321,8 @@ def _aggregate(formula: str, events: list[dict]) -> Decimal:
 class FakeStripeState:
     """Thread-safe Stripe data partitioned per account, plus fault injection and a call log."""
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.time, id_seed: str | None = None):
+        """``id_seed`` makes object ids repeatable: the same calls in the same order get the same ids."""
         self._clock = clock
         self._lock = threading.RLock()
         self._keys: dict[str, _Key] = {}
@@ -327,6 +330,65 @@ class FakeStripeState:
         self._faults: list[_Fault] = []
         self._released = threading.Event()
         self.calls: list[Call] = []
+        self._id_seed = id_seed
+        self._ids_made = 0
+
+    def _next_id(self, prefix: str) -> str:
+        if self._id_seed is None:
+            return _new_id(prefix)
+        self._ids_made += 1
+        return f"{prefix}_{hashlib.sha256(f'{self._id_seed}:{self._ids_made}'.encode()).hexdigest()[:24]}"
+
+    # ---- saving and restoring (the demo keeps its fake Stripe across restarts) ------------------------
+    def save(self, path: str | Path, extra: Mapping | None = None) -> None:
+        """Write every key, account and object (not faults, call log or idempotency keys) to a JSON file,
+        atomically, with ``extra`` for the caller; ``load`` reads it back."""
+        with self._lock:
+            snapshot = {
+                "version": 1,
+                "ids_made": self._ids_made,
+                "keys": {key: {"account_id": k.tenant.account_id, "livemode": k.tenant.livemode,
+                               "denied": sorted(k.denied)} for key, k in self._keys.items()},
+                "tenants": [
+                    {"account_id": t.account_id, "livemode": t.livemode, "display_name": t.display_name,
+                     "objects": t.objects, "events": t.events, "identifiers": sorted(t.identifiers),
+                     "usage": {item: {str(ts): q for ts, q in rows.items()} for item, rows in t.usage.items()},
+                     "webhook_secrets": t.webhook_secrets}
+                    for t in self._tenants.values()
+                ],
+                "extra": dict(extra or {}),
+            }
+            text = json.dumps(snapshot)
+        path = Path(path)
+        partial = path.with_suffix(path.suffix + ".partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+
+    def load(self, path: str | Path) -> dict:
+        """Replace this state's keys and accounts with a file ``save`` wrote; return its ``extra``."""
+        snapshot = json.loads(Path(path).read_text())
+        with self._lock:
+            self._tenants.clear()
+            self._keys.clear()
+            for saved in snapshot["tenants"]:
+                t = _Tenant(saved["account_id"], saved["livemode"], saved["display_name"])
+                for kind, objects in saved["objects"].items():
+                    t.objects[kind].update(objects)
+                t.events.extend(saved["events"])
+                for event in t.events:
+                    meter = t.objects["billing.meter"][event["_meter"]]
+                    customer = event["payload"][meter["customer_mapping"]["event_payload_key"]]
+                    t.events_by[(meter["id"], customer)].append(event)
+                t.identifiers.update(saved["identifiers"])
+                for item, rows in saved["usage"].items():
+                    t.usage[item].update({int(ts): q for ts, q in rows.items()})
+                t.webhook_secrets.update(saved["webhook_secrets"])
+                self._tenants[(t.account_id, t.livemode)] = t
+            for key, saved in snapshot["keys"].items():
+                tenant = self._tenants[(saved["account_id"], saved["livemode"])]
+                self._keys[key] = _Key(tenant, frozenset(saved["denied"]))
+            self._ids_made = snapshot["ids_made"]
+        return snapshot["extra"]
 
     def now(self) -> int:
         """The fake's current Unix time."""
@@ -338,7 +400,7 @@ class FakeStripeState:
         """Register a key for an account (keys of one account share its data); returns the account id."""
         mode = _KEY_MODE.match(api_key)
         livemode = (mode is not None and mode.group(2) == "live") if livemode is None else livemode
-        account_id = account_id or _new_id("acct")
+        account_id = account_id or self._next_id("acct")
         denied = frozenset(p if p.startswith("rak_") else f"rak_{p}" for p in denied_permissions)
         with self._lock:
             tenant = self._tenants.setdefault(
@@ -498,7 +560,7 @@ class FakeStripeState:
         with self._lock:
             t = self._tenant(api_key)
             now = self.now()
-            event = {"id": _new_id("evt"), "object": "event", "api_version": DEFAULT_API_VERSION,
+            event = {"id": self._next_id("evt"), "object": "event", "api_version": DEFAULT_API_VERSION,
                      "created": now, "data": {"object": copy.deepcopy(dict(data_object))},
                      "livemode": t.livemode, "pending_webhooks": 0,
                      "request": {"id": None, "idempotency_key": None}, "type": event_type}
@@ -524,7 +586,7 @@ class FakeStripeState:
         """Emit invoice.payment_failed / invoice.paid for a customer's invoice (the invoice is built here)."""
         paid = event_type == "invoice.paid"
         sub_id = _id_of(subscription) if subscription else None
-        invoice = {"id": _new_id("in"), "object": "invoice", "customer": _id_of(customer),
+        invoice = {"id": self._next_id("in"), "object": "invoice", "customer": _id_of(customer),
                    "amount_due": amount_due, "amount_paid": amount_due if paid else 0, "currency": "usd",
                    "status": "paid" if paid else "open", "attempt_count": 1, "livemode": False,
                    # Since 2025-03-31.basil the subscription sits under parent.subscription_details.
@@ -697,7 +759,7 @@ class FakeStripeState:
 
     def _api_create_product(self, t: _Tenant, params: Mapping, version: str = DEFAULT_API_VERSION) -> dict:
         now = self.now()
-        product = {"id": _new_id("prod"), "object": "product", "active": _bool(params, "active") is not False,
+        product = {"id": self._next_id("prod"), "object": "product", "active": _bool(params, "active") is not False,
                    "created": now, "default_price": None, "description": params.get("description"),
                    "livemode": t.livemode, "metadata": params.get("metadata") or {},
                    "name": _str(params, "name", required=True), "type": "service", "updated": now}
@@ -739,7 +801,7 @@ class FakeStripeState:
             if transform["divide_by"] < 1:
                 raise _invalid("transform_quantity[divide_by] must be positive.", "transform_quantity[divide_by]")
         decimal = params.get("unit_amount_decimal") or (None if unit_amount is None else str(unit_amount))
-        price = {"id": _new_id("price"), "object": "price", "active": _bool(params, "active") is not False,
+        price = {"id": self._next_id("price"), "object": "price", "active": _bool(params, "active") is not False,
                  "billing_scheme": scheme, "created": self.now(),
                  "currency": _str(params, "currency", required=True).lower(), "custom_unit_amount": None,
                  "livemode": t.livemode, "lookup_key": params.get("lookup_key"),
@@ -798,7 +860,7 @@ class FakeStripeState:
         customer_key = _str(_obj(params, "customer_mapping") or {}, "event_payload_key") or "stripe_customer_id"
         value_key = _str(_obj(params, "value_settings") or {}, "event_payload_key") or "value"
         now = self.now()
-        meter = {"id": _new_id("mtr"), "object": "billing.meter", "created": now,
+        meter = {"id": self._next_id("mtr"), "object": "billing.meter", "created": now,
                  "customer_mapping": {"event_payload_key": customer_key, "type": "by_id"},
                  "default_aggregation": {"formula": formula},
                  "display_name": _str(params, "display_name", required=True), "event_name": event_name,
@@ -910,7 +972,7 @@ class FakeStripeState:
 
     # ---- customers ------------------------------------------------------------------------------------
     def _api_create_customer(self, t: _Tenant, params: Mapping, version: str = DEFAULT_API_VERSION) -> dict:
-        customer = {"id": _new_id("cus"), "object": "customer", "created": self.now(),
+        customer = {"id": self._next_id("cus"), "object": "customer", "created": self.now(),
                     "description": params.get("description"), "email": params.get("email"),
                     "livemode": t.livemode, "metadata": params.get("metadata") or {},
                     "name": params.get("name")}
@@ -972,7 +1034,7 @@ class FakeStripeState:
             raise _invalid("Missing required param: items.", "items", "parameter_missing")
         now = self.now()
         start = _int(params, "backdate_start_date", now)
-        sub_id = _new_id("sub")
+        sub_id = self._next_id("sub")
         data = []
         for n, item in enumerate(items):
             price = self._get(t, "price", _str(item, "price", required=True), f"items[{n}][price]")
@@ -982,7 +1044,7 @@ class FakeStripeState:
                                "2025-03-31.basil on.", f"items[{n}][price]")
             if metered and item.get("quantity") is not None:  # UNCONFIRMED for meter-backed prices
                 raise _invalid("You cannot set the quantity for metered plans.", f"items[{n}][quantity]")
-            data.append({"id": _new_id("si"), "object": "subscription_item", "created": now,
+            data.append({"id": self._next_id("si"), "object": "subscription_item", "created": now,
                          "current_period_end": _add_month(start), "current_period_start": start,
                          "metadata": {}, "price": self._expand(t, copy.deepcopy(price), {}),
                          "quantity": None if metered else _int(item, "quantity", 1), "subscription": sub_id,
@@ -1054,7 +1116,7 @@ class FakeStripeState:
         records = t.usage[id]
         # action=set overwrites the quantity at that exact timestamp only (stripe/stripe-python PR #607).
         records[timestamp] = quantity if action == "set" else records.get(timestamp, 0) + quantity
-        return {"id": _new_id("mbur"), "object": "usage_record", "livemode": t.livemode,
+        return {"id": self._next_id("mbur"), "object": "usage_record", "livemode": t.livemode,
                 "quantity": quantity, "subscription_item": id, "timestamp": timestamp}
 
     def _api_usage_record_summaries(self, t, params, version, id):
@@ -1078,7 +1140,7 @@ class FakeStripeState:
             events = [events]
         if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
             raise _invalid("Missing required param: enabled_events.", "enabled_events", "parameter_missing")
-        endpoint = {"id": _new_id("we"), "object": "webhook_endpoint", "api_version": params.get("api_version"),
+        endpoint = {"id": self._next_id("we"), "object": "webhook_endpoint", "api_version": params.get("api_version"),
                     "application": None, "created": self.now(), "description": params.get("description"),
                     "enabled_events": list(events), "livemode": t.livemode,
                     "metadata": params.get("metadata") or {}, "status": "enabled", "url": url}

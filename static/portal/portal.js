@@ -1033,6 +1033,13 @@
       await signIn();
     } catch (error) {
       $("#signing-in-text").textContent = error.message;
+      // Opened outside GoHighLevel (nobody answered the handshake): say how to open it, offer the demo.
+      $("#outside-ghl").hidden = window.parent !== window && !/GoHighLevel did not answer/.test(error.message);
+      const demoUrl = document.body.dataset.demoUrl;
+      if (demoUrl) {
+        $("#demo-link").href = demoUrl;
+        $("#demo-offer").hidden = false;
+      }
       return;
     }
     const session = state.session;

@@ -144,6 +144,9 @@ def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(embedded):
     # Outside GHL nobody answers the handshake: the page says where to open it.
     page.goto(f"{embedded.url}/app")
     expect(page.locator("#signing-in-text")).to_contain_text("inside GoHighLevel")
+    expect(page.locator("#outside-ghl")).to_contain_text("Billing → Rebilling")
+    expect(page.locator("#demo-offer")).to_be_hidden()  # not a demo run
+    page.screenshot(path=ARTIFACTS / "portal-0-outside-ghl.png", full_page=True)
 
     page = embedded.open_in_ghl(sso_payload("company-browser"))
     frame = page.frame_locator("#rebill")

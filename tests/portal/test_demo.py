@@ -91,13 +91,22 @@ def test_seeding_again_reuses_the_clients_and_points_them_at_the_new_fake(make_a
     assert after["Acme Chat Co"][1] == stripe.customer_ids["Acme Chat Co"]
 
 
-def test_the_demo_command_serves_the_fake_stripe_seeds_and_records_usage(make_app):
+def demo_app(make_app):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = make_app(STRIPE_API_BASE=f"http://127.0.0.1:{port}", REBILL_DEMO=True, REBILL_ENV="development")
+    return make_app(STRIPE_API_BASE=f"http://127.0.0.1:{port}", REBILL_DEMO=True, REBILL_ENV="development")
 
-    result = app.test_cli_runner().invoke(args=["rebill", "demo", "--rounds", "2", "--seconds", "0"])
+
+def run_demo_command(app, stripe_file, rounds=2):
+    args = ["rebill", "demo", "--rounds", str(rounds), "--seconds", "0", "--stripe-file", str(stripe_file)]
+    return app.test_cli_runner().invoke(args=args)
+
+
+def test_the_demo_command_serves_the_fake_stripe_seeds_and_records_usage(make_app, tmp_path):
+    app = demo_app(make_app)
+
+    result = run_demo_command(app, tmp_path / "demo-stripe.json")
 
     assert result.exit_code == 0, result.output
     assert "fake Stripe on" in result.output
@@ -111,6 +120,36 @@ def test_the_demo_command_serves_the_fake_stripe_seeds_and_records_usage(make_ap
     assert names == ["Acme Chat Co", "Bright Smiles"]
     assert 'data-demo="on"' in client.get("/app?demo=1").get_data(as_text=True)
     assert 'data-demo="off"' in client.get("/app").get_data(as_text=True)
+
+
+def test_the_demo_keeps_its_fake_stripe_ids_and_state_across_restarts(make_app, tmp_path):
+    app = demo_app(make_app)
+    stripe_file = tmp_path / "demo-stripe.json"
+    assert run_demo_command(app, stripe_file).exit_code == 0
+    with app.app_context():
+        first = {c.nickname: (c.stripe_customer_id, c.stripe_price_id) for c in demo_clients()}
+    objects_before = json.loads(stripe_file.read_text())["tenants"][0]["objects"]
+
+    result = run_demo_command(app, stripe_file, rounds=1)  # `make run` again
+
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert {c.nickname: (c.stripe_customer_id, c.stripe_price_id) for c in demo_clients()} == first
+    saved = json.loads(stripe_file.read_text())
+    assert saved["tenants"][0]["objects"].keys() == objects_before.keys()
+    assert saved["tenants"][0]["objects"]["customer"] == objects_before["customer"]  # kept, not seeded again
+    assert saved["extra"]["customer_ids"]["Acme Chat Co"] == first["Acme Chat Co"][0]
+
+
+def test_a_fresh_demo_stripe_makes_the_same_ids(tmp_path):
+    from stripe_fake import FakeStripeState
+
+    made = [seed_fake_stripe(FakeStripeState(id_seed="rebill-demo")) for _ in range(2)]
+    assert made[0] == made[1]
+
+
+def demo_clients():
+    return list_clients(find_agency(DEMO_COMPANY_ID))
 
 
 def test_the_demo_command_refuses_outside_demo_mode(make_app):

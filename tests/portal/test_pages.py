@@ -97,3 +97,21 @@ def test_a_production_app_serves_no_demo(make_app):
     app.config["REBILL_DEMO"] = True
     assert client.post("/api/portal/demo-session").status_code == 404
     assert 'data-demo="off"' in client.get("/app?demo=1").get_data(as_text=True)
+
+
+def test_the_root_page_points_to_the_portal_and_in_the_demo_to_the_demo(make_app):
+    plain = make_app().test_client().get("/")
+    assert plain.status_code == 200 and plain.mimetype == "text/html"
+    text = plain.get_data(as_text=True)
+    assert 'href="/app"' in text and "Billing → Rebilling" in text
+    assert "demo=1" not in text
+    demo = make_app(REBILL_DEMO=True, REBILL_ENV="development").test_client().get("/").get_data(as_text=True)
+    assert 'href="/app?demo=1"' in demo
+
+
+def test_the_app_outside_ghl_says_how_to_open_it_and_offers_the_demo_only_in_the_demo(make_app):
+    page = make_app().test_client().get("/app").get_data(as_text=True)
+    assert "install the Rebill app from the GoHighLevel" in page
+    assert "data-demo-url" not in page
+    demo_page = make_app(REBILL_DEMO=True, REBILL_ENV="development").test_client().get("/app").get_data(as_text=True)
+    assert 'data-demo-url="/app?demo=1"' in demo_page

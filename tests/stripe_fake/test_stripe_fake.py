@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from stripe._encode import _api_encode
 from werkzeug.test import Client
 
-from stripe_fake import FakeStripeState, create_app, unflatten
+from stripe_fake import FakeStripeServer, FakeStripeState, create_app, unflatten
 from tests.stripe_fake.conftest import NOON, new_key
 
 
@@ -429,3 +429,27 @@ def test_customer_search_matches_name_or_email_substrings(sc, fake, sk, setup):
         sc.v1.customers.search({"query": 'name~"su"'})
     with pytest.raises(stripe.InvalidRequestError, match="Invalid search query"):
         sc.v1.customers.search({"query": "sunny"})
+
+
+def test_a_saved_state_loads_with_its_events_ids_and_keys(fake, sk, sc, setup, tmp_path, clock):
+    sc.v1.billing.meter_events.create({"event_name": "ai_units", "identifier": "evt-a",
+                                       "payload": {"stripe_customer_id": setup.customer["id"], "value": "3"}})
+    fake.state.save(tmp_path / "state.json", {"note": "kept"})
+
+    restored = FakeStripeState(clock=clock)
+    assert restored.load(tmp_path / "state.json") == {"note": "kept"}
+
+    assert restored.total_units(sk, setup.customer, "ai_units") == 3
+    with FakeStripeServer(restored) as again:
+        client = again.client(sk)
+        assert client.v1.customers.retrieve(setup.customer["id"]).name == "Client One"
+        with pytest.raises(stripe.InvalidRequestError, match="already exists"):
+            client.v1.billing.meter_events.create({"event_name": "ai_units", "identifier": "evt-a",
+                                                   "payload": {"stripe_customer_id": setup.customer["id"],
+                                                               "value": "1"}})
+
+
+def test_an_id_seed_makes_ids_repeatable():
+    ids = [FakeStripeState(id_seed="s")._next_id("cus") for _ in range(2)]
+    assert ids[0] == ids[1] and ids[0].startswith("cus_")
+    assert FakeStripeState()._next_id("cus") != FakeStripeState()._next_id("cus")
