@@ -351,7 +351,7 @@ class FakeStripeState:
                                "denied": sorted(k.denied)} for key, k in self._keys.items()},
                 "tenants": [
                     {"account_id": t.account_id, "livemode": t.livemode, "display_name": t.display_name,
-                     "objects": t.objects, "events": t.events, "identifiers": sorted(t.identifiers),
+                     "objects": t.objects, "events": t.events, "identifiers": t.identifiers,
                      "usage": {item: {str(ts): q for ts, q in rows.items()} for item, rows in t.usage.items()},
                      "webhook_secrets": t.webhook_secrets}
                     for t in self._tenants.values()
@@ -379,7 +379,7 @@ class FakeStripeState:
                     meter = t.objects["billing.meter"][event["_meter"]]
                     customer = event["payload"][meter["customer_mapping"]["event_payload_key"]]
                     t.events_by[(meter["id"], customer)].append(event)
-                t.identifiers.update(saved["identifiers"])
+                t.identifiers.update(saved["identifiers"])  # identifier -> when Stripe took it
                 for item, rows in saved["usage"].items():
                     t.usage[item].update({int(ts): q for ts, q in rows.items()})
                 t.webhook_secrets.update(saved["webhook_secrets"])
