@@ -246,6 +246,7 @@ def load(url: str, accounts: list[dict], args) -> None:
                 client_id, a, f"client {client_id}", "capri_api", f"chan-{client_id}", f"chan-{client_id}",
                 account["product"], account["price"], customer, "tokens", BILLING_UNIT, "active", "meter",
                 account["meter"], "ai_units", "stripe_customer_id", "value", "sum", secrets.token_hex(8), now, now,
+                now,  # term_started_at: the clients exist when their usage arrives (rule 11)
             ))  # fmt: skip
 
     def usage_events():
@@ -270,7 +271,7 @@ def load(url: str, accounts: list[dict], args) -> None:
             "rebill_client (id, agency_id, nickname, provider, channel_id, source_key, stripe_product_id, "
             "stripe_price_id, stripe_customer_id, charge_by, billing_unit, status, report_mode, meter_id, "
             "meter_event_name, meter_customer_key, meter_value_key, meter_formula, report_prefix, created_at, "
-            "updated_at)",
+            "updated_at, term_started_at)",
             clients,
         )
         copy_rows(

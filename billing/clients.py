@@ -22,7 +22,15 @@ from billing.stripe_gateway import (
     StripeRequestRejected,
     gateway_for,
 )
-from billing.units import flush_client_usage, set_billing_unit, settle_source_before_mapping, take_write_lock
+from billing.units import (
+    flush_client_usage,
+    set_billing_unit,
+    set_client_status,
+    settle_source_before_mapping,
+    start_counting,
+    start_new_term,
+    take_write_lock,
+)
 from core.database import db, utcnow
 from core.errors import ClientInvalid, NotFound
 
@@ -87,6 +95,8 @@ def create_client(
         # A concurrent request mapped the same source between our check and our insert.
         raise ClientInvalid({_source_field(values["provider"]): "another client already uses it"}) from None
     settle_source_before_mapping(agency.id, values["provider"], source_key, bill_unmapped=bill_unmapped_usage)
+    start_counting(client, earlier_usage=bill_unmapped_usage)
+    db.session.flush()
     return client
 
 
@@ -134,6 +144,8 @@ def update_client(
         _refuse_taken_source(agency.id, values["provider"], source_key, except_id=current.id)
     if any(name in changed for name in COUNTING_FIELDS):
         flush_client_usage(current)
+    if "status" in changed or new_source:
+        start_new_term(current)  # rule 11: usage received until now keeps the settings in force
     if "billing_unit" in changed:
         set_billing_unit(current, changed.pop("billing_unit"))
     if "status" in changed:
@@ -225,8 +237,7 @@ def _pause_clients(agency_id: int, *conditions) -> int:
         client = _lock_client_row(agency_id, client_id)
         if client is None or client.status != "active":
             continue
-        flush_client_usage(client)
-        client.status = "paused"
+        set_client_status(client, "paused")
         paused += 1
     db.session.flush()
     return paused

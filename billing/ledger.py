@@ -74,15 +74,19 @@ def is_possible_usage(input_tokens: int, output_tokens: int, messages: int) -> b
     )
 
 
-def record_usage(agency_id: int, records: Sequence[UsageRecord]) -> list[bool]:
+def record_usage(
+    agency_id: int, records: Sequence[UsageRecord], *, received_at: dt.datetime | None = None
+) -> list[bool]:
     """Insert usage records once each; return, per record, True if new and False if a duplicate.
 
     Duplicates are detected by the (agency, source, source_event_id) unique constraint, so concurrent
-    identical deliveries count once. Flushes only; the caller's request or job commits.
+    identical deliveries count once, and the first copy's received time stays. ``received_at``: when Rebill
+    first received the records (a replayed delivery's original receipt, rule 11); now if not given.
+    Flushes only; the caller's request or job commits.
     """
     if not records:
         return []
-    received_at = utcnow()
+    received_at = received_at or utcnow()
     rows = [
         {
             "agency_id": agency_id,

@@ -120,6 +120,11 @@ class RebillClient(TimestampMixin, db.Model):
     # lifetime bound, or its settings are impossible). Its events are then kept as "quarantined", never
     # billed, and aggregation of every other client goes on.
     quarantine_reason: Mapped[str | None] = mapped_column(Text)
+    # Rule 11: usage received from this moment on counts under the client's current status and source;
+    # usage received earlier, under the closed term (RebillClientTerm) it was received in, or not at all if
+    # the client did not exist yet. A client counts from its creation (the epoch when the agency chose to
+    # bill earlier unmapped usage).
+    term_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     # Spend controls (billing.stripe_events): an unpaid invoice marks the client; the agency chooses whether
     # that also pauses it. payment_event_at is the Stripe time of the last payment event applied, so an
@@ -133,6 +138,25 @@ class RebillClient(TimestampMixin, db.Model):
     subscription_problem: Mapped[str | None] = mapped_column(Text)
 
     agency: Mapped[Agency] = relationship(back_populates="clients")
+
+
+class RebillClientTerm(db.Model):
+    """A closed span of a client's history: usage received in [starts_at, ends_at) counted under these settings.
+
+    Written when a client is paused, resumed or moved to another source (billing.units.start_new_term), so
+    an event that committed after the change, or a replayed one, is judged by the settings in force when
+    Rebill first received it.
+    """
+
+    __tablename__ = "rebill_client_term"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("rebill_client.id"), index=True)
+    starts_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ends_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16))
+    provider: Mapped[str] = mapped_column(String(16))
+    source_key: Mapped[str] = mapped_column(String(255))
 
 
 class UsageEvent(db.Model):

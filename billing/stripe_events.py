@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
 from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
-from billing.units import flush_client_usage, take_write_lock
+from billing.units import set_client_status, take_write_lock
 from core.database import db, utcnow
 from core.encryption import SecretUnreadable, secret_box
 
@@ -265,8 +265,7 @@ def mark_payment_failed(agency: Agency, customer_id: str, at: dt.datetime, reaso
         client.payment_failed_at = at
         client.payment_problem = f"{reason}; Stripe retries the payment per the account's settings"
         if client.pause_on_payment_failure and client.status == "active":
-            flush_client_usage(client)  # usage received before the failure counts as active usage
-            client.status = "paused"
+            set_client_status(client, "paused")  # usage received before the failure counts as active usage
             client.paused_for_payment = True
     db.session.flush()
     return None
@@ -283,8 +282,7 @@ def clear_payment_failed(agency: Agency, customer_id: str, at: dt.datetime) -> s
         client.payment_event_at = at
         client.payment_failed_at = client.payment_problem = None
         if client.paused_for_payment and client.status == "paused":
-            flush_client_usage(client)  # usage received while paused stays unbilled
-            client.status = "active"
+            set_client_status(client, "active")  # usage received while paused stays unbilled
         client.paused_for_payment = False
     db.session.flush()
     return None

@@ -30,9 +30,12 @@ _LOCATION_STATE = select(GhlLocation.agency_id, GhlLocation.is_installed).where(
 )
 
 
-def record_message(event: dict[str, Any]) -> str | None:
-    """Record an InboundMessage or OutboundMessage as one message of its subaccount, in that direction."""
-    return _record_message(read_message(event))
+def record_message(event: dict[str, Any], received_at: dt.datetime | None = None) -> str | None:
+    """Record an InboundMessage or OutboundMessage as one message of its subaccount, in that direction.
+
+    ``received_at``: when Rebill first received the delivery (a replay keeps it, rule 11); now if not given.
+    """
+    return _record_message(read_message(event), received_at)
 
 
 def acknowledge(event: dict[str, Any]) -> str | None:
@@ -51,12 +54,14 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def handle_event(event: dict[str, Any]) -> str | None:
-    """Dispatch a verified webhook payload to its handler."""
+def handle_event(event: dict[str, Any], received_at: dt.datetime | None = None) -> str | None:
+    """Dispatch a verified webhook payload to its handler; ``received_at``: the delivery's first receipt."""
     event_type = event.get("type")
     handler = HANDLERS.get(event_type) if isinstance(event_type, str) else None
     if handler is None:
         return f"no handler for event type {str(event.get('type'))[:64]!r}"
+    if handler is record_message:  # the one handler that records usage, judged by its received time
+        return record_message(event, received_at)
     return handler(event)
 
 
@@ -109,7 +114,7 @@ def already_recorded_note(message: Message) -> str:
     return f"message {message.message_id} was already recorded"
 
 
-def _record_message(message: Message) -> str | None:
+def _record_message(message: Message, received_at: dt.datetime | None) -> str | None:
     """Put one message into the usage ledger, keyed on messageId so a redelivered message counts once.
 
     Counting per client (and which message source a client uses) happens in billing aggregation; here
@@ -129,6 +134,6 @@ def _record_message(message: Message) -> str | None:
         messages=1,
         direction=message.direction,
     )
-    if record_usage(location.agency_id, [record]) == [False]:
+    if record_usage(location.agency_id, [record], received_at=received_at) == [False]:
         return already_recorded_note(message)
     return None

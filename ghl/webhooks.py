@@ -274,13 +274,15 @@ def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) 
         return "duplicate" if delivery_id is None else process_delivery(delivery_id, event)
     if event_type in MESSAGE_DIRECTIONS and db.engine.dialect.name == "postgresql":
         return accept_message(body, text, event, scheme)
-    now = utcnow()
+    now = utcnow()  # the delivery's receipt, also the received time of the usage it records (rule 11)
     try:
-        delivery_id = _insert_delivery(body, text, event, scheme, status="processed", attempts=1, processed_at=now)
+        delivery_id = _insert_delivery(
+            body, text, event, scheme, status="processed", attempts=1, processed_at=now, received_at=now
+        )
         if delivery_id is None:
             db.session.rollback()
             return "duplicate"
-        note = handle_event(event)
+        note = handle_event(event, now)
         if note is not None:
             _set_outcome(delivery_id, "ignored", note)
         db.session.commit()
@@ -288,7 +290,9 @@ def accept_delivery(body: bytes, text: str, event: dict[str, Any], scheme: str) 
     except Exception as error:  # processing failed: keep the delivery alone, failed, replayable
         db.session.rollback()
         message = _failure_message(error)
-        delivery_id = _insert_delivery(body, text, event, scheme, status="failed", error=message, attempts=1)
+        delivery_id = _insert_delivery(
+            body, text, event, scheme, status="failed", error=message, attempts=1, received_at=now
+        )
         db.session.commit()
         _log_failure(event, message, delivery_id)
         return "failed" if delivery_id is not None else "duplicate"
@@ -340,15 +344,18 @@ def delivery_key(body: bytes, event: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-def process_delivery(delivery_id: int, event: dict[str, Any], *, force: bool = False) -> str:
+def process_delivery(
+    delivery_id: int, event: dict[str, Any], *, force: bool = False, received_at: dt.datetime | None = None
+) -> str:
     """Run a stored delivery's handler in its own transaction and record the outcome; never raises.
 
     Returns the delivery's status: processed, ignored, failed (error kept), or received when even the
     failure could not be written (a replay will retry it). Handlers are idempotent, so a replay racing
     the first attempt does no harm; the conditional UPDATE lets only one of them record the outcome.
+    ``received_at``: the stored delivery's receipt, which the usage it records keeps (rule 11).
     """
     try:
-        note = handle_event(event)
+        note = handle_event(event, received_at)
         status = "processed" if note is None else "ignored"
         pending = ["received", "failed"] + (["processed", "ignored"] if force else [])
         recorded = db.session.execute(
@@ -386,7 +393,9 @@ def replay_deliveries(
 ) -> ReplaySummary:
     """Process stored deliveries again: one by id (whatever its status), the failed ones, or every one
     not processed (failed, or received and abandoned for longer than STALE_AFTER). Commits per delivery."""
-    query = select(GhlWebhookDelivery.id, GhlWebhookDelivery.body).order_by(GhlWebhookDelivery.id)
+    query = select(GhlWebhookDelivery.id, GhlWebhookDelivery.body, GhlWebhookDelivery.received_at).order_by(
+        GhlWebhookDelivery.id
+    )
     if delivery_id is not None:
         query = query.where(GhlWebhookDelivery.id == delivery_id)
     elif failed_only:
@@ -406,7 +415,7 @@ def replay_deliveries(
     summary = ReplaySummary()
     for row in rows:
         event = json.loads(row.body)
-        status = process_delivery(row.id, event, force=delivery_id is not None)
+        status = process_delivery(row.id, event, force=delivery_id is not None, received_at=row.received_at)
         summary.replayed += 1
         if status in ("processed", "ignored", "failed"):
             setattr(summary, status, getattr(summary, status) + 1)

@@ -17,11 +17,11 @@ from billing.clients import (
     pause_clients_for_location,
     update_client,
 )
-from billing.models import RebillClient
+from billing.models import RebillClient, UsageEvent
 from billing.stripe_connection import connect_stripe_key
 from billing.stripe_gateway import StripeUnavailable
 from billing.units import aggregate_pending_usage
-from core.database import db
+from core.database import db, utcnow
 from core.encryption import secret_box
 from core.errors import ClientInvalid, NotFound
 from stripe_fake import FakeStripeServer
@@ -322,6 +322,27 @@ def test_rule3_an_agency_choosing_to_bill_unmapped_usage_bills_the_sources_earli
     client = fresh(client)
     assert (client.counted_usage, client.units_logged, client.remainder) == (8500, 8, 500)
     assert [report.units for report in reports_of(client)] == [8]
+
+
+@pytest.mark.parametrize("bill_unmapped_usage", [False, True])
+def test_rule11_usage_received_before_creation_but_committed_after_is_billed_only_by_choice(
+    stripe, bill_unmapped_usage
+):
+    # An ingest that stamped its event before the client was created and committed after the creation.
+    received = utcnow()
+    client = create_client(stripe.agency, stripe.fields(), bill_unmapped_usage=bill_unmapped_usage)
+    db.session.commit()
+    db.session.add(
+        UsageEvent(
+            agency_id=stripe.agency.id, source="capri", source_event_id="in-flight", channel_id=client.channel_id,
+            occurred_at=received, input_tokens=2500, received_at=received,
+        )
+    )
+    db.session.commit()
+    aggregate_pending_usage()
+    db.session.commit()
+    assert event_states(stripe.agency) == {"in-flight": "counted" if bill_unmapped_usage else "unmapped"}
+    assert fresh(client).counted_usage == (2500 if bill_unmapped_usage else 0)
 
 
 def test_rule3_billing_unmapped_usage_is_refused_for_a_client_added_paused(stripe):

@@ -8,10 +8,12 @@ from sqlalchemy import select, update
 
 from billing.agencies import ensure_agency
 from billing.models import UsageEvent
+from billing.units import aggregate_pending_usage
 from core.database import db, utcnow
 from ghl.jobs import retry_failed_deliveries
 from ghl.locations import list_subaccounts, upsert_location
 from ghl.models import GhlWebhookDelivery
+from tests.billing.factories import make_client
 from tests.ghl.fake_ghl import COMPANY_ID, INSTALLED_LOCATIONS_URL, TOKEN_URL, deliveries, load_payload, store_token
 
 LOCATION_ID = "ezgb5h8dePEYGiwg0WSu"
@@ -115,3 +117,45 @@ def test_sync_locations_command_reads_installed_subaccounts(app_context, runner,
     unknown = runner.invoke(args=["ghl", "sync-locations", "--company", "nobody"])
     assert unknown.exit_code != 0 and "no agency" in unknown.output
     assert db.session.scalars(select(GhlWebhookDelivery)).all() == []
+
+
+def test_scenario6_a_replayed_message_keeps_its_first_receipt_and_is_not_billed_to_a_later_client(
+    app_context, webhooks, runner
+):
+    # Rule 11: the message arrived before its subaccount was known (failed), then the agency added a client
+    # for the subaccount without billing earlier usage. The replay records the message as received when
+    # Rebill first received it, so the new client does not bill it.
+    assert webhooks.send(load_payload("outbound_message")).json == {"status": "failed"}
+    first_receipt = deliveries()[0].received_at
+    install_location()
+    agency = ensure_agency(COMPANY_ID)
+    client = make_client(agency, provider="ghl", source_key=LOCATION_ID, charge_by="messages", billing_unit=1)
+    db.session.commit()
+
+    assert runner.invoke(args=["ghl", "replay", "--failed"]).exit_code == 0
+    [event] = db.session.scalars(select(UsageEvent)).all()
+    assert event.received_at == first_receipt
+    aggregate_pending_usage()
+    db.session.commit()
+    db.session.refresh(event)
+    db.session.refresh(client)
+    assert (event.state, client.counted_usage, client.units_logged) == ("unmapped", 0, 0)
+
+
+def test_a_replay_of_a_message_received_while_its_client_counted_bills_it(app_context, webhooks, runner):
+    install_location()
+    agency = ensure_agency(COMPANY_ID)
+    client = make_client(agency, provider="ghl", source_key=LOCATION_ID, charge_by="messages", billing_unit=1)
+    db.session.commit()
+    webhooks.send(load_payload("outbound_message"))
+    [delivery] = deliveries()
+    db.session.execute(UsageEvent.__table__.delete())  # as if the first attempt's usage was rolled back
+    db.session.commit()
+
+    assert runner.invoke(args=["ghl", "replay", "--id", str(delivery.id)]).exit_code == 0
+    [event] = db.session.scalars(select(UsageEvent)).all()
+    assert event.received_at == delivery.received_at
+    aggregate_pending_usage()
+    db.session.commit()
+    db.session.refresh(client)
+    assert client.counted_usage == 1
