@@ -147,6 +147,8 @@ def billing_state(
         if client.paused_for_payment:
             return "paused", f"paused until the customer pays: {client.payment_problem or 'an invoice payment failed'}"
         return "paused", "paused: usage is recorded but not billed until the client is resumed"
+    if client.quarantine_reason:  # rule 12: aggregation stopped counting its usage (billing.units)
+        return "failing", f"usage is no longer counted: {client.quarantine_reason}"
     if trouble:
         return "failing", trouble
     # Told by Stripe's events (billing.stripe_events): the units reach Stripe, but nobody pays for them.

@@ -174,6 +174,19 @@ def test_units_that_keep_failing_to_reach_stripe_mark_the_client_failing(portal_
     assert "keeps retrying" in shown["billing_problem"]
 
 
+def test_a_quarantined_client_is_failing_with_the_reason(portal_app, portal_client, admin, tenant_a):
+    # Rule 12: aggregation quarantined the client (its total would pass the lifetime limit).
+    created = add_client(portal_client, admin, tenant_a)
+    with portal_app.app_context():
+        client = db.session.get(RebillClient, created["id"])
+        client.quarantine_reason = "its usage stopped counting at 4,000,000,000,000,000,000 tokens: ..."
+        db.session.commit()
+
+    shown = portal_client.get(f"/api/portal/clients/{created['id']}", headers=admin).get_json()
+    assert shown["billing_state"] == "failing"
+    assert shown["billing_problem"].startswith("usage is no longer counted: its usage stopped counting at 4,000")
+
+
 def test_paused_and_disconnected_clients_say_so(portal_app, portal_client, admin, tenant_a):
     created = add_client(portal_client, admin, tenant_a)
     portal_client.patch(f"/api/portal/clients/{created['id']}", json={"status": "paused"}, headers=admin)
