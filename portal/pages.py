@@ -4,10 +4,15 @@ Framing (docs/ghl.md §3.5): no ``X-Frame-Options`` at all (DENY/SAMEORIGIN brea
 ALLOW-FROM is dead), CSP ``frame-ancestors`` instead. GHL's own hosts are fixed; a white-label agency
 serves GHL from its own domain, which we learn at install (``Agency.whitelabel_domain``). ``/app`` is one
 URL for every agency and we only know who is looking after the SSO handshake, so the header lists GHL's
-hosts plus every white-label domain of an agency that installed Rebill. That is safe: framing does not
-authenticate anyone (the encrypted SSO payload does), it only keeps unknown sites from dressing up the
-page. Past MAX_WHITELABEL_ANCESTORS domains the header would outgrow proxies' header limits, so we fall
-back to ``https:`` (any HTTPS parent), the option docs/ghl.md §3.5 also names.
+hosts plus every white-label domain of an agency that installed Rebill. Framing does not authenticate
+anyone (the encrypted SSO payload does), but it decides who may hand the page a payload: the page takes
+the SSO answer only from its parent window and only from an origin in this same list (rendered into the
+page), so another window or frame cannot sign the user into someone else's agency (login CSRF).
+
+Past MAX_WHITELABEL_ANCESTORS domains the header would outgrow proxies' header limits. Then the list
+names only the white-label domain the request comes from: a browser loading the iframe sends the
+parent's origin as ``Referer`` (the default strict-origin-when-cross-origin policy keeps the origin),
+and it is allowed if an agency installed with it. Never ``https:`` (any parent).
 """
 
 from __future__ import annotations
@@ -59,17 +64,19 @@ def landing_page():
 def portal_page():
     """Serve the embedded portal; its script runs the SSO handshake with the GHL parent."""
     demo = demo_enabled(current_app) and request.args.get("demo") == "1"
+    ancestors = frame_ancestors()
     page = render_template(
         "portal/app.html",
         demo=demo,
         demo_available=demo_enabled(current_app),
+        frame_ancestors=ancestors,
         # The open page re-reads its numbers after each scheduler tick.
         refresh_seconds=min(max(current_app.config["REBILL_TICK_SECONDS"], 5), 60),
         billing_unit_max=BILLING_UNIT_MAX,
         billing_unit_rule=BILLING_UNIT_RULE,
     )
     response = current_app.make_response(page)
-    response.headers["Content-Security-Policy"] = content_security_policy(frame_ancestors())
+    response.headers["Content-Security-Policy"] = content_security_policy(ancestors)
     response.headers.pop("X-Frame-Options", None)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -78,13 +85,14 @@ def portal_page():
 
 
 def frame_ancestors() -> list[str]:
-    """List who may frame /app: GHL, known white-label domains, and REBILL_FRAME_ANCESTORS."""
+    """List who may frame this /app response: GHL, white-label domains, and REBILL_FRAME_ANCESTORS."""
     domains = db.session.scalars(
         select(Agency.whitelabel_domain).where(Agency.whitelabel_domain.is_not(None)).distinct()
     )
     whitelabel = sorted({origin for domain in domains if (origin := whitelabel_origin(domain))})
     if len(whitelabel) > MAX_WHITELABEL_ANCESTORS:
-        whitelabel = ["https:"]
+        parent = whitelabel_origin(request.referrer or "")
+        whitelabel = [parent] if parent in whitelabel else []
     return ["'self'", *GHL_FRAME_ANCESTORS, *whitelabel, *parse_extra_ancestors(current_app)]
 
 

@@ -90,6 +90,25 @@
   }
 
   // ---- sign-in --------------------------------------------------------------------------------------
+  // The CSP frame-ancestors sources of this page, rendered by the server: 'self', https://host[:port] or
+  // https://*.domain[:port] (a wildcard covers subdomains only, as in CSP).
+  function originMayFrameUs(origin) {
+    let url;
+    try {
+      url = new URL(origin);
+    } catch (error) {
+      return false;
+    }
+    return (document.body.dataset.frameAncestors || "").split(" ").some((source) => {
+      if (source === "'self'") return origin === window.location.origin;
+      const match = /^(https?):\/\/(\*\.)?([^:/]+)(?::(\d+|\*))?$/.exec(source);
+      if (!match || url.protocol !== `${match[1]}:`) return false;
+      const [, , wildcard, host, port] = match;
+      const hostMatches = wildcard ? url.hostname.endsWith(`.${host.toLowerCase()}`) : url.hostname === host.toLowerCase();
+      return hostMatches && (port === "*" || url.port === (port || ""));
+    });
+  }
+
   function askParentForUserData() {
     return new Promise((resolve, reject) => {
       if (window.parent === window) {
@@ -100,10 +119,12 @@
         window.removeEventListener("message", onMessage);
         reject(new Error("GoHighLevel did not answer. Open Rebill from inside GoHighLevel (Billing → Rebilling)."));
       }, HANDSHAKE_TIMEOUT_MS);
-      // The parent's origin varies with white-labelling, so it is not checked here: the payload is
-      // encrypted with our Shared Secret and the server decides (docs/ghl.md §3.2).
+      // Only our parent window, and only from an origin allowed to frame us, may hand us a payload:
+      // another window or frame (a page that opened GHL, a sibling iframe) could otherwise answer first
+      // with its own agency's payload and sign the user into it (login CSRF).
       function onMessage(event) {
         const data = event.data;
+        if (event.source !== window.parent || !originMayFrameUs(event.origin)) return;
         if (data && data.message === "REQUEST_USER_DATA_RESPONSE" && typeof data.payload === "string") {
           clearTimeout(timer);
           window.removeEventListener("message", onMessage);

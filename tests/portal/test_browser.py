@@ -123,7 +123,11 @@ def embedded(chromium, sqlite_template, tmp_path):
     database = tmp_path / "browser.sqlite3"
     shutil.copy(sqlite_template, database)
     host_html = {}
-    host = LoopbackServer(lambda environ, start: Response(host_html["page"], mimetype="text/html")(environ, start))
+    host = LoopbackServer(
+        lambda environ, start: Response(
+            host_html["hostile"] if environ["PATH_INFO"] == "/hostile" else host_html["page"], mimetype="text/html"
+        )(environ, start)
+    )
     with FakeStripeServer() as fake, host:
         app = create_app(
             base_config(f"sqlite:///{database}", STRIPE_API_BASE=fake.url, REBILL_FRAME_ANCESTORS=host.url)
@@ -368,3 +372,73 @@ def test_the_money_view_shows_amounts_a_failing_client_and_the_customer_picker(e
     frame.get_by_role("link", name="Unmapped usage", exact=True).click()
     expect(banner).to_contain_text("Billing has stopped")
     page.screenshot(path=ARTIFACTS / "money-5-billing-stopped.png", full_page=True)
+
+
+ATTACKED_HOST_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>GHL (test host) with a hostile frame</title></head>
+<body>
+<iframe id="rebill" src="__APP__/app" style="width:__WIDTH__px;height:900px;border:0"></iframe>
+<iframe id="hostile" src="__HOSTILE__/hostile"></iframe>
+<script>
+  // The genuine parent answers only after the hostile frame has fired its forged answers at the portal.
+  const payload = __PAYLOAD__;
+  let portal = null;
+  window.addEventListener("message", (event) => {
+    if (event.data && event.data.message === "REQUEST_USER_DATA") {
+      portal = event.source;
+      document.getElementById("hostile").contentWindow.postMessage("strike", "*");
+    } else if (event.data === "struck" && portal) {
+      portal.postMessage({message: "REQUEST_USER_DATA_RESPONSE", payload}, "*");
+    }
+  });
+</script>
+</body></html>
+"""
+
+HOSTILE_FRAME = """<!doctype html>
+<html><body><script>
+  // Another window (a sibling frame) answers the portal's handshake with its own agency's payload.
+  window.addEventListener("message", (event) => {
+    if (event.data !== "strike") return;
+    for (let i = 0; i < 5; i++) {
+      parent.frames[0].postMessage({message: "REQUEST_USER_DATA_RESPONSE", payload: __FORGED__}, "*");
+    }
+    parent.postMessage("struck", "*");
+  });
+</script></body></html>
+"""
+
+
+@pytest.mark.parametrize("hostile_origin", ["ghl", "elsewhere"])
+def test_a_handshake_answer_from_another_window_or_origin_is_ignored(embedded, hostile_origin):
+    """Login CSRF (issue 10 item 6): only the parent window, at an allowed origin, signs the page in."""
+    from playwright.sync_api import expect
+
+    app, fake = embedded.app, embedded.fake
+    evil = install_tenant(app, fake, "company-evil")
+    for tenant, nickname in ((embedded.tenant, "Genuine client"), (evil, "Hostile agency's client")):
+        admin = app.test_client()
+        headers = sign_in(admin, tenant.company_id)
+        admin.put("/api/portal/stripe-key", json={"api_key": tenant.stripe_key}, headers=headers)
+        assert admin.post("/api/portal/clients", json=client_fields(tenant, nickname=nickname),
+                          headers=headers).status_code == 201  # fmt: skip
+
+    hostile_html = HOSTILE_FRAME.replace("__FORGED__", json.dumps(sso_payload("company-evil")))
+    serve_hostile = Response(hostile_html, mimetype="text/html")
+    with LoopbackServer(lambda environ, start: serve_hostile(environ, start)) as elsewhere:
+        # "ghl": the hostile frame shares the genuine parent's (allowed) origin but is another window.
+        hostile_base = embedded.host_url if hostile_origin == "ghl" else elsewhere.url
+        embedded.host_html["hostile"] = hostile_html
+        embedded.host_html["page"] = (
+            ATTACKED_HOST_PAGE.replace("__APP__", embedded.url)
+            .replace("__HOSTILE__", hostile_base)
+            .replace("__WIDTH__", str(IFRAME_WIDTH))
+            .replace("__PAYLOAD__", json.dumps(sso_payload(embedded.tenant.company_id)))
+        )
+        page = embedded.chromium.new_page(viewport={"width": IFRAME_WIDTH + 40, "height": 1000})
+        page.goto(embedded.host_url)
+        frame = page.frame_locator("#rebill")
+        rows = frame.locator("#clients-table tbody tr")
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_contain_text("Genuine client")
+        page.screenshot(path=ARTIFACTS / f"portal-handshake-hostile-{hostile_origin}.png", full_page=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import re
+
 import pytest
 
 from app import create_app
@@ -41,16 +44,22 @@ def test_app_page_can_be_framed_by_ghl_and_known_white_label_domains(app, client
     assert 'data-demo="off"' in response.get_data(as_text=True)
 
 
-def test_many_white_label_domains_fall_back_to_any_https_parent(app, client):
+def test_past_the_limit_only_the_requesting_white_label_domain_may_frame_the_page(app, client):
+    # Issue 10: the fallback used to be "https:" (any HTTPS site could frame the page and answer its handshake).
     with app.app_context():
         for index in range(pages.MAX_WHITELABEL_ANCESTORS + 1):
             ensure_agency(f"company-{index}").whitelabel_domain = f"app{index}.example.com"
         db.session.commit()
 
-    ancestors = frame_ancestors(client.get("/app"))
+    from_agency = client.get("/app", headers={"Referer": "https://app7.example.com/v2/location/abc/custom-page"})
+    from_elsewhere = client.get("/app", headers={"Referer": "https://evil.example.net/"})
+    without_referer = client.get("/app")
 
-    assert "https:" in ancestors
-    assert not any(source.startswith("https://app1.") for source in ancestors)
+    assert frame_ancestors(from_agency) == ["'self'", *pages.GHL_FRAME_ANCESTORS, "https://app7.example.com"]
+    assert frame_ancestors(from_elsewhere) == frame_ancestors(without_referer) == ["'self'", *pages.GHL_FRAME_ANCESTORS]
+    # The page gets the same list, to check the origin of the SSO answer against it.
+    rendered = re.search(r'data-frame-ancestors="([^"]*)"', from_agency.get_data(as_text=True)).group(1)
+    assert html.unescape(rendered).split() == frame_ancestors(from_agency)
 
 
 def test_extra_frame_ancestors_come_from_configuration(make_app):
@@ -68,7 +77,8 @@ def test_a_frame_ancestor_that_is_not_a_host_source_stops_the_start(tmp_path, va
 def test_the_page_loads_only_its_own_vendored_assets(client):
     html = client.get("/app").get_data(as_text=True)
     assert "/static/portal/portal.js" in html and "/static/portal/portal.css" in html
-    assert "http://" not in html and "https://" not in html  # no CDN
+    # No CDN: every script and style is ours (the page does name its allowed parents, as data, not as assets).
+    assert not re.search(r'(src|href)="(https?:)?//', html)
     assert client.get("/static/portal/portal.js").status_code == 200
     assert client.get("/static/portal/portal.css").status_code == 200
 
