@@ -35,6 +35,7 @@ from portal.sessions import (
     TOKEN_SECONDS,
     PortalSession,
     SessionRefused,
+    SubaccountRequired,
     TooManySignIns,
     admit_request,
     count_sign_in,
@@ -98,6 +99,12 @@ agency_user = _allowed_if(
 def session_refused(error: SessionRefused):
     """Answer 401 with a Bearer challenge."""
     return jsonify(error=str(error)), 401, {"WWW-Authenticate": 'Bearer realm="rebill-portal"'}
+
+
+@blueprint.errorhandler(SubaccountRequired)
+def subaccount_required(error: SubaccountRequired):
+    """Answer 403: this user sees one subaccount at a time and opened none."""
+    return jsonify(error=str(error)), 403
 
 
 @blueprint.errorhandler(TooManySignIns)

@@ -45,6 +45,15 @@ class SessionRefused(Exception):
     """The user may not open the portal, or the bearer token is missing, forged or expired."""
 
 
+class SubaccountRequired(Exception):
+    """An agency user who is not an admin opened Rebill outside a subaccount."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "open Rebill inside one of your subaccounts: agency users who are not admins see one subaccount at a time"
+        )
+
+
 class TooManySignIns(Exception):
     """This client address signed in too often in the current window."""
 
@@ -88,7 +97,7 @@ def open_session(user: SsoUser) -> PortalSession:
     try:
         if agency is None:
             raise SessionRefused("Rebill is not installed for this agency")
-        scope = _admitted_scope(user.company_id, user.user_type, user.active_location)
+        scope = _admitted_scope(user.company_id, user.user_type, user.role, user.active_location)
     except SessionRefused as refused:
         log.info("sign-in refused: %s", refused, extra={"fields": {"company_id": user.company_id}})
         raise SessionRefused(SIGN_IN_REFUSED) from None
@@ -119,21 +128,28 @@ def admit_request(session: PortalSession) -> Agency:
         return agency  # the demo agency is seeded, not installed; demo tokens work only in demo mode
     if agency.session_generation != session.generation:
         raise SessionRefused("the session ended (Rebill was uninstalled or reinstalled); reload the page")
-    if _admitted_scope(session.company_id, session.user_type, session.active_location) != session.location_scope:
+    scope = _admitted_scope(session.company_id, session.user_type, session.role, session.active_location)
+    if scope != session.location_scope:
         raise SessionRefused("the install changed since this session began; reload the page")
     return agency
 
 
-def _admitted_scope(company_id: str, user_type: str, active_location: str | None) -> str | None:
+def _admitted_scope(company_id: str, user_type: str, role: str, active_location: str | None) -> str | None:
     """Return the subaccount a user is limited to (None: the whole agency); SessionRefused if not admitted.
 
-    Agency users of an agency-level install see the agency. A subaccount user, or anyone of an agency that
-    installed Rebill only in some subaccounts, sees the open subaccount, if Rebill is installed there: an
-    installed subaccount row, or an agency-level install with no record of that subaccount's uninstall.
+    Agency admins of an agency-level install see the agency. Everyone else sees the subaccount the page is
+    open in, if Rebill is installed there (an installed subaccount row, or an agency-level install with no
+    record of that subaccount's uninstall): subaccount users, anyone of an agency that installed Rebill
+    only in some subaccounts, and agency users who are not admins. GHL can restrict those to some of the
+    agency's subaccounts, and it only lets them open the ones they may see; their list is not in the SSO
+    payload, so the one they have open is the scope (README: Security).
     """
     agency_installed = is_agency_installed(company_id)
     if user_type == "agency" and agency_installed:
-        return None
+        if role == "admin":
+            return None
+        if not active_location:
+            raise SubaccountRequired()
     if active_location and (
         is_location_installed(active_location, company_id=company_id)
         or (agency_installed and not is_location_uninstalled(active_location))

@@ -214,9 +214,11 @@ def test_a_body_that_is_not_an_object_answers_400(portal_client, tenant_a, body)
 def test_non_admins_read_but_cannot_change_billing_settings(portal_app, portal_client, tenant_a):
     admin = sign_in(portal_client, "company-a")
     connect(portal_client, admin, tenant_a)
-    created = add_client(portal_client, admin, tenant_a)
+    created = add_client(portal_client, admin, tenant_a, provider="ghl", channel_id=None,
+                         location_id=tenant_a.location_id)  # fmt: skip
     key_id = portal_client.post("/api/portal/api-keys", json={"name": "k"}, headers=admin).get_json()["id"]
-    user = sign_in(portal_client, "company-a", role="user", user_id="user-2")
+    # Agency users who are not admins see the subaccount they have open (issue 10 item 8).
+    user = sign_in(portal_client, "company-a", role="user", user_id="user-2", location=tenant_a.location_id)
 
     for method, path, body in ADMIN_ONLY:
         path = path.format(id=created["id"], key_id=key_id)

@@ -163,5 +163,5 @@ def test_a_token_for_an_agency_that_no_longer_exists_answers_401(portal_client, 
 
 
 def test_sign_in_helper_round_trip(portal_client, tenant_a):
-    headers = sign_in(portal_client, "company-a", role="user")
+    headers = sign_in(portal_client, "company-a", role="user", location=tenant_a.location_id)
     assert portal_client.get("/api/portal/me", headers=headers).get_json()["session"]["can_manage_billing"] is False
