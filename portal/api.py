@@ -29,6 +29,7 @@ from core.database import db
 from core.errors import ClientInvalid, NotFound
 from ghl.locations import list_subaccounts
 from ghl.sso import SsoPayloadInvalid, decrypt_sso_payload, parse_sso_user
+from portal.customer_view import client_for_customer, usage_for_customer
 from portal.demo import demo_enabled, demo_session
 from portal.sessions import (
     SIGN_IN_REFUSED,
@@ -245,7 +246,7 @@ def clients():
     names = _subaccount_names()
     visible = [client for client in list_clients(g.agency) if _in_scope(client)]
     money = client_money(g.agency, visible)
-    return jsonify(clients=[_client_json(client, names, money[client.id]) for client in visible])
+    return jsonify(clients=_as_viewer_sees([_client_json(client, names, money[client.id]) for client in visible]))
 
 
 @blueprint.post("/clients")
@@ -267,7 +268,7 @@ def add_client():
 def client(client_id: int):
     """Show one client."""
     client = _visible_client(client_id)
-    return jsonify(_client_json(client, _subaccount_names(), _money(client)))
+    return jsonify(_as_viewer_sees([_client_json(client, _subaccount_names(), _money(client))])[0])
 
 
 @blueprint.patch("/clients/<int:client_id>")
@@ -298,7 +299,8 @@ def remove_client(client_id: int):
 def usage(client_id: int):
     """Show a client's counted usage, units logged and reported, daily series and recent Stripe reports."""
     _visible_client(client_id)
-    return jsonify(_jsonable(client_usage(g.agency, client_id)))
+    answer = _jsonable(client_usage(g.agency, client_id))
+    return jsonify(answer if g.portal_session.sees_agency_settings else usage_for_customer(answer))
 
 
 @blueprint.get("/unmapped-usage")
@@ -454,6 +456,13 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], 
         "price_name": money.price_name,
         "customer_name": money.customer_name,
     }
+
+
+def _as_viewer_sees(clients: list[dict]) -> list[dict]:
+    """Return clients' JSON as is for agency users; for subaccount users with names instead of Stripe ids."""
+    if g.portal_session.sees_agency_settings:
+        return clients
+    return [client_for_customer(client) for client in clients]
 
 
 def _api_key_json(api_key) -> dict:

@@ -347,6 +347,16 @@
     return { product, price };
   }
 
+  // Subaccount users get names and a plain billing_note, never the agency's Stripe ids or Stripe's words.
+  function customerLabel(client) {
+    if (!client.stripe_customer_id) return client.customer_name || "—";
+    return client.customer_name ? `${client.customer_name} (${client.stripe_customer_id})` : client.stripe_customer_id;
+  }
+
+  function billingProblem(client) {
+    return client.billing_problem || client.billing_note || "";
+  }
+
   function measure(client) {
     return client.message_source ? MESSAGE_SOURCES[client.message_source] || client.message_source
       : CHARGE_BY[client.charge_by] || client.charge_by;
@@ -382,7 +392,7 @@
     const state_ = client.billing_state || "ok";
     const badge = el("span", {
       className: `badge ${client.status === "shadow" ? "shadow" : state_}`,
-      title: client.billing_problem || "",
+      title: billingProblem(client) || "",
       text: client.status === "shadow" ? "Dry run" : BILLING_STATES[state_] || state_,
     });
     return el("tr", { dataset: { clientId: client.id }, className: state_ === "failing" ? "failing" : null },
@@ -396,7 +406,7 @@
       cell("Units this period", fmt(period.units), "num"),
       cell("Estimated charge", client.status === "shadow" ? `would be ${amount(period.estimate)}` : amount(period.estimate), "num"),
       cell("Billing", el("div", { className: "state-cell" }, badge,
-        state_ === "ok" ? null : el("div", { className: "hint", text: client.billing_problem }))),
+        state_ === "ok" ? null : el("div", { className: "hint", text: billingProblem(client) }))),
     );
   }
 
@@ -470,7 +480,7 @@
     status.className = `badge ${client.status === "shadow" ? "shadow" : billing}`;
     const problem = $("#client-problem");
     problem.hidden = billing === "ok";
-    problem.textContent = billing === "ok" ? "" : `What to fix: ${client.billing_problem}`;
+    problem.textContent = billing === "ok" ? "" : `What to fix: ${billingProblem(client)}`;
     const pause = $("#client-pause");
     pause.textContent = client.status === "paused" ? "Resume" : "Pause";
     pause.onclick = () => setClientStatus(client, client.status === "paused" ? "active" : "paused");
@@ -485,7 +495,7 @@
       [client.provider === "ghl" ? "Subaccount" : "API channel", sourceLabel(client)],
       ["Product", names.product],
       ["Price", names.price],
-      ["Stripe customer", client.customer_name ? `${client.customer_name} (${client.stripe_customer_id})` : client.stripe_customer_id],
+      ["Stripe customer", customerLabel(client)],
       ["Charge by", measure(client)],
       ["Billing unit", `1 unit every ${fmt(client.billing_unit)} ${client.charge_by}`],
       ["This billing period", period.start ? `${day(period.start)} – ${day(period.end)} (UTC)` : "—"],
@@ -522,13 +532,13 @@
 
     const reports = usage.reports || [];
     $("#reports-table tbody").replaceChildren(...reports.map((report) => el("tr", {},
-      cell("Identifier", el("code", { text: report.identifier })),
+      cell("Identifier", report.identifier ? el("code", { text: report.identifier }) : "—"),
       cell("Units", fmt(report.units), "num"),
       cell("Status", el("span", { className: `badge ${report.status}`, text: report.status })),
       cell("Created", when(report.created_at)),
       cell("Sent", when(report.sent_at)),
       cell("Attempts", fmt(report.attempts), "num"),
-      cell("Last error", [report.timestamp_shift, report.last_error].filter(Boolean).join(" · ")),
+      cell("Last error", [report.timestamp_shift, report.last_error || report.note].filter(Boolean).join(" · ")),
     )));
     $("#reports-empty").hidden = reports.length > 0;
     $("#reports-table").hidden = reports.length === 0;

@@ -1,0 +1,53 @@
+"""What a subaccount user (the agency's customer) sees of a client: names and plain words, no Stripe internals.
+
+The agency's Stripe ids (customer, price, product) and Stripe's own error texts are the agency's business:
+they name objects in the agency's Stripe account and can carry account details. A subaccount user gets the
+product, price and customer names the agency already sees, and a plain status instead of Stripe's words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+AGENCY_ONLY_CLIENT_FIELDS = (
+    "stripe_product_id",
+    "stripe_price_id",
+    "stripe_customer_id",
+    "payment_problem",
+    "subscription_problem",
+    "billing_problem",
+)
+# billing.periods.BILLING_STATES in plain words for the agency's customer.
+BILLING_NOTES = {
+    "ok": None,
+    "failing": "billing needs your agency's attention",
+    "paused": "paused: usage is recorded but not billed",
+    "stripe_disconnected": "billing is stopped on your agency's side",
+}
+REPORT_NOTES = {
+    "sent": "reported to Stripe",
+    "pending": "waiting to be reported",
+    "failed": "not reported yet; Rebill keeps trying",
+}
+
+
+def client_for_customer(client: dict[str, Any]) -> dict[str, Any]:
+    """Return a client's JSON as a subaccount user sees it: names and a plain billing note, no Stripe ids."""
+    shown = {name: value for name, value in client.items() if name not in AGENCY_ONLY_CLIENT_FIELDS}
+    shown["billing_note"] = BILLING_NOTES.get(client.get("billing_state"), "billing needs your agency's attention")
+    return shown
+
+
+def usage_for_customer(usage: dict[str, Any]) -> dict[str, Any]:
+    """Return a client's usage as a subaccount user sees it: reports without Stripe identifiers or errors."""
+    reports = [
+        {
+            "units": report["units"],
+            "status": report["status"],
+            "note": REPORT_NOTES.get(report["status"], report["status"]),
+            "created_at": report["created_at"],
+            "sent_at": report["sent_at"],
+        }
+        for report in usage.get("reports", [])
+    ]
+    return usage | {"reports": reports}
