@@ -89,7 +89,9 @@ def register_errorhandlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        return jsonify(error=error.description), error.code
+        # Keep the error's own headers (a 405's Allow, RFC 9110 §15.5.6), not its HTML content type.
+        headers = [(name, value) for name, value in error.get_headers() if name.lower() != "content-type"]
+        return jsonify(error=error.description), error.code, headers
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(error: SQLAlchemyError):

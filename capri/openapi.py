@@ -33,6 +33,8 @@ agency field in the body.
 
 **Batches.** Up to {MAX_EVENTS} events and {MAX_BODY_BYTES // (1024 * 1024)} MiB per request. Each event is
 checked on its own and is accepted or rejected whole; the answer has one result per event, in order.
+Per-event validation happens in the answer, not in the request: an invalid event is a `rejected` result in
+a 200, and only a body that is not `{{"events": [...]}}` is a 400.
 
 **Idempotency.** `id` is the idempotency key, scoped to the agency. An id that was accepted before (in an
 earlier batch or earlier in the same batch) answers `duplicate` and is not counted again, *even when the
@@ -53,6 +55,12 @@ One usage fact. Exactly one of `channel` or `location_id`; at least one of the c
 {EARLIEST_OCCURRED_AT.date().isoformat()}. Events older than 35 days are accepted into the ledger but
 flagged `{FLAG_OLDER_THAN_STRIPE_WINDOW}`: Stripe refuses meter events that old, so their units may be
 reported with a later timestamp or not reach Stripe in that period."""
+
+
+EVENTS_DESCRIPTION = """\
+The events, each validated on its own in the answer, not by the request's schema: an event that is not a
+valid `UsageEvent` does not fail the request (no 400); its result is `rejected` with a `reason`, and the
+other events of the batch are still recorded."""
 
 
 def _text(max_length: int, description: str) -> dict[str, Any]:
@@ -176,8 +184,15 @@ def openapi_document() -> dict[str, Any]:
                         "events": {
                             "type": "array",
                             "maxItems": MAX_EVENTS,
-                            # Items are checked one by one (a bad one is rejected in the results, not a 400).
-                            "items": {"$ref": "#/components/schemas/UsageEvent"},
+                            "description": EVENTS_DESCRIPTION,
+                            # Any JSON value is accepted here: a UsageEvent counts, anything else is
+                            # rejected in the answer, so a schema-violating event is a 200, never a 400.
+                            "items": {
+                                "anyOf": [
+                                    {"$ref": "#/components/schemas/UsageEvent"},
+                                    {"description": "Any other value: answered `rejected` with a reason."},
+                                ]
+                            },
                         }
                     },
                 },

@@ -31,6 +31,7 @@ from ghl.locations import list_subaccounts
 from ghl.sso import SsoPayloadInvalid, decrypt_sso_payload, parse_sso_user
 from portal.customer_view import client_for_customer, usage_for_customer
 from portal.demo import demo_enabled, demo_session
+from portal.openapi import openapi_document
 from portal.sessions import (
     SIGN_IN_REFUSED,
     TOKEN_SECONDS,
@@ -49,7 +50,7 @@ log = logging.getLogger("portal.api")
 
 blueprint = Blueprint("portal_api", __name__, url_prefix="/api/portal")
 
-OPEN_ENDPOINTS = {"portal_api.create_session", "portal_api.create_demo_session"}
+OPEN_ENDPOINTS = {"portal_api.create_session", "portal_api.create_demo_session", "portal_api.get_openapi_document"}
 MAX_STRIPE_KEY_CHARS = 255
 
 
@@ -181,6 +182,12 @@ def create_demo_session():
     if find_agency(session.company_id) is None:
         abort(503, "the demo agency is not seeded yet; `flask rebill demo` (started by make run) seeds it")
     return _session_answer(session)
+
+
+@blueprint.get("/openapi.json")
+def get_openapi_document():
+    """Serve the OpenAPI document of this API."""
+    return jsonify(openapi_document())
 
 
 @blueprint.get("/me")

@@ -32,3 +32,11 @@ def test_a_value_the_database_refuses_is_a_logged_500_not_an_outage(make_app, ca
     assert "IntegrityError" in capsys.readouterr().err  # with its traceback, to be fixed
     with app.app_context():
         assert db.session.query(Agency).count() == 0
+
+
+def test_a_405_names_the_allowed_methods(client):
+    for method, path, allowed in (("GET", "/api/v1/usage", {"POST"}), ("POST", "/api/portal/me", {"GET"}),
+                                  ("PUT", "/api/portal/clients", {"GET", "POST"})):  # fmt: skip
+        response = client.open(path, method=method)
+        assert response.status_code == 405 and response.is_json, path
+        assert allowed <= {name.strip() for name in response.headers["Allow"].split(",")}, path
