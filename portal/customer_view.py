@@ -51,3 +51,10 @@ def usage_for_customer(usage: dict[str, Any]) -> dict[str, Any]:
         for report in usage.get("reports", [])
     ]
     return usage | {"reports": reports}
+
+
+def summary_for_customer(summary: dict[str, Any]) -> dict[str, Any]:
+    """Return the money summary as a subaccount user sees it: which clients need attention, not why."""
+    problems = [problem | {"problem": BILLING_NOTES["failing"]} for problem in summary.get("problems", [])]
+    stopped = BILLING_NOTES["stripe_disconnected"] if summary.get("billing_problem") else None
+    return summary | {"problems": problems, "billing_problem": stopped}

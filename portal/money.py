@@ -20,6 +20,7 @@ from billing.exports import MAX_DAYS, export_rows
 from billing.periods import money_summary
 from billing.statements import client_statements
 from portal.api import _in_scope, _visible_client, agency_user, blueprint
+from portal.customer_view import summary_for_customer
 
 EXPORT_DEFAULT_DAYS = 30
 
@@ -27,7 +28,8 @@ EXPORT_DEFAULT_DAYS = 30
 @blueprint.get("/summary")
 def summary():
     """Total this period's estimated charges and units per currency; count clients and failing ones."""
-    return jsonify(money_summary(g.agency, _visible_clients()))
+    answer = money_summary(g.agency, _visible_clients())
+    return jsonify(answer if g.portal_session.sees_agency_settings else summary_for_customer(answer))
 
 
 @blueprint.get("/customers")

@@ -336,6 +336,33 @@ def openapi_document() -> dict[str, Any]:
                 parameters=client_id,
             )
         },
+        "/api/portal/summary": {
+            "get": _operation(
+                "getMoneySummary",
+                "This period's estimated charges and units per currency; clients and failing ones",
+                {
+                    "200": _json(
+                        "The summary.",
+                        _object(
+                            {"totals": {"type": "array"}, "clients": COUNT, "clients_failing": COUNT},
+                            required=["totals", "clients", "clients_failing"],
+                        ),
+                    )
+                },
+            )
+        },
+        "/api/portal/customers": {
+            "get": _operation(
+                "searchCustomers",
+                "Search the agency's Stripe customers by name, email or id (agency users)",
+                {
+                    "200": _json("Matching customers.", _object({"customers": {"type": "array"}})),
+                    "400": _error("q is too long."),
+                    "422": _error("No Stripe key connected, or Stripe refused it."),
+                },
+                parameters=[{"name": "q", "in": "query", "required": False, "schema": {"type": "string"}}],
+            )
+        },
         "/api/portal/unmapped-usage": {
             "get": _operation(
                 "listUnmappedUsage",
