@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from billing.customers import QUERY_MAX as CUSTOMER_QUERY_MAX
 from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS
 from capri.api_keys import NAME_MAX_LENGTH
 
@@ -360,7 +361,9 @@ def openapi_document() -> dict[str, Any]:
                     "400": _error("q is too long."),
                     "422": _error("No Stripe key connected, or Stripe refused it."),
                 },
-                parameters=[{"name": "q", "in": "query", "required": False, "schema": {"type": "string"}}],
+                parameters=[
+                    {"name": "q", "in": "query", "required": False, "schema": {**TEXT, "maxLength": CUSTOMER_QUERY_MAX}}
+                ],
             )
         },
         "/api/portal/unmapped-usage": {
