@@ -351,7 +351,7 @@ def test_customer_search_is_for_agency_users_with_a_connected_stripe(portal_clie
     connect(portal_client, headers, tenant_a)
     sub_user = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
     assert portal_client.get("/api/portal/customers?q=acme", headers=sub_user).status_code == 403
-    reader = sign_in(portal_client, "company-a", role="user")
+    reader = sign_in(portal_client, "company-a", role="user", location=tenant_a.location_id)  # item 8: inside one
     assert portal_client.get("/api/portal/customers?q=acme", headers=reader).status_code == 200
     too_long = portal_client.get("/api/portal/customers", query_string={"q": "x" * 201}, headers=headers)
     assert too_long.status_code == 400 and too_long.get_json()["error"]
