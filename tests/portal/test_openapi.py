@@ -26,7 +26,9 @@ def test_every_portal_route_is_documented(portal_app):
         if rule.rule.startswith("/api/portal/")
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
-    assert routed == documented
+    # A new portal route goes into portal/openapi.py too, so schemathesis fuzzes it (issue 10 item 16).
+    assert routed - documented == set(), "routes missing from portal/openapi.py"
+    assert documented - routed == set(), "portal/openapi.py documents routes that do not exist"
 
 
 def test_schemathesis_finds_nothing_in_the_portal_api(portal_app, portal_client, tenant_a):
