@@ -366,6 +366,29 @@ def openapi_document() -> dict[str, Any]:
                 ],
             )
         },
+        "/api/portal/statement": {
+            "get": _operation(
+                "getStatements",
+                "Each visible client's statement: this period, daily usage, previous periods (names, no Stripe ids)",
+                {"200": _json("Statements.", _object({"statements": {"type": "array"}}))},
+            )
+        },
+        "/api/portal/clients/{client_id}/export.csv": {
+            "get": _operation(
+                "exportClientCsv",
+                "A client's usage events and unit reports from `from` to `to` (UTC dates, both included) as CSV",
+                {
+                    "200": {"description": "The CSV.", "content": {"text/csv": {"schema": TEXT}}},
+                    "400": _error("from or to is not a date, from is after to, or the range is too long."),
+                    "404": gone,
+                },
+                parameters=[
+                    *client_id,
+                    {"name": "from", "in": "query", "required": False, "schema": {**TEXT, "format": "date"}},
+                    {"name": "to", "in": "query", "required": False, "schema": {**TEXT, "format": "date"}},
+                ],
+            )
+        },
         "/api/portal/unmapped-usage": {
             "get": _operation(
                 "listUnmappedUsage",
