@@ -418,7 +418,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
         units=row.units,
         units_confirmed=row.units_confirmed,
         usage_timestamp=row.usage_timestamp,
-        timestamp=None if stale else timestamp,
+        timestamp=timestamp,  # the one offered: the >24 h check reads Stripe's window around it
         timestamp_shift=row.timestamp_shift,
         attempt=row.attempts + 1,
         previous_in_doubt_since=row.in_doubt_since,
@@ -549,7 +549,9 @@ def _ready_to_send(
                 if isinstance(checked, _Outcome):
                     decided.append(checked)
                     continue
-                claim = checked
+                # Stripe has none of the rest: it goes with a valid timestamp, as the one offered a day or more
+                # ago may no longer be accepted (35 days, or a legacy period that ended).
+                claim = replace(checked, needs_stamp=True)
             if claim.needs_stamp:
                 stamped = _stamp(gateway, claim, clock.now(), periods)
                 if isinstance(stamped, _Outcome):
@@ -735,10 +737,11 @@ def _send_one(gateway: StripeGateway, claim: _Claim, clock: _TickClock) -> _Outc
         if claim.remaining < 1:
             raise ValueError(f"a report must carry at least one unit, this one has {claim.remaining}")
         if claim.mode == "legacy":
-            # Legacy usage records have no identifier: the idempotency key is the dedupe (docs/stripe.md).
-            gateway.send_usage_record(
-                claim.subscription_item_id, claim.units, timestamp, idempotency_key=claim.identifier
-            )
+            # Legacy usage records have no identifier: the idempotency key is the dedupe (docs/stripe.md). A
+            # re-stamped offer (only made when Stripe has none of it) needs its own key: Stripe refuses a key
+            # reused with other parameters.
+            key = claim.identifier if claim.timestamp == claim.usage_timestamp else f"{claim.identifier}@{timestamp}"
+            gateway.send_usage_record(claim.subscription_item_id, claim.units, timestamp, idempotency_key=key)
             return _Outcome(claim, "delivered", confirmed=claim.units)
         if claim.formula == "count":
             # Events in order from the first not confirmed; the slice ends early when the budget is spent.
@@ -818,10 +821,14 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
             values.update(status="failed", last_error=outcome.reason)
             result.reports_failed += 1
         elif outcome.kind == "stale_timestamp":
-            # Stripe refused the time, so this offer left nothing; re-stamped at the next offer (rule 10).
-            values.update(
-                stripe_timestamp=None, next_attempt_at=now + backoff_delay(claim.attempt), last_error=outcome.reason
-            )
+            # Stripe refused the time, so this offer left nothing: re-stamped at the next offer (rule 10). If an
+            # earlier offer is in doubt, the recorded time stays until the >24 h check has read Stripe's window.
+            retry_at = now + backoff_delay(claim.attempt)
+            if claim.previous_in_doubt_since is None:
+                values["stripe_timestamp"] = None
+            else:
+                retry_at = max(retry_at, claim.previous_in_doubt_since + DEDUPE_SAFE_AGE)
+            values.update(next_attempt_at=retry_at, last_error=outcome.reason)
             result.reports_retrying += 1
         elif outcome.kind == "quarantined":
             values.update(_quarantine_values(claim.report_id, claim.attempt, now, outcome.reason))

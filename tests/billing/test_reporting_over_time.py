@@ -10,6 +10,7 @@ import datetime as dt
 import uuid
 from dataclasses import replace
 
+from billing.periods import client_money, refresh_client_period
 from billing.reporting import report_pending_units, retry_failed_reports
 from billing.stripe_connection import connect_stripe_key
 from billing.usage import client_usage
@@ -173,6 +174,11 @@ def test_meter_units_from_a_period_whose_invoice_is_final_are_billed_on_the_next
     assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 6
     (row,) = world.reports()
     assert row.status == "sent" and row.stripe_timestamp > row.usage_timestamp
+    # The money view counts them in the period they bill in, as Stripe does.
+    agency = world.agency_row(setup)
+    client = db.session.get(type(client), client.id)
+    refresh_client_period(agency, client)
+    assert client_money(agency, [client], world.clock.now())[client.id].units == 6
 
 
 def test_recent_usage_is_sent_with_its_own_time_without_reading_the_subscription(world):
@@ -269,3 +275,25 @@ def test_a_count_row_in_doubt_after_24h_counts_the_events_stripe_has_and_sends_t
     assert row.status == "sent" and world.stripe_total(setup, client) == 4
     identifiers = [e["identifier"] for e in world.state.meter_events(setup.key)]
     assert identifiers == [f"{report.identifier}-{n}" for n in (1, 2, 3, 4)]
+
+
+def test_a_legacy_row_in_doubt_when_the_period_rolls_over_is_checked_then_billed_in_the_new_period(world):
+    setup = world.agency(legacy=True)
+    start = at(world, days=20)
+    client = world.client(setup, customer_id=world.customer(setup, start=start))
+    period_end = dt.datetime.fromtimestamp(_add_month(int(start.timestamp())), dt.UTC)
+    world.clock.advance(seconds=(period_end - world.clock.now()).total_seconds() - 600)
+    report = world.report(client, 3)
+    world.state.inject("/v1/subscription_items/", "server_error", method="POST")  # Stripe's answer is unknown
+    tick(world)
+
+    tick(world, minutes=20)  # the retry carries the recorded time, now before the current period: refused
+    (row,) = world.reports()
+    assert row.status == "pending" and row.stripe_timestamp == report.usage_timestamp
+    assert "timestamp" in row.last_error and row.next_attempt_at > world.clock.now() + dt.timedelta(hours=22)
+
+    tick(world, hours=25)  # the 24 h check reads the old period: nothing there, so it goes in the new one
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.stripe_timestamp == period_end
+    assert world.stripe_total(setup, client) == 3
