@@ -6,8 +6,9 @@ saying Stripe bills these units on no invoice. Period, price terms and names com
 cache refreshed by the scheduler (``refresh_stale_periods``) and when a client's Stripe fields change
 (``refresh_client_period``), so reading a list never waits on Stripe.
 
-``period.units`` are the units Rebill billed in the period (sent to Stripe or waiting to be), by each report's
-usage timestamp, which is the time Stripe bills them at.
+``period.units`` are the units Rebill billed in the period (sent to Stripe or waiting to be), by the time each
+report was given in Stripe (its usage time until first offered; later when the usage fell before the
+customer's current period, see billing.reporting), which is the time Stripe bills them at.
 """
 
 from __future__ import annotations
@@ -205,13 +206,12 @@ def _units_in_periods(periods: dict[int, tuple[dt.datetime, dt.datetime]]) -> di
         by_period[period].append(client_id)
     units: dict[int, int] = {}
     for (start, end), client_ids in by_period.items():
+        # A report bills in the period of the time Stripe was given, which is later than the usage time when
+        # the usage fell before the customer's current period (billing.reporting, rule 10).
+        billed_at = func.coalesce(UnitReport.stripe_timestamp, UnitReport.usage_timestamp)
         rows = db.session.execute(
             select(UnitReport.client_id, func.sum(UnitReport.units))
-            .where(
-                UnitReport.client_id.in_(client_ids),
-                UnitReport.usage_timestamp >= start,
-                UnitReport.usage_timestamp < end,
-            )
+            .where(UnitReport.client_id.in_(client_ids), billed_at >= start, billed_at < end)
             .group_by(UnitReport.client_id)
         ).all()
         units.update({client_id: int(total) for client_id, total in rows})
