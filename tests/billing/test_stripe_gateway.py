@@ -175,8 +175,12 @@ def test_listing_reads_every_page(stripe_server, key, gateway):
 def test_a_meter_with_a_time_window_cannot_carry_units(stripe_server, key, gateway):
     client = stripe_server.client(key)
     meter = client.v1.billing.meters.create(
-        {"display_name": "hourly", "event_name": "hourly", "default_aggregation": {"formula": "sum"},
-         "event_time_window": "hour"}
+        {
+            "display_name": "hourly",
+            "event_name": "hourly",
+            "default_aggregation": {"formula": "sum"},
+            "event_time_window": "hour",
+        }
     )
     price = stripe_server.state.create_price(key, stripe_server.state.create_product(key, "P"), 5, meter=meter.id)
     info = gateway.describe_price(price["id"])
@@ -225,6 +229,29 @@ def test_find_subscription_item_for_customer_and_price(stripe_server, key, gatew
     period = gateway.subscription_period(customer, legacy)
     assert period.subscription_item_id == subscription["items"]["data"][0]["id"]
     assert period.start == dt.datetime.fromtimestamp(subscription["start_date"], dt.UTC) and period.end > period.start
+
+
+def test_subscription_period_reads_items_beyond_those_a_subscription_embeds(stripe_server, key, gateway, catalog):
+    state = stripe_server.state
+    customer = state.create_customer(key)["id"]
+    seats = [state.create_price(key, catalog["other"], 100 + n, metered=False) for n in range(11)]
+    subscription = state.create_subscription(key, customer, [*seats, catalog["prices"]["sum"]])
+    assert subscription["items"]["has_more"] and len(subscription["items"]["data"]) == 10
+
+    period = gateway.subscription_period(customer, catalog["prices"]["sum"]["id"])
+
+    assert period is not None and period.subscription_item_id not in {i["id"] for i in subscription["items"]["data"]}
+
+
+def test_subscription_period_is_the_current_one_after_a_rollover(stripe_server, stripe_clock, key, gateway, catalog):
+    state = stripe_server.state
+    customer = state.create_customer(key)["id"]
+    start = int(stripe_clock()) - 40 * 86400  # started more than a month ago
+    state.create_subscription(key, customer, catalog["prices"]["sum"], start_date=start)
+
+    period = gateway.subscription_period(customer, catalog["prices"]["sum"]["id"])
+
+    assert period.start > dt.datetime.fromtimestamp(start, dt.UTC) and period.start <= stripe_clock.now() < period.end
 
 
 # ---- sending ----------------------------------------------------------------------------------------------------
@@ -516,7 +543,10 @@ def test_gateway_contract(contract):
     info = contract.gateway.describe_price(contract.price_id)
     assert (info.usable, info.report_mode, info.formula) == (True, "meter", "sum")
     assert (info.meter_id, info.event_name, info.customer_key, info.value_key) == (
-        contract.meter_id, contract.event_name, "customer", "value"
+        contract.meter_id,
+        contract.event_name,
+        "customer",
+        "value",
     )
 
     def send_25(gateway, attempt=1):
