@@ -815,7 +815,7 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
             # tick (next_attempt_at <= its start), behind every other agency's rows.
             values.update(in_doubt_since=None, next_attempt_at=clock.start, last_error=None)
         elif outcome.kind == "unavailable":
-            values.update(next_attempt_at=now + backoff_delay(claim.attempt), last_error=outcome.reason)
+            values.update(next_attempt_at=now + backoff_delay(_failures(claim, outcome)), last_error=outcome.reason)
             result.reports_retrying += 1
         elif outcome.kind == "rejected":
             values.update(status="failed", last_error=outcome.reason)
@@ -823,7 +823,7 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
         elif outcome.kind == "stale_timestamp":
             # Stripe refused the time, so this offer left nothing: re-stamped at the next offer (rule 10). If an
             # earlier offer is in doubt, the recorded time stays until the >24 h check has read Stripe's window.
-            retry_at = now + backoff_delay(claim.attempt)
+            retry_at = now + backoff_delay(_failures(claim, outcome))
             if claim.previous_in_doubt_since is None:
                 values["stripe_timestamp"] = None
             else:
@@ -849,6 +849,15 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
     for agency_id, reason in key_problems.items():
         _flag_agency(db.session.get(Agency, agency_id), reason, result)
     db.session.commit()
+
+
+def _failures(claim: _Claim, outcome: _Outcome) -> int:
+    """The attempt number backoff grows with: a count-meter row that got events through is not failing.
+
+    Every slice of a large count-meter row is an attempt; counting them would put a row that just made
+    progress an hour away at its first 429.
+    """
+    return 1 if claim.units_confirmed or outcome.confirmed else claim.attempt
 
 
 def _write_rows(rows: list[dict]) -> None:

@@ -297,3 +297,21 @@ def test_a_legacy_row_in_doubt_when_the_period_rolls_over_is_checked_then_billed
     (row,) = world.reports()
     assert row.status == "sent" and row.stripe_timestamp == period_end
     assert world.stripe_total(setup, client) == 3
+
+
+def test_a_count_row_that_made_progress_is_retried_soon_after_a_429(world):
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    world.report(client, 5000)
+    db.session.commit()
+    report_pending_units(world.clock.now(), budget=dt.timedelta(seconds=1))  # slices, each an attempt
+    (row,) = world.reports()
+    attempts = row.attempts
+    assert attempts >= 2 and 0 < row.units_confirmed < 5000
+    world.state.inject("/v1/billing/meter_events", "rate_limit")
+
+    tick(world)
+
+    (row,) = world.reports()
+    assert row.attempts == attempts + 1 and "429" in row.last_error
+    assert row.next_attempt_at - world.clock.now() <= dt.timedelta(seconds=30)  # the base backoff, not attempt n's
