@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from billing.spend import SOURCE_STATUSES
 from capri.validation import (
     CHANNEL_MAX_LENGTH,
     COUNT_FIELDS,
@@ -61,6 +62,23 @@ EVENTS_DESCRIPTION = """\
 The events, each validated on its own in the answer, not by the request's schema: an event that is not a
 valid `UsageEvent` does not fail the request (no 400); its result is `rejected` with a `reason`, and the
 other events of the batch are still recorded."""
+
+
+STATUS_DESCRIPTION = """\
+Whether the client mapping this API channel (`channel`) or GHL subaccount (`location_id`) may spend now,
+and its billed units this period. Ask before serving a request and refuse as your product prefers (403
+like Assistable, 429 like LiteLLM) when the status is not `active`:
+
+- `active`: billed normally.
+- `paused`: the agency paused the client; usage is recorded, never billed.
+- `capped`: this period's billed units reached the client's monthly cap (`period.cap_units`); usage is
+  recorded, not billed, until the period rolls over or the agency raises the cap.
+- `payment_failed`: Stripe could not collect the client's last invoice (billing continues unless the agency
+  chose to pause the client for it).
+- `shadow`: counted and shown, never sent to Stripe.
+- `unmapped`: no client maps this channel or subaccount.
+
+The answer may be cached for a few seconds (`Cache-Control: private, max-age=5`)."""
 
 
 def _text(max_length: int, description: str) -> dict[str, Any]:
@@ -153,6 +171,44 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/status": {
+                "get": {
+                    "operationId": "getStatus",
+                    "summary": "May this channel or subaccount spend now?",
+                    "description": STATUS_DESCRIPTION,
+                    "security": [{"apiKey": []}],
+                    "parameters": [
+                        {
+                            "name": "channel",
+                            "in": "query",
+                            "description": "The Capri API channel id (send this or location_id).",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": CHANNEL_MAX_LENGTH},
+                        },
+                        {
+                            "name": "location_id",
+                            "in": "query",
+                            "description": "The GHL subaccount (send this or channel).",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": LOCATION_ID_MAX_LENGTH},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The client's status and this period's billed units.",
+                            "headers": {
+                                "Cache-Control": {"schema": {"type": "string"}, "description": "private, max-age=5"}
+                            },
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
+                        },
+                        "400": _error("Neither or both of channel and location_id, or one too long."),
+                        "401": {
+                            **_error("The API key is missing, malformed, unknown or revoked."),
+                            "headers": {
+                                "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}
+                            },
+                        },
+                    },
+                }
+            },
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "getOpenApiDocument",
@@ -223,6 +279,31 @@ def openapi_document() -> dict[str, Any]:
                     "if": {"properties": {"status": {"const": "rejected"}}},
                     "then": {"required": ["reason"], "not": {"required": ["flags"]}},
                     "else": {"not": {"required": ["reason"]}},
+                },
+                "Status": {
+                    "type": "object",
+                    "required": ["status", "period"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "status": {"type": "string", "enum": list(SOURCE_STATUSES)},
+                        "period": {
+                            "type": "object",
+                            "required": ["units", "cap_units"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "units": {
+                                    "type": "integer",
+                                    "minimum": 0,
+                                    "description": "Units billed this period (sent to Stripe or waiting to be).",
+                                },
+                                "cap_units": {
+                                    "type": ["integer", "null"],
+                                    "minimum": 1,
+                                    "description": "The client's monthly cap in units; null without a cap.",
+                                },
+                            },
+                        },
+                    },
                 },
                 "Error": {
                     "type": "object",
