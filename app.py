@@ -27,6 +27,8 @@ log = logging.getLogger("rebill")
 GHL_JOB_SECONDS = 600
 # Webhook deliveries are kept for days (ghl.webhooks.DELIVERY_RETENTION); pruning hourly keeps each run small.
 GHL_PRUNE_SECONDS = 3600
+# The first retry of an alert delivery is due 30 s after a failure (billing.alerts.FIRST_BACKOFF).
+ALERT_DELIVERY_SECONDS = 15
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -106,6 +108,7 @@ def register_errorhandlers(app: Flask) -> None:
 
 def register_commands(app: Flask) -> None:
     """Register CLI groups; database failures in any command print one clear line."""
+    from billing.alerts import check_spend_alerts, deliver_alerts
     from billing.cli import SCHEDULED_JOBS, rebill_cli
     from billing.stripe_events import retry_failed_events
     from billing.stripe_webhooks import stripe_events_cli
@@ -122,6 +125,9 @@ def register_commands(app: Flask) -> None:
         ("ghl-retry-deliveries", retry_failed_deliveries, GHL_JOB_SECONDS),
         ("stripe-retry-events", retry_failed_events, GHL_JOB_SECONDS),
         ("ghl-prune-deliveries", prune_deliveries, GHL_PRUNE_SECONDS),
+        # Alerts follow the units a tick logs; deliveries retry on their own backoff (billing.alerts).
+        ("spend-alerts", check_spend_alerts, app.config["REBILL_TICK_SECONDS"]),
+        ("spend-alert-deliveries", deliver_alerts, ALERT_DELIVERY_SECONDS),
     ]
     rebill_cli.add_command(api_key_cli)
     rebill_cli.add_command(stripe_events_cli)

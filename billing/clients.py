@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from billing.alerts import parse_thresholds, thresholds_of
 from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
 from billing.reporting import retry_failed_reports
 from billing.stripe_gateway import (
@@ -47,6 +48,8 @@ CLIENT_FIELDS = (
     "message_source",
     "status",
     "pause_on_payment_failure",
+    "monthly_cap_units",
+    "alert_thresholds",
 )
 STRIPE_FIELDS = ("stripe_product_id", "stripe_price_id", "stripe_customer_id")
 # Fields whose change alters how usage is counted: pending events are counted under the old values first.
@@ -56,6 +59,7 @@ CHANNEL_ID_MAX = 255
 LOCATION_ID_MAX = 64
 STRIPE_ID_MAX = 255
 BILLING_UNIT_MAX = 10**12
+CAP_UNITS_MAX = 10**12
 DEFAULT_MESSAGE_SOURCE = "ghl_outbound"
 
 KnownLocations = Iterable[str] | Callable[[], Iterable[str]] | None
@@ -266,6 +270,8 @@ def validate_client_fields(
     values["pause_on_payment_failure"] = merged.get("pause_on_payment_failure", False)
     if not isinstance(values["pause_on_payment_failure"], bool):
         errors["pause_on_payment_failure"] = "must be true or false"
+    values["monthly_cap_units"] = _cap_units(merged.get("monthly_cap_units"), errors)
+    values["alert_thresholds"] = _thresholds(merged.get("alert_thresholds"), errors)
 
     provider = values["provider"]
     values["channel_id"] = values["location_id"] = None
@@ -385,7 +391,9 @@ def _refuse_taken_source(agency_id: int, provider: str, source_key: str, *, exce
 
 
 def _field_values(client: RebillClient) -> dict[str, Any]:
-    return {name: getattr(client, name) for name in CLIENT_FIELDS}
+    values = {name: getattr(client, name) for name in CLIENT_FIELDS}
+    values["alert_thresholds"] = list(thresholds_of(client)) if client.alert_thresholds else None
+    return values
 
 
 def _source_key(values: Mapping[str, Any]) -> str:
@@ -439,6 +447,26 @@ def _choice(values: Mapping[str, Any], name: str, choices: tuple[str, ...], erro
 
 # One message for every wrong billing unit; the portal's live hint says the same words.
 BILLING_UNIT_RULE = f"a whole number from 1 to {BILLING_UNIT_MAX:,}"
+
+
+def _cap_units(value: Any, errors: dict) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= CAP_UNITS_MAX:
+        errors["monthly_cap_units"] = f"must be a whole number of units from 1 to {CAP_UNITS_MAX:,}, or null"
+        return None
+    return value
+
+
+def _thresholds(value: Any, errors: dict) -> str | None:
+    """Stored as "50,80,100"; given as a list of percentages, or null for the defaults."""
+    if value is None:
+        return None
+    try:
+        return ",".join(str(percent) for percent in parse_thresholds(value))
+    except ValueError as error:
+        errors["alert_thresholds"] = str(error)
+        return None
 
 
 def _billing_unit(value: Any, errors: dict) -> int | None:

@@ -60,6 +60,9 @@ class Agency(TimestampMixin, db.Model):
     # Portal tokens carry the generation they were signed under; an uninstall or a reinstall bumps it, so
     # every token signed before stops working at once.
     session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Spend alerts are POSTed here, signed with the secret (billing.alerts); both optional.
+    alert_url: Mapped[str | None] = mapped_column(Text)
+    alert_secret_ciphertext: Mapped[str | None] = mapped_column(Text)
 
     clients: Mapped[list[RebillClient]] = relationship(back_populates="agency")
 
@@ -136,6 +139,9 @@ class RebillClient(TimestampMixin, db.Model):
     paused_for_payment: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Set when Stripe says the customer's subscription no longer holds the client's price.
     subscription_problem: Mapped[str | None] = mapped_column(Text)
+    # Optional monthly cap in units, and the alert thresholds in % of it ("50,80,100" when None).
+    monthly_cap_units: Mapped[int | None] = mapped_column(BigInteger)
+    alert_thresholds: Mapped[str | None] = mapped_column(String(64))
 
     agency: Mapped[Agency] = relationship(back_populates="clients")
 
@@ -312,3 +318,38 @@ class ClientPeriod(db.Model):
     customer_name: Mapped[str | None] = mapped_column(String(255))
     problem: Mapped[str | None] = mapped_column(Text)  # in plain words, for the agency
     refreshed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SpendAlert(db.Model):
+    """A client's billed units in a period reached one of its alert thresholds (fires once per period)."""
+
+    __tablename__ = "spend_alert"
+    __table_args__ = (UniqueConstraint("client_id", "period_start", "threshold_percent"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), index=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("rebill_client.id"))
+    period_start: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    threshold_percent: Mapped[int] = mapped_column(Integer)
+    units: Mapped[int] = mapped_column(BigInteger)
+    cap_units: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AlertDelivery(db.Model):
+    """One alert on its way to the agency's alert URL: the signed POST's body and its attempts (the log)."""
+
+    __tablename__ = "alert_delivery"
+    __table_args__ = (Index("ix_alert_delivery_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("spend_alert.id"), index=True)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(12))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -34,22 +34,14 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
     the period's billed units reached the client's monthly cap. active: billed normally.
     """
     provider, source_key = ("capri_api", channel) if channel is not None else ("ghl", location_id)
-    start, end = calendar_month(utcnow())
-    period_units = (
-        select(func.coalesce(func.sum(UnitReport.units), 0))
-        .where(
-            UnitReport.client_id == RebillClient.id,
-            UnitReport.usage_timestamp >= start,
-            UnitReport.usage_timestamp < end,
-        )
-        .scalar_subquery()
-    )
+    start, end = current_period(utcnow())
+    units = _units_query(RebillClient.id == UnitReport.client_id, start, end).scalar_subquery()
     row = db.session.execute(
         select(
             RebillClient.status,
             RebillClient.payment_failed_at,
             RebillClient.paused_for_payment,
-            period_units.label("units"),
+            units.label("units"),
         ).where(
             and_(
                 RebillClient.agency_id == agency_id,
@@ -70,6 +62,29 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
     else:
         status = "active"
     return SourceStatus(status, int(row.units), None)
+
+
+def current_period(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The period caps and alerts count units in: the UTC calendar month."""
+    return calendar_month(now)
+
+
+def period_units(client_ids: list[int], start: dt.datetime, end: dt.datetime) -> dict[int, int]:
+    """Units billed to each client in [start, end): its unit reports by usage time, sent or waiting to be."""
+    if not client_ids:
+        return {}
+    rows = db.session.execute(
+        _units_query(UnitReport.client_id.in_(client_ids), start, end)
+        .add_columns(UnitReport.client_id)
+        .group_by(UnitReport.client_id)
+    ).all()
+    return {row.client_id: int(row[0]) for row in rows}
+
+
+def _units_query(which, start: dt.datetime, end: dt.datetime):
+    return select(func.coalesce(func.sum(UnitReport.units), 0)).where(
+        which, UnitReport.usage_timestamp >= start, UnitReport.usage_timestamp < end
+    )
 
 
 def calendar_month(moment: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

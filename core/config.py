@@ -69,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     # The app's external base URL; Stripe webhook endpoints are registered under it. Unset: the address the
     # portal request that connected the key came to (portal.api).
     "REBILL_PUBLIC_URL": None,
+    # Let alert URLs reach private/loopback addresses (a local receiver); refused outside development/test.
+    "REBILL_ALERT_PRIVATE_ADDRESSES": False,
 }
 
 ENVIRONMENT_VARIABLES = tuple(DEFAULTS)
@@ -80,7 +82,7 @@ DEVELOPMENT_SECRET_KEY = "development-only-secret-key"
 MIN_SECRET_KEY_CHARS = 32
 KNOWN_SECRET_KEYS = {DEVELOPMENT_SECRET_KEY, "test-secret-key", "changeme", "change-me", "secret", "dev"}
 INTEGER_SETTINGS = ("REBILL_TICK_SECONDS", "STRIPE_TIMEOUT_SECONDS", "STRIPE_NETWORK_ATTEMPTS", "STRIPE_CONCURRENCY")
-BOOLEAN_SETTINGS = ("REBILL_DEMO",)
+BOOLEAN_SETTINGS = ("REBILL_DEMO", "REBILL_ALERT_PRIVATE_ADDRESSES")
 
 
 class ConfigError(click.ClickException):
@@ -152,6 +154,8 @@ def _coerce_types(settings: dict[str, Any]) -> None:
         raise ConfigError(f"REBILL_PUBLIC_URL must be an http(s) URL (https://rebill.example.com), not {public_url!r}")
     if settings["REBILL_ENV"] not in ENVIRONMENTS:
         raise ConfigError("REBILL_ENV must be production, development or test")
+    if settings["REBILL_ALERT_PRIVATE_ADDRESSES"] and settings["REBILL_ENV"] == "production":
+        raise ConfigError("REBILL_ALERT_PRIVATE_ADDRESSES can only be enabled in development or test")
 
 
 def _check_required(settings: dict[str, Any], instance_path: str) -> None:

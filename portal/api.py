@@ -16,6 +16,8 @@ from dataclasses import asdict
 from flask import Blueprint, abort, current_app, g, jsonify, request
 
 from billing.agencies import find_agency
+from billing.alert_sender import AlertUrlRefused
+from billing.alerts import list_alerts, set_alert_url, thresholds_of
 from billing.clients import STRIPE_FIELDS, create_client, delete_client, get_client, list_clients, update_client
 from billing.errors import BillingError, StripeKeyInvalid
 from billing.models import Agency, RebillClient
@@ -323,6 +325,42 @@ def unmapped():
     return jsonify(unmapped=_jsonable(rows))
 
 
+# ---- spend alerts ------------------------------------------------------------------------------------
+
+
+@blueprint.get("/alerts")
+def alerts():
+    """List the agency's latest spend alerts, each with its delivery log."""
+    scope = g.portal_session.location_scope
+    visible = {client.id for client in list_clients(g.agency) if _in_scope(client)} if scope else None
+    rows = [row for row in list_alerts(g.agency) if visible is None or row["client_id"] in visible]
+    return jsonify(alerts=_jsonable(rows))
+
+
+@blueprint.get("/alert-settings")
+@agency_user
+def alert_settings():
+    """Show where alerts are POSTed (the signing secret is never shown again)."""
+    return jsonify(url=g.agency.alert_url, secret_set=g.agency.alert_secret_ciphertext is not None)
+
+
+@blueprint.put("/alert-settings")
+@billing_admin
+def put_alert_settings():
+    """Set or remove (null) the alert URL; a new signing secret is in this answer only."""
+    body = _json_body()
+    new_secret = body.get("new_secret", False)
+    if not isinstance(new_secret, bool):
+        raise ClientInvalid({"new_secret": "must be true or false"})
+    try:
+        secret = set_alert_url(g.agency, body.get("url"), new_secret=new_secret)
+    except AlertUrlRefused as error:
+        raise ClientInvalid({"url": str(error)}) from None
+    db.session.commit()
+    answer = {"url": g.agency.alert_url, "secret_set": g.agency.alert_secret_ciphertext is not None}
+    return jsonify(answer | ({"secret": secret} if secret else {}))
+
+
 # ---- API keys for the Capri adapter ---------------------------------------------------------------
 
 
@@ -445,6 +483,8 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], 
         "billing_unit": client.billing_unit,
         "message_source": client.message_source,
         "status": client.status,
+        "monthly_cap_units": client.monthly_cap_units,
+        "alert_thresholds": list(thresholds_of(client)),
         "pause_on_payment_failure": client.pause_on_payment_failure,
         "payment_failed": client.payment_failed_at is not None,
         "payment_problem": client.payment_problem,

@@ -24,6 +24,7 @@ ADMIN_ONLY = [
     ("DELETE", "/api/portal/clients/{id}", None),
     ("POST", "/api/portal/api-keys", {"name": "x"}),
     ("DELETE", "/api/portal/api-keys/{key_id}", None),
+    ("PUT", "/api/portal/alert-settings", {"url": "https://alerts.example.com/x"}),
 ]
 
 
@@ -55,7 +56,8 @@ def portal_routes(app) -> list[tuple[str, str]]:
 
 def test_every_route_needs_a_session(portal_app, portal_client, tenant_a):
     routes = portal_routes(portal_app)
-    assert len(routes) == 20  # the 16 of issue 6 + GET /summary, /customers, /statement, export.csv
+    assert len(routes) == 23  # the 16 of issue 6 + GET /summary, /customers, /statement, export.csv, /alerts,
+    # GET and PUT /alert-settings
     for method, path in routes:
         answer = portal_client.open(path, method=method, json={})
         assert answer.status_code == 401, (method, path)
