@@ -41,6 +41,7 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
             RebillClient.status,
             RebillClient.payment_failed_at,
             RebillClient.paused_for_payment,
+            RebillClient.monthly_cap_units,
             units.label("units"),
         ).where(
             and_(
@@ -57,11 +58,13 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
         status = "payment_failed"
     elif row.status in ("paused", "shadow"):
         status = row.status
+    elif row.monthly_cap_units is not None and row.units >= row.monthly_cap_units:
+        status = "capped"
     elif row.payment_failed_at is not None:
         status = "payment_failed"
     else:
         status = "active"
-    return SourceStatus(status, int(row.units), None)
+    return SourceStatus(status, int(row.units), row.monthly_cap_units)
 
 
 def current_period(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

@@ -63,6 +63,10 @@ def test_every_state_is_answered(client, agency):
     add_client(agency.id, channel="unpaid", payment_failed_at=now)
     add_client(agency.id, channel="unpaid-paused", status="paused", payment_failed_at=now, paused_for_payment=True)
     add_client(agency.id, location_id="loc-1")
+    capped = add_client(agency.id, channel="capped", monthly_cap_units=5)
+    add_report(capped, 5, utcnow())
+    under = add_client(agency.id, channel="under-cap", monthly_cap_units=6, payment_failed_at=now)
+    add_report(under, 5, utcnow())
     deleted = add_client(agency.id, channel="deleted")
     deleted.deleted_at = now
     db.session.commit()
@@ -73,12 +77,15 @@ def test_every_state_is_answered(client, agency):
         ("channel", "unpaid"): "payment_failed",  # billing continues; the platform decides
         ("channel", "unpaid-paused"): "payment_failed",  # paused by the failure, not by the agency
         ("location_id", "loc-1"): "active",
+        ("channel", "capped"): "capped",
+        ("channel", "under-cap"): "payment_failed",
         ("channel", "deleted"): "unmapped",
         ("channel", "nobody"): "unmapped",
         ("channel", "loc-1"): "unmapped",  # a subaccount id asked as a channel names no client
     }
     answers = {(kind, name): ask(client, agency.key, **{kind: name}).get_json()["status"] for kind, name in expected}
     assert answers == expected
+    assert ask(client, agency.key, channel="capped").get_json()["period"] == {"units": 5, "cap_units": 5}
     assert set(answers.values()) <= set(SOURCE_STATUSES)
 
 
