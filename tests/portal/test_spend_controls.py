@@ -46,7 +46,8 @@ def test_bad_spend_fields_are_422_naming_the_field(portal_client, tenant_a, admi
 
 
 def test_alert_settings_show_the_secret_once(portal_client, tenant_a, admin):
-    assert portal_client.get("/api/portal/alert-settings", headers=admin).get_json() == {"url": None, "secret_set": False}
+    settings = portal_client.get("/api/portal/alert-settings", headers=admin).get_json()
+    assert settings == {"url": None, "secret_set": False}
     url = "https://services.leadconnectorhq.com/hooks/loc/webhook-trigger/abc"
 
     first = portal_client.put("/api/portal/alert-settings", json={"url": url}, headers=admin).get_json()
