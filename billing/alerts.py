@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.alert_sender import AlertSender, check_alert_url
 from billing.models import Agency, AlertDelivery, RebillClient, SpendAlert
-from billing.spend import current_period, period_units
+from billing.periods import client_periods, units_in_periods
 from core.database import db, utcnow
 from core.encryption import SecretUnreadable, secret_box
 
@@ -74,11 +74,12 @@ def check_spend_alerts(now: dt.datetime | None = None) -> int:
         .where(RebillClient.monthly_cap_units.is_not(None), RebillClient.deleted_at.is_(None))
         .order_by(RebillClient.id)
     ).all()
-    start, end = current_period(now)
-    units = period_units([client.id for client in clients], start, end)
+    periods = client_periods(clients, now)
+    units = units_in_periods(periods)
     urls = _alert_urls({client.agency_id for client in clients})
     fired = 0
     for client in clients:
+        start, end = periods[client.id]
         reached = units.get(client.id, 0)
         for threshold in thresholds_of(client):
             if reached * 100 < threshold * client.monthly_cap_units:

@@ -1,17 +1,19 @@
 """Spend controls the AI platform asks about: may this channel or subaccount spend now?
 
-``source_status`` answers in one indexed read (the live-source unique index of rebill_client, and the
-client's unit reports of the period), so the platform can ask before every answer it generates.
+``source_status`` reads the live client mapping the source with its cached billing period (one query on the
+live-source unique index and the period's primary key), then the units of that period (the unit reports'
+client index), so the platform can ask before every answer it generates. The period and its units are the
+money view's (billing.periods): the same figures the portal shows.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, select
 
-from billing.models import RebillClient, UnitReport
+from billing.models import ClientPeriod, RebillClient
+from billing.periods import period_of, units_in_periods
 from core.database import db, utcnow
 
 SOURCE_STATUSES = ("active", "paused", "capped", "payment_failed", "shadow", "unmapped")
@@ -34,16 +36,10 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
     the period's billed units reached the client's monthly cap. active: billed normally.
     """
     provider, source_key = ("capri_api", channel) if channel is not None else ("ghl", location_id)
-    start, end = current_period(utcnow())
-    units = _units_query(RebillClient.id == UnitReport.client_id, start, end).scalar_subquery()
-    row = db.session.execute(
-        select(
-            RebillClient.status,
-            RebillClient.payment_failed_at,
-            RebillClient.paused_for_payment,
-            RebillClient.monthly_cap_units,
-            units.label("units"),
-        ).where(
+    found = db.session.execute(
+        select(RebillClient, ClientPeriod)
+        .outerjoin(ClientPeriod, ClientPeriod.client_id == RebillClient.id)
+        .where(
             and_(
                 RebillClient.agency_id == agency_id,
                 RebillClient.provider == provider,
@@ -52,46 +48,19 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
             )
         )
     ).one_or_none()
-    if row is None:
+    if found is None:
         return SourceStatus("unmapped", 0, None)
-    if row.paused_for_payment and row.status == "paused":
+    client, cached = found
+    units = units_in_periods({client.id: period_of(cached, client, utcnow())}).get(client.id, 0)
+    cap = client.monthly_cap_units
+    if client.paused_for_payment and client.status == "paused":
         status = "payment_failed"
-    elif row.status in ("paused", "shadow"):
-        status = row.status
-    elif row.monthly_cap_units is not None and row.units >= row.monthly_cap_units:
+    elif client.status in ("paused", "shadow"):
+        status = client.status
+    elif cap is not None and units >= cap:
         status = "capped"
-    elif row.payment_failed_at is not None:
+    elif client.payment_failed_at is not None:
         status = "payment_failed"
     else:
         status = "active"
-    return SourceStatus(status, int(row.units), row.monthly_cap_units)
-
-
-def current_period(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
-    """The period caps and alerts count units in: the UTC calendar month."""
-    return calendar_month(now)
-
-
-def period_units(client_ids: list[int], start: dt.datetime, end: dt.datetime) -> dict[int, int]:
-    """Units billed to each client in [start, end): its unit reports by usage time, sent or waiting to be."""
-    if not client_ids:
-        return {}
-    rows = db.session.execute(
-        _units_query(UnitReport.client_id.in_(client_ids), start, end)
-        .add_columns(UnitReport.client_id)
-        .group_by(UnitReport.client_id)
-    ).all()
-    return {row.client_id: int(row[0]) for row in rows}
-
-
-def _units_query(which, start: dt.datetime, end: dt.datetime):
-    return select(func.coalesce(func.sum(UnitReport.units), 0)).where(
-        which, UnitReport.usage_timestamp >= start, UnitReport.usage_timestamp < end
-    )
-
-
-def calendar_month(moment: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
-    """The UTC calendar month holding ``moment``: [first day 00:00, first day of the next month)."""
-    start = moment.astimezone(dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (start + dt.timedelta(days=32)).replace(day=1)
-    return start, end
+    return SourceStatus(status, units, cap)

@@ -213,6 +213,7 @@
     unmapped: showUnmapped,
     stripe: showStripe,
     "api-keys": showApiKeys,
+    alerts: showAlerts,
   };
 
   // The agency's own settings; subaccount users (the agency's customers) neither see nor load them.
@@ -502,6 +503,9 @@
     ];
     if (client.payment_problem) facts.push(["Payment failed", client.payment_problem]);
     if (client.subscription_problem) facts.push(["Subscription", client.subscription_problem]);
+    if (client.monthly_cap_units) {
+      facts.push(["Monthly cap", `${fmt(client.monthly_cap_units)} units; alerts at ${client.alert_thresholds.join(", ")} %`]);
+    }
     facts.push(["When a payment fails", client.pause_on_payment_failure ? "Pause billing until paid" : "Keep billing"]);
     $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
 
@@ -659,6 +663,8 @@
     chosen.textContent = client && client.customer_name ? client.customer_name : "";
     if (values.message_source) form.elements.message_source.value = values.message_source;
     form.elements.pause_on_payment_failure.checked = Boolean(values.pause_on_payment_failure);
+    form.elements.monthly_cap_units.value = values.monthly_cap_units || "";
+    form.elements.alert_thresholds.value = client ? (values.alert_thresholds || []).join(", ") : "";
     fillProducts(values.stripe_product_id, values.stripe_price_id);
     $("#bill-unmapped-row").hidden = !prefill;
     $("#f-bill-unmapped").checked = false;
@@ -849,6 +855,10 @@
       // Sent as typed when it is not a whole number, so the API's message explains it.
       billing_unit: /^\d+$/.test(unitText) ? Number(unitText) : unitText,
       pause_on_payment_failure: form.elements.pause_on_payment_failure.checked,
+      monthly_cap_units: wholeOrText(form.elements.monthly_cap_units.value),
+      alert_thresholds: form.elements.alert_thresholds.value.trim()
+        ? form.elements.alert_thresholds.value.split(",").map((part) => wholeOrText(part))
+        : null,
     };
     if (provider === "ghl") {
       body.location_id = form.elements.location_id.value;
@@ -857,6 +867,13 @@
       body.channel_id = form.elements.channel_id.value.trim();
     }
     return body;
+  }
+
+  // A whole number as a number, blank as null, anything else as typed (the API's message explains it).
+  function wholeOrText(value) {
+    const text = String(value).trim();
+    if (!text) return null;
+    return /^\d+$/.test(text) ? Number(text) : text;
   }
 
   async function saveClient(event) {
@@ -1037,6 +1054,47 @@
     }
   }
 
+  // ---- spend alerts ---------------------------------------------------------------------------------
+  async function showAlerts() {
+    const agencyUser = state.session.sees_agency_settings;
+    const [listed, settings] = await Promise.all([
+      api("GET", "/alerts"),
+      agencyUser ? api("GET", "/alert-settings") : Promise.resolve(null),
+    ]);
+    if (settings) $("#alert-url").value = settings.url || "";
+    $("#alerts-table tbody").replaceChildren(...listed.alerts.map((alert) => el("tr", {},
+      cell("When", when(alert.created_at)),
+      cell("Client", el("a", { href: `#client/${alert.client_id}`, text: alert.client_nickname })),
+      cell("Threshold", `${alert.threshold_percent} %`),
+      cell("Units / cap", `${fmt(alert.units)} / ${fmt(alert.cap_units)}`, "num"),
+      cell("Delivery", alert.deliveries.length === 0 ? "portal only" : el("span", {}, ...alert.deliveries.map(deliveryLabel))),
+    )));
+    $("#alerts-empty").hidden = listed.alerts.length > 0;
+    $("#alerts-table").hidden = listed.alerts.length === 0;
+  }
+
+  function deliveryLabel(delivery) {
+    const outcome = delivery.last_status_code ? `HTTP ${delivery.last_status_code}` : delivery.last_error || "";
+    const note = `${delivery.attempts} attempt(s)${outcome ? `, last: ${outcome}` : ""}`;
+    return el("span", { className: `badge ${delivery.status === "delivered" ? "sent" : delivery.status}`,
+      text: delivery.status, title: note });
+  }
+
+  async function saveAlertSettings(newSecret) {
+    const error = $("#alert-url-error");
+    error.hidden = true;
+    const url = $("#alert-url").value.trim() || null;
+    try {
+      const saved = await api("PUT", "/alert-settings", { url, new_secret: newSecret });
+      $("#alert-secret").hidden = !saved.secret;
+      $("#alert-secret-value").textContent = saved.secret || "";
+      notify("Alert settings saved.", "ok");
+    } catch (failure) {
+      error.textContent = failure.fields.url || failure.message;
+      error.hidden = false;
+    }
+  }
+
   // ---- start ----------------------------------------------------------------------------------------
   function wire() {
     window.addEventListener("hashchange", route);
@@ -1053,6 +1111,11 @@
     $("#stripe-form").addEventListener("submit", connectStripe);
     $("#stripe-disconnect").addEventListener("click", disconnectStripe);
     $("#api-key-form").addEventListener("submit", createApiKey);
+    $("#alert-settings-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      saveAlertSettings(false);
+    });
+    $("#alert-new-secret").addEventListener("click", () => saveAlertSettings(true));
     $("#new-key-copy").addEventListener("click", () => {
       navigator.clipboard.writeText($("#new-key-value").textContent).catch(() => {});
     });

@@ -18,7 +18,7 @@ from billing.agencies import ensure_agency
 from billing.alert_sender import AlertSender, AlertUrlRefused, _PinnedAdapter, public_address
 from billing.alerts import SIGNATURE_HEADER, check_spend_alerts, deliver_alerts, list_alerts, set_alert_url
 from billing.models import AlertDelivery, RebillClient, SpendAlert, UnitReport
-from billing.spend import calendar_month
+from billing.periods import calendar_month
 from core.database import db, utcnow
 
 # A GHL workflow "Inbound Webhook" trigger URL (the form GHL shows when the trigger is added).

@@ -10,8 +10,9 @@ from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAP
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from billing.models import RebillClient, UnitReport
-from billing.spend import SOURCE_STATUSES, calendar_month
+from billing.models import ClientPeriod, RebillClient, UnitReport
+from billing.periods import calendar_month
+from billing.spend import SOURCE_STATUSES
 from capri.openapi import openapi_document
 from core.database import db, utcnow
 
@@ -142,3 +143,17 @@ def test_the_openapi_document_describes_the_real_answers(client, agency):
         if valid:
             openapi.validate_request(WerkzeugOpenAPIRequest(request))
         openapi.validate_response(WerkzeugOpenAPIRequest(request), WerkzeugOpenAPIResponse(response))
+
+
+def test_the_period_is_the_clients_stripe_billing_period_when_known(client, agency):
+    chat = add_client(agency.id, channel="chat", monthly_cap_units=5)
+    now = utcnow()
+    db.session.add(ClientPeriod(client_id=chat.id, customer_id="cus_1", price_id="price_1",
+                                period_start=now - dt.timedelta(hours=1), period_end=now + dt.timedelta(days=30)))
+    add_report(chat, 5, now - dt.timedelta(hours=2))  # before the subscription's period: another invoice
+    add_report(chat, 2, now)
+    db.session.commit()
+
+    assert ask(client, agency.key, channel="chat").get_json() == {
+        "status": "active", "period": {"units": 2, "cap_units": 5}
+    }
