@@ -1,7 +1,7 @@
 """spend alerts
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0007
+Revises: 0006_usage_quarantine
 Create Date: 2026-12-04 17:01:21.541120
 
 """
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0005'
-down_revision = '0004'
+revision = '0007'
+down_revision = '0006_usage_quarantine'
 branch_labels = None
 depends_on = None
 
