@@ -20,8 +20,9 @@ CLIENT_STATUSES = ("active", "paused")
 USAGE_SOURCES = ("ghl", "capri")
 # pending: not yet aggregated; counted: added to a client; unmapped: no client mapped it when aggregated;
 # paused: its client was paused; ignored: mapped, but the client does not count this kind of usage;
-# quarantined: an impossible value (rule 12) — counts beyond one AI call, or its client is quarantined.
-USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored", "quarantined")
+# quarantined: an impossible value (rule 12) — counts beyond one AI call, or its client is quarantined;
+# capped: its client's units this period had reached its monthly cap (recorded, never billed).
+USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored", "quarantined", "capped")
 REPORT_STATUSES = ("pending", "sent", "failed")
 # Integer primary keys are 32-bit on PostgreSQL: a larger number names no row, and PostgreSQL would refuse
 # to compare it with the column (an error, not "not found").

@@ -55,6 +55,7 @@ from sqlalchemy.orm.util import identity_key
 
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
 from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
+from billing.periods import client_periods, units_in_periods
 from core.database import db, is_postgresql, utcnow
 
 log = logging.getLogger("billing.units")
@@ -120,6 +121,7 @@ _TALLY_COLUMNS = (
     _CLIENT.report_prefix,
     _CLIENT.quarantine_reason,
     _CLIENT.term_started_at,
+    _CLIENT.monthly_cap_units,
 )
 
 
@@ -389,6 +391,9 @@ class _Tally:
         self.latest: dt.datetime | int | None = None  # int: microseconds since the epoch (PostgreSQL)
         # What the client may still count before CLIENT_USAGE_MAX (rule 12); below zero is never written.
         self.headroom = CLIENT_USAGE_MAX - self.counted_usage
+        # Usage the client may still count this period before its units reach monthly_cap_units (None: no
+        # cap); set by _Aggregation.limit_to_caps.
+        self.cap_room: int | None = None
         self.newly_quarantined = False
         if self.quarantine_reason is None and self.billing_unit < 1:
             self.quarantine(f"its billing unit is {self.billing_unit}, not a positive number; usage kept, not billed")
@@ -424,6 +429,7 @@ class _Aggregation:
         tally = _Tally(client, self.postgresql)
         self.tallies[tally.id] = tally
         self.by_key[tally.key] = tally
+        self.limit_to_caps([tally])
 
     def run(self, *, batch_size: int, where: Sequence = ()) -> None:
         """Claim and classify pending events (up to the newest id at the start), batch by batch."""
@@ -467,11 +473,28 @@ class _Aggregation:
                 .order_by(_CLIENT.id)
                 .with_for_update(skip_locked=self.skip_locked)
             ).all()
-            for row in locked:
-                tally = _Tally(row, self.postgresql)
+            tallies = [_Tally(row, self.postgresql) for row in locked]
+            for tally in tallies:
                 self.tallies[tally.id] = tally
                 self.by_key[tally.key] = tally
+            self.limit_to_caps(tallies)
         return live
+
+    def limit_to_caps(self, tallies: list[_Tally]) -> None:
+        """Give each capped client the usage it may still count before this period's units reach the cap.
+
+        Units in the period are the money view's (billing.periods: the client's Stripe billing period, else
+        the calendar month; units sent or waiting). The remainder already carried counts toward the next
+        unit, so the room ends exactly on the cap's unit boundary.
+        """
+        capped = {tally.id: tally for tally in tallies if tally.monthly_cap_units is not None}
+        if not capped:
+            return
+        clients = db.session.scalars(select(RebillClient).where(RebillClient.id.in_(list(capped)))).all()
+        units = units_in_periods(client_periods(clients, self.now))
+        for client_id, tally in capped.items():
+            units_left = max(0, tally.monthly_cap_units - units.get(client_id, 0))
+            tally.cap_room = max(0, units_left * tally.billing_unit - tally.remainder)
 
     def _find_live_clients(self, keys: list[ClientKey]) -> list[tuple[int, int, str, str]]:
         """Return (id, agency_id, provider, source_key) of the live clients of these keys (no lock)."""
@@ -535,6 +558,8 @@ class _Aggregation:
                     state = "quarantined"
                 elif status == "paused":
                     state = "paused"
+                elif tally.cap_room == 0:
+                    state = "capped"  # the period's units reached the cap: recorded, never billed
                 elif quantity > tally.headroom:
                     tally.quarantine(
                         f"its usage stopped counting at {CLIENT_USAGE_MAX - tally.headroom:,} {tally.charge_by}: "
@@ -543,6 +568,10 @@ class _Aggregation:
                     )
                     state = "quarantined"
                 else:
+                    if tally.cap_room is not None:
+                        # The event that crosses the cap counts only up to it, so exactly the cap is billed.
+                        quantity = min(quantity, tally.cap_room)
+                        tally.cap_room -= quantity
                     tally.headroom -= quantity
                     tally.new_usage += quantity
                     if tally.latest is None or at > tally.latest:

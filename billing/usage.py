@@ -20,7 +20,8 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
     """Return a client's counted usage, units logged / reported / awaiting Stripe, daily series and reports.
 
     ``daily`` covers the last ``days`` UTC days (oldest first, days without usage included) by the day the
-    usage occurred: ``usage`` is what was billed toward units, ``paused_usage`` what arrived while paused.
+    usage occurred: ``usage`` is what was billed toward units, ``paused_usage`` what arrived while paused
+    (``capped_usage``: what arrived once the period's units had reached the monthly cap).
     ``quarantine_reason`` says why the client's usage stopped counting (None while it counts), and
     ``quarantined_events`` how many of its events were held back as impossible values.
     NotFound for another agency's client or a deleted one.
@@ -33,10 +34,12 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
             .group_by(UnitReport.status)
         ).all()
     )
-    paused_usage = db.session.scalar(
-        select(func.coalesce(func.sum(UsageEvent.counted), 0)).where(
-            UsageEvent.client_id == client.id, UsageEvent.state == "paused"
-        )
+    held_back = dict(
+        db.session.execute(
+            select(UsageEvent.state, func.coalesce(func.sum(UsageEvent.counted), 0))
+            .where(UsageEvent.client_id == client.id, UsageEvent.state.in_(("paused", "capped")))
+            .group_by(UsageEvent.state)
+        ).all()
     )
     quarantined_events = db.session.scalar(
         select(func.count()).where(UsageEvent.client_id == client.id, UsageEvent.state == "quarantined")
@@ -56,7 +59,9 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
         "units_reported": int(units_by_status.get("sent", 0)),
         "units_awaiting_stripe": int(sum(units for status, units in units_by_status.items() if status != "sent")),
         "remainder": client.remainder,
-        "paused_usage": int(paused_usage),
+        "paused_usage": int(held_back.get("paused", 0)),
+        # Usage that arrived after the period's units reached the client's monthly cap: shown, never billed.
+        "capped_usage": int(held_back.get("capped", 0)),
         # Rule 12: events held back as impossible (beyond one AI call, or after the client's own quarantine).
         "quarantined_events": quarantined_events,
         "quarantine_reason": client.quarantine_reason,

@@ -387,6 +387,12 @@
     $("#money-summary").replaceChildren(...tiles);
   }
 
+  // "7", or "7 / 10" under a monthly cap, "10 / 10 capped" once it is reached.
+  function unitsOfCap(units, cap) {
+    if (!cap) return fmt(units);
+    return `${fmt(units)} / ${fmt(cap)}${units >= cap ? " capped" : ""}`;
+  }
+
   function clientRow(client) {
     const names = productPriceNames(client);
     const period = client.period || {};
@@ -404,7 +410,7 @@
       cell("Billing unit", fmt(client.billing_unit), "num"),
       cell("Counted (lifetime)", fmt(client.counted_usage), "num"),
       cell("Units (lifetime)", fmt(client.units_logged), "num"),
-      cell("Units this period", fmt(period.units), "num"),
+      cell("Units this period", unitsOfCap(period.units, client.monthly_cap_units), "num"),
       cell("Estimated charge", client.status === "shadow" ? `would be ${amount(period.estimate)}` : amount(period.estimate), "num"),
       cell("Billing", el("div", { className: "state-cell" }, badge,
         state_ === "ok" ? null : el("div", { className: "hint", text: billingProblem(client) }))),
@@ -521,6 +527,7 @@
     ];
     if (usage.units_awaiting_stripe) stats.push(stat("Awaiting Stripe", fmt(usage.units_awaiting_stripe), "units, retried each tick"));
     if (usage.paused_usage) stats.push(stat("Paused usage", fmt(usage.paused_usage), "received while paused, never billed"));
+    if (usage.capped_usage) stats.push(stat("Capped usage", fmt(usage.capped_usage), "after the monthly cap, never billed"));
     $("#client-stats").replaceChildren(...stats);
     $("#chart-title").textContent = `Daily usage (${client.charge_by}, UTC days)`;
     $("#usage-chart").replaceChildren(usageChart(usage.daily || [], client.charge_by));
