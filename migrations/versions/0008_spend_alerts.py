@@ -1,7 +1,7 @@
 """spend alerts
 
-Revision ID: 0007
-Revises: 0006_usage_quarantine
+Revision ID: 0008_spend_alerts
+Revises: 0007_client_terms
 Create Date: 2026-12-04 17:01:21.541120
 
 """
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0007'
-down_revision = '0006_usage_quarantine'
+revision = '0008_spend_alerts'
+down_revision = '0007_client_terms'
 branch_labels = None
 depends_on = None
 
