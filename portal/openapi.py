@@ -65,6 +65,11 @@ COMMON = {
 }
 
 
+OBJECT = {"type": "object"}
+NULLABLE_TEXT = {"type": ["string", "null"]}
+BOOLEAN = {"type": "boolean"}
+
+
 def _operation(
     operation_id: str,
     summary: str,
@@ -422,6 +427,42 @@ def openapi_document() -> dict[str, Any]:
                 {"204": {"description": "Revoked."}, "404": _error("Not this agency's key.")},
                 parameters=key_id,
             )
+        },
+        "/api/portal/alerts": {
+            "get": _operation(
+                "listAlerts",
+                "The latest spend alerts, each with its delivery log",
+                {"200": _json("Alerts, newest first.", _object({"alerts": {"type": "array", "items": OBJECT}}))},
+            )
+        },
+        "/api/portal/alert-settings": {
+            "get": _operation(
+                "getAlertSettings",
+                "Where spend alerts are POSTed (agency users)",
+                {"200": _json("The alert URL.", _object({"url": NULLABLE_TEXT, "secret_set": BOOLEAN}))},
+            ),
+            "put": _operation(
+                "putAlertSettings",
+                "Set or remove the alert URL; a new signing secret is in this answer only (agency admins)",
+                {
+                    "200": _json(
+                        "The alert URL; `secret` only when one was made.",
+                        {
+                            **_object({"url": {"type": ["string", "null"]}, "secret_set": {"type": "boolean"}}),
+                            "properties": {
+                                "url": {"type": ["string", "null"]},
+                                "secret_set": {"type": "boolean"},
+                                "secret": {"type": "string"},
+                            },
+                        },
+                    ),
+                    "422": _error("The URL is refused (https only, a host, no credentials)."),
+                },
+                body={
+                    "type": "object",
+                    "properties": {"url": {"type": ["string", "null"]}, "new_secret": {"type": "boolean"}},
+                },
+            ),
         },
         "/api/portal/openapi.json": {
             "get": {
