@@ -14,6 +14,7 @@ from flask.logging import default_handler
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core.config import ConfigError, load_settings
 from core.database import db, migrate
@@ -40,11 +41,17 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(settings)
     app.config["SQLALCHEMY_DATABASE_URI"] = settings["DATABASE_URL"]
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    if settings["REBILL_TRUSTED_PROXIES"]:
+        # Behind the reverse proxy (deploy/): take the client address and scheme from the headers it sets,
+        # trusting only the last REBILL_TRUSTED_PROXIES hops (a client can put anything before them).
+        count = settings["REBILL_TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count)
     configure_logging(settings["REBILL_LOG_LEVEL"])
     # Flask's plain-text handler would print tracebacks outside the JSON lines; the root's handler has them.
     app.logger.removeHandler(default_handler)
     register_extensions(app)
     register_blueprints(app)
+    register_metrics(app)
     register_errorhandlers(app)
     register_commands(app)
     return app
@@ -80,6 +87,16 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(capri_usage_api)
     app.register_blueprint(portal_pages)
     app.register_blueprint(portal_api)
+
+
+def register_metrics(app: Flask) -> None:
+    """Mount GET /metrics with the database gauges of each package (core.metrics)."""
+    from billing.backlog import backlog_gauges
+    from core.metrics import blueprint as metrics
+    from core.metrics import register_scrape_gauges
+
+    app.register_blueprint(metrics)
+    register_scrape_gauges(app, backlog_gauges)
 
 
 # The database is down, unreachable or out of connections: the same request can succeed later.
@@ -119,7 +136,7 @@ def register_commands(app: Flask) -> None:
     from ghl.webhooks import prune_deliveries
     from portal.demo import demo_command
 
-    # GHL upkeep runs in the one scheduler process beside the billing tick (billing never imports ghl).
+    # GHL upkeep: housekeeping run by the scheduler holding the lock (billing.cli; billing never imports ghl).
     app.extensions[SCHEDULED_JOBS] = [
         ("ghl-refresh-tokens", refresh_expiring_tokens, GHL_JOB_SECONDS),
         ("ghl-retry-deliveries", retry_failed_deliveries, GHL_JOB_SECONDS),

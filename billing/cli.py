@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import click
 from flask import current_app
@@ -11,6 +12,9 @@ from flask.cli import AppGroup
 from billing.jobs import run_tick
 from billing.periods import refresh_stale_periods
 from billing.reconcile import reconcile_clients
+from core.database import db
+from core.leader_lock import LeaderLock
+from core.metrics import SCHEDULED_JOB_RUNS
 
 log = logging.getLogger("billing.scheduler")
 
@@ -44,34 +48,25 @@ SCHEDULED_JOBS = "rebill.scheduled_jobs"
 
 @rebill_cli.command("scheduler")
 def scheduler_command():
-    """Run the long-lived scheduler (exactly one per deployment): the tick plus the registered jobs."""
+    """Run a long-lived scheduler: the tick, plus the registered housekeeping jobs while this process leads.
+
+    Any number may run against one PostgreSQL database: ticks share aggregation and reporting through row
+    claims, and only the process holding the housekeeping lock runs the other jobs (core.leader_lock).
+    """
     from apscheduler.schedulers.blocking import BlockingScheduler
 
     app = current_app._get_current_object()
     seconds = app.config["REBILL_TICK_SECONDS"]
-    jobs = [
-        ("rebill-tick", run_tick, seconds),
-        ("rebill-periods", refresh_stale_periods, PERIODS_JOB_SECONDS),
-        *app.extensions.get(SCHEDULED_JOBS, []),
-    ]
-
-    def in_app_context(job_id, function):
-        def run():
-            with app.app_context():
-                try:
-                    function()
-                except Exception:
-                    # Jobs select work by database state: what failed now is picked up by a later run.
-                    log.exception("scheduled job failed", extra={"fields": {"job": job_id}})
-
-        return run
+    housekeeping = LeaderLock(db.engine)
+    jobs = [("rebill-tick", run_tick, seconds, None)]
+    jobs += [(job_id, function, interval, housekeeping) for job_id, function, interval in housekeeping_jobs(app)]
 
     scheduler = BlockingScheduler(timezone="UTC")
-    for job_id, function, interval in jobs:
+    for job_id, function, interval, leader in jobs:
         # coalesce + max_instances=1: a slow run never overlaps the next, missed runs collapse into one;
         # the grace time lets a run delayed by a slow one still happen instead of being dropped.
         scheduler.add_job(
-            in_app_context(job_id, function),
+            scheduled_job(app, job_id, function, leader),
             "interval",
             seconds=interval,
             coalesce=True,
@@ -79,9 +74,38 @@ def scheduler_command():
             misfire_grace_time=interval,
             id=job_id,
         )
-    click.echo("scheduler: " + ", ".join(f"{job_id} every {interval}s" for job_id, _, interval in jobs))
-    in_app_context("rebill-tick", run_tick)()
-    scheduler.start()
+    click.echo("scheduler: " + ", ".join(f"{job_id} every {interval}s" for job_id, _, interval, _ in jobs))
+    scheduled_job(app, "rebill-tick", run_tick)()
+    try:
+        scheduler.start()
+    finally:
+        housekeeping.release()
+
+
+def housekeeping_jobs(app) -> list[tuple[str, Callable[[], object], int]]:
+    """Billing's periodic upkeep and the jobs other packages registered (app.extensions[SCHEDULED_JOBS])."""
+    return [("rebill-periods", refresh_stale_periods, PERIODS_JOB_SECONDS), *app.extensions.get(SCHEDULED_JOBS, [])]
+
+
+def scheduled_job(app, job_id: str, function: Callable[[], object], leader: LeaderLock | None = None):
+    """Wrap a job for the scheduler: own app context, counted, logged; with a ``leader``, run only while leading."""
+
+    def run() -> str:
+        with app.app_context():
+            if leader is not None and not leader.held():
+                outcome = "skipped"  # another scheduler runs the housekeeping jobs
+            else:
+                try:
+                    function()
+                    outcome = "ok"
+                except Exception:
+                    # Jobs select work by database state: what failed now is picked up by a later run.
+                    log.exception("scheduled job failed", extra={"fields": {"job": job_id}})
+                    outcome = "failed"
+        SCHEDULED_JOB_RUNS.labels(job_id, outcome).inc()
+        return outcome
+
+    return run
 
 
 @rebill_cli.command("reconcile")

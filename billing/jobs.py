@@ -14,6 +14,14 @@ from dataclasses import dataclass, fields
 from billing.reporting import report_pending_units
 from billing.units import aggregate_pending_usage
 from core.database import db, utcnow
+from core.metrics import (
+    AGGREGATION_DURATION,
+    REPORTING_DURATION,
+    UNIT_REPORTS,
+    UNITS_LOGGED,
+    UNITS_SENT,
+    USAGE_EVENTS_AGGREGATED,
+)
 
 log = logging.getLogger("billing.jobs")
 
@@ -37,8 +45,9 @@ def run_tick(now: dt.datetime | None = None) -> TickSummary:
     """Run one aggregation + reporting cycle; commits its own transactions (``now``: tests run it later)."""
     summary = TickSummary()
     try:
-        aggregation = aggregate_pending_usage()
-        db.session.commit()
+        with AGGREGATION_DURATION.time():
+            aggregation = aggregate_pending_usage()
+            db.session.commit()
         summary.events_aggregated = aggregation.events
         summary.units_logged = aggregation.units
     except Exception:
@@ -47,9 +56,21 @@ def run_tick(now: dt.datetime | None = None) -> TickSummary:
         summary.aggregation_failed = True
         log.exception("aggregation failed")
     # Outbox rows written just now are stamped with the real clock; a caller's earlier `now` must not hide them.
-    reporting = report_pending_units(max(now, utcnow()) if now else None)
+    with REPORTING_DURATION.time():
+        reporting = report_pending_units(max(now, utcnow()) if now else None)
     for field in fields(reporting):  # the summary carries every reporting count it names
         if hasattr(summary, field.name):
             setattr(summary, field.name, getattr(reporting, field.name))
+    _count(summary)
     log.info("tick finished", extra={"fields": vars(summary)})
     return summary
+
+
+def _count(summary: TickSummary) -> None:
+    """Add what the tick did to the process's counters (core.metrics)."""
+    USAGE_EVENTS_AGGREGATED.inc(summary.events_aggregated)
+    UNITS_LOGGED.inc(summary.units_logged)
+    UNITS_SENT.inc(summary.units_sent)
+    UNIT_REPORTS.labels("sent").inc(summary.reports_sent)
+    UNIT_REPORTS.labels("failed").inc(summary.reports_failed)
+    UNIT_REPORTS.labels("retrying").inc(summary.reports_retrying)

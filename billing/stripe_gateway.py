@@ -25,6 +25,7 @@ from billing.errors import BillingError, StripeKeyInvalid
 from billing.estimates import PriceTerms, PriceTermsInvalid, price_terms
 from billing.models import Agency
 from core.encryption import SecretUnreadable, secret_box
+from core.metrics import STRIPE_CALLS
 
 # Usage records were removed in 2025-03-31.basil and the SDK always sends its pinned version, so legacy
 # calls pin the last pre-basil version per request
@@ -69,6 +70,14 @@ class StripeRequestRejected(StripeGatewayError):
     def __init__(self, reason: str, code: str | None = None):
         super().__init__(reason)
         self.code = code
+
+
+# The rebill_stripe_calls_total outcome of each failure kind.
+_OUTCOMES = {
+    StripeUnavailable: "unavailable",
+    StripeKeyRejected: "key_rejected",
+    StripeRequestRejected: "request_rejected",
+}
 
 
 @dataclass(frozen=True)
@@ -534,8 +543,14 @@ class StripeGateway:
         """Run one API operation, counting it and translating SDK errors into the gateway's three kinds."""
         with self._calls_lock:
             self._calls += 1
-        with translate_stripe_errors():
-            return operation()
+        try:
+            with translate_stripe_errors():
+                result = operation()
+        except StripeGatewayError as error:
+            STRIPE_CALLS.labels(_OUTCOMES[type(error)]).inc()
+            raise
+        STRIPE_CALLS.labels("ok").inc()
+        return result
 
     def _all(self, list_page: Callable[[dict], Any], params: dict | None = None) -> list[Any]:
         """Read every page of a v1 list."""

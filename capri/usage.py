@@ -9,6 +9,7 @@ from typing import Any
 from billing.ledger import record_usage
 from capri.validation import CheckedEvent, check_event
 from core.database import utcnow
+from core.metrics import USAGE_EVENTS_RECEIVED
 
 log = logging.getLogger("capri.usage")
 
@@ -33,16 +34,10 @@ def report_usage(agency_id: int, events: Sequence[Any]) -> list[dict[str, Any]]:
     outcomes = record_usage(agency_id, [checked[index].record for index in positions])
     inserted = dict(zip(positions, outcomes, strict=True))
     results = [_result(item, inserted.get(index)) for index, item in enumerate(checked)]
-    log.info(
-        "usage batch recorded",
-        extra={
-            "fields": {
-                "agency_id": agency_id,
-                "events": len(results),
-                **{status: sum(r["status"] == status for r in results) for status in _STATUSES},
-            }
-        },
-    )
+    counts = {status: sum(r["status"] == status for r in results) for status in _STATUSES}
+    for status, count in counts.items():
+        USAGE_EVENTS_RECEIVED.labels(status).inc(count)
+    log.info("usage batch recorded", extra={"fields": {"agency_id": agency_id, "events": len(results), **counts}})
     return results
 
 

@@ -17,6 +17,7 @@ from capri.validation import (
     parse_usage_body,
 )
 from core.database import db
+from core.metrics import observe_ingest
 
 blueprint = Blueprint("capri", __name__, url_prefix="/api/v1")
 
@@ -27,6 +28,7 @@ STATUS_MAX_AGE_SECONDS = 5
 
 
 @blueprint.post("/usage")
+@observe_ingest("usage_api")
 def post_usage():
     """Record a batch of usage events for the agency the bearer key belongs to."""
     api_key = authenticate(_bearer_token(request.headers.get("Authorization", "")) or "")

@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
     "REBILL_PUBLIC_URL": None,
     # Let alert URLs reach private/loopback addresses (a local receiver); refused outside development/test.
     "REBILL_ALERT_PRIVATE_ADDRESSES": False,
+    # GET /metrics answers only with this bearer token; unset = 404 (core.metrics).
+    "REBILL_METRICS_TOKEN": None,
+    # Reverse proxies in front of gunicorn whose X-Forwarded-For / -Proto are trusted (0 = none; deploy/ has 1).
+    "REBILL_TRUSTED_PROXIES": 0,
 }
 
 ENVIRONMENT_VARIABLES = tuple(DEFAULTS)
@@ -81,7 +85,14 @@ REQUIRED_OUTSIDE_DEVELOPMENT = ("SECRET_KEY", "REBILL_ENCRYPTION_KEYS")
 DEVELOPMENT_SECRET_KEY = "development-only-secret-key"
 MIN_SECRET_KEY_CHARS = 32
 KNOWN_SECRET_KEYS = {DEVELOPMENT_SECRET_KEY, "test-secret-key", "changeme", "change-me", "secret", "dev"}
-INTEGER_SETTINGS = ("REBILL_TICK_SECONDS", "STRIPE_TIMEOUT_SECONDS", "STRIPE_NETWORK_ATTEMPTS", "STRIPE_CONCURRENCY")
+# Integer settings and their smallest allowed value.
+INTEGER_SETTINGS = {
+    "REBILL_TICK_SECONDS": 1,
+    "STRIPE_TIMEOUT_SECONDS": 1,
+    "STRIPE_NETWORK_ATTEMPTS": 1,
+    "STRIPE_CONCURRENCY": 1,
+    "REBILL_TRUSTED_PROXIES": 0,
+}
 BOOLEAN_SETTINGS = ("REBILL_DEMO", "REBILL_ALERT_PRIVATE_ADDRESSES")
 
 
@@ -138,13 +149,13 @@ def normalise_database_url(url: str | None, instance_path: str) -> str:
 
 
 def _coerce_types(settings: dict[str, Any]) -> None:
-    for name in INTEGER_SETTINGS:
+    for name, minimum in INTEGER_SETTINGS.items():
         try:
             settings[name] = int(settings[name])
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be an integer, got {settings[name]!r}") from None
-        if settings[name] < 1:
-            raise ConfigError(f"{name} must be at least 1")
+        if settings[name] < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}")
     for name in BOOLEAN_SETTINGS:
         value = settings[name]
         if isinstance(value, str):

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from core.database import db, is_postgresql, utcnow
 from core.encryption import secret_box
+from core.metrics import GHL_TOKEN_REFRESHES
 from ghl.client import GhlClient, GhlError, GhlGrantRejected, GhlRejected, TokenGrant, ghl_client
 from ghl.models import GhlToken
 
@@ -147,11 +148,16 @@ def refresh_access_token(
                 token.needs_reauth = True
                 token.reauth_reason = f"refresh refused: {error}"[:500]
                 refused = error
+            except GhlError:  # GHL unreachable or failing: the token stays as it is
+                GHL_TOKEN_REFRESHES.labels("unavailable").inc()
+                raise
             else:
                 _apply(token, grant)
+                GHL_TOKEN_REFRESHES.labels("refreshed").inc()
                 log.info("GHL token refreshed", extra={"fields": {"resource_id": resource_id}})
                 return grant.access_token
         # The needs_reauth mark is committed by now; tell the caller.
+        GHL_TOKEN_REFRESHES.labels("reauth_required").inc()
         log.warning("GHL token needs reauthorisation", extra={"fields": {"resource_id": resource_id}})
         raise ReauthRequired(f"GHL refused to refresh the token for {resource_id}: {refused}") from None
 

@@ -49,6 +49,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from billing.ledger import insert_usage_from
 from billing.models import UsageEvent
 from core.database import UTCDateTime, db, utcnow
+from core.metrics import GHL_WEBHOOKS_RECEIVED, observe_ingest
 from ghl.events import (
     MESSAGE_DIRECTIONS,
     already_recorded_note,
@@ -193,6 +194,11 @@ _MESSAGE_STATEMENT = _message_statement()
 _STORED_ANSWERS = {
     status: json.dumps({"status": status}) for status in ("processed", "ignored", "failed", "received", "duplicate")
 }
+# The outcome counters, resolved once (a label lookup per request is a lock and a dict search more).
+_RECEIVED = {
+    outcome: GHL_WEBHOOKS_RECEIVED.labels(outcome)
+    for outcome in (*_STORED_ANSWERS, "other_app", "stale", "unauthorized", "bad_request", "unavailable")
+}
 
 
 @blueprint.record_once
@@ -203,36 +209,44 @@ def _prepare(state) -> None:
 
 
 @blueprint.post("/webhooks/ghl")
+@observe_ingest("ghl_webhook")
 def receive_webhook():
     """Verify, store, commit, process; answer 200 stored/duplicate, 401, 400 or 429."""
     body = request.get_data(cache=False)
     scheme = current_app.extensions[VERIFIER].verify(body, request.headers)
     if scheme is None:
+        _RECEIVED["unauthorized"].inc()
         return jsonify(error="missing or invalid webhook signature"), 401
     try:
         text = body.decode("utf-8")
         event = json.loads(text)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; absurd nesting recurses
+        _RECEIVED["bad_request"].inc()
         return jsonify(error="the webhook body is not UTF-8 JSON"), 400
     if not isinstance(event, dict):
+        _RECEIVED["bad_request"].inc()
         return jsonify(error="the webhook body is not a JSON object"), 400
     foreign = other_app_reason(event, current_app.extensions[APP_ID])
     if foreign is not None:
         # Signed by GHL but not for us: acknowledged (a retry would change nothing), dropped, logged.
         log.warning("GHL webhook of another app ignored", extra={"fields": _log_fields(event) | {"reason": foreign}})
+        _RECEIVED["other_app"].inc()
         return jsonify(status="ignored", reason=foreign), 200
     stale = staleness_reason(event, utcnow())
     if stale is not None:
         # 400, not 200: nothing was accepted, and the failure shows in GHL's delivery log as well as ours
         # (GHL retries only 429, so this is final either way). A replay of a captured delivery lands here.
         log.warning("stale GHL webhook refused", extra={"fields": _log_fields(event) | {"reason": stale}})
+        _RECEIVED["stale"].inc()
         return jsonify(error=f"webhook refused: {stale}"), 400
     try:
         status = accept_delivery(body, text, event, scheme)
     except SQLAlchemyError as error:
         db.session.rollback()
+        _RECEIVED["unavailable"].inc()
         log.error("cannot store a GHL webhook; answering 429", extra={"fields": {"error": type(error).__name__}})
         return jsonify(error="cannot store the webhook right now; retry later"), 429
+    _RECEIVED[status].inc()
     return current_app.response_class(_STORED_ANSWERS[status], mimetype="application/json")
 
 

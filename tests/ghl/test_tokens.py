@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 import psycopg
 import pytest
+import responses
 
 from billing.agencies import ensure_agency
 from core.database import db, utcnow
@@ -29,8 +30,10 @@ from tests.ghl.fake_ghl import (
     stored_token,
     token_answer,
 )
+from tests.metrics_support import Deltas
 
 LOCATION_ID = "l1C08ntBrFjLS0elLIYU"
+REFRESH_OUTCOMES = ("refreshed", "reauth_required", "unavailable")
 
 
 def form(call) -> dict[str, str]:
@@ -238,3 +241,19 @@ def test_an_install_webhook_mints_with_a_company_token_that_needs_refreshing(app
     mint = next(call for call in ghl_api.calls if call.request.url == LOCATION_TOKEN_URL)
     assert mint.request.headers["Authorization"] == "Bearer company-refreshed"
     assert stored_token(LOCATION_ID) is not None
+
+
+def test_token_refreshes_are_counted_by_outcome(app_context, ghl_api):
+    deltas = Deltas(*(("rebill_ghl_token_refreshes_total", {"outcome": o}) for o in REFRESH_OUTCOMES))
+    store_token(COMPANY_ID, expires_at=an_hour_ago())
+    ghl_api.post(TOKEN_URL, status=502, body="bad gateway")
+    with pytest.raises(GhlUnavailable):
+        access_token(COMPANY_ID)
+    ghl_api.replace(responses.POST, TOKEN_URL, json=token_answer("new-access", "new-refresh", userType="Company"))
+    assert access_token(COMPANY_ID) == "new-access"
+    store_token(LOCATION_ID, user_type="Location", expires_at=an_hour_ago())
+    ghl_api.replace(responses.POST, TOKEN_URL, status=401, json={"error": "invalid_grant"})
+    ghl_api.post(LOCATION_TOKEN_URL, status=400, json={"message": "Location is not active"})
+    with pytest.raises(ReauthRequired):
+        access_token(LOCATION_ID)
+    assert deltas() == [1, 1, 1]
