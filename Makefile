@@ -11,7 +11,7 @@ DEMO_STRIPE_PORT ?= 12111
 # (`rebill demo` serves the fake at STRIPE_API_BASE, seeds the demo agency and keeps usage flowing).
 DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10 STRIPE_API_BASE=http://127.0.0.1:$(DEMO_STRIPE_PORT) REBILL_PUBLIC_URL=http://$(HOST):$(PORT)
 
-.PHONY: run test lint bench clean
+.PHONY: venv run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+venv: $(STAMP)
 
 run: $(STAMP)
 	$(DEV) $(FLASK) db upgrade

@@ -14,7 +14,7 @@ from billing.periods import refresh_stale_periods
 from billing.reconcile import reconcile_clients
 from core.database import db
 from core.leader_lock import LeaderLock
-from core.metrics import SCHEDULED_JOB_RUNS
+from core.metrics import SCHEDULED_JOB_RUNS, serve_process_metrics
 
 log = logging.getLogger("billing.scheduler")
 
@@ -75,6 +75,9 @@ def scheduler_command():
             id=job_id,
         )
     click.echo("scheduler: " + ", ".join(f"{job_id} every {interval}s" for job_id, _, interval, _ in jobs))
+    if port := app.config["REBILL_SCHEDULER_METRICS_PORT"]:
+        serve_process_metrics(port)
+        click.echo(f"scheduler: metrics on port {port}")
     scheduled_job(app, "rebill-tick", run_tick)()
     try:
         scheduler.start()

@@ -73,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "REBILL_ALERT_PRIVATE_ADDRESSES": False,
     # GET /metrics answers only with this bearer token; unset = 404 (core.metrics).
     "REBILL_METRICS_TOKEN": None,
+    # A scheduler serves its own metrics on this port (0 = not): for a scheduler in its own container.
+    "REBILL_SCHEDULER_METRICS_PORT": 0,
     # Reverse proxies in front of gunicorn whose X-Forwarded-For / -Proto are trusted (0 = none; deploy/ has 1).
     "REBILL_TRUSTED_PROXIES": 0,
 }
@@ -92,6 +94,7 @@ INTEGER_SETTINGS = {
     "STRIPE_NETWORK_ATTEMPTS": 1,
     "STRIPE_CONCURRENCY": 1,
     "REBILL_TRUSTED_PROXIES": 0,
+    "REBILL_SCHEDULER_METRICS_PORT": 0,
 }
 BOOLEAN_SETTINGS = ("REBILL_DEMO", "REBILL_ALERT_PRIVATE_ADDRESSES")
 

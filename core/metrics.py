@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from flask import Blueprint, Flask, current_app, jsonify, request
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -130,6 +130,26 @@ class _Collected:
             yield from source()
 
 
+def serve_process_metrics(port: int, address: str = "0.0.0.0"):  # noqa: S104  (a container's private network)
+    """Serve this process's instruments on ``address:port`` in a thread (a scheduler has no web server).
+
+    For a scheduler that shares no PROMETHEUS_MULTIPROC_DIR with a web process (its own container). No token:
+    bind it where only Prometheus reaches it. Returns the server (``shutdown()`` stops it).
+    """
+    server, _ = start_http_server(port, addr=address, registry=_process_registry())
+    return server
+
+
+def _process_registry() -> CollectorRegistry:
+    """The instruments of every process sharing PROMETHEUS_MULTIPROC_DIR, or this process's own."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the library's own switch (see the module docstring)
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Collected(REGISTRY.collect))
+    return registry
+
+
 @blueprint.get("/metrics")
 def metrics():
     """Prometheus text format: every process's instruments plus the database gauges; token protected."""
@@ -141,11 +161,7 @@ def metrics():
         response = jsonify(error="a valid metrics token is required: Authorization: Bearer <token>")
         response.headers["WWW-Authenticate"] = 'Bearer realm="rebill-metrics"'
         return response, 401
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the library's own switch (see the module docstring)
-        MultiProcessCollector(registry)
-    else:
-        registry.register(_Collected(REGISTRY.collect))
+    registry = _process_registry()
     registry.register(_Collected(_database_gauges))
     encode, content_type = choose_encoder(request.headers.get("Accept"))  # text format, or OpenMetrics if asked
     return current_app.response_class(encode(registry), content_type=content_type)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ STRIPE_CALLS.labels("ok").inc(3)
 """
 SCRIPT_SCRAPE = """
 import sys
+import urllib.request
 from app import create_app
 from core.metrics import STRIPE_CALLS
 STRIPE_CALLS.labels("ok").inc(2)
@@ -136,3 +138,17 @@ def test_trusted_proxies_must_be_a_small_non_negative_integer(tmp_path):
 
     with pytest.raises(ConfigError, match="REBILL_TRUSTED_PROXIES must be at least 0"):
         load_settings(str(tmp_path), base_config("sqlite://", REBILL_TRUSTED_PROXIES="-1"))
+
+
+def test_a_process_without_a_web_server_serves_its_own_instruments():
+    from core.metrics import GHL_TOKEN_REFRESHES, serve_process_metrics
+
+    GHL_TOKEN_REFRESHES.labels("refreshed").inc()
+    server = serve_process_metrics(0, "127.0.0.1")  # port 0: any free port
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) as answer:
+            values = samples(answer.read().decode())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert values[("rebill_ghl_token_refreshes_total", (("outcome", "refreshed"),))] >= 1

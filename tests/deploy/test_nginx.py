@@ -1,0 +1,110 @@
+"""deploy/'s nginx in front of gunicorn: clients that never finish their request do not stop /healthz.
+
+gunicorn (gthread, the Procfile's 2 workers x 4 threads) alone gives 16 such connections every request slot
+(bench/slow_clients.py shows /healthz timing out then); nginx reads each request whole first, so gunicorn
+never sees them. Runs Debian's nginx as a plain process; skipped when nginx is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_ENCRYPTION_KEY
+
+REPO = Path(__file__).parents[2]
+sys.path.insert(0, str(REPO / "deploy"))
+from local_topology import nginx_binary, procfile_gunicorn_options, render_nginx_conf, wait_for  # noqa: E402
+
+SLOW_CLIENTS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory, sqlite_template):
+    """gunicorn on a migrated SQLite copy, and nginx from deploy/nginx.conf.template in front; yields nginx's URL."""
+    try:
+        nginx = nginx_binary()
+    except RuntimeError:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    tmp_path = tmp_path_factory.mktemp("proxied")
+    database = tmp_path / "rebill.sqlite3"
+    shutil.copy(sqlite_template, database)
+    web_port, proxy_port = free_port(), free_port()
+    env = {**os.environ, "REBILL_ENV": "test", "DATABASE_URL": f"sqlite:///{database}", "REBILL_TRUSTED_PROXIES": "1",
+           "REBILL_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY, "REBILL_LOG_LEVEL": "ERROR"}  # fmt: skip
+    gunicorn = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", *procfile_gunicorn_options(), "--bind", f"127.0.0.1:{web_port}",
+         "--access-logfile", str(tmp_path / "access.log"), "--access-logformat", "%({x-forwarded-for}i)s %(U)s",
+         "app:create_app()"],
+        cwd=REPO, env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    (tmp_path / "nginx").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf(
+        listen=f"127.0.0.1:{proxy_port}", upstream_servers=f"server 127.0.0.1:{web_port};", run_dir=tmp_path / "nginx"
+    ))  # fmt: skip
+    proxy = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{web_port}/healthz", gunicorn, "gunicorn")
+        wait_for(f"http://127.0.0.1:{proxy_port}/healthz", proxy, "nginx")
+        yield f"http://127.0.0.1:{proxy_port}", proxy_port, tmp_path / "access.log"
+    finally:
+        for process in (proxy, gunicorn):
+            process.send_signal(signal.SIGQUIT)  # both: quick shutdown (SIGTERM would wait for keep-alive clients)
+            process.wait(30)
+
+
+def open_slow_clients(port: int, request_start: bytes) -> list[socket.socket]:
+    """Connections that send the start of a request and then nothing."""
+    clients = []
+    for _ in range(SLOW_CLIENTS):
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(request_start)
+        clients.append(client)
+    return clients
+
+
+@pytest.mark.parametrize(
+    "request_start",
+    [
+        b"POST /webhooks/ghl HTTP/1.1\r\nHost: rebill.test\r\nContent-Type: application/json\r\n",  # no blank line
+        b"POST /webhooks/ghl HTTP/1.1\r\nHost: rebill.test\r\nContent-Length: 4096\r\n\r\n{\"type\":",  # short body
+    ],
+    ids=["headers", "body"],
+)
+def test_slow_clients_do_not_stop_healthz_behind_the_proxy(proxied, request_start):
+    url, port, _ = proxied
+    clients = open_slow_clients(port, request_start)
+    try:
+        for _ in range(20):  # more requests than gunicorn has slots, each answered while the slow clients hang on
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+                assert answer.status == 200
+    finally:
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.close()
+
+
+def test_the_proxy_appends_the_client_address_it_saw_to_x_forwarded_for(proxied):
+    url, _, access_log = proxied
+    request = urllib.request.Request(f"{url}/healthz", headers={"X-Forwarded-For": "203.0.113.9"})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+    # The app trusts one proxy (REBILL_TRUSTED_PROXIES=1): the last entry, the address nginx saw.
+    assert "203.0.113.9, 127.0.0.1 /healthz" in access_log.read_text().splitlines()
