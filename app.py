@@ -136,7 +136,8 @@ def register_commands(app: Flask) -> None:
     from ghl.webhooks import prune_deliveries
     from portal.demo import demo_command
 
-    # GHL upkeep: housekeeping run by the scheduler holding the lock (billing.cli; billing never imports ghl).
+    # Housekeeping, run by the scheduler holding the housekeeping lock (billing.cli); composed here because
+    # billing never imports ghl.
     app.extensions[SCHEDULED_JOBS] = [
         ("ghl-refresh-tokens", refresh_expiring_tokens, GHL_JOB_SECONDS),
         ("ghl-retry-deliveries", retry_failed_deliveries, GHL_JOB_SECONDS),

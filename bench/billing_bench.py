@@ -6,7 +6,11 @@ process behind a keep-alive server, as Stripe would be elsewhere. Prints events/
 made (must equal the clients with new units: one call per client per tick), this process's peak RSS, and
 where the CPU went (this process, the fake Stripe's process, the load average) — the fake shares the cores.
 
-    .venv/bin/python bench/billing_bench.py [--events 1000000] [--clients 10000] [--agencies 100]
+    .venv/bin/python bench/billing_bench.py [--events 1000000] [--clients 10000] [--agencies 100] [--schedulers K]
+
+--schedulers K reports with K scheduler processes started together (spawned, connected, then released at
+once; their start-up is not timed), each running report_pending_units until nothing is due: the claims
+(SKIP LOCKED, leases) keep them apart, and the checks below prove every unit went once.
 
 REBILL_BENCH_POSTGRES_URL picks the server (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -27,6 +31,7 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import fields
 from pathlib import Path
 
 import psycopg
@@ -40,7 +45,7 @@ from sqlalchemy import func, select, text
 
 from app import create_app
 from billing.models import UnitReport
-from billing.reporting import report_pending_units
+from billing.reporting import ReportingResult, report_pending_units
 from billing.units import aggregate_pending_usage
 from core.database import db
 from core.encryption import secret_box
@@ -56,6 +61,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10_000)
     parser.add_argument("--agencies", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4, help="STRIPE_CONCURRENCY for the tick")
+    parser.add_argument(
+        "--schedulers", type=int, default=None,
+        help="report with this many scheduler processes at once (each runs report_pending_units until nothing "
+             "is due; claims keep them apart); default: one tick in this process",
+    )  # fmt: skip
     parser.add_argument(
         "--fake-server", choices=("asyncio", "gunicorn"), default="asyncio",
         help="what serves the fake Stripe: a minimal asyncio HTTP/1.1 keep-alive server, or gunicorn gthread",
@@ -78,16 +88,17 @@ def main() -> None:
     admin.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     try:
-        app = create_app({
+        config = {
             "REBILL_ENV": "test", "DATABASE_URL": url, "SECRET_KEY": secrets.token_urlsafe(32),
             "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(), "STRIPE_API_BASE": stripe_url,
             "STRIPE_NETWORK_ATTEMPTS": 1, "STRIPE_CONCURRENCY": args.concurrency, "REBILL_LOG_LEVEL": "WARNING",
-        })  # fmt: skip
+        }  # fmt: skip
+        app = create_app(config)
         with app.app_context():
             upgrade()
             print(f"loading {args.events:,} events for {args.clients:,} clients of {args.agencies} agencies...")
             load(url, accounts, args)
-            ok = run(stripe_url, args)
+            ok = run(stripe_url, args, config)
             db.session.remove()
             db.engine.dispose()
     finally:
@@ -292,7 +303,42 @@ def copy_rows(conn, target: str, rows) -> None:
             copy.write_row(row)
 
 
-def run(stripe_url: str, args) -> bool:
+def report_in_child(config: dict, ready, go, results) -> None:
+    """A scheduler process of --schedulers: connect, wait for the common start, report until nothing is due."""
+    app = create_app(config)
+    with app.app_context():
+        db.session.execute(text("SELECT 1"))  # connected before the clock starts
+        db.session.commit()
+        ready.put(os.getpid())
+        go.wait()
+        started, cpu = time.perf_counter(), time.process_time()
+        result = report_pending_units(budget=dt.timedelta(hours=1))  # the whole backlog: throughput
+        results.put({**vars(result), "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+                     "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
+
+
+def report_with_processes(config: dict, processes: int) -> tuple[ReportingResult, float, list[dict]]:
+    """Run ``processes`` reporting processes together; return the summed result, the wall time, and each one's."""
+    context = multiprocessing.get_context("spawn")
+    ready, results, go = context.Queue(), context.Queue(), context.Event()
+    children = [context.Process(target=report_in_child, args=(config, ready, go, results)) for _ in range(processes)]
+    for child in children:
+        child.start()
+    for _ in children:
+        ready.get(timeout=120)
+    started = time.perf_counter()
+    go.set()
+    each = [results.get(timeout=3600) for _ in children]
+    wall = time.perf_counter() - started
+    for child in children:
+        child.join(60)
+    total = ReportingResult()
+    for field in fields(ReportingResult):
+        setattr(total, field.name, sum(result[field.name] for result in each))
+    return total, wall, each
+
+
+def run(stripe_url: str, args, config: dict) -> bool:
     """Time aggregation and one reporting tick; print the figures; tell whether the call count is exact."""
     load_before = os.getloadavg()[0]
     wal_start = db.session.scalar(text("SELECT pg_current_wal_lsn()"))
@@ -309,8 +355,14 @@ def run(stripe_url: str, args) -> bool:
     fake_cpu_start = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"]
     tick, cpu_tick = time.perf_counter(), time.process_time()
     # The whole backlog in one tick: the figure is throughput (the scheduler's time budget would split it).
-    reporting = report_pending_units(budget=dt.timedelta(hours=1))
-    done, cpu_done = time.perf_counter(), time.process_time()
+    if args.schedulers:
+        reporting, wall, each = report_with_processes(config, args.schedulers)
+        tick, done = 0.0, wall
+        cpu_done = cpu_tick + sum(result["cpu"] for result in each)
+    else:
+        reporting = report_pending_units(budget=dt.timedelta(hours=1))
+        done = time.perf_counter()
+        cpu_done = time.process_time()
     fake_cpu = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"] - fake_cpu_start
     ledger = requests.get(f"{stripe_url}/_bench/ledger", timeout=60).json()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -322,8 +374,13 @@ def run(stripe_url: str, args) -> bool:
           f"WAL written (whole server) {float(wal_mb) / 2**20:,.0f} MB")
     print(f"reporting tick: {reporting.reports_sent:,} reports sent ({reporting.units_sent:,} units) in "
           f"{reporting_s:.2f} s ({reporting.reports_sent / reporting_s:,.0f} reports/s), "
-          f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}; CPU of this process "
-          f"{cpu_done - cpu_tick:.1f} s, of the fake Stripe ({args.fake_server}) {fake_cpu:.1f} s")
+          f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}; CPU of Rebill's "
+          f"process(es) {cpu_done - cpu_tick:.1f} s, of the fake Stripe ({args.fake_server}) {fake_cpu:.1f} s")
+    if args.schedulers:
+        print(f"  by {args.schedulers} scheduler process(es), each: " + "; ".join(
+            f"{r['reports_sent']:,} reports in {r['seconds']:.2f} s, CPU {r['cpu']:.1f} s, RSS {r['rss_mb']:.0f} MB"
+            for r in each
+        ))  # fmt: skip
     print(f"stripe calls: {reporting.stripe_calls:,} (the fake saw {ledger['posts']:,} POSTs, holds "
           f"{ledger['units']:,} units); clients with new units: {clients_with_units:,}")
     print(f"wall time (aggregation + tick): {aggregation_s + reporting_s:.2f} s; "
