@@ -24,7 +24,7 @@ def test_webhooks_are_counted_by_outcome_and_timed_by_status(app_context, webhoo
     db.session.commit()
     deltas = Deltas(
         received("processed"), received("duplicate"), received("unauthorized"), received("bad_request"),
-        received("other_app"), timed("200"), timed("401"), timed("400"),
+        received("other_app"), received("stale"), timed("200"), timed("401"), timed("400"),
     )  # fmt: skip
     body = encode(load_payload("outbound_message"))
     assert webhooks.post(body, signer.headers(body)).status_code == 200
@@ -32,7 +32,9 @@ def test_webhooks_are_counted_by_outcome_and_timed_by_status(app_context, webhoo
     assert webhooks.post(body, {}).status_code == 401
     assert webhooks.post(b"[1]", signer.headers(b"[1]")).status_code == 400
     assert webhooks.send(load_payload("outbound_message"), app_id="someOtherApp").status_code == 200
-    assert deltas() == [1, 1, 1, 1, 1, 3, 1, 1]
+    stale = load_payload("outbound_message") | {"timestamp": "2019-05-01T00:00:00Z"}
+    assert webhooks.send(stale).status_code == 400
+    assert deltas() == [1, 1, 1, 1, 1, 1, 3, 1, 2]
 
 
 def test_a_stored_but_failed_delivery_is_counted_failed(app_context, webhooks):
