@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -107,4 +108,14 @@ def test_the_proxy_appends_the_client_address_it_saw_to_x_forwarded_for(proxied)
     with urllib.request.urlopen(request, timeout=5) as answer:
         assert answer.status == 200
     # The app trusts one proxy (REBILL_TRUSTED_PROXIES=1): the last entry, the address nginx saw.
-    assert "203.0.113.9, 127.0.0.1 /healthz" in access_log.read_text().splitlines()
+    assert "203.0.113.9, 127.0.0.1 /healthz" in access_log_lines(access_log, containing="203.0.113.9")
+
+
+def access_log_lines(path: Path, containing: str) -> list[str]:
+    """gunicorn's access log once a line ``containing`` is in it (it is written just after the answer is sent)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = path.read_text().splitlines()
+        if any(containing in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
