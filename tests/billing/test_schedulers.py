@@ -32,7 +32,7 @@ from core.database import db, utcnow
 from core.leader_lock import LeaderLock
 from stripe_fake import FakeStripeServer, FakeStripeState
 from tests.billing.stripe_support import StripeWorld
-from tests.conftest import TEST_ENCRYPTION_KEY
+from tests.conftest import TEST_ENCRYPTION_KEY, TEST_SECRET_KEY
 from tests.metrics_support import Deltas
 
 REPO = Path(__file__).parents[2]
@@ -94,6 +94,7 @@ def start_ticks(database_url: str, stripe_url: str, count: int) -> list[subproce
         "DATABASE_URL": database_url,
         "REBILL_ENV": "test",
         "REBILL_ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        "SECRET_KEY": TEST_SECRET_KEY,
         "STRIPE_API_BASE": stripe_url,
         "STRIPE_NETWORK_ATTEMPTS": "1",
         "STRIPE_CONCURRENCY": "1",

@@ -92,7 +92,7 @@ import urllib.request
 from app import create_app
 from core.metrics import STRIPE_CALLS
 STRIPE_CALLS.labels("ok").inc(2)
-app = create_app({"REBILL_ENV": "test", "DATABASE_URL": sys.argv[1], "REBILL_METRICS_TOKEN": "t"})
+app = create_app({"REBILL_ENV": "development", "DATABASE_URL": sys.argv[1], "REBILL_METRICS_TOKEN": "t"})
 print(app.test_client().get("/metrics", headers={"Authorization": "Bearer t"}).get_data(as_text=True))
 """
 
