@@ -295,6 +295,20 @@ def backoff_delay(attempts: int) -> dt.timedelta:
 # ---- claiming -------------------------------------------------------------------------------------------
 
 
+# Claims of several schedulers take turns on PostgreSQL (a transaction-level advisory lock, held for the
+# claim's few milliseconds). The round-robin choice below ranks every due row with a window function, which
+# cannot skip rows another claim has locked: without turns, a second scheduler chose the same rows, found
+# them locked, took its empty claim for "nothing due" and stopped. Taking turns, it sees the first claim's
+# leases and chooses among the rows still due. Stripe is called after the claim commits, so schedulers
+# still send in parallel. The key is Rebill's own ("RBCL"; core.leader_lock takes "RBHK").
+CLAIM_LOCK_KEY = 0x5242434C
+
+
+def _serialise_claims() -> None:
+    if is_postgresql():
+        db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+
+
 def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
     """Lease up to CLAIM_BATCH due rows, round-robin across agencies with a working key, and commit.
 
@@ -305,6 +319,7 @@ def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
     """
     now = clock.now()
     take_write_lock()
+    _serialise_claims()
     due = (
         _REPORT.c.status == "pending",
         _REPORT.c.next_attempt_at <= clock.start,
