@@ -12,6 +12,16 @@ class BillingError(RebillError):
     """Base of every error the billing core raises on purpose."""
 
 
+class StripeAccountChangeUnconfirmed(BillingError):
+    """A key of another Stripe account or mode needs the agency's confirmation (HTTP 409); nothing was stored."""
+
+    def __init__(self, message: str, *, current: dict, new: dict, pending_units: int):
+        self.current = current
+        self.new = new
+        self.pending_units = pending_units
+        super().__init__(message)
+
+
 class StripeKeyInvalid(BillingError):
     """A pasted Stripe key was refused; ``reason`` says why in words an agency can act on (HTTP 422)."""
 

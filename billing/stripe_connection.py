@@ -10,9 +10,10 @@ import logging
 from dataclasses import asdict
 
 from flask import current_app
+from sqlalchemy import func, select
 
-from billing.errors import StripeKeyInvalid
-from billing.models import Agency
+from billing.errors import StripeAccountChangeUnconfirmed, StripeKeyInvalid
+from billing.models import Agency, UnitReport
 from billing.reporting import retry_failed_reports
 from billing.stripe_events import remove_stripe_events
 from billing.stripe_gateway import PriceInfo, StripeGateway, gateway_for, key_mode
@@ -22,8 +23,13 @@ from core.encryption import secret_box
 log = logging.getLogger("billing.stripe_connection")
 
 
-def connect_stripe_key(agency: Agency, api_key: str) -> Agency:
-    """Validate a pasted key with Stripe and store it encrypted; raise StripeKeyInvalid with the reason."""
+def connect_stripe_key(agency: Agency, api_key: str, *, confirm_account_change: bool = False) -> Agency:
+    """Validate a pasted key with Stripe and store it encrypted; raise StripeKeyInvalid with the reason.
+
+    A key of another mode (test/live) than the last one connected, or of another account while units
+    wait to be sent, is stored only with ``confirm_account_change``; otherwise StripeAccountChangeUnconfirmed
+    says what would happen.
+    """
     api_key = (api_key or "").strip()
     key_mode(api_key)  # refuses pk_/whsec_/garbage before any network call
     config = current_app.config
@@ -34,6 +40,8 @@ def connect_stripe_key(agency: Agency, api_key: str) -> Agency:
         max_network_retries=config["STRIPE_NETWORK_ATTEMPTS"] - 1,
     )
     account = gateway.validate_key()
+    if not confirm_account_change:
+        check_account_change(agency, account.account_id, account.mode)
     agency.stripe_key_ciphertext = secret_box().encrypt(api_key)
     agency.stripe_account_id = account.account_id
     agency.stripe_mode = account.mode
@@ -52,17 +60,62 @@ def connect_stripe_key(agency: Agency, api_key: str) -> Agency:
     return agency
 
 
+def check_account_change(agency: Agency, account_id: str, mode: str) -> None:
+    """Refuse, with what would happen, a key of another mode, or of another account while units are pending.
+
+    Compared with the last account connected, also after a disconnect (which keeps the account and mode),
+    so disconnecting first does not make a switch silent. Clients' customers and prices live in one
+    account and one mode: after a switch they must be edited, and units not yet in Stripe go to the new
+    account.
+    """
+    previous_account, previous_mode = agency.stripe_account_id, agency.stripe_mode
+    if previous_account is None:
+        return  # the first key of this agency
+    pending = pending_units(agency)
+    current = {"account": previous_account, "mode": previous_mode}
+    new = {"account": account_id, "mode": mode}
+    if previous_mode and mode != previous_mode:
+        message = (
+            f"This is a {mode}-mode key; Rebill has been billing in {previous_mode} mode (account "
+            f"{previous_account}). {mode.capitalize()} and {previous_mode} mode never share customers or prices: "
+            f"every client must then be edited to {mode}-mode customers and prices"
+        )
+    elif account_id != previous_account and pending:
+        message = (
+            f"This key belongs to Stripe account {account_id}, not {previous_account}, which Rebill has been "
+            "billing"
+        )
+    else:
+        return
+    if pending:
+        message += (
+            f", and the {pending} unit{'s' if pending != 1 else ''} not yet in Stripe will be sent to account "
+            f"{account_id} ({mode} mode) instead of {previous_account}"
+        )
+    message += f". Units already in Stripe stay in {previous_account}. Connect it only if that is what you want."
+    raise StripeAccountChangeUnconfirmed(message, current=current, new=new, pending_units=pending)
+
+
+def pending_units(agency: Agency) -> int:
+    """Units of this agency in the outbox that Stripe has not confirmed yet (pending or failed)."""
+    total = db.session.scalar(
+        select(func.coalesce(func.sum(UnitReport.units), 0)).where(
+            UnitReport.agency_id == agency.id, UnitReport.status != "sent"
+        )
+    )
+    return int(total)  # PostgreSQL sums a bigint as numeric
+
+
 def disconnect_stripe(agency: Agency) -> None:
     """Forget the agency's Stripe key; its unsent units wait in the outbox until a key is connected again.
 
     Within Stripe's limit: a unit whose usage is older than 35 days when the key is back fails as too old to
     send (billing.reporting), and stays visible on the client's page. The webhook endpoint Rebill registered
-    in the account is removed first, while the key can still do it.
+    in the account is removed first, while the key can still do it. The account id and mode stay, so a key
+    of another account or mode connected later is noticed (check_account_change).
     """
     remove_stripe_events(agency)
     agency.stripe_key_ciphertext = None
-    agency.stripe_account_id = None
-    agency.stripe_mode = None
     agency.stripe_key_last4 = None
     agency.stripe_key_status = "missing"
     agency.stripe_key_problem = None

@@ -19,7 +19,7 @@ from billing.agencies import find_agency
 from billing.alert_sender import AlertUrlRefused
 from billing.alerts import list_alerts, set_alert_url, thresholds_of
 from billing.clients import STRIPE_FIELDS, create_client, delete_client, get_client, list_clients, update_client
-from billing.errors import BillingError, StripeKeyInvalid
+from billing.errors import BillingError, StripeAccountChangeUnconfirmed, StripeKeyInvalid
 from billing.models import Agency, RebillClient
 from billing.periods import ClientMoney, client_money, refresh_client_period
 from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
@@ -129,6 +129,18 @@ def client_invalid(error: ClientInvalid):
     return jsonify(error=str(error) or "the client is not valid", fields=error.errors), 422
 
 
+@blueprint.errorhandler(StripeAccountChangeUnconfirmed)
+def stripe_account_change_unconfirmed(error: StripeAccountChangeUnconfirmed):
+    """Answer 409 saying what connecting the key would do; the page asks and resends with the confirmation."""
+    return jsonify(
+        error=str(error),
+        confirm="confirm_account_change",
+        current=error.current,
+        new=error.new,
+        pending_units=error.pending_units,
+    ), 409
+
+
 @blueprint.errorhandler(StripeKeyInvalid)
 def stripe_key_invalid(error: StripeKeyInvalid):
     """Answer 422 with Stripe's reason for refusing the key."""
@@ -215,7 +227,10 @@ def put_stripe_key():
     api_key = _json_body().get("api_key")
     if not isinstance(api_key, str) or not api_key.strip() or len(api_key) > MAX_STRIPE_KEY_CHARS:
         raise StripeKeyInvalid("paste a Stripe secret key (sk_…) or restricted key (rk_…)")
-    agency = connect_stripe_key(g.agency, api_key.strip())
+    confirm = _json_body().get("confirm_account_change", False)
+    if not isinstance(confirm, bool):
+        raise StripeKeyInvalid("confirm_account_change must be true or false")
+    agency = connect_stripe_key(g.agency, api_key.strip(), confirm_account_change=confirm)
     db.session.commit()
     # Committed first: the key works whatever the registration's outcome (a restricted key may lack the
     # permission; the answer's "events" says which one to add).
@@ -447,10 +462,12 @@ def _session_json(session: PortalSession) -> dict:
 
 
 def _stripe_json(agency: Agency) -> dict:
+    connected = agency.stripe_key_ciphertext is not None
     return {
-        "connected": agency.stripe_key_ciphertext is not None,
-        "account": agency.stripe_account_id,
-        "mode": agency.stripe_mode,
+        "connected": connected,
+        # A disconnected agency keeps its last account and mode (to notice a switch); they are not shown.
+        "account": agency.stripe_account_id if connected else None,
+        "mode": agency.stripe_mode if connected else None,
         "last4": agency.stripe_key_last4,
         "status": agency.stripe_key_status,
         "problem": agency.stripe_key_problem,

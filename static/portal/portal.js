@@ -183,6 +183,7 @@
       super((body && body.error) || `request failed (${status})`);
       this.status = status;
       this.fields = (body && body.fields) || {};
+      this.confirm = body && body.confirm; // a 409 names the field that confirms the change it describes
     }
   }
 
@@ -989,21 +990,30 @@
     $("#stripe-disconnect").hidden = !stripe.connected;
   }
 
-  async function connectStripe(event) {
-    event.preventDefault();
+  async function connectStripe(event, confirmed = false) {
+    if (event) event.preventDefault();
     const form = $("#stripe-form");
     clearErrors(form);
+    $("#stripe-change").hidden = true;
     const input = $("#stripe-key");
     const button = $("#stripe-connect");
     button.disabled = true;
     try {
-      const stripe = await api("PUT", "/stripe-key", { api_key: input.value.trim() });
+      const body = { api_key: input.value.trim() };
+      if (confirmed) body.confirm_account_change = true;
+      const stripe = await api("PUT", "/stripe-key", body);
       input.value = "";
       renderStripe(stripe);
       state.products = null;
       notify(`Connected to Stripe account ${stripe.account} (${stripe.mode} mode).`, "ok");
     } catch (error) {
-      showErrors(form, Object.keys(error.fields).length ? error.fields : { api_key: error.message });
+      if (error.status === 409 && error.confirm) {
+        // Another Stripe account or mode: say what connecting it would do; only the button sends it again.
+        $("#stripe-change-text").textContent = error.message;
+        $("#stripe-change").hidden = false;
+      } else {
+        showErrors(form, Object.keys(error.fields).length ? error.fields : { api_key: error.message });
+      }
     } finally {
       button.disabled = false;
     }
@@ -1117,6 +1127,8 @@
     wirePicker();
     $("#stripe-form").addEventListener("submit", connectStripe);
     $("#stripe-disconnect").addEventListener("click", disconnectStripe);
+    $("#stripe-change-confirm").addEventListener("click", () => connectStripe(null, true));
+    $("#stripe-change-cancel").addEventListener("click", () => { $("#stripe-change").hidden = true; });
     $("#api-key-form").addEventListener("submit", createApiKey);
     $("#alert-settings-form").addEventListener("submit", (event) => {
       event.preventDefault();

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from billing.agencies import ensure_agency
-from billing.errors import StripeKeyInvalid
+from billing.errors import StripeAccountChangeUnconfirmed, StripeKeyInvalid
 from billing.reporting import report_pending_units
 from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
 from billing.stripe_gateway import StripeKeyRejected, gateway_for
@@ -119,3 +119,75 @@ def test_list_prices_gives_plain_dicts_for_the_portal(world):
     }  # fmt: skip
     licensed = next(price for price in product["prices"] if price["id"] != setup.price["id"])
     assert licensed["usable"] is False and "licensed" in licensed["reason"]
+
+
+# Another account or mode ---------------------------------------------------------------------------
+
+
+def connected_with_pending_units(world, units: int = 3):
+    """An agency connected through connect_stripe_key, with ``units`` waiting in the outbox."""
+    setup = world.agency()
+    agency = world.agency_row(setup)
+    connect_stripe_key(agency, setup.agency_key)
+    if units:
+        world.report(world.client(setup), units)
+    db.session.commit()
+    return setup, agency
+
+
+def test_a_key_of_another_account_is_refused_while_units_are_pending_unless_confirmed(world, stripe_server):
+    setup, agency = connected_with_pending_units(world)
+    other_key = f"sk_test_{uuid.uuid4().hex}"
+    stripe_server.state.add_account(other_key, account_id="acct_other")
+    with pytest.raises(StripeAccountChangeUnconfirmed) as refused:
+        connect_stripe_key(agency, other_key)
+    error = refused.value
+    assert (error.current, error.new, error.pending_units) == (
+        {"account": setup.account_id, "mode": "test"}, {"account": "acct_other", "mode": "test"}, 3
+    )
+    assert "3 units not yet in Stripe will be sent to account acct_other" in str(error)
+    db.session.rollback()
+    db.session.expire_all()
+    assert agency.stripe_account_id == setup.account_id  # nothing stored
+    assert secret_box().decrypt(agency.stripe_key_ciphertext) == setup.agency_key
+
+    connect_stripe_key(agency, other_key, confirm_account_change=True)
+    db.session.commit()
+    assert agency.stripe_account_id == "acct_other"
+
+
+def test_disconnecting_first_does_not_make_an_account_switch_silent(world, stripe_server):
+    _, agency = connected_with_pending_units(world)
+    disconnect_stripe(agency)
+    db.session.commit()
+    other_key = f"sk_test_{uuid.uuid4().hex}"
+    stripe_server.state.add_account(other_key, account_id="acct_after_disconnect")
+    with pytest.raises(StripeAccountChangeUnconfirmed):
+        connect_stripe_key(agency, other_key)
+
+
+def test_another_account_without_pending_units_and_a_new_key_of_the_same_account_need_no_confirmation(
+    world, stripe_server
+):
+    setup, agency = connected_with_pending_units(world, units=0)
+    same_account = f"rk_test_{uuid.uuid4().hex}"
+    stripe_server.state.add_account(same_account, account_id=setup.account_id)
+    connect_stripe_key(agency, same_account)  # a rotated or restricted key of the same account
+    other_key = f"sk_test_{uuid.uuid4().hex}"
+    stripe_server.state.add_account(other_key, account_id="acct_fresh")
+    connect_stripe_key(agency, other_key)
+    assert agency.stripe_account_id == "acct_fresh"
+
+
+@pytest.mark.parametrize("units", [0, 2], ids=["nothing pending", "units pending"])
+def test_test_and_live_are_never_mixed_silently(world, stripe_server, units):
+    setup, agency = connected_with_pending_units(world, units=units)
+    live_key = f"sk_live_{uuid.uuid4().hex}"
+    stripe_server.state.add_account(live_key, account_id=setup.account_id)  # same account, live mode
+    mixed = "live-mode key; Rebill has been billing in test mode"
+    with pytest.raises(StripeAccountChangeUnconfirmed, match=mixed) as refused:
+        connect_stripe_key(agency, live_key)
+    assert refused.value.new == {"account": setup.account_id, "mode": "live"}
+    assert ("not yet in Stripe" in str(refused.value)) == bool(units)
+    connect_stripe_key(agency, live_key, confirm_account_change=True)
+    assert agency.stripe_mode == "live"

@@ -442,3 +442,29 @@ def test_a_handshake_answer_from_another_window_or_origin_is_ignored(embedded, h
         expect(rows).to_have_count(1)
         expect(rows.first).to_contain_text("Genuine client")
         page.screenshot(path=ARTIFACTS / f"portal-handshake-hostile-{hostile_origin}.png", full_page=True)
+
+
+def test_a_key_of_another_mode_is_connected_only_after_the_warning_is_confirmed(embedded):
+    from playwright.sync_api import expect
+
+    tenant = embedded.tenant
+    live_key = "sk_live_companybrowser00000000000"
+    embedded.fake.state.add_account(live_key, account_id="acct_companybrowser")
+    page = embedded.open_in_ghl(sso_payload("company-browser"))
+    frame = page.frame_locator("#rebill")
+    frame.get_by_role("link", name="Stripe", exact=True).click()
+    frame.locator("#stripe-key").fill(tenant.stripe_key)
+    frame.locator("#stripe-connect").click()
+    facts = frame.locator("#stripe-facts")
+    expect(facts).to_contain_text("Test")
+
+    frame.locator("#stripe-key").fill(live_key)
+    frame.locator("#stripe-connect").click()
+    warning = frame.locator("#stripe-change")
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text("live-mode key; Rebill has been billing in test mode")
+    expect(facts).to_contain_text("Test")  # nothing changed yet
+    page.screenshot(path=ARTIFACTS / "portal-stripe-mode-change-warning.png", full_page=True)
+    frame.get_by_role("button", name="Connect this key anyway").click()
+    expect(facts).to_contain_text("Live")
+    expect(warning).to_be_hidden()
