@@ -10,7 +10,7 @@ import logging
 from dataclasses import asdict
 
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from billing.errors import StripeAccountChangeUnconfirmed, StripeKeyInvalid
 from billing.models import Agency, UnitReport
@@ -65,13 +65,14 @@ def check_account_change(agency: Agency, account_id: str, mode: str) -> None:
 
     Compared with the last account connected, also after a disconnect (which keeps the account and mode),
     so disconnecting first does not make a switch silent. Clients' customers and prices live in one
-    account and one mode: after a switch they must be edited, and units not yet in Stripe go to the new
-    account.
+    account and one mode: after a switch they must be edited; units never offered to Stripe go to the new
+    account, units offered to the old one wait there for reconciliation (billing.reporting).
     """
     previous_account, previous_mode = agency.stripe_account_id, agency.stripe_mode
     if previous_account is None:
         return  # the first key of this agency
-    pending = pending_units(agency)
+    unoffered, offered = pending_units(agency)
+    pending = unoffered + offered
     current = {"account": previous_account, "mode": previous_mode}
     new = {"account": account_id, "mode": mode}
     if previous_mode and mode != previous_mode:
@@ -87,23 +88,34 @@ def check_account_change(agency: Agency, account_id: str, mode: str) -> None:
         )
     else:
         return
-    if pending:
+    if unoffered:
         message += (
-            f", and the {pending} unit{'s' if pending != 1 else ''} not yet in Stripe will be sent to account "
-            f"{account_id} ({mode} mode) instead of {previous_account}"
+            f"; the {_units(unoffered)} not yet offered to Stripe will be sent to account {account_id} "
+            f"({mode} mode) instead"
+        )
+    if offered:
+        # billing.reporting never resends a row to an account other than the one it was first offered to.
+        message += (
+            f"; the {_units(offered)} already offered to {previous_account} but not confirmed stay addressed to "
+            "it and wait for reconciliation"
         )
     message += f". Units already in Stripe stay in {previous_account}. Connect it only if that is what you want."
     raise StripeAccountChangeUnconfirmed(message, current=current, new=new, pending_units=pending)
 
 
-def pending_units(agency: Agency) -> int:
-    """Units of this agency in the outbox that Stripe has not confirmed yet (pending or failed)."""
-    total = db.session.scalar(
-        select(func.coalesce(func.sum(UnitReport.units), 0)).where(
-            UnitReport.agency_id == agency.id, UnitReport.status != "sent"
-        )
-    )
-    return int(total)  # PostgreSQL sums a bigint as numeric
+def pending_units(agency: Agency) -> tuple[int, int]:
+    """This agency's units Stripe has not confirmed: (never offered to Stripe, offered to an account)."""
+    row = db.session.execute(
+        select(
+            func.coalesce(func.sum(case((UnitReport.target_account.is_(None), UnitReport.units))), 0),
+            func.coalesce(func.sum(case((UnitReport.target_account.is_not(None), UnitReport.units))), 0),
+        ).where(UnitReport.agency_id == agency.id, UnitReport.status != "sent")
+    ).one()
+    return int(row[0]), int(row[1])  # PostgreSQL sums a bigint as numeric
+
+
+def _units(count: int) -> str:
+    return f"{count} unit{'s' if count != 1 else ''}"
 
 
 def disconnect_stripe(agency: Agency) -> None:

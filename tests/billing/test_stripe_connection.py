@@ -145,7 +145,7 @@ def test_a_key_of_another_account_is_refused_while_units_are_pending_unless_conf
     assert (error.current, error.new, error.pending_units) == (
         {"account": setup.account_id, "mode": "test"}, {"account": "acct_other", "mode": "test"}, 3
     )
-    assert "3 units not yet in Stripe will be sent to account acct_other" in str(error)
+    assert "the 3 units not yet offered to Stripe will be sent to account acct_other" in str(error)
     db.session.rollback()
     db.session.expire_all()
     assert agency.stripe_account_id == setup.account_id  # nothing stored
@@ -188,6 +188,21 @@ def test_test_and_live_are_never_mixed_silently(world, stripe_server, units):
     with pytest.raises(StripeAccountChangeUnconfirmed, match=mixed) as refused:
         connect_stripe_key(agency, live_key)
     assert refused.value.new == {"account": setup.account_id, "mode": "live"}
-    assert ("not yet in Stripe" in str(refused.value)) == bool(units)
+    assert ("not yet offered to Stripe" in str(refused.value)) == bool(units)
     connect_stripe_key(agency, live_key, confirm_account_change=True)
     assert agency.stripe_mode == "live"
+
+
+def test_units_already_offered_to_the_old_account_are_said_to_stay_addressed_to_it(world, stripe_server):
+    setup, agency = connected_with_pending_units(world, units=2)
+    [report] = world.reports()
+    report.target_account = setup.account_id  # first offered there; Stripe's answer never came
+    db.session.commit()
+    other_key = f"sk_test_{uuid.uuid4().hex}"
+    stripe_server.state.add_account(other_key, account_id="acct_other")
+    with pytest.raises(StripeAccountChangeUnconfirmed) as refused:
+        connect_stripe_key(agency, other_key)
+    assert refused.value.pending_units == 2
+    message = str(refused.value)
+    assert f"2 units already offered to {setup.account_id} but not confirmed stay addressed to it" in message
+    assert "not yet offered" not in message

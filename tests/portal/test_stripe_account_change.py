@@ -38,7 +38,7 @@ def test_another_accounts_key_needs_confirmation_while_units_are_pending(
     assert answer["confirm"] == "confirm_account_change" and answer["pending_units"] == 7
     assert answer["new"] == {"account": "acct_other", "mode": "test"}
     assert answer["current"]["account"] == "acct_companya"
-    assert "7 units not yet in Stripe will be sent to account acct_other" in answer["error"]
+    assert "7 units not yet offered to Stripe will be sent to account acct_other" in answer["error"]
     status = portal_client.get("/api/portal/stripe-key", headers=headers).get_json()
     assert (status["account"], status["last4"]) == ("acct_companya", tenant_a.stripe_key[-4:])  # unchanged
 
