@@ -281,8 +281,28 @@ def openapi_document() -> dict[str, Any]:
             "put": _operation(
                 "connectStripe",
                 "Check and store the agency's Stripe secret or restricted key (agency admins)",
-                {"200": stripe_answer, "422": _error("Stripe refused the key, or it is not a Stripe key.")},
-                body=_object({"api_key": {"type": "string", "maxLength": 255}}),
+                {
+                    "200": stripe_answer,
+                    "409": _json(
+                        "A key of another Stripe mode, or of another account while units are pending: nothing "
+                        "stored; send it again with confirm_account_change true to connect it.",
+                        _object({
+                            "error": {"type": "string"},
+                            "confirm": {"type": "string", "enum": ["confirm_account_change"]},
+                            "current": {"type": "object"},
+                            "new": {"type": "object"},
+                            "pending_units": {"type": "integer", "minimum": 0},
+                        }),
+                    ),
+                    "422": _error("Stripe refused the key, or it is not a Stripe key."),
+                },
+                body={
+                    **_object({"api_key": {"type": "string", "maxLength": 255}}),
+                    "properties": {
+                        "api_key": {"type": "string", "maxLength": 255},
+                        "confirm_account_change": {"type": "boolean"},
+                    },
+                },
             ),
             "delete": _operation(
                 "disconnectStripe", "Forget the agency's Stripe key (agency admins)", {"200": stripe_answer}
