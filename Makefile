@@ -11,7 +11,7 @@ DEMO_STRIPE_PORT ?= 12111
 # (`rebill demo` serves the fake at STRIPE_API_BASE, seeds the demo agency and keeps usage flowing).
 DEV := REBILL_ENV=development REBILL_DEMO=1 REBILL_TICK_SECONDS=10 STRIPE_API_BASE=http://127.0.0.1:$(DEMO_STRIPE_PORT) REBILL_PUBLIC_URL=http://$(HOST):$(PORT)
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean lock audit
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/billing_bench.py
 	$(BIN)/python bench/webhook_bench.py
+
+# The deployment lock: every runtime dependency pinned with its hashes, resolved from PyPI alone (this
+# machine's pip configuration ignored). Re-run after changing dependencies in pyproject.toml.
+lock: $(STAMP)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/pip-compile --quiet --generate-hashes --strip-extras \
+		--allow-unsafe --no-emit-index-url --no-emit-find-links --index-url https://pypi.org/simple \
+		--output-file requirements.txt pyproject.toml
+
+# Known vulnerabilities in the pinned requirements.txt (pip-audit; .ci/audit.py says what it could not audit).
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
