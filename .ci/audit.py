@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,11 +44,16 @@ def pip_audit(requirements: Path, service: str) -> dict[str, dict]:
 
 
 def latest_release_vulnerabilities(name: str, version: str) -> list[str] | None:
-    """Advisory ids PyPI lists for ``name`` when ``version`` is its latest release; None when it cannot say."""
+    """Advisory ids PyPI lists for ``name`` when ``version`` is its latest release; None when it cannot say.
+
+    Raises requests.ConnectionError when PyPI cannot be reached at all (the caller stops asking).
+    """
     try:
         answer = requests.get(PYPI_PROJECT.format(name=name), timeout=20)
         answer.raise_for_status()
         project = answer.json()
+    except requests.ConnectionError:
+        raise
     except (requests.RequestException, ValueError):
         return None
     if project["info"]["version"] != version:
@@ -59,25 +65,32 @@ def main() -> int:
     """Audit, print a summary, return the exit status."""
     found: dict[str, list[str]] = {}
     audited: set[str] = set()
-    pins: dict[str, str] = {}
+    by_source = {"pip-audit pypi": 0, "pip-audit osv": 0, "PyPI latest-release data": 0}
+    pins = pinned(LOCK)
     for service in ("pypi", "osv"):
         for name, dependency in pip_audit(LOCK, service).items():
-            pins.setdefault(name, dependency.get("version") or _skipped_version(dependency))
             if "skip_reason" in dependency or name in audited:
                 continue
             audited.add(name)
+            by_source[f"pip-audit {service}"] += 1
             found[name] = [vulnerability["id"] for vulnerability in dependency.get("vulns", [])]
     for name, version in pins.items():
-        if name not in audited and version:
-            ids = latest_release_vulnerabilities(name, version)
+        if name not in audited:
+            try:
+                ids = latest_release_vulnerabilities(name, version)
+            except requests.ConnectionError as error:
+                print(f"PyPI unreachable: {type(error).__name__}", file=sys.stderr)
+                break
             if ids is not None:
                 audited.add(name)
+                by_source["PyPI latest-release data"] += 1
                 found[name] = ids
     vulnerable = {name: ids for name, ids in found.items() if ids}
     unaudited = sorted(set(pins) - audited)
     for name, ids in sorted(vulnerable.items()):
         print(f"VULNERABLE {name}=={pins[name]}: {', '.join(ids)}")
-    print(f"pip-audit: {len(audited)} of {len(pins)} pinned packages audited, {len(vulnerable)} vulnerable")
+    sources = ", ".join(f"{count} by {source}" for source, count in by_source.items())
+    print(f"pip-audit: {len(audited)} of {len(pins)} pinned packages audited ({sources}), {len(vulnerable)} vulnerable")
     if unaudited:
         print(
             f"pip-audit: NOT AUDITED (no advisory source answered for the pinned release): {', '.join(unaudited)}",
@@ -93,10 +106,14 @@ def main() -> int:
     return 0
 
 
-def _skipped_version(dependency: dict) -> str | None:
-    """pip-audit names a skipped package's version only inside its skip reason: ``… (1.2.3)``."""
-    reason = dependency.get("skip_reason", "")
-    return reason.rsplit("(", 1)[-1].rstrip(")") if reason.endswith(")") else None
+def pinned(requirements: Path) -> dict[str, str]:
+    """The ``name==version`` pins of a pip-compile file, by the lower-case name pip-audit reports."""
+    pins = {}
+    for line in requirements.read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9._-]+)==([^\s;\\]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
 
 
 if __name__ == "__main__":
