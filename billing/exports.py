@@ -35,9 +35,10 @@ BATCH = 1000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def export_rows(client: RebillClient, start: dt.datetime, end: dt.datetime, *, with_errors: bool) -> Iterator[list]:
+def export_rows(client: RebillClient, start: dt.datetime, end: dt.datetime, *, for_agency: bool) -> Iterator[list]:
     """Yield the header, then the client's usage events (by occurrence) and unit reports (by their Stripe
-    timestamp) in [start, end). ``with_errors`` False leaves out Stripe's raw error text."""
+    timestamp) in [start, end). ``for_agency`` False (the agency's customer) leaves out the report
+    identifiers and Stripe's raw error texts."""
     yield list(EXPORT_COLUMNS)
     events = (
         select(UsageEvent)
@@ -84,10 +85,10 @@ def export_rows(client: RebillClient, start: dt.datetime, end: dt.datetime, *, w
             "",
             "",
             report.units,
-            report.identifier,
+            report.identifier if for_agency else "",
             report.status,
             _iso(report.sent_at),
-            _text(report.last_error or "") if with_errors else "",
+            _text(report.last_error or "") if for_agency else "",
         ]
 
 

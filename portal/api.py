@@ -92,10 +92,11 @@ def _allowed_if(permitted: Callable[[PortalSession], bool], reason: str):
 billing_admin = _allowed_if(
     lambda session: session.can_manage_billing, "only agency admins can change billing settings"
 )
-# A subaccount user is the agency's customer: the agency's Stripe account, prices and API keys are not theirs.
+# A subaccount user is the agency's customer, and an agency user who is not an admin sees one subaccount as
+# its customer does: the agency's Stripe account, prices and API keys are not theirs.
 agency_user = _allowed_if(
     lambda session: session.sees_agency_settings,
-    "only agency users can see the agency's Stripe connection, prices and API keys",
+    "only agency admins can see the agency's Stripe connection, prices and API keys",
 )
 
 
@@ -523,7 +524,7 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], 
 
 
 def _as_viewer_sees(clients: list[dict]) -> list[dict]:
-    """Return clients' JSON as is for agency users; for subaccount users with names instead of Stripe ids."""
+    """Return clients' JSON as is for agency admins; for anyone else with names instead of Stripe ids."""
     if g.portal_session.sees_agency_settings:
         return clients
     return [client_for_customer(client) for client in clients]

@@ -56,7 +56,7 @@ def export_csv(client_id: int):
     """Stream a client's usage events and unit reports from ``from`` to ``to`` (dates, both included) as CSV."""
     client = _visible_client(client_id)
     start, end = _date_range(request.args.get("from"), request.args.get("to"))
-    rows = export_rows(client, start, end, with_errors=g.portal_session.sees_agency_settings)
+    rows = export_rows(client, start, end, for_agency=g.portal_session.sees_agency_settings)
     name = f"rebill-client-{client.id}-{start:%Y-%m-%d}-to-{(end - dt.timedelta(days=1)):%Y-%m-%d}.csv"
     return Response(
         stream_with_context(_csv_lines(rows)),

@@ -86,9 +86,12 @@ class PortalSession:
     def sees_agency_settings(self) -> bool:
         """Tell whether this user may read the agency's own settings (Stripe account, prices, API keys).
 
-        Agency users only: a subaccount user is the agency's customer and sees their subaccount only.
+        Agency admins only. A subaccount user is the agency's customer; an agency user who is not an admin
+        is limited to the subaccount open in GHL (README: Security) and sees it as its customer does, with
+        no agency-wide settings or Stripe ids. An admin of an agency that installed Rebill only in some
+        subaccounts is limited to one too, but sets the agency's Stripe connection, so reads it.
         """
-        return self.user_type == "agency"
+        return self.can_manage_billing
 
 
 def open_session(user: SsoUser) -> PortalSession:

@@ -71,3 +71,16 @@ def test_agency_admins_still_see_every_subaccount(portal_client, tenant_a, two_s
     admin = sign_in(portal_client, "company-a", location=tenant_a.location_id)
     listed = portal_client.get("/api/portal/clients", headers=admin).get_json()["clients"]
     assert sorted(row["nickname"] for row in listed) == ["Acme", "first", "second"]
+
+
+def test_a_non_admin_agency_user_scoped_to_one_subaccount_cannot_read_agency_settings(portal_client, tenant_a):
+    admin = sign_in(portal_client, "company-a")
+    assert portal_client.post("/api/portal/api-keys", json={"name": "prod"}, headers=admin).status_code == 201
+    # Item 8: agency users who are not admins see one subaccount at a time...
+    user = sign_in(portal_client, "company-a", role="user", location=tenant_a.location_id)
+    # ...so the whole agency's API keys, Stripe account, price list and customers are not theirs.
+    for path in ("/api/portal/api-keys", "/api/portal/stripe-key", "/api/portal/prices", "/api/portal/customers"):
+        answer = portal_client.get(path, headers=user)
+        assert answer.status_code == 403, (path, answer.get_json())
+    assert portal_client.get("/api/portal/me", headers=user).get_json()["session"]["sees_agency_settings"] is False
+    assert portal_client.get("/api/portal/api-keys", headers=admin).status_code == 200

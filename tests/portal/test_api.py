@@ -228,10 +228,13 @@ def test_non_admins_read_but_cannot_change_billing_settings(portal_app, portal_c
         assert answer.status_code == 403, (method, path)
         assert "admin" in answer.get_json()["error"]
 
-    for path in ("/api/portal/clients", f"/api/portal/clients/{created['id']}", "/api/portal/stripe-key",
-                 f"/api/portal/clients/{created['id']}/usage", "/api/portal/api-keys", "/api/portal/prices",
-                 "/api/portal/subaccounts", "/api/portal/unmapped-usage"):
+    for path in ("/api/portal/clients", f"/api/portal/clients/{created['id']}",
+                 f"/api/portal/clients/{created['id']}/usage", "/api/portal/subaccounts",
+                 "/api/portal/unmapped-usage"):
         assert portal_client.get(path, headers=user).status_code == 200, path
+    # Scoped to one subaccount, they see it as its customer does: the agency's settings are not theirs.
+    for path in ("/api/portal/stripe-key", "/api/portal/api-keys", "/api/portal/prices"):
+        assert portal_client.get(path, headers=user).status_code == 403, path
     with portal_app.app_context():
         client_row = db.session.get(RebillClient, created["id"])
         assert (client_row.status, client_row.deleted_at) == ("active", None)
@@ -255,7 +258,7 @@ def test_a_subaccount_user_sees_their_subaccount_but_not_the_agencys_own_setting
     for path in ("/api/portal/stripe-key", "/api/portal/prices", "/api/portal/api-keys"):
         answer = portal_client.get(path, headers=subaccount_user)
         assert answer.status_code == 403, path
-        assert "agency users" in answer.get_json()["error"]
+        assert "agency admins" in answer.get_json()["error"]
     listed = portal_client.get("/api/portal/clients", headers=subaccount_user).get_json()["clients"]
     assert [row["id"] for row in listed] == [own["id"]]
     assert portal_client.get(f"/api/portal/clients/{own['id']}/usage", headers=subaccount_user).status_code == 200

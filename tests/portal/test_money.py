@@ -352,7 +352,7 @@ def test_customer_search_is_for_agency_users_with_a_connected_stripe(portal_clie
     sub_user = sign_in(portal_client, "company-a", user_type="location", role="user", location=tenant_a.location_id)
     assert portal_client.get("/api/portal/customers?q=acme", headers=sub_user).status_code == 403
     reader = sign_in(portal_client, "company-a", role="user", location=tenant_a.location_id)  # item 8: inside one
-    assert portal_client.get("/api/portal/customers?q=acme", headers=reader).status_code == 200
+    assert portal_client.get("/api/portal/customers?q=acme", headers=reader).status_code == 403  # sees it as sub_user
     too_long = portal_client.get("/api/portal/customers", query_string={"q": "x" * 201}, headers=headers)
     assert too_long.status_code == 400 and too_long.get_json()["error"]
 
@@ -543,6 +543,33 @@ def test_a_subaccount_user_exports_without_stripes_raw_errors(portal_app, portal
 
     assert answer.status_code == 200
     assert "cus_x" not in answer.get_data(as_text=True)
+
+
+def test_a_subaccount_users_csv_export_has_no_report_identifiers(portal_app, portal_client, admin, tenant_a):
+    connect(portal_client, admin, tenant_a)
+    created = portal_client.post("/api/portal/clients", headers=admin, json={
+        "nickname": "Sub", "provider": "ghl", "location_id": tenant_a.location_id,
+        "stripe_product_id": tenant_a.product_id, "stripe_price_id": tenant_a.price_id,
+        "stripe_customer_id": tenant_a.customer_id, "charge_by": "messages", "billing_unit": 1})  # fmt: skip
+    assert created.status_code == 201, created.get_json()
+    client_id = created.get_json()["id"]
+    with portal_app.app_context():
+        client = db.session.get(RebillClient, client_id)
+        now = dt.datetime.now(dt.UTC)
+        report = UnitReport(client_id=client.id, agency_id=client.agency_id, units=1,
+                            identifier="rebill-secret-ident-1", usage_timestamp=now, status="sent",
+                            sent_at=now, created_at=now)  # fmt: skip
+        db.session.add(report)
+        db.session.commit()
+    user = sign_in(portal_client, "company-a", role="user", user_type="location", location=tenant_a.location_id)
+    usage = portal_client.get(f"/api/portal/clients/{client_id}/usage", headers=user).get_json()
+    assert "rebill-secret-ident-1" not in str(usage)  # /usage hides it (customer_view.usage_for_customer)
+    answer = portal_client.get(f"/api/portal/clients/{client_id}/export.csv", headers=user)
+    assert answer.status_code == 200
+    rows = list(csv.reader(io.StringIO(answer.get_data(as_text=True))))
+    assert "rebill-secret-ident-1" not in str(rows), "README: subaccount users never see report identifiers"
+    agency_rows = portal_client.get(f"/api/portal/clients/{client_id}/export.csv", headers=admin)
+    assert "rebill-secret-ident-1" in agency_rows.get_data(as_text=True)  # the agency admin still sees it
 
 
 @pytest.mark.parametrize(
