@@ -36,7 +36,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def export_rows(client: RebillClient, start: dt.datetime, end: dt.datetime, *, for_agency: bool) -> Iterator[list]:
-    """Yield the header, then the client's usage events (by occurrence) and unit reports (by their Stripe
+    """Yield the header, then the client's usage events (by occurrence) and unit reports (by their usage
     timestamp) in [start, end). ``for_agency`` False (the agency's customer) leaves out the report
     identifiers and Stripe's raw error texts."""
     yield list(EXPORT_COLUMNS)
