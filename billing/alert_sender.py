@@ -81,10 +81,14 @@ class AlertSender:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         allow_private: bool = False,
         resolver: Resolver = resolve_host,
+        ca_certs: str | None = None,
     ):
         self._timeout = timeout
         self._allow_private = allow_private
         self._resolver = resolver
+        # The CA bundle receivers' certificates must chain to: certifi's (via requests) unless a test trusts
+        # its own CA; verification itself is never optional.
+        self._ca_certs = ca_certs or ca_bundle()
 
     def checked_address(self, url: str) -> str:
         """Resolve the URL's host and return the one address to connect to; raise AlertUrlRefused."""
@@ -114,7 +118,7 @@ class AlertSender:
             return SendResult(None, str(error))
         with requests.Session() as session:
             session.trust_env = False  # no proxy or netrc from the environment
-            session.mount("https://", _PinnedAdapter(address))
+            session.mount("https://", _PinnedAdapter(address, self._ca_certs))
             try:
                 response = session.post(
                     url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
@@ -127,8 +131,9 @@ class AlertSender:
 class _PinnedAdapter(HTTPAdapter):
     """Connect to a checked IP address while TLS (SNI and certificate) and Host use the URL's host name."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, ca_certs: str | None = None):
         self._address = address
+        self._ca_certs = ca_certs or ca_bundle()
         self._pools: list[urllib3.HTTPSConnectionPool] = []
         super().__init__(max_retries=0)
 
@@ -146,11 +151,18 @@ class _PinnedAdapter(HTTPAdapter):
             server_hostname=parts.hostname,
             assert_hostname=parts.hostname,
             cert_reqs="CERT_REQUIRED",
-            ca_certs=ca_bundle(),
+            ca_certs=self._ca_certs,
             retries=False,
         )
         self._pools.append(pool)
         return pool
+
+    def cert_verify(self, conn, url, verify, cert) -> None:
+        # requests would set the pool's verification from the `verify` argument (its default CA bundle, or
+        # none at all for verify=False), overwriting what _pool chose: verification here is not negotiable.
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = self._ca_certs
+        conn.ca_cert_dir = None
 
     def close(self) -> None:
         for pool in self._pools:
