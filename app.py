@@ -26,7 +26,7 @@ log = logging.getLogger("rebill")
 
 # Token refresh looks an hour ahead (ghl.jobs.REFRESH_AHEAD), so every 10 minutes is plenty.
 GHL_JOB_SECONDS = 600
-# Webhook deliveries are kept for days (ghl.webhooks.DELIVERY_RETENTION); pruning hourly keeps each run small.
+# Webhook deliveries are kept for days (ghl.deliveries.DELIVERY_RETENTION); pruning hourly keeps each run small.
 GHL_PRUNE_SECONDS = 3600
 # The first retry of an alert delivery is due 30 s after a failure (billing.alerts.FIRST_BACKOFF).
 ALERT_DELIVERY_SECONDS = 15
@@ -132,8 +132,8 @@ def register_commands(app: Flask) -> None:
     from capri.cli import api_key_cli
     from core.cli import rotate_keys_command
     from ghl.cli import ghl_cli
+    from ghl.deliveries import prune_deliveries
     from ghl.jobs import refresh_expiring_tokens, retry_failed_deliveries
-    from ghl.webhooks import prune_deliveries
     from portal.demo import demo_command
 
     # Housekeeping, run by the scheduler holding the housekeeping lock (billing.cli); composed here because

@@ -23,17 +23,17 @@ import datetime as dt
 import json
 import logging
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 import stripe
-from sqlalchemy import or_, select, update
+from sqlalchemy import Row, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
 from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
 from billing.units import set_client_status, take_write_lock
 from core.database import db, utcnow
+from core.delivery_log import DeliveryLog, ReplaySummary
 from core.encryption import SecretUnreadable, secret_box
 
 log = logging.getLogger("billing.stripe_events")
@@ -48,9 +48,6 @@ WEBHOOK_PATH = "/webhooks/stripe/"
 # stripe-python's default: a signature older than 5 minutes is refused (replay protection).
 SIGNATURE_TOLERANCE_SECONDS = 300
 EVENT_ID_MAX_LENGTH = 255
-ERROR_MAX_LENGTH = 2000
-# A "received" event older than this was abandoned by a dead worker; replay picks it up.
-STALE_AFTER = dt.timedelta(minutes=5)
 FAILED_EVENT_MAX_ATTEMPTS = 5
 # What the agency must add to a restricted key (Stripe dashboard: Developers → API keys → edit the key).
 WEBHOOK_PERMISSION_HINT = (
@@ -208,32 +205,20 @@ def store_event(agency_id: int, event: dict[str, Any], body: str) -> int | None:
 
 
 def process_event(event_row_id: int, *, force: bool = False) -> str:
-    """Apply a stored event in its own transaction and record the outcome; commits, never raises.
+    """Apply a stored event in its own transaction and record the outcome (core.delivery_log); commits,
+    never raises for the handler's failures: processed, ignored, failed (error kept, replayable), duplicate
+    (another run recorded it first) or received (not even the failure could be written)."""
+    return EVENT_LOG.process(event_row_id, force=force)
 
-    Returns processed, ignored, failed (error kept, replayable), duplicate (another run recorded it first)
-    or received (not even the failure could be written). Handlers are idempotent.
-    """
-    row = db.session.get(StripeEvent, event_row_id)
-    if row is None:
-        return "duplicate"
-    agency_id, body = row.agency_id, row.body
-    try:
-        note = handle_event(db.session.get(Agency, agency_id), json.loads(body))
-        status = "processed" if note is None else "ignored"
-        pending = ["received", "failed"] + (["processed", "ignored"] if force else [])
-        recorded = db.session.execute(
-            update(StripeEvent)
-            .where(StripeEvent.id == event_row_id, StripeEvent.status.in_(pending))
-            .values(status=status, error=note, attempts=StripeEvent.attempts + 1, processed_at=utcnow())
-        ).rowcount
-        if not recorded:
-            db.session.rollback()
-            return "duplicate"
-        db.session.commit()
-        return status
-    except Exception as error:  # recorded on the event, which stays replayable
-        db.session.rollback()
-        return _record_failure(event_row_id, error)
+
+def _handle_stored(event: Row) -> str | None:
+    return handle_event(db.session.get(Agency, event.agency_id), json.loads(event.body))
+
+
+# Stored events: processed, replayed and their failures recorded as every delivery log's (core.delivery_log).
+EVENT_LOG = DeliveryLog(
+    StripeEvent, _handle_stored, columns=(StripeEvent.agency_id, StripeEvent.body), name="stripe event", log=log
+)
 
 
 def handle_event(agency: Agency, event: dict[str, Any]) -> str | None:
@@ -350,64 +335,6 @@ def _id_of(value: Any) -> str | None:
 # ---- replay -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ReplaySummary:
-    """What a replay run did."""
-
-    replayed: int = 0
-    processed: int = 0
-    ignored: int = 0
-    failed: int = 0
-
-
-def replay_events(
-    *, failed_only: bool = False, event_row_id: int | None = None, max_attempts: int | None = None
-) -> ReplaySummary:
-    """Process stored events again: one by row id (whatever its status), the failed ones, or every one not
-    processed (failed, or received and abandoned longer than STALE_AFTER). Commits per event."""
-    query = select(StripeEvent.id).order_by(StripeEvent.id)
-    if event_row_id is not None:
-        query = query.where(StripeEvent.id == event_row_id)
-    elif failed_only:
-        query = query.where(StripeEvent.status == "failed")
-    else:
-        stale = utcnow() - STALE_AFTER
-        query = query.where(
-            or_(
-                StripeEvent.status == "failed",
-                (StripeEvent.status == "received") & (StripeEvent.received_at < stale),
-            )
-        )
-    if max_attempts is not None:
-        query = query.where(StripeEvent.attempts < max_attempts)
-    ids = db.session.scalars(query).all()
-    db.session.rollback()
-    summary = ReplaySummary()
-    for row_id in ids:
-        status = process_event(row_id, force=event_row_id is not None)
-        summary.replayed += 1
-        if status in ("processed", "ignored", "failed"):
-            setattr(summary, status, getattr(summary, status) + 1)
-    return summary
-
-
 def retry_failed_events() -> ReplaySummary:
     """The scheduler's job: replay failed (and abandoned) events, each at most FAILED_EVENT_MAX_ATTEMPTS times."""
-    return replay_events(max_attempts=FAILED_EVENT_MAX_ATTEMPTS)
-
-
-def _record_failure(event_row_id: int, error: Exception) -> str:
-    message = f"{type(error).__name__}: {getattr(error, 'reason', error)}"[:ERROR_MAX_LENGTH]
-    log.warning("stripe event processing failed", extra={"fields": {"event": event_row_id, "error": message}})
-    try:
-        db.session.execute(
-            update(StripeEvent)
-            .where(StripeEvent.id == event_row_id, StripeEvent.status != "processed")
-            .values(status="failed", error=message, attempts=StripeEvent.attempts + 1)
-        )
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        log.error("cannot record a stripe event failure", extra={"fields": {"event": event_row_id}})
-        return "received"
-    return "failed"
+    return EVENT_LOG.replay(max_attempts=FAILED_EVENT_MAX_ATTEMPTS)

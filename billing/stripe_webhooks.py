@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import logging
 
-import click
 from flask import Blueprint, jsonify, request
 from flask.cli import AppGroup
 from sqlalchemy.exc import SQLAlchemyError
 
 from billing.stripe_events import (
+    EVENT_LOG,
     StripeEventInvalid,
     find_endpoint,
     process_event,
     read_event,
-    replay_events,
     store_event,
     verify_signature,
 )
 from core.database import db
+from core.delivery_log import replay_command
 
 log = logging.getLogger("billing.stripe_webhooks")
 
@@ -61,14 +61,10 @@ def receive_stripe_event(route_id: str):
 stripe_events_cli = AppGroup("stripe-events", help="Stripe events of the agencies' accounts.")
 
 
-@stripe_events_cli.command("replay")
-@click.option("--failed", "failed_only", is_flag=True, help="Only events whose processing failed.")
-@click.option("--id", "event_row_id", type=int, help="Only this stored event (whatever its status).")
-def replay_command(failed_only: bool, event_row_id: int | None):
-    """Process stored Stripe events again (default: every one not processed)."""
-    summary = replay_events(failed_only=failed_only, event_row_id=event_row_id)
-    if event_row_id is not None and summary.replayed == 0:
-        raise click.ClickException(f"no stored Stripe event with id {event_row_id}")
-    click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
-    if summary.failed:
-        raise SystemExit(1)
+stripe_events_cli.add_command(
+    replay_command(
+        EVENT_LOG.replay,
+        noun="stored Stripe event",
+        help="Process stored Stripe events again (default: every one not processed).",
+    )
+)

@@ -8,25 +8,22 @@ import click
 from flask.cli import AppGroup
 
 from core.database import db
+from core.delivery_log import replay_command
 from ghl.client import GhlError
+from ghl.deliveries import DELIVERY_RETENTION, prune_deliveries, replay_deliveries
 from ghl.installs import sync_installed_locations
 from ghl.jobs import refresh_expiring_tokens
-from ghl.webhooks import DELIVERY_RETENTION, prune_deliveries, replay_deliveries
 
 ghl_cli = AppGroup("ghl", help="GoHighLevel integration: webhook replay, tokens, subaccounts.")
 
 
-@ghl_cli.command("replay")
-@click.option("--failed", "failed_only", is_flag=True, help="Only deliveries whose processing failed.")
-@click.option("--id", "delivery_id", type=int, help="Only this delivery (whatever its status).")
-def replay_command(failed_only: bool, delivery_id: int | None):
-    """Process stored GHL webhook deliveries again (default: every one not processed)."""
-    summary = replay_deliveries(failed_only=failed_only, delivery_id=delivery_id)
-    if delivery_id is not None and summary.replayed == 0:
-        raise click.ClickException(f"no webhook delivery with id {delivery_id}")
-    click.echo(" ".join(f"{name}={value}" for name, value in vars(summary).items()))
-    if summary.failed:
-        raise SystemExit(1)
+ghl_cli.add_command(
+    replay_command(
+        replay_deliveries,
+        noun="webhook delivery",
+        help="Process stored GHL webhook deliveries again (default: every one not processed).",
+    )
+)
 
 
 @ghl_cli.command("prune-deliveries")

@@ -13,10 +13,11 @@ from sqlalchemy import select
 
 from billing.models import Agency
 from core.database import db, utcnow
+from core.delivery_log import ReplaySummary
 from ghl.client import GhlClient, GhlError, ghl_client
+from ghl.deliveries import replay_deliveries
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlToken
 from ghl.tokens import ReauthRequired, StoredCredentials, has_usable_token, refresh_access_token, save_grant
-from ghl.webhooks import ReplaySummary, replay_deliveries
 
 log = logging.getLogger("ghl.jobs")
 

@@ -14,10 +14,10 @@ from billing.cli import SCHEDULED_JOBS
 from billing.models import UsageEvent
 from core.config import ConfigError
 from core.database import db, utcnow
+from ghl.deliveries import DELIVERY_MAX_AGE, DELIVERY_MAX_AHEAD, DELIVERY_RETENTION, prune_deliveries
 from ghl.installs import is_agency_installed
 from ghl.locations import upsert_location
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlWebhookDelivery
-from ghl.webhooks import DELIVERY_MAX_AGE, DELIVERY_MAX_AHEAD, DELIVERY_RETENTION, prune_deliveries
 from tests.conftest import drop_connections
 from tests.ghl.fake_ghl import (
     APP_ID,
