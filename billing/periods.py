@@ -330,34 +330,55 @@ def _refresh_agency(agency_id: int, client_ids: list[int], deadline: float) -> i
 
 
 def _read_period(gateway: StripeGateway, client: RebillClient) -> tuple[dict, str | None]:
-    """Ask Stripe for the client's period, price terms and names; return the cache values and a problem."""
+    """Ask Stripe for the client's period, price terms and names; return the cache values and a problem.
+
+    A read Stripe refuses (an unknown customer or price, any other 4xx, a permission the restricted key
+    lacks) becomes the client's problem, shown as its ``billing_problem``: the client itself is saved and
+    valid. Only Stripe being unreachable or refusing the key outright (401) propagates, and the caller
+    leaves the cache as it was.
+    """
     values: dict = {"period_start": None, "period_end": None, "price_terms": None}
     problems = []
     try:
-        name = gateway.customer_name(client.stripe_customer_id)
-        values["customer_name"] = name
-    except StripeRequestRejected as error:
-        if error.code != "resource_missing":
+        values["customer_name"] = gateway.customer_name(client.stripe_customer_id)
+    except (StripeRequestRejected, StripeKeyRejected) as error:
+        if _key_refused(error):
             raise
-        problems.append(f"Stripe has no customer {client.stripe_customer_id}: pick the right customer")
+        if getattr(error, "code", None) == "resource_missing":
+            problems.append(f"Stripe has no customer {client.stripe_customer_id}: pick the right customer")
+        else:
+            problems.append(f"Stripe refused to read the customer {client.stripe_customer_id}: {error.reason}")
     try:
         info = gateway.read_price_terms(client.stripe_price_id)
         values.update(product_name=info.product_name, price_name=info.price_name)
         values["price_terms"] = info.terms.to_json() if info.terms else None
         if info.problem:
             problems.append(info.problem)
-    except StripeRequestRejected as error:
+    except (StripeRequestRejected, StripeKeyRejected) as error:
+        if _key_refused(error):
+            raise
         problems.append(f"Stripe cannot read the client's price {client.stripe_price_id}: {error.reason}")
     if not problems:
-        period = gateway.subscription_period(client.stripe_customer_id, client.stripe_price_id)
-        if period is None:
-            problems.append(
-                "the customer has no active subscription with this price, so Stripe bills these units on no "
-                "invoice: subscribe the customer to the price in Stripe"
-            )
+        try:
+            period = gateway.subscription_period(client.stripe_customer_id, client.stripe_price_id)
+        except (StripeRequestRejected, StripeKeyRejected) as error:
+            if _key_refused(error):
+                raise
+            problems.append(f"Stripe refused to read the customer's subscriptions: {error.reason}")
         else:
-            values["period_start"], values["period_end"] = period.start, period.end
+            if period is None:
+                problems.append(
+                    "the customer has no active subscription with this price, so Stripe bills these units on no "
+                    "invoice: subscribe the customer to the price in Stripe"
+                )
+            else:
+                values["period_start"], values["period_end"] = period.start, period.end
     return values, "; ".join(problems) or None
+
+
+def _key_refused(error: StripeRequestRejected | StripeKeyRejected) -> bool:
+    """Tell a refused key (401), which stops every read and says nothing about the client, from a refused read."""
+    return isinstance(error, StripeKeyRejected) and not error.permission_missing
 
 
 def _store_period(client: RebillClient, values: dict, problem: str | None) -> ClientPeriod:

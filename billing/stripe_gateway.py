@@ -61,7 +61,15 @@ class StripeUnavailable(StripeGatewayError):
 
 
 class StripeKeyRejected(StripeGatewayError):
-    """Stripe refused the agency's key (401) or a permission of it (403): the agency must fix the key."""
+    """Stripe refused the agency's key (401) or a permission of it (403): the agency must fix the key.
+
+    ``permission_missing``: a 403, so the key works and only this kind of request is refused (a restricted
+    key without that permission); other requests with the key may still succeed.
+    """
+
+    def __init__(self, reason: str, stripe_message: str | None = None, *, permission_missing: bool = False):
+        super().__init__(reason, stripe_message)
+        self.permission_missing = permission_missing
 
 
 class StripeRequestRejected(StripeGatewayError):
@@ -656,7 +664,9 @@ def translate_stripe_errors() -> Iterator[None]:
     except stripe.AuthenticationError as error:
         raise StripeKeyRejected(f"Stripe rejected the API key (401): {_message(error)}") from None
     except stripe.PermissionError as error:
-        raise StripeKeyRejected(_permission_reason(error), stripe_message=_message(error)) from None
+        raise StripeKeyRejected(
+            _permission_reason(error), stripe_message=_message(error), permission_missing=True
+        ) from None
     except stripe.RateLimitError as error:
         # A plain 429 is not retried by the SDK (docs/stripe.md §3.4); the next tick retries with backoff.
         raise StripeUnavailable(f"Stripe rate limit (429): {_message(error)}") from None

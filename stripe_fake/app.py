@@ -43,7 +43,9 @@ METER_EVENT_MAX_AHEAD = 5 * 60
 LEGACY_USAGE_REMOVED_IN = "2025-03-31"
 LAST_LEGACY_VERSION = "2025-02-24.acacia"  # builders act as a pre-basil client so tests can seed legacy prices
 DEFAULT_API_VERSION = "2026-10-28.endive"  # what stripe-python 16.1.0 sends
-FAULTS = ("rate_limit", "server_error", "timeout", "accept_then_drop", "accept_then_500", "revoke_key")
+FAULTS = (
+    "rate_limit", "server_error", "timeout", "accept_then_drop", "accept_then_500", "revoke_key", "bad_request",
+)
 # Meter-event identifiers are unique "within a rolling period of at least 24 hours"
 # (https://docs.stripe.com/api/billing/meter-event/create): the fake forgets them after exactly that.
 IDENTIFIER_TTL = 24 * 3600
@@ -414,7 +416,8 @@ class FakeStripeState:
         """Queue a fault for the next `times` matching requests (str = path prefix, compiled regex = search).
 
         ``after`` lets that many matching requests through first. ``revoke_key`` answers 401 and removes the
-        request's key for good, as when the agency rolls its key in the Dashboard.
+        request's key for good, as when the agency rolls its key in the Dashboard. ``bad_request`` answers 400
+        invalid_request_error with code ``parameter_unknown`` (a refusal that is not "no such object").
         """
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
@@ -666,6 +669,10 @@ class FakeStripeState:
         if fault.fault == "revoke_key":
             self._keys.pop(api_key, None)
             self._authenticate(api_key)
+        if fault.fault == "bad_request":
+            # A 400 invalid_request_error whose code is not resource_missing: Stripe refuses the request itself.
+            raise StripeFakeError(400, "Received unknown parameter: expand[0] (injected by the fake).",
+                                  code="parameter_unknown", param="expand[0]", headers=fault.headers)
         if fault.fault == "rate_limit":
             # Real 429 bodies carry code rate_limit; the SDK maps any 429 to RateLimitError.
             raise StripeFakeError(429, "Request rate limit exceeded. Learn more about rate limits here "

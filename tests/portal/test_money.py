@@ -232,6 +232,55 @@ def test_a_customer_without_a_subscription_is_failing_on_the_calendar_month(
     assert "no active subscription" in shown["billing_problem"]
 
 
+@pytest.mark.parametrize(
+    ("refused", "problem"),
+    [
+        # The save reads the customer once (customer_exists); the period read that follows is refused.
+        ({"path": "/v1/customers/", "after": 1}, "Stripe refused to read the customer"),
+        ({"path": "/v1/subscriptions"}, "Stripe refused to read the customer's subscriptions"),
+    ],
+)
+def test_a_saved_client_is_answered_saved_when_stripe_refuses_the_period_read(
+    portal_app, portal_client, admin, tenant_a, fake_stripe, refused, problem
+):
+    fake_stripe.state.inject(refused["path"], "bad_request", method="GET", after=refused.get("after", 0))
+
+    answer = portal_client.post("/api/portal/clients", json=client_fields(tenant_a), headers=admin)
+
+    assert answer.status_code == 201, answer.get_json()
+    created = answer.get_json()
+    assert created["billing_state"] == "failing"
+    assert problem in created["billing_problem"] and "parameter_unknown" not in created["billing_problem"]
+    with portal_app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(RebillClient)) == 1
+    # Edits that re-read the period are answered as saved too.
+    fake_stripe.state.inject(refused["path"], "bad_request", method="GET", after=refused.get("after", 0))
+    other = fake_stripe.state.create_customer(tenant_a.stripe_key, name="Other Co")
+    fake_stripe.state.create_subscription(tenant_a.stripe_key, other["id"], [tenant_a.price_id])
+    edited = portal_client.patch(
+        f"/api/portal/clients/{created['id']}", json={"stripe_customer_id": other["id"]}, headers=admin
+    )
+    assert edited.status_code == 200, edited.get_json()
+    assert edited.get_json()["stripe_customer_id"] == other["id"] and problem in edited.get_json()["billing_problem"]
+
+
+def test_a_restricted_key_without_subscription_read_shows_the_missing_permission(
+    portal_app, portal_client, tenant_a, fake_stripe
+):
+    restricted = "rk_test_companya_nosubscriptions"
+    fake_stripe.state.add_account(restricted, account_id="acct_companya", denied_permissions=["subscription_read"])
+    headers = sign_in(portal_client, "company-a")
+    assert portal_client.put("/api/portal/stripe-key", json={"api_key": restricted}, headers=headers).status_code == 200
+
+    answer = portal_client.post("/api/portal/clients", json=client_fields(tenant_a), headers=headers)
+
+    assert answer.status_code == 201, answer.get_json()
+    created = answer.get_json()
+    assert created["billing_state"] == "failing"
+    assert "'rak_subscription_read' permission" in created["billing_problem"]
+    assert created["customer_name"] == "Acme Chat Co"  # the reads the key may do still fill the cache
+
+
 def test_a_tiered_price_is_estimated_as_stripe_would(portal_app, portal_client, admin, tenant_a, fake_stripe):
     state = fake_stripe.state
     meter = state.create_meter(tenant_a.stripe_key, "tiered_units")

@@ -294,6 +294,15 @@ def test_rate_limit_and_server_error_faults(sc, fake, sk, setup):
     assert fake.state.meter_events(sk)[0]["identifier"] == "u-1"
 
 
+def test_bad_request_fault_is_a_400_that_is_not_resource_missing(sc, fake, sk, setup):
+    fake.state.inject("/v1/customers", "bad_request", method="GET")
+    customer = sc.v1.customers.create({"name": "a"})
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        sc.v1.customers.retrieve(customer.id)
+    assert caught.value.http_status == 400 and caught.value.error.code == "parameter_unknown"
+    assert sc.v1.customers.retrieve(customer.id).id == customer.id  # used up
+
+
 def test_sdk_retries_a_500_with_the_same_idempotency_key(fake, sk, setup):
     fake.state.inject("/v1/billing/meter_events", "server_error")
     retrying = fake.client(sk, max_network_retries=1)
