@@ -9,6 +9,7 @@ never commit.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
@@ -16,13 +17,10 @@ from sqlalchemy.exc import IntegrityError
 
 from billing.alerts import parse_thresholds, thresholds_of
 from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
+from billing.price_usability import PriceInfo
 from billing.reporting import retry_failed_reports
-from billing.stripe_gateway import (
-    PriceInfo,
-    StripeKeyRejected,
-    StripeRequestRejected,
-    gateway_for,
-)
+from billing.stripe_gateway import StripeKeyRejected, StripeRequestRejected, gateway_for
+from billing.stripe_target import StripeTarget
 from billing.units import (
     flush_client_usage,
     set_billing_unit,
@@ -86,11 +84,12 @@ def create_client(
         raise ClientInvalid(
             {"bill_unmapped_usage": "a paused client bills nothing: add it active to bill the earlier usage"}
         )
-    reporting = stripe_reporting_config(agency, values)
+    target = stripe_target_for(agency, values)
     take_write_lock()
     source_key = _source_key(values)
     _refuse_taken_source(agency.id, values["provider"], source_key, except_id=None)
-    client = RebillClient(agency_id=agency.id, source_key=source_key, **values, **reporting)
+    client = RebillClient(agency_id=agency.id, source_key=source_key, **values)
+    client.stripe_target = target
     try:
         with db.session.begin_nested():
             db.session.add(client)
@@ -127,9 +126,9 @@ def update_client(
             }
         )
     checked = {name: values[name] for name in STRIPE_FIELDS}
-    reporting = {}
+    target = None
     if any(getattr(snapshot, name) != value for name, value in checked.items()):
-        reporting = stripe_reporting_config(agency, values)
+        target = stripe_target_for(agency, values)
 
     current = _locked_client(agency, client_id)
     values = validate_client_fields(fields, current=_field_values(current), known_location_ids=None)
@@ -137,11 +136,9 @@ def update_client(
     if not changed:
         return current
     stripe_changed = any(name in changed for name in STRIPE_FIELDS)
-    if stripe_changed and (not reporting or any(values[name] != checked[name] for name in STRIPE_FIELDS)):
+    if stripe_changed and (target is None or any(values[name] != checked[name] for name in STRIPE_FIELDS)):
         # Another edit changed the Stripe fields while we were asking Stripe: check what we will store.
-        reporting = stripe_reporting_config(agency, values)
-    if not stripe_changed:
-        reporting = {}
+        target = stripe_target_for(agency, values)
     source_key = _source_key(values)
     new_source = (values["provider"], source_key) != (current.provider, current.source_key)
     if new_source:
@@ -154,8 +151,10 @@ def update_client(
         set_billing_unit(current, changed.pop("billing_unit"))
     if "status" in changed:
         current.paused_for_payment = False  # the agency decided; a paid invoice must not undo its choice
-    for name, value in {**changed, **reporting}.items():
+    for name, value in changed.items():
         setattr(current, name, value)
+    if stripe_changed:
+        current.stripe_target = target
     current.source_key = source_key
     if new_source:
         try:
@@ -305,8 +304,8 @@ def validate_client_fields(
     return values
 
 
-def stripe_reporting_config(agency: Agency, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the client's Stripe customer, product and price with the agency's Stripe; return how to report.
+def stripe_target_for(agency: Agency, values: Mapping[str, Any]) -> StripeTarget:
+    """Check the client's Stripe customer, product and price with the agency's Stripe; return where units go.
 
     Raises ClientInvalid (422) with Stripe's reason: no connected key, unknown customer, unusable price, a
     price of another product, or (legacy prices) a customer without a subscription on that price. Stripe
@@ -324,11 +323,11 @@ def stripe_reporting_config(agency: Agency, values: Mapping[str, Any]) -> dict[s
         except StripeRequestRejected as error:
             raise ClientInvalid({"stripe_price_id": f"Stripe cannot use this price: {error.reason}"}) from None
         _check_price(price, values)
-        subscription_item = None
-        if price.report_mode == "legacy":
+        target = price.target(customer_id)
+        if target.is_legacy:
             # Legacy usage records go to the customer's subscription item for this price (docs/stripe.md §2.3).
-            subscription_item = gateway.find_subscription_item(customer_id, price_id)
-            if subscription_item is None:
+            target = replace(target, subscription_item_id=gateway.find_subscription_item(customer_id, price_id))
+            if target.subscription_item_id is None:
                 raise ClientInvalid(
                     {"stripe_customer_id": f"{customer_id} has no active subscription with price {price_id}"}
                 )
@@ -336,15 +335,7 @@ def stripe_reporting_config(agency: Agency, values: Mapping[str, Any]) -> dict[s
         raise ClientInvalid({name: error.reason for name in STRIPE_FIELDS}) from None
     except StripeRequestRejected as error:
         raise ClientInvalid({"stripe_customer_id": f"Stripe refused the check: {error.reason}"}) from None
-    return {
-        "report_mode": price.report_mode,
-        "meter_id": price.meter_id,
-        "meter_event_name": price.event_name,
-        "meter_customer_key": price.customer_key,
-        "meter_value_key": price.value_key,
-        "meter_formula": price.formula,
-        "subscription_item_id": subscription_item,
-    }
+    return target
 
 
 def _check_price(price: PriceInfo, values: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ import secrets
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
 from core.database import BigId, TimestampMixin, UTCDateTime, db, utcnow
 
 PROVIDERS = ("capri_api", "ghl")
@@ -102,7 +103,8 @@ class RebillClient(TimestampMixin, db.Model):
     status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
-    # How units reach Stripe, read from the price when the client is saved (docs/stripe.md §8).
+    # How units reach Stripe, read from the price when the client is saved (docs/stripe.md §8): with the customer
+    # and price above, the client's ``stripe_target`` (billing.stripe_target.CLIENT_COLUMNS).
     report_mode: Mapped[str] = mapped_column(String(16), default="meter", server_default="meter")
     meter_id: Mapped[str | None] = mapped_column(String(255))
     meter_event_name: Mapped[str | None] = mapped_column(String(100))
@@ -145,6 +147,16 @@ class RebillClient(TimestampMixin, db.Model):
     alert_thresholds: Mapped[str | None] = mapped_column(String(64))
 
     agency: Mapped[Agency] = relationship(back_populates="clients")
+
+    @property
+    def stripe_target(self) -> StripeTarget | None:
+        """Where the client's units go now: its customer, price and meter (or legacy subscription item)."""
+        return StripeTarget.from_columns(self, CLIENT_COLUMNS)
+
+    @stripe_target.setter
+    def stripe_target(self, target: StripeTarget) -> None:
+        for column, value in target.columns(CLIENT_COLUMNS).items():
+            setattr(self, column, value)
 
 
 class RebillClientTerm(db.Model):
@@ -236,6 +248,7 @@ class UnitReport(TimestampMixin, db.Model):
 
     # Where the units went (rule 9), recorded before the first offer to Stripe and kept while any of them may
     # be in Stripe: retries, the >24 h check and reconcile use these, never the client's current settings.
+    # Together the report's ``target`` (billing.stripe_target.REPORT_COLUMNS).
     target_account: Mapped[str | None] = mapped_column(String(64))
     target_mode: Mapped[str | None] = mapped_column(String(16))  # meter | legacy
     target_customer: Mapped[str | None] = mapped_column(String(255))
@@ -256,6 +269,11 @@ class UnitReport(TimestampMixin, db.Model):
     # Earliest offer whose outcome Stripe never told (timeout, 5xx, crash); None when every offer was answered.
     # Past Stripe's 24 h dedupe window such a row is checked against Stripe's totals before any resend.
     in_doubt_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    @property
+    def target(self) -> StripeTarget | None:
+        """Where the units were first offered (rule 9), or None before any offer."""
+        return StripeTarget.from_columns(self, REPORT_COLUMNS)
 
 
 class StripeEventEndpoint(TimestampMixin, db.Model):

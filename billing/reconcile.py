@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from sqlalchemy import case, func, select
 
 from billing.models import Agency, RebillClient, UnitReport
 from billing.stripe_gateway import StripeGateway, StripeGatewayError, StripeWindowTotal, gateway_for
+from billing.stripe_target import METER, REPORT_COLUMNS, StripeTarget
 from core.database import db, utcnow
 
 
@@ -55,17 +56,6 @@ def reconcile_clients(company_id: str | None = None, now: dt.datetime | None = N
     return lines
 
 
-@dataclass(frozen=True)
-class _Target:
-    """Where units go in Stripe: a customer and meter, or a customer and legacy price."""
-
-    customer_id: str
-    mode: str
-    name: str  # the meter's event name, or the legacy price id
-    meter_id: str | None
-    price_id: str | None
-
-
 def _reconcile_agency(agency: Agency, now: dt.datetime) -> list[ReconcileLine]:
     """One line per Stripe target: the clients' current targets and every target a report was offered to."""
     clients = {
@@ -74,35 +64,23 @@ def _reconcile_agency(agency: Agency, now: dt.datetime) -> list[ReconcileLine]:
             select(RebillClient).where(RebillClient.agency_id == agency.id).order_by(RebillClient.id)
         )
     }
-    members: dict[_Target, set[int]] = defaultdict(set)
-    current: dict[_Target, set[int]] = defaultdict(set)
+    # Grouped by what Stripe totals (StripeTarget.series): clients and reports sending to the same meter of a
+    # customer, or the same legacy price, share one line.
+    members: dict[StripeTarget, set[int]] = defaultdict(set)
+    current: dict[StripeTarget, set[int]] = defaultdict(set)
     for client in clients.values():
-        target = _Target(
-            client.stripe_customer_id,
-            client.report_mode,
-            (client.meter_event_name if client.report_mode == "meter" else client.stripe_price_id) or "",
-            client.meter_id,
-            client.stripe_price_id,
-        )
+        target = client.stripe_target.series()
         members[target].add(client.id)
         current[target].add(client.id)
     # Reports remember where they went (rule 9): a client moved to another customer still has its earlier
     # units on the first one, and reconcile shows them there.
     offered = db.session.execute(
-        select(
-            UnitReport.client_id,
-            UnitReport.target_customer,
-            UnitReport.target_mode,
-            UnitReport.target_event_name,
-            UnitReport.target_meter,
-            UnitReport.target_price,
-        )
+        select(UnitReport.client_id, *(UnitReport.__table__.c[column] for column in REPORT_COLUMNS.values()))
         .where(UnitReport.agency_id == agency.id, UnitReport.target_mode.is_not(None))
         .distinct()
     )
-    for client_id, customer, mode, event_name, meter_id, price_id in offered:
-        target = _Target(customer, mode, (event_name if mode == "meter" else price_id) or "", meter_id, price_id)
-        members[target].add(client_id)
+    for row in offered:
+        members[StripeTarget.from_columns(row, REPORT_COLUMNS).series()].add(row.client_id)
     if not members:
         return []
     try:
@@ -115,7 +93,7 @@ def _reconcile_agency(agency: Agency, now: dt.datetime) -> list[ReconcileLine]:
     ]
 
 
-def _line(agency: Agency, target: _Target, client_ids: set[int], clients: dict, **fields) -> ReconcileLine:
+def _line(agency: Agency, target: StripeTarget, client_ids: set[int], clients: dict, **fields) -> ReconcileLine:
     ordered = sorted(client_ids)
     return ReconcileLine(
         company_id=agency.company_id,
@@ -130,7 +108,7 @@ def _line(agency: Agency, target: _Target, client_ids: set[int], clients: dict, 
 def _reconcile_target(
     gateway: StripeGateway,
     agency: Agency,
-    target: _Target,
+    target: StripeTarget,
     client_ids: set[int],
     current_clients: set[int],
     clients: dict,
@@ -149,7 +127,7 @@ def _reconcile_target(
     offered_here = (
         UnitReport.agency_id == agency.id,
         UnitReport.target_customer == target.customer_id,
-        (UnitReport.target_event_name if target.mode == "meter" else UnitReport.target_price) == target.name,
+        (UnitReport.target_event_name if target.mode == METER else UnitReport.target_price) == target.name,
         UnitReport.stripe_timestamp >= window.start,
         UnitReport.stripe_timestamp < window.end,
     )
@@ -178,21 +156,12 @@ def _units_where(condition, units):
     return func.coalesce(func.sum(case((condition, units), else_=0)), 0)
 
 
-def _stripe_window(gateway: StripeGateway, target: _Target, now: dt.datetime) -> StripeWindowTotal | None:
+def _stripe_window(gateway: StripeGateway, target: StripeTarget, now: dt.datetime) -> StripeWindowTotal | None:
     """Read Stripe's total for the target's current period (subscription period, else the calendar month)."""
-    if target.mode == "legacy":
-        item = gateway.find_subscription_item(target.customer_id, target.price_id)
-        return gateway.usage_record_total(item, now) if item else None
-    if not target.meter_id:
-        raise _NoMeter()
     period = gateway.subscription_period(target.customer_id, target.price_id) if target.price_id else None
     if period is not None:
         start, end = period.start, period.end
+        target = replace(target, subscription_item_id=period.subscription_item_id)
     else:
         start, end = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), now
-    return gateway.meter_event_total(target.meter_id, target.customer_id, start, min(end, now))
-
-
-class _NoMeter(StripeGatewayError):
-    def __init__(self):
-        super().__init__("the meter id is unknown; edit the client to refresh its price")
+    return gateway.window_total(target, start, min(end, now))

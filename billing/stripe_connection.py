@@ -14,9 +14,10 @@ from sqlalchemy import case, func, select
 
 from billing.errors import StripeAccountChangeUnconfirmed, StripeKeyInvalid
 from billing.models import Agency, UnitReport
+from billing.price_usability import PriceInfo
 from billing.reporting import retry_failed_reports
 from billing.stripe_events import remove_stripe_events
-from billing.stripe_gateway import PriceInfo, StripeGateway, gateway_for, key_mode
+from billing.stripe_gateway import StripeGateway, gateway_for, key_mode
 from core.database import db
 from core.encryption import secret_box
 

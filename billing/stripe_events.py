@@ -298,7 +298,7 @@ def refresh_subscriptions(agency: Agency, customer_id: str) -> str | None:
             )
         else:
             client.subscription_problem = None
-            if client.report_mode == "legacy":
+            if client.stripe_target.is_legacy:
                 client.subscription_item_id = item
     db.session.flush()
     return None

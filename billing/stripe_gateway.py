@@ -8,7 +8,6 @@ docs/stripe.md, checked against stripe-python 16.1.0.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -18,12 +17,14 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import stripe
-import urllib3
 from flask import current_app
 
 from billing.errors import BillingError, StripeKeyInvalid
 from billing.estimates import PriceTerms, PriceTermsInvalid, price_terms
 from billing.models import Agency
+from billing.price_usability import PriceInfo, classify_price, price_meter_id
+from billing.stripe_target import StripeTarget
+from billing.stripe_transport import DEFAULT_TIMEOUT_SECONDS, StripeHttpClient
 from core.encryption import SecretUnreadable, secret_box
 from core.metrics import STRIPE_CALLS
 
@@ -31,7 +32,6 @@ from core.metrics import STRIPE_CALLS
 # calls pin the last pre-basil version per request
 # (docs.stripe.com/billing/subscriptions/usage-based-legacy/sdk-upgrade; docs/stripe.md §2.2).
 LEGACY_USAGE_API_VERSION = "2025-02-24.acacia"
-DEFAULT_TIMEOUT_SECONDS = 15
 DEFAULT_MAX_NETWORK_RETRIES = 2
 KEY_PATTERN = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]{8,}$")
 # Stripe refuses a reused meter-event identifier with this message; it means "already delivered"
@@ -41,8 +41,6 @@ DUPLICATE_IDENTIFIER = "An event already exists with identifier"
 PERMISSION_PATTERN = re.compile(r"'((?:rak_)?[a-z_]+_(?:read|write))'")
 ACCOUNT_PATTERN = re.compile(r"account '(acct_[A-Za-z0-9]+)'")
 PAGE_SIZE = 100
-# Idle keep-alive connections kept per Stripe host; more concurrent calls than this open extra connections.
-KEEPALIVE_CONNECTIONS = 32
 
 T = TypeVar("T")
 
@@ -80,6 +78,13 @@ class StripeRequestRejected(StripeGatewayError):
         self.code = code
 
 
+class MeterUnknown(StripeRequestRejected):
+    """A meter target recorded without its meter's id (saved before Rebill kept it): its totals cannot be read."""
+
+    def __init__(self):
+        super().__init__("the meter id is unknown; edit the client to refresh its price")
+
+
 # The rebill_stripe_calls_total outcome of each failure kind.
 _OUTCOMES = {
     StripeUnavailable: "unavailable",
@@ -95,27 +100,6 @@ class StripeAccount:
     account_id: str | None
     mode: str  # "test" | "live"
     display_name: str | None
-
-
-@dataclass(frozen=True)
-class PriceInfo:
-    """A price and whether Rebill can log units on it, and how."""
-
-    price_id: str
-    product_id: str
-    nickname: str | None
-    unit_amount: int | None
-    currency: str
-    interval: str | None
-    usable: bool
-    reason: str | None = None  # why it is not usable
-    report_mode: str | None = None  # "meter" | "legacy" when usable
-    meter_id: str | None = None
-    event_name: str | None = None
-    customer_key: str | None = None
-    value_key: str | None = None
-    formula: str | None = None
-    warning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -287,7 +271,7 @@ class StripeGateway:
         by_product: dict[str, list[PriceInfo]] = {product.id: [] for product in products}
         for price in prices:
             product_id = price.product if isinstance(price.product, str) else price.product.id
-            by_product.setdefault(product_id, []).append(classify_price(price, meters.get(_meter_of(price))))
+            by_product.setdefault(product_id, []).append(classify_price(price, meters.get(price_meter_id(price))))
         names = {product.id: product.name for product in products}
         return [
             ProductPrices(product_id=product_id, name=names.get(product_id, product_id), prices=items)
@@ -297,7 +281,7 @@ class StripeGateway:
     def describe_price(self, price_id: str) -> PriceInfo:
         """Classify one price (with its meter); raise StripeRequestRejected if Stripe does not know it."""
         price = self._call(lambda: self._client.v1.prices.retrieve(price_id))
-        meter_id = _meter_of(price)
+        meter_id = price_meter_id(price)
         meter = self._call(lambda: self._client.v1.billing.meters.retrieve(meter_id)) if meter_id else None
         return classify_price(price, meter)
 
@@ -488,6 +472,54 @@ class StripeGateway:
             )
         )
 
+    def send_units(
+        self,
+        target: StripeTarget,
+        identifier: str,
+        units: int,
+        timestamp: int,
+        *,
+        attempt: int,
+        confirmed: int = 0,
+        restamped: bool = False,
+    ) -> Iterator[int]:
+        """Send a report's units to its target, yielding the units each call to Stripe confirmed.
+
+        A sum meter takes one event of value k, a legacy price one usage record of k (both all or nothing:
+        ``confirmed`` is 0). A count meter takes one event per unit, ``<identifier>-<n>`` for n after
+        ``confirmed``; the caller may stop between events (closing the iterator sends no more) and knows from
+        what was yielded how far Stripe got when a call raises. ``restamped``: the units go with another
+        timestamp than their first offer.
+        """
+        if target.is_legacy:
+            # Usage records have no identifier: the idempotency key is the dedupe (docs/stripe.md §2.1). A
+            # re-stamped offer (only made when Stripe has none of it) needs its own key: Stripe refuses a key
+            # reused with other parameters.
+            key = f"{identifier}@{timestamp}" if restamped else identifier
+            self.send_usage_record(target.subscription_item_id, units, timestamp, idempotency_key=key)
+            yield units
+        elif target.formula == "count":
+            for number in range(confirmed + 1, units + 1):
+                self._send_target_event(target, count_event_identifier(identifier, number), 1, timestamp, attempt)
+                yield 1
+        else:
+            self._send_target_event(target, identifier, units, timestamp, attempt)
+            yield units
+
+    def _send_target_event(
+        self, target: StripeTarget, identifier: str, value: int, timestamp: int, attempt: int
+    ) -> None:
+        self.send_meter_event(
+            event_name=target.event_name,
+            customer_key=target.customer_key,
+            value_key=target.value_key,
+            customer_id=target.customer_id,
+            value=value,
+            identifier=identifier,
+            timestamp=timestamp,
+            attempt=attempt,
+        )
+
     # ---- reading Stripe's totals ------------------------------------------------------------------------
 
     def meter_event_total(
@@ -522,6 +554,21 @@ class StripeGateway:
             if start <= at < end:
                 return StripeWindowTotal(total=Decimal(summary.total_usage), start=start, end=end)
         return None
+
+    def window_total(self, target: StripeTarget, start: dt.datetime, end: dt.datetime) -> StripeWindowTotal | None:
+        """Return Stripe's total of the target's units for its customer over a window.
+
+        A meter: its event summaries over [start, end), widened to whole minutes (``meter_event_total``). A
+        legacy price: the usage-record total of the subscription item's billing period containing ``end``
+        (the target's item, else the customer's current one on the price); None when there is no item or
+        Stripe lists no such period. Raises MeterUnknown for a meter target without a meter id.
+        """
+        if target.is_legacy:
+            item = target.subscription_item_id or self.find_subscription_item(target.customer_id, target.price_id)
+            return self.usage_record_total(item, end) if item else None
+        if not target.meter_id:
+            raise MeterUnknown()
+        return self.meter_event_total(target.meter_id, target.customer_id, start, end)
 
     # ---- webhook endpoints (the agency's Stripe events come to Rebill) ---------------------------------
 
@@ -572,90 +619,6 @@ class StripeGateway:
             params["starting_after"] = page.data[-1].id
 
 
-class StripeHttpClient(stripe.HTTPClient):
-    """stripe-python's HTTP transport on urllib3, with one keep-alive pool shared by every gateway and thread.
-
-    stripe-python takes any ``stripe.HTTPClient`` (it ships requests-, httpx-, pycurl-based ones); the SDK still
-    builds every request, retries (``max_network_retries``), and parses answers and errors. This transport
-    does less per call than ``RequestsClient``, whose ``requests.Session`` re-reads the proxy variables and
-    ``~/.netrc`` from the environment on every request (Rebill reads its environment once, in core.config;
-    Stripe calls go direct), and it keeps one pool of connections for all agencies, so a reporting tick reuses
-    a handful of connections instead of opening one per agency and thread. TLS is verified against
-    stripe-python's CA bundle, as ``RequestsClient`` does.
-    """
-
-    name = "urllib3"
-
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT_SECONDS):
-        super().__init__()
-        # As requests' single timeout: the same limit for connecting and for each wait on the answer.
-        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
-
-    def request(self, method: str, url: str, headers: Any, post_data: Any = None, **_: Any):
-        response = self._send(method, url, headers, post_data, preload_content=True)
-        return response.data, response.status, response.headers
-
-    def request_stream(self, method: str, url: str, headers: Any, post_data: Any = None, **_: Any):
-        response = self._send(method, url, headers, post_data, preload_content=False)
-        return response, response.status, response.headers
-
-    def close(self) -> None:
-        """Nothing to release per gateway: the pool is the process's, shared by every gateway."""
-
-    def _send(self, method: str, url: str, headers: Any, post_data: Any, *, preload_content: bool):
-        try:
-            return _stripe_pool().request(
-                method.upper(),
-                url,
-                body=post_data,
-                headers=headers,
-                timeout=self._timeout,
-                retries=False,  # the SDK retries (max_network_retries), with its idempotency key
-                redirect=False,
-                preload_content=preload_content,
-            )
-        except Exception as error:
-            raise _connection_error(error) from error
-
-
-def _connection_error(error: Exception) -> stripe.APIConnectionError:
-    """Classify a transport failure as ``RequestsClient`` does: timeouts and broken connections are retryable."""
-    if isinstance(error, urllib3.exceptions.SSLError):
-        return stripe.APIConnectionError(f"Could not verify Stripe's SSL certificate: {error}", should_retry=False)
-    # requests' Timeout and ConnectionError: a timeout, a refused or broken connection, an answer cut short.
-    retryable = (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError)
-    return stripe.APIConnectionError(
-        f"Unexpected error communicating with Stripe (network error: {type(error).__name__}: {error})",
-        should_retry=isinstance(error, retryable),
-    )
-
-
-_pools: dict[int, urllib3.PoolManager] = {}
-_pools_lock = threading.Lock()
-
-
-def _stripe_pool() -> urllib3.PoolManager:
-    """Return this process's connection pool for Stripe, made on first use (thread-safe; one pool per host).
-
-    Keyed by process id: a pool made before a fork (gunicorn --preload) is never shared with the child.
-    """
-    pid = os.getpid()
-    pool = _pools.get(pid)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.get(pid)
-            if pool is None:
-                pool = urllib3.PoolManager(
-                    maxsize=KEEPALIVE_CONNECTIONS,
-                    block=False,
-                    cert_reqs="CERT_REQUIRED",
-                    ca_certs=stripe.ca_bundle_path,
-                )
-                _pools.clear()
-                _pools[pid] = pool
-    return pool
-
-
 @contextmanager
 def translate_stripe_errors() -> Iterator[None]:
     """Map stripe-python exceptions onto StripeUnavailable / StripeKeyRejected / StripeRequestRejected."""
@@ -682,79 +645,8 @@ def translate_stripe_errors() -> Iterator[None]:
         raise StripeRequestRejected(f"Stripe refused the request ({status}): {_message(error)}", code=code) from None
 
 
-def classify_price(price: Any, meter: Any | None) -> PriceInfo:
-    """Decide whether a price can carry Rebill's units and how they must be sent (docs/stripe.md §2.2, §8.1)."""
-    recurring = getattr(price, "recurring", None)
-    product = price.product if isinstance(price.product, str) else price.product.id
-    base = {
-        "price_id": price.id,
-        "product_id": product,
-        "nickname": getattr(price, "nickname", None),
-        "unit_amount": getattr(price, "unit_amount", None),
-        "currency": price.currency,
-        "interval": getattr(recurring, "interval", None) if recurring else None,
-    }
-    transform = getattr(price, "transform_quantity", None)
-    warning = None
-    if transform:
-        # Rebill already turns N tokens into one unit; Stripe would divide the units again (docs/stripe.md §1.2).
-        divide_by, rounding = getattr(transform, "divide_by", None), getattr(transform, "round", None)
-        warning = (
-            f"this price divides the reported quantity by {divide_by} (rounding {rounding}), so Stripe would "
-            f"bill 1/{divide_by} of Rebill's units; use a price without transform_quantity"
-        )
-    if not getattr(price, "active", True):
-        return PriceInfo(**base, usable=False, reason="this price is archived in Stripe")
-    if recurring is None:
-        return PriceInfo(**base, usable=False, reason="a one-time price cannot carry usage; pick a metered price")
-    if recurring.usage_type != "metered":
-        return PriceInfo(
-            **base,
-            usable=False,
-            reason="a licensed (fixed-quantity) price cannot take usage units; pick a metered price",
-        )
-    meter_id = _meter_of(price)
-    if meter_id is None:
-        # A metered price without a meter is a legacy usage-record price (basil changelog, docs/stripe.md §2.2).
-        return PriceInfo(**base, usable=True, report_mode="legacy", warning=warning)
-    if meter is None:
-        return PriceInfo(**base, usable=False, reason=f"its billing meter {meter_id} cannot be read", meter_id=meter_id)
-    details = {
-        "meter_id": meter.id,
-        "event_name": meter.event_name,
-        "customer_key": meter.customer_mapping.event_payload_key,
-        "value_key": meter.value_settings.event_payload_key,
-        "formula": meter.default_aggregation.formula,
-    }
-    if meter.status != "active":
-        return PriceInfo(**base, usable=False, reason="its billing meter is inactive", **details)
-    if details["formula"] == "last":
-        return PriceInfo(
-            **base,
-            usable=False,
-            reason="its meter keeps only the last value sent (formula 'last'), so units cannot add up",
-            **details,
-        )
-    if getattr(meter, "event_time_window", None):
-        # Pre-aggregated ingestion keeps only the latest event per window (docs/stripe.md §1.1): units would be lost.
-        return PriceInfo(
-            **base,
-            usable=False,
-            reason=f"its meter keeps only the latest event per {meter.event_time_window}, so units cannot add up",
-            **details,
-        )
-    if details["formula"] not in ("sum", "count"):
-        return PriceInfo(**base, usable=False, reason=f"unknown meter formula '{details['formula']}'", **details)
-    return PriceInfo(**base, usable=True, report_mode="meter", warning=warning, **details)
-
-
 def _customer_info(customer: Any) -> CustomerInfo:
     return CustomerInfo(id=customer.id, name=getattr(customer, "name", None), email=getattr(customer, "email", None))
-
-
-def _meter_of(price: Any) -> str | None:
-    recurring = getattr(price, "recurring", None)
-    return getattr(recurring, "meter", None) if recurring else None
 
 
 def _message(error: stripe.StripeError) -> str:

@@ -12,12 +12,37 @@ from sqlalchemy import select
 
 from billing.agencies import ensure_agency
 from billing.models import Agency, RebillClient, UnitReport
+from billing.price_usability import PriceInfo
 from billing.units import report_identifier
 from core.database import db, utcnow
 from core.encryption import secret_box
 from stripe_fake import FakeStripeServer
 
 _numbers = itertools.count(1)
+
+
+def new_key(prefix: str = "sk_test_") -> str:
+    """A fresh key of the given kind (the fake knows it once an account is added for it)."""
+    return prefix + uuid.uuid4().hex
+
+
+def now_ts() -> int:
+    """A Unix timestamp a few seconds ago (Stripe refuses event timestamps in the future)."""
+    return int(dt.datetime.now(dt.UTC).timestamp()) - 5
+
+
+def by_id(products) -> dict[str, PriceInfo]:
+    """The listed prices by id."""
+    return {price.price_id: price for product in products for price in product.prices}
+
+
+def send(gateway, metered, units=3, identifier="rep-1", formula="sum", attempt=1, timestamp=None):
+    """Send units to the meter "ai_units" of ``metered["customer"]`` through the gateway."""
+    return gateway.send_meter_units(
+        event_name="ai_units", customer_key="stripe_customer_id", value_key="value",
+        customer_id=metered["customer"], units=units, identifier=identifier, timestamp=timestamp or now_ts(),
+        formula=formula, attempt=attempt,
+    )  # fmt: skip
 
 
 class ShiftedClock:

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import re
 import threading
-import uuid
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,35 +15,16 @@ from werkzeug.serving import make_server
 
 from billing.errors import BillingError, StripeKeyInvalid
 from billing.stripe_gateway import (
-    PriceInfo,
+    MeterUnknown,
     StripeGateway,
     StripeKeyRejected,
     StripeRequestRejected,
     StripeUnavailable,
 )
+from billing.stripe_target import StripeTarget
+from tests.billing.stripe_support import by_id, new_key, now_ts, send
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "stripe"
-
-
-def new_key(prefix: str = "sk_test_") -> str:
-    return prefix + uuid.uuid4().hex
-
-
-@pytest.fixture
-def key(stripe_server) -> str:
-    """A secret key registered for account acct_agency in the fake."""
-    api_key = new_key()
-    stripe_server.state.add_account(api_key, account_id="acct_agency", display_name="Agency One")
-    return api_key
-
-
-@pytest.fixture
-def gateway(stripe_server, key) -> StripeGateway:
-    return StripeGateway(key, stripe_server.url, timeout=5, max_network_retries=0)
-
-
-def now_ts() -> int:
-    return int(dt.datetime.now(dt.UTC).timestamp()) - 5
 
 
 # ---- keys -------------------------------------------------------------------------------------------------
@@ -102,94 +83,12 @@ def test_the_key_never_appears_in_the_gateway_repr(gateway, key):
 # ---- prices -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def catalog(stripe_server, key):
-    """One product per kind of price Rebill must tell apart."""
-    state = stripe_server.state
-    meters = {
-        formula: state.create_meter(key, f"units_{formula}", formula=formula) for formula in ("sum", "count", "last")
-    }
-    inactive = state.create_meter(key, "units_old")
-    stripe_server.client(key).v1.billing.meters.deactivate(inactive["id"])
-    product = state.create_product(key, "AI units")
-    other = state.create_product(key, "Seats")
-    prices = {
-        "sum": state.create_price(key, product, 10, meter=meters["sum"]),
-        "count": state.create_price(key, product, 10, meter=meters["count"]),
-        "last": state.create_price(key, product, 10, meter=meters["last"]),
-        "inactive_meter": state.create_price(key, product, 10, meter=inactive),
-        "legacy": state.create_price(key, product, 10),
-        "transform": state.create_price(
-            key, product, 10, meter=meters["sum"], transform_quantity={"divide_by": 1000, "round": "up"}
-        ),
-        "licensed": state.create_price(key, other, 900, metered=False),
-    }
-    return {"meters": meters, "prices": prices, "product": product, "other": other}
-
-
-def by_id(products) -> dict[str, PriceInfo]:
-    return {price.price_id: price for product in products for price in product.prices}
-
-
-def test_prices_are_classified_for_unit_reporting(gateway, catalog):
-    products = gateway.list_products_with_prices()
-    info = by_id(products)
-    prices = catalog["prices"]
-
-    summed = info[prices["sum"]["id"]]
-    assert (summed.usable, summed.report_mode, summed.formula, summed.warning) == (True, "meter", "sum", None)
-    assert (summed.event_name, summed.customer_key, summed.value_key) == ("units_sum", "stripe_customer_id", "value")
-    assert summed.meter_id == catalog["meters"]["sum"]["id"]
-    assert (summed.unit_amount, summed.currency, summed.interval) == (10, "usd", "month")
-
-    counted = info[prices["count"]["id"]]
-    assert (counted.usable, counted.report_mode, counted.formula) == (True, "meter", "count")
-
-    last = info[prices["last"]["id"]]
-    assert not last.usable and "last" in last.reason
-
-    assert not info[prices["inactive_meter"]["id"]].usable
-    assert "inactive" in info[prices["inactive_meter"]["id"]].reason
-
-    legacy = info[prices["legacy"]["id"]]
-    assert (legacy.usable, legacy.report_mode, legacy.meter_id) == (True, "legacy", None)
-
-    transformed = info[prices["transform"]["id"]]
-    assert transformed.usable and "divides the reported quantity by 1000" in transformed.warning
-
-    licensed = info[prices["licensed"]["id"]]
-    assert not licensed.usable and "licensed" in licensed.reason
-
-    names = {product.product_id: product.name for product in products}
-    assert names == {catalog["product"]["id"]: "AI units", catalog["other"]["id"]: "Seats"}
-
-
 def test_listing_reads_every_page(stripe_server, key, gateway):
     product = stripe_server.state.create_product(key, "Many")
     created = {stripe_server.state.create_price(key, product, n + 1, metered=False)["id"] for n in range(130)}
     assert set(by_id(gateway.list_products_with_prices())) == created
     assert gateway.calls == 4  # products: 1 page, prices: 2 pages, meters: 1 page
     assert len([c for c in stripe_server.state.calls if c.path == "/v1/prices"]) == 2
-
-
-def test_a_meter_with_a_time_window_cannot_carry_units(stripe_server, key, gateway):
-    client = stripe_server.client(key)
-    meter = client.v1.billing.meters.create(
-        {
-            "display_name": "hourly",
-            "event_name": "hourly",
-            "default_aggregation": {"formula": "sum"},
-            "event_time_window": "hour",
-        }
-    )
-    price = stripe_server.state.create_price(key, stripe_server.state.create_product(key, "P"), 5, meter=meter.id)
-    info = gateway.describe_price(price["id"])
-    assert not info.usable and "latest event per hour" in info.reason
-
-
-def test_describe_price_classifies_one_price(gateway, catalog):
-    assert gateway.describe_price(catalog["prices"]["count"]["id"]).formula == "count"
-    assert gateway.describe_price(catalog["prices"]["licensed"]["id"]).usable is False
 
 
 def test_describe_unknown_price_is_a_rejected_request(gateway):
@@ -255,21 +154,6 @@ def test_subscription_period_is_the_current_one_after_a_rollover(stripe_server, 
 
 
 # ---- sending ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def metered(stripe_server, key):
-    state = stripe_server.state
-    meter = state.create_meter(key, "ai_units")
-    return {"meter": meter, "customer": state.create_customer(key)["id"]}
-
-
-def send(gateway, metered, units=3, identifier="rep-1", formula="sum", attempt=1, timestamp=None):
-    return gateway.send_meter_units(
-        event_name="ai_units", customer_key="stripe_customer_id", value_key="value",
-        customer_id=metered["customer"], units=units, identifier=identifier, timestamp=timestamp or now_ts(),
-        formula=formula, attempt=attempt,
-    )  # fmt: skip
 
 
 def test_a_sum_meter_gets_one_event_of_value_k(stripe_server, key, gateway, metered):
@@ -358,43 +242,6 @@ def test_transient_faults_are_unavailable(stripe_server, gateway, metered, fault
     stripe_server.state.inject("/v1/billing/meter_events", fault)
     with pytest.raises(error, match=text):
         send(gateway, metered)
-
-
-def test_a_timeout_is_unavailable(stripe_server, key, metered):
-    stripe_server.state.inject("/v1/billing/meter_events", "timeout", seconds=30)
-    with pytest.raises(StripeUnavailable, match="reached"):
-        send(StripeGateway(key, stripe_server.url, timeout=0.3, max_network_retries=0), metered)
-    stripe_server.state.release_hangs()
-    assert stripe_server.state.meter_events(key) == []
-
-
-def test_the_sdk_retries_a_500_with_the_same_idempotency_key(stripe_server, key, metered):
-    stripe_server.state.inject("/v1/billing/meter_events", "server_error")
-    send(StripeGateway(key, stripe_server.url, max_network_retries=1), metered)
-    posts = [c for c in stripe_server.state.calls if c.method == "POST"]
-    assert [c.status for c in posts] == [500, 200] and len({c.idempotency_key for c in posts}) == 1
-
-
-def test_the_sdk_retries_a_dropped_connection_with_the_same_idempotency_key(stripe_server, key, metered):
-    stripe_server.state.inject("/v1/billing/meter_events", "accept_then_drop")  # applied, answer lost
-    send(StripeGateway(key, stripe_server.url, max_network_retries=1), metered)
-    posts = [c for c in stripe_server.state.calls if c.method == "POST"]
-    assert len(posts) == 2 and len({c.idempotency_key for c in posts}) == 1
-    assert [event["payload"]["value"] for event in stripe_server.state.meter_events(key)] == ["3"]
-
-
-def test_a_refused_connection_is_unavailable(key, metered):
-    with pytest.raises(StripeUnavailable, match="reached"):
-        send(StripeGateway(key, "http://127.0.0.1:9", max_network_retries=0), metered)  # discard port: closed
-
-
-def test_stripe_calls_ignore_proxy_settings_in_the_environment(monkeypatch, gateway, metered):
-    # Rebill reads its environment once (core.config); a proxy variable set for other tools changes nothing.
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.setenv(name, "http://127.0.0.1:9")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    assert send(gateway, metered).events_accepted == 1
 
 
 def test_a_revoked_key_is_rejected(stripe_server, metered):
@@ -573,3 +420,57 @@ def test_gateway_contract(contract):
     contract.arrange("forbidden")
     with pytest.raises(StripeKeyRejected, match="rak_billing_meter_event_write"):
         send_25(contract.restricted)
+
+
+# ---- one target: sending and reading totals without asking meter or legacy ------------------------------------
+
+
+def meter_target(metered, formula="sum") -> StripeTarget:
+    return StripeTarget(
+        mode="meter", customer_id=metered["customer"], price_id=None, meter_id=metered["meter"]["id"],
+        event_name="ai_units", customer_key="stripe_customer_id", value_key="value", formula=formula,
+    )  # fmt: skip
+
+
+def test_send_units_to_a_count_meter_resumes_after_the_confirmed_events_and_stops_when_asked(
+    stripe_server, key, gateway
+):
+    meter = stripe_server.state.create_meter(key, "ai_units", formula="count")
+    target = meter_target({"meter": meter, "customer": stripe_server.state.create_customer(key)["id"]}, "count")
+    sending = gateway.send_units(target, "rep-7", 5, now_ts(), attempt=2, confirmed=2)
+    assert [next(sending), next(sending)] == [1, 1]
+    sending.close()
+    assert [e["identifier"] for e in stripe_server.state.meter_events(key)] == ["rep-7-3", "rep-7-4"]
+    assert {c.idempotency_key for c in stripe_server.state.calls if c.method == "POST"} == {
+        "rep-7-3:a2",
+        "rep-7-4:a2",
+    }
+
+
+def test_send_units_to_a_sum_meter_is_one_event_and_window_total_reads_it_back(stripe_server, key, gateway, metered):
+    timestamp = now_ts() - 120
+    assert list(gateway.send_units(meter_target(metered), "rep-8", 42, timestamp, attempt=1)) == [42]
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    assert gateway.window_total(meter_target(metered), moment, moment).total == 42
+    with pytest.raises(MeterUnknown, match="meter id is unknown"):
+        gateway.window_total(replace(meter_target(metered), meter_id=None), moment, moment)
+
+
+def test_send_units_to_a_legacy_price_is_one_usage_record_keyed_by_its_timestamp_once_restamped(
+    stripe_server, key, gateway
+):
+    state = stripe_server.state
+    price = state.create_price(key, state.create_product(key, "Legacy"), 10)
+    customer = state.create_customer(key)["id"]
+    item = state.create_subscription(key, customer, price, start_date=now_ts() - 3600)["items"]["data"][0]["id"]
+    target = StripeTarget(mode="legacy", customer_id=customer, price_id=price["id"], subscription_item_id=item)
+    timestamp = now_ts()
+    assert list(gateway.send_units(target, "rep-9", 5, timestamp, attempt=1)) == [5]
+    assert list(gateway.send_units(target, "rep-9", 5, timestamp, attempt=2, restamped=True)) == [5]
+    keys = [c.idempotency_key for c in state.calls if c.method == "POST"]
+    assert keys == ["rep-9", f"rep-9@{timestamp}"]
+    now = dt.datetime.now(dt.UTC)
+    # Without a recorded item the customer's current one on the price is read; without a subscription, None.
+    assert gateway.window_total(replace(target, subscription_item_id=None), now, now).total == 10
+    stranger = replace(target, customer_id=state.create_customer(key)["id"], subscription_item_id=None)
+    assert gateway.window_total(stranger, now, now) is None
