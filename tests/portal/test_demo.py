@@ -148,6 +148,18 @@ def test_a_fresh_demo_stripe_makes_the_same_ids(tmp_path):
     assert made[0] == made[1]
 
 
+def test_the_readme_lists_the_demo_stripes_fixed_ids(tmp_path):
+    from portal.demo_agency import DEMO_ACCOUNT_ID, DEMO_STRIPE_KEY, open_demo_stripe
+
+    _, stripe = open_demo_stripe(tmp_path / "absent.json")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = [DEMO_STRIPE_KEY, DEMO_ACCOUNT_ID, stripe.product_id, stripe.price_id, stripe.licensed_price_id]
+    for name, customer_id in stripe.customer_ids.items():
+        assert f"customer {name} " in readme
+        documented.append(customer_id)
+    assert [value for value in documented if f"`{value}`" not in readme] == []
+
+
 def demo_clients():
     return list_clients(find_agency(DEMO_COMPANY_ID))
 
