@@ -50,13 +50,24 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from sqlalchemy import BigInteger, bindparam, cast, extract, func, insert, select, text, tuple_, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm.util import identity_key
 
+from billing.aggregation_store import (
+    EPOCH,
+    KEY_LOOKUP_CHUNK,
+    AggregationStore,
+    ClaimedEvent,
+    ClientCounters,
+    EventMarks,
+    NewReport,
+    aggregation_store,
+)
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
 from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
 from billing.periods import client_periods, units_in_periods
-from core.database import db, is_postgresql, utcnow
+from billing.sources import ClientKey, client_key, source_field
+from core.database import db, utcnow
 
 log = logging.getLogger("billing.units")
 
@@ -65,46 +76,15 @@ BATCH_SIZE = 20_000
 # near it: 10^8 tokens every second for a hundred years is 3e17, and 4e18 tokens cost about $400 billion even
 # at $0.10 per million. Reaching it means bad data, so the client is quarantined instead of overflowing.
 CLIENT_USAGE_MAX = 4 * 10**18
-KEY_LOOKUP_CHUNK = 500
 # Stripe takes meter event timestamps "within the past 35 calendar days" (docs/stripe.md §1.3,
 # docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api); keep an hour of slack for the
 # time between writing the outbox row and sending it.
 OLDEST_USAGE_TIMESTAMP = dt.timedelta(days=35) - dt.timedelta(hours=1)
-
-ClientKey = tuple[int, str, str]  # (agency_id, provider, source_key)
+# A client created to bill its source's earlier unmapped usage counts everything received before it, too.
+SINCE_THE_START = EPOCH
 
 _EVENT = UsageEvent.__table__.c
 _CLIENT = RebillClient.__table__.c
-_CLAIM_COLUMNS = (
-    _EVENT.id,
-    _EVENT.agency_id,
-    _EVENT.source,
-    _EVENT.channel_id,
-    _EVENT.location_id,
-    _EVENT.input_tokens,
-    _EVENT.output_tokens,
-    _EVENT.messages,
-    _EVENT.direction,
-    _EVENT.occurred_at,
-    _EVENT.received_at,
-)
-# On PostgreSQL the claim reads occurred_at and received_at as integer microseconds since the epoch:
-# formatting every timestamp in the server and parsing it into a datetime was a measurable part of the claim
-# reads (see bench/README.md); only each client's latest is turned back into a datetime (``_from_microseconds``).
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# A client created to bill its source's earlier unmapped usage counts everything received before it, too.
-SINCE_THE_START = _EPOCH
-
-
-def _microseconds(column):
-    return cast(extract("epoch", column) * 1_000_000, BigInteger)
-
-
-_CLAIM_COLUMNS_POSTGRESQL = (
-    *_CLAIM_COLUMNS[:-2],
-    _microseconds(_EVENT.occurred_at).label("occurred_us"),
-    _microseconds(_EVENT.received_at).label("received_us"),
-)
 _TALLY_COLUMNS = (
     _CLIENT.id,
     _CLIENT.agency_id,
@@ -292,14 +272,12 @@ def take_write_lock() -> None:
     between; a first (empty) write takes the lock up front and later writers wait on the busy timeout.
     PostgreSQL uses row locks instead, so nothing happens there.
     """
-    if not is_postgresql():
-        db.session.execute(update(RebillClient.__table__).where(_CLIENT.id == -1).values(remainder=_CLIENT.remainder))
+    aggregation_store().take_write_lock()
 
 
 def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:
     """Return the WHERE terms selecting usage events of one channel (capri_api) or subaccount (ghl)."""
-    column = _EVENT.channel_id if provider == "capri_api" else _EVENT.location_id
-    return (_EVENT.agency_id == agency_id, column == source_key)
+    return (_EVENT.agency_id == agency_id, _EVENT[source_field(provider)] == source_key)
 
 
 def measure_usage(
@@ -339,37 +317,6 @@ def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
     return f"rebill_{report_prefix}_{client_id}_{sequence}"
 
 
-def _fetch_all(statement) -> list[tuple]:
-    """Run a select on the session's connection and return plain DBAPI tuples (PostgreSQL hot path).
-
-    Streaming a million ledger rows through SQLAlchemy's per-row result processing costs seconds; the
-    values the aggregation reads (ids, strings, integers, aware datetimes from psycopg) need none of it.
-    """
-    compiled = statement.compile(dialect=db.engine.dialect)
-    connection = db.session.connection().connection.dbapi_connection
-    with connection.cursor() as cursor:
-        cursor.execute(str(compiled), compiled.params)
-        return cursor.fetchall()
-
-
-def _array_literal(values: Sequence[int | str]) -> str:
-    """Return a PostgreSQL array literal of integers or plain words (no quoting needed)."""
-    return "{" + ",".join(map(str, values)) + "}"
-
-
-def _to_microseconds(moment: dt.datetime) -> int:
-    """Return a datetime as integer microseconds since the epoch, as the PostgreSQL claim reads times."""
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _from_microseconds(moment: dt.datetime | int | None) -> dt.datetime | None:
-    """Return an aware UTC datetime for a claim's occurred_at (a datetime, or microseconds since the epoch)."""
-    if isinstance(moment, int):
-        return _EPOCH + dt.timedelta(microseconds=moment)
-    return moment
-
-
 def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime:
     """Return the timestamp Stripe gets for units: the latest usage, never future, never > 35 days old."""
     if latest is None:
@@ -380,15 +327,14 @@ def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime
 class _Tally:
     """One locked client's settings, counters, and the usage this pass adds to it."""
 
-    def __init__(self, row, postgresql: bool):
+    def __init__(self, row, store: AggregationStore):
         for name in _TALLY_COLUMNS:
             setattr(self, name.key, getattr(row, name.key))
-        # In the claim's unit: microseconds on PostgreSQL, aware datetimes on SQLite.
-        self.term_started = _to_microseconds(self.term_started_at) if postgresql else self.term_started_at
-        self.closed_terms: list[tuple] | None = None  # (starts, ends, status, provider, source_key), loaded once
+        self.term_started = store.moment(self.term_started_at)  # in the claim's unit of time
+        self.closed_terms: list[tuple] | None = None  # (starts, ends, status, (provider, source_key)), loaded once
         self.measure = usage_measure(self.charge_by, self.provider, self.message_source)
         self.new_usage = 0
-        self.latest: dt.datetime | int | None = None  # int: microseconds since the epoch (PostgreSQL)
+        self.latest: dt.datetime | int | None = None  # in the claim's unit of time
         # What the client may still count before CLIENT_USAGE_MAX (rule 12); below zero is never written.
         self.headroom = CLIENT_USAGE_MAX - self.counted_usage
         # Usage the client may still count this period before its units reach monthly_cap_units (None: no
@@ -413,7 +359,7 @@ class _Aggregation:
 
     def __init__(self, *, skip_locked: bool):
         self.skip_locked = skip_locked
-        self.postgresql = is_postgresql()
+        self.store = aggregation_store()
         self.now = utcnow()
         self.tallies: dict[int, _Tally] = {}
         self.by_key: dict[ClientKey, _Tally] = {}
@@ -426,7 +372,7 @@ class _Aggregation:
     def adopt(self, client: RebillClient) -> None:
         """Aggregate for a client the caller already locked."""
         db.session.flush()
-        tally = _Tally(client, self.postgresql)
+        tally = _Tally(client, self.store)
         self.tallies[tally.id] = tally
         self.by_key[tally.key] = tally
         self.limit_to_caps([tally])
@@ -438,33 +384,30 @@ class _Aggregation:
             return
         after = 0
         while True:
-            claim = (
-                select(*(_CLAIM_COLUMNS_POSTGRESQL if self.postgresql else _CLAIM_COLUMNS))
-                .where(_EVENT.state == "pending", _EVENT.id > after, _EVENT.id <= newest, *where)
-                .order_by(_EVENT.id)
-                .limit(batch_size)
+            rows = self.store.claim(
+                after=after, newest=newest, limit=batch_size, where=where, skip_locked=self.skip_locked
             )
-            if self.postgresql:
-                # SKIP LOCKED: two passes at once claim disjoint events. A flush waits instead, so it
-                # sees every pending event of its client (LockRows sits under LIMIT: rows that stopped
-                # being pending while we waited are skipped, not returned, so an empty batch means done).
-                claim = claim.with_for_update(skip_locked=self.skip_locked)
-            rows = _fetch_all(claim) if self.postgresql else db.session.execute(claim).all()
             if not rows:
                 return
-            after = rows[-1][0]
-            keys = {(row[1], "capri_api", row[3]) if row[3] is not None else (row[1], "ghl", row[4]) for row in rows}
-            live_keys = self._lock_clients(keys)
-            self._write_events(rows[0][0], after, *self._classify(rows, live_keys))
+            first, after = ClaimedEvent(*rows[0]).id, ClaimedEvent(*rows[-1]).id
+            keys = [
+                client_key(agency_id, channel_id, location_id)
+                for _, agency_id, _, channel_id, location_id, _, _, _, _, _, _ in rows
+            ]
+            live_keys = self._lock_clients(set(keys))
+            marks = self._classify(rows, keys, live_keys)
+            if marks.ids:
+                self.events += len(marks.ids)
+                self.store.mark_events(first, after, marks)
 
     def _lock_clients(self, keys: set[ClientKey]) -> set[ClientKey]:
         """Lock the live clients of these keys (skipping ones locked elsewhere); return every live key."""
         unknown = [key for key in keys if key not in self.by_key]
         if not unknown:
             return set()
-        found = self._find_live_clients(unknown)
-        live = {(agency_id, provider, source_key) for _, agency_id, provider, source_key in found}
-        ids = sorted(client_id for client_id, *_ in found)
+        found = self.store.find_live_clients(unknown)
+        live = {(client.agency_id, client.provider, client.source_key) for client in found}
+        ids = sorted(client.id for client in found)
         for start in range(0, len(ids), KEY_LOOKUP_CHUNK):
             # Consistent id order; SKIP LOCKED so aggregation never waits (see the module docstring).
             locked = db.session.execute(
@@ -473,7 +416,7 @@ class _Aggregation:
                 .order_by(_CLIENT.id)
                 .with_for_update(skip_locked=self.skip_locked)
             ).all()
-            tallies = [_Tally(row, self.postgresql) for row in locked]
+            tallies = [_Tally(row, self.store) for row in locked]
             for tally in tallies:
                 self.tallies[tally.id] = tally
                 self.by_key[tally.key] = tally
@@ -496,46 +439,15 @@ class _Aggregation:
             units_left = max(0, tally.monthly_cap_units - units.get(client_id, 0))
             tally.cap_room = max(0, units_left * tally.billing_unit - tally.remainder)
 
-    def _find_live_clients(self, keys: list[ClientKey]) -> list[tuple[int, int, str, str]]:
-        """Return (id, agency_id, provider, source_key) of the live clients of these keys (no lock)."""
-        if self.postgresql:
-            # One statement for any number of keys; the join uses the live-source unique index.
-            return db.session.execute(
-                text(
-                    "SELECT c.id, c.agency_id, c.provider, c.source_key FROM rebill_client AS c "
-                    "JOIN unnest(CAST(:agencies AS integer[]), CAST(:providers AS text[]), CAST(:keys AS text[])) "
-                    "AS k(agency_id, provider, source_key) ON c.agency_id = k.agency_id "
-                    "AND c.provider = k.provider AND c.source_key = k.source_key WHERE c.deleted_at IS NULL"
-                ),
-                {
-                    "agencies": [key[0] for key in keys],
-                    "providers": [key[1] for key in keys],
-                    "keys": [key[2] for key in keys],
-                },
-            ).all()
-        found = []
-        for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
-            found += db.session.execute(
-                select(_CLIENT.id, _CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).where(
-                    _CLIENT.deleted_at.is_(None),
-                    tuple_(_CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).in_(
-                        keys[start : start + KEY_LOOKUP_CHUNK]
-                    ),
-                )
-            ).all()
-        return found
-
-    def _classify(self, rows: Sequence, live_keys: set[ClientKey]) -> tuple[list, list, list, list]:
-        """Decide each event's new state (as parallel lists) and add counted usage to its client's tally.
-
-        Client id 0 stands for "no client" (unmapped), so the lists stay plain integers.
-        """
+    def _classify(self, rows: Sequence, keys: list[ClientKey], live_keys: set[ClientKey]) -> EventMarks:
+        """Decide each event's new state and add counted usage to its client's tally (rows: ``ClaimedEvent``)."""
         ids, states, client_ids, quantities = [], [], [], []
         by_key = self.by_key
         max_tokens, max_messages = MAX_TOKENS_PER_EVENT, MAX_MESSAGES_PER_EVENT
         # One unpacking per row: this loop runs once per event (a million in the benchmark).
-        for event_id, agency_id, source, channel_id, location_id, inputs, outputs, messages, direction, at, received in rows:  # noqa: E501
-            key = (agency_id, "capri_api", channel_id) if channel_id is not None else (agency_id, "ghl", location_id)
+        for (event_id, _, source, _, _, inputs, outputs, messages, direction, at, received), key in zip(
+            rows, keys, strict=True
+        ):
             tally = by_key.get(key)
             if tally is None and key in live_keys:
                 self.deferred += 1  # its client is locked by an edit or another pass: next pass
@@ -582,7 +494,7 @@ class _Aggregation:
             states.append(state)
             client_ids.append(tally.id if status is not None else 0)
             quantities.append(quantity)
-        return ids, states, client_ids, quantities
+        return EventMarks(ids, states, client_ids, quantities)
 
     def _status_at(self, tally: _Tally, received: dt.datetime | int) -> str | None:
         """Return the client's status for usage received before its current term; None: not its usage then.
@@ -596,93 +508,52 @@ class _Aggregation:
                     term.client_id == tally.id
                 )
             ).all()
-            moment = _to_microseconds if self.postgresql else (lambda value: value)
-            tally.closed_terms = [(moment(starts), moment(ends), *settings) for starts, ends, *settings in rows]
-        for starts, ends, status, provider, source_key in tally.closed_terms:
+            moment = self.store.moment
+            tally.closed_terms = [
+                (moment(row.starts_at), moment(row.ends_at), row.status, (row.provider, row.source_key)) for row in rows
+            ]
+        for starts, ends, status, source in tally.closed_terms:
             if starts <= received < ends:
-                return status if (provider, source_key) == (tally.provider, tally.source_key) else None
+                return status if source == (tally.provider, tally.source_key) else None
         return None
-
-    def _write_events(self, first_id: int, last_id: int, ids: list, states: list, client_ids: list, quantities: list):
-        """Move a batch of events out of pending in one statement."""
-        if not ids:
-            return
-        self.events += len(ids)
-        if self.postgresql:
-            # Arrays as text literals (integers and fixed state words only): far cheaper to
-            # build than adapting Python lists element by element. The id range keeps the join on the
-            # primary key instead of a scan of the whole ledger.
-            db.session.execute(
-                text(
-                    "UPDATE usage_event AS e SET state = v.state, client_id = NULLIF(v.client_id, 0), "
-                    "counted = v.counted "
-                    "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:client_ids AS integer[]), "
-                    "CAST(:counted AS bigint[])) AS v(id, state, client_id, counted) "
-                    "WHERE e.id = v.id AND e.id BETWEEN :first_id AND :last_id"
-                ),
-                {
-                    "ids": _array_literal(ids),
-                    "states": _array_literal(states),
-                    "client_ids": _array_literal(client_ids),
-                    "counted": _array_literal(quantities),
-                    "first_id": first_id,
-                    "last_id": last_id,
-                },
-            )
-            return
-        db.session.execute(
-            update(UsageEvent.__table__)
-            .where(_EVENT.id == bindparam("b_id"))
-            .values(state=bindparam("b_state"), client_id=bindparam("b_client_id"), counted=bindparam("b_counted")),
-            [
-                {"b_id": event_id, "b_state": state, "b_client_id": client_id or None, "b_counted": quantity}
-                for event_id, state, client_id, quantity in zip(ids, states, client_ids, quantities, strict=True)
-            ],
-        )
 
     def finish(self) -> AggregationResult:
         """Apply the rule-1 arithmetic per client and write counters and one outbox row per client."""
-        client_rows, report_rows = [], []
+        counters, reports = [], []
         self._write_quarantines([tally for tally in self.tallies.values() if tally.newly_quarantined])
         for tally in self.tallies.values():
             if tally.new_usage == 0:
                 continue
-            remainder = tally.remainder + tally.new_usage
-            units, remainder = divmod(remainder, tally.billing_unit)
+            units, remainder = divmod(tally.remainder + tally.new_usage, tally.billing_unit)
             sequence = tally.report_sequence + (1 if units else 0)
-            client_rows.append(
-                {
-                    "b_id": tally.id,
-                    "b_counted_usage": tally.counted_usage + tally.new_usage,
-                    "b_units_logged": tally.units_logged + units,
-                    "b_remainder": remainder,
-                    "b_report_sequence": sequence,
-                }
+            counters.append(
+                ClientCounters(
+                    id=tally.id,
+                    counted_usage=tally.counted_usage + tally.new_usage,
+                    units_logged=tally.units_logged + units,
+                    remainder=remainder,
+                    report_sequence=sequence,
+                )
             )
             if units:
                 self.units += units
-                report_rows.append(
-                    {
-                        "agency_id": tally.agency_id,
-                        "client_id": tally.id,
-                        "identifier": report_identifier(tally.report_prefix, tally.id, sequence),
-                        "units": units,
-                        "usage_timestamp": usage_timestamp(_from_microseconds(tally.latest), self.now),
-                        "status": "pending",
-                        "attempts": 0,
-                        "next_attempt_at": self.now,
-                        "created_at": self.now,
-                        "updated_at": self.now,
-                    }
+                reports.append(
+                    NewReport(
+                        agency_id=tally.agency_id,
+                        client_id=tally.id,
+                        identifier=report_identifier(tally.report_prefix, tally.id, sequence),
+                        units=units,
+                        usage_timestamp=usage_timestamp(self.store.as_datetime(tally.latest), self.now),
+                    )
                 )
-        if client_rows:
-            self._write_clients(client_rows)
-        if report_rows:
+        if counters:
+            self.store.write_counters(counters, self.now)
+        if reports:
             # Written last: if the outbox insert fails, the whole transaction (counters, event states)
             # rolls back with it, so there are never counters without their outbox row.
-            self._write_reports(report_rows)
-            self.reports = len(report_rows)
-        self._expire_loaded(client_rows)
+            self.store.write_reports(reports, self.now)
+            self.reports = len(reports)
+        self._expire_loaded(counters)
         return AggregationResult(
             events=self.events,
             units=self.units,
@@ -709,70 +580,12 @@ class _Aggregation:
             if client is not None:
                 db.session.expire(client)
 
-    def _write_clients(self, client_rows: list[dict]) -> None:
-        """Store the new counters of every client this pass changed, in one statement on PostgreSQL."""
-        if not self.postgresql:
-            db.session.execute(
-                update(RebillClient.__table__)
-                .where(_CLIENT.id == bindparam("b_id"))
-                .values(
-                    counted_usage=bindparam("b_counted_usage"),
-                    units_logged=bindparam("b_units_logged"),
-                    remainder=bindparam("b_remainder"),
-                    report_sequence=bindparam("b_report_sequence"),
-                    updated_at=self.now,
-                ),
-                client_rows,
-            )
-            return
-        db.session.execute(
-            text(
-                "UPDATE rebill_client AS c SET counted_usage = v.counted_usage, units_logged = v.units_logged, "
-                "remainder = v.remainder, report_sequence = v.report_sequence, updated_at = :now "
-                "FROM unnest(CAST(:ids AS integer[]), CAST(:counted AS bigint[]), CAST(:units AS bigint[]), "
-                "CAST(:remainders AS bigint[]), CAST(:sequences AS integer[])) "
-                "AS v(id, counted_usage, units_logged, remainder, report_sequence) WHERE c.id = v.id"
-            ),
-            {
-                "ids": _array_literal([row["b_id"] for row in client_rows]),
-                "counted": _array_literal([row["b_counted_usage"] for row in client_rows]),
-                "units": _array_literal([row["b_units_logged"] for row in client_rows]),
-                "remainders": _array_literal([row["b_remainder"] for row in client_rows]),
-                "sequences": _array_literal([row["b_report_sequence"] for row in client_rows]),
-                "now": self.now,
-            },
-        )
-
-    def _write_reports(self, report_rows: list[dict]) -> None:
-        """Insert the pass's outbox rows, in one statement on PostgreSQL."""
-        if not self.postgresql:
-            db.session.execute(insert(UnitReport.__table__), report_rows)
-            return
-        db.session.execute(
-            text(
-                "INSERT INTO unit_report (agency_id, client_id, identifier, units, usage_timestamp, status, "
-                "attempts, next_attempt_at, created_at, updated_at) "
-                "SELECT v.agency_id, v.client_id, v.identifier, v.units, v.usage_timestamp, 'pending', 0, "
-                ":now, :now, :now FROM unnest(CAST(:agencies AS integer[]), CAST(:clients AS integer[]), "
-                "CAST(:identifiers AS text[]), CAST(:units AS bigint[]), CAST(:stamps AS timestamptz[])) "
-                "AS v(agency_id, client_id, identifier, units, usage_timestamp)"
-            ),
-            {
-                "agencies": [row["agency_id"] for row in report_rows],
-                "clients": [row["client_id"] for row in report_rows],
-                "identifiers": [row["identifier"] for row in report_rows],
-                "units": [row["units"] for row in report_rows],
-                "stamps": [row["usage_timestamp"] for row in report_rows],
-                "now": self.now,
-            },
-        )
-
     @staticmethod
-    def _expire_loaded(client_rows: list[dict]) -> None:
+    def _expire_loaded(counters: list[ClientCounters]) -> None:
         """Expire ORM objects this pass changed behind the session's back, so they reload on next access."""
         identity_map = db.session.identity_map
-        for row in client_rows:
-            client = identity_map.get(identity_key(RebillClient, row["b_id"]))
+        for row in counters:
+            client = identity_map.get(identity_key(RebillClient, row.id))
             if client is not None:
                 db.session.expire(client)
         for obj in list(identity_map.values()):

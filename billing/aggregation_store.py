@@ -1,0 +1,287 @@
+"""The batch SQL of aggregation (billing.units): one interface, a PostgreSQL and a SQLite implementation.
+
+``aggregation_store()`` picks the implementation for the session's database once per pass; billing.units
+then reads as its algorithm and never asks which database it runs on. Both implementations take and return
+the same shapes and write the same rows. PostgreSQL sends each batch in one statement over ``unnest`` arrays
+and reads the claim as plain DBAPI tuples with times as integer microseconds (the bench's hot path, see
+bench/README.md); SQLite uses SQLAlchemy's executemany and datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from sqlalchemy import BigInteger, bindparam, cast, extract, insert, select, text, tuple_, update
+
+from billing.models import RebillClient, UnitReport, UsageEvent
+from billing.sources import ClientKey
+from core.database import db
+
+KEY_LOOKUP_CHUNK = 500
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+_EVENT = UsageEvent.__table__.c
+_CLIENT = RebillClient.__table__.c
+
+
+class ClaimedEvent(NamedTuple):
+    """A claimed pending event, in the claim's column order.
+
+    The claim returns plain tuples of this shape (building a named tuple per row costs more than the rest of
+    the per-event work); read them by unpacking into these names. ``occurred`` and ``received`` are moments
+    in the store's own unit (``AggregationStore.moment``).
+    """
+
+    id: int
+    agency_id: int
+    source: str
+    channel_id: str | None
+    location_id: str | None
+    input_tokens: int
+    output_tokens: int
+    messages: int
+    direction: str | None
+    occurred: dt.datetime | int
+    received: dt.datetime | int
+
+
+class LiveClient(NamedTuple):
+    id: int
+    agency_id: int
+    provider: str
+    source_key: str
+
+
+class ClientCounters(NamedTuple):
+    """A client's counters after a pass (rule 1)."""
+
+    id: int
+    counted_usage: int
+    units_logged: int
+    remainder: int
+    report_sequence: int
+
+
+class NewReport(NamedTuple):
+    """One outbox row a pass writes (written ``pending``, no attempts yet)."""
+
+    agency_id: int
+    client_id: int
+    identifier: str
+    units: int
+    usage_timestamp: dt.datetime
+
+
+class EventMarks(NamedTuple):
+    """The new state of a batch of events, as parallel lists (client id 0: no client)."""
+
+    ids: list[int]
+    states: list[str]
+    client_ids: list[int]
+    counted: list[int]
+
+
+_CLAIM_COLUMNS = (
+    _EVENT.id,
+    _EVENT.agency_id,
+    _EVENT.source,
+    _EVENT.channel_id,
+    _EVENT.location_id,
+    _EVENT.input_tokens,
+    _EVENT.output_tokens,
+    _EVENT.messages,
+    _EVENT.direction,
+)
+
+
+class AggregationStore:
+    """What both databases share; the subclasses write the batch statements their own way."""
+
+    def moment(self, value: dt.datetime) -> dt.datetime | int:
+        """Return a datetime in the unit the claim reads times in."""
+        return value
+
+    def as_datetime(self, value: dt.datetime | int | None) -> dt.datetime | None:
+        """Return an aware UTC datetime for a moment in the claim's unit."""
+        return value
+
+    def take_write_lock(self) -> None:
+        """Make this transaction the database's writer now, where the database needs that (SQLite)."""
+
+    def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
+        """Return up to ``limit`` pending events with after < id <= newest, in id order (``ClaimedEvent`` tuples)."""
+        return db.session.execute(self._claim(after, newest, limit, where)).all()
+
+    def _claim(self, after: int, newest: int, limit: int, where: Sequence, columns=()):
+        columns = columns or (_EVENT.occurred_at, _EVENT.received_at)
+        return (
+            select(*_CLAIM_COLUMNS, *columns)
+            .where(_EVENT.state == "pending", _EVENT.id > after, _EVENT.id <= newest, *where)
+            .order_by(_EVENT.id)
+            .limit(limit)
+        )
+
+    def find_live_clients(self, keys: list[ClientKey]) -> list[LiveClient]:
+        """Return the live clients of these keys (no lock)."""
+        found = []
+        for start in range(0, len(keys), KEY_LOOKUP_CHUNK):
+            found += db.session.execute(
+                select(_CLIENT.id, _CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).where(
+                    _CLIENT.deleted_at.is_(None),
+                    tuple_(_CLIENT.agency_id, _CLIENT.provider, _CLIENT.source_key).in_(
+                        keys[start : start + KEY_LOOKUP_CHUNK]
+                    ),
+                )
+            ).all()
+        return [LiveClient(*row) for row in found]
+
+    def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
+        """Move a batch of events (ids between first_id and last_id) out of pending."""
+        db.session.execute(
+            update(UsageEvent.__table__)
+            .where(_EVENT.id == bindparam("b_id"))
+            .values(state=bindparam("b_state"), client_id=bindparam("b_client_id"), counted=bindparam("b_counted")),
+            [
+                {"b_id": event_id, "b_state": state, "b_client_id": client_id or None, "b_counted": quantity}
+                for event_id, state, client_id, quantity in zip(*marks, strict=True)
+            ],
+        )
+
+    def write_counters(self, rows: list[ClientCounters], now: dt.datetime) -> None:
+        """Store the new counters of every client a pass changed."""
+        db.session.execute(
+            update(RebillClient.__table__)
+            .where(_CLIENT.id == bindparam("b_id"))
+            .values(
+                counted_usage=bindparam("b_counted_usage"),
+                units_logged=bindparam("b_units_logged"),
+                remainder=bindparam("b_remainder"),
+                report_sequence=bindparam("b_report_sequence"),
+                updated_at=now,
+            ),
+            [{f"b_{name}": value for name, value in row._asdict().items()} for row in rows],
+        )
+
+    def write_reports(self, rows: list[NewReport], now: dt.datetime) -> None:
+        """Insert a pass's outbox rows."""
+        fresh = {"status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now}
+        db.session.execute(insert(UnitReport.__table__), [{**row._asdict(), **fresh} for row in rows])
+
+
+class SqliteAggregationStore(AggregationStore):
+    def take_write_lock(self) -> None:
+        # A read-then-write SQLite transaction can fail with "database is locked" when another writer commits
+        # in between; a first (empty) write takes the lock up front and later writers wait on the busy timeout.
+        db.session.execute(update(RebillClient.__table__).where(_CLIENT.id == -1).values(remainder=_CLIENT.remainder))
+
+
+def _microseconds(column):
+    return cast(extract("epoch", column) * 1_000_000, BigInteger)
+
+
+def _array_literal(values: Sequence[int | str]) -> str:
+    """Return a PostgreSQL array literal of integers or plain words (no quoting needed)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _columns(rows: Sequence[NamedTuple]) -> dict[str, tuple]:
+    """Return a non-empty batch of named tuples as {field name: the column of its values}."""
+    return dict(zip(rows[0]._fields, zip(*rows, strict=True), strict=True))
+
+
+class PostgresAggregationStore(AggregationStore):
+    """One statement per batch; the claim takes its rows with FOR UPDATE (SKIP LOCKED for passes)."""
+
+    def moment(self, value: dt.datetime) -> int:
+        # Formatting every timestamp in the server and parsing it into a datetime was a measurable part of
+        # the claim reads (bench/README.md): the claim reads integer microseconds since the epoch instead.
+        delta = value - EPOCH
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+    def as_datetime(self, value: dt.datetime | int | None) -> dt.datetime | None:
+        return EPOCH + dt.timedelta(microseconds=value) if isinstance(value, int) else value
+
+    def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
+        # SKIP LOCKED: two passes at once claim disjoint events. A flush waits instead, so it sees every
+        # pending event of its client (LockRows sits under LIMIT: rows that stopped being pending while we
+        # waited are skipped, not returned, so an empty batch means done).
+        times = (_microseconds(_EVENT.occurred_at), _microseconds(_EVENT.received_at))
+        statement = self._claim(after, newest, limit, where, times).with_for_update(skip_locked=skip_locked)
+        # Plain DBAPI tuples: streaming a million ledger rows through SQLAlchemy's per-row result processing
+        # costs seconds, and the values read here (ids, strings, integers) need none of it.
+        compiled = statement.compile(dialect=db.engine.dialect)
+        connection = db.session.connection().connection.dbapi_connection
+        with connection.cursor() as cursor:
+            cursor.execute(str(compiled), compiled.params)
+            return cursor.fetchall()
+
+    def find_live_clients(self, keys: list[ClientKey]) -> list[LiveClient]:
+        # One statement for any number of keys; the join uses the live-source unique index.
+        agencies, providers, source_keys = zip(*keys, strict=True) if keys else ((), (), ())
+        rows = db.session.execute(
+            text(
+                "SELECT c.id, c.agency_id, c.provider, c.source_key FROM rebill_client AS c "
+                "JOIN unnest(CAST(:agencies AS integer[]), CAST(:providers AS text[]), CAST(:keys AS text[])) "
+                "AS k(agency_id, provider, source_key) ON c.agency_id = k.agency_id "
+                "AND c.provider = k.provider AND c.source_key = k.source_key WHERE c.deleted_at IS NULL"
+            ),
+            {"agencies": list(agencies), "providers": list(providers), "keys": list(source_keys)},
+        ).all()
+        return [LiveClient(*row) for row in rows]
+
+    def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
+        # Arrays as text literals (integers and fixed state words only): far cheaper to build than adapting
+        # Python lists element by element. The id range keeps the join on the primary key instead of a scan
+        # of the whole ledger.
+        db.session.execute(
+            text(
+                "UPDATE usage_event AS e SET state = v.state, client_id = NULLIF(v.client_id, 0), "
+                "counted = v.counted "
+                "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:client_ids AS integer[]), "
+                "CAST(:counted AS bigint[])) AS v(id, state, client_id, counted) "
+                "WHERE e.id = v.id AND e.id BETWEEN :first_id AND :last_id"
+            ),
+            {
+                **{name: _array_literal(values) for name, values in marks._asdict().items()},
+                "first_id": first_id,
+                "last_id": last_id,
+            },
+        )
+
+    def write_counters(self, rows: list[ClientCounters], now: dt.datetime) -> None:
+        db.session.execute(
+            text(
+                "UPDATE rebill_client AS c SET counted_usage = v.counted_usage, units_logged = v.units_logged, "
+                "remainder = v.remainder, report_sequence = v.report_sequence, updated_at = :now "
+                "FROM unnest(CAST(:id AS integer[]), CAST(:counted_usage AS bigint[]), "
+                "CAST(:units_logged AS bigint[]), CAST(:remainder AS bigint[]), CAST(:report_sequence AS integer[])) "
+                "AS v(id, counted_usage, units_logged, remainder, report_sequence) WHERE c.id = v.id"
+            ),
+            {
+                **{name: _array_literal(column) for name, column in _columns(rows).items()},
+                "now": now,
+            },
+        )
+
+    def write_reports(self, rows: list[NewReport], now: dt.datetime) -> None:
+        db.session.execute(
+            text(
+                "INSERT INTO unit_report (agency_id, client_id, identifier, units, usage_timestamp, status, "
+                "attempts, next_attempt_at, created_at, updated_at) "
+                "SELECT v.agency_id, v.client_id, v.identifier, v.units, v.usage_timestamp, 'pending', 0, "
+                ":now, :now, :now FROM unnest(CAST(:agency_id AS integer[]), CAST(:client_id AS integer[]), "
+                "CAST(:identifier AS text[]), CAST(:units AS bigint[]), CAST(:usage_timestamp AS timestamptz[])) "
+                "AS v(agency_id, client_id, identifier, units, usage_timestamp)"
+            ),
+            {**{name: list(column) for name, column in _columns(rows).items()}, "now": now},
+        )
+
+
+_STORES: dict[str, AggregationStore] = {"postgresql": PostgresAggregationStore(), "sqlite": SqliteAggregationStore()}
+
+
+def aggregation_store() -> AggregationStore:
+    """Return the implementation for the session's database (the one place that asks which it is)."""
+    return _STORES[db.engine.dialect.name]
