@@ -10,12 +10,13 @@ bench/README.md); SQLite uses SQLAlchemy's executemany and datetimes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from sqlalchemy import BigInteger, bindparam, cast, extract, insert, select, text, tuple_, update
+from sqlalchemy import BigInteger, bindparam, cast, extract, func, insert, select, text, tuple_, update
+from sqlalchemy.orm.util import identity_key
 
-from billing.models import RebillClient, UnitReport, UsageEvent
+from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
 from billing.sources import ClientKey
 from core.database import db
 
@@ -83,6 +84,25 @@ class EventMarks(NamedTuple):
     counted: list[int]
 
 
+# What aggregation reads of a client it locks (billing.units._Tally).
+TALLY_FIELDS = (
+    "id",
+    "agency_id",
+    "provider",
+    "source_key",
+    "charge_by",
+    "message_source",
+    "status",
+    "billing_unit",
+    "counted_usage",
+    "units_logged",
+    "remainder",
+    "report_sequence",
+    "report_prefix",
+    "quarantine_reason",
+    "term_started_at",
+    "monthly_cap_units",
+)
 _CLAIM_COLUMNS = (
     _EVENT.id,
     _EVENT.agency_id,
@@ -110,6 +130,13 @@ class AggregationStore:
     def take_write_lock(self) -> None:
         """Make this transaction the database's writer now, where the database needs that (SQLite)."""
 
+    def newest_event_id(self) -> int | None:
+        return db.session.scalar(select(func.max(_EVENT.id)))
+
+    def agencies_with_pending_usage(self) -> list[int]:
+        query = select(_EVENT.agency_id).where(_EVENT.state == "pending").distinct().order_by(_EVENT.agency_id)
+        return list(db.session.scalars(query))
+
     def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
         """Return up to ``limit`` pending events with after < id <= newest, in id order (``ClaimedEvent`` tuples)."""
         return db.session.execute(self._claim(after, newest, limit, where)).all()
@@ -136,6 +163,46 @@ class AggregationStore:
                 )
             ).all()
         return [LiveClient(*row) for row in found]
+
+    def lock_clients(self, ids: list[int], *, skip_locked: bool) -> Iterator[list]:
+        """Lock these live clients in id order and yield their ``TALLY_FIELDS``, a chunk at a time.
+
+        Consistent id order; SKIP LOCKED so aggregation never waits (see billing.units' docstring).
+        """
+        for start in range(0, len(ids), KEY_LOOKUP_CHUNK):
+            yield db.session.execute(
+                select(*(_CLIENT[name] for name in TALLY_FIELDS))
+                .where(_CLIENT.id.in_(ids[start : start + KEY_LOOKUP_CHUNK]), _CLIENT.deleted_at.is_(None))
+                .order_by(_CLIENT.id)
+                .with_for_update(skip_locked=skip_locked)
+            ).all()
+
+    def closed_terms(self, client_id: int) -> list:
+        """Return the client's closed terms (starts_at, ends_at, status, provider, source_key)."""
+        term = RebillClientTerm.__table__.c
+        return db.session.execute(
+            select(term.starts_at, term.ends_at, term.status, term.provider, term.source_key).where(
+                term.client_id == client_id
+            )
+        ).all()
+
+    def write_quarantine(self, client_id: int, reason: str, now: dt.datetime) -> None:
+        """Record why a client stopped counting (rare: one statement per client)."""
+        db.session.execute(
+            update(RebillClient.__table__)
+            .where(_CLIENT.id == client_id)
+            .values(quarantine_reason=reason, updated_at=now)
+        )
+        _expire_client(client_id)
+
+    @staticmethod
+    def expire_loaded(client_ids: list[int]) -> None:
+        """Expire loaded clients and events written behind the session's back, so they reload on next access."""
+        for client_id in client_ids:
+            _expire_client(client_id)
+        for obj in list(db.session.identity_map.values()):
+            if isinstance(obj, UsageEvent):
+                db.session.expire(obj)
 
     def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
         """Move a batch of events (ids between first_id and last_id) out of pending."""
@@ -172,8 +239,6 @@ class AggregationStore:
 
 class SqliteAggregationStore(AggregationStore):
     def take_write_lock(self) -> None:
-        # A read-then-write SQLite transaction can fail with "database is locked" when another writer commits
-        # in between; a first (empty) write takes the lock up front and later writers wait on the busy timeout.
         db.session.execute(update(RebillClient.__table__).where(_CLIENT.id == -1).values(remainder=_CLIENT.remainder))
 
 
@@ -184,6 +249,12 @@ def _microseconds(column):
 def _array_literal(values: Sequence[int | str]) -> str:
     """Return a PostgreSQL array literal of integers or plain words (no quoting needed)."""
     return "{" + ",".join(map(str, values)) + "}"
+
+
+def _expire_client(client_id: int) -> None:
+    client = db.session.identity_map.get(identity_key(RebillClient, client_id))
+    if client is not None:
+        db.session.expire(client)
 
 
 def _columns(rows: Sequence[NamedTuple]) -> dict[str, tuple]:
@@ -277,6 +348,16 @@ class PostgresAggregationStore(AggregationStore):
             ),
             {**{name: list(column) for name, column in _columns(rows).items()}, "now": now},
         )
+
+
+def take_write_lock() -> None:
+    """On SQLite, make this transaction the database's writer now, so concurrent writers serialise.
+
+    A read-then-write SQLite transaction can fail with "database is locked" when another writer commits in
+    between; a first (empty) write takes the lock up front and later writers wait on the busy timeout.
+    PostgreSQL uses row locks instead, so nothing happens there.
+    """
+    aggregation_store().take_write_lock()
 
 
 _STORES: dict[str, AggregationStore] = {"postgresql": PostgresAggregationStore(), "sqlite": SqliteAggregationStore()}

@@ -16,20 +16,20 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from billing.alerts import parse_thresholds, thresholds_of
-from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
-from billing.price_usability import PriceInfo
-from billing.reporting import retry_failed_reports
-from billing.stripe_gateway import StripeKeyRejected, StripeRequestRejected, gateway_for
-from billing.stripe_target import StripeTarget
-from billing.units import (
-    flush_client_usage,
+from billing.client_terms import (
     set_billing_unit,
     set_client_status,
     settle_source_before_mapping,
     start_counting,
     start_new_term,
-    take_write_lock,
 )
+from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
+from billing.price_usability import PriceInfo
+from billing.reporting import retry_failed_reports
+from billing.sources import source_field
+from billing.stripe_gateway import StripeKeyRejected, StripeRequestRejected, gateway_for
+from billing.stripe_target import StripeTarget
+from billing.units import flush_client_usage, take_write_lock
 from core.database import db, utcnow
 from core.errors import ClientInvalid, NotFound
 
@@ -96,7 +96,7 @@ def create_client(
             db.session.flush()
     except IntegrityError:
         # A concurrent request mapped the same source between our check and our insert.
-        raise ClientInvalid({_source_field(values["provider"]): "another client already uses it"}) from None
+        raise ClientInvalid({source_field(values["provider"]): "another client already uses it"}) from None
     settle_source_before_mapping(agency.id, values["provider"], source_key, bill_unmapped=bill_unmapped_usage)
     start_counting(client, earlier_usage=bill_unmapped_usage)
     db.session.flush()
@@ -108,7 +108,7 @@ def update_client(
 ) -> RebillClient:
     """Change any client fields; usage pending at the change counts under the old settings (rules 4, 5).
 
-    A new N applies to the carried remainder (billing.units.set_billing_unit); pausing or resuming first
+    A new N applies to the carried remainder (billing.client_terms.set_billing_unit); pausing or resuming first
     counts pending events under the old status, so usage received while paused is never billed. A new
     channel/subaccount is mapped from now on (its earlier usage stays unmapped). charge_by is fixed at
     creation: a remainder of tokens is no remainder of messages (carrying it would bill usage that never
@@ -161,7 +161,7 @@ def update_client(
             with db.session.begin_nested():
                 db.session.flush()
         except IntegrityError:
-            raise ClientInvalid({_source_field(values["provider"]): "another client already uses it"}) from None
+            raise ClientInvalid({source_field(values["provider"]): "another client already uses it"}) from None
         settle_source_before_mapping(agency.id, values["provider"], source_key, bill_unmapped=False)
     db.session.flush()
     if stripe_changed:
@@ -378,7 +378,7 @@ def _refuse_taken_source(agency_id: int, provider: str, source_key: str, *, exce
         )
     ).one_or_none()
     if taken is not None and taken.id != except_id:
-        raise ClientInvalid({_source_field(provider): f"already billed by client '{taken.nickname}'"})
+        raise ClientInvalid({source_field(provider): f"already billed by client '{taken.nickname}'"})
 
 
 def _field_values(client: RebillClient) -> dict[str, Any]:
@@ -388,11 +388,7 @@ def _field_values(client: RebillClient) -> dict[str, Any]:
 
 
 def _source_key(values: Mapping[str, Any]) -> str:
-    return values["channel_id"] if values["provider"] == "capri_api" else values["location_id"]
-
-
-def _source_field(provider: str) -> str:
-    return "channel_id" if provider == "capri_api" else "location_id"
+    return values[source_field(values["provider"])]
 
 
 def _text(

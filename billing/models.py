@@ -162,7 +162,7 @@ class RebillClient(TimestampMixin, db.Model):
 class RebillClientTerm(db.Model):
     """A closed span of a client's history: usage received in [starts_at, ends_at) counted under these settings.
 
-    Written when a client is paused, resumed or moved to another source (billing.units.start_new_term), so
+    Written when a client is paused, resumed or moved to another source (billing.client_terms.start_new_term), so
     an event that committed after the change, or a replayed one, is judged by the settings in force when
     Rebill first received it.
     """

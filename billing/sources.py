@@ -1,8 +1,9 @@
-"""Which client a usage event belongs to: the one mapping its API channel, or the one mapping its GHL subaccount.
+"""Which client a usage event belongs to, and what the event measures for it.
 
 A usage event names exactly one of ``channel_id`` (usage API) or ``location_id`` (GHL subaccount); the
 client that bills it has the matching ``provider`` and that id as its ``source_key``. These functions are
-the one place that correspondence is written.
+the one place that correspondence is written. What an event of its source counts for the client depends
+on the client's ``charge_by`` and ``message_source`` (docs/billing-rules.md#what-counts).
 """
 
 from __future__ import annotations
@@ -30,3 +31,20 @@ def client_key(agency_id: int, channel_id: str | None, location_id: str | None) 
 def source_field(provider: str) -> str:
     """Return the field (of a client and of a usage event) that holds a provider's source key."""
     return "channel_id" if provider == CHANNEL_PROVIDER else "location_id"
+
+
+# The GHL message directions each message source counts; "platform" counts the AI platform's `messages`.
+GHL_DIRECTIONS = {"ghl_outbound": ("outbound",), "ghl_inbound": ("inbound",), "ghl_all": ("outbound", "inbound")}
+
+
+def usage_measure(charge_by: str, provider: str, message_source: str | None):
+    """Return the function (source, input, output, messages, direction) -> usage for a client's settings."""
+    if charge_by == "tokens":
+        # Tokens are reported only by the AI platform, through the usage API.
+        return lambda source, inputs, outputs, messages, direction: inputs + outputs if source == "capri" else 0
+    if provider == CHANNEL_PROVIDER or message_source == "platform":
+        return lambda source, inputs, outputs, messages, direction: messages if source == "capri" else 0
+    directions = GHL_DIRECTIONS.get(message_source or "ghl_outbound", ())
+    return lambda source, inputs, outputs, messages, direction: (
+        messages if source == "ghl" and direction in directions else 0
+    )

@@ -14,6 +14,7 @@ from sqlalchemy import and_, select
 
 from billing.models import ClientPeriod, RebillClient
 from billing.periods import period_of, units_in_periods
+from billing.sources import client_source
 from core.database import db, utcnow
 
 SOURCE_STATUSES = ("active", "paused", "capped", "payment_failed", "shadow", "unmapped")
@@ -35,7 +36,7 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
     not the agency chose to pause the client for it). paused / shadow: as the agency set the client. capped:
     the period's billed units reached the client's monthly cap. active: billed normally.
     """
-    provider, source_key = ("capri_api", channel) if channel is not None else ("ghl", location_id)
+    provider, source_key = client_source(channel, location_id)
     found = db.session.execute(
         select(RebillClient, ClientPeriod)
         .outerjoin(ClientPeriod, ClientPeriod.client_id == RebillClient.id)

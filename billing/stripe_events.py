@@ -29,9 +29,10 @@ import stripe
 from sqlalchemy import Row, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from billing.client_terms import set_client_status
 from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
 from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
-from billing.units import set_client_status, take_write_lock
+from billing.units import take_write_lock
 from core.database import db, utcnow
 from core.delivery_log import DeliveryLog, ReplaySummary
 from core.encryption import SecretUnreadable, secret_box

@@ -10,7 +10,7 @@ The rules (docs/billing-rules.md) this module implements, each pinned by a named
 3. An event whose channel / subaccount no live client maps becomes ``unmapped``, kept and never billed
    later — unless the agency creates a client with ``bill_unmapped_usage=True`` (billing.clients).
 4. Changing N first counts the client's pending events under the old N, then applies the new N to the
-   carried remainder (``set_billing_unit``), so the remainder never re-divides retroactively.
+   carried remainder (``billing.client_terms.set_billing_unit``), so the remainder never re-divides retroactively.
 5. A paused client's events become ``paused`` (measured, visible, never billed); pausing and resuming first
    count the pending events under the old status, so usage received while paused is never billed.
 7. One pass writes ONE ``UnitReport`` outbox row per client carrying all its new units k, in the same
@@ -25,13 +25,14 @@ The rules (docs/billing-rules.md) this module implements, each pinned by a named
    at the time it is aggregated: usage received from ``term_started_at`` on counts under the client's
    current status and source, earlier usage under the closed ``RebillClientTerm`` it was received in, or
    not at all (``unmapped``) before the client existed. Pausing, resuming and moving close the term
-   (``start_new_term``) after counting the pending events and under the client's row lock, so an ingest
-   that stamped its event before the change but committed after it, or a replayed delivery that keeps its
-   first receipt, is judged by the settings in force when it arrived. Passes never see a change half-made:
-   the change holds the client's row lock until it commits, and passes skip locked clients. The order of
-   commits no longer matters (PostgreSQL READ COMMITTED, the one-statement webhook path that stamps its
-   delivery and usage with one time, SQLite ingest waiting for the write lock after stamping): only the
-   received time does. Both times come from Rebill's processes' clocks, so hosts must keep NTP time.
+   (``billing.client_terms.start_new_term``) after counting the pending events and under the client's row
+   lock, so an ingest that stamped its event before the change but committed after it, or a replayed
+   delivery that keeps its first receipt, is judged by the settings in force when it arrived. Passes never
+   see a change half-made: the change holds the client's row lock until it commits, and passes skip locked
+   clients. The order of commits no longer matters (PostgreSQL READ COMMITTED, the one-statement webhook
+   path that stamps its delivery and usage with one time, SQLite ingest waiting for the write lock after
+   stamping): only the received time does. Both times come from Rebill's processes' clocks, so hosts must
+   keep NTP time.
 
 Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
 second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
@@ -50,23 +51,23 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm.util import identity_key
+from sqlalchemy import select
 
 from billing.aggregation_store import (
     EPOCH,
-    KEY_LOOKUP_CHUNK,
+    TALLY_FIELDS,
     AggregationStore,
     ClaimedEvent,
     ClientCounters,
     EventMarks,
     NewReport,
     aggregation_store,
+    take_write_lock,
 )
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
-from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
+from billing.models import RebillClient, UsageEvent
 from billing.periods import client_periods, units_in_periods
-from billing.sources import ClientKey, client_key, source_field
+from billing.sources import ClientKey, client_key, source_field, usage_measure
 from core.database import db, utcnow
 
 log = logging.getLogger("billing.units")
@@ -84,25 +85,6 @@ OLDEST_USAGE_TIMESTAMP = dt.timedelta(days=35) - dt.timedelta(hours=1)
 SINCE_THE_START = EPOCH
 
 _EVENT = UsageEvent.__table__.c
-_CLIENT = RebillClient.__table__.c
-_TALLY_COLUMNS = (
-    _CLIENT.id,
-    _CLIENT.agency_id,
-    _CLIENT.provider,
-    _CLIENT.source_key,
-    _CLIENT.charge_by,
-    _CLIENT.message_source,
-    _CLIENT.status,
-    _CLIENT.billing_unit,
-    _CLIENT.counted_usage,
-    _CLIENT.units_logged,
-    _CLIENT.remainder,
-    _CLIENT.report_sequence,
-    _CLIENT.report_prefix,
-    _CLIENT.quarantine_reason,
-    _CLIENT.term_started_at,
-    _CLIENT.monthly_cap_units,
-)
 
 
 @dataclass(frozen=True)
@@ -134,7 +116,7 @@ def aggregate_pending_usage(batch_size: int = BATCH_SIZE) -> AggregationResult:
     except Exception:  # any fault: the other agencies must not wait on it
         log.exception("aggregation pass failed; aggregating agency by agency")
     result = AggregationResult()
-    for agency_id in _agencies_with_pending_usage():
+    for agency_id in aggregation_store().agencies_with_pending_usage():
         try:
             with db.session.begin_nested():
                 result += _aggregate(batch_size, where=(_EVENT.agency_id == agency_id,))
@@ -152,11 +134,6 @@ def _aggregate(batch_size: int, where: Sequence = ()) -> AggregationResult:
     return aggregation.finish()
 
 
-def _agencies_with_pending_usage() -> list[int]:
-    query = select(_EVENT.agency_id).where(_EVENT.state == "pending").distinct().order_by(_EVENT.agency_id)
-    return list(db.session.scalars(query))
-
-
 def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> AggregationResult:
     """Aggregate the client's pending events under its current settings; the caller holds its row lock.
 
@@ -170,146 +147,9 @@ def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> Ag
     return aggregation.finish()
 
 
-def set_billing_unit(client: RebillClient, billing_unit: int) -> int:
-    """Apply a new N to the client's carried remainder and return the units that yields now.
-
-    Call after ``flush_client_usage`` under the client's row lock. Rule 4: the remainder already counted
-    carries into the new N. Decision: if the carried remainder reaches the new N (N was lowered), its
-    units are logged at the change, in this transaction, with their own outbox row — so ``remainder < N``
-    always holds and those units reach Stripe at the next tick without waiting for new usage.
-    """
-    units, remainder = divmod(client.remainder, billing_unit)
-    client.billing_unit = billing_unit
-    client.remainder = remainder
-    if units:
-        client.units_logged += units
-        client.report_sequence += 1
-        now = utcnow()
-        db.session.add(
-            UnitReport(
-                agency_id=client.agency_id,
-                client_id=client.id,
-                identifier=report_identifier(client.report_prefix, client.id, client.report_sequence),
-                units=units,
-                usage_timestamp=now,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-            )
-        )
-    return units
-
-
-def start_counting(client: RebillClient, *, earlier_usage: bool) -> None:
-    """Start a new client's first term now (rule 11), after its source's pending usage was settled.
-
-    ``earlier_usage``: the agency chose to bill the source's earlier unmapped usage, so the term reaches
-    back to the start; otherwise usage received before this moment was never this client's.
-    """
-    client.term_started_at = SINCE_THE_START if earlier_usage else utcnow()
-
-
-def start_new_term(client: RebillClient) -> None:
-    """Close the client's current term now, before its status or source changes (rule 11).
-
-    Call under the client's row lock, after ``flush_client_usage``: usage received until now counts under
-    the settings that were in force, usage received from now on under the ones the caller sets next.
-    """
-    now = utcnow()
-    db.session.add(
-        RebillClientTerm(
-            client_id=client.id,
-            starts_at=client.term_started_at,
-            ends_at=now,
-            status=client.status,
-            provider=client.provider,
-            source_key=client.source_key,
-        )
-    )
-    client.term_started_at = now
-
-
-def set_client_status(client: RebillClient, status: str) -> None:
-    """Pause or resume a client the caller holds locked (rules 5 and 11).
-
-    Its pending usage counts under the old status first, and usage received until now keeps the old status
-    even if it commits later; usage received from now on gets the new one.
-    """
-    flush_client_usage(client)
-    start_new_term(client)
-    client.status = status
-
-
-def settle_source_before_mapping(agency_id: int, provider: str, source_key: str, *, bill_unmapped: bool) -> int:
-    """Prepare a source's earlier usage for a client about to map it; return the events it will bill.
-
-    Rule 3. Default: events of the source still pending were received before any client mapped it, so
-    they become ``unmapped`` now and are never billed. With ``bill_unmapped=True`` (the agency's explicit
-    choice) the source's unmapped events, and its pending ones, are left / put back to ``pending`` and the
-    next aggregation counts them under the new client; the count of those events is returned.
-    """
-    where = source_filter(agency_id, provider, source_key)
-    if not bill_unmapped:
-        # Waits for events a running pass claimed; that pass marks them unmapped too (it cannot see the
-        # client this transaction is creating), and they no longer match "pending" when we get them.
-        db.session.execute(
-            update(UsageEvent.__table__).where(_EVENT.state == "pending", *where).values(state="unmapped")
-        )
-        return 0
-    # Lock (waiting) the source's pending and unmapped events first: events a running pass claimed come
-    # back here as "unmapped" once it commits, and are then put back to pending with the others.
-    db.session.execute(
-        select(_EVENT.id).where(_EVENT.state.in_(("pending", "unmapped")), *where).with_for_update()
-    ).all()
-    db.session.execute(update(UsageEvent.__table__).where(_EVENT.state == "unmapped", *where).values(state="pending"))
-    return db.session.scalar(select(func.count()).where(_EVENT.state == "pending", *where))
-
-
-def take_write_lock() -> None:
-    """On SQLite, make this transaction the database's writer now, so concurrent writers serialise.
-
-    A read-then-write SQLite transaction can fail with "database is locked" when another writer commits in
-    between; a first (empty) write takes the lock up front and later writers wait on the busy timeout.
-    PostgreSQL uses row locks instead, so nothing happens there.
-    """
-    aggregation_store().take_write_lock()
-
-
 def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:
     """Return the WHERE terms selecting usage events of one channel (capri_api) or subaccount (ghl)."""
     return (_EVENT.agency_id == agency_id, _EVENT[source_field(provider)] == source_key)
-
-
-def measure_usage(
-    charge_by: str,
-    provider: str,
-    message_source: str | None,
-    source: str,
-    input_tokens: int,
-    output_tokens: int,
-    messages: int,
-    direction: str | None,
-) -> int:
-    """Return how much of a client's charge_by one matched event carries (docs/billing-rules.md#what-counts)."""
-    measure = usage_measure(charge_by, provider, message_source)
-    return measure(source, input_tokens, output_tokens, messages, direction)
-
-
-# The GHL message directions each message source counts; "platform" counts the AI platform's `messages`.
-GHL_DIRECTIONS = {"ghl_outbound": ("outbound",), "ghl_inbound": ("inbound",), "ghl_all": ("outbound", "inbound")}
-
-
-def usage_measure(charge_by: str, provider: str, message_source: str | None):
-    """Return the function (source, input, output, messages, direction) -> usage for a client's settings."""
-    if charge_by == "tokens":
-        # Tokens are reported only by the AI platform, through the usage API.
-        return lambda source, inputs, outputs, messages, direction: inputs + outputs if source == "capri" else 0
-    if provider == "capri_api" or message_source == "platform":
-        return lambda source, inputs, outputs, messages, direction: messages if source == "capri" else 0
-    directions = GHL_DIRECTIONS.get(message_source or "ghl_outbound", ())
-    return lambda source, inputs, outputs, messages, direction: (
-        messages if source == "ghl" and direction in directions else 0
-    )
 
 
 def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
@@ -328,8 +168,8 @@ class _Tally:
     """One locked client's settings, counters, and the usage this pass adds to it."""
 
     def __init__(self, row, store: AggregationStore):
-        for name in _TALLY_COLUMNS:
-            setattr(self, name.key, getattr(row, name.key))
+        for name in TALLY_FIELDS:
+            setattr(self, name, getattr(row, name))
         self.term_started = store.moment(self.term_started_at)  # in the claim's unit of time
         self.closed_terms: list[tuple] | None = None  # (starts, ends, status, (provider, source_key)), loaded once
         self.measure = usage_measure(self.charge_by, self.provider, self.message_source)
@@ -379,7 +219,7 @@ class _Aggregation:
 
     def run(self, *, batch_size: int, where: Sequence = ()) -> None:
         """Claim and classify pending events (up to the newest id at the start), batch by batch."""
-        newest = db.session.scalar(select(func.max(_EVENT.id)))
+        newest = self.store.newest_event_id()
         if newest is None:
             return
         after = 0
@@ -408,14 +248,7 @@ class _Aggregation:
         found = self.store.find_live_clients(unknown)
         live = {(client.agency_id, client.provider, client.source_key) for client in found}
         ids = sorted(client.id for client in found)
-        for start in range(0, len(ids), KEY_LOOKUP_CHUNK):
-            # Consistent id order; SKIP LOCKED so aggregation never waits (see the module docstring).
-            locked = db.session.execute(
-                select(*_TALLY_COLUMNS)
-                .where(_CLIENT.id.in_(ids[start : start + KEY_LOOKUP_CHUNK]), _CLIENT.deleted_at.is_(None))
-                .order_by(_CLIENT.id)
-                .with_for_update(skip_locked=self.skip_locked)
-            ).all()
+        for locked in self.store.lock_clients(ids, skip_locked=self.skip_locked):
             tallies = [_Tally(row, self.store) for row in locked]
             for tally in tallies:
                 self.tallies[tally.id] = tally
@@ -502,15 +335,10 @@ class _Aggregation:
         Rare (an ingest that committed after a change, a replay): the client's closed terms are read once.
         """
         if tally.closed_terms is None:
-            term = RebillClientTerm.__table__.c
-            rows = db.session.execute(
-                select(term.starts_at, term.ends_at, term.status, term.provider, term.source_key).where(
-                    term.client_id == tally.id
-                )
-            ).all()
             moment = self.store.moment
             tally.closed_terms = [
-                (moment(row.starts_at), moment(row.ends_at), row.status, (row.provider, row.source_key)) for row in rows
+                (moment(term.starts_at), moment(term.ends_at), term.status, (term.provider, term.source_key))
+                for term in self.store.closed_terms(tally.id)
             ]
         for starts, ends, status, source in tally.closed_terms:
             if starts <= received < ends:
@@ -553,7 +381,7 @@ class _Aggregation:
             # rolls back with it, so there are never counters without their outbox row.
             self.store.write_reports(reports, self.now)
             self.reports = len(reports)
-        self._expire_loaded(counters)
+        self.store.expire_loaded([row.id for row in counters])
         return AggregationResult(
             events=self.events,
             units=self.units,
@@ -571,23 +399,4 @@ class _Aggregation:
                     "fields": {"client_id": tally.id, "agency_id": tally.agency_id, "reason": tally.quarantine_reason}
                 },
             )
-            db.session.execute(
-                update(RebillClient.__table__)
-                .where(_CLIENT.id == tally.id)
-                .values(quarantine_reason=tally.quarantine_reason, updated_at=self.now)
-            )
-            client = db.session.identity_map.get(identity_key(RebillClient, tally.id))
-            if client is not None:
-                db.session.expire(client)
-
-    @staticmethod
-    def _expire_loaded(counters: list[ClientCounters]) -> None:
-        """Expire ORM objects this pass changed behind the session's back, so they reload on next access."""
-        identity_map = db.session.identity_map
-        for row in counters:
-            client = identity_map.get(identity_key(RebillClient, row.id))
-            if client is not None:
-                db.session.expire(client)
-        for obj in list(identity_map.values()):
-            if isinstance(obj, UsageEvent):
-                db.session.expire(obj)
+            self.store.write_quarantine(tally.id, tally.quarantine_reason, self.now)

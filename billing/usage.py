@@ -9,6 +9,7 @@ from sqlalchemy import case, func, select
 
 from billing.clients import get_client
 from billing.models import Agency, RebillClient, UnitReport, UsageEvent
+from billing.sources import client_source
 from billing.units import source_filter
 from core.database import db, is_postgresql, utcnow
 
@@ -103,8 +104,8 @@ def unmapped_usage(agency: Agency) -> list[dict]:
     )
     listed = []
     for row in rows:
-        provider = "capri_api" if row.channel_id is not None else "ghl"
-        if (provider, row.channel_id or row.location_id) in mapped:
+        provider, source_key = client_source(row.channel_id, row.location_id)
+        if (provider, source_key) in mapped:
             continue
         listed.append(
             {
