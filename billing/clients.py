@@ -23,11 +23,21 @@ from billing.client_terms import (
     start_counting,
     start_new_term,
 )
-from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS, Agency, RebillClient, is_row_id
+from billing.estimates import AmountInvalid, PriceTerms, major_units, minor_units, units_within
+from billing.models import (
+    CHARGE_BY,
+    CLIENT_STATUSES,
+    MESSAGE_SOURCES,
+    PROVIDERS,
+    Agency,
+    ClientPeriod,
+    RebillClient,
+    is_row_id,
+)
 from billing.price_usability import PriceInfo
 from billing.reporting import retry_failed_reports
 from billing.sources import source_field
-from billing.stripe_gateway import StripeKeyRejected, StripeRequestRejected, gateway_for
+from billing.stripe_gateway import StripeGateway, StripeKeyRejected, StripeRequestRejected, gateway_for
 from billing.stripe_target import StripeTarget
 from billing.units import flush_client_usage, take_write_lock
 from core.database import db, utcnow
@@ -47,6 +57,7 @@ CLIENT_FIELDS = (
     "status",
     "pause_on_payment_failure",
     "monthly_cap_units",
+    "monthly_cap_amount",
     "alert_thresholds",
 )
 STRIPE_FIELDS = ("stripe_product_id", "stripe_price_id", "stripe_customer_id")
@@ -85,6 +96,7 @@ def create_client(
             {"bill_unmapped_usage": "a paused client bills nothing: add it active to bill the earlier usage"}
         )
     target = stripe_target_for(agency, values)
+    values.update(cap_from_amount(agency, values))
     take_write_lock()
     source_key = _source_key(values)
     _refuse_taken_source(agency.id, values["provider"], source_key, except_id=None)
@@ -129,9 +141,18 @@ def update_client(
     target = None
     if any(getattr(snapshot, name) != value for name, value in checked.items()):
         target = stripe_target_for(agency, values)
+    cap_basis = _cap_basis(values)
+    cap = cap_from_amount(agency, values, current=snapshot) if _cap_basis(_field_values(snapshot)) != cap_basis else {}
 
     current = _locked_client(agency, client_id)
     values = validate_client_fields(fields, current=_field_values(current), known_location_ids=None)
+    if _cap_basis(values) != cap_basis:
+        # Another edit changed the amount or price while we read the price: convert what we will store.
+        cap = cap_from_amount(agency, values, current=current)
+    if cap:
+        values.update(cap)
+    elif values["monthly_cap_amount"] is not None:
+        values["monthly_cap_units"] = current.monthly_cap_units  # derived from the unchanged amount and price
     changed = {name: value for name, value in values.items() if getattr(current, name) != value}
     if not changed:
         return current
@@ -269,7 +290,8 @@ def validate_client_fields(
     values["pause_on_payment_failure"] = merged.get("pause_on_payment_failure", False)
     if not isinstance(values["pause_on_payment_failure"], bool):
         errors["pause_on_payment_failure"] = "must be true or false"
-    values["monthly_cap_units"] = _cap_units(merged.get("monthly_cap_units"), errors)
+    cap_fields = _cap_fields(fields, merged, errors)
+    values["monthly_cap_units"], values["monthly_cap_amount"] = cap_fields
     values["alert_thresholds"] = _thresholds(merged.get("alert_thresholds"), errors)
 
     provider = values["provider"]
@@ -336,6 +358,72 @@ def stripe_target_for(agency: Agency, values: Mapping[str, Any]) -> StripeTarget
     except StripeRequestRejected as error:
         raise ClientInvalid({"stripe_customer_id": f"Stripe refused the check: {error.reason}"}) from None
     return target
+
+
+def cap_from_amount(
+    agency: Agency, values: Mapping[str, Any], *, current: RebillClient | None = None
+) -> dict[str, Any]:
+    """Turn a cap given in money into the cap in units the billing works with; the fields to store.
+
+    The units are the most this client's price lets the amount buy, priced exactly as Stripe prices the
+    period's quantity (billing.estimates.units_within; docs/billing-rules.md#caps-in-currency). A cap in
+    units (or none) clears the amount. Raises ClientInvalid naming monthly_cap_amount when the amount is not
+    a valid amount of the price's currency, buys not even one unit, or buys more than the largest cap.
+    Reads the price's terms from the client's cached period when it is for this price, else from Stripe
+    (billing.stripe_gateway.StripeUnavailable passes through: retry later).
+    """
+    amount = values.get("monthly_cap_amount")
+    if amount is None:
+        return {"monthly_cap_amount": None, "monthly_cap_currency": None}
+    terms = _price_terms(agency, values["stripe_price_id"], current)
+    kept_amount = current is not None and current.monthly_cap_amount == amount
+    if kept_amount and current.monthly_cap_currency and current.monthly_cap_currency != terms.currency:
+        raise ClientInvalid(
+                {"monthly_cap_amount": f"the cap is {amount} {current.monthly_cap_currency.upper()} but the price "
+                 f"charges {terms.currency.upper()}: give the cap again in {terms.currency.upper()}"}
+            )
+    try:
+        budget = minor_units(amount, terms.currency)
+    except AmountInvalid as error:
+        raise ClientInvalid({"monthly_cap_amount": str(error)}) from None
+    units = units_within(terms, budget, CAP_UNITS_MAX + 1)
+    if units < 1:
+        raise ClientInvalid(
+            {"monthly_cap_amount": f"{amount} {terms.currency.upper()} does not cover one unit at this price"}
+        )
+    if units > CAP_UNITS_MAX:
+        raise ClientInvalid(
+            {"monthly_cap_amount": f"{amount} {terms.currency.upper()} buys more than the largest cap "
+             f"({CAP_UNITS_MAX:,} units) at this price: set no cap, or a cap in units"}
+        )
+    return {
+        "monthly_cap_amount": major_units(budget, terms.currency),  # "50" is kept as "50.00"
+        "monthly_cap_currency": terms.currency,
+        "monthly_cap_units": units,
+    }
+
+
+def _price_terms(agency: Agency, price_id: str, current: RebillClient | None) -> PriceTerms:
+    if current is not None and current.stripe_price_id == price_id:
+        cached = db.session.get(ClientPeriod, current.id)
+        if cached is not None and cached.price_id == price_id and cached.price_terms:
+            return PriceTerms.from_json(cached.price_terms)  # a price's amounts never change in Stripe
+    if not agency.stripe_key_ciphertext:
+        raise ClientInvalid({"monthly_cap_amount": "connect the agency's Stripe account first"})
+    gateway: StripeGateway = gateway_for(agency)
+    try:
+        info = gateway.read_price_terms(price_id)
+    except (StripeKeyRejected, StripeRequestRejected) as error:
+        raise ClientInvalid({"monthly_cap_amount": f"Stripe cannot read the price: {error.reason}"}) from None
+    if info.terms is None:
+        raise ClientInvalid({"monthly_cap_amount": f"{info.problem}; set the cap in units instead"})
+    return info.terms
+
+
+def _cap_basis(values: Mapping[str, Any]) -> tuple:
+    """What a cap in money is converted from: a change of either converts again."""
+    amount = values.get("monthly_cap_amount")
+    return (amount, values.get("stripe_price_id") if amount is not None else None)
 
 
 def _check_price(price: PriceInfo, values: Mapping[str, Any]) -> None:
@@ -443,6 +531,24 @@ def _cap_units(value: Any, errors: dict) -> int | None:
         errors["monthly_cap_units"] = f"must be a whole number of units from 1 to {CAP_UNITS_MAX:,}, or null"
         return None
     return value
+
+
+def _cap_fields(fields: Mapping[str, Any], merged: Mapping[str, Any], errors: dict) -> tuple[int | None, Any]:
+    """The cap as (units, amount): one of them, or neither. An amount's form is checked when it is converted
+    (its decimal places depend on the price's currency); a cap in units given alone replaces an amount."""
+    units, amount = merged.get("monthly_cap_units"), merged.get("monthly_cap_amount")
+    if fields.get("monthly_cap_units") is not None and fields.get("monthly_cap_amount") is not None:
+        message = "give the cap either in units or as an amount, not both"
+        errors["monthly_cap_units"] = errors["monthly_cap_amount"] = message
+        return None, None
+    if "monthly_cap_units" in fields and "monthly_cap_amount" not in fields:
+        amount = None
+    if amount is not None:
+        if not isinstance(amount, str):
+            errors["monthly_cap_amount"] = "must be an amount as a decimal string (like \"50.00\"), or null"
+            return None, None
+        return units, amount
+    return _cap_units(units, errors), None
 
 
 def _thresholds(value: Any, errors: dict) -> str | None:

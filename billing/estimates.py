@@ -219,3 +219,74 @@ def _amount(source: Mapping[str, Any], name: str, default: Decimal | None = None
             except ArithmeticError:
                 raise PriceTermsInvalid(f"{key} is not a number: {value!r}") from None
     return default
+
+
+class AmountInvalid(ValueError):
+    """An amount of money that is not a positive decimal in the currency's major units."""
+
+
+AMOUNT_MAX_DIGITS = 18
+
+
+def minor_units(amount: object, currency: str) -> int:
+    """Turn a major-unit decimal string ("50.00" usd) into whole minor units (5000); raise AmountInvalid.
+
+    Only strings: a float would already have been rounded on the way. More decimal places than the currency
+    has (docs.stripe.com/currencies) are refused rather than rounded, so the amount stored is the one typed.
+    """
+    exponent = currency_exponent(currency)
+    places = f"at most {exponent} decimal places" if exponent else "no decimal places"
+    rule = f"must be a positive amount of {currency.upper()} as a decimal string (like \"50.00\"), {places}"
+    if not isinstance(amount, str) or not amount.strip() or len(amount) > AMOUNT_MAX_DIGITS + 1:
+        raise AmountInvalid(rule)
+    text = amount.strip()
+    whole, dot, fraction = text.partition(".")
+    if not (whole.isdigit() and whole.isascii()) or (dot and not (fraction.isdigit() and fraction.isascii())):
+        raise AmountInvalid(rule)
+    if len(fraction) > exponent:
+        raise AmountInvalid(rule)
+    minor = int(Decimal(text).scaleb(exponent))
+    if minor <= 0:
+        raise AmountInvalid(rule)
+    return minor
+
+
+def units_within(terms: PriceTerms, amount_minor: int, limit: int) -> int:
+    """Return the largest unit count n <= limit such that every count up to n costs at most amount_minor.
+
+    For per-unit and graduated prices the charge never falls as units grow, so this is simply the largest n
+    whose charge is within the amount. A volume price can charge less for more units (the whole quantity
+    drops into a cheaper tier), so the largest n within the amount could sit above counts that cost more; a
+    cap there would let a client stop in between and be charged over the amount. The count returned is the
+    end of the first stretch within the amount, so wherever the client's period ends below the cap, its
+    charge is within the amount. 0 when not even one unit (or a first tier's flat fee) fits.
+    """
+    if amount_minor < 0 or limit < 0:
+        raise ValueError("amount and limit cannot be negative")
+    if terms.tiers_mode == "volume":
+        segments, start = [], 0
+        for tier in terms.tiers:
+            end = limit if tier.up_to is None else min(tier.up_to, limit)
+            if start <= end:
+                segments.append((start, end))
+            if tier.up_to is None or tier.up_to >= limit:
+                break
+            start = tier.up_to + 1
+    else:
+        segments = [(0, limit)]
+    best = 0
+    for low, high in segments:
+        # Within a segment the charge never falls: binary search its last count within the amount.
+        if charge_minor_units(terms, low) > amount_minor:
+            break
+        found, top = low, high
+        while found < top:
+            middle = (found + top + 1) // 2
+            if charge_minor_units(terms, middle) <= amount_minor:
+                found = middle
+            else:
+                top = middle - 1
+        best = found
+        if found < high:
+            break
+    return best

@@ -144,6 +144,10 @@ class RebillClient(TimestampMixin, db.Model):
     subscription_problem: Mapped[str | None] = mapped_column(Text)
     # Optional monthly cap in units, and the alert thresholds in % of it ("50,80,100" when None).
     monthly_cap_units: Mapped[int | None] = mapped_column(BigInteger)
+    # A cap given as money: the amount as typed (major units, "50.00") in the price's currency; the cap in
+    # units above is then derived from it (billing.clients, docs/billing-rules.md#caps-in-currency).
+    monthly_cap_amount: Mapped[str | None] = mapped_column(String(32))
+    monthly_cap_currency: Mapped[str | None] = mapped_column(String(3))
     alert_thresholds: Mapped[str | None] = mapped_column(String(64))
 
     agency: Mapped[Agency] = relationship(back_populates="clients")

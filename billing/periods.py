@@ -58,6 +58,9 @@ class ClientMoney:
     product_name: str | None
     price_name: str | None
     customer_name: str | None
+    # What the client's monthly cap in units costs at its price (a cap given in money shows its units
+    # and this): None without a cap or before the price has been read.
+    cap_estimate: Estimate | None = None
 
     def period_json(self) -> dict:
         """The contract's ``period`` object (docs/contract.md §5)."""
@@ -106,6 +109,9 @@ def client_money(
             product_name=row.product_name if row else None,
             price_name=row.price_name if row else None,
             customer_name=row.customer_name if row else None,
+            cap_estimate=estimate(terms, client.monthly_cap_units)
+            if terms is not None and client.monthly_cap_units is not None
+            else None,
         )
     return money
 

@@ -502,6 +502,13 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], 
         "message_source": client.message_source,
         "status": client.status,
         "monthly_cap_units": client.monthly_cap_units,
+        # A cap given as money (docs/contract.md §5): the amount as set, its currency, and in any case what
+        # the cap in units costs at the client's price, so the portal shows both.
+        "monthly_cap_amount": client.monthly_cap_amount,
+        "monthly_cap_currency": client.monthly_cap_currency,
+        "cap_estimate": None
+        if money.cap_estimate is None
+        else {"amount": money.cap_estimate.amount, "currency": money.cap_estimate.currency},
         "alert_thresholds": list(thresholds_of(client)),
         "pause_on_payment_failure": client.pause_on_payment_failure,
         "payment_failed": client.payment_failed_at is not None,

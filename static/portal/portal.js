@@ -511,7 +511,10 @@
     if (client.payment_problem) facts.push(["Payment failed", client.payment_problem]);
     if (client.subscription_problem) facts.push(["Subscription", client.subscription_problem]);
     if (client.monthly_cap_units) {
-      facts.push(["Monthly cap", `${fmt(client.monthly_cap_units)} units; alerts at ${client.alert_thresholds.join(", ")} %`]);
+      const capMoney = client.monthly_cap_amount
+        ? ` (set as ${client.monthly_cap_amount} ${client.monthly_cap_currency.toUpperCase()})`
+        : client.cap_estimate ? ` (≈ ${amount(client.cap_estimate)} at this price)` : "";
+      facts.push(["Monthly cap", `${fmt(client.monthly_cap_units)} units${capMoney}; alerts at ${client.alert_thresholds.join(", ")} %`]);
     }
     facts.push(["When a payment fails", client.pause_on_payment_failure ? "Pause billing until paid" : "Keep billing"]);
     $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
@@ -671,7 +674,9 @@
     chosen.textContent = client && client.customer_name ? client.customer_name : "";
     if (values.message_source) form.elements.message_source.value = values.message_source;
     form.elements.pause_on_payment_failure.checked = Boolean(values.pause_on_payment_failure);
-    form.elements.monthly_cap_units.value = values.monthly_cap_units || "";
+    // A cap set in money shows as that amount; its derived units are not a second cap.
+    form.elements.monthly_cap_amount.value = values.monthly_cap_amount || "";
+    form.elements.monthly_cap_units.value = values.monthly_cap_amount ? "" : values.monthly_cap_units || "";
     form.elements.alert_thresholds.value = client ? (values.alert_thresholds || []).join(", ") : "";
     fillProducts(values.stripe_product_id, values.stripe_price_id);
     $("#bill-unmapped-row").hidden = !prefill;
@@ -864,6 +869,7 @@
       billing_unit: /^\d+$/.test(unitText) ? Number(unitText) : unitText,
       pause_on_payment_failure: form.elements.pause_on_payment_failure.checked,
       monthly_cap_units: wholeOrText(form.elements.monthly_cap_units.value),
+      monthly_cap_amount: form.elements.monthly_cap_amount.value.trim() || null,
       alert_thresholds: form.elements.alert_thresholds.value.trim()
         ? form.elements.alert_thresholds.value.split(",").map((part) => wholeOrText(part))
         : null,

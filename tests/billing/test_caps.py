@@ -4,17 +4,20 @@ later usage is recorded as capped (shown, never billed) until the period rolls o
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
 
 from billing.agencies import ensure_agency
 from billing.clients import update_client
+from billing.estimates import PriceTerms, Tier, charge_minor_units
 from billing.models import ClientPeriod, UnitReport, UsageEvent
 from billing.periods import calendar_month
 from billing.spend import source_status
 from billing.units import aggregate_pending_usage
 from core.database import db, utcnow
+from core.errors import ClientInvalid
 from tests.billing.factories import event_states, fresh, make_client, record, reports_of, tokens
 
 
@@ -113,3 +116,60 @@ def test_last_months_units_do_not_count_toward_this_months_cap(agency):
                               usage_timestamp=start - dt.timedelta(seconds=1), identifier="rebill_old_1"))
     record(agency, tokens("e1", 20))
     assert aggregate_pending_usage().units == 2
+
+
+# ---- caps in currency -------------------------------------------------------------------------------------
+
+GRADUATED_TERMS = PriceTerms(
+    currency="usd",
+    tiers_mode="graduated",
+    tiers=(Tier(5, Decimal(500)), Tier(10, Decimal(400), Decimal(1000)), Tier(None, Decimal(300))),
+)
+
+
+def priced_client(agency, terms: PriceTerms, billing_unit: int = 10):
+    client = make_client(agency, billing_unit=billing_unit)
+    db.session.add(ClientPeriod(client_id=client.id, customer_id=client.stripe_customer_id,
+                                price_id=client.stripe_price_id, price_terms=terms.to_json()))
+    db.session.flush()
+    return client
+
+
+def test_a_cap_in_money_bills_the_units_the_amount_buys_at_the_price_exactly(agency):
+    client = priced_client(agency, GRADUATED_TERMS)
+
+    update_client(agency, client.id, {"monthly_cap_amount": "43"})  # 5 x $5, $10 flat, 2 x $4 = $43: 7 units
+    db.session.commit()
+    client = fresh(client)
+    assert (client.monthly_cap_units, client.monthly_cap_amount, client.monthly_cap_currency) == (7, "43.00", "usd")
+
+    record(agency, tokens("e1", 100))  # 10 units of usage
+    aggregate_pending_usage()
+    db.session.commit()
+    assert fresh(client).units_logged == 7
+    assert charge_minor_units(GRADUATED_TERMS, fresh(client).units_logged) == 4300
+    assert source_status(agency.id, channel="chan-1").status == "capped"
+
+
+def test_a_cap_in_units_replaces_a_cap_in_money_and_a_bad_amount_changes_nothing(agency):
+    client = priced_client(agency, GRADUATED_TERMS)
+    update_client(agency, client.id, {"monthly_cap_amount": "25.00"})
+    assert (fresh(client).monthly_cap_units, client.monthly_cap_amount) == (5, "25.00")
+
+    for amount, reason in [("12.345", "decimal places"), ("4.99", "does not cover one unit"), (25, "decimal"),
+                           ("-1", "positive")]:
+        with pytest.raises(ClientInvalid) as refused:
+            update_client(agency, client.id, {"monthly_cap_amount": amount})
+        assert reason in refused.value.errors["monthly_cap_amount"]
+        assert (fresh(client).monthly_cap_units, client.monthly_cap_amount) == (5, "25.00")
+    with pytest.raises(ClientInvalid) as refused:
+        update_client(agency, client.id, {"monthly_cap_amount": "30", "monthly_cap_units": 3})
+    assert set(refused.value.errors) == {"monthly_cap_amount", "monthly_cap_units"}
+
+    update_client(agency, client.id, {"monthly_cap_units": 9})
+    client = fresh(client)
+    assert (client.monthly_cap_units, client.monthly_cap_amount, client.monthly_cap_currency) == (9, None, None)
+    # Other edits keep a cap in money as it is (no new conversion).
+    update_client(agency, client.id, {"monthly_cap_amount": "100"})
+    update_client(agency, client.id, {"nickname": "Renamed"})
+    assert (fresh(client).monthly_cap_units, client.monthly_cap_amount) == (25, "100.00")

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from billing.estimates import (
+    AmountInvalid,
     PriceTerms,
     PriceTermsInvalid,
     Tier,
@@ -18,7 +19,9 @@ from billing.estimates import (
     charge_minor_units,
     estimate,
     major_units,
+    minor_units,
     price_terms,
+    units_within,
 )
 
 
@@ -206,3 +209,78 @@ def test_major_units_string_is_exactly_the_minor_amount(minor, currency):
     text = major_units(minor, currency)
     assert Decimal(text) * (10**exponent) == minor
     assert ("." in text) == (exponent > 0)
+
+
+# ---- caps in currency: the units an amount buys ----------------------------------------------------------
+
+
+def test_an_amount_buys_the_largest_count_it_covers_per_unit_and_after_transform_quantity():
+    assert units_within(per_unit("2.5"), 5000, 10**12) == 2000  # 2.5 cents a unit: $50 buys 2000 units
+    # Half up rounding of the line: 2001 units cost 5002.5 -> 5003 cents, 2000 cost exactly 5000.
+    assert units_within(per_unit("2.5"), 5002, 10**12) == 2000
+    assert units_within(per_unit("2.5"), 5003, 10**12) == 2001
+    # Billed per started hundred (divide_by=100, round up) at 40 cents: $2 buys 5 hundreds = 500 units.
+    assert units_within(per_unit("40", divide_by=100, round="up"), 200, 10**12) == 500
+    # Rounded down, the 99 units after the fifth hundred are free: 599 units cost $2.
+    assert units_within(per_unit("40", divide_by=100, round="down"), 200, 10**12) == 599
+    assert units_within(per_unit("300"), 299, 10**12) == 0  # not even one unit
+    assert units_within(per_unit("0"), 1, 10**12) == 10**12  # a free price: the limit
+
+
+def test_graduated_tiers_and_the_first_tiers_flat_fee_count_toward_the_amount():
+    terms = price_terms(GRADUATED)
+    # 5 x $5 = $25; units 6-10 add a $10 flat fee and $4 each: 7 units = 25 + 10 + 8 = $43.
+    assert units_within(terms, 4300, 10**12) == 7
+    assert units_within(terms, 4299, 10**12) == 6
+    flat_first = price_terms({**GRADUATED, "tiers": [{"up_to": 10, "unit_amount": 100, "flat_amount": 2000},
+                                                     {"up_to": None, "unit_amount": 50}]})
+    assert units_within(flat_first, 1999, 10**12) == 0  # the flat fee alone is over the amount
+    assert units_within(flat_first, 2300, 10**12) == 3
+
+
+def test_a_volume_price_stops_before_the_first_count_over_the_amount_even_if_more_units_cost_less():
+    terms = price_terms(VOLUME)  # 1-5 at $5, 6-10 at $4 + $10 flat, 11+ at $3 each for every unit
+    assert charge_minor_units(terms, 5) == 2500 and charge_minor_units(terms, 6) == 3400
+    # $30 covers 5 units ($25); 6 units cost $34 although 10 units at $3 would be $30: a cap of 5 is the
+    # largest under which every count the period can end on is within $30 (a cap of 10 would allow $34-$50).
+    assert units_within(terms, 3000, 10**12) == 5
+    # $50 covers every count up to 10 ($50), then 11-16 at $3 ($33-$48); 17 units are $51.
+    assert units_within(terms, 5000, 10**12) == 16
+    assert units_within(terms, 6000, 10**12) == 20
+
+
+@given(tiered_terms(), st.integers(0, 200_000))
+def test_the_units_an_amount_buys_match_a_count_by_count_model(terms, amount):
+    limit = 300
+    expected = 0
+    if charge_minor_units(terms, 0) <= amount:
+        while expected < limit and charge_minor_units(terms, expected + 1) <= amount:
+            expected += 1
+    assert units_within(terms, amount, limit) == expected
+
+
+@given(amounts, st.integers(1, 1000), st.sampled_from(["up", "down"]), st.integers(0, 10**7))
+def test_per_unit_caps_are_the_largest_count_within_the_amount(amount, divide_by, rounding, budget):
+    terms = PriceTerms(currency="usd", unit_amount=amount, divide_by=divide_by, round=rounding)
+    units = units_within(terms, budget, 10**12)
+    assert charge_minor_units(terms, units) <= budget
+    assert units == 10**12 or charge_minor_units(terms, units + 1) > budget
+
+
+@pytest.mark.parametrize(
+    ("text", "currency", "minor"),
+    [("50", "usd", 5000), ("50.5", "usd", 5050), ("0.01", "usd", 1), ("1000", "jpy", 1000), ("1.234", "kwd", 1234)],
+)
+def test_amounts_are_read_exactly_in_minor_units(text, currency, minor):
+    assert minor_units(text, currency) == minor
+
+
+@pytest.mark.parametrize(
+    ("text", "currency"),
+    [("0", "usd"), ("0.00", "usd"), ("-5", "usd"), ("5.001", "usd"), ("5.5", "jpy"), ("1e3", "usd"), ("", "usd"),
+     (" ", "usd"), ("5.", "usd"), (".5", "usd"), ("NaN", "usd"), ("\u0665", "usd"), (50, "usd"), (50.0, "usd"),
+     (None, "usd"), ("9" * 30, "usd")],
+)
+def test_amounts_that_are_not_positive_decimal_strings_in_the_currency_are_refused(text, currency):
+    with pytest.raises(AmountInvalid):
+        minor_units(text, currency)

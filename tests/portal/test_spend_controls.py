@@ -75,3 +75,45 @@ def test_the_alerts_list_shows_fired_thresholds(portal_app, portal_client, tenan
         ("Acme", 80, 8, 10), ("Acme", 50, 8, 10)
     ]
     assert alerts[0]["deliveries"] == []  # no alert URL set
+
+
+def test_a_cap_given_in_money_is_shown_both_ways(portal_client, tenant_a, admin):
+    # The seeded price charges $0.10 a unit (usd): $50 buys 500 units.
+    created = add_client(portal_client, admin, tenant_a, monthly_cap_amount="50")
+    assert (created["monthly_cap_units"], created["monthly_cap_amount"], created["monthly_cap_currency"]) == (
+        500, "50.00", "usd"
+    )
+    assert created["cap_estimate"] == {"amount": "50.00", "currency": "usd"}
+
+    changed = portal_client.patch(
+        f"/api/portal/clients/{created['id']}", json={"monthly_cap_amount": "7.25"}, headers=admin
+    ).get_json()
+    assert (changed["monthly_cap_units"], changed["monthly_cap_amount"]) == (72, "7.25")
+    assert changed["cap_estimate"] == {"amount": "7.20", "currency": "usd"}  # what the 72 units cost
+
+    in_units = portal_client.patch(
+        f"/api/portal/clients/{created['id']}", json={"monthly_cap_units": 100}, headers=admin
+    ).get_json()
+    assert (in_units["monthly_cap_units"], in_units["monthly_cap_amount"], in_units["monthly_cap_currency"]) == (
+        100, None, None
+    )
+    assert in_units["cap_estimate"] == {"amount": "10.00", "currency": "usd"}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"monthly_cap_amount": "12.345"}, {"monthly_cap_amount": "0"}, {"monthly_cap_amount": 50},
+     {"monthly_cap_amount": "0.05"}, {"monthly_cap_amount": "1e3"}, {"monthly_cap_amount": "-5"},
+     {"monthly_cap_amount": "50", "monthly_cap_units": 10}],
+)
+def test_a_bad_cap_amount_is_422_and_writes_nothing(portal_app, portal_client, tenant_a, admin, fields):
+    answer = portal_client.post("/api/portal/clients", json=client_fields(tenant_a, **fields), headers=admin)
+    assert answer.status_code == 422 and "monthly_cap_amount" in answer.get_json()["fields"]
+
+    created = add_client(portal_client, admin, tenant_a, monthly_cap_units=40)
+    changed = portal_client.patch(f"/api/portal/clients/{created['id']}", json=fields, headers=admin)
+    assert changed.status_code == 422 and "monthly_cap_amount" in changed.get_json()["fields"]
+    with portal_app.app_context():
+        assert db.session.query(RebillClient).count() == 1
+        client = db.session.get(RebillClient, created["id"])
+        assert (client.monthly_cap_units, client.monthly_cap_amount, client.monthly_cap_currency) == (40, None, None)
