@@ -298,6 +298,12 @@ class StripeEventEndpoint(TimestampMixin, db.Model):
     # registered | not_permitted (a restricted key without the permission) | failed (Stripe refused or was down)
     status: Mapped[str] = mapped_column(String(16))
     problem: Mapped[str | None] = mapped_column(Text)
+    # The thin-event destination (API v2) for Stripe's asynchronous meter errors, at ``<url>/thin``: its id,
+    # signing secret (encrypted), and status/problem as above (None: not attempted).
+    destination_id: Mapped[str | None] = mapped_column(String(255))
+    destination_secret_ciphertext: Mapped[str | None] = mapped_column(Text)
+    destination_status: Mapped[str | None] = mapped_column(String(16))
+    destination_problem: Mapped[str | None] = mapped_column(Text)
 
 
 class StripeEvent(db.Model):

@@ -168,10 +168,26 @@ def billing_state(
     return "ok", None
 
 
+# last_error of a unit report Stripe rejected after accepting it (billing.meter_errors).
+REJECTED_LATER = "Stripe rejected these units after accepting them"
+
+
 def plain_report_error(error: str | None, units: int) -> str:
     """Turn what Stripe answered for a unit report into what the agency should fix."""
     error = error or "Stripe refused them"
     lowered = error.lower()
+    if error.startswith(REJECTED_LATER):
+        # Stripe's asynchronous meter validation (billing.meter_errors): nothing was resent.
+        detail = error[len(REJECTED_LATER) :].lstrip(": ")
+        if "customer" in lowered:
+            return (
+                f"Stripe rejected {units} units after accepting them, because of the client's Stripe customer "
+                f"({detail}): pick the right customer for this client and Rebill sends them again"
+            )
+        return (
+            f"Stripe rejected {units} units after accepting them ({detail}): fix the client's Stripe settings "
+            "and Rebill sends them again"
+        )
     if "no such customer" in lowered:
         customer = error.split("'")[1] if error.count("'") >= 2 else "this customer"
         return f"Stripe has no customer {customer}: pick the right customer for this client ({units} units waiting)"

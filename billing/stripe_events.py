@@ -30,6 +30,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.client_terms import set_client_status
+from billing.meter_errors import flag_rejected_reports
 from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
 from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
 from billing.units import take_write_lock
@@ -46,6 +47,11 @@ EVENT_TYPES = (
     "customer.subscription.deleted",
 )
 WEBHOOK_PATH = "/webhooks/stripe/"
+# Stripe's asynchronous meter errors come as thin events (API v2) to an event destination at the endpoint's
+# URL + THIN_SUFFIX (billing.meter_errors; docs/stripe.md §1.4).
+METER_ERROR_EVENT = "v1.billing.meter.error_report_triggered"
+THIN_EVENT_TYPES = (METER_ERROR_EVENT,)
+THIN_SUFFIX = "/thin"
 # stripe-python's default: a signature older than 5 minutes is refused (replay protection).
 SIGNATURE_TOLERANCE_SECONDS = 300
 EVENT_ID_MAX_LENGTH = 255
@@ -54,6 +60,14 @@ FAILED_EVENT_MAX_ATTEMPTS = 5
 WEBHOOK_PERMISSION_HINT = (
     "Rebill cannot learn about failed payments and changed subscriptions: give the restricted key the "
     "'Webhook Endpoints' permission (Write), then connect the key again. Everything else keeps working."
+)
+
+
+DESTINATION_PERMISSION_HINT = (
+    "Rebill cannot hear about meter events Stripe rejects after accepting them (an unknown customer, a "
+    "timestamp out of range); the daily reconciliation compares Rebill's sent units with Stripe's totals "
+    "instead. To be told at once, give the restricted key the 'Event Destinations' permission (Write), then "
+    "connect the key again."
 )
 
 
@@ -73,8 +87,11 @@ def register_stripe_events(agency: Agency, public_url: str) -> StripeEventEndpoi
     if endpoint is None:
         endpoint = StripeEventEndpoint(agency_id=agency.id)
         db.session.add(endpoint)
-    elif endpoint.stripe_endpoint_id:
-        _delete_quietly(agency, endpoint.stripe_endpoint_id)
+    else:
+        if endpoint.stripe_endpoint_id:
+            _delete_quietly(agency, endpoint.stripe_endpoint_id)
+        if endpoint.destination_id:
+            _delete_destination_quietly(agency, endpoint.destination_id)
     # A fresh route id each time: events still addressed to an old endpoint answer 404 from now on.
     endpoint.route_id = secrets.token_urlsafe(24)
     endpoint.url = public_url.rstrip("/") + WEBHOOK_PATH + endpoint.route_id
@@ -92,12 +109,38 @@ def register_stripe_events(agency: Agency, public_url: str) -> StripeEventEndpoi
         endpoint.stripe_endpoint_id = created.endpoint_id
         endpoint.secret_ciphertext = secret_box().encrypt(created.secret)
         endpoint.status, endpoint.problem = "registered", None
+    _register_destination(endpoint, gateway)
     db.session.flush()
     log.info(
         "stripe webhook endpoint",
         extra={"fields": {"agency_id": agency.id, "status": endpoint.status, "endpoint": endpoint.stripe_endpoint_id}},
     )
     return endpoint
+
+
+def _register_destination(endpoint: StripeEventEndpoint, gateway) -> None:
+    """Create the thin-event destination for meter errors next to the webhook endpoint (same route id)."""
+    endpoint.destination_id = endpoint.destination_secret_ciphertext = None
+    try:
+        created = gateway.create_event_destination(
+            endpoint.url + THIN_SUFFIX,
+            list(THIN_EVENT_TYPES),
+            name="Rebill meter errors",
+            description="Rebill: meter events Stripe rejected after accepting them",
+        )
+    except StripeKeyRejected as error:
+        endpoint.destination_status = "not_permitted"
+        endpoint.destination_problem = f"{error.reason}. {DESTINATION_PERMISSION_HINT}"
+    except StripeGatewayError as error:
+        endpoint.destination_status = "failed"
+        endpoint.destination_problem = (
+            f"Stripe did not register Rebill's event destination for meter errors: {error.reason}; the daily "
+            "reconciliation compares totals meanwhile; connect the key again to retry"
+        )
+    else:
+        endpoint.destination_id = created.endpoint_id
+        endpoint.destination_secret_ciphertext = secret_box().encrypt(created.secret)
+        endpoint.destination_status, endpoint.destination_problem = "registered", None
 
 
 def remove_stripe_events(agency: Agency) -> None:
@@ -111,6 +154,8 @@ def remove_stripe_events(agency: Agency) -> None:
         return
     if endpoint.stripe_endpoint_id and agency.stripe_key_ciphertext:
         _delete_quietly(agency, endpoint.stripe_endpoint_id)
+    if endpoint.destination_id and agency.stripe_key_ciphertext:
+        _delete_destination_quietly(agency, endpoint.destination_id)
     db.session.delete(endpoint)
     db.session.flush()
 
@@ -119,8 +164,17 @@ def stripe_events_status(agency: Agency) -> dict[str, Any]:
     """Describe the agency's webhook endpoint for the portal."""
     endpoint = _endpoint_of(agency.id)
     if endpoint is None:
-        return {"status": "none", "problem": None, "url": None}
-    return {"status": endpoint.status, "problem": endpoint.problem, "url": endpoint.url}
+        return {"status": "none", "problem": None, "url": None, "meter_errors": {"status": "none", "problem": None}}
+    return {
+        "status": endpoint.status,
+        "problem": endpoint.problem,
+        "url": endpoint.url,
+        # Stripe's asynchronous meter errors (billing.meter_errors): registered, not_permitted or failed.
+        "meter_errors": {
+            "status": endpoint.destination_status or "none",
+            "problem": endpoint.destination_problem,
+        },
+    }
 
 
 def _endpoint_of(agency_id: int) -> StripeEventEndpoint | None:
@@ -136,6 +190,16 @@ def _delete_quietly(agency: Agency, stripe_endpoint_id: str) -> None:
         log.warning(
             "cannot delete a Stripe webhook endpoint; forgetting it",
             extra={"fields": {"agency_id": agency.id, "endpoint": stripe_endpoint_id, "error": error.reason}},
+        )
+
+
+def _delete_destination_quietly(agency: Agency, destination_id: str) -> None:
+    try:
+        gateway_for(agency).delete_event_destination(destination_id)
+    except StripeGatewayError as error:
+        log.warning(
+            "cannot delete a Stripe event destination; forgetting it",
+            extra={"fields": {"agency_id": agency.id, "destination": destination_id, "error": error.reason}},
         )
 
 
@@ -161,6 +225,43 @@ def verify_signature(endpoint: StripeEventEndpoint, payload: bytes, header: str 
     except (stripe.SignatureVerificationError, SecretUnreadable, UnicodeDecodeError):
         return False
     return True
+
+
+def find_destination(route_id: str) -> StripeEventEndpoint | None:
+    """Return the endpoint whose thin-event destination a ``.../thin`` URL names, or None."""
+    if not route_id or len(route_id) > 64:
+        return None
+    return db.session.scalars(
+        select(StripeEventEndpoint).where(
+            StripeEventEndpoint.route_id == route_id, StripeEventEndpoint.destination_status == "registered"
+        )
+    ).one_or_none()
+
+
+def read_thin_event(endpoint: StripeEventEndpoint, payload: bytes, header: str | None) -> dict[str, Any] | None:
+    """Verify a thin event's signature with the destination's secret and parse it with stripe-python
+    (``StripeClient.parse_event_notification``); return its id and type, or None when it does not verify.
+
+    Raises StripeEventInvalid for a verified body that is no thin event notification.
+    """
+    agency = db.session.get(Agency, endpoint.agency_id)
+    try:
+        secret = secret_box().decrypt(endpoint.destination_secret_ciphertext or "")
+        gateway = gateway_for(agency)
+    except (SecretUnreadable, StripeGatewayError):
+        return None
+    try:
+        notification = gateway.parse_event_notification(payload, header, secret, SIGNATURE_TOLERANCE_SECONDS)
+    except (stripe.SignatureVerificationError, UnicodeDecodeError):
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise StripeEventInvalid("the body is not a Stripe thin event notification") from None
+    event_id, event_type = getattr(notification, "id", None), getattr(notification, "type", None)
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= EVENT_ID_MAX_LENGTH:
+        raise StripeEventInvalid("the event has no usable id")
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 100:
+        raise StripeEventInvalid("the event has no usable type")
+    return {"id": event_id, "type": event_type}
 
 
 def read_event(payload: bytes) -> dict[str, Any]:
@@ -213,7 +314,25 @@ def process_event(event_row_id: int, *, force: bool = False) -> str:
 
 
 def _handle_stored(event: Row) -> str | None:
-    return handle_event(db.session.get(Agency, event.agency_id), json.loads(event.body))
+    agency = db.session.get(Agency, event.agency_id)
+    body = json.loads(event.body)
+    if body.get("object") == THIN_OBJECT:
+        return handle_thin_event(agency, event.body)
+    return handle_event(agency, body)
+
+
+THIN_OBJECT = "v2.core.event"
+
+
+def handle_thin_event(agency: Agency, body: str) -> str | None:
+    """Apply one stored thin event: for a meter error report, fetch the full event from Stripe and flag the
+    unit reports it names (billing.meter_errors). Raises StripeGatewayError when Stripe cannot answer, so the
+    event fails and is replayed."""
+    event_type = json.loads(body).get("type")
+    if event_type != METER_ERROR_EVENT:
+        return f"event type {event_type} is not used by Rebill"
+    report = gateway_for(agency).meter_error_report(body)
+    return flag_rejected_reports(agency, report)
 
 
 # Stored events: processed, replayed and their failures recorded as every delivery log's (core.delivery_log).

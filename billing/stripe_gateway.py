@@ -147,6 +147,26 @@ class WebhookEndpoint:
 
 
 @dataclass(frozen=True)
+class MeterErrorSample:
+    """One meter event Stripe named in an error report: its identifier (ours) and why it was invalid."""
+
+    code: str
+    message: str
+    identifier: str
+
+
+@dataclass(frozen=True)
+class MeterErrorReport:
+    """A ``v1.billing.meter.error_report_triggered`` event as fetched: the meter, how many meter events were
+    invalid in its window, and the samples Stripe names (at most a few per error type)."""
+
+    event_id: str
+    meter_id: str | None
+    error_count: int
+    samples: tuple[MeterErrorSample, ...]
+
+
+@dataclass(frozen=True)
 class SubscriptionPeriod:
     """The customer's live subscription item on a price and its current billing period [start, end)."""
 
@@ -591,6 +611,72 @@ class StripeGateway:
         except StripeRequestRejected as error:
             if error.code != "resource_missing":
                 raise
+
+    # ---- event destinations (API v2 thin events) -------------------------------------------------------
+
+    def create_event_destination(self, url: str, events: list[str], name: str, description: str) -> WebhookEndpoint:
+        """Register ``url`` as a webhook event destination for thin ``events``; the signing secret comes only
+        in this answer, and only when asked for (https://docs.stripe.com/api/v2/core/event-destinations/create).
+        """
+        destination = self._call(
+            lambda: self._client.v2.core.event_destinations.create(
+                {
+                    "name": name,
+                    "description": description,
+                    "type": "webhook_endpoint",
+                    "event_payload": "thin",
+                    "enabled_events": events,
+                    "webhook_endpoint": {"url": url},
+                    "include": ["webhook_endpoint.signing_secret"],
+                }
+            )
+        )
+        secret = destination.webhook_endpoint.signing_secret if destination.webhook_endpoint else None
+        if not secret:
+            raise StripeRequestRejected("Stripe created the event destination without its signing secret")
+        return WebhookEndpoint(endpoint_id=destination.id, secret=secret)
+
+    def delete_event_destination(self, destination_id: str) -> None:
+        """Remove an event destination; one already gone counts as removed."""
+        try:
+            self._call(lambda: self._client.v2.core.event_destinations.delete(destination_id))
+        except StripeRequestRejected as error:
+            if error.code != "resource_missing":
+                raise
+
+    def parse_event_notification(self, payload: bytes, signature: str | None, secret: str, tolerance: int):
+        """Verify a thin event's ``Stripe-Signature`` and parse it (stripe-python's own check and parser).
+
+        Raises stripe.SignatureVerificationError for a bad signature, ValueError for a body that is no thin
+        event notification (a snapshot event, another object).
+        """
+        return self._client.parse_event_notification(payload, signature, secret, tolerance)
+
+    def meter_error_report(self, payload: bytes | str) -> MeterErrorReport:
+        """Fetch the full event behind a (verified, stored) thin meter error notification and read its samples.
+
+        A thin notification carries no data: the event is fetched from /v2/core/events/<id>
+        (https://docs.stripe.com/event-destinations#fetch-data); its ``data.reason.error_types[]`` each have a
+        ``code``, an ``error_count`` and ``sample_errors[]`` naming ``request.identifier``.
+        """
+        notification = self._client.parse_event_notification_without_verification(payload)
+        event = self._call(notification.fetch_event)
+        data = getattr(event, "data", None)
+        reason = getattr(data, "reason", None)
+        samples = []
+        for error_type in getattr(reason, "error_types", None) or []:
+            for sample in getattr(error_type, "sample_errors", None) or []:
+                request = getattr(sample, "request", None)
+                identifier = getattr(request, "identifier", None)
+                if isinstance(identifier, str) and identifier:
+                    samples.append(MeterErrorSample(error_type.code, sample.error_message, identifier))
+        related = getattr(event, "related_object", None)
+        return MeterErrorReport(
+            event_id=event.id,
+            meter_id=getattr(related, "id", None),
+            error_count=int(getattr(reason, "error_count", 0) or 0),
+            samples=tuple(samples),
+        )
 
     # ---- plumbing -------------------------------------------------------------------------------------
 

@@ -18,9 +18,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from billing.stripe_events import (
     EVENT_LOG,
     StripeEventInvalid,
+    find_destination,
     find_endpoint,
     process_event,
     read_event,
+    read_thin_event,
     store_event,
     verify_signature,
 )
@@ -52,6 +54,33 @@ def receive_stripe_event(route_id: str):
     except SQLAlchemyError as error:
         db.session.rollback()
         log.error("cannot store a Stripe event; answering 503", extra={"fields": {"error": type(error).__name__}})
+        return jsonify(error="cannot store the event right now; retry later"), 503
+    if row_id is None:
+        return jsonify(status="duplicate")
+    return jsonify(status=process_event(row_id))
+
+
+@blueprint.post("/webhooks/stripe/<route_id>/thin")
+def receive_stripe_thin_event(route_id: str):
+    """A thin event (Stripe's meter errors) to the agency's event destination: verify with stripe-python,
+    store, commit, process (the full event is fetched from Stripe then); the same answers as above."""
+    payload = request.get_data(cache=False)
+    endpoint = find_destination(route_id)
+    if endpoint is None:
+        return jsonify(error="no Stripe event destination here"), 404
+    agency_id = endpoint.agency_id
+    try:
+        event = read_thin_event(endpoint, payload, request.headers.get("Stripe-Signature"))
+    except StripeEventInvalid as error:
+        return jsonify(error=str(error)), 400
+    if event is None:
+        return jsonify(error="missing or invalid Stripe-Signature"), 401
+    try:
+        row_id = store_event(agency_id, event, payload.decode("utf-8"))
+        db.session.commit()
+    except SQLAlchemyError as error:
+        db.session.rollback()
+        log.error("cannot store a Stripe thin event; answering 503", extra={"fields": {"error": type(error).__name__}})
         return jsonify(error="cannot store the event right now; retry later"), 503
     if row_id is None:
         return jsonify(status="duplicate")

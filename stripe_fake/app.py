@@ -93,6 +93,14 @@ ROUTES = [
     ("POST", "/v1/webhook_endpoints", "create_webhook_endpoint", "rak_webhook_write"),
     ("GET", "/v1/webhook_endpoints/<id>", "retrieve", "rak_webhook_read", "webhook_endpoint"),
     ("DELETE", "/v1/webhook_endpoints/<id>", "delete_webhook_endpoint", "rak_webhook_write"),
+    # API v2 (JSON bodies): event destinations for thin events, and the full event behind a thin notification
+    # (https://docs.stripe.com/api/v2/core/event-destinations, https://docs.stripe.com/api/v2/core/events).
+    # Which restricted-key permission guards them is UNCONFIRMED; the fake names them like the v1 ones.
+    ("POST", "/v2/core/event_destinations", "create_event_destination", "rak_event_destination_write"),
+    ("GET", "/v2/core/event_destinations/<id>", "retrieve", "rak_event_destination_read",
+     "v2.core.event_destination"),
+    ("DELETE", "/v2/core/event_destinations/<id>", "delete_event_destination", "rak_event_destination_write"),
+    ("GET", "/v2/core/events/<id>", "retrieve", "rak_event_read", "v2.core.event"),
 ]
 _URLS = Map([Rule(path, endpoint=n, methods=[method]) for n, (method, path, *_) in enumerate(ROUTES)],
             strict_slashes=False, merge_slashes=False).bind("api.stripe.com")
@@ -158,6 +166,8 @@ class _Tenant:
     usage: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     idempotency: dict[str, tuple] = field(default_factory=dict)
     webhook_secrets: dict[str, str] = field(default_factory=dict)  # endpoint id -> whsec_… (shown at create only)
+    # Thin events (API v2) delivered to event destinations, and each destination's signing secret.
+    destination_secrets: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,18 @@ def _listify(node: Any) -> Any:
     if node and all(k.isdigit() for k in node):
         return [node[k] for k in sorted(node, key=int)]
     return node
+
+
+def _async_error_message(code: str, event: dict, t: _Tenant, meter_id: str) -> str:
+    """Stripe's sample error wording per code (as in its examples; exact wording of most is UNCONFIRMED)."""
+    key = t.objects["billing.meter"][meter_id]["customer_mapping"]["event_payload_key"]
+    if code == "meter_event_customer_not_found":
+        return f"No customer found with ID {event['payload'].get(key)}."
+    if code == "timestamp_too_far_in_past":
+        return "Timestamp must be within the past 35 calendar days."
+    if code == "meter_event_no_customer_defined":
+        return f"Customer mapping key {key} not found in payload."
+    return f"The meter event is invalid ({code})."
 
 
 def _new_id(prefix: str) -> str:
@@ -355,7 +377,7 @@ class FakeStripeState:
                     {"account_id": t.account_id, "livemode": t.livemode, "display_name": t.display_name,
                      "objects": t.objects, "events": t.events, "identifiers": t.identifiers,
                      "usage": {item: {str(ts): q for ts, q in rows.items()} for item, rows in t.usage.items()},
-                     "webhook_secrets": t.webhook_secrets}
+                     "webhook_secrets": t.webhook_secrets, "destination_secrets": t.destination_secrets}
                     for t in self._tenants.values()
                 ],
                 "extra": dict(extra or {}),
@@ -385,6 +407,7 @@ class FakeStripeState:
                 for item, rows in saved["usage"].items():
                     t.usage[item].update({int(ts): q for ts, q in rows.items()})
                 t.webhook_secrets.update(saved["webhook_secrets"])
+                t.destination_secrets.update(saved.get("destination_secrets", {}))
                 self._tenants[(t.account_id, t.livemode)] = t
             for key, saved in snapshot["keys"].items():
                 tenant = self._tenants[(saved["account_id"], saved["livemode"])]
@@ -577,6 +600,69 @@ class FakeStripeState:
                 "Content-Type": "application/json; charset=utf-8",
                 "Stripe-Signature": stripe_signature(body, t.webhook_secrets[e["id"]], now),
                 "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}) for e in endpoints]
+
+    def reject_meter_events_later(self, api_key: str, identifiers: Iterable[str],
+                                  code: str = "meter_event_customer_not_found",
+                                  message: str | None = None, samples: int = 5) -> list[SignedDelivery]:
+        """Play Stripe's asynchronous meter-event validation failing: the named events (answered 2xx when
+        they were sent) are taken out of the meter's totals, and one ``v1.billing.meter.error_report_triggered``
+        thin event per meter is created and signed for each enabled thin event destination that wants it.
+
+        Stripe names at most a few ``sample_errors`` per error type and counts the rest in ``error_count``
+        (https://docs.stripe.com/api/v2/core/events/object); ``samples`` sets how many the fake names.
+        """
+        with self._lock:
+            t = self._tenant(api_key)
+            wanted = set(identifiers)
+            rejected = [e for e in t.events if e["identifier"] in wanted]
+            if len(rejected) != len(wanted):
+                missing = sorted(wanted - {e["identifier"] for e in rejected})
+                raise KeyError(f"no meter events with identifiers {missing}")
+            by_meter: dict[str, list[dict]] = defaultdict(list)
+            for event in rejected:
+                by_meter[event["_meter"]].append(event)
+                t.events.remove(event)
+                customer_key = t.objects["billing.meter"][event["_meter"]]["customer_mapping"]["event_payload_key"]
+                t.events_by[(event["_meter"], event["payload"].get(customer_key))].remove(event)
+            deliveries = []
+            for meter_id, events in by_meter.items():
+                now = self.now()
+                created = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+                sample = [{"error_message": message or _async_error_message(code, event, t, meter_id),
+                           "request": {"identifier": event["identifier"]}} for event in events[:samples]]
+                event = {
+                    "id": self._next_id("evt_test"), "object": "v2.core.event", "context": None,
+                    "created": created, "livemode": t.livemode, "reason": None,
+                    "type": "v1.billing.meter.error_report_triggered",
+                    "related_object": {"id": meter_id, "type": "billing.meter",
+                                       "url": f"/v1/billing/meters/{meter_id}"},
+                    "data": {
+                        "developer_message_summary": f"There are {len(events)} invalid events",
+                        "reason": {"error_count": len(events), "error_types": [
+                            {"code": code, "error_count": len(events), "sample_errors": sample}]},
+                        "validation_start": created, "validation_end": created,
+                    },
+                }
+                t.objects["v2.core.event"][event["id"]] = event
+                deliveries.extend(self._deliver_thin(t, event, now))
+            return deliveries
+
+    def _deliver_thin(self, t: _Tenant, event: dict, now: int) -> list[SignedDelivery]:
+        # A thin notification carries no `data`: the receiver fetches the event (/v2/core/events/<id>).
+        notification = json.dumps({k: v for k, v in event.items() if k != "data"}).encode()
+        destinations = [d for d in t.objects["v2.core.event_destination"].values()
+                        if not d.get("deleted") and d["status"] == "enabled" and d["event_payload"] == "thin"
+                        and ("*" in d["enabled_events"] or event["type"] in d["enabled_events"])]
+        return [SignedDelivery(d["webhook_endpoint"]["url"], notification, {
+            "Content-Type": "application/json; charset=utf-8",
+            "Stripe-Signature": stripe_signature(notification, t.destination_secrets[d["id"]], now),
+            "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}) for d in destinations]
+
+    def event_destinations(self, api_key: str) -> list[dict]:
+        """The account's live event destinations (without secrets), oldest first."""
+        with self._lock:
+            return [copy.deepcopy(d) for d in self._tenant(api_key).objects["v2.core.event_destination"].values()
+                    if not d.get("deleted")]
 
     def webhook_endpoints(self, api_key: str) -> list[dict]:
         """The account's live webhook endpoints (without secrets), oldest first."""
@@ -1156,6 +1242,44 @@ class FakeStripeState:
         t.webhook_secrets[endpoint["id"]] = f"whsec_{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
         return {**endpoint, "secret": t.webhook_secrets[endpoint["id"]]}
 
+    def _api_create_event_destination(self, t, params, version):
+        """https://docs.stripe.com/api/v2/core/event-destinations/create: the signing secret is in the answer
+        only when asked for (`include: ["webhook_endpoint.signing_secret"]`) and never again."""
+        _str(params, "name", required=True)
+        kind = _str(params, "type", required=True, choices=("webhook_endpoint", "amazon_eventbridge"))
+        if kind != "webhook_endpoint":
+            raise _invalid("The fake only supports webhook_endpoint destinations.", "type")
+        payload = _str(params, "event_payload", required=True, choices=("thin", "snapshot"))
+        events = params.get("enabled_events")
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+            raise _invalid("Missing required param: enabled_events.", "enabled_events", "parameter_missing")
+        webhook = _obj(params, "webhook_endpoint") or {}
+        url = webhook.get("url")
+        if not isinstance(url, str) or not re.match(r"^https?://", url):
+            raise _invalid("webhook_endpoint.url must be an http or https URL.", "webhook_endpoint.url")
+        created = datetime.fromtimestamp(self.now(), UTC).isoformat().replace("+00:00", "Z")
+        destination = {"id": self._next_id("ed_test"), "object": "v2.core.event_destination", "created": created,
+                       "description": params.get("description") or "", "enabled_events": list(events),
+                       "event_payload": payload, "events_from": params.get("events_from") or ["self"],
+                       "livemode": t.livemode, "metadata": params.get("metadata") or {}, "name": params["name"],
+                       "status": "enabled", "status_details": None, "type": "webhook_endpoint",
+                       "updated": created, "webhook_endpoint": {"signing_secret": None, "url": url}}
+        t.objects["v2.core.event_destination"][destination["id"]] = destination
+        t.destination_secrets[destination["id"]] = f"whsec_{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
+        answer = copy.deepcopy(destination)
+        include = params.get("include") or []
+        if "webhook_endpoint.signing_secret" in include:
+            answer["webhook_endpoint"]["signing_secret"] = t.destination_secrets[destination["id"]]
+        return answer
+
+    def _api_delete_event_destination(self, t, params, version, id):
+        if self._get(t, "v2.core.event_destination", id).get("deleted"):
+            raise _missing("v2.core.event_destination", id)
+        t.objects["v2.core.event_destination"][id] = {"id": id, "object": "v2.core.event_destination",
+                                                        "deleted": True}
+        t.destination_secrets.pop(id, None)
+        return {"id": id, "object": "v2.core.event_destination", "deleted": True}
+
     def _api_list_webhook_endpoints(self, t, params, version):
         return self._list(t, "webhook_endpoint", params, "/v1/webhook_endpoints", lambda e: True)
 
@@ -1176,10 +1300,16 @@ class FakeStripeApp:
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         request = Request(environ)
         pairs = parse_qsl(request.query_string.decode(), keep_blank_values=True)
-        if request.method == "POST":
+        json_body: dict = {}
+        if request.method == "POST" and request.path.startswith("/v2/"):
+            # API v2 takes JSON bodies (https://docs.stripe.com/api-v2-overview).
+            text = request.get_data(as_text=True)
+            json_body = json.loads(text) if text.strip() else {}
+        elif request.method == "POST":
             pairs += parse_qsl(request.get_data(as_text=True), keep_blank_values=True)
         try:
-            outcome = self.state.dispatch(request.method, request.path, unflatten(pairs), request.headers)
+            outcome = self.state.dispatch(request.method, request.path, {**unflatten(pairs), **json_body},
+                                          request.headers)
         except Exception as exc:  # a bug in the fake: answer JSON so the SDK shows it instead of HTML
             log.exception("stripe_fake failed on %s %s", request.method, request.path)
             err = StripeFakeError(500, f"stripe_fake bug: {exc!r}", type="api_error")

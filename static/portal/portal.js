@@ -989,6 +989,11 @@
         ["Stripe events", stripe.events.status === "registered"
           ? "Received (failed payments, subscription changes)"
           : stripe.events.problem || "Not registered: connect the key again"],
+        ["Meter errors", !stripe.events.meter_errors || stripe.events.meter_errors.status === "none"
+          ? "Not registered: connect the key again"
+          : stripe.events.meter_errors.status === "registered"
+            ? "Received (units Stripe rejects after accepting them)"
+            : stripe.events.meter_errors.problem],
       ]
       : [["Status", "Not connected"]];
     $("#stripe-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
