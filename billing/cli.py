@@ -11,7 +11,7 @@ from flask.cli import AppGroup
 
 from billing.jobs import run_tick
 from billing.periods import refresh_stale_periods
-from billing.reconcile import reconcile_clients
+from billing.reconcile import RECONCILE_EVERY_SECONDS, reconcile_clients, record_reconcile_gaps
 from core.database import db
 from core.leader_lock import LeaderLock
 from core.metrics import SCHEDULED_JOB_RUNS, serve_process_metrics
@@ -87,7 +87,12 @@ def scheduler_command():
 
 def housekeeping_jobs(app) -> list[tuple[str, Callable[[], object], int]]:
     """Billing's periodic upkeep and the jobs other packages registered (app.extensions[SCHEDULED_JOBS])."""
-    return [("rebill-periods", refresh_stale_periods, PERIODS_JOB_SECONDS), *app.extensions.get(SCHEDULED_JOBS, [])]
+    return [
+        ("rebill-periods", refresh_stale_periods, PERIODS_JOB_SECONDS),
+        # Daily: units Stripe rejected after accepting them and did not name (billing.reconcile).
+        ("rebill-reconcile", record_reconcile_gaps, RECONCILE_EVERY_SECONDS),
+        *app.extensions.get(SCHEDULED_JOBS, []),
+    ]
 
 
 def scheduled_job(app, job_id: str, function: Callable[[], object], leader: LeaderLock | None = None):

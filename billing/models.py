@@ -148,6 +148,9 @@ class RebillClient(TimestampMixin, db.Model):
     # units above is then derived from it (billing.clients, docs/billing-rules.md#caps-in-currency).
     monthly_cap_amount: Mapped[str | None] = mapped_column(String(32))
     monthly_cap_currency: Mapped[str | None] = mapped_column(String(3))
+    # Set by the daily reconciliation when Stripe's meter total for this client's customer is below what
+    # Rebill sent (billing.reconcile.record_reconcile_gaps); cleared when the totals match again.
+    reconcile_problem: Mapped[str | None] = mapped_column(Text)
     alert_thresholds: Mapped[str | None] = mapped_column(String(64))
 
     agency: Mapped[Agency] = relationship(back_populates="clients")

@@ -158,6 +158,8 @@ def billing_state(
         return "failing", f"usage is no longer counted: {client.quarantine_reason}"
     if trouble:
         return "failing", trouble
+    if client.reconcile_problem:  # the daily reconciliation (billing.reconcile): units missing in Stripe
+        return "failing", client.reconcile_problem
     # Told by Stripe's events (billing.stripe_events): the units reach Stripe, but nobody pays for them.
     if client.payment_failed_at is not None:
         return "failing", f"the customer's payment failed: {client.payment_problem or 'ask them to update their card'}"

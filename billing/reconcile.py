@@ -1,13 +1,21 @@
 """Reconcile: compare what the ledger says reached Stripe with Stripe's own totals, per client, this period.
 
-Read-only: it never sends or resends anything. Stripe deduplicates identifiers only for ~24 h, so a unit
-whose delivery is unknown after that window must be settled by a person looking at these numbers
+It never sends or resends anything. Stripe deduplicates identifiers only for ~24 h, so a unit whose
+delivery is unknown after that window must be settled by a person looking at these numbers
 (docs/stripe.md §1.8-§1.9, §8.6), not by retrying blindly.
+
+``record_reconcile_gaps`` is the scheduler's daily run of the same comparison: a meter whose Stripe total
+for a customer this period is below the units the ledger marked sent (settled for an hour: summaries lag)
+means Stripe rejected some of them after accepting them (docs/billing-rules.md#meter-errors-stripe-reports-later),
+so those clients are flagged ``reconcile_problem`` (shown as failing) until the totals match again. It
+catches what the meter-error events cannot: errors Stripe counts but does not name, and agencies whose key
+may not register an event destination (billing.meter_errors).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -18,6 +26,13 @@ from billing.models import Agency, RebillClient, UnitReport
 from billing.stripe_gateway import StripeGateway, StripeGatewayError, StripeWindowTotal, gateway_for
 from billing.stripe_target import METER, REPORT_COLUMNS, StripeTarget
 from core.database import db, utcnow
+
+log = logging.getLogger("billing.reconcile")
+
+# Stripe's meter event summaries lag the events (docs/stripe.md §1.8): units sent more recently than this are
+# not expected in Stripe's totals yet by the daily gap check.
+SETTLED_AFTER = dt.timedelta(hours=1)
+RECONCILE_EVERY_SECONDS = 24 * 3600
 
 
 @dataclass
@@ -34,6 +49,9 @@ class ReconcileLine:
     units_unconfirmed: int = 0  # offered, Stripe's answer unknown (in doubt)
     units_waiting: int = 0  # not offered yet, or refused and waiting for a fix
     stripe_total: Decimal | None = None
+    # Of units_sent, those confirmed before SETTLED_AFTER ago: Stripe's total should include them by now.
+    units_sent_settled: int = 0
+    mode: str = "meter"
     problem: str | None = None
     nicknames: list[str] = field(default_factory=list)
 
@@ -41,6 +59,16 @@ class ReconcileLine:
     def drift(self) -> Decimal | None:
         """Return Stripe's total minus the units the ledger marked sent (None when Stripe was not read)."""
         return None if self.stripe_total is None else self.stripe_total - self.units_sent
+
+    @property
+    def missing_in_stripe(self) -> int:
+        """Units the ledger marked sent (settled) that Stripe's meter total lacks: Stripe rejected them later.
+
+        0 for legacy usage records (Stripe answers those synchronously) and when Stripe was not read.
+        """
+        if self.mode != "meter" or self.stripe_total is None or self.problem:
+            return 0
+        return max(0, int(self.units_sent_settled - self.stripe_total))
 
 
 def reconcile_clients(company_id: str | None = None, now: dt.datetime | None = None) -> list[ReconcileLine]:
@@ -114,7 +142,7 @@ def _reconcile_target(
     clients: dict,
     now: dt.datetime,
 ) -> ReconcileLine:
-    line = _line(agency, target, client_ids, clients)
+    line = _line(agency, target, client_ids, clients, mode=target.mode)
     try:
         window = _stripe_window(gateway, target, now)
     except StripeGatewayError as error:
@@ -132,12 +160,15 @@ def _reconcile_target(
         UnitReport.stripe_timestamp < window.end,
     )
     not_confirmed = UnitReport.units - UnitReport.units_confirmed
-    sent, unconfirmed = db.session.execute(
+    settled = func.coalesce(UnitReport.sent_at, UnitReport.first_attempt_at) <= now - SETTLED_AFTER
+    sent, unconfirmed, sent_settled = db.session.execute(
         select(
             func.coalesce(func.sum(UnitReport.units_confirmed), 0),
             _units_where(UnitReport.in_doubt_since.is_not(None), not_confirmed),
+            _units_where(settled, UnitReport.units_confirmed),
         ).where(*offered_here)
     ).one()
+    line.units_sent_settled = int(sent_settled)
     waiting = db.session.scalar(
         select(func.coalesce(func.sum(not_confirmed), 0)).where(
             UnitReport.client_id.in_(current_clients or {0}),
@@ -165,3 +196,60 @@ def _stripe_window(gateway: StripeGateway, target: StripeTarget, now: dt.datetim
     else:
         start, end = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0), now
     return gateway.window_total(target, start, min(end, now))
+
+
+# ---- the daily gap check ------------------------------------------------------------------------------
+
+
+def record_reconcile_gaps(now: dt.datetime | None = None) -> int:
+    """The scheduler's daily job: flag (and clear) each agency's clients whose meter total in Stripe is below
+    what the ledger marked sent; return how many clients are flagged. Commits per agency; one agency's
+    Stripe trouble leaves the others' results (and its own previous ones) in place."""
+    now = now or utcnow()
+    agency_ids = db.session.scalars(
+        select(Agency.id)
+        .where(Agency.stripe_key_ciphertext.is_not(None), Agency.stripe_key_status == "ok")
+        .order_by(Agency.id)
+    ).all()
+    flagged = 0
+    for agency_id in agency_ids:
+        try:
+            flagged += _record_agency_gaps(db.session.get(Agency, agency_id), now)
+            db.session.commit()
+        except Exception:
+            db.session.rollback()
+            log.exception("reconcile gap check failed", extra={"fields": {"agency_id": agency_id}})
+    return flagged
+
+
+def _record_agency_gaps(agency: Agency, now: dt.datetime) -> int:
+    lines = _reconcile_agency(agency, now)
+    problems: dict[int, str] = {}
+    checked: set[int] = set()
+    for line in lines:
+        if line.mode != "meter" or line.stripe_total is None or line.problem:
+            continue  # not read (Stripe down, no period): keep what the last check found
+        checked.update(line.client_ids)
+        missing = line.missing_in_stripe
+        if missing:
+            total = line.stripe_total
+            in_stripe = int(total) if total == total.to_integral_value() else total
+            message = (
+                f"Stripe's meter holds {missing} units fewer for customer {line.customer_id} this period than "
+                f"Rebill sent ({line.units_sent_settled} sent, {in_stripe} in Stripe; checked "
+                f"{now:%Y-%m-%d %H:%M} UTC): Stripe rejected them after accepting them. Check the customer "
+                "and the meter in Stripe; Rebill does not resend units it cannot name"
+            )
+            for client_id in line.client_ids:
+                problems.setdefault(client_id, message)
+    clients = db.session.scalars(
+        select(RebillClient).where(RebillClient.agency_id == agency.id, RebillClient.id.in_(checked or {0}))
+    ).all()
+    for client in clients:
+        client.reconcile_problem = problems.get(client.id)
+    db.session.flush()
+    if problems:
+        log.warning(
+            "units missing in Stripe", extra={"fields": {"agency_id": agency.id, "clients": sorted(problems)}}
+        )
+    return len(problems)

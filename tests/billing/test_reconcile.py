@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from billing.reconcile import reconcile_clients
+from billing.models import RebillClient
+from billing.periods import client_money
+from billing.reconcile import reconcile_clients, record_reconcile_gaps
 from billing.reporting import report_pending_units
+from billing.stripe_events import register_stripe_events
 from core.database import db
 
 
@@ -103,3 +106,65 @@ def test_units_stay_on_the_customer_they_went_to_after_the_client_moves(world):
     assert (lines[first_customer].units_sent, lines[first_customer].drift) == (4, 0)
     assert (lines[moved].units_sent, lines[moved].units_waiting, lines[moved].drift) == (0, 1, 0)
     assert lines[first_customer].client_ids == lines[moved].client_ids == [client.id]
+
+
+# ---- the daily gap check: units Stripe rejected after accepting them ------------------------------------
+
+
+def flagged_state(setup, client):
+    db.session.expire_all()
+    client = db.session.get(RebillClient, client.id)
+    return client_money(setup.agency, [client])[client.id]
+
+
+def test_the_daily_check_flags_clients_whose_units_stripe_rejected_later_and_resends_nothing(world):
+    # A key that may not register an event destination: the meter error event reaches nobody.
+    setup = world.agency(key="rk_test_nodestination00000002", denied=("event_destination_write",))
+    register_stripe_events(setup.agency, "https://rebill.example.test")
+    client, fine = world.client(setup), world.client(setup)
+    rejected = world.report(client, 5)
+    world.report(client, 3)
+    world.report(fine, 4)
+    send_all(world)
+    assert world.state.reject_meter_events_later(setup.key, [rejected.identifier]) == []  # no destination
+    posts = len(world.calls())
+
+    assert record_reconcile_gaps(world.clock.now()) == 0  # sent just now: Stripe's summaries may lag
+    world.clock.advance(hours=2)
+    assert record_reconcile_gaps(world.clock.now()) == 1
+
+    money = flagged_state(setup, client)
+    assert money.billing_state == "failing" and "5 units fewer" in money.billing_problem
+    assert "8 sent, 3 in Stripe" in money.billing_problem
+    assert flagged_state(setup, fine).billing_state == "ok"
+    assert len(world.calls()) == posts  # nothing resent
+    assert [row.status for row in world.reports(client)] == ["sent", "sent"]
+
+    # The agency records the missing units in Stripe by hand: the next check clears the flag.
+    world.server.client(setup.key).v1.billing.meter_events.create(
+        {"event_name": "ai_units", "payload": {"stripe_customer_id": client.stripe_customer_id, "value": "5"},
+         "timestamp": int(rejected.stripe_timestamp.timestamp())}
+    )
+    assert record_reconcile_gaps(world.clock.now()) == 0
+    assert flagged_state(setup, client).billing_state == "ok"
+
+
+def test_one_agencys_unreachable_stripe_keeps_its_last_result_and_checks_the_others(world):
+    first, second = world.agency(), world.agency()
+    mine, theirs = world.client(first), world.client(second)
+    lost_here, lost_there = world.report(mine, 2), world.report(theirs, 2)
+    send_all(world)
+    world.state.reject_meter_events_later(first.key, [lost_here.identifier])
+    world.state.reject_meter_events_later(second.key, [lost_there.identifier])
+    world.clock.advance(hours=2)
+    assert record_reconcile_gaps(world.clock.now()) == 2
+
+    world.state.inject("/v1/billing/meters/", "server_error", times=10, api_key=first.key)
+    world.server.client(second.key).v1.billing.meter_events.create(
+        {"event_name": "ai_units", "payload": {"stripe_customer_id": theirs.stripe_customer_id, "value": "2"},
+         "timestamp": int(lost_there.stripe_timestamp.timestamp())}
+    )
+    assert record_reconcile_gaps(world.clock.now()) == 0
+
+    assert flagged_state(first, mine).billing_state == "failing"  # not read this time: the last finding stays
+    assert flagged_state(second, theirs).billing_state == "ok"
