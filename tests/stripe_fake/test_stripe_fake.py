@@ -462,3 +462,43 @@ def test_an_id_seed_makes_ids_repeatable():
     ids = [FakeStripeState(id_seed="s")._next_id("cus") for _ in range(2)]
     assert ids[0] == ids[1] and ids[0].startswith("cus_")
     assert FakeStripeState()._next_id("cus") != FakeStripeState()._next_id("cus")
+
+
+# ---- event destinations and thin events (API v2) ---------------------------------------------------------
+
+def test_an_event_destination_gets_its_secret_only_when_asked_and_delivers_signed_thin_events(fake, sk, sc, setup):
+    base = {"name": "Rebill", "type": "webhook_endpoint", "event_payload": "thin",
+            "enabled_events": ["v1.billing.meter.error_report_triggered"],
+            "webhook_endpoint": {"url": "https://rebill.example.test/webhooks/stripe/r1/thin"}}
+    quiet = sc.v2.core.event_destinations.create(base)
+    assert quiet.webhook_endpoint.signing_secret is None
+    sc.v2.core.event_destinations.delete(quiet.id)
+    destination = sc.v2.core.event_destinations.create({**base, "include": ["webhook_endpoint.signing_secret"]})
+    secret = destination.webhook_endpoint.signing_secret
+    assert secret.startswith("whsec_") and [d["id"] for d in fake.state.event_destinations(sk)] == [destination.id]
+    send(sc, setup, identifier="rebill_a_1_1", value="4")
+    send(sc, setup, identifier="rebill_a_1_2", value="3")
+
+    (delivery,) = fake.state.reject_meter_events_later(sk, ["rebill_a_1_1"])
+
+    assert fake.state.total_units(sk, setup.customer, "ai_units") == 3  # the rejected event is not billed
+    # The fake's clock is frozen in the past: the tolerance is widened, the signature itself is checked.
+    signature, old_enough = delivery.headers["Stripe-Signature"], 10**9
+    notification = sc.parse_event_notification(delivery.body, signature, secret, old_enough)
+    assert notification.type == "v1.billing.meter.error_report_triggered" and "data" not in delivery.body.decode()
+    assert notification.related_object.id == setup.meter["id"]
+    event = notification.fetch_event()
+    (error_type,) = event.data.reason.error_types
+    assert (error_type.code, error_type.error_count) == ("meter_event_customer_not_found", 1)
+    assert error_type.sample_errors[0].request.identifier == "rebill_a_1_1"
+    with pytest.raises(stripe.SignatureVerificationError):
+        sc.parse_event_notification(delivery.body, signature, "whsec_other", old_enough)
+
+
+def test_a_key_without_the_permission_cannot_create_an_event_destination(fake):
+    key = new_key("rk_test_")
+    fake.state.add_account(key, denied_permissions=("event_destination_write",))
+    with pytest.raises(stripe.PermissionError):
+        fake.client(key).v2.core.event_destinations.create(
+            {"name": "x", "type": "webhook_endpoint", "event_payload": "thin", "enabled_events": ["*"],
+             "webhook_endpoint": {"url": "https://x.test/"}})
