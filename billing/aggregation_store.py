@@ -18,6 +18,7 @@ from sqlalchemy.orm.util import identity_key
 
 from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
 from billing.sources import ClientKey
+from billing.states import ReportStatus, UsageState
 from core.database import db
 
 KEY_LOOKUP_CHUNK = 500
@@ -134,7 +135,7 @@ class AggregationStore:
         return db.session.scalar(select(func.max(_EVENT.id)))
 
     def agencies_with_pending_usage(self) -> list[int]:
-        query = select(_EVENT.agency_id).where(_EVENT.state == "pending").distinct().order_by(_EVENT.agency_id)
+        query = select(_EVENT.agency_id).where(_EVENT.state == UsageState.PENDING).distinct().order_by(_EVENT.agency_id)
         return list(db.session.scalars(query))
 
     def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
@@ -145,7 +146,7 @@ class AggregationStore:
         columns = columns or (_EVENT.occurred_at, _EVENT.received_at)
         return (
             select(*_CLAIM_COLUMNS, *columns)
-            .where(_EVENT.state == "pending", _EVENT.id > after, _EVENT.id <= newest, *where)
+            .where(_EVENT.state == UsageState.PENDING, _EVENT.id > after, _EVENT.id <= newest, *where)
             .order_by(_EVENT.id)
             .limit(limit)
         )
@@ -233,7 +234,13 @@ class AggregationStore:
 
     def write_reports(self, rows: list[NewReport], now: dt.datetime) -> None:
         """Insert a pass's outbox rows."""
-        fresh = {"status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now}
+        fresh = {
+            "status": ReportStatus.PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
         db.session.execute(insert(UnitReport.__table__), [{**row._asdict(), **fresh} for row in rows])
 
 
@@ -341,12 +348,16 @@ class PostgresAggregationStore(AggregationStore):
             text(
                 "INSERT INTO unit_report (agency_id, client_id, identifier, units, usage_timestamp, status, "
                 "attempts, next_attempt_at, created_at, updated_at) "
-                "SELECT v.agency_id, v.client_id, v.identifier, v.units, v.usage_timestamp, 'pending', 0, "
+                "SELECT v.agency_id, v.client_id, v.identifier, v.units, v.usage_timestamp, CAST(:pending AS text), 0, "
                 ":now, :now, :now FROM unnest(CAST(:agency_id AS integer[]), CAST(:client_id AS integer[]), "
                 "CAST(:identifier AS text[]), CAST(:units AS bigint[]), CAST(:usage_timestamp AS timestamptz[])) "
                 "AS v(agency_id, client_id, identifier, units, usage_timestamp)"
             ),
-            {**{name: list(column) for name, column in _columns(rows).items()}, "now": now},
+            {
+                **{name: list(column) for name, column in _columns(rows).items()},
+                "now": now,
+                "pending": ReportStatus.PENDING,
+            },
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import func, select, update
 
 from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
+from billing.states import ReportStatus, UsageState
 from billing.units import SINCE_THE_START, flush_client_usage, report_identifier, source_filter
 from core.database import db, utcnow
 
@@ -40,7 +41,7 @@ def set_billing_unit(client: RebillClient, billing_unit: int) -> int:
                 identifier=report_identifier(client.report_prefix, client.id, client.report_sequence),
                 units=units,
                 usage_timestamp=now,
-                status="pending",
+                status=ReportStatus.PENDING,
                 attempts=0,
                 next_attempt_at=now,
             )
@@ -101,13 +102,17 @@ def settle_source_before_mapping(agency_id: int, provider: str, source_key: str,
         # Waits for events a running pass claimed; that pass marks them unmapped too (it cannot see the
         # client this transaction is creating), and they no longer match "pending" when we get them.
         db.session.execute(
-            update(UsageEvent.__table__).where(_EVENT.state == "pending", *where).values(state="unmapped")
+            update(UsageEvent.__table__)
+            .where(_EVENT.state == UsageState.PENDING, *where)
+            .values(state=UsageState.UNMAPPED)
         )
         return 0
     # Lock (waiting) the source's pending and unmapped events first: events a running pass claimed come
     # back here as "unmapped" once it commits, and are then put back to pending with the others.
     db.session.execute(
-        select(_EVENT.id).where(_EVENT.state.in_(("pending", "unmapped")), *where).with_for_update()
+        select(_EVENT.id).where(_EVENT.state.in_((UsageState.PENDING, UsageState.UNMAPPED)), *where).with_for_update()
     ).all()
-    db.session.execute(update(UsageEvent.__table__).where(_EVENT.state == "unmapped", *where).values(state="pending"))
-    return db.session.scalar(select(func.count()).where(_EVENT.state == "pending", *where))
+    db.session.execute(
+        update(UsageEvent.__table__).where(_EVENT.state == UsageState.UNMAPPED, *where).values(state=UsageState.PENDING)
+    )
+    return db.session.scalar(select(func.count()).where(_EVENT.state == UsageState.PENDING, *where))

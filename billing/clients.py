@@ -24,19 +24,11 @@ from billing.client_terms import (
     start_new_term,
 )
 from billing.estimates import AmountInvalid, PriceTerms, major_units, minor_units, units_within
-from billing.models import (
-    CHARGE_BY,
-    CLIENT_STATUSES,
-    MESSAGE_SOURCES,
-    PROVIDERS,
-    Agency,
-    ClientPeriod,
-    RebillClient,
-    is_row_id,
-)
+from billing.models import CHARGE_BY, MESSAGE_SOURCES, Agency, ClientPeriod, RebillClient, is_row_id
 from billing.price_usability import PriceInfo
 from billing.reporting import retry_failed_reports
 from billing.sources import source_field
+from billing.states import ClientStatus, Provider
 from billing.stripe_gateway import StripeGateway, StripeKeyRejected, StripeRequestRejected, gateway_for
 from billing.stripe_target import StripeTarget
 from billing.units import flush_client_usage, take_write_lock
@@ -90,7 +82,7 @@ def create_client(
     ghl client's location_id must be one of them. None skips that check (the caller vouches for the id).
     """
     values = validate_client_fields(fields, known_location_ids=known_location_ids)
-    if bill_unmapped_usage and values["status"] == "paused":
+    if bill_unmapped_usage and values["status"] == ClientStatus.PAUSED:
         # The earlier usage would be aggregated as "paused" and so never billed, against the agency's choice.
         raise ClientInvalid(
             {"bill_unmapped_usage": "a paused client bills nothing: add it active to bill the earlier usage"}
@@ -231,7 +223,7 @@ def pause_clients_for_location(agency_id: int, location_id: str) -> int:
     can resume them later.
     """
     return _pause_clients(
-        agency_id, RebillClient.provider == "ghl", RebillClient.source_key == location_id
+        agency_id, RebillClient.provider == Provider.GHL, RebillClient.source_key == location_id
     )
 
 
@@ -251,7 +243,7 @@ def _pause_clients(agency_id: int, *conditions) -> int:
         .where(
             RebillClient.agency_id == agency_id,
             RebillClient.deleted_at.is_(None),
-            RebillClient.status == "active",
+            RebillClient.status == ClientStatus.ACTIVE,
             *conditions,
         )
         .order_by(RebillClient.id)
@@ -259,9 +251,9 @@ def _pause_clients(agency_id: int, *conditions) -> int:
     paused = 0
     for client_id in ids:
         client = _lock_client_row(agency_id, client_id)
-        if client is None or client.status != "active":
+        if client is None or client.status != ClientStatus.ACTIVE:
             continue
-        set_client_status(client, "paused")
+        set_client_status(client, ClientStatus.PAUSED)
         paused += 1
     db.session.flush()
     return paused
@@ -281,9 +273,11 @@ def validate_client_fields(
     values: dict[str, Any] = {}
 
     values["nickname"] = _text(merged, "nickname", NICKNAME_MAX, errors, strip=True)
-    values["provider"] = _choice(merged, "provider", PROVIDERS, errors)
+    values["provider"] = _choice(merged, "provider", tuple(Provider), errors)
     values["charge_by"] = _choice(merged, "charge_by", CHARGE_BY, errors)
-    values["status"] = _choice({"status": merged.get("status", "active")}, "status", CLIENT_STATUSES, errors)
+    values["status"] = _choice(
+        {"status": merged.get("status", ClientStatus.ACTIVE)}, "status", tuple(ClientStatus), errors
+    )
     for name in STRIPE_FIELDS:
         values[name] = _text(merged, name, STRIPE_ID_MAX, errors, single_token=True)
     values["billing_unit"] = _billing_unit(merged.get("billing_unit"), errors)
@@ -296,11 +290,11 @@ def validate_client_fields(
 
     provider = values["provider"]
     values["channel_id"] = values["location_id"] = None
-    if provider == "capri_api":
+    if provider == Provider.CAPRI_API:
         values["channel_id"] = _text(merged, "channel_id", CHANNEL_ID_MAX, errors, strip=True)
         if fields.get("location_id") is not None:
             errors["location_id"] = "only GHL clients have a subaccount; API channel clients use channel_id"
-    elif provider == "ghl":
+    elif provider == Provider.GHL:
         values["location_id"] = _text(merged, "location_id", LOCATION_ID_MAX, errors, strip=True)
         if fields.get("channel_id") is not None:
             errors["channel_id"] = "only API channel clients have a channel id; GHL clients use location_id"
@@ -311,7 +305,7 @@ def validate_client_fields(
                 errors["location_id"] = "not one of the agency's installed GHL subaccounts"
 
     values["message_source"] = None
-    if provider == "ghl" and values["charge_by"] == "messages":
+    if provider == Provider.GHL and values["charge_by"] == "messages":
         values["message_source"] = _choice(
             {"message_source": merged.get("message_source") or DEFAULT_MESSAGE_SOURCE},
             "message_source",

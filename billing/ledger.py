@@ -14,6 +14,7 @@ from sqlalchemy import Select, bindparam, literal
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import UsageEvent
+from billing.states import UsageState
 from core.database import db, utcnow
 
 _USAGE = UsageEvent.__table__
@@ -31,7 +32,7 @@ FACT_COLUMNS = (
     "occurred_at",
     "received_at",
 )
-_INITIAL_STATE = {"state": "pending", "counted": 0}
+_INITIAL_STATE = {"state": UsageState.PENDING.value, "counted": 0}
 
 # docs/billing-rules.md rule 12: the most one usage event may carry. The largest context windows offered
 # today hold about 10^7 tokens, so 10^8 input and 10^8 output tokens leave ten times that; one AI call sends

@@ -11,20 +11,12 @@ import secrets
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from billing.states import ClientStatus, Provider, ReportStatus, UsageSource, UsageState, allowed
 from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
 from core.database import BigId, TimestampMixin, UTCDateTime, db, utcnow
 
-PROVIDERS = ("capri_api", "ghl")
 CHARGE_BY = ("tokens", "messages")
 MESSAGE_SOURCES = ("ghl_outbound", "ghl_inbound", "ghl_all", "platform")
-CLIENT_STATUSES = ("active", "paused")
-USAGE_SOURCES = ("ghl", "capri")
-# pending: not yet aggregated; counted: added to a client; unmapped: no client mapped it when aggregated;
-# paused: its client was paused; ignored: mapped, but the client does not count this kind of usage;
-# quarantined: an impossible value (rule 12) — counts beyond one AI call, or its client is quarantined;
-# capped: its client's units this period had reached its monthly cap (recorded, never billed).
-USAGE_STATES = ("pending", "counted", "unmapped", "paused", "ignored", "quarantined", "capped")
-REPORT_STATUSES = ("pending", "sent", "failed")
 # Integer primary keys are 32-bit on PostgreSQL: a larger number names no row, and PostgreSQL would refuse
 # to compare it with the column (an error, not "not found").
 MAX_ROW_ID = 2**31 - 1
@@ -84,6 +76,8 @@ class RebillClient(TimestampMixin, db.Model):
             postgresql_where=text("deleted_at IS NULL"),
             sqlite_where=text("deleted_at IS NULL"),
         ),
+        allowed("provider", Provider),
+        allowed("status", ClientStatus),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -100,7 +94,9 @@ class RebillClient(TimestampMixin, db.Model):
     charge_by: Mapped[str] = mapped_column(String(16))
     billing_unit: Mapped[int] = mapped_column(BigInteger)
     message_source: Mapped[str | None] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    status: Mapped[str] = mapped_column(
+        String(16), default=ClientStatus.ACTIVE, server_default=ClientStatus.ACTIVE.value
+    )
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     # How units reach Stripe, read from the price when the client is saved (docs/stripe.md §8): with the customer
@@ -175,6 +171,7 @@ class RebillClientTerm(db.Model):
     """
 
     __tablename__ = "rebill_client_term"
+    __table_args__ = (allowed("provider", Provider), allowed("status", ClientStatus))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     client_id: Mapped[int] = mapped_column(ForeignKey("rebill_client.id"), index=True)
@@ -208,6 +205,8 @@ class UsageEvent(db.Model):
             sqlite_where=text("state IN ('pending', 'unmapped')"),
         ),
         Index("ix_usage_event_client_received", "client_id", "received_at"),
+        allowed("source", UsageSource),
+        allowed("state", UsageState),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -223,7 +222,7 @@ class UsageEvent(db.Model):
     model: Mapped[str | None] = mapped_column(String(128))
     occurred_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    state: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
+    state: Mapped[str] = mapped_column(String(12), default=UsageState.PENDING, server_default=UsageState.PENDING.value)
     # The client the event was counted for. No foreign key: only aggregation writes it, from a client row
     # it holds locked, and clients are never deleted (soft delete), so the key always exists; PostgreSQL's
     # per-row check of that key was a large part of the aggregation's UPDATE (see bench/README.md).
@@ -237,7 +236,7 @@ class UnitReport(TimestampMixin, db.Model):
     """Outbox row: k units of one client on their way to Stripe under a deterministic identifier."""
 
     __tablename__ = "unit_report"
-    __table_args__ = (Index("ix_unit_report_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_unit_report_status_next", "status", "next_attempt_at"), allowed("status", ReportStatus))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), index=True)
@@ -245,7 +244,9 @@ class UnitReport(TimestampMixin, db.Model):
     identifier: Mapped[str] = mapped_column(String(100), unique=True)
     units: Mapped[int] = mapped_column(BigInteger)
     usage_timestamp: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-    status: Mapped[str] = mapped_column(String(12), default="pending", server_default="pending")
+    status: Mapped[str] = mapped_column(
+        String(12), default=ReportStatus.PENDING, server_default=ReportStatus.PENDING.value
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Attempt history, append-only: a claim for sending counts an attempt and nothing ever lowers or clears it.

@@ -70,6 +70,7 @@ from billing.stripe_gateway import (
     count_event_identifier,
     gateway_for,
 )
+from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE
 from billing.units import take_write_lock
 from core.database import db, is_postgresql, utcnow
 
@@ -78,10 +79,10 @@ log = logging.getLogger("billing.reporting")
 # Longer than the slowest possible Stripe call (timeout x attempts + SDK backoff), so a lease never ends
 # while its tick is still talking to Stripe; a crashed tick's rows wait this long before being resent.
 LEASE = dt.timedelta(minutes=5)
-# Stripe keeps identifiers "within a rolling period of at least 24 hours" (docs/stripe.md); an hour of margin.
-DEDUPE_SAFE_AGE = dt.timedelta(hours=23)
-# Meter events may be "within the past 35 calendar days" (docs/stripe.md); a margin for the call itself.
-MAX_EVENT_AGE = dt.timedelta(days=35) - dt.timedelta(minutes=10)
+# Within Stripe's identifier dedupe window, with an hour of margin.
+DEDUPE_SAFE_AGE = IDENTIFIER_DEDUPE_WINDOW - dt.timedelta(hours=1)
+# Within Stripe's limit for meter event timestamps, with a margin for the call itself.
+MAX_EVENT_AGE = METER_EVENT_MAX_AGE - dt.timedelta(minutes=10)
 # Usage younger than this is in the customer's current period or in the previous period's finalization grace
 # (one hour unless the account changed it: docs.stripe.com/billing/subscriptions/usage-based/configure-grace-
 # period), so it is sent with its own time without reading the subscription.

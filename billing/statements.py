@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from billing.estimates import PriceTerms, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport, UsageEvent
 from billing.periods import ClientMoney, client_money
+from billing.states import UsageState
 from billing.usage import client_usage
 from core.database import db, utcnow
 
@@ -108,7 +109,7 @@ def _usage_between(client_id: int, start: dt.datetime, end: dt.datetime) -> int:
         db.session.scalar(
             select(func.coalesce(func.sum(UsageEvent.counted), 0)).where(
                 UsageEvent.client_id == client_id,
-                UsageEvent.state == "counted",
+                UsageEvent.state == UsageState.COUNTED,
                 UsageEvent.occurred_at >= start,
                 UsageEvent.occurred_at < end,
             )

@@ -32,6 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from billing.client_terms import set_client_status
 from billing.meter_errors import flag_rejected_reports
 from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
+from billing.states import ClientStatus
 from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
 from billing.units import take_write_lock
 from core.database import db, utcnow
@@ -369,8 +370,8 @@ def mark_payment_failed(agency: Agency, customer_id: str, at: dt.datetime, reaso
         client.payment_event_at = at
         client.payment_failed_at = at
         client.payment_problem = f"{reason}; Stripe retries the payment per the account's settings"
-        if client.pause_on_payment_failure and client.status == "active":
-            set_client_status(client, "paused")  # usage received before the failure counts as active usage
+        if client.pause_on_payment_failure and client.status == ClientStatus.ACTIVE:
+            set_client_status(client, ClientStatus.PAUSED)  # usage received before the failure counts as active usage
             client.paused_for_payment = True
     db.session.flush()
     return None
@@ -386,8 +387,8 @@ def clear_payment_failed(agency: Agency, customer_id: str, at: dt.datetime) -> s
             continue
         client.payment_event_at = at
         client.payment_failed_at = client.payment_problem = None
-        if client.paused_for_payment and client.status == "paused":
-            set_client_status(client, "active")  # usage received while paused stays unbilled
+        if client.paused_for_payment and client.status == ClientStatus.PAUSED:
+            set_client_status(client, ClientStatus.ACTIVE)  # usage received while paused stays unbilled
         client.paused_for_payment = False
     db.session.flush()
     return None

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from billing.customers import QUERY_MAX as CUSTOMER_QUERY_MAX
-from billing.models import CHARGE_BY, CLIENT_STATUSES, MESSAGE_SOURCES, PROVIDERS
+from billing.models import CHARGE_BY, MESSAGE_SOURCES
+from billing.states import ClientStatus, Provider
 from capri.api_keys import NAME_MAX_LENGTH
 
+CLIENT_STATUSES = [status.value for status in ClientStatus]
 JSON = "application/json"
 TEXT = {"type": "string"}
 NULLABLE_TEXT = {"type": ["string", "null"]}
@@ -100,7 +102,7 @@ def _path_id(name: str) -> dict[str, Any]:
 
 CLIENT_FIELDS = {
     "nickname": {"type": "string", "maxLength": 120},
-    "provider": {"type": "string", "enum": list(PROVIDERS)},
+    "provider": {"type": "string", "enum": [provider.value for provider in Provider]},
     "channel_id": NULLABLE_TEXT,
     "location_id": NULLABLE_TEXT,
     "stripe_product_id": TEXT,
@@ -152,7 +154,7 @@ SCHEMAS: dict[str, Any] = {
             "charge_by": CLIENT_FIELDS["charge_by"],
             "billing_unit": CLIENT_FIELDS["billing_unit"],
             "message_source": CLIENT_FIELDS["message_source"],
-            "status": {"type": "string", "enum": list(CLIENT_STATUSES)},
+            "status": {"type": "string", "enum": CLIENT_STATUSES},
             "counted_usage": COUNT,
             "units_logged": COUNT,
             "remainder": COUNT,
@@ -177,7 +179,7 @@ SCHEMAS: dict[str, Any] = {
     ),
     "ClientFields": {
         "type": "object",
-        "properties": {**CLIENT_FIELDS, "status": {"type": "string", "enum": list(CLIENT_STATUSES)}},
+        "properties": {**CLIENT_FIELDS, "status": {"type": "string", "enum": CLIENT_STATUSES}},
         "description": "Any of the client's fields; the billing core checks them (422 with fields).",
     },
     "NewClient": {

@@ -1,0 +1,77 @@
+"""The billing core's named states: every word a status column may hold, and what it means.
+
+Each is a ``StrEnum``: a member is its stored word (``UsageState.PENDING == "pending"``), so it goes to the
+database, JSON and logs unchanged; the models declare a CHECK constraint from the same members
+(``allowed``), so the database refuses any other word.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import CheckConstraint
+
+
+class Provider(enum.StrEnum):
+    """Where a client's usage comes from (``rebill_client.provider``; the API's ``provider``, docs/contract.md)."""
+
+    CAPRI_API = "capri_api"  # an API channel of the AI platform: usage API events naming its channel_id
+    GHL = "ghl"  # a GHL subaccount: its webhooks' messages and usage API events naming its location_id
+
+
+class UsageSource(enum.StrEnum):
+    """How a usage event reached Rebill (``usage_event.source``); events are deduplicated per source.
+
+    Not the client's provider: a GHL subaccount's client counts usage of both sources (``platform`` messages
+    and tokens come through the usage API). The stored words are kept as they are: the ledger's unique
+    constraint and its exports use them.
+    """
+
+    CAPRI = "capri"  # the usage API (capri/)
+    GHL = "ghl"  # GHL's message webhooks (ghl/)
+
+
+class ClientStatus(enum.StrEnum):
+    """Whether a client's usage is billed (rule 5, docs/billing-rules.md)."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"  # usage received while paused is recorded, never billed
+
+
+class UsageState(enum.StrEnum):
+    """Where a usage event stands (``usage_event.state``); only ``counted`` is billed."""
+
+    PENDING = "pending"  # not yet aggregated
+    COUNTED = "counted"  # added to its client's counters
+    UNMAPPED = "unmapped"  # no client mapped its source when aggregated (rule 3)
+    PAUSED = "paused"  # its client was paused when Rebill received it (rule 5)
+    IGNORED = "ignored"  # mapped, but the client does not count this kind of usage
+    QUARANTINED = "quarantined"  # an impossible value (rule 12): beyond one AI call, or its client quarantined
+    CAPPED = "capped"  # its client's units this period had reached the monthly cap: recorded, never billed
+
+
+class ReportStatus(enum.StrEnum):
+    """Where a unit report (the outbox row) stands (``unit_report.status``)."""
+
+    PENDING = "pending"  # waiting to be offered, or offered again after a retryable failure
+    SENT = "sent"  # Stripe confirmed all its units
+    FAILED = "failed"  # Stripe refused it for good: waits for the agency to fix the cause
+
+
+class OutcomeKind(enum.StrEnum):
+    """What happened to one claimed unit report in a reporting tick (billing.reporting)."""
+
+    DELIVERED = "delivered"
+    PROGRESS = "progress"  # a count meter's slice confirmed, more to send
+    UNAVAILABLE = "unavailable"  # Stripe unreachable or answered 429/5xx: retried later
+    REJECTED = "rejected"
+    STALE_TIMESTAMP = "stale_timestamp"  # Stripe refused the timestamp: re-stamped and re-offered
+    KEY_REJECTED = "key_rejected"  # the agency's key was refused: its other claims are skipped
+    SKIPPED = "skipped"  # not offered this tick
+    QUARANTINED = "quarantined"
+
+
+def allowed(column: str, states: type[enum.StrEnum]) -> CheckConstraint:
+    """Return the CHECK constraint that holds ``column`` to these words (named ck_<table>_<column> by convention)."""
+    words = ", ".join(f"'{state.value}'" for state in states)
+    return CheckConstraint(f"{column} IN ({words})", name=column)
