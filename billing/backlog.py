@@ -11,9 +11,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
 from billing.models import UnitReport, UsageEvent
+from billing.states import ReportStatus, UsageState
 from core.database import db, utcnow
 
-BACKLOG_STATUSES = ("pending", "failed")
+BACKLOG_STATUSES = (ReportStatus.PENDING, ReportStatus.FAILED)
 
 
 def backlog_gauges() -> list[Metric]:
@@ -34,7 +35,7 @@ def backlog_gauges() -> list[Metric]:
     }
     usage = db.session.execute(
         select(func.count().label("events"), func.min(UsageEvent.received_at).label("oldest")).where(
-            UsageEvent.state == "pending"
+            UsageEvent.state == UsageState.PENDING
         )
     ).one()
     db.session.rollback()  # a read: end the transaction, hold nothing between scrapes
@@ -45,7 +46,7 @@ def backlog_gauges() -> list[Metric]:
         row = outbox.get(status)
         units.add_metric([status], row.units if row else 0)
         reports.add_metric([status], row.reports if row else 0)
-    pending = outbox.get("pending")
+    pending = outbox.get(ReportStatus.PENDING)
     return [
         units,
         reports,

@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, or_, select
 
 from billing.estimates import Estimate, PriceTerms, add_amounts, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
+from billing.states import ReportStatus
 from billing.stripe_gateway import (
     StripeGateway,
     StripeKeyRejected,
@@ -258,9 +259,9 @@ def _report_troubles(client_ids: Iterable[int]) -> dict[int, str]:
         .where(
             UnitReport.client_id.in_(list(client_ids)),
             or_(
-                UnitReport.status == "failed",
+                UnitReport.status == ReportStatus.FAILED,
                 and_(
-                    UnitReport.status == "pending",
+                    UnitReport.status == ReportStatus.PENDING,
                     UnitReport.attempts >= FAILING_AFTER_ATTEMPTS,
                     UnitReport.last_error.is_not(None),
                 ),

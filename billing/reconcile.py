@@ -23,6 +23,7 @@ from decimal import Decimal
 from sqlalchemy import case, func, select
 
 from billing.models import Agency, RebillClient, UnitReport
+from billing.states import ReportStatus
 from billing.stripe_gateway import StripeGateway, StripeGatewayError, StripeWindowTotal, gateway_for
 from billing.stripe_target import METER, REPORT_COLUMNS, StripeTarget
 from core.database import db, utcnow
@@ -172,7 +173,7 @@ def _reconcile_target(
     waiting = db.session.scalar(
         select(func.coalesce(func.sum(not_confirmed), 0)).where(
             UnitReport.client_id.in_(current_clients or {0}),
-            UnitReport.status != "sent",
+            UnitReport.status != ReportStatus.SENT,
             UnitReport.in_doubt_since.is_(None),
             UnitReport.usage_timestamp >= window.start,
             UnitReport.usage_timestamp < window.end,

@@ -61,6 +61,7 @@ from flask import current_app
 from sqlalchemy import bindparam, func, select, update
 
 from billing.models import Agency, RebillClient, UnitReport
+from billing.states import OutcomeKind, ReportStatus
 from billing.stripe_gateway import (
     StripeGateway,
     StripeKeyRejected,
@@ -207,7 +208,7 @@ class _Outcome:
     """
 
     claim: _Claim
-    kind: str
+    kind: OutcomeKind
     reason: str | None = None
     confirmed: int = 0
     answered: bool = True
@@ -275,10 +276,10 @@ def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:
         update(UnitReport)
         .where(
             UnitReport.agency_id == agency.id,
-            UnitReport.status == "failed",
+            UnitReport.status == ReportStatus.FAILED,
             UnitReport.last_error.not_like(f"{NEEDS_RECONCILE}%"),
         )
-        .values(status="pending", next_attempt_at=utcnow())
+        .values(status=ReportStatus.PENDING, next_attempt_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     if client_id is not None:
@@ -322,7 +323,7 @@ def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
     take_write_lock()
     _serialise_claims()
     due = (
-        _REPORT.c.status == "pending",
+        _REPORT.c.status == ReportStatus.PENDING,
         _REPORT.c.next_attempt_at <= clock.start,
         _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
     )
@@ -378,7 +379,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
             return None
         problem = _client_problem(row)
         if problem:
-            writes.append({"b_id": row.id, "status": "failed", "last_error": problem})
+            writes.append({"b_id": row.id, "status": ReportStatus.FAILED, "last_error": problem})
             result.reports_failed += 1
             return None
         fresh = _Claim(
@@ -411,7 +412,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
         writes.append(
             {
                 "b_id": row.id,
-                "status": "failed",
+                "status": ReportStatus.FAILED,
                 "last_error": f"{NEEDS_RECONCILE}: first offered to Stripe account {row.target_account}, but "
                 f"the agency's key now opens {row.stripe_account_id}; some units may be in the first account",
             }
@@ -524,13 +525,13 @@ def _process_batch(
     for agency_id, agency_claims in by_agency.items():
         gateway = _gateway(agency_id, gateways)
         if isinstance(gateway, StripeKeyRejected):
-            outcomes.append(_Outcome(agency_claims[0], "key_rejected", gateway.reason))
-            outcomes.extend(_Outcome(claim, "skipped") for claim in agency_claims[1:])
+            outcomes.append(_Outcome(agency_claims[0], OutcomeKind.KEY_REJECTED, gateway.reason))
+            outcomes.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in agency_claims[1:])
             continue
         ready, decided = _ready_to_send(gateway, agency_claims, clock)
         outcomes.extend(decided)
-        if any(outcome.kind == "key_rejected" for outcome in decided):
-            outcomes.extend(_Outcome(claim, "skipped") for claim in ready)
+        if any(outcome.kind == OutcomeKind.KEY_REJECTED for outcome in decided):
+            outcomes.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in ready)
             continue
         sendable[agency_id] = ready
     _record_targets([claim for ready in sendable.values() for claim in ready if claim.needs_stamp], clock.now())
@@ -556,8 +557,8 @@ def _ready_to_send(
     decided: list[_Outcome] = []
     periods: dict[tuple[str, str | None], SubscriptionPeriod | None] = {}
     for claim in claims:
-        if any(outcome.kind == "key_rejected" for outcome in decided):
-            decided.append(_Outcome(claim, "skipped"))
+        if any(outcome.kind == OutcomeKind.KEY_REJECTED for outcome in decided):
+            decided.append(_Outcome(claim, OutcomeKind.SKIPPED))
             continue
         try:
             if claim.needs_check:
@@ -575,15 +576,15 @@ def _ready_to_send(
                     continue
                 claim = stamped
         except StripeUnavailable as error:
-            decided.append(_Outcome(claim, "unavailable", error.reason))
+            decided.append(_Outcome(claim, OutcomeKind.UNAVAILABLE, error.reason))
         except StripeKeyRejected as error:
-            decided.append(_Outcome(claim, "key_rejected", error.reason))
+            decided.append(_Outcome(claim, OutcomeKind.KEY_REJECTED, error.reason))
         except StripeRequestRejected as error:
             prefix = f"{NEEDS_RECONCILE}: " if claim.needs_check else ""
-            decided.append(_Outcome(claim, "rejected", f"{prefix}{error.reason}"))
+            decided.append(_Outcome(claim, OutcomeKind.REJECTED, f"{prefix}{error.reason}"))
         except Exception as error:  # rule 8: this row is set aside, the others go on
             log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
-            decided.append(_Outcome(claim, "quarantined", f"{type(error).__name__}: {error}"))
+            decided.append(_Outcome(claim, OutcomeKind.QUARANTINED, f"{type(error).__name__}: {error}"))
         else:
             ready.append(claim)
     db.session.rollback()
@@ -611,7 +612,9 @@ def _stamp(
     if claim.mode == "legacy":
         if period is None:
             return _Outcome(
-                claim, "rejected", f"customer {claim.customer_id} has no active subscription on price {claim.price_id}"
+                claim,
+                OutcomeKind.REJECTED,
+                f"customer {claim.customer_id} has no active subscription on price {claim.price_id}",
             )
         item = period.subscription_item_id
     if period is not None and base < period.start:
@@ -651,7 +654,7 @@ def _compare_with_stripe(gateway: StripeGateway, claim: _Claim) -> _Claim | _Out
     stamp = claim.timestamp or claim.usage_timestamp
     if claim.mode == "meter":
         if not claim.meter_id:
-            return _Outcome(claim, "rejected", f"{NEEDS_RECONCILE}: the report's meter id is unknown")
+            return _Outcome(claim, OutcomeKind.REJECTED, f"{NEEDS_RECONCILE}: the report's meter id is unknown")
         window = gateway.meter_event_total(claim.meter_id, claim.customer_id, stamp, stamp)
         same_target = (UnitReport.target_event_name == claim.event_name,)
     else:
@@ -659,7 +662,7 @@ def _compare_with_stripe(gateway: StripeGateway, claim: _Claim) -> _Claim | _Out
         window = gateway.usage_record_total(item, stamp) if item else None
         if window is None:
             return _Outcome(
-                claim, "rejected", f"{NEEDS_RECONCILE}: Stripe shows no usage period for this report's time"
+                claim, OutcomeKind.REJECTED, f"{NEEDS_RECONCILE}: Stripe shows no usage period for this report's time"
             )
         same_target = (UnitReport.target_subscription_item == item,)
     in_window = (
@@ -682,13 +685,16 @@ def _compare_with_stripe(gateway: StripeGateway, claim: _Claim) -> _Claim | _Out
         return claim  # Stripe has none of the rest: resending is safe (a recent copy would be deduplicated)
     if unconfirmed == 0 and extra == claim.remaining:
         return _Outcome(
-            claim, "delivered", "confirmed from Stripe's totals after the 24 h dedupe window", confirmed=claim.remaining
+            claim,
+            OutcomeKind.DELIVERED,
+            "confirmed from Stripe's totals after the 24 h dedupe window",
+            confirmed=claim.remaining,
         )
     if unconfirmed == 0 and claim.formula == "count" and 0 < extra < claim.remaining:
         return replace(claim, units_confirmed=claim.units_confirmed + int(extra))
     return _Outcome(
         claim,
-        "rejected",
+        OutcomeKind.REJECTED,
         f"{NEEDS_RECONCILE}: first offered over 24 h ago and Stripe's total for its window is {window.total} "
         f"against {known} known there (+{claim.remaining} here, {unconfirmed} other rows in doubt); not resent",
     )
@@ -736,12 +742,12 @@ def _send_group(
     blocked = False  # after a 429/5xx or a partial slice the rest of this customer's rows wait
     for claim in claims:
         if stop.is_set() or blocked or clock.spent():
-            outcomes.append(_Outcome(claim, "skipped"))
+            outcomes.append(_Outcome(claim, OutcomeKind.SKIPPED))
             continue
         outcome = _send_one(gateway, claim, clock)
-        if outcome.kind == "key_rejected":
+        if outcome.kind == OutcomeKind.KEY_REJECTED:
             stop.set()
-        blocked = outcome.kind in ("unavailable", "progress")
+        blocked = outcome.kind in (OutcomeKind.UNAVAILABLE, OutcomeKind.PROGRESS)
         outcomes.append(outcome)
     return outcomes
 
@@ -758,7 +764,7 @@ def _send_one(gateway: StripeGateway, claim: _Claim, clock: _TickClock) -> _Outc
             # reused with other parameters.
             key = claim.identifier if claim.timestamp == claim.usage_timestamp else f"{claim.identifier}@{timestamp}"
             gateway.send_usage_record(claim.subscription_item_id, claim.units, timestamp, idempotency_key=key)
-            return _Outcome(claim, "delivered", confirmed=claim.units)
+            return _Outcome(claim, OutcomeKind.DELIVERED, confirmed=claim.units)
         if claim.formula == "count":
             # Events in order from the first not confirmed; the slice ends early when the budget is spent.
             last = min(claim.units, claim.units_confirmed + COUNT_EVENTS_PER_CLAIM)
@@ -768,20 +774,20 @@ def _send_one(gateway: StripeGateway, claim: _Claim, clock: _TickClock) -> _Outc
                     break
                 _send_event(gateway, claim, count_event_identifier(claim.identifier, number), 1, timestamp)
                 confirmed += 1
-            kind = "delivered" if confirmed == claim.remaining else "progress"
+            kind = OutcomeKind.DELIVERED if confirmed == claim.remaining else OutcomeKind.PROGRESS
             return _Outcome(claim, kind, confirmed=confirmed)
         _send_event(gateway, claim, claim.identifier, claim.units, timestamp)
-        return _Outcome(claim, "delivered", confirmed=claim.units)
+        return _Outcome(claim, OutcomeKind.DELIVERED, confirmed=claim.units)
     except StripeUnavailable as error:
-        return _Outcome(claim, "unavailable", error.reason, confirmed, answered=False)
+        return _Outcome(claim, OutcomeKind.UNAVAILABLE, error.reason, confirmed, answered=False)
     except StripeKeyRejected as error:
-        return _Outcome(claim, "key_rejected", error.reason, confirmed)
+        return _Outcome(claim, OutcomeKind.KEY_REJECTED, error.reason, confirmed)
     except StripeRequestRejected as error:
         stale = error.code in STALE_TIMESTAMP_CODES or STALE_TIMESTAMP_TEXT in error.reason
-        return _Outcome(claim, "stale_timestamp" if stale else "rejected", error.reason, confirmed)
+        return _Outcome(claim, OutcomeKind.STALE_TIMESTAMP if stale else OutcomeKind.REJECTED, error.reason, confirmed)
     except Exception as error:  # rule 8: this row is set aside (it may have reached Stripe), the others go on
         log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
-        return _Outcome(claim, "quarantined", f"{type(error).__name__}: {error}", confirmed, answered=False)
+        return _Outcome(claim, OutcomeKind.QUARANTINED, f"{type(error).__name__}: {error}", confirmed, answered=False)
 
 
 def _send_event(gateway: StripeGateway, claim: _Claim, identifier: str, value: int, timestamp: int) -> None:
@@ -812,7 +818,7 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
     key_problems: dict[int, str] = {}
     for outcome in outcomes:
         claim = outcome.claim
-        if outcome.kind == "delivered":
+        if outcome.kind == OutcomeKind.DELIVERED:
             delivered[outcome.reason].append(claim.report_id)
             result.reports_sent += 1
             result.units_sent += outcome.confirmed
@@ -826,17 +832,17 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
             else claim.previous_in_doubt_since,
         }
         result.units_sent += outcome.confirmed
-        if outcome.kind == "progress":
+        if outcome.kind == OutcomeKind.PROGRESS:
             # Every event of the slice answered, in order: nothing of this row is in doubt. Due again in this
             # tick (next_attempt_at <= its start), behind every other agency's rows.
             values.update(in_doubt_since=None, next_attempt_at=clock.start, last_error=None)
-        elif outcome.kind == "unavailable":
+        elif outcome.kind == OutcomeKind.UNAVAILABLE:
             values.update(next_attempt_at=now + backoff_delay(_failures(claim, outcome)), last_error=outcome.reason)
             result.reports_retrying += 1
-        elif outcome.kind == "rejected":
-            values.update(status="failed", last_error=outcome.reason)
+        elif outcome.kind == OutcomeKind.REJECTED:
+            values.update(status=ReportStatus.FAILED, last_error=outcome.reason)
             result.reports_failed += 1
-        elif outcome.kind == "stale_timestamp":
+        elif outcome.kind == OutcomeKind.STALE_TIMESTAMP:
             # Stripe refused the time, so this offer left nothing: re-stamped at the next offer (rule 10). If an
             # earlier offer is in doubt, the recorded time stays until the >24 h check has read Stripe's window.
             retry_at = now + backoff_delay(_failures(claim, outcome))
@@ -846,11 +852,11 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
                 retry_at = max(retry_at, claim.previous_in_doubt_since + DEDUPE_SAFE_AGE)
             values.update(next_attempt_at=retry_at, last_error=outcome.reason)
             result.reports_retrying += 1
-        elif outcome.kind == "quarantined":
+        elif outcome.kind == OutcomeKind.QUARANTINED:
             values.update(_quarantine_values(claim.report_id, claim.attempt, now, outcome.reason))
             result.reports_quarantined += 1
         else:  # key_rejected or skipped: not applied by Stripe; due again when the key works / next tick
-            if outcome.kind == "key_rejected":
+            if outcome.kind == OutcomeKind.KEY_REJECTED:
                 key_problems[claim.agency_id] = outcome.reason
             values.update(next_attempt_at=now)
             result.reports_deferred += 1
@@ -859,7 +865,13 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
         db.session.execute(
             update(_REPORT)
             .where(_REPORT.c.id.in_(report_ids))
-            .values(status="sent", sent_at=now, last_error=reason, units_confirmed=_REPORT.c.units, in_doubt_since=None)
+            .values(
+                status=ReportStatus.SENT,
+                sent_at=now,
+                last_error=reason,
+                units_confirmed=_REPORT.c.units,
+                in_doubt_since=None,
+            )
         )
     _write_rows(rows)
     for agency_id, reason in key_problems.items():

@@ -16,6 +16,7 @@ from billing.errors import StripeAccountChangeUnconfirmed, StripeKeyInvalid
 from billing.models import Agency, UnitReport
 from billing.price_usability import PriceInfo
 from billing.reporting import retry_failed_reports
+from billing.states import ReportStatus
 from billing.stripe_events import remove_stripe_events
 from billing.stripe_gateway import StripeGateway, gateway_for, key_mode
 from core.database import db
@@ -110,7 +111,7 @@ def pending_units(agency: Agency) -> tuple[int, int]:
         select(
             func.coalesce(func.sum(case((UnitReport.target_account.is_(None), UnitReport.units))), 0),
             func.coalesce(func.sum(case((UnitReport.target_account.is_not(None), UnitReport.units))), 0),
-        ).where(UnitReport.agency_id == agency.id, UnitReport.status != "sent")
+        ).where(UnitReport.agency_id == agency.id, UnitReport.status != ReportStatus.SENT)
     ).one()
     return int(row[0]), int(row[1])  # PostgreSQL sums a bigint as numeric
 

@@ -10,6 +10,7 @@ from sqlalchemy import case, func, select
 from billing.clients import get_client
 from billing.models import Agency, RebillClient, UnitReport, UsageEvent
 from billing.sources import client_source
+from billing.states import ReportStatus, UsageState
 from billing.units import source_filter
 from core.database import db, is_postgresql, utcnow
 
@@ -38,17 +39,20 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
     held_back = dict(
         db.session.execute(
             select(UsageEvent.state, func.coalesce(func.sum(UsageEvent.counted), 0))
-            .where(UsageEvent.client_id == client.id, UsageEvent.state.in_(("paused", "capped")))
+            .where(UsageEvent.client_id == client.id, UsageEvent.state.in_((UsageState.PAUSED, UsageState.CAPPED)))
             .group_by(UsageEvent.state)
         ).all()
     )
     quarantined_events = db.session.scalar(
-        select(func.count()).where(UsageEvent.client_id == client.id, UsageEvent.state == "quarantined")
+        select(func.count()).where(UsageEvent.client_id == client.id, UsageEvent.state == UsageState.QUARANTINED)
     )
     awaiting = db.session.scalar(
         select(func.count())
         .select_from(UsageEvent)
-        .where(UsageEvent.state == "pending", *source_filter(client.agency_id, client.provider, client.source_key))
+        .where(
+            UsageEvent.state == UsageState.PENDING,
+            *source_filter(client.agency_id, client.provider, client.source_key),
+        )
     )
     return {
         "client_id": client.id,
@@ -57,12 +61,14 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
         "status": client.status,
         "counted_usage": client.counted_usage,
         "units_logged": client.units_logged,
-        "units_reported": int(units_by_status.get("sent", 0)),
-        "units_awaiting_stripe": int(sum(units for status, units in units_by_status.items() if status != "sent")),
+        "units_reported": int(units_by_status.get(ReportStatus.SENT, 0)),
+        "units_awaiting_stripe": int(
+            sum(units for status, units in units_by_status.items() if status != ReportStatus.SENT)
+        ),
         "remainder": client.remainder,
-        "paused_usage": int(held_back.get("paused", 0)),
+        "paused_usage": int(held_back.get(UsageState.PAUSED, 0)),
         # Usage that arrived after the period's units reached the client's monthly cap: shown, never billed.
-        "capped_usage": int(held_back.get("capped", 0)),
+        "capped_usage": int(held_back.get(UsageState.CAPPED, 0)),
         # Rule 12: events held back as impossible (beyond one AI call, or after the client's own quarantine).
         "quarantined_events": quarantined_events,
         "quarantine_reason": client.quarantine_reason,
@@ -92,7 +98,7 @@ def unmapped_usage(agency: Agency) -> list[dict]:
             func.min(UsageEvent.received_at).label("first_seen"),
             func.max(UsageEvent.received_at).label("last_seen"),
         )
-        .where(UsageEvent.agency_id == agency.id, UsageEvent.state == "unmapped")
+        .where(UsageEvent.agency_id == agency.id, UsageEvent.state == UsageState.UNMAPPED)
         .group_by(UsageEvent.channel_id, UsageEvent.location_id)
     ).all()
     mapped = set(
@@ -133,13 +139,13 @@ def _daily_series(client: RebillClient, days: int) -> list[dict[str, Any]]:
     rows = db.session.execute(
         select(
             day.label("day"),
-            func.sum(case((UsageEvent.state == "counted", UsageEvent.counted), else_=0)).label("usage"),
-            func.sum(case((UsageEvent.state == "paused", UsageEvent.counted), else_=0)).label("paused_usage"),
+            func.sum(case((UsageEvent.state == UsageState.COUNTED, UsageEvent.counted), else_=0)).label("usage"),
+            func.sum(case((UsageEvent.state == UsageState.PAUSED, UsageEvent.counted), else_=0)).label("paused_usage"),
             func.count().label("events"),
         )
         .where(
             UsageEvent.client_id == client.id,
-            UsageEvent.state.in_(("counted", "paused")),
+            UsageEvent.state.in_((UsageState.COUNTED, UsageState.PAUSED)),
             UsageEvent.occurred_at >= since,
         )
         .group_by(day)
@@ -173,7 +179,7 @@ def _model_breakdown(client: RebillClient) -> list[dict[str, Any]]:
             func.sum(UsageEvent.messages).label("messages"),
             func.count().label("events"),
         )
-        .where(UsageEvent.client_id == client.id, UsageEvent.state == "counted")
+        .where(UsageEvent.client_id == client.id, UsageEvent.state == UsageState.COUNTED)
         .group_by(UsageEvent.model)
         .order_by(UsageEvent.model)
     ).all()
