@@ -12,6 +12,7 @@ from flask.cli import AppGroup
 from billing.jobs import run_tick
 from billing.periods import refresh_stale_periods
 from billing.reconcile import RECONCILE_EVERY_SECONDS, reconcile_clients, record_reconcile_gaps
+from billing.stripe_events import DESTINATION_RETRY_SECONDS, register_missing_destinations
 from core.database import db
 from core.leader_lock import LeaderLock
 from core.metrics import SCHEDULED_JOB_RUNS, serve_process_metrics
@@ -91,6 +92,8 @@ def housekeeping_jobs(app) -> list[tuple[str, Callable[[], object], int]]:
         ("rebill-periods", refresh_stale_periods, PERIODS_JOB_SECONDS),
         # Daily: units Stripe rejected after accepting them and did not name (billing.reconcile).
         ("rebill-reconcile", record_reconcile_gaps, RECONCILE_EVERY_SECONDS),
+        # Meter-error destinations for endpoints registered without one (billing.stripe_events).
+        ("stripe-meter-error-destinations", register_missing_destinations, DESTINATION_RETRY_SECONDS),
         *app.extensions.get(SCHEDULED_JOBS, []),
     ]
 

@@ -26,7 +26,7 @@ import secrets
 from typing import Any
 
 import stripe
-from sqlalchemy import Row, select
+from sqlalchemy import Row, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.client_terms import set_client_status
@@ -121,27 +121,99 @@ def register_stripe_events(agency: Agency, public_url: str) -> StripeEventEndpoi
 
 def _register_destination(endpoint: StripeEventEndpoint, gateway) -> None:
     """Create the thin-event destination for meter errors next to the webhook endpoint (same route id)."""
-    endpoint.destination_id = endpoint.destination_secret_ciphertext = None
+    for name, value in _create_destination(endpoint.url, gateway).items():
+        setattr(endpoint, name, value)
+
+
+def _create_destination(endpoint_url: str, gateway) -> dict[str, str | None]:
+    """Ask Stripe for the destination at ``endpoint_url`` + THIN_SUFFIX; return the endpoint columns to store."""
     try:
         created = gateway.create_event_destination(
-            endpoint.url + THIN_SUFFIX,
+            endpoint_url + THIN_SUFFIX,
             list(THIN_EVENT_TYPES),
             name="Rebill meter errors",
             description="Rebill: meter events Stripe rejected after accepting them",
         )
     except StripeKeyRejected as error:
-        endpoint.destination_status = "not_permitted"
-        endpoint.destination_problem = f"{error.reason}. {DESTINATION_PERMISSION_HINT}"
+        status, problem = "not_permitted", f"{error.reason}. {DESTINATION_PERMISSION_HINT}"
     except StripeGatewayError as error:
-        endpoint.destination_status = "failed"
-        endpoint.destination_problem = (
+        status = "failed"
+        problem = (
             f"Stripe did not register Rebill's event destination for meter errors: {error.reason}; the daily "
-            "reconciliation compares totals meanwhile; connect the key again to retry"
+            "reconciliation compares totals meanwhile, and Rebill tries again within the hour"
         )
     else:
-        endpoint.destination_id = created.endpoint_id
-        endpoint.destination_secret_ciphertext = secret_box().encrypt(created.secret)
-        endpoint.destination_status, endpoint.destination_problem = "registered", None
+        return {
+            "destination_id": created.endpoint_id,
+            "destination_secret_ciphertext": secret_box().encrypt(created.secret),
+            "destination_status": "registered",
+            "destination_problem": None,
+        }
+    return {
+        "destination_id": None,
+        "destination_secret_ciphertext": None,
+        "destination_status": status,
+        "destination_problem": problem,
+    }
+
+
+DESTINATION_RETRY_SECONDS = 3600
+
+
+def register_missing_destinations() -> int:
+    """The scheduler's hourly job: give registered endpoints without a meter-error destination one.
+
+    Endpoints registered before Rebill listened to meter errors have none, and a destination Stripe could
+    not create (down, refused) is tried again; one the key may not create (not_permitted) waits for the
+    agency to reconnect a key with the permission. Stripe is asked with no transaction open; if the agency
+    replaced its endpoint meanwhile, the new destination is deleted again. Commits per agency; returns how
+    many were registered.
+    """
+    due = db.session.execute(
+        select(StripeEventEndpoint.id, StripeEventEndpoint.agency_id, StripeEventEndpoint.route_id).where(
+            StripeEventEndpoint.status == "registered",
+            or_(StripeEventEndpoint.destination_status.is_(None), StripeEventEndpoint.destination_status == "failed"),
+        )
+    ).all()
+    db.session.rollback()
+    registered = 0
+    for endpoint_id, agency_id, route_id in due:
+        try:
+            registered += _register_missing_destination(endpoint_id, agency_id, route_id)
+        except Exception:
+            db.session.rollback()
+            log.exception("meter-error destination not registered", extra={"fields": {"agency_id": agency_id}})
+    return registered
+
+
+def _register_missing_destination(endpoint_id: int, agency_id: int, route_id: str) -> bool:
+    agency = db.session.get(Agency, agency_id)
+    endpoint = db.session.get(StripeEventEndpoint, endpoint_id)
+    if agency is None or endpoint is None:
+        return False
+    try:
+        gateway = gateway_for(agency)
+    except StripeGatewayError:
+        return False
+    url = endpoint.url
+    db.session.rollback()  # no transaction open while Stripe is asked
+    fields = _create_destination(url, gateway)
+    take_write_lock()
+    endpoint = db.session.scalars(
+        select(StripeEventEndpoint)
+        .where(StripeEventEndpoint.id == endpoint_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if endpoint is None or endpoint.route_id != route_id or endpoint.destination_status == "registered":
+        db.session.rollback()
+        if fields["destination_id"]:
+            _delete_destination_quietly(agency, fields["destination_id"])  # the endpoint changed meanwhile
+        return False
+    for name, value in fields.items():
+        setattr(endpoint, name, value)
+    db.session.commit()
+    return fields["destination_status"] == "registered"
 
 
 def remove_stripe_events(agency: Agency) -> None:

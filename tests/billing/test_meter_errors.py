@@ -22,6 +22,7 @@ from billing.reporting import report_pending_units, retry_failed_reports
 from billing.stripe_connection import disconnect_stripe
 from billing.stripe_events import (
     METER_ERROR_EVENT,
+    register_missing_destinations,
     register_stripe_events,
     retry_failed_events,
     stripe_events_status,
@@ -267,3 +268,36 @@ def test_a_signed_snapshot_event_at_the_thin_url_is_400(world, setup, http):
     )
 
     assert answer.status_code == 400 and stored() == []
+
+
+# ---- endpoints registered before meter errors, and destinations Stripe could not create -------------------
+
+
+def test_the_hourly_job_gives_older_endpoints_a_destination_and_retries_failed_ones(world, http):
+    older, failed, refused = connected(world), world.agency(), world.agency(denied=("event_destination_write",))
+    # An endpoint registered before Rebill listened to meter errors: no destination in Stripe or here.
+    endpoint = db.session.scalars(
+        select(StripeEventEndpoint).where(StripeEventEndpoint.agency_id == older.agency.id)
+    ).one()
+    world.server.client(older.key).v2.core.event_destinations.delete(endpoint.destination_id)
+    endpoint.destination_id = endpoint.destination_secret_ciphertext = endpoint.destination_status = None
+    world.state.inject("/v2/core/event_destinations", "server_error", api_key=failed.key)
+    register_stripe_events(failed.agency, PUBLIC_URL)
+    register_stripe_events(refused.agency, PUBLIC_URL)
+    db.session.commit()
+    status = stripe_events_status(failed.agency)["meter_errors"]
+    assert status["status"] == "failed" and "tries again within the hour" in status["problem"]
+
+    assert register_missing_destinations() == 2
+
+    for setup in (older, failed):
+        assert stripe_events_status(setup.agency)["meter_errors"]["status"] == "registered"
+        assert len(world.state.event_destinations(setup.key)) == 1
+    assert stripe_events_status(refused.agency)["meter_errors"]["status"] == "not_permitted"  # waits for a new key
+    assert register_missing_destinations() == 0  # nothing left to do, nothing created twice
+    assert len(world.state.event_destinations(older.key)) == 1
+
+    # The late destination delivers like one registered at connect time.
+    client, report = sent_report(world, older)
+    answer = post(http, only(world.state.reject_meter_events_later(older.key, [report.identifier])))
+    assert answer.get_json() == {"status": "processed"} and world.reports(client)[0].status == "failed"
