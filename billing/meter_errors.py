@@ -34,6 +34,7 @@ from sqlalchemy import select
 from billing.models import Agency, UnitReport
 from billing.periods import REJECTED_LATER
 from billing.reporting import NEEDS_RECONCILE
+from billing.states import ReportStatus
 from billing.stripe_gateway import MeterErrorReport
 from billing.units import take_write_lock
 from core.database import db
@@ -66,7 +67,7 @@ def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | Non
     for row in rows:
         samples = wanted[row.identifier]
         named.update(sample.identifier for sample in samples)
-        if row.status != "sent" or row.target_mode != "meter":
+        if row.status != ReportStatus.SENT or row.target_mode != "meter":
             notes.append(f"report {row.identifier} is {row.status}, left as it is")
             continue
         sample = samples[0]
@@ -83,7 +84,7 @@ def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | Non
             row.units_confirmed = 0
             row.in_doubt_since = None
             row.identifier = _reoffer_identifier(row.identifier)
-        row.status = "failed"
+        row.status = ReportStatus.FAILED
         flagged += 1
     unknown = sorted(set(sample.identifier for sample in report.samples) - named)
     if unknown:
