@@ -15,7 +15,11 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   Stripe is called. While any of its units may be in Stripe (``in_doubt_since`` set, or some count-meter
   events confirmed) every retry, the >24 h check and reconcile use that record, never the client's current
   settings. Once Stripe answered every offer with a refusal, none of it is in Stripe and the next offer
-  records the client's (fixed) settings afresh.
+  records the client's (fixed) settings afresh. A count-meter row whose confirmed events are in Stripe and
+  whose rest provably is not (every offer answered, or the >24 h check shows none of it) goes on with the
+  recorded target and timestamp only while the client's settings are unchanged and the timestamp still bills
+  on an open invoice; when Stripe refuses the rest, or those no longer hold, the row is closed at its
+  confirmed units and the rest moves to a fresh row (billing.unsent_remainder) that is offered like a new one.
 - Timestamp (rule 10): the usage time, unless it lies before the customer's current billing period (whose
   previous invoice may be finalized: usage stamped there is billed nowhere, or refused for legacy usage
   records) or beyond Stripe's 35 days; then the start of the current period (or now), and the row says so
@@ -40,8 +44,9 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   refused timestamp (before the current period, older than 35 days) is re-stamped and re-offered at once.
 - Past Stripe's ~24 h dedupe window a row in doubt is never resent blindly: Stripe's totals for its target
   and window (meter event summaries, or the legacy usage-record summary) are compared with what the ledger
-  knows is there; exactly this row's missing units extra → delivered; nothing extra → resent (re-stamped if
-  its timestamp is no longer accepted); anything else → ``failed`` "needs reconcile".
+  knows is there; exactly this row's missing units extra → delivered; nothing extra → the rest is provably
+  unsent and goes as above (a row with nothing confirmed is offered afresh to the client's current target,
+  with a valid timestamp); anything else → ``failed`` "needs reconcile".
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from billing.stripe_gateway import (
 )
 from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE
 from billing.units import take_write_lock
+from billing.unsent_remainder import move_unsent_remainder
 from core.database import db, is_postgresql, utcnow
 
 log = logging.getLogger("billing.reporting")
@@ -176,6 +182,8 @@ class _Claim:
     claimed_at: dt.datetime
     needs_check: bool  # in doubt beyond the dedupe window: ask Stripe's totals before any resend
     needs_stamp: bool  # the timestamp depends on the customer's current period (asked of Stripe)
+    rest_unsent: bool  # every offer answered, or the >24 h check settled it: no unit after units_confirmed in Stripe
+    target_changed: bool  # the client's current target is not the recorded one (the agency edited the client)
     account: str | None
     mode: str
     customer_id: str
@@ -202,7 +210,8 @@ class _Outcome:
     """What happened to one claim.
 
     kind: delivered | progress (count-meter slice confirmed, more to send) | unavailable | rejected |
-    stale_timestamp | key_rejected | skipped (not offered) | quarantined.
+    stale_timestamp | key_rejected | skipped (not offered) | quarantined | unsent (the rest, provably not in
+    Stripe, moves to a fresh row: billing.unsent_remainder).
     ``confirmed`` counts units Stripe confirmed during this attempt; ``answered`` is False when this attempt
     may have reached Stripe without an answer (the row is then in doubt).
     """
@@ -268,9 +277,10 @@ def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:
     """Make the agency's failed reports (of one client, or all) due again; return how many. Flushes only.
 
     Call it after the agency fixed what Stripe refused (client edited, key reconnected). A row Stripe refused
-    on every offer is then offered afresh to the client's current target with a valid timestamp; a row whose
-    units may be in Stripe keeps its recorded target and is checked against Stripe's totals before any
-    resend. "Needs reconcile" rows stay failed: only a person who reconciled may release them.
+    on every offer (or the rest of one, split off when refused: billing.unsent_remainder) is then offered
+    afresh to the client's current target with a valid timestamp; a row whose units may be in Stripe keeps
+    its recorded target and is checked against Stripe's totals before any resend. "Needs reconcile" rows
+    stay failed: only a person who reconciled may release them.
     """
     statement = (
         update(UnitReport)
@@ -396,6 +406,8 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
             claimed_at=now,
             needs_check=False,
             needs_stamp=row.report_mode == "legacy" or row.usage_timestamp < now - PERIOD_CHECK_AGE,
+            rest_unsent=False,
+            target_changed=False,
             account=row.stripe_account_id,
             mode=row.report_mode,
             customer_id=row.stripe_customer_id,
@@ -441,7 +453,9 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
         previous_in_doubt_since=row.in_doubt_since,
         claimed_at=now,
         needs_check=needs_check,
-        needs_stamp=stale,
+        needs_stamp=False,  # a doubtful row is resent as offered or settled by the check; never re-stamped
+        rest_unsent=row.in_doubt_since is None,  # kept only for its confirmed count events
+        target_changed=_target_changed(row),
         account=row.target_account,
         mode=row.target_mode,
         customer_id=row.target_customer,
@@ -468,7 +482,7 @@ def _claim_values(claim: _Claim, row, now: dt.datetime) -> dict:
         "timestamp_shift": claim.timestamp_shift,
         **{target: getattr(claim, field) for target, field in _TARGET_FIELDS.items()},
     }
-    if not claim.needs_stamp and not claim.needs_check:
+    if not (claim.needs_stamp or claim.needs_check or claim.rest_unsent):
         values["in_doubt_since"] = claim.previous_in_doubt_since or now  # offered right after this commit
     return values
 
@@ -483,6 +497,13 @@ _TARGET_FIELDS = {
     "target_value_key": "value_key",
     "target_formula": "formula",
 }
+
+
+def _target_changed(row) -> bool:
+    """Tell whether the client's settings now send units elsewhere than the row's recorded target."""
+    recorded = (row.target_mode, row.target_customer, row.target_price, row.target_event_name)
+    current = (row.report_mode, row.stripe_customer_id, row.stripe_price_id, row.meter_event_name)
+    return recorded != current
 
 
 def _client_problem(client) -> str | None:
@@ -534,7 +555,8 @@ def _process_batch(
             outcomes.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in ready)
             continue
         sendable[agency_id] = ready
-    _record_targets([claim for ready in sendable.values() for claim in ready if claim.needs_stamp], clock.now())
+    stamped = [claim for ready in sendable.values() for claim in ready if claim.needs_stamp or claim.rest_unsent]
+    _record_targets(stamped, clock.now())
     return outcomes + _send_claims(gateways, sendable, pool, clock)
 
 
@@ -566,9 +588,12 @@ def _ready_to_send(
                 if isinstance(checked, _Outcome):
                     decided.append(checked)
                     continue
-                # Stripe has none of the rest: it goes with a valid timestamp, as the one offered a day or more
-                # ago may no longer be accepted (35 days, or a legacy period that ended).
-                claim = replace(checked, needs_stamp=True)
+                # Stripe has none of the rest (after the first count events, which went in order): the doubt
+                # is settled, and the row goes on like one whose every offer was answered.
+                claim = replace(checked, needs_check=False, previous_in_doubt_since=None, rest_unsent=True)
+            if claim.rest_unsent and not _rest_goes_as_recorded(gateway, claim, clock.now(), periods):
+                decided.append(_Outcome(claim, OutcomeKind.UNSENT))  # to a fresh row: billing.unsent_remainder
+                continue
             if claim.needs_stamp:
                 stamped = _stamp(gateway, claim, clock.now(), periods)
                 if isinstance(stamped, _Outcome):
@@ -601,13 +626,8 @@ def _stamp(
     base, shift = claim.usage_timestamp, None
     if base < now - MAX_EVENT_AGE:
         base, shift = now, "usage older than Stripe's 35 days; billed at its first offer"
-    key = (claim.customer_id, claim.price_id)
-    if claim.mode == "legacy" or base < now - PERIOD_CHECK_AGE:
-        if key not in periods:
-            periods[key] = gateway.subscription_period(claim.customer_id, claim.price_id) if claim.price_id else None
-        period = periods[key]
-    else:
-        period = None
+    needs_period = claim.mode == "legacy" or base < now - PERIOD_CHECK_AGE
+    period = _period(gateway, claim, periods) if needs_period else None
     item = None
     if claim.mode == "legacy":
         if period is None:
@@ -625,6 +645,38 @@ def _stamp(
         )
     item = item or claim.subscription_item_id
     return replace(claim, timestamp=base, timestamp_shift=shift, subscription_item_id=item)
+
+
+def _rest_goes_as_recorded(
+    gateway: StripeGateway,
+    claim: _Claim,
+    now: dt.datetime,
+    periods: dict[tuple[str, str | None], SubscriptionPeriod | None],
+) -> bool:
+    """Tell whether a row's rest, provably not in Stripe, goes on with the recorded target and timestamp.
+
+    Yes for the next events of a count row whose settings did not change and whose recorded timestamp still
+    bills on an open invoice (rule 10). Otherwise the rest moves to a fresh row that takes the client's current
+    settings and a valid timestamp, and the confirmed events keep what they went with (rule 9).
+    """
+    if claim.units_confirmed == 0 or claim.target_changed:
+        return False
+    if claim.timestamp is None or claim.timestamp < now - MAX_EVENT_AGE:
+        return False
+    if claim.timestamp >= now - PERIOD_CHECK_AGE:
+        return True
+    period = _period(gateway, claim, periods)
+    return period is None or claim.timestamp >= period.start
+
+
+def _period(
+    gateway: StripeGateway, claim: _Claim, periods: dict[tuple[str, str | None], SubscriptionPeriod | None]
+) -> SubscriptionPeriod | None:
+    """The customer's current period on the claim's price, read once per customer and price."""
+    key = (claim.customer_id, claim.price_id)
+    if key not in periods:
+        periods[key] = gateway.subscription_period(claim.customer_id, claim.price_id) if claim.price_id else None
+    return periods[key]
 
 
 def _record_targets(claims: list[_Claim], now: dt.datetime) -> None:
@@ -832,6 +884,9 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
             else claim.previous_in_doubt_since,
         }
         result.units_sent += outcome.confirmed
+        if _moves_remainder(outcome):
+            _move_remainder(outcome, clock, result)
+            continue
         if outcome.kind == OutcomeKind.PROGRESS:
             # Every event of the slice answered, in order: nothing of this row is in doubt. Due again in this
             # tick (next_attempt_at <= its start), behind every other agency's rows.
@@ -877,6 +932,44 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
     for agency_id, reason in key_problems.items():
         _flag_agency(db.session.get(Agency, agency_id), reason, result)
     db.session.commit()
+
+
+def _moves_remainder(outcome: _Outcome) -> bool:
+    """Tell whether the rest of a row provably never reached Stripe and cannot go as recorded.
+
+    "unsent": the >24 h check or the period check decided so. A refusal (of the target or of the timestamp)
+    after some count events were confirmed: every offer of the row was answered, so the refused event and
+    those after it are not in Stripe, and the confirmed ones must keep the target and time they went with.
+    """
+    if outcome.kind == OutcomeKind.UNSENT:
+        return True
+    claim = outcome.claim
+    confirmed = claim.units_confirmed + outcome.confirmed
+    return (
+        outcome.kind in (OutcomeKind.REJECTED, OutcomeKind.STALE_TIMESTAMP)
+        and not (outcome.reason or "").startswith(NEEDS_RECONCILE)
+        and claim.previous_in_doubt_since is None
+        and outcome.answered
+        and 0 < confirmed < claim.units
+    )
+
+
+def _move_remainder(outcome: _Outcome, clock: _TickClock, result: ReportingResult) -> None:
+    """Close the row at its confirmed units and give the rest a fresh row (billing.unsent_remainder)."""
+    claim, now = outcome.claim, clock.now()
+    confirmed = claim.units_confirmed + outcome.confirmed
+    if outcome.kind == OutcomeKind.REJECTED:  # the rest waits for the agency's fix (retry_failed_reports)
+        move_unsent_remainder(
+            claim.report_id, confirmed, now, due_at=now, status=ReportStatus.FAILED, reason=outcome.reason
+        )
+        result.reports_failed += 1
+        return
+    if outcome.kind == OutcomeKind.STALE_TIMESTAMP:
+        due_at, reason = now + backoff_delay(_failures(claim, outcome)), outcome.reason
+    else:  # offered again in this tick if the budget allows, behind every other agency's rows
+        due_at, reason = clock.start, None
+    move_unsent_remainder(claim.report_id, confirmed, now, due_at=due_at, reason=reason)
+    result.reports_deferred += 1
 
 
 def _failures(claim: _Claim, outcome: _Outcome) -> int:

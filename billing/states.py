@@ -68,6 +68,7 @@ class OutcomeKind(enum.StrEnum):
     STALE_TIMESTAMP = "stale_timestamp"  # Stripe refused the timestamp: re-stamped and re-offered
     KEY_REJECTED = "key_rejected"  # the agency's key was refused: its other claims are skipped
     SKIPPED = "skipped"  # not offered this tick
+    UNSENT = "unsent"  # the rest provably not in Stripe cannot go as recorded: moved (billing.unsent_remainder)
     QUARANTINED = "quarantined"
 
 

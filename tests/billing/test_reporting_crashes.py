@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from billing.reporting import COUNT_EVENTS_PER_CLAIM, LEASE, report_pending_units
+from billing.reporting import COUNT_EVENTS_PER_CLAIM, LEASE, report_pending_units, retry_failed_reports
 from core.database import db, utcnow
 from stripe_fake import FakeStripeServer, FakeStripeState
 from tests.billing.stripe_support import StripeWorld
@@ -204,3 +204,46 @@ def test_a_tick_killed_in_a_later_slice_of_a_count_meter_row_resumes_after_the_r
         offers = [posted[f"{report.identifier}-{n}"] for n in range(1, 151)]
         killed_slice = COUNT_EVENTS_PER_CLAIM + 2 - recorded
         assert offers == [1] * recorded + [2] * killed_slice + [1] * (150 - recorded - killed_slice)
+
+
+def test_a_tick_killed_while_stripe_refuses_a_count_row_mid_way_loses_and_doubles_nothing(
+    make_app, database_url, gated, stripe_clock
+):
+    # Events 1-2 are applied; the customer is deleted while event 3 is in flight, Stripe refuses it, and the
+    # tick dies before recording anything. Later the agency moves the client to another customer: the rest
+    # is split off to a fresh row (billing.unsent_remainder) only once Stripe's totals prove it unsent.
+    server, arm = gated
+    gate = arm(hold="before_apply", nth=3)
+    gate.apply_late = True
+    app = make_app(STRIPE_API_BASE=server.url, STRIPE_NETWORK_ATTEMPTS=1)
+    with app.app_context():
+        world = StripeWorld(server, stripe_clock)
+        setup = world.agency(formula="count")
+        client = world.client(setup)
+        customer_a = client.stripe_customer_id
+        world.report(client, 4)
+        db.session.commit()
+
+        run_tick_until_gate(database_url, server, gate)
+        world.state.delete_customer(setup.key, customer_a)
+        gate.release.set()
+        assert gate.finished.wait(WAIT)
+        (row,) = world.reports()
+        assert world.stripe_total(setup, client) == 2 and row.in_doubt_since is not None
+
+        report_pending_units(stripe_clock.now() + LEASE + LEASE)  # 1-2 deduplicated, 3 refused: in doubt still
+        (row,) = world.reports()
+        assert row.status == "failed" and "No such customer" in row.last_error and row.units == 4
+
+        stripe_clock.advance(hours=25)
+        client = db.session.get(type(client), client.id)
+        client.stripe_customer_id = customer_b = world.customer(setup)
+        retry_failed_reports(client.agency, client.id)
+        db.session.commit()
+        report_pending_units(stripe_clock.now())
+
+        closed, rest = world.reports()
+        assert (closed.status, closed.units, closed.target_customer) == ("sent", 2, customer_a)
+        assert (rest.status, rest.units, rest.target_customer) == ("sent", 2, customer_b), rest.last_error
+        assert world.state.total_units(setup.key, customer_a, "ai_units") == 2
+        assert world.state.total_units(setup.key, customer_b, "ai_units") == 2

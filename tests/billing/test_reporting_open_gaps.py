@@ -25,14 +25,6 @@ def tick(world, budget=None, **shift):
     return report_pending_units(world.clock.now(), budget=budget)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open (issue 9 review): a row with confirmed count events keeps its recorded target, so the unsent "
-        "remainder never moves to the customer the agency fixed (billing/reporting.py: keep the target only "
-        "while units may be in Stripe; move a provably unsent remainder to a fresh row)"
-    ),
-)
 def test_a_count_row_refused_mid_way_is_finished_on_the_customer_the_agency_fixed(world):
     """Rule 10: a row Stripe refused definitively is re-offered after the agency's fix.
 
@@ -55,17 +47,21 @@ def test_a_count_row_refused_mid_way_is_finished_on_the_customer_the_agency_fixe
     world.state.delete_customer(new.key, customer_a)  # meanwhile the customer is deleted in Stripe
     reconnect(world, new)
     tick(world, minutes=1)
-    (row,) = world.reports()
+    # Event 1 stays where it went; events 2-3 never reached Stripe and wait in a fresh row for the fix.
+    closed, row = world.reports()
+    assert (closed.status, closed.units, closed.target_customer) == ("sent", 1, customer_a)
     assert row.status == "failed" and "No such customer" in row.last_error
 
     world.clock.advance(days=2)
     client.stripe_customer_id = customer_b = world.customer(new)  # the agency's fix
+    db.session.flush()  # saved: world.agency_row expires the session, which would discard the edit
     assert retry_failed_reports(world.agency_row(setup), client.id) == 1
     tick(world)
 
-    (row,) = world.reports()
+    closed, row = world.reports()
     assert world.state.total_units(new.key, customer_b, "ai_units") == 2, row.last_error
     assert row.status == "sent", row.last_error
+    assert closed.units + row.units == 3 and world.state.total_units(new.key, customer_a, "ai_units") == 1
 
 
 def test_a_row_in_doubt_past_a_period_rollover_is_billed_on_an_invoice(world):
@@ -133,13 +129,6 @@ def test_a_slow_stripe_while_stamping_never_delays_another_agency_beyond_the_bud
     assert elapsed < 4, f"B waited {elapsed:.1f}s behind A's slow Stripe"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open (issue 9 review): the remaining events of a count row keep the recorded timestamp, which may "
-        "lie in a finalized period"
-    ),
-)
 def test_a_count_row_resumed_after_a_period_rollover_bills_its_remaining_events_on_an_invoice(world):
     """Rules 9-10: a count row cut by a revoked key resumes after the last accepted event (held), but the
     remaining events keep the recorded timestamp, which lies in a period whose invoice is now final."""
@@ -159,7 +148,10 @@ def test_a_count_row_resumed_after_a_period_rollover_bills_its_remaining_events_
     reconnect(world, new)
     tick(world)
 
-    (row,) = world.reports()
+    # Event 1 keeps the timestamp it went with; events 2-3 moved to a fresh row stamped in the open period.
+    closed, row = world.reports()
+    assert (closed.units, closed.units_confirmed) == (1, 1) and closed.units + row.units == 3
+    assert closed.status == "sent"
     assert row.status == "sent" and world.state.total_units(new.key, client.stripe_customer_id, "ai_units") == 3
     assert world.state.billed_units(new.key, client.stripe_customer_id, "ai_units") == 3, (
         row.stripe_timestamp,
@@ -167,13 +159,6 @@ def test_a_count_row_resumed_after_a_period_rollover_bills_its_remaining_events_
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open (issue 9 review): when the >24 h check finds none of a doubtful row in Stripe, the resend still"
-        " goes to the recorded (deleted) customer instead of the agency's fix"
-    ),
-)
 def test_a_doubtful_row_refused_then_fixed_goes_to_the_fixed_customer_once_stripe_shows_none_of_it(world):
     """Rules 9-10: the first offer times out (never applied), the customer is then deleted and the retry is
     refused "No such customer". Two days later the agency moves the client to customer B and retries. The
@@ -192,6 +177,7 @@ def test_a_doubtful_row_refused_then_fixed_goes_to_the_fixed_customer_once_strip
 
     world.clock.advance(days=2)
     client.stripe_customer_id = customer_b = world.customer(setup)
+    db.session.flush()  # saved: world.agency_row expires the session, which would discard the edit
     assert retry_failed_reports(world.agency_row(setup), client.id) == 1
     tick(world)
 
