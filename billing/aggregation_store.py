@@ -17,7 +17,7 @@ from sqlalchemy import BigInteger, bindparam, cast, extract, func, insert, selec
 from sqlalchemy.orm.util import identity_key
 
 from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
-from billing.sources import ClientKey
+from billing.sources import ClientKey, source_field
 from billing.states import ReportStatus, UsageState
 from core.database import db
 
@@ -369,6 +369,11 @@ def take_write_lock() -> None:
     PostgreSQL uses row locks instead, so nothing happens there.
     """
     aggregation_store().take_write_lock()
+
+
+def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:
+    """Return the WHERE terms selecting usage events of one channel (capri_api) or subaccount (ghl)."""
+    return (_EVENT.agency_id == agency_id, _EVENT[source_field(provider)] == source_key)
 
 
 _STORES: dict[str, AggregationStore] = {"postgresql": PostgresAggregationStore(), "sqlite": SqliteAggregationStore()}

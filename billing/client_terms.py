@@ -5,6 +5,13 @@ pending usage was counted under the old settings (``billing.units.flush_client_u
 applies to usage received before it: rule 4 (a new N applies to the carried remainder), rule 5 (pausing and
 resuming), rule 11 (terms: usage is judged by the settings in force when Rebill received it) and rule 3 (a
 new client's source's earlier usage stays unmapped unless the agency chooses to bill it), docs/billing-rules.md.
+
+Rule 11: pausing, resuming and moving close the client's term (``start_new_term``) after counting its pending
+events and under its row lock, so an ingest that stamped its event before the change but committed after it,
+or a replayed delivery that keeps its first receipt, is judged by the settings in force when it arrived. The
+order of commits does not matter (PostgreSQL READ COMMITTED, the one-statement webhook path that stamps its
+delivery and usage with one time, SQLite ingest waiting for the write lock after stamping): only the
+received time does. Both times come from Rebill's processes' clocks, so hosts must keep NTP time.
 """
 
 from __future__ import annotations

@@ -9,3 +9,13 @@ import datetime as dt
 METER_EVENT_MAX_AGE = dt.timedelta(days=35)
 # Stripe keeps meter event identifiers "within a rolling period of at least 24 hours" (docs/stripe.md §1.3).
 IDENTIFIER_DEDUPE_WINDOW = dt.timedelta(hours=24)
+# Aggregation stamps units within that limit, with an hour of slack for the time between writing the outbox
+# row and sending it.
+OLDEST_USAGE_TIMESTAMP = METER_EVENT_MAX_AGE - dt.timedelta(hours=1)
+
+
+def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime:
+    """Return the timestamp Stripe gets for units: the latest usage, never future, never > 35 days old."""
+    if latest is None:
+        return now
+    return min(max(latest, now - OLDEST_USAGE_TIMESTAMP), now)

@@ -24,15 +24,9 @@ The rules (docs/billing-rules.md) this module implements, each pinned by a named
 11. An event is judged by the client's settings at the time Rebill first received it (``received_at``), not
    at the time it is aggregated: usage received from ``term_started_at`` on counts under the client's
    current status and source, earlier usage under the closed ``RebillClientTerm`` it was received in, or
-   not at all (``unmapped``) before the client existed. Pausing, resuming and moving close the term
-   (``billing.client_terms.start_new_term``) after counting the pending events and under the client's row
-   lock, so an ingest that stamped its event before the change but committed after it, or a replayed
-   delivery that keeps its first receipt, is judged by the settings in force when it arrived. Passes never
-   see a change half-made: the change holds the client's row lock until it commits, and passes skip locked
-   clients. The order of commits no longer matters (PostgreSQL READ COMMITTED, the one-statement webhook
-   path that stamps its delivery and usage with one time, SQLite ingest waiting for the write lock after
-   stamping): only the received time does. Both times come from Rebill's processes' clocks, so hosts must
-   keep NTP time.
+   not at all (``unmapped``) before the client existed; edits close terms (billing.client_terms). Passes
+   never see a change half-made: the change holds the client's row lock until it commits, and passes skip
+   locked clients.
 
 Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
 second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
@@ -62,14 +56,15 @@ from billing.aggregation_store import (
     EventMarks,
     NewReport,
     aggregation_store,
+    source_filter,
     take_write_lock,
 )
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
 from billing.models import RebillClient, UsageEvent
 from billing.periods import client_periods, units_in_periods
-from billing.sources import ClientKey, client_key, source_field, usage_measure
+from billing.sources import ClientKey, client_key, usage_measure
 from billing.states import ClientStatus, UsageState
-from billing.stripe_limits import METER_EVENT_MAX_AGE
+from billing.stripe_limits import usage_timestamp
 from core.database import db, utcnow
 
 log = logging.getLogger("billing.units")
@@ -79,9 +74,6 @@ BATCH_SIZE = 20_000
 # near it: 10^8 tokens every second for a hundred years is 3e17, and 4e18 tokens cost about $400 billion even
 # at $0.10 per million. Reaching it means bad data, so the client is quarantined instead of overflowing.
 CLIENT_USAGE_MAX = 4 * 10**18
-# Within Stripe's limit for meter event timestamps, with an hour of slack for the time between writing the
-# outbox row and sending it.
-OLDEST_USAGE_TIMESTAMP = METER_EVENT_MAX_AGE - dt.timedelta(hours=1)
 # A client created to bill its source's earlier unmapped usage counts everything received before it, too.
 SINCE_THE_START = EPOCH
 
@@ -148,21 +140,9 @@ def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> Ag
     return aggregation.finish()
 
 
-def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:
-    """Return the WHERE terms selecting usage events of one channel (capri_api) or subaccount (ghl)."""
-    return (_EVENT.agency_id == agency_id, _EVENT[source_field(provider)] == source_key)
-
-
 def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
     """Return the deterministic Stripe identifier of a client's n-th unit report (at most 45 chars)."""
     return f"rebill_{report_prefix}_{client_id}_{sequence}"
-
-
-def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime:
-    """Return the timestamp Stripe gets for units: the latest usage, never future, never > 35 days old."""
-    if latest is None:
-        return now
-    return min(max(latest, now - OLDEST_USAGE_TIMESTAMP), now)
 
 
 class _Tally:

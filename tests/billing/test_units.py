@@ -11,11 +11,8 @@ from sqlalchemy import func, select, text
 from billing.agencies import ensure_agency
 from billing.clients import delete_client, update_client
 from billing.models import RebillClient, UnitReport, UsageEvent
-from billing.units import (
-    OLDEST_USAGE_TIMESTAMP,
-    aggregate_pending_usage,
-    report_identifier,
-)
+from billing.stripe_limits import OLDEST_USAGE_TIMESTAMP
+from billing.units import aggregate_pending_usage, report_identifier
 from core.database import db, utcnow
 from tests.billing.factories import (
     NOW,
