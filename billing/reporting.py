@@ -32,8 +32,11 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   resend, a crash or a lease expiry resumes after the last confirmed event, and a huge row goes back in line
   between slices instead of holding the tick.
 - Budget (rule 8): a tick stops claiming and sending when its time budget is spent (a call in flight is
-  finished) and leaves the rest, untouched, for the next tick. An unexpected error on one row quarantines
-  that row (visible reason, retried with backoff); the tick goes on.
+  finished) and leaves the rest, untouched, for the next tick. Reads before sending (a billing period, the
+  >24 h check) never hold up reports that need none: those are sent first, in the background, while the
+  reads go round-robin across agencies within a share of the budget; an agency whose read failed or was slow
+  is not read again in that tick, and its reports that need a read back off (billing.tick_reads). An
+  unexpected error on one row quarantines that row (visible reason, retried with backoff); the tick goes on.
 - Record: a row is ``sent`` only after Stripe answered, or answered "an event already exists with
   identifier" (delivered before). A crash before this commit leaves the row leased and in doubt; after the
   lease the same identifiers go again and Stripe deduplicates them (~24 h).
@@ -77,6 +80,7 @@ from billing.stripe_gateway import (
     gateway_for,
 )
 from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE
+from billing.tick_reads import NotCached, ReadDeferred, TickReads
 from billing.units import take_write_lock
 from billing.unsent_remainder import move_unsent_remainder
 from core.database import db, is_postgresql, utcnow
@@ -256,6 +260,7 @@ def report_pending_units(now: dt.datetime | None = None, budget: dt.timedelta | 
     if budget is None:
         budget = dt.timedelta(seconds=config["REBILL_TICK_SECONDS"] * BUDGET_SHARE)
     clock = _TickClock(now, budget)
+    reads = TickReads(budget.total_seconds())
     result = ReportingResult()
     gateways: dict[int, StripeGateway | StripeKeyRejected] = {}
     workers = config["STRIPE_CONCURRENCY"]
@@ -263,7 +268,7 @@ def report_pending_units(now: dt.datetime | None = None, budget: dt.timedelta | 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
             # At least one batch per tick, so every agency with rows due makes progress whatever the budget.
             while claims := _claim_batch(clock, result):
-                outcomes = _process_batch(claims, gateways, clock, pool if workers > 1 else None)
+                outcomes = _process_batch(claims, gateways, clock, reads, pool if workers > 1 else None)
                 _record_outcomes(outcomes, clock, result)
                 if clock.spent():
                     break
@@ -535,29 +540,64 @@ def _process_batch(
     claims: list[_Claim],
     gateways: dict[int, StripeGateway | StripeKeyRejected],
     clock: _TickClock,
+    reads: TickReads,
     pool: ThreadPoolExecutor | None,
 ) -> list[_Outcome]:
-    """Check old doubts, stamp, record the targets, then send a batch of claims; one outcome per claim."""
+    """Decide, record and send a batch of claims; one outcome per claim.
+
+    Rule 8: the claims that need nothing read from Stripe (most of them) are decided at once and sent in the
+    background; meanwhile the others (a billing period, the >24 h check) are read round-robin across
+    agencies within the tick's read budget (billing.tick_reads), then recorded and sent. A send group (one
+    customer and meter) goes whole in one of the two, in order. So one agency's slow Stripe delays no other
+    agency's sends that need no read, and those that do by at most one read of each agency per tick.
+    """
     by_agency: dict[int, list[_Claim]] = defaultdict(list)
     for claim in claims:
         by_agency[claim.agency_id].append(claim)
     outcomes: list[_Outcome] = []
-    sendable: dict[int, list[_Claim]] = {}
-    for agency_id, agency_claims in by_agency.items():
+    for agency_id in list(by_agency):
         gateway = _gateway(agency_id, gateways)
         if isinstance(gateway, StripeKeyRejected):
+            agency_claims = by_agency.pop(agency_id)
             outcomes.append(_Outcome(agency_claims[0], OutcomeKind.KEY_REJECTED, gateway.reason))
             outcomes.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in agency_claims[1:])
-            continue
-        ready, decided = _ready_to_send(gateway, agency_claims, clock)
-        outcomes.extend(decided)
-        if any(outcome.kind == OutcomeKind.KEY_REJECTED for outcome in decided):
-            outcomes.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in ready)
-            continue
-        sendable[agency_id] = ready
-    stamped = [claim for ready in sendable.values() for claim in ready if claim.needs_stamp or claim.rest_unsent]
-    _record_targets(stamped, clock.now())
-    return outcomes + _send_claims(gateways, sendable, pool, clock)
+    stops = {agency_id: threading.Event() for agency_id in by_agency}
+    with reads.cached_only():
+        first = _ready_to_send(gateways, by_agency, clock, reads)
+    held = {(claim.agency_id, claim.send_group) for claim in first.waiting}
+    send_now = {
+        agency_id: [claim for claim in ready if (agency_id, claim.send_group) not in held]
+        for agency_id, ready in first.ready.items()
+    }
+    _record_targets(_stamped(send_now), clock.now())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe-send-unread") as background:
+        if pool is not None:
+            sent_first = background.submit(_send_claims, gateways, send_now, pool, clock, stops)
+        else:  # one sender thread: these go first, then the reads
+            outcomes.extend(_send_claims(gateways, send_now, None, clock, stops))
+        waiting: dict[int, list[_Claim]] = defaultdict(list)
+        for claim in first.waiting:
+            waiting[claim.agency_id].append(claim)
+        second = _ready_to_send(gateways, waiting, clock, reads)
+        send_later: dict[int, list[_Claim]] = defaultdict(list)
+        for agency_id, ready in first.ready.items():
+            send_later[agency_id].extend(claim for claim in ready if (agency_id, claim.send_group) in held)
+        for agency_id, ready in second.ready.items():
+            send_later[agency_id].extend(ready)
+        for agency_id in second.key_refused:
+            outcomes.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in send_later.pop(agency_id, []))
+        for agency_id in send_later:
+            send_later[agency_id].sort(key=lambda claim: claim.report_id)  # a group's rows in their order
+        _record_targets(_stamped(send_later), clock.now())
+        outcomes.extend(first.decided + second.decided + _send_claims(gateways, send_later, pool, clock, stops))
+        if pool is not None:
+            outcomes.extend(sent_first.result())
+    return outcomes
+
+
+def _stamped(claims_by_agency: dict[int, list[_Claim]]) -> list[_Claim]:
+    """The claims whose timestamp, target and doubt are written just before their offer (not at the claim)."""
+    return [claim for ready in claims_by_agency.values() for claim in ready if claim.needs_stamp or claim.rest_unsent]
 
 
 def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected]):
@@ -571,63 +611,91 @@ def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyReject
     return gateways[agency_id]
 
 
+@dataclass
+class _Decisions:
+    """Claims ready to send (per agency), claims waiting for a Stripe read, and claims decided otherwise."""
+
+    ready: dict[int, list[_Claim]]
+    waiting: list[_Claim]
+    decided: list[_Outcome]
+    key_refused: set[int]
+
+
 def _ready_to_send(
-    gateway: StripeGateway, claims: list[_Claim], clock: _TickClock
-) -> tuple[list[_Claim], list[_Outcome]]:
-    """Run the >24 h check and the period lookup where needed; return claims to send and decided outcomes."""
-    ready: list[_Claim] = []
-    decided: list[_Outcome] = []
-    periods: dict[tuple[str, str | None], SubscriptionPeriod | None] = {}
-    for claim in claims:
-        if any(outcome.kind == OutcomeKind.KEY_REJECTED for outcome in decided):
-            decided.append(_Outcome(claim, OutcomeKind.SKIPPED))
-            continue
-        try:
-            if claim.needs_check:
-                checked = _compare_with_stripe(gateway, claim)
-                if isinstance(checked, _Outcome):
-                    decided.append(checked)
-                    continue
-                # Stripe has none of the rest (after the first count events, which went in order): the doubt
-                # is settled, and the row goes on like one whose every offer was answered.
-                claim = replace(checked, needs_check=False, previous_in_doubt_since=None, rest_unsent=True)
-            if claim.rest_unsent and not _rest_goes_as_recorded(gateway, claim, clock.now(), periods):
-                decided.append(_Outcome(claim, OutcomeKind.UNSENT))  # to a fresh row: billing.unsent_remainder
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    claims_by_agency: dict[int, list[_Claim]],
+    clock: _TickClock,
+    reads: TickReads,
+) -> _Decisions:
+    """Run the >24 h check and the period look-up where needed, round-robin across agencies (rule 8)."""
+    decisions = _Decisions(ready=defaultdict(list), waiting=[], decided=[], key_refused=set())
+    for turn in itertools.zip_longest(*claims_by_agency.values()):
+        for claim in turn:
+            if claim is None:
                 continue
-            if claim.needs_stamp:
-                stamped = _stamp(gateway, claim, clock.now(), periods)
-                if isinstance(stamped, _Outcome):
-                    decided.append(stamped)
-                    continue
-                claim = stamped
-        except StripeUnavailable as error:
-            decided.append(_Outcome(claim, OutcomeKind.UNAVAILABLE, error.reason))
-        except StripeKeyRejected as error:
-            decided.append(_Outcome(claim, OutcomeKind.KEY_REJECTED, error.reason))
-        except StripeRequestRejected as error:
-            prefix = f"{NEEDS_RECONCILE}: " if claim.needs_check else ""
-            decided.append(_Outcome(claim, OutcomeKind.REJECTED, f"{prefix}{error.reason}"))
-        except Exception as error:  # rule 8: this row is set aside, the others go on
-            log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
-            decided.append(_Outcome(claim, OutcomeKind.QUARANTINED, f"{type(error).__name__}: {error}"))
-        else:
-            ready.append(claim)
+            if claim.agency_id in decisions.key_refused:
+                decisions.decided.append(_Outcome(claim, OutcomeKind.SKIPPED))
+                continue
+            try:
+                decided = _decide(gateways[claim.agency_id], claim, clock.now(), reads)
+            except NotCached:
+                decisions.waiting.append(claim)
+                continue
+            except ReadDeferred:  # the tick's reads are spent, or this agency's Stripe was slow: next tick
+                decided = _Outcome(claim, OutcomeKind.SKIPPED)
+            except StripeUnavailable as error:  # also when this agency's reads failed earlier in the tick
+                decided = _Outcome(claim, OutcomeKind.UNAVAILABLE, error.reason)
+            except StripeKeyRejected as error:
+                decided = _Outcome(claim, OutcomeKind.KEY_REJECTED, error.reason)
+                decisions.key_refused.add(claim.agency_id)
+            except StripeRequestRejected as error:
+                prefix = f"{NEEDS_RECONCILE}: " if claim.needs_check else ""
+                decided = _Outcome(claim, OutcomeKind.REJECTED, f"{prefix}{error.reason}")
+            except Exception as error:  # rule 8: this row is set aside, the others go on
+                log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
+                decided = _Outcome(claim, OutcomeKind.QUARANTINED, f"{type(error).__name__}: {error}")
+            if isinstance(decided, _Outcome):
+                decisions.decided.append(decided)
+            else:
+                decisions.ready[claim.agency_id].append(decided)
+    for agency_id in decisions.key_refused:
+        decisions.decided.extend(_Outcome(claim, OutcomeKind.SKIPPED) for claim in decisions.ready.pop(agency_id, []))
     db.session.rollback()
-    return ready, decided
+    return decisions
+
+
+def _decide(gateway: StripeGateway, claim: _Claim, now: dt.datetime, reads: TickReads) -> _Claim | _Outcome:
+    """Settle a claim's doubt and timestamp: the claim to send, or what happens to it instead.
+
+    Raises NotCached when a Stripe read is needed and not allowed now (nothing of the claim changed then).
+    """
+    if claim.needs_check:
+        with reads.reading(claim.agency_id):
+            checked = _compare_with_stripe(gateway, claim)
+        if isinstance(checked, _Outcome):
+            return checked
+        # Stripe has none of the rest (after the first count events, which went in order): the doubt is
+        # settled, and the row goes on like one whose every offer was answered.
+        claim = replace(checked, needs_check=False, previous_in_doubt_since=None, rest_unsent=True)
+    if claim.rest_unsent and not _rest_goes_as_recorded(gateway, claim, now, reads):
+        return _Outcome(claim, OutcomeKind.UNSENT)  # to a fresh row: billing.unsent_remainder
+    if claim.needs_stamp:
+        return _stamp(gateway, claim, now, reads)
+    return claim
 
 
 def _stamp(
     gateway: StripeGateway,
     claim: _Claim,
     now: dt.datetime,
-    periods: dict[tuple[str, str | None], SubscriptionPeriod | None],
+    reads: TickReads,
 ) -> _Claim | _Outcome:
     """Give a claim the timestamp (and legacy subscription item) its units bill on (rule 10)."""
     base, shift = claim.usage_timestamp, None
     if base < now - MAX_EVENT_AGE:
         base, shift = now, "usage older than Stripe's 35 days; billed at its first offer"
     needs_period = claim.mode == "legacy" or base < now - PERIOD_CHECK_AGE
-    period = _period(gateway, claim, periods) if needs_period else None
+    period = _period(gateway, claim, reads) if needs_period else None
     item = None
     if claim.mode == "legacy":
         if period is None:
@@ -651,7 +719,7 @@ def _rest_goes_as_recorded(
     gateway: StripeGateway,
     claim: _Claim,
     now: dt.datetime,
-    periods: dict[tuple[str, str | None], SubscriptionPeriod | None],
+    reads: TickReads,
 ) -> bool:
     """Tell whether a row's rest, provably not in Stripe, goes on with the recorded target and timestamp.
 
@@ -665,18 +733,13 @@ def _rest_goes_as_recorded(
         return False
     if claim.timestamp >= now - PERIOD_CHECK_AGE:
         return True
-    period = _period(gateway, claim, periods)
+    period = _period(gateway, claim, reads)
     return period is None or claim.timestamp >= period.start
 
 
-def _period(
-    gateway: StripeGateway, claim: _Claim, periods: dict[tuple[str, str | None], SubscriptionPeriod | None]
-) -> SubscriptionPeriod | None:
-    """The customer's current period on the claim's price, read once per customer and price."""
-    key = (claim.customer_id, claim.price_id)
-    if key not in periods:
-        periods[key] = gateway.subscription_period(claim.customer_id, claim.price_id) if claim.price_id else None
-    return periods[key]
+def _period(gateway: StripeGateway, claim: _Claim, reads: TickReads) -> SubscriptionPeriod | None:
+    """The customer's current period on the claim's price (read once a tick: billing.tick_reads)."""
+    return reads.period(claim.agency_id, gateway, claim.customer_id, claim.price_id)
 
 
 def _record_targets(claims: list[_Claim], now: dt.datetime) -> None:
@@ -760,6 +823,7 @@ def _send_claims(
     claims_by_agency: dict[int, list[_Claim]],
     pool: ThreadPoolExecutor | None,
     clock: _TickClock,
+    stops: dict[int, threading.Event],
 ) -> list[_Outcome]:
     """Send claims: in order within a customer+meter group; groups in parallel up to STRIPE_CONCURRENCY.
 
@@ -767,7 +831,6 @@ def _send_claims(
     not one per thread; the other groups follow round-robin across agencies.
     """
     first_groups, later = [], []
-    stops = {agency_id: threading.Event() for agency_id in claims_by_agency}
     for agency_id, claims in claims_by_agency.items():
         groups: dict[tuple[str, str], list[_Claim]] = defaultdict(list)
         for claim in claims:

@@ -45,6 +45,7 @@ LAST_LEGACY_VERSION = "2025-02-24.acacia"  # builders act as a pre-basil client 
 DEFAULT_API_VERSION = "2026-10-28.endive"  # what stripe-python 16.1.0 sends
 FAULTS = (
     "rate_limit", "server_error", "timeout", "accept_then_drop", "accept_then_500", "revoke_key", "bad_request",
+    "slow",  # applied and answered as usual, after `seconds`
 )
 # Meter-event identifiers are unique "within a rolling period of at least 24 hours"
 # (https://docs.stripe.com/api/billing/meter-event/create): the fake forgets them after exactly that.
@@ -750,7 +751,7 @@ class FakeStripeState:
         return None
 
     def _raise_fault(self, fault: _Fault | None, api_key: str | None) -> None:
-        if fault is None or fault.fault.startswith("accept_then_"):
+        if fault is None or fault.fault.startswith("accept_then_") or fault.fault == "slow":
             return
         if fault.fault == "revoke_key":
             self._keys.pop(api_key, None)
@@ -1315,7 +1316,7 @@ class FakeStripeApp:
             err = StripeFakeError(500, f"stripe_fake bug: {exc!r}", type="api_error")
             outcome = _Outcome(500, json.dumps(err.body()), {})
         fault = outcome.fault.fault if outcome.fault else None
-        if fault == "timeout":
+        if fault in ("timeout", "slow"):
             self.state._released.wait(outcome.fault.seconds)  # release_hangs() cuts the hang short
         if fault in ("timeout", "accept_then_drop"):
             self._drop_connection(environ)  # raises when a real socket is there

@@ -10,6 +10,7 @@ from sqlalchemy import insert
 
 from billing.models import UnitReport
 from billing.reporting import report_pending_units
+from billing.tick_reads import SLOW_FLOOR_SECONDS
 from billing.units import report_identifier
 from core.database import db
 
@@ -92,3 +93,52 @@ def test_rows_are_claimed_round_robin_so_a_backlog_of_rows_never_pushes_another_
     assert world.stripe_total(b, b_client) == 7
     assert elapsed < BUDGET + SLACK
     assert 0 < world.stripe_total(a, a_client) < 2500  # A's backlog goes on next tick
+
+
+def test_an_agency_whose_period_reads_fail_is_read_once_and_backs_off_while_another_s_backlog_goes(world):
+    """Rule 8: A's Stripe times out on the reads that stamp its backlog; B's backlog also needs reads."""
+    a, b = world.agency(), world.agency()
+    old = world.clock.now() - dt.timedelta(hours=2)  # older than PERIOD_CHECK_AGE: the period is read
+    a_clients = [world.client(a) for _ in range(3)]
+    for client in a_clients:
+        world.report(client, 1, at=old)
+    b_clients = [world.client(b) for _ in range(2)]
+    for client in b_clients:
+        world.report(client, 2, at=old)
+    world.state.inject("/v1/subscriptions", "timeout", times=10, seconds=1.5, api_key=a.key)
+
+    for _ in range(2):  # at most one tick's delay: B may wait for A's one read in the first
+        _, took = timed_tick(world)
+        assert took < BUDGET + SLACK
+
+    assert [world.stripe_total(b, client) for client in b_clients] == [2, 2]
+    a_reads = [c for c in world.state.calls if c.path.startswith("/v1/subscriptions") and c.api_key == a.key]
+    assert len(a_reads) == 1  # the failed read is remembered: A's other rows wait with backoff, not re-read
+    rows = [row for row in world.reports() if row.agency_id == a.agency.id]
+    assert all(row.status == "pending" and row.in_doubt_since is None for row in rows)
+    assert all(row.next_attempt_at > world.clock.now() and row.last_error for row in rows)
+
+    world.state.clear_faults()  # A's Stripe recovers: its rows go once their backoff is over
+    timed_tick(world, hours=2)
+    assert [world.stripe_total(a, client) for client in a_clients] == [1, 1, 1]
+
+
+def test_an_agency_whose_period_reads_are_slow_reads_once_a_tick_and_never_holds_up_another(world):
+    """Rule 8: A's Stripe answers its period reads, but slowly (longer than SLOW_FLOOR_SECONDS each)."""
+    a, b = world.agency(), world.agency()
+    old = world.clock.now() - dt.timedelta(hours=2)
+    a_clients = [world.client(a) for _ in range(3)]
+    for client in a_clients:
+        world.report(client, 1, at=old)
+    b_client = world.client(b)
+    world.report(b_client, 2)
+    world.state.inject("/v1/subscriptions", "slow", times=10, seconds=SLOW_FLOOR_SECONDS + 0.2, api_key=a.key)
+
+    _, took = timed_tick(world)
+
+    assert took < BUDGET + SLACK and world.stripe_total(b, b_client) == 2
+    a_reads = [c for c in world.state.calls if c.path.startswith("/v1/subscriptions") and c.api_key == a.key]
+    assert len(a_reads) == 1  # the slow read is remembered for the tick: A's other rows back off
+    assert sum(world.stripe_total(a, client) for client in a_clients) == 1  # the row it was read for went
+    waiting = [r for r in world.reports() if r.agency_id == a.agency.id and r.status == "pending"]
+    assert len(waiting) == 2 and all(r.next_attempt_at > world.clock.now() for r in waiting)

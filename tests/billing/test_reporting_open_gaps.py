@@ -1,8 +1,8 @@
-"""Open gaps in rules 8-10 found by the adversarial review of issue 9's money paths (still open).
+"""Gaps in rules 8-10 found by the adversarial review of issue 9's money paths (closed; kept as regression tests).
 
-Each test states what the rules require. Those marked ``xfail(strict=True)`` fail today: the suite stays green
-while the gap is open and turns red the moment a fix makes one pass (then drop its marker). The unmarked one
-(a doubtful row resent past a period rollover) was found by the review and fixed before this file landed.
+Each test states what the rules require. They were strict xfails while their gap was open; all four are now
+closed (billing.unsent_remainder for the remainders, billing.tick_reads for the reads before sending). The
+doubtful row resent past a period rollover was found by the review and fixed before this file landed.
 Review notes: units are never doubled here; they are left unbilled (a remainder stuck on a deleted customer,
 a resend stamped in a finalized period), or one agency's slow Stripe delays another.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-
-import pytest
 
 from billing.reporting import report_pending_units, retry_failed_reports
 from core.database import db
@@ -98,13 +96,6 @@ def test_a_row_in_doubt_past_a_period_rollover_is_billed_on_an_invoice(world):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open (issue 9 review): billing-period look-ups run one after another before any row is sent, with no"
-        " budget check between them and no memory of a failed look-up"
-    ),
-)
 def test_a_slow_stripe_while_stamping_never_delays_another_agency_beyond_the_budget(world):
     """Rule 8: agency A's slow Stripe (period look-ups for a backlog) must not hold B past the tick's budget.
 

@@ -324,6 +324,14 @@ def test_timeout_fault_makes_the_client_time_out_and_applies_nothing(fake, sk, s
     assert time.monotonic() - started < 2
 
 
+def test_slow_fault_answers_normally_after_the_delay(fake, sk, sc, setup):
+    fake.state.inject("/v1/customers", "slow", seconds=0.3)
+    started = time.monotonic()
+    listed = sc.v1.customers.list()
+    assert time.monotonic() - started >= 0.3 and any(c.id == setup.customer["id"] for c in listed.data)
+    assert fake.state.calls[-1].status == 200
+
+
 def test_short_hang_then_dropped_connection(fake, sk, setup):
     fake.state.inject("/v1/customers", "timeout", seconds=0.05)
     with pytest.raises(stripe.APIConnectionError):
