@@ -284,7 +284,7 @@ def validate_client_fields(
     values["pause_on_payment_failure"] = merged.get("pause_on_payment_failure", False)
     if not isinstance(values["pause_on_payment_failure"], bool):
         errors["pause_on_payment_failure"] = "must be true or false"
-    cap_fields = _cap_fields(fields, merged, errors)
+    cap_fields = _cap_fields(fields, merged, current or {}, errors)
     values["monthly_cap_units"], values["monthly_cap_amount"] = cap_fields
     values["alert_thresholds"] = _thresholds(merged.get("alert_thresholds"), errors)
 
@@ -527,10 +527,16 @@ def _cap_units(value: Any, errors: dict) -> int | None:
     return value
 
 
-def _cap_fields(fields: Mapping[str, Any], merged: Mapping[str, Any], errors: dict) -> tuple[int | None, Any]:
+def _cap_fields(
+    fields: Mapping[str, Any], merged: Mapping[str, Any], current: Mapping[str, Any], errors: dict
+) -> tuple[int | None, Any]:
     """The cap as (units, amount): one of them, or neither. An amount's form is checked when it is converted
-    (its decimal places depend on the price's currency); a cap in units given alone replaces an amount."""
+    (its decimal places depend on the price's currency); a cap in units given alone replaces an amount, and
+    clearing a cap given in money clears the units derived from it."""
     units, amount = merged.get("monthly_cap_units"), merged.get("monthly_cap_amount")
+    cleared = "monthly_cap_amount" in fields and fields["monthly_cap_amount"] is None
+    if cleared and "monthly_cap_units" not in fields and current.get("monthly_cap_amount") is not None:
+        units = None
     if fields.get("monthly_cap_units") is not None and fields.get("monthly_cap_amount") is not None:
         message = "give the cap either in units or as an amount, not both"
         errors["monthly_cap_units"] = errors["monthly_cap_amount"] = message

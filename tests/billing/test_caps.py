@@ -173,3 +173,11 @@ def test_a_cap_in_units_replaces_a_cap_in_money_and_a_bad_amount_changes_nothing
     update_client(agency, client.id, {"monthly_cap_amount": "100"})
     update_client(agency, client.id, {"nickname": "Renamed"})
     assert (fresh(client).monthly_cap_units, client.monthly_cap_amount) == (25, "100.00")
+    # Clearing the amount clears the cap (its units were the amount's), not only the money view of it.
+    update_client(agency, client.id, {"monthly_cap_amount": None})
+    client = fresh(client)
+    assert (client.monthly_cap_units, client.monthly_cap_amount, client.monthly_cap_currency) == (None, None, None)
+    # Clearing an amount that is not set leaves a cap in units alone.
+    update_client(agency, client.id, {"monthly_cap_units": 4})
+    update_client(agency, client.id, {"monthly_cap_amount": None})
+    assert fresh(client).monthly_cap_units == 4
