@@ -251,6 +251,10 @@ class UnitReport(TimestampMixin, db.Model):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Attempt history, append-only: a claim for sending counts an attempt and nothing ever lowers or clears it.
     first_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Offers in a row that Stripe did not take (unreachable, 429/5xx, a refused timestamp, quarantined); progress
+    # or delivery resets it. Each slice of a count-meter row is an attempt, so the money view calls a client
+    # failing by this count, not by ``attempts`` (billing.periods).
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 

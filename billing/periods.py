@@ -41,7 +41,9 @@ log = logging.getLogger("billing.periods")
 REFRESH_EVERY = dt.timedelta(hours=1)
 REFRESH_BATCH = 200
 REFRESH_BUDGET_SECONDS = 20.0
-# A report retried this often without reaching Stripe shows the client as failing, not just "slow".
+# A report that failed to reach Stripe this many offers in a row shows the client as failing, not just "slow"
+# (counted since its last progress: each slice of a count-meter row is an offer, and a 429 after progress is
+# only a pause).
 FAILING_AFTER_ATTEMPTS = 3
 BILLING_STATES = ("ok", "failing", "paused", "stripe_disconnected")
 
@@ -262,7 +264,7 @@ def _report_troubles(client_ids: Iterable[int]) -> dict[int, str]:
                 UnitReport.status == ReportStatus.FAILED,
                 and_(
                     UnitReport.status == ReportStatus.PENDING,
-                    UnitReport.attempts >= FAILING_AFTER_ATTEMPTS,
+                    UnitReport.failed_attempts >= FAILING_AFTER_ATTEMPTS,
                     UnitReport.last_error.is_not(None),
                 ),
             ),

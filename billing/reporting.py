@@ -139,6 +139,7 @@ _CLAIM_COLUMNS = (
             "units",
             "usage_timestamp",
             "attempts",
+            "failed_attempts",
             "first_attempt_at",
             "target_account",
             "target_subscription_item",
@@ -182,6 +183,7 @@ class _Claim:
     timestamp: dt.datetime | None  # what Stripe is given; None until stamped
     timestamp_shift: str | None
     attempt: int
+    failed_attempts: int  # offers in a row Stripe did not take, before this one
     previous_in_doubt_since: dt.datetime | None
     claimed_at: dt.datetime
     needs_check: bool  # in doubt beyond the dedupe window: ask Stripe's totals before any resend
@@ -374,6 +376,7 @@ def _claim_batch(clock: _TickClock, result: ReportingResult) -> list[_Claim]:
         except Exception as error:  # one bad row never stops the batch (rule 8)
             log.exception("report quarantined", extra={"fields": {"report_id": row.id}})
             writes.append(_quarantine_values(row.id, row.attempts + 1, now, f"{type(error).__name__}: {error}"))
+            writes[-1]["failed_attempts"] = row.failed_attempts + 1
             result.reports_quarantined += 1
             continue
         if claim is not None:
@@ -407,6 +410,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
             timestamp=row.usage_timestamp,
             timestamp_shift=None,
             attempt=row.attempts + 1,
+            failed_attempts=row.failed_attempts,
             previous_in_doubt_since=None,
             claimed_at=now,
             needs_check=False,
@@ -455,6 +459,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
         timestamp=timestamp,  # the one offered: the >24 h check reads Stripe's window around it
         timestamp_shift=row.timestamp_shift,
         attempt=row.attempts + 1,
+        failed_attempts=row.failed_attempts,
         previous_in_doubt_since=row.in_doubt_since,
         claimed_at=now,
         needs_check=needs_check,
@@ -947,13 +952,16 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
             else claim.previous_in_doubt_since,
         }
         result.units_sent += outcome.confirmed
+        if outcome.kind in (OutcomeKind.UNAVAILABLE, OutcomeKind.STALE_TIMESTAMP, OutcomeKind.QUARANTINED):
+            # Not taken: one more failure in a row, or the first one after this attempt's own progress.
+            values["failed_attempts"] = 1 if outcome.confirmed else claim.failed_attempts + 1
         if _moves_remainder(outcome):
             _move_remainder(outcome, clock, result)
             continue
         if outcome.kind == OutcomeKind.PROGRESS:
             # Every event of the slice answered, in order: nothing of this row is in doubt. Due again in this
             # tick (next_attempt_at <= its start), behind every other agency's rows.
-            values.update(in_doubt_since=None, next_attempt_at=clock.start, last_error=None)
+            values.update(in_doubt_since=None, next_attempt_at=clock.start, last_error=None, failed_attempts=0)
         elif outcome.kind == OutcomeKind.UNAVAILABLE:
             values.update(next_attempt_at=now + backoff_delay(_failures(claim, outcome)), last_error=outcome.reason)
             result.reports_retrying += 1
@@ -989,6 +997,7 @@ def _record_outcomes(outcomes: list[_Outcome], clock: _TickClock, result: Report
                 last_error=reason,
                 units_confirmed=_REPORT.c.units,
                 in_doubt_since=None,
+                failed_attempts=0,
             )
         )
     _write_rows(rows)

@@ -10,7 +10,7 @@ import datetime as dt
 import uuid
 from dataclasses import replace
 
-from billing.periods import client_money, refresh_client_period
+from billing.periods import FAILING_AFTER_ATTEMPTS, client_money, refresh_client_period
 from billing.reporting import report_pending_units, retry_failed_reports
 from billing.stripe_connection import connect_stripe_key
 from billing.usage import client_usage
@@ -316,3 +316,33 @@ def test_a_count_row_that_made_progress_is_retried_soon_after_a_429(world):
     (row,) = world.reports()
     assert row.attempts == attempts + 1 and "429" in row.last_error
     assert row.next_attempt_at - world.clock.now() <= dt.timedelta(seconds=30)  # the base backoff, not attempt n's
+
+
+def test_a_429_after_progress_leaves_the_client_ok_and_only_failures_in_a_row_show_it_failing(world):
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    world.report(client, 10**7)
+    db.session.commit()
+    for _ in range(3):  # each slice of the count row is an attempt: many attempts, all of them progress
+        report_pending_units(world.clock.now(), budget=dt.timedelta(seconds=1))
+    (row,) = world.reports()
+    assert row.attempts >= FAILING_AFTER_ATTEMPTS and 0 < row.units_confirmed < 10**7
+    world.state.inject("/v1/billing/meter_events", "rate_limit")
+
+    tick(world)
+
+    (row,) = world.reports()
+    assert "429" in row.last_error and row.failed_attempts == 1
+    assert _billing_state(world, setup, client) == ("ok", None)  # a pause after progress, not a failure
+
+    world.state.inject("/v1/billing/meter_events", "rate_limit", times=FAILING_AFTER_ATTEMPTS - 1)
+    for _ in range(FAILING_AFTER_ATTEMPTS - 1):
+        tick(world, minutes=2)  # past the backoff: the row made progress, so it is the base one
+    state, problem = _billing_state(world, setup, client)
+    assert state == "failing" and "keeps retrying" in problem
+
+
+def _billing_state(world, setup, client):
+    agency = world.agency_row(setup)
+    money = client_money(agency, [db.session.get(type(client), client.id)])[client.id]
+    return money.billing_state, money.billing_problem

@@ -44,6 +44,8 @@ def add_report(
                 status=status,
                 last_error=error,
                 attempts=attempts,
+                # reporting counts failures in a row too: each of these attempts was one (billing.reporting)
+                failed_attempts=attempts if status == "pending" and error else 0,
             )
         )
         db.session.commit()
