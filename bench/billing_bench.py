@@ -3,14 +3,20 @@
 Runs on PostgreSQL in a throwaway database it creates, migrates and drops. Loading the data (COPY) is not
 timed; aggregation and the reporting tick are. The fake Stripe (stripe_fake's app and state) runs in a child
 process behind a keep-alive server, as Stripe would be elsewhere. Prints events/s, wall times, Stripe calls
-made (must equal the clients with new units: one call per client per tick), this process's peak RSS, and
-where the CPU went (this process, the fake Stripe's process, the load average) — the fake shares the cores.
+made (must equal the clients with new units: one call per client per tick), the peak RSS of each process,
+and where the CPU went (Rebill's processes, the fake Stripe's process, the load average) — the fake shares
+the cores.
 
     .venv/bin/python bench/billing_bench.py [--events 1000000] [--clients 10000] [--agencies 100] [--schedulers K]
+        [--stripe-latency-ms MS]
 
---schedulers K reports with K scheduler processes started together (spawned, connected, then released at
-once; their start-up is not timed), each running report_pending_units until nothing is due: the claims
-(SKIP LOCKED, leases) keep them apart, and the checks below prove every unit went once.
+Aggregation and reporting each run in fresh processes of their own, as a scheduler would (spawned,
+connected, then released at once; their start-up is not timed): their peak RSS is Rebill's alone, not the
+bench's bookkeeping (the rows it generated for COPY, the fake's accounts), which stays in this process.
+--schedulers K reports with K such processes started together, each running report_pending_units until
+nothing is due: the claims (SKIP LOCKED, leases) keep them apart, and the checks below prove every unit went
+once. --stripe-latency-ms makes the fake answer each call that much later (without using CPU meanwhile), as
+a real Stripe round trip (~100-300 ms) would: with no latency the tick is CPU-bound.
 
 REBILL_BENCH_POSTGRES_URL picks the server (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -62,9 +68,13 @@ def main() -> None:
     parser.add_argument("--agencies", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4, help="STRIPE_CONCURRENCY for the tick")
     parser.add_argument(
-        "--schedulers", type=int, default=None,
+        "--schedulers", type=int, default=1,
         help="report with this many scheduler processes at once (each runs report_pending_units until nothing "
-             "is due; claims keep them apart); default: one tick in this process",
+             "is due; claims keep them apart)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stripe-latency-ms", type=float, default=0.0,
+        help="the fake Stripe answers each call this much later, as a real round trip would (default: at once)",
     )  # fmt: skip
     parser.add_argument(
         "--fake-server", choices=("asyncio", "gunicorn"), default="asyncio",
@@ -77,7 +87,8 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
     fake = context.Process(
-        target=serve_fake_stripe, args=(child_conn, args.agencies, args.clients // args.agencies, args.fake_server)
+        target=serve_fake_stripe,
+        args=(child_conn, args.agencies, args.clients // args.agencies, args.fake_server, args.stripe_latency_ms / 1e3),
     )
     fake.start()
     stripe_url, accounts = conn.recv()
@@ -110,7 +121,7 @@ def main() -> None:
         sys.exit(1)
 
 
-def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str) -> None:
+def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str, latency: float = 0.0) -> None:
     """Child process: build each agency's Stripe account (meter, price, customers), then serve it.
 
     Not FakeStripeServer's werkzeug server: it closes the connection after every request, while Stripe (and
@@ -138,6 +149,8 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str)
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         if environ["PATH_INFO"] != "/_bench/ledger":
+            if latency and server == "gunicorn":
+                time.sleep(latency)  # one of gunicorn's threads waits; the asyncio host waits in its loop
             return fake(environ, start_response)
         events = [event for account in accounts for event in state.meter_events(account["key"])]
         body = json.dumps({
@@ -152,7 +165,7 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str)
         port = probe.getsockname()[1]
     conn.send((f"http://127.0.0.1:{port}", accounts))
     if server == "asyncio":
-        serve_keep_alive(app, "127.0.0.1", port)
+        serve_keep_alive(app, "127.0.0.1", port, latency)
         return
 
     from gunicorn.app.base import BaseApplication
@@ -169,13 +182,14 @@ def serve_fake_stripe(conn, agencies: int, clients_per_agency: int, server: str)
     Server().run()
 
 
-def serve_keep_alive(app, host: str, port: int) -> None:
+def serve_keep_alive(app, host: str, port: int, latency: float = 0.0) -> None:
     """Serve a WSGI app over HTTP/1.1 with keep-alive on one asyncio thread (the bench's fake Stripe host).
 
     Just what the bench's clients send: requests with a Content-Length body (or none), one at a time per
     connection; each is answered with a Content-Length body, and the connection is kept unless the client
     says "Connection: close". The app runs on the event loop: fine for the in-memory fake, whose fault
-    injection (hangs) the bench does not use.
+    injection (hangs) the bench does not use. ``latency`` (seconds) delays each answer but the bench's own
+    (``/_bench/...``) on the event loop, so other connections are served meanwhile.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -205,6 +219,8 @@ def serve_keep_alive(app, host: str, port: int) -> None:
                 def start_response(status, response_headers, exc_info=None, answer=answer):
                     answer["status"], answer["headers"] = status, response_headers
 
+                if latency and not path.startswith("/_bench/"):
+                    await asyncio.sleep(latency)
                 chunks = app(environ, start_response)
                 try:
                     payload = b"".join(chunks)
@@ -303,8 +319,12 @@ def copy_rows(conn, target: str, rows) -> None:
             copy.write_row(row)
 
 
-def report_in_child(config: dict, ready, go, results) -> None:
-    """A scheduler process of --schedulers: connect, wait for the common start, report until nothing is due."""
+def in_child(job: str, config: dict, ready, go, results) -> None:
+    """One of Rebill's processes: connect, wait for the common start, run ``job``, send back what it did.
+
+    "aggregate": one aggregation pass and its commit (what a scheduler tick does first). "report":
+    report_pending_units until nothing is due (a budget of an hour: the figure is throughput).
+    """
     app = create_app(config)
     with app.app_context():
         db.session.execute(text("SELECT 1"))  # connected before the clock starts
@@ -312,30 +332,31 @@ def report_in_child(config: dict, ready, go, results) -> None:
         ready.put(os.getpid())
         go.wait()
         started, cpu = time.perf_counter(), time.process_time()
-        result = report_pending_units(budget=dt.timedelta(hours=1))  # the whole backlog: throughput
+        if job == "aggregate":
+            result = aggregate_pending_usage()
+            db.session.commit()
+        else:
+            result = report_pending_units(budget=dt.timedelta(hours=1))
         results.put({**vars(result), "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
 
 
-def report_with_processes(config: dict, processes: int) -> tuple[ReportingResult, float, list[dict]]:
-    """Run ``processes`` reporting processes together; return the summed result, the wall time, and each one's."""
+def run_in_processes(job: str, config: dict, processes: int) -> tuple[float, list[dict]]:
+    """Run ``job`` in ``processes`` fresh processes released together; return the wall time and each one's result."""
     context = multiprocessing.get_context("spawn")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
-    children = [context.Process(target=report_in_child, args=(config, ready, go, results)) for _ in range(processes)]
+    children = [context.Process(target=in_child, args=(job, config, ready, go, results)) for _ in range(processes)]
     for child in children:
         child.start()
     for _ in children:
         ready.get(timeout=120)
     started = time.perf_counter()
     go.set()
-    each = [results.get(timeout=3600) for _ in children]
+    each = [results.get(timeout=36000) for _ in children]
     wall = time.perf_counter() - started
     for child in children:
         child.join(60)
-    total = ReportingResult()
-    for field in fields(ReportingResult):
-        setattr(total, field.name, sum(result[field.name] for result in each))
-    return total, wall, each
+    return wall, each
 
 
 def run(stripe_url: str, args, config: dict) -> bool:
@@ -343,50 +364,43 @@ def run(stripe_url: str, args, config: dict) -> bool:
     load_before = os.getloadavg()[0]
     wal_start = db.session.scalar(text("SELECT pg_current_wal_lsn()"))
     db.session.commit()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    aggregation = aggregate_pending_usage()
-    db.session.commit()
-    aggregated, cpu_aggregated = time.perf_counter(), time.process_time()
+    aggregation_s, (aggregation,) = run_in_processes("aggregate", config, 1)
     wal_mb = db.session.scalar(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), :start)"), {"start": wal_start})
     clients_with_units = db.session.scalar(
         select(func.count(func.distinct(UnitReport.client_id))).where(UnitReport.status == "pending")
     )
     db.session.commit()
     fake_cpu_start = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"]
-    tick, cpu_tick = time.perf_counter(), time.process_time()
-    # The whole backlog in one tick: the figure is throughput (the scheduler's time budget would split it).
-    if args.schedulers:
-        reporting, wall, each = report_with_processes(config, args.schedulers)
-        tick, done = 0.0, wall
-        cpu_done = cpu_tick + sum(result["cpu"] for result in each)
-    else:
-        reporting = report_pending_units(budget=dt.timedelta(hours=1))
-        done = time.perf_counter()
-        cpu_done = time.process_time()
+    # The whole backlog in one tick per process: the figure is throughput (the scheduler's budget would split it).
+    reporting_s, each = run_in_processes("report", config, args.schedulers)
+    reporting = ReportingResult()
+    for field in fields(ReportingResult):
+        setattr(reporting, field.name, sum(result[field.name] for result in each))
     fake_cpu = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"] - fake_cpu_start
     ledger = requests.get(f"{stripe_url}/_bench/ledger", timeout=60).json()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bench_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    aggregation_s, reporting_s = aggregated - start, done - tick
-    print(f"aggregation: {aggregation.events:,} events -> {aggregation.units:,} units in {aggregation_s:.2f} s "
-          f"({aggregation.events / aggregation_s:,.0f} events/s), {aggregation.reports:,} outbox rows; "
-          f"CPU of this process {cpu_aggregated - cpu_start:.1f} s (the rest is waiting on PostgreSQL); "
-          f"WAL written (whole server) {float(wal_mb) / 2**20:,.0f} MB")
+    print(f"aggregation: {aggregation['events']:,} events -> {aggregation['units']:,} units in {aggregation_s:.2f} s "
+          f"({aggregation['events'] / aggregation_s:,.0f} events/s), {aggregation['reports']:,} outbox rows; "
+          f"CPU of its process {aggregation['cpu']:.1f} s (the rest is waiting on PostgreSQL), peak RSS "
+          f"{aggregation['rss_mb']:.0f} MB; WAL written (whole server) {float(wal_mb) / 2**20:,.0f} MB")
     print(f"reporting tick: {reporting.reports_sent:,} reports sent ({reporting.units_sent:,} units) in "
           f"{reporting_s:.2f} s ({reporting.reports_sent / reporting_s:,.0f} reports/s), "
           f"failed {reporting.reports_failed}, retrying {reporting.reports_retrying}; CPU of Rebill's "
-          f"process(es) {cpu_done - cpu_tick:.1f} s, of the fake Stripe ({args.fake_server}) {fake_cpu:.1f} s")
-    if args.schedulers:
-        print(f"  by {args.schedulers} scheduler process(es), each: " + "; ".join(
-            f"{r['reports_sent']:,} reports in {r['seconds']:.2f} s, CPU {r['cpu']:.1f} s, RSS {r['rss_mb']:.0f} MB"
-            for r in each
-        ))  # fmt: skip
+          f"process(es) {sum(r['cpu'] for r in each):.1f} s, of the fake Stripe ({args.fake_server}, "
+          f"{args.stripe_latency_ms:g} ms a call) {fake_cpu:.1f} s")
+    print(f"  by {args.schedulers} scheduler process(es), each: " + "; ".join(
+        f"{r['reports_sent']:,} reports in {r['seconds']:.2f} s, CPU {r['cpu']:.1f} s, peak RSS {r['rss_mb']:.0f} MB"
+        for r in each
+    ))  # fmt: skip
     print(f"stripe calls: {reporting.stripe_calls:,} (the fake saw {ledger['posts']:,} POSTs, holds "
           f"{ledger['units']:,} units); clients with new units: {clients_with_units:,}")
-    print(f"wall time (aggregation + tick): {aggregation_s + reporting_s:.2f} s; "
-          f"peak RSS of this process: {peak_mb:.0f} MB; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"wall time (aggregation + tick): {aggregation_s + reporting_s:.2f} s; peak RSS of Rebill's processes: "
+          f"aggregation {aggregation['rss_mb']:.0f} MB, reporting {max(r['rss_mb'] for r in each):.0f} MB (the bench's "
+          f"own process, with the generated rows: {bench_mb:.0f} MB); load average {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}")
     ok = (reporting.stripe_calls == clients_with_units == ledger["posts"] and reporting.reports_failed == 0
-          and ledger["units"] == aggregation.units)
+          and ledger["units"] == aggregation["units"])
     print("one Stripe call per client with new units, every unit in Stripe:", "yes" if ok else "NO")
     return ok
 

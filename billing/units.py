@@ -41,7 +41,9 @@ waits on aggregation on PostgreSQL (a duplicate of an event being aggregated rig
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -70,6 +72,12 @@ from core.database import db, utcnow
 log = logging.getLogger("billing.units")
 
 BATCH_SIZE = 20_000
+# Clients one round of a pass holds at once (their settings, counters and new usage, ~0.5 KB each): a round
+# stops taking new clients at this many, leaves their events pending and the next round of the same pass
+# (same transaction, same newest event) counts them. So a process's memory does not grow with the number of
+# clients or agencies with usage (bench/README.md, issue 13); a pass over more clients rereads the events it
+# left, once per extra round.
+CLIENTS_PER_ROUND = 50_000
 # Rule 12: a client's lifetime usage stops counting here, well inside BIGINT (9.2e18). No real client gets
 # near it: 10^8 tokens every second for a hundred years is 3e17, and 4e18 tokens cost about $400 billion even
 # at $0.10 per million. Reaching it means bad data, so the client is quarantined instead of overflowing.
@@ -95,24 +103,28 @@ class AggregationResult:
         return AggregationResult(*(getattr(self, field.name) + getattr(other, field.name) for field in fields(self)))
 
 
-def aggregate_pending_usage(batch_size: int = BATCH_SIZE) -> AggregationResult:
+def aggregate_pending_usage(
+    batch_size: int = BATCH_SIZE, clients_per_round: int = CLIENTS_PER_ROUND
+) -> AggregationResult:
     """Aggregate every pending usage event into client counters and outbox rows; flush, never commit.
 
-    Streams pending events in id order, ``batch_size`` at a time, and keeps only per-client tallies in
-    memory. Events recorded after the pass started wait for the next pass. If the pass fails, it is rolled
-    back and run again one agency at a time, so only the agency whose data fails waits (rule 8).
+    Streams pending events in id order, ``batch_size`` at a time, and keeps per-client tallies of at most
+    ``clients_per_round`` clients in memory: a round that has that many leaves the other clients' events
+    pending and writes its counters and outbox rows; the next round starts at the first event it left. Events
+    recorded after the pass started wait for the next pass. If the pass fails, it is rolled back and run
+    again one agency at a time, so only the agency whose data fails waits (rule 8).
     """
     take_write_lock()
     try:
         with db.session.begin_nested():
-            return _aggregate(batch_size)
+            return _aggregate(batch_size, clients_per_round)
     except Exception:  # any fault: the other agencies must not wait on it
         log.exception("aggregation pass failed; aggregating agency by agency")
     result = AggregationResult()
     for agency_id in aggregation_store().agencies_with_pending_usage():
         try:
             with db.session.begin_nested():
-                result += _aggregate(batch_size, where=(_EVENT.agency_id == agency_id,))
+                result += _aggregate(batch_size, clients_per_round, where=(_EVENT.agency_id == agency_id,))
         except Exception:
             log.exception(
                 "aggregation failed for one agency; its usage stays pending", extra={"fields": {"agency_id": agency_id}}
@@ -121,10 +133,18 @@ def aggregate_pending_usage(batch_size: int = BATCH_SIZE) -> AggregationResult:
     return result
 
 
-def _aggregate(batch_size: int, where: Sequence = ()) -> AggregationResult:
-    aggregation = _Aggregation(skip_locked=True)
-    aggregation.run(batch_size=batch_size, where=where)
-    return aggregation.finish()
+def _aggregate(batch_size: int, clients_per_round: int, where: Sequence = ()) -> AggregationResult:
+    """Run rounds of at most ``clients_per_round`` clients until one leaves no client's events for later."""
+    newest = aggregation_store().newest_event_id()
+    result, after = AggregationResult(), 0
+    while newest is not None:
+        aggregation = _Aggregation(skip_locked=True, max_clients=clients_per_round)
+        aggregation.run(batch_size=batch_size, where=where, after=after, newest=newest)
+        result += aggregation.finish()
+        if aggregation.first_postponed is None:
+            break
+        after = aggregation.first_postponed - 1
+    return result
 
 
 def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> AggregationResult:
@@ -136,7 +156,10 @@ def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> Ag
     """
     aggregation = _Aggregation(skip_locked=False)
     aggregation.adopt(client)
-    aggregation.run(batch_size=batch_size, where=source_filter(client.agency_id, client.provider, client.source_key))
+    newest = aggregation.store.newest_event_id()
+    if newest is not None:
+        where = source_filter(client.agency_id, client.provider, client.source_key)
+        aggregation.run(batch_size=batch_size, where=where, after=0, newest=newest)
     return aggregation.finish()
 
 
@@ -146,14 +169,30 @@ def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
 
 
 class _Tally:
-    """One locked client's settings, counters, and the usage this pass adds to it."""
+    """One locked client's settings, counters, and the usage this pass adds to it.
+
+    Slots and shared strings: a round holds up to CLIENTS_PER_ROUND of these at once.
+    """
+
+    __slots__ = (
+        *TALLY_FIELDS,
+        "term_started",
+        "closed_terms",
+        "measure",
+        "new_usage",
+        "latest",
+        "headroom",
+        "cap_room",
+        "newly_quarantined",
+    )
 
     def __init__(self, row, store: AggregationStore):
         for name in TALLY_FIELDS:
-            setattr(self, name, getattr(row, name))
+            value = getattr(row, name)
+            setattr(self, name, sys.intern(value) if name in _SHARED_STRINGS and value is not None else value)
         self.term_started = store.moment(self.term_started_at)  # in the claim's unit of time
         self.closed_terms: list[tuple] | None = None  # (starts, ends, status, (provider, source_key)), loaded once
-        self.measure = usage_measure(self.charge_by, self.provider, self.message_source)
+        self.measure = _measure(self.charge_by, self.provider, self.message_source)
         self.new_usage = 0
         self.latest: dt.datetime | int | None = None  # in the claim's unit of time
         # What the client may still count before CLIENT_USAGE_MAX (rule 12); below zero is never written.
@@ -175,35 +214,42 @@ class _Tally:
         return (self.agency_id, self.provider, self.source_key)
 
 
-class _Aggregation:
-    """One pass: claim pending events batch by batch, classify them, then write counters and outbox rows."""
+# Settings many clients share: one string object each instead of one per client.
+_SHARED_STRINGS = frozenset(("provider", "charge_by", "message_source", "status"))
+# One measuring function per combination of settings, shared by the clients that have it.
+_measure = functools.cache(usage_measure)
 
-    def __init__(self, *, skip_locked: bool):
+
+class _Aggregation:
+    """One round of a pass: claim pending events batch by batch, classify them, write counters and outbox rows.
+
+    ``max_clients``: the round holds at most this many clients; events of clients it has no room for stay
+    pending and ``first_postponed`` says where the next round starts (None: nothing was left for later).
+    """
+
+    def __init__(self, *, skip_locked: bool, max_clients: int | None = None):
         self.skip_locked = skip_locked
+        self.max_clients = max_clients
         self.store = aggregation_store()
         self.now = utcnow()
-        self.tallies: dict[int, _Tally] = {}
         self.by_key: dict[ClientKey, _Tally] = {}
         self.events = 0
         self.deferred = 0
         self.units = 0
         self.reports = 0
         self.quarantined = 0
+        self.first_postponed: int | None = None
+        self._deferred_before_postponed = 0  # events after the first postponed one are seen again next round
 
     def adopt(self, client: RebillClient) -> None:
         """Aggregate for a client the caller already locked."""
         db.session.flush()
         tally = _Tally(client, self.store)
-        self.tallies[tally.id] = tally
         self.by_key[tally.key] = tally
         self.limit_to_caps([tally])
 
-    def run(self, *, batch_size: int, where: Sequence = ()) -> None:
-        """Claim and classify pending events (up to the newest id at the start), batch by batch."""
-        newest = self.store.newest_event_id()
-        if newest is None:
-            return
-        after = 0
+    def run(self, *, batch_size: int, where: Sequence = (), after: int, newest: int) -> None:
+        """Claim and classify pending events with after < id <= newest, batch by batch."""
         while True:
             rows = self.store.claim(
                 after=after, newest=newest, limit=batch_size, where=where, skip_locked=self.skip_locked
@@ -215,27 +261,42 @@ class _Aggregation:
                 client_key(agency_id, channel_id, location_id)
                 for _, agency_id, _, channel_id, location_id, _, _, _, _, _, _ in rows
             ]
-            live_keys = self._lock_clients(set(keys))
-            marks = self._classify(rows, keys, live_keys)
+            live_keys, postponed_keys = self._lock_clients(set(keys))
+            marks = self._classify(rows, keys, live_keys, postponed_keys)
             if marks.ids:
                 self.events += len(marks.ids)
                 self.store.mark_events(first, after, marks)
 
-    def _lock_clients(self, keys: set[ClientKey]) -> set[ClientKey]:
-        """Lock the live clients of these keys (skipping ones locked elsewhere); return every live key."""
+    def _lock_clients(self, keys: set[ClientKey]) -> tuple[set[ClientKey], set[ClientKey]]:
+        """Lock the live clients of these keys the round has room for (skipping ones locked elsewhere).
+
+        Returns every live key, and the keys left for a later round: clients beyond ``max_clients``, or, once
+        the round is full, every key it does not hold (not even looked up). Clients are locked in id order.
+        """
         unknown = [key for key in keys if key not in self.by_key]
         if not unknown:
-            return set()
+            return set(), set()
+        room = None if self.max_clients is None else self.max_clients - len(self.by_key)
+        if room is not None and room <= 0:
+            return set(), set(unknown)
         found = self.store.find_live_clients(unknown)
         live = {(client.agency_id, client.provider, client.source_key) for client in found}
         ids = sorted(client.id for client in found)
-        for locked in self.store.lock_clients(ids, skip_locked=self.skip_locked):
-            tallies = [_Tally(row, self.store) for row in locked]
-            for tally in tallies:
-                self.tallies[tally.id] = tally
-                self.by_key[tally.key] = tally
-            self.limit_to_caps(tallies)
-        return live
+        taken = 0
+        # Clients locked elsewhere take no room: the next ones in id order are tried until the round is full.
+        while taken < len(ids) and (room is None or room > 0):
+            chosen = ids[taken:] if room is None else ids[taken : taken + room]
+            taken += len(chosen)
+            for locked in self.store.lock_clients(chosen, skip_locked=self.skip_locked):
+                tallies = [_Tally(row, self.store) for row in locked]
+                for tally in tallies:
+                    self.by_key[tally.key] = tally
+                self.limit_to_caps(tallies)
+                if room is not None:
+                    room -= len(tallies)
+        left = set(ids[taken:])
+        postponed = {(client.agency_id, client.provider, client.source_key) for client in found if client.id in left}
+        return live, postponed
 
     def limit_to_caps(self, tallies: list[_Tally]) -> None:
         """Give each capped client the usage it may still count before this period's units reach the cap.
@@ -253,7 +314,9 @@ class _Aggregation:
             units_left = max(0, tally.monthly_cap_units - units.get(client_id, 0))
             tally.cap_room = max(0, units_left * tally.billing_unit - tally.remainder)
 
-    def _classify(self, rows: Sequence, keys: list[ClientKey], live_keys: set[ClientKey]) -> EventMarks:
+    def _classify(
+        self, rows: Sequence, keys: list[ClientKey], live_keys: set[ClientKey], postponed_keys: set[ClientKey]
+    ) -> EventMarks:
         """Decide each event's new state and add counted usage to its client's tally (rows: ``ClaimedEvent``)."""
         ids, states, client_ids, quantities = [], [], [], []
         by_key = self.by_key
@@ -267,6 +330,10 @@ class _Aggregation:
             rows, keys, strict=True
         ):
             tally = by_key.get(key)
+            if tally is None and key in postponed_keys:
+                if self.first_postponed is None:  # no room for its client in this round: the next one
+                    self.first_postponed, self._deferred_before_postponed = event_id, self.deferred
+                continue
             if tally is None and key in live_keys:
                 self.deferred += 1  # its client is locked by an edit or another pass: next pass
                 continue
@@ -333,8 +400,8 @@ class _Aggregation:
     def finish(self) -> AggregationResult:
         """Apply the rule-1 arithmetic per client and write counters and one outbox row per client."""
         counters, reports = [], []
-        self._write_quarantines([tally for tally in self.tallies.values() if tally.newly_quarantined])
-        for tally in self.tallies.values():
+        self._write_quarantines([tally for tally in self.by_key.values() if tally.newly_quarantined])
+        for tally in self.by_key.values():
             if tally.new_usage == 0:
                 continue
             units, remainder = divmod(tally.remainder + tally.new_usage, tally.billing_unit)
@@ -371,7 +438,7 @@ class _Aggregation:
             events=self.events,
             units=self.units,
             reports=self.reports,
-            deferred=self.deferred,
+            deferred=self.deferred if self.first_postponed is None else self._deferred_before_postponed,
             quarantined=self.quarantined,
         )
 
