@@ -15,6 +15,8 @@ The rules (docs/billing-rules.md) this module implements, each pinned by a named
    count the pending events under the old status, so usage received while paused is never billed.
 7. One pass writes ONE ``UnitReport`` outbox row per client carrying all its new units k, in the same
    transaction as the counters and the events' state change (the reporter sends one Stripe call for it).
+   A pass works in rounds of at most CLIENTS_PER_ROUND clients (bounded memory); each client's events up
+   to the pass's newest event are all counted in the one round that holds it.
 8. Isolation: one agency's bad data never stops the pass for the others. An impossible value (rule 12) is
    quarantined where it is: an event beyond what one AI call produces becomes ``quarantined``; a client whose
    total would pass ``CLIENT_USAGE_MAX`` (or whose N is not positive) gets a ``quarantine_reason`` and its
