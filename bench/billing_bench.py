@@ -73,6 +73,10 @@ def main() -> None:
              "is due; claims keep them apart)",
     )  # fmt: skip
     parser.add_argument(
+        "--aggregation-only", action="store_true",
+        help="stop after aggregation (memory runs at many clients: the tick's figures need another run)",
+    )  # fmt: skip
+    parser.add_argument(
         "--stripe-latency-ms", type=float, default=0.0,
         help="the fake Stripe answers each call this much later, as a real round trip would (default: at once)",
     )  # fmt: skip
@@ -370,6 +374,13 @@ def run(stripe_url: str, args, config: dict) -> bool:
         select(func.count(func.distinct(UnitReport.client_id))).where(UnitReport.status == "pending")
     )
     db.session.commit()
+    if args.aggregation_only:
+        print(f"aggregation: {aggregation['events']:,} events -> {aggregation['units']:,} units in "
+              f"{aggregation_s:.2f} s ({aggregation['events'] / aggregation_s:,.0f} events/s), "
+              f"{aggregation['reports']:,} outbox rows for {clients_with_units:,} clients; CPU of its process "
+              f"{aggregation['cpu']:.1f} s, peak RSS {aggregation['rss_mb']:.0f} MB; WAL written (whole server) "
+              f"{float(wal_mb) / 2**20:,.0f} MB; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+        return aggregation["events"] == args.events and aggregation["reports"] == clients_with_units
     fake_cpu_start = requests.get(f"{stripe_url}/_bench/cpu", timeout=60).json()["cpu"]
     # The whole backlog in one tick per process: the figure is throughput (the scheduler's budget would split it).
     reporting_s, each = run_in_processes("report", config, args.schedulers)
