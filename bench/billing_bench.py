@@ -52,7 +52,7 @@ from sqlalchemy import func, select, text
 from app import create_app
 from billing.models import UnitReport
 from billing.reporting import ReportingResult, report_pending_units
-from billing.units import aggregate_pending_usage
+from billing.units import CLIENTS_PER_ROUND, aggregate_pending_usage
 from core.database import db
 from core.encryption import secret_box
 from stripe_fake import FakeStripeApp, FakeStripeState
@@ -71,6 +71,10 @@ def main() -> None:
         "--schedulers", type=int, default=1,
         help="report with this many scheduler processes at once (each runs report_pending_units until nothing "
              "is due; claims keep them apart)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--clients-per-round", type=int, default=CLIENTS_PER_ROUND,
+        help="clients an aggregation round holds at once (billing.units.CLIENTS_PER_ROUND by default)",
     )  # fmt: skip
     parser.add_argument(
         "--aggregation-only", action="store_true",
@@ -323,7 +327,7 @@ def copy_rows(conn, target: str, rows) -> None:
             copy.write_row(row)
 
 
-def in_child(job: str, config: dict, ready, go, results) -> None:
+def in_child(job: str, config: dict, ready, go, results, clients_per_round: int = CLIENTS_PER_ROUND) -> None:
     """One of Rebill's processes: connect, wait for the common start, run ``job``, send back what it did.
 
     "aggregate": one aggregation pass and its commit (what a scheduler tick does first). "report":
@@ -337,7 +341,7 @@ def in_child(job: str, config: dict, ready, go, results) -> None:
         go.wait()
         started, cpu = time.perf_counter(), time.process_time()
         if job == "aggregate":
-            result = aggregate_pending_usage()
+            result = aggregate_pending_usage(clients_per_round=clients_per_round)
             db.session.commit()
         else:
             result = report_pending_units(budget=dt.timedelta(hours=1))
@@ -345,11 +349,12 @@ def in_child(job: str, config: dict, ready, go, results) -> None:
                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
 
 
-def run_in_processes(job: str, config: dict, processes: int) -> tuple[float, list[dict]]:
+def run_in_processes(job: str, config: dict, processes: int, *extra) -> tuple[float, list[dict]]:
     """Run ``job`` in ``processes`` fresh processes released together; return the wall time and each one's result."""
     context = multiprocessing.get_context("spawn")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
-    children = [context.Process(target=in_child, args=(job, config, ready, go, results)) for _ in range(processes)]
+    arguments = (job, config, ready, go, results, *extra)
+    children = [context.Process(target=in_child, args=arguments) for _ in range(processes)]
     for child in children:
         child.start()
     for _ in children:
@@ -368,7 +373,7 @@ def run(stripe_url: str, args, config: dict) -> bool:
     load_before = os.getloadavg()[0]
     wal_start = db.session.scalar(text("SELECT pg_current_wal_lsn()"))
     db.session.commit()
-    aggregation_s, (aggregation,) = run_in_processes("aggregate", config, 1)
+    aggregation_s, (aggregation,) = run_in_processes("aggregate", config, 1, args.clients_per_round)
     wal_mb = db.session.scalar(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), :start)"), {"start": wal_start})
     clients_with_units = db.session.scalar(
         select(func.count(func.distinct(UnitReport.client_id))).where(UnitReport.status == "pending")
@@ -377,7 +382,8 @@ def run(stripe_url: str, args, config: dict) -> bool:
     if args.aggregation_only:
         print(f"aggregation: {aggregation['events']:,} events -> {aggregation['units']:,} units in "
               f"{aggregation_s:.2f} s ({aggregation['events'] / aggregation_s:,.0f} events/s), "
-              f"{aggregation['reports']:,} outbox rows for {clients_with_units:,} clients; CPU of its process "
+              f"{aggregation['reports']:,} outbox rows for {clients_with_units:,} clients (rounds of at most "
+              f"{args.clients_per_round:,}); CPU of its process "
               f"{aggregation['cpu']:.1f} s, peak RSS {aggregation['rss_mb']:.0f} MB; WAL written (whole server) "
               f"{float(wal_mb) / 2**20:,.0f} MB; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
         return aggregation["events"] == args.events and aggregation["reports"] == clients_with_units
