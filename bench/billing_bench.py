@@ -30,6 +30,7 @@ import io
 import json
 import multiprocessing
 import os
+import queue
 import random
 import resource
 import secrets
@@ -374,7 +375,13 @@ def run_in_processes(job: str, config: dict, processes: int, *extra) -> tuple[fl
         ready.get(timeout=120)
     started = time.perf_counter()
     go.set()
-    each = [results.get(timeout=36000) for _ in children]
+    each: list[dict] = []
+    while len(each) < len(children):
+        try:
+            each.append(results.get(timeout=5))
+        except queue.Empty:  # a process that died never answers: stop instead of waiting for it
+            if failed := [child.exitcode for child in children if child.exitcode not in (None, 0)]:
+                raise SystemExit(f"a Rebill process ({job}) exited with {failed[0]}; see its traceback above") from None
     wall = time.perf_counter() - started
     for child in children:
         child.join(60)
