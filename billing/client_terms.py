@@ -86,7 +86,7 @@ def start_new_term(client: RebillClient) -> None:
 
 
 def set_client_status(client: RebillClient, status: str) -> None:
-    """Pause or resume a client the caller holds locked (rules 5 and 11).
+    """Pause, resume, start or end the dry run of a client the caller holds locked (rules 5, 11 and 13).
 
     Its pending usage counts under the old status first, and usage received until now keeps the old status
     even if it commits later; usage received from now on gets the new one.

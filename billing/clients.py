@@ -31,7 +31,7 @@ from billing.sources import source_field
 from billing.states import ClientStatus, Provider
 from billing.stripe_gateway import StripeGateway, StripeKeyRejected, StripeRequestRejected, gateway_for
 from billing.stripe_target import StripeTarget
-from billing.units import flush_client_usage, take_write_lock
+from billing.units import UNBILLED_STATES, flush_client_usage, take_write_lock
 from core.database import db, utcnow
 from core.errors import ClientInvalid, NotFound
 
@@ -82,10 +82,12 @@ def create_client(
     ghl client's location_id must be one of them. None skips that check (the caller vouches for the id).
     """
     values = validate_client_fields(fields, known_location_ids=known_location_ids)
-    if bill_unmapped_usage and values["status"] == ClientStatus.PAUSED:
-        # The earlier usage would be aggregated as "paused" and so never billed, against the agency's choice.
+    if bill_unmapped_usage and values["status"] in UNBILLED_STATES:
+        # The earlier usage would be aggregated as "paused" / "shadow" and so never billed, against the
+        # agency's choice (rules 5 and 13).
+        kind = "a dry-run (shadow)" if values["status"] == ClientStatus.SHADOW else "a paused"
         raise ClientInvalid(
-            {"bill_unmapped_usage": "a paused client bills nothing: add it active to bill the earlier usage"}
+            {"bill_unmapped_usage": f"{kind} client bills nothing: add it active to bill the earlier usage"}
         )
     target = stripe_target_for(agency, values)
     values.update(cap_from_amount(agency, values))
@@ -113,7 +115,8 @@ def update_client(
     """Change any client fields; usage pending at the change counts under the old settings (rules 4, 5).
 
     A new N applies to the carried remainder (billing.client_terms.set_billing_unit); pausing or resuming first
-    counts pending events under the old status, so usage received while paused is never billed. A new
+    counts pending events under the old status, so usage received while paused is never billed (a dry run,
+    ``shadow``, likewise: rule 13). A new
     channel/subaccount is mapped from now on (its earlier usage stays unmapped). charge_by is fixed at
     creation: a remainder of tokens is no remainder of messages (carrying it would bill usage that never
     happened, dropping it would lose usage), so billing another measure takes a new client.

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, func, or_, select
 
+from billing.dry_run import WouldHaveBilled, shadow_usage_in_periods, shows_dry_run
 from billing.estimates import Estimate, PriceTerms, add_amounts, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
 from billing.states import ReportStatus
@@ -64,6 +65,8 @@ class ClientMoney:
     # What the client's monthly cap in units costs at its price (a cap given in money shows its units
     # and this): None without a cap or before the price has been read.
     cap_estimate: Estimate | None = None
+    # A dry run's figures this period (billing.dry_run); None for a client with no dry-run usage in it.
+    would_have_billed: WouldHaveBilled | None = None
 
     def period_json(self) -> dict:
         """The contract's ``period`` object (docs/contract.md §5)."""
@@ -93,6 +96,7 @@ def client_money(
     }
     periods = {client.id: period_of(cached.get(client.id), client, now) for client in clients}
     units = units_in_periods(periods)
+    shadow_usage = shadow_usage_in_periods(periods)
     troubles = _report_troubles(ids)
     money = {}
     for client in clients:
@@ -114,6 +118,9 @@ def client_money(
             customer_name=row.customer_name if row else None,
             cap_estimate=estimate(terms, client.monthly_cap_units)
             if terms is not None and client.monthly_cap_units is not None
+            else None,
+            would_have_billed=WouldHaveBilled.of(shadow_usage.get(client.id, 0), client.billing_unit, terms)
+            if shows_dry_run(client, shadow_usage.get(client.id, 0))
             else None,
         )
     return money

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from billing.estimates import PriceTerms, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport, UsageEvent
 from billing.periods import ClientMoney, client_money
-from billing.states import UsageState
+from billing.states import ClientStatus, UsageState
 from billing.usage import client_usage
 from core.database import db, utcnow
 
@@ -31,6 +31,7 @@ STATES = {
     "paused": "Paused: usage is recorded, not billed",
     "stripe_disconnected": "Billing is on hold at your agency",
 }
+DRY_RUN_STATE = "Dry run: usage is counted and shown, nothing is billed yet"
 
 
 def client_statements(agency: Agency, clients: list[RebillClient], now: dt.datetime | None = None) -> list[dict]:
@@ -59,17 +60,22 @@ def _statement(agency: Agency, client: RebillClient, money: ClientMoney, now: dt
             }
         )
     usage = client_usage(agency, client.id)
+    dry_run = client.status == ClientStatus.SHADOW
     return {
         "client_id": client.id,
         "nickname": client.nickname,
         "measure": MEASURES.get(client.message_source or client.charge_by, client.charge_by),
         "billing_unit": client.billing_unit,
-        "state": STATES.get(money.billing_state, money.billing_state),
-        "dry_run": client.status == "shadow",
+        "state": DRY_RUN_STATE if dry_run else STATES.get(money.billing_state, money.billing_state),
+        "dry_run": dry_run,
+        # What the dry run would have billed this period (billing.dry_run); None without dry-run usage in it.
+        "would_have_billed": money.would_have_billed.to_json() if money.would_have_billed else None,
         "product_name": money.product_name,
         "price_name": money.price_name,
         "period": money.period_json() | {"usage": _usage_between(client.id, money.period_start, money.period_end)},
-        "daily": [{"date": day["date"], "usage": day["usage"]} for day in usage["daily"]],
+        "daily": [
+            {"date": day["date"], "usage": day["usage"], "shadow_usage": day["shadow_usage"]} for day in usage["daily"]
+        ],
         "previous_periods": previous,
     }
 

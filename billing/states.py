@@ -32,10 +32,11 @@ class UsageSource(enum.StrEnum):
 
 
 class ClientStatus(enum.StrEnum):
-    """Whether a client's usage is billed (rule 5, docs/billing-rules.md)."""
+    """Whether a client's usage is billed (rules 5 and 13, docs/billing-rules.md)."""
 
     ACTIVE = "active"
     PAUSED = "paused"  # usage received while paused is recorded, never billed
+    SHADOW = "shadow"  # a dry run: usage counted and shown as what it would have billed, never sent (billing.dry_run)
 
 
 class UsageState(enum.StrEnum):
@@ -48,6 +49,7 @@ class UsageState(enum.StrEnum):
     IGNORED = "ignored"  # mapped, but the client does not count this kind of usage
     QUARANTINED = "quarantined"  # an impossible value (rule 12): beyond one AI call, or its client quarantined
     CAPPED = "capped"  # its client's units this period had reached the monthly cap: recorded, never billed
+    SHADOW = "shadow"  # its client was in a dry run when Rebill received it: measured and shown, never billed (rule 13)
 
 
 class ReportStatus(enum.StrEnum):

@@ -1,7 +1,8 @@
 """Aggregation: turn pending usage events into per-client counted usage, units and outbox rows.
 
 The rules (docs/billing-rules.md) this module implements, each pinned by a named test in tests/billing/test_units.py
-(8 and 12: tests/billing/test_units_isolation.py; 11: tests/billing/test_units_received_time.py):
+(8 and 12: tests/billing/test_units_isolation.py; 11: tests/billing/test_units_received_time.py; 13:
+tests/billing/test_units_shadow.py):
 
 1. A client keeps ``remainder`` (usage toward its next unit). On q new counted usage:
    ``remainder += q; k = remainder // N; remainder -= k * N; units_logged += k``. Nothing is rounded or dropped.
@@ -29,6 +30,10 @@ The rules (docs/billing-rules.md) this module implements, each pinned by a named
    not at all (``unmapped``) before the client existed; edits close terms (billing.client_terms). Passes
    never see a change half-made: the change holds the client's row lock until it commits, and passes skip
    locked clients.
+13. A client in ``shadow`` status (a dry run) is aggregated like a paused one: its events become ``shadow``,
+   measured and kept (billing.dry_run shows what they would have billed), never added to its counters, never in
+   an outbox row. Usage received during the dry run stays unbilled after the client is set ``active``, and
+   usage received while active is billed even if it is aggregated after a switch to ``shadow`` (rule 11).
 
 Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
 second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
@@ -86,6 +91,12 @@ CLIENTS_PER_ROUND = 50_000
 CLIENT_USAGE_MAX = 4 * 10**18
 # A client created to bill its source's earlier unmapped usage counts everything received before it, too.
 SINCE_THE_START = EPOCH
+# Client statuses whose usage is measured and kept, never billed, with the state their events get: paused
+# (rule 5) and shadow, a dry run (rule 13).
+UNBILLED_STATES = {
+    ClientStatus.PAUSED.value: UsageState.PAUSED.value,
+    ClientStatus.SHADOW.value: UsageState.SHADOW.value,
+}
 
 _EVENT = UsageEvent.__table__.c
 
@@ -323,10 +334,10 @@ class _Aggregation:
         ids, states, client_ids, quantities = [], [], [], []
         by_key = self.by_key
         max_tokens, max_messages = MAX_TOKENS_PER_EVENT, MAX_MESSAGES_PER_EVENT
-        # The states and the paused status as local plain words: enum member lookups once per event cost.
+        # The states and the unbilled statuses as local plain words: enum member lookups once per event cost.
         counted, unmapped, ignored = UsageState.COUNTED.value, UsageState.UNMAPPED.value, UsageState.IGNORED.value
         quarantined, capped = UsageState.QUARANTINED.value, UsageState.CAPPED.value
-        paused_state, paused_status = UsageState.PAUSED.value, ClientStatus.PAUSED.value
+        unbilled = UNBILLED_STATES
         # One unpacking per row: this loop runs once per event (a million in the benchmark).
         for (event_id, _, source, _, _, inputs, outputs, messages, direction, at, received), key in zip(
             rows, keys, strict=True
@@ -355,8 +366,8 @@ class _Aggregation:
                     state = ignored
                 elif tally.quarantine_reason is not None:
                     state = quarantined
-                elif status == paused_status:
-                    state = paused_state
+                elif status in unbilled:
+                    state = unbilled[status]
                 elif tally.cap_room == 0:
                     state = capped  # the period's units reached the cap: recorded, never billed
                 elif quantity > tally.headroom:

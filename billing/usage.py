@@ -22,8 +22,9 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
     """Return a client's counted usage, units logged / reported / awaiting Stripe, daily series and reports.
 
     ``daily`` covers the last ``days`` UTC days (oldest first, days without usage included) by the day the
-    usage occurred: ``usage`` is what was billed toward units, ``paused_usage`` what arrived while paused
-    (``capped_usage``: what arrived once the period's units had reached the monthly cap).
+    usage occurred: ``usage`` is what was billed toward units, ``paused_usage`` what arrived while paused,
+    ``shadow_usage`` what arrived during a dry run (rule 13; ``capped_usage``: what arrived once the period's
+    units had reached the monthly cap).
     ``quarantine_reason`` says why the client's usage stopped counting (None while it counts), and
     ``quarantined_events`` how many of its events were held back as impossible values.
     NotFound for another agency's client or a deleted one.
@@ -39,7 +40,10 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
     held_back = dict(
         db.session.execute(
             select(UsageEvent.state, func.coalesce(func.sum(UsageEvent.counted), 0))
-            .where(UsageEvent.client_id == client.id, UsageEvent.state.in_((UsageState.PAUSED, UsageState.CAPPED)))
+            .where(
+                UsageEvent.client_id == client.id,
+                UsageEvent.state.in_((UsageState.PAUSED, UsageState.CAPPED, UsageState.SHADOW)),
+            )
             .group_by(UsageEvent.state)
         ).all()
     )
@@ -67,6 +71,8 @@ def client_usage(agency: Agency, client_id: int, *, days: int = DAILY_DAYS, repo
         ),
         "remainder": client.remainder,
         "paused_usage": int(held_back.get(UsageState.PAUSED, 0)),
+        # Usage received during a dry run (status shadow): counted and shown, never billed (rule 13).
+        "shadow_usage": int(held_back.get(UsageState.SHADOW, 0)),
         # Usage that arrived after the period's units reached the client's monthly cap: shown, never billed.
         "capped_usage": int(held_back.get(UsageState.CAPPED, 0)),
         # Rule 12: events held back as impossible (beyond one AI call, or after the client's own quarantine).
@@ -131,7 +137,7 @@ def unmapped_usage(agency: Agency) -> list[dict]:
 
 
 def _daily_series(client: RebillClient, days: int) -> list[dict[str, Any]]:
-    """Sum counted and paused usage per UTC day of occurrence over the last ``days`` days."""
+    """Sum counted, paused and dry-run usage per UTC day of occurrence over the last ``days`` days."""
     today = utcnow().date()
     first_day = today - dt.timedelta(days=days - 1)
     since = dt.datetime.combine(first_day, dt.time(), dt.UTC)
@@ -141,11 +147,12 @@ def _daily_series(client: RebillClient, days: int) -> list[dict[str, Any]]:
             day.label("day"),
             func.sum(case((UsageEvent.state == UsageState.COUNTED, UsageEvent.counted), else_=0)).label("usage"),
             func.sum(case((UsageEvent.state == UsageState.PAUSED, UsageEvent.counted), else_=0)).label("paused_usage"),
+            func.sum(case((UsageEvent.state == UsageState.SHADOW, UsageEvent.counted), else_=0)).label("shadow_usage"),
             func.count().label("events"),
         )
         .where(
             UsageEvent.client_id == client.id,
-            UsageEvent.state.in_((UsageState.COUNTED, UsageState.PAUSED)),
+            UsageEvent.state.in_((UsageState.COUNTED, UsageState.PAUSED, UsageState.SHADOW)),
             UsageEvent.occurred_at >= since,
         )
         .group_by(day)
@@ -160,6 +167,7 @@ def _daily_series(client: RebillClient, days: int) -> list[dict[str, Any]]:
                 "date": date,
                 "usage": int(row.usage) if row else 0,
                 "paused_usage": int(row.paused_usage) if row else 0,
+                "shadow_usage": int(row.shadow_usage) if row else 0,
                 "events": row.events if row else 0,
             }
         )

@@ -527,6 +527,8 @@ def _client_json(client: RebillClient, subaccount_names: dict[str, str | None], 
         "product_name": money.product_name,
         "price_name": money.price_name,
         "customer_name": money.customer_name,
+        # A dry run's figures this period (status shadow, or shadow earlier in it): never sent to Stripe.
+        "would_have_billed": money.would_have_billed.to_json() if money.would_have_billed else None,
     }
 
 

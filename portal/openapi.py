@@ -113,6 +113,28 @@ CLIENT_FIELDS = {
     "message_source": {"type": ["string", "null"], "enum": [*MESSAGE_SOURCES, None]},
 }
 
+CLIENT_STATUS = {
+    "type": "string",
+    "enum": CLIENT_STATUSES,
+    "default": "active",
+    "description": "`active` bills; `paused` records usage, never bills it; `shadow` is a dry run: usage is counted "
+    "and its units shown as `would_have_billed`, nothing is sent to Stripe, and setting `active` bills only usage "
+    "received from then on (docs/billing-rules.md rule 13).",
+}
+ESTIMATE = {
+    "type": ["object", "null"],
+    "required": ["amount", "currency"],
+    "properties": {"amount": {"type": "string", "pattern": r"^-?\d+(\.\d+)?$"}, "currency": TEXT},
+}
+WOULD_HAVE_BILLED = {
+    "type": ["object", "null"],
+    "required": ["usage", "units", "estimate"],
+    "properties": {"usage": COUNT, "units": COUNT, "estimate": ESTIMATE},
+    "description": "A dry run's figures this period: its usage (by occurrence), floor(usage / billing_unit) units "
+    "and what Stripe would charge for them; null when the client has no dry-run usage this period and is not "
+    "in `shadow`.",
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -154,7 +176,8 @@ SCHEMAS: dict[str, Any] = {
             "charge_by": CLIENT_FIELDS["charge_by"],
             "billing_unit": CLIENT_FIELDS["billing_unit"],
             "message_source": CLIENT_FIELDS["message_source"],
-            "status": {"type": "string", "enum": CLIENT_STATUSES},
+            "status": CLIENT_STATUS,
+            "would_have_billed": WOULD_HAVE_BILLED,
             "counted_usage": COUNT,
             "units_logged": COUNT,
             "remainder": COUNT,
@@ -179,7 +202,7 @@ SCHEMAS: dict[str, Any] = {
     ),
     "ClientFields": {
         "type": "object",
-        "properties": {**CLIENT_FIELDS, "status": {"type": "string", "enum": CLIENT_STATUSES}},
+        "properties": {**CLIENT_FIELDS, "status": CLIENT_STATUS},
         "description": "Any of the client's fields; the billing core checks them (422 with fields).",
     },
     "NewClient": {
@@ -193,7 +216,7 @@ SCHEMAS: dict[str, Any] = {
             "charge_by",
             "billing_unit",
         ],
-        "properties": {**CLIENT_FIELDS, "bill_unmapped_usage": {"type": "boolean"}},
+        "properties": {**CLIENT_FIELDS, "status": CLIENT_STATUS, "bill_unmapped_usage": {"type": "boolean"}},
     },
     "ClientUsage": _object(
         {

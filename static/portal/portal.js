@@ -412,10 +412,19 @@
       cell("Counted (lifetime)", fmt(client.counted_usage), "num"),
       cell("Units (lifetime)", fmt(client.units_logged), "num"),
       cell("Units this period", unitsOfCap(period.units, client.monthly_cap_units), "num"),
-      cell("Estimated charge", client.status === "shadow" ? `would be ${amount(period.estimate)}` : amount(period.estimate), "num"),
+      cell("Estimated charge", estimateText(client), "num"),
       cell("Billing", el("div", { className: "state-cell" }, badge,
         state_ === "ok" ? null : el("div", { className: "hint", text: billingProblem(client) }))),
     );
+  }
+
+  // This period's estimated charge; a dry run's "would be" amount beside it (billing.dry_run).
+  function estimateText(client) {
+    const period = client.period || {};
+    const dryRun = client.would_have_billed;
+    if (!dryRun) return amount(period.estimate);
+    const wouldBe = `would be ${amount(dryRun.estimate)}`;
+    return client.status === "shadow" && !period.units ? wouldBe : `${amount(period.estimate)} (dry run ${wouldBe})`;
   }
 
   // ---- a client's statement (what a subaccount user reads first) ------------------------------------
@@ -427,7 +436,8 @@
 
   function statementCard(statement) {
     const period = statement.period;
-    const charge = statement.dry_run ? `would be ${amount(period.estimate)}` : amount(period.estimate);
+    const dryRun = statement.would_have_billed;
+    const charge = statement.dry_run && dryRun ? `would be ${amount(dryRun.estimate)}` : amount(period.estimate);
     const previous = statement.previous_periods;
     return el("article", { className: "statement", dataset: { clientId: statement.client_id } },
       el("div", { className: "toolbar" },
@@ -438,8 +448,9 @@
       el("p", { className: "hint", text: `Billing period ${day(period.start)} – ${day(period.end)}`
         + (statement.product_name ? ` · ${statement.product_name}` : "") }),
       el("div", { className: "stats" },
-        stat("Usage this period", fmt(period.usage), statement.measure),
-        stat("Units", fmt(period.units), `1 unit per ${fmt(statement.billing_unit)} ${statement.measure}`),
+        stat("Usage this period", fmt(statement.dry_run && dryRun ? dryRun.usage : period.usage), statement.measure),
+        stat("Units", fmt(statement.dry_run && dryRun ? dryRun.units : period.units),
+          `1 unit per ${fmt(statement.billing_unit)} ${statement.measure}`),
         stat("Estimated charge", charge, statement.dry_run ? "dry run: nothing is billed yet" : "so far this period")),
       el("h4", { text: `Daily usage (${statement.measure}, UTC days)` }),
       el("div", { className: "chart" }, usageChart(statement.daily, statement.measure)),
@@ -490,8 +501,9 @@
     problem.hidden = billing === "ok";
     problem.textContent = billing === "ok" ? "" : `What to fix: ${billingProblem(client)}`;
     const pause = $("#client-pause");
-    pause.textContent = client.status === "paused" ? "Resume" : "Pause";
-    pause.onclick = () => setClientStatus(client, client.status === "paused" ? "active" : "paused");
+    // A dry run ends with "Start billing": usage from that moment on is billed, none of the dry run's.
+    pause.textContent = { paused: "Resume", shadow: "Start billing" }[client.status] || "Pause";
+    pause.onclick = () => setClientStatus(client, client.status === "active" ? "paused" : "active");
     $("#client-edit").onclick = () => openClientDialog({ client });
     $("#client-export").onclick = () => downloadCsv(client.id);
     $("#client-delete").onclick = () => deleteClient(client);
@@ -520,10 +532,10 @@
     $("#client-facts").replaceChildren(...facts.flatMap(([term, value]) => [el("dt", { text: term }), el("dd", { text: value })]));
 
     const unit = client.billing_unit;
-    const estimateNote = client.status === "shadow" ? "dry run: would have been billed" : "so far this period";
+    const dryRun = client.would_have_billed;
     const stats = [
       stat("Units this period", fmt(period.units), "sent or waiting for Stripe"),
-      stat("Estimated charge", amount(period.estimate), period.estimate ? estimateNote : "price not read from Stripe yet"),
+      stat("Estimated charge", amount(period.estimate), period.estimate ? "so far this period" : "price not read from Stripe yet"),
       stat("Usage counted", fmt(usage.counted_usage), `${client.charge_by}, lifetime`),
       stat("Units logged", fmt(usage.units_logged), "in Rebill's ledger"),
       stat("Units reported", fmt(usage.units_reported), "accepted by Stripe"),
@@ -532,6 +544,10 @@
     if (usage.units_awaiting_stripe) stats.push(stat("Awaiting Stripe", fmt(usage.units_awaiting_stripe), "units, retried each tick"));
     if (usage.paused_usage) stats.push(stat("Paused usage", fmt(usage.paused_usage), "received while paused, never billed"));
     if (usage.capped_usage) stats.push(stat("Capped usage", fmt(usage.capped_usage), "after the monthly cap, never billed"));
+    if (dryRun) {
+      stats.unshift(stat("Would have billed", `would be ${amount(dryRun.estimate)}`,
+        `dry run: ${fmt(dryRun.units)} units from ${fmt(dryRun.usage)} ${client.charge_by} this period, nothing sent to Stripe`));
+    }
     $("#client-stats").replaceChildren(...stats);
     $("#chart-title").textContent = `Daily usage (${client.charge_by}, UTC days)`;
     $("#usage-chart").replaceChildren(usageChart(usage.daily || [], client.charge_by));
@@ -566,7 +582,8 @@
       el("div", { className: "stat-note", text: note }));
   }
 
-  // A bar per day, as inline SVG (no chart library): billed usage, with usage received while paused on top.
+  // A bar per day, as inline SVG (no chart library): billed usage, with usage received while paused or during a
+  // dry run on top.
   function usageChart(days, measure) {
     const SVG = "http://www.w3.org/2000/svg";
     const svgEl = (tag, attrs, text) => {
@@ -577,13 +594,14 @@
     };
     const billed = days.map((day) => Number(day.usage || 0));
     const paused = days.map((day) => Number(day.paused_usage || 0));
-    if (!billed.some(Boolean) && !paused.some(Boolean)) {
+    const shadow = days.map((day) => Number(day.shadow_usage || 0));
+    if (!billed.some(Boolean) && !paused.some(Boolean) && !shadow.some(Boolean)) {
       return el("p", { className: "empty", text: "No usage in the last 30 days yet." });
     }
     const width = 600;
     const height = 180;
     const pad = { left: 48, right: 8, top: 10, bottom: 28 };
-    const max = Math.max(1, ...billed.map((value, index) => value + paused[index]));
+    const max = Math.max(1, ...billed.map((value, index) => value + paused[index] + shadow[index]));
     const slot = (width - pad.left - pad.right) / days.length;
     const barWidth = Math.max(1, Math.min(40, slot * 0.7));
     const scaleY = (value) => ((height - pad.top - pad.bottom) * value) / max;
@@ -597,7 +615,8 @@
     days.forEach((day, index) => {
       const x = pad.left + index * slot + (slot - barWidth) / 2;
       let top = height - pad.bottom;
-      for (const [value, className, note] of [[billed[index], "bar", "billed"], [paused[index], "bar-paused", "while paused"]]) {
+      for (const [value, className, note] of [[billed[index], "bar", "billed"], [paused[index], "bar-paused", "while paused"],
+        [shadow[index], "bar-shadow", "in the dry run, not billed"]]) {
         if (value <= 0) continue;
         const barHeight = Math.max(1, scaleY(value));
         top -= barHeight;
@@ -681,6 +700,8 @@
     fillProducts(values.stripe_product_id, values.stripe_price_id);
     $("#bill-unmapped-row").hidden = !prefill;
     $("#f-bill-unmapped").checked = false;
+    $("#dry-run-row").hidden = Boolean(client);
+    $("#f-dry-run").checked = false;
     syncDialog();
     $("#client-dialog").showModal();
     form.elements.nickname.focus();
@@ -903,6 +924,7 @@
         saved = await api("PATCH", `/clients/${state.editing.id}`, body);
       } else {
         if (!$("#bill-unmapped-row").hidden) body.bill_unmapped_usage = $("#f-bill-unmapped").checked;
+        if ($("#f-dry-run").checked) body.status = "shadow";
         saved = await api("POST", "/clients", body);
       }
       $("#client-dialog").close();

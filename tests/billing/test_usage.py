@@ -54,6 +54,7 @@ def test_client_usage_shows_counters_units_reported_and_recent_reports(agency):
         "date": day.date().isoformat(),
         "usage": 120,
         "paused_usage": 40,
+        "shadow_usage": 0,
         "events": 2,
     }
     assert daily[day_before.date().isoformat()]["usage"] == 150

@@ -61,6 +61,9 @@ def test_every_state_is_answered(client, agency):
     now = utcnow()
     add_client(agency.id, channel="active")
     add_client(agency.id, channel="paused", status="paused")
+    add_client(agency.id, channel="dry-run", status="shadow")
+    capped_dry_run = add_client(agency.id, channel="capped-dry-run", status="shadow", monthly_cap_units=5)
+    add_report(capped_dry_run, 5, utcnow())  # billed before its dry run; the dry run is what the platform hears
     add_client(agency.id, channel="unpaid", payment_failed_at=now)
     add_client(agency.id, channel="unpaid-paused", status="paused", payment_failed_at=now, paused_for_payment=True)
     add_client(agency.id, location_id="loc-1")
@@ -75,6 +78,8 @@ def test_every_state_is_answered(client, agency):
     expected = {
         ("channel", "active"): "active",
         ("channel", "paused"): "paused",
+        ("channel", "dry-run"): "shadow",  # counted and shown, never sent to Stripe
+        ("channel", "capped-dry-run"): "shadow",
         ("channel", "unpaid"): "payment_failed",  # billing continues; the platform decides
         ("channel", "unpaid-paused"): "payment_failed",  # paused by the failure, not by the agency
         ("location_id", "loc-1"): "active",
