@@ -23,7 +23,7 @@ from werkzeug.wrappers import Response
 from app import create_app
 from billing.jobs import run_tick
 from billing.ledger import UsageRecord, record_usage
-from billing.models import UnitReport
+from billing.models import RebillClient, UnitReport
 from billing.units import aggregate_pending_usage
 from core.database import db
 from portal.demo_agency import DEMO_METER_EVENT
@@ -182,7 +182,7 @@ def test_an_agency_admin_connects_stripe_adds_a_client_and_sees_units(embedded):
     expect(dialog.locator(f'#f-price option[value="{tenant.licensed_price_id}"]')).to_contain_text(
         "can't be used"
     )
-    dialog.get_by_label("Price").select_option(tenant.price_id)
+    dialog.get_by_label("Price", exact=True).select_option(tenant.price_id)
     dialog.get_by_label("Stripe customer", exact=True).fill("cus_doesnotexist")
     dialog.get_by_label("Tokens").check()
     dialog.get_by_label("Billing unit").fill("1000")
@@ -407,6 +407,40 @@ HOSTILE_FRAME = """<!doctype html>
   });
 </script></body></html>
 """
+
+
+def test_a_dry_run_client_shows_what_it_would_bill_and_starts_billing_on_request(embedded):
+    from playwright.sync_api import expect
+
+    tenant, app = embedded.tenant, embedded.app
+    admin = app.test_client()
+    headers = sign_in(admin, tenant.company_id)
+    assert admin.put("/api/portal/stripe-key", json={"api_key": tenant.stripe_key}, headers=headers).status_code == 200
+    created = admin.post("/api/portal/clients", json=client_fields(tenant, status="shadow"), headers=headers)
+    assert created.status_code == 201, created.get_json()
+    with app.app_context():
+        record_usage(tenant.agency_id, [UsageRecord(source="capri", source_event_id="dry-1", channel_id="chan-acme",
+                                                    input_tokens=4_200, occurred_at=dt.datetime.now(dt.UTC))])
+        db.session.commit()
+        assert run_tick().units_sent == 0
+        db.session.remove()
+
+    page = embedded.open_in_ghl(sso_payload(tenant.company_id))
+    frame = page.frame_locator("#rebill")
+    row = frame.locator("#clients-table tbody tr").first
+    expect(row).to_contain_text("Dry run")
+    expect(row).to_contain_text("would be $0.40")  # 4 units of 1,000 tokens at $0.10, none sent
+    page.screenshot(path=ARTIFACTS / "money-4-dry-run-client.png", full_page=True)
+    row.get_by_role("link", name="Acme").click()
+    expect(frame.locator("#client-stats")).to_contain_text("Would have billed")
+    start = frame.get_by_role("button", name="Start billing")
+    start.click()
+    expect(frame.get_by_role("button", name="Pause")).to_be_visible()
+    with app.app_context():
+        status = db.session.scalar(db.select(RebillClient.status).where(RebillClient.id == created.get_json()["id"]))
+        db.session.remove()
+    assert status == "active"
+    assert embedded.fake.state.meter_events(tenant.stripe_key) == []
 
 
 @pytest.mark.parametrize("hostile_origin", ["ghl", "elsewhere"])
