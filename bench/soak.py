@@ -59,7 +59,7 @@ USAGE_BATCH = 50
 ATTEMPTS = 5
 CONNECTIONS = 48
 GRACE_SECONDS = 60  # after the schedule ends, for answers and retries still due
-DRAIN_SECONDS = 420  # a killed scheduler's leased rows wait out the 5-minute lease (billing.reporting.LEASE)
+DRAIN_SECONDS = 420  # a killed scheduler's leased rows wait out the 5-minute lease (billing.report_claims.LEASE)
 
 
 # ---- the fake Stripe, in a child process (its request handling must not share the load generator's GIL) ----

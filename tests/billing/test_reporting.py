@@ -7,7 +7,8 @@ import datetime as dt
 import pytest
 import stripe
 
-from billing.reporting import LEASE, report_pending_units, retry_failed_reports
+from billing.report_claims import LEASE
+from billing.reporting import report_pending_units, retry_failed_reports
 from billing.stripe_connection import connect_stripe_key
 from core.database import db
 

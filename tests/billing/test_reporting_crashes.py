@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from billing.reporting import COUNT_EVENTS_PER_CLAIM, LEASE, report_pending_units, retry_failed_reports
+from billing.report_claims import LEASE
+from billing.report_sending import COUNT_EVENTS_PER_CLAIM
+from billing.reporting import report_pending_units, retry_failed_reports
 from core.database import db, utcnow
 from stripe_fake import FakeStripeServer, FakeStripeState
 from tests.billing.stripe_support import StripeWorld

@@ -26,7 +26,7 @@ import pytest
 from billing.cli import scheduled_job
 from billing.ledger import UsageRecord, record_usage
 from billing.models import RebillClient, UnitReport
-from billing.reporting import CLAIM_BATCH
+from billing.report_claims import CLAIM_BATCH
 from billing.units import report_identifier
 from core.database import db, utcnow
 from core.leader_lock import LeaderLock

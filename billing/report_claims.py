@@ -1,0 +1,348 @@
+"""Claiming unit reports for a reporting tick: leases, attempt counts and first-offer targets (billing.reporting).
+
+A claim is a leased report with its Stripe target as plain data: the target it recorded at its first offer
+while any of its units may be in Stripe (docs/billing-rules.md rule 9), else the client's current one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+from sqlalchemy import bindparam, func, select, update
+
+from billing.models import Agency, RebillClient, UnitReport
+from billing.states import ReportStatus
+from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE
+from billing.stripe_target import CLIENT_COLUMNS, METER, REPORT_COLUMNS, StripeTarget
+from billing.units import take_write_lock
+from core.database import db, is_postgresql, utcnow
+
+log = logging.getLogger("billing.reporting")
+
+# Longer than the slowest possible Stripe call (timeout x attempts + SDK backoff), so a lease never ends
+# while its tick is still talking to Stripe; a crashed tick's rows wait this long before being resent.
+LEASE = dt.timedelta(minutes=5)
+# Within Stripe's identifier dedupe window, with an hour of margin.
+DEDUPE_SAFE_AGE = IDENTIFIER_DEDUPE_WINDOW - dt.timedelta(hours=1)
+# Within Stripe's limit for meter event timestamps, with a margin for the call itself.
+MAX_EVENT_AGE = METER_EVENT_MAX_AGE - dt.timedelta(minutes=10)
+# Usage younger than this is in the customer's current period or in the previous period's finalization grace
+# (one hour unless the account changed it: docs.stripe.com/billing/subscriptions/usage-based/configure-grace-
+# period), so it is sent with its own time without reading the subscription.
+PERIOD_CHECK_AGE = dt.timedelta(minutes=30)
+BACKOFF_BASE = dt.timedelta(seconds=30)
+BACKOFF_CAP = dt.timedelta(hours=1)
+CLAIM_BATCH = 1000
+NEEDS_RECONCILE = "needs reconcile"
+QUARANTINED = "quarantined"
+
+_REPORT = UnitReport.__table__
+_CLIENT = RebillClient.__table__
+_AGENCY = Agency.__table__
+_CLAIM_COLUMNS = (
+    *(
+        _REPORT.c[name]
+        for name in (
+            "id",
+            "agency_id",
+            "client_id",
+            "identifier",
+            "units",
+            "usage_timestamp",
+            "attempts",
+            "failed_attempts",
+            "first_attempt_at",
+            "stripe_timestamp",
+            "timestamp_shift",
+            "units_confirmed",
+            "in_doubt_since",
+            *REPORT_COLUMNS.values(),
+        )
+    ),
+    *(_CLIENT.c[name] for name in CLIENT_COLUMNS.values()),
+    _AGENCY.c.stripe_account_id,
+)
+
+
+@dataclass
+class ReportingResult:
+    """What one reporting pass did."""
+
+    reports_sent: int = 0
+    units_sent: int = 0
+    reports_failed: int = 0
+    reports_retrying: int = 0
+    reports_deferred: int = 0
+    reports_quarantined: int = 0
+    stripe_calls: int = 0
+    agencies_flagged: int = 0
+    budget_spent: bool = False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A leased report and its Stripe target, as plain data (sender threads never touch the database)."""
+
+    report_id: int
+    agency_id: int
+    identifier: str
+    units: int
+    units_confirmed: int  # before this attempt
+    usage_timestamp: dt.datetime
+    timestamp: dt.datetime | None  # what Stripe is given; None until stamped
+    timestamp_shift: str | None
+    attempt: int
+    failed_attempts: int  # offers in a row Stripe did not take, before this one
+    previous_in_doubt_since: dt.datetime | None
+    claimed_at: dt.datetime
+    needs_check: bool  # in doubt beyond the dedupe window: ask Stripe's totals before any resend
+    needs_stamp: bool  # the timestamp depends on the customer's current period (asked of Stripe)
+    rest_unsent: bool  # every offer answered, or the >24 h check settled it: no unit after units_confirmed in Stripe
+    target_changed: bool  # the client's current target is not the recorded one (the agency edited the client)
+    target: StripeTarget  # where the units go: recorded at the first offer (rule 9), else the client's now
+
+    @property
+    def send_group(self) -> tuple[str, str]:
+        """Claims sharing a customer and meter (or legacy price) must go one at a time, in order."""
+        return (self.target.customer_id, self.target.name)
+
+    @property
+    def remaining(self) -> int:
+        return self.units - self.units_confirmed
+
+
+class TickClock:
+    """The tick's notion of now (the caller's ``now`` advanced by the real time elapsed) and its budget."""
+
+    def __init__(self, now: dt.datetime | None, budget: dt.timedelta):
+        self._start = now or utcnow()
+        self._monotonic = time.monotonic()
+        self._budget = budget.total_seconds()
+
+    def now(self) -> dt.datetime:
+        return self._start + dt.timedelta(seconds=time.monotonic() - self._monotonic)
+
+    @property
+    def start(self) -> dt.datetime:
+        return self._start
+
+    def spent(self) -> bool:
+        """Tell whether the tick's time budget is used up."""
+        return time.monotonic() - self._monotonic >= self._budget
+
+    def slice_deadline(self, share: float) -> float:
+        """Return the monotonic time ``share`` of the budget from now."""
+        return time.monotonic() + self._budget * share
+
+
+def backoff_delay(attempts: int) -> dt.timedelta:
+    """Return the wait before attempt ``attempts + 1``: exponential, capped, with 50-100 % jitter."""
+    exponent = min(max(attempts, 1) - 1, 16)
+    ceiling = min(BACKOFF_BASE * (2**exponent), BACKOFF_CAP)
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+# Claims of several schedulers take turns on PostgreSQL (a transaction-level advisory lock, held for the
+# claim's few milliseconds). The round-robin choice below ranks every due row with a window function, which
+# cannot skip rows another claim has locked: without turns, a second scheduler chose the same rows, found
+# them locked, took its empty claim for "nothing due" and stopped. Taking turns, it sees the first claim's
+# leases and chooses among the rows still due. Stripe is called after the claim commits, so schedulers
+# still send in parallel. The key is Rebill's own ("RBCL"; core.leader_lock takes "RBHK").
+CLAIM_LOCK_KEY = 0x5242434C
+
+
+def _serialise_claims() -> None:
+    if is_postgresql():
+        db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+
+
+def claim_batch(clock: TickClock, result: ReportingResult) -> list[Claim]:
+    """Lease up to CLAIM_BATCH due rows, round-robin across agencies with a working key, and commit.
+
+    One read of the due rows with their clients (locked on PostgreSQL, skipping rows another tick holds; on
+    SQLite this transaction is the writer from the start), then the leases, attempt counts and first-offer
+    targets written row by row in one executemany, and the rows not sent now (future timestamp, client
+    incomplete, quarantined) likewise.
+    """
+    now = clock.now()
+    take_write_lock()
+    _serialise_claims()
+    due = (
+        _REPORT.c.status == ReportStatus.PENDING,
+        _REPORT.c.next_attempt_at <= clock.start,
+        _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
+    )
+    # Each agency's oldest due row first, then each one's second...: a backlog of one agency fills a batch
+    # only when no other agency has rows due.
+    ranked = (
+        select(
+            _REPORT.c.id, func.row_number().over(partition_by=_REPORT.c.agency_id, order_by=_REPORT.c.id).label("turn")
+        )
+        .where(*due)
+        .subquery()
+    )
+    chosen = select(ranked.c.id).order_by(ranked.c.turn, ranked.c.id).limit(CLAIM_BATCH)
+    statement = (
+        select(*_CLAIM_COLUMNS)
+        .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)
+        .join(_AGENCY, _AGENCY.c.id == _REPORT.c.agency_id)
+        .where(_REPORT.c.id.in_(chosen), *due)
+        .order_by(_REPORT.c.id)
+    )
+    if is_postgresql():
+        # Rows another tick is claiming right now are skipped, not waited for; client and agency rows are
+        # not locked. A row locked here is re-checked against the conditions in its newest version.
+        statement = statement.with_for_update(skip_locked=True, of=_REPORT)
+    rows = db.session.execute(statement).all()
+    if not rows:
+        db.session.rollback()
+        return []
+    claims, writes = [], []
+    for row in rows:
+        try:
+            claim = _prepare(row, now, result, writes)
+        except Exception as error:  # one bad row never stops the batch (rule 8)
+            log.exception("report quarantined", extra={"fields": {"report_id": row.id}})
+            writes.append(quarantine_values(row.id, row.attempts + 1, now, f"{type(error).__name__}: {error}"))
+            writes[-1]["failed_attempts"] = row.failed_attempts + 1
+            result.reports_quarantined += 1
+            continue
+        if claim is not None:
+            claims.append(claim)
+            writes.append(_claim_values(claim, row, now))
+    write_rows(writes)
+    db.session.commit()
+    return claims
+
+
+def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict]) -> Claim | None:
+    """Decide what to do with a due row: a claim to send now, or the row's new values in ``writes``."""
+    recorded = StripeTarget.from_columns(row, REPORT_COLUMNS)
+    # The client's target now, in the agency's account; a legacy subscription item is read from the customer's
+    # current period when the row is stamped (rule 10), never taken from the client's copy.
+    current = replace(
+        StripeTarget.from_columns(row, CLIENT_COLUMNS), account=row.stripe_account_id, subscription_item_id=None
+    )
+    if recorded is not None and (row.in_doubt_since is not None or row.units_confirmed > 0):
+        if recorded.account and current.account and recorded.account != current.account:
+            writes.append(
+                {
+                    "b_id": row.id,
+                    "status": ReportStatus.FAILED,
+                    "last_error": f"{NEEDS_RECONCILE}: first offered to Stripe account {recorded.account}, but "
+                    f"the agency's key now opens {current.account}; some units may be in the first account",
+                }
+            )
+            result.reports_failed += 1
+            return None
+        needs_check = row.in_doubt_since is not None and row.in_doubt_since <= now - DEDUPE_SAFE_AGE
+        stale = row.stripe_timestamp is None or row.stripe_timestamp < now - MAX_EVENT_AGE
+        if stale and row.in_doubt_since is not None and not needs_check:
+            # Only Stripe's totals can tell whether the doubtful offer landed, and only once the dedupe window
+            # is over; then the rest goes with a new timestamp (rule 10: never left unbillable).
+            writes.append({"b_id": row.id, "next_attempt_at": row.in_doubt_since + DEDUPE_SAFE_AGE})
+            result.reports_deferred += 1
+            return None
+        # The timestamp offered: the >24 h check reads Stripe's window around it. A doubtful row is resent as
+        # offered or settled by the check, never re-stamped; one not in doubt is kept only for its confirmed
+        # count events.
+        target, timestamp, shift, doubt = recorded, row.stripe_timestamp, row.timestamp_shift, row.in_doubt_since
+        needs_stamp, rest_unsent, target_changed = False, row.in_doubt_since is None, _target_changed(recorded, current)
+    else:
+        if row.usage_timestamp > now:
+            writes.append({"b_id": row.id, "next_attempt_at": row.usage_timestamp})  # never a future timestamp
+            result.reports_deferred += 1
+            return None
+        problem = _target_problem(current)
+        if problem:
+            writes.append({"b_id": row.id, "status": ReportStatus.FAILED, "last_error": problem})
+            result.reports_failed += 1
+            return None
+        target, shift, doubt, needs_check = current, None, None, False
+        needs_stamp = current.is_legacy or row.usage_timestamp < now - PERIOD_CHECK_AGE
+        timestamp = None if needs_stamp else row.usage_timestamp
+        rest_unsent = target_changed = False
+    return Claim(
+        report_id=row.id,
+        agency_id=row.agency_id,
+        identifier=row.identifier,
+        units=row.units,
+        units_confirmed=row.units_confirmed,
+        usage_timestamp=row.usage_timestamp,
+        timestamp=timestamp,
+        timestamp_shift=shift,
+        attempt=row.attempts + 1,
+        failed_attempts=row.failed_attempts,
+        previous_in_doubt_since=doubt,
+        claimed_at=now,
+        needs_check=needs_check,
+        needs_stamp=needs_stamp,
+        rest_unsent=rest_unsent,
+        target_changed=target_changed,
+        target=target.with_payload_defaults(),
+    )
+
+
+def _claim_values(claim: Claim, row, now: dt.datetime) -> dict:
+    """The row's lease, attempt and, when about to be offered, its target and doubt (written before sending)."""
+    values = {
+        "b_id": claim.report_id,
+        "next_attempt_at": now + LEASE,
+        "attempts": claim.attempt,  # read under the row's lock: the claim counts exactly one attempt
+        "first_attempt_at": row.first_attempt_at or now,
+        "stripe_timestamp": claim.timestamp,
+        "timestamp_shift": claim.timestamp_shift,
+        **claim.target.columns(REPORT_COLUMNS),
+    }
+    if not (claim.needs_stamp or claim.needs_check or claim.rest_unsent):
+        values["in_doubt_since"] = claim.previous_in_doubt_since or now  # offered right after this commit
+    return values
+
+
+def _target_changed(recorded: StripeTarget, current: StripeTarget) -> bool:
+    """Tell whether the client's settings now send units elsewhere than the row's recorded target."""
+    return (recorded.mode, recorded.customer_id, recorded.price_id, recorded.event_name) != (
+        current.mode,
+        current.customer_id,
+        current.price_id,
+        current.event_name,
+    )
+
+
+def _target_problem(target: StripeTarget) -> str | None:
+    """Say what is missing for sending to the client's target, or None."""
+    if not target.customer_id:
+        return "the client has no Stripe customer; edit the client"
+    if target.is_legacy:
+        return None if target.price_id else "the client has no Stripe price; edit the client"
+    if target.mode != METER or not (target.event_name and target.formula):
+        return "the client's price has no usable billing meter on record; edit the client to pick a metered price"
+    if target.formula not in ("sum", "count"):
+        return f"the client's meter formula '{target.formula}' cannot carry units; pick another price"
+    return None
+
+
+def quarantine_values(report_id: int, attempt: int, now: dt.datetime, problem: str) -> dict:
+    """Set a row aside after an unexpected error: visible reason, retried later with backoff (rule 8)."""
+    return {
+        "b_id": report_id,
+        "next_attempt_at": now + backoff_delay(attempt),
+        "last_error": f"{QUARANTINED}: Rebill could not process this report ({problem}); retried automatically",
+    }
+
+
+def write_rows(rows: list[dict]) -> None:
+    """Update outbox rows one by one with their own values (``b_id`` names the row), grouped by column set."""
+    by_columns: dict[tuple[str, ...], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_columns[tuple(sorted(key for key in row if key != "b_id"))].append(row)
+    for columns, group in by_columns.items():
+        db.session.execute(
+            update(_REPORT).where(_REPORT.c.id == bindparam("b_id")).values({c: bindparam(c) for c in columns}),
+            group,
+        )

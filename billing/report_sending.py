@@ -1,0 +1,431 @@
+"""Before and during the send (billing.reporting): the >24 h check, the timestamp, then the units to Stripe.
+
+Claims of one agency are checked and stamped with its gateway (rule 10: a timestamp Stripe bills on an open
+invoice), their targets and timestamps committed, then sent: rows of one customer and meter in order on one
+thread, other groups in parallel. Nothing here writes to the database but ``record_targets``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, replace
+
+from sqlalchemy import func, select
+
+from billing.models import Agency, UnitReport
+from billing.report_claims import MAX_EVENT_AGE, NEEDS_RECONCILE, PERIOD_CHECK_AGE, Claim, TickClock, write_rows
+from billing.states import OutcomeKind
+from billing.stripe_gateway import (
+    MeterUnknown,
+    StripeGateway,
+    StripeKeyRejected,
+    StripeRequestRejected,
+    StripeUnavailable,
+    SubscriptionPeriod,
+    gateway_for,
+)
+from billing.tick_reads import NotCached, ReadDeferred, TickReads
+from core.database import db
+
+log = logging.getLogger("billing.reporting")
+
+# A count-meter row sends at most this many events, or for at most this share of the tick's budget, per
+# claim; then it records its progress and goes back in line behind every other row due.
+COUNT_EVENTS_PER_CLAIM = 100
+COUNT_SLICE_SHARE = 0.1
+# Stripe's refusals of a timestamp: a meter event older than 35 days (code as in docs/stripe.md), a legacy
+# usage record before the current period ("Cannot create the usage record with this timestamp because
+# timestamps must be after the subscription's last invoice period (or current period start time).").
+STALE_TIMESTAMP_CODES = ("timestamp_too_far_in_past",)
+STALE_TIMESTAMP_TEXT = "usage record with this timestamp"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one claim.
+
+    kind: delivered | progress (count-meter slice confirmed, more to send) | unavailable | rejected |
+    stale_timestamp | key_rejected | skipped (not offered) | quarantined | unsent (the rest, provably not in
+    Stripe, moves to a fresh row: billing.unsent_remainder).
+    ``confirmed`` counts units Stripe confirmed during this attempt; ``answered`` is False when this attempt
+    may have reached Stripe without an answer (the row is then in doubt).
+    """
+
+    claim: Claim
+    kind: OutcomeKind
+    reason: str | None = None
+    confirmed: int = 0
+    answered: bool = True
+
+
+def process_batch(
+    claims: list[Claim],
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    clock: TickClock,
+    reads: TickReads,
+    pool: ThreadPoolExecutor | None,
+) -> list[Outcome]:
+    """Decide, record and send a batch of claims; one outcome per claim.
+
+    Rule 8: the claims that need nothing read from Stripe (most of them) are decided at once and sent in the
+    background; meanwhile the others (a billing period, the >24 h check) are read round-robin across
+    agencies within the tick's read budget (billing.tick_reads), then recorded and sent. A send group (one
+    customer and meter) goes whole in one of the two, in order. So one agency's slow Stripe delays no other
+    agency's sends that need no read, and those that do by at most one read of each agency per tick.
+    """
+    by_agency: dict[int, list[Claim]] = defaultdict(list)
+    for claim in claims:
+        by_agency[claim.agency_id].append(claim)
+    outcomes: list[Outcome] = []
+    for agency_id in list(by_agency):
+        gateway = _gateway(agency_id, gateways)
+        if isinstance(gateway, StripeKeyRejected):
+            agency_claims = by_agency.pop(agency_id)
+            outcomes.append(Outcome(agency_claims[0], OutcomeKind.KEY_REJECTED, gateway.reason))
+            outcomes.extend(Outcome(claim, OutcomeKind.SKIPPED) for claim in agency_claims[1:])
+    stops = {agency_id: threading.Event() for agency_id in by_agency}
+    with reads.cached_only():
+        first = ready_to_send(gateways, by_agency, clock, reads)
+    held = {(claim.agency_id, claim.send_group) for claim in first.waiting}
+    send_now = {
+        agency_id: [claim for claim in ready if (agency_id, claim.send_group) not in held]
+        for agency_id, ready in first.ready.items()
+    }
+    record_targets(_stamped(send_now), clock.now())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe-send-unread") as background:
+        if pool is not None:
+            sent_first = background.submit(send_claims, gateways, send_now, pool, clock, stops)
+        else:  # one sender thread: these go first, then the reads
+            outcomes.extend(send_claims(gateways, send_now, None, clock, stops))
+        waiting: dict[int, list[Claim]] = defaultdict(list)
+        for claim in first.waiting:
+            waiting[claim.agency_id].append(claim)
+        second = ready_to_send(gateways, waiting, clock, reads)
+        send_later: dict[int, list[Claim]] = defaultdict(list)
+        for agency_id, ready in first.ready.items():
+            send_later[agency_id].extend(claim for claim in ready if (agency_id, claim.send_group) in held)
+        for agency_id, ready in second.ready.items():
+            send_later[agency_id].extend(ready)
+        for agency_id in second.key_refused:
+            outcomes.extend(Outcome(claim, OutcomeKind.SKIPPED) for claim in send_later.pop(agency_id, []))
+        for agency_id in send_later:
+            send_later[agency_id].sort(key=lambda claim: claim.report_id)  # a group's rows in their order
+        record_targets(_stamped(send_later), clock.now())
+        outcomes.extend(first.decided + second.decided + send_claims(gateways, send_later, pool, clock, stops))
+        if pool is not None:
+            outcomes.extend(sent_first.result())
+    return outcomes
+
+
+def _stamped(claims_by_agency: dict[int, list[Claim]]) -> list[Claim]:
+    """The claims whose timestamp, target and doubt are written just before their offer (not at the claim)."""
+    return [claim for ready in claims_by_agency.values() for claim in ready if claim.needs_stamp or claim.rest_unsent]
+
+
+def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected]):
+    """Return the tick's gateway for an agency (built once), or the key problem that prevents one."""
+    if agency_id not in gateways:
+        try:
+            gateways[agency_id] = gateway_for(db.session.get(Agency, agency_id))
+        except StripeKeyRejected as error:
+            gateways[agency_id] = error
+        db.session.rollback()
+    return gateways[agency_id]
+
+
+@dataclass
+class _Decisions:
+    """Claims ready to send (per agency), claims waiting for a Stripe read, and claims decided otherwise."""
+
+    ready: dict[int, list[Claim]]
+    waiting: list[Claim]
+    decided: list[Outcome]
+    key_refused: set[int]
+
+
+def ready_to_send(
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    claims_by_agency: dict[int, list[Claim]],
+    clock: TickClock,
+    reads: TickReads,
+) -> _Decisions:
+    """Run the >24 h check and the period look-up where needed, round-robin across agencies (rule 8)."""
+    decisions = _Decisions(ready=defaultdict(list), waiting=[], decided=[], key_refused=set())
+    for turn in itertools.zip_longest(*claims_by_agency.values()):
+        for claim in turn:
+            if claim is None:
+                continue
+            if claim.agency_id in decisions.key_refused:
+                decisions.decided.append(Outcome(claim, OutcomeKind.SKIPPED))
+                continue
+            try:
+                decided = _decide(gateways[claim.agency_id], claim, clock.now(), reads)
+            except NotCached:
+                decisions.waiting.append(claim)
+                continue
+            except ReadDeferred:  # the tick's reads are spent, or this agency's Stripe was slow: next tick
+                decided = Outcome(claim, OutcomeKind.SKIPPED)
+            except StripeUnavailable as error:  # also when this agency's reads failed earlier in the tick
+                decided = Outcome(claim, OutcomeKind.UNAVAILABLE, error.reason)
+            except StripeKeyRejected as error:
+                decided = Outcome(claim, OutcomeKind.KEY_REJECTED, error.reason)
+                decisions.key_refused.add(claim.agency_id)
+            except StripeRequestRejected as error:
+                prefix = f"{NEEDS_RECONCILE}: " if claim.needs_check else ""
+                decided = Outcome(claim, OutcomeKind.REJECTED, f"{prefix}{error.reason}")
+            except Exception as error:  # rule 8: this row is set aside, the others go on
+                log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
+                decided = Outcome(claim, OutcomeKind.QUARANTINED, f"{type(error).__name__}: {error}")
+            if isinstance(decided, Outcome):
+                decisions.decided.append(decided)
+            else:
+                decisions.ready[claim.agency_id].append(decided)
+    for agency_id in decisions.key_refused:
+        decisions.decided.extend(Outcome(claim, OutcomeKind.SKIPPED) for claim in decisions.ready.pop(agency_id, []))
+    db.session.rollback()
+    return decisions
+
+
+def _decide(gateway: StripeGateway, claim: Claim, now: dt.datetime, reads: TickReads) -> Claim | Outcome:
+    """Settle a claim's doubt and timestamp: the claim to send, or what happens to it instead.
+
+    Raises NotCached when a Stripe read is needed and not allowed now (nothing of the claim changed then).
+    """
+    if claim.needs_check:
+        with reads.reading(claim.agency_id):
+            checked = _compare_with_stripe(gateway, claim)
+        if isinstance(checked, Outcome):
+            return checked
+        # Stripe has none of the rest (after the first count events, which went in order): the doubt is
+        # settled, and the row goes on like one whose every offer was answered.
+        claim = replace(checked, needs_check=False, previous_in_doubt_since=None, rest_unsent=True)
+    if claim.rest_unsent and not _rest_goes_as_recorded(gateway, claim, now, reads):
+        return Outcome(claim, OutcomeKind.UNSENT)  # to a fresh row: billing.unsent_remainder
+    if claim.needs_stamp:
+        return _stamp(gateway, claim, now, reads)
+    return claim
+
+
+def _stamp(
+    gateway: StripeGateway,
+    claim: Claim,
+    now: dt.datetime,
+    reads: TickReads,
+) -> Claim | Outcome:
+    """Give a claim the timestamp (and legacy subscription item) its units bill on (rule 10)."""
+    base, shift = claim.usage_timestamp, None
+    if base < now - MAX_EVENT_AGE:
+        base, shift = now, "usage older than Stripe's 35 days; billed at its first offer"
+    needs_period = claim.target.is_legacy or base < now - PERIOD_CHECK_AGE
+    period = _period(gateway, claim, reads) if needs_period else None
+    item = None
+    if claim.target.is_legacy:
+        if period is None:
+            return Outcome(
+                claim,
+                OutcomeKind.REJECTED,
+                f"customer {claim.target.customer_id} has no active subscription on price {claim.target.price_id}",
+            )
+        item = period.subscription_item_id
+    if period is not None and base < period.start:
+        base = min(period.start, now)
+        shift = (
+            f"usage of {claim.usage_timestamp:%Y-%m-%d %H:%M} UTC falls before the customer's current billing "
+            f"period (from {period.start:%Y-%m-%d %H:%M} UTC), whose invoice may be final; billed on the next invoice"
+        )
+    target = replace(claim.target, subscription_item_id=item or claim.target.subscription_item_id)
+    return replace(claim, timestamp=base, timestamp_shift=shift, target=target)
+
+
+def _rest_goes_as_recorded(
+    gateway: StripeGateway,
+    claim: Claim,
+    now: dt.datetime,
+    reads: TickReads,
+) -> bool:
+    """Tell whether a row's rest, provably not in Stripe, goes on with the recorded target and timestamp.
+
+    Yes for the next events of a count row whose settings did not change and whose recorded timestamp still
+    bills on an open invoice (rule 10). Otherwise the rest moves to a fresh row that takes the client's current
+    settings and a valid timestamp, and the confirmed events keep what they went with (rule 9).
+    """
+    if claim.units_confirmed == 0 or claim.target_changed:
+        return False
+    if claim.timestamp is None or claim.timestamp < now - MAX_EVENT_AGE:
+        return False
+    if claim.timestamp >= now - PERIOD_CHECK_AGE:
+        return True
+    period = _period(gateway, claim, reads)
+    return period is None or claim.timestamp >= period.start
+
+
+def _period(gateway: StripeGateway, claim: Claim, reads: TickReads) -> SubscriptionPeriod | None:
+    """The customer's current period on the claim's price (read once a tick: billing.tick_reads)."""
+    return reads.period(claim.agency_id, gateway, claim.target.customer_id, claim.target.price_id)
+
+
+def record_targets(claims: list[Claim], now: dt.datetime) -> None:
+    """Commit the stamped timestamps and targets, and the doubt of the coming offer, before Stripe is called."""
+    write_rows(
+        [
+            {
+                "b_id": claim.report_id,
+                "stripe_timestamp": claim.timestamp,
+                "timestamp_shift": claim.timestamp_shift,
+                "target_subscription_item": claim.target.subscription_item_id,
+                "units_confirmed": claim.units_confirmed,
+                "in_doubt_since": claim.previous_in_doubt_since or now,
+            }
+            for claim in claims
+        ]
+    )
+    db.session.commit()
+
+
+def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcome:
+    """Settle a doubtful row from Stripe's totals for its recorded target and window.
+
+    Returns an outcome ("delivered" or "needs reconcile"), or the claim to resend: with nothing of it extra
+    in Stripe, or (count meter) after the extra events, which were sent in order, are counted as confirmed.
+    """
+    stamp = claim.timestamp or claim.usage_timestamp
+    try:
+        window = gateway.window_total(claim.target, stamp, stamp)
+    except MeterUnknown:
+        return Outcome(claim, OutcomeKind.REJECTED, f"{NEEDS_RECONCILE}: the report's meter id is unknown")
+    if window is None:
+        return Outcome(
+            claim, OutcomeKind.REJECTED, f"{NEEDS_RECONCILE}: Stripe shows no usage period for this report's time"
+        )
+    # The rows adding to the same Stripe total: the meter's events of the customer, or the legacy item's records.
+    if claim.target.is_legacy:
+        same_target = (UnitReport.target_subscription_item == claim.target.subscription_item_id,)
+    else:
+        same_target = (UnitReport.target_event_name == claim.target.event_name,)
+    in_window = (
+        UnitReport.agency_id == claim.agency_id,
+        UnitReport.id != claim.report_id,
+        UnitReport.stripe_timestamp >= window.start,
+        UnitReport.stripe_timestamp < window.end,
+        UnitReport.target_customer == claim.target.customer_id,
+        *same_target,
+    )
+    known = db.session.scalar(select(func.coalesce(func.sum(UnitReport.units_confirmed), 0)).where(*in_window))
+    # Other rows in doubt from before this claim may or may not be in Stripe's total.
+    unconfirmed = db.session.scalar(
+        select(func.count())
+        .select_from(UnitReport)
+        .where(*in_window, UnitReport.in_doubt_since.is_not(None), UnitReport.in_doubt_since < claim.claimed_at)
+    )
+    extra = window.total - known - claim.units_confirmed
+    if extra == 0:
+        return claim  # Stripe has none of the rest: resending is safe (a recent copy would be deduplicated)
+    if unconfirmed == 0 and extra == claim.remaining:
+        return Outcome(
+            claim,
+            OutcomeKind.DELIVERED,
+            "confirmed from Stripe's totals after the 24 h dedupe window",
+            confirmed=claim.remaining,
+        )
+    if unconfirmed == 0 and claim.target.formula == "count" and 0 < extra < claim.remaining:
+        return replace(claim, units_confirmed=claim.units_confirmed + int(extra))
+    return Outcome(
+        claim,
+        OutcomeKind.REJECTED,
+        f"{NEEDS_RECONCILE}: first offered over 24 h ago and Stripe's total for its window is {window.total} "
+        f"against {known} known there (+{claim.remaining} here, {unconfirmed} other rows in doubt); not resent",
+    )
+
+
+def send_claims(
+    gateways: dict[int, StripeGateway | StripeKeyRejected],
+    claims_by_agency: dict[int, list[Claim]],
+    pool: ThreadPoolExecutor | None,
+    clock: TickClock,
+    stops: dict[int, threading.Event],
+) -> list[Outcome]:
+    """Send claims: in order within a customer+meter group; groups in parallel up to STRIPE_CONCURRENCY.
+
+    Each agency's first group goes before its others, so a revoked key costs one refused call per agency,
+    not one per thread; the other groups follow round-robin across agencies.
+    """
+    first_groups, later = [], []
+    for agency_id, claims in claims_by_agency.items():
+        groups: dict[tuple[str, str], list[Claim]] = defaultdict(list)
+        for claim in claims:
+            groups[claim.send_group].append(claim)
+        ordered = [(agency_id, group) for group in groups.values()]
+        if ordered:
+            first_groups.append(ordered[0])
+            later.append(ordered[1:])
+    other_groups = [job for turn in itertools.zip_longest(*later) for job in turn if job is not None]
+
+    def send(job: tuple[int, list[Claim]]) -> list[Outcome]:
+        agency_id, group = job
+        return _send_group(gateways[agency_id], group, stops[agency_id], clock)
+
+    run = pool.map if pool is not None else map
+    outcomes = [outcome for group in run(send, first_groups) for outcome in group]
+    return outcomes + [outcome for group in run(send, other_groups) for outcome in group]
+
+
+def _send_group(
+    gateway: StripeGateway, claims: Iterable[Claim], stop: threading.Event, clock: TickClock
+) -> list[Outcome]:
+    outcomes = []
+    blocked = False  # after a 429/5xx or a partial slice the rest of this customer's rows wait
+    for claim in claims:
+        if stop.is_set() or blocked or clock.spent():
+            outcomes.append(Outcome(claim, OutcomeKind.SKIPPED))
+            continue
+        outcome = _send_one(gateway, claim, clock)
+        if outcome.kind == OutcomeKind.KEY_REJECTED:
+            stop.set()
+        blocked = outcome.kind in (OutcomeKind.UNAVAILABLE, OutcomeKind.PROGRESS)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _send_one(gateway: StripeGateway, claim: Claim, clock: TickClock) -> Outcome:
+    timestamp = int(claim.timestamp.timestamp())
+    confirmed = 0
+    try:
+        if claim.remaining < 1:
+            raise ValueError(f"a report must carry at least one unit, this one has {claim.remaining}")
+        # Stripe is called once per count event: the slice ends after COUNT_EVENTS_PER_CLAIM of them, or when the
+        # budget is spent; a re-stamped offer is only made when Stripe has none of the row.
+        slice_ends = clock.slice_deadline(COUNT_SLICE_SHARE)
+        sending = gateway.send_units(
+            claim.target,
+            claim.identifier,
+            claim.units,
+            timestamp,
+            attempt=claim.attempt,
+            confirmed=claim.units_confirmed,
+            restamped=claim.timestamp != claim.usage_timestamp,
+        )
+        with closing(sending):
+            for calls, units in enumerate(sending, start=1):
+                confirmed += units
+                if calls >= COUNT_EVENTS_PER_CLAIM or clock.spent() or time.monotonic() >= slice_ends:
+                    break
+        kind = OutcomeKind.DELIVERED if confirmed == claim.remaining else OutcomeKind.PROGRESS
+        return Outcome(claim, kind, confirmed=confirmed)
+    except StripeUnavailable as error:
+        return Outcome(claim, OutcomeKind.UNAVAILABLE, error.reason, confirmed, answered=False)
+    except StripeKeyRejected as error:
+        return Outcome(claim, OutcomeKind.KEY_REJECTED, error.reason, confirmed)
+    except StripeRequestRejected as error:
+        stale = error.code in STALE_TIMESTAMP_CODES or STALE_TIMESTAMP_TEXT in error.reason
+        return Outcome(claim, OutcomeKind.STALE_TIMESTAMP if stale else OutcomeKind.REJECTED, error.reason, confirmed)
+    except Exception as error:  # rule 8: this row is set aside (it may have reached Stripe), the others go on
+        log.exception("report quarantined", extra={"fields": {"report_id": claim.report_id}})
+        return Outcome(claim, OutcomeKind.QUARANTINED, f"{type(error).__name__}: {error}", confirmed, answered=False)
