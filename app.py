@@ -75,6 +75,7 @@ def register_blueprints(app: Flask) -> None:
     from capri.views import blueprint as capri_usage_api
     from core.health import blueprint as health
     from ghl.oauth import blueprint as ghl_oauth
+    from ghl.webhooks import MessageWebhookDispatch
     from ghl.webhooks import blueprint as ghl_webhooks
     from portal import money  # noqa: F401  (adds the money routes to the portal API blueprint)
     from portal.api import blueprint as portal_api
@@ -87,6 +88,8 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(capri_usage_api)
     app.register_blueprint(portal_pages)
     app.register_blueprint(portal_api)
+    # GHL's message webhooks, the one hot route, are answered in front of Flask (ghl.webhooks).
+    app.wsgi_app = MessageWebhookDispatch(app, app.wsgi_app)
 
 
 def register_metrics(app: Flask) -> None:

@@ -24,6 +24,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +48,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--app", choices=["rebill", "bare"], default="rebill")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--threads", type=int, default=1, help="send from this many threads at once")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (CPU time)")
     parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
     parser.add_argument("--signed", type=Path, help=argparse.SUPPRESS)  # bodies signed by --instructions
@@ -125,6 +127,25 @@ def measure(app, bodies: list[tuple[str, bytes]], args) -> int:
         profile = cProfile.Profile(time.process_time)
         profile.runcall(lambda: [send(environ) for environ in measured])
         pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+    elif args.threads > 1:
+        # Concurrent senders, as a gthread worker's threads are: the group commit writes shared batches.
+        batcher = getattr(app.extensions.get("ghl.message_ingest"), "batches", None)
+        before = (batcher.batches, batcher.items) if batcher else (0, 0)
+        shares = [measured[n :: args.threads] for n in range(args.threads)]
+        threads = [threading.Thread(target=lambda share=share: [send(e) for e in share]) for share in shares]
+        started, wall = time.process_time(), time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        cpu, wall = time.process_time() - started, time.perf_counter() - wall
+        batches = ""
+        if batcher:
+            batches = f"; {batcher.items - before[1]} deliveries in {batcher.batches - before[0]} batches"
+        print(
+            f"{args.app}: {args.requests} requests from {args.threads} threads in {wall:.2f} s "
+            f"({args.requests / wall:.0f}/s), {cpu / args.requests * 1e6:.0f} µs CPU per request{batches}"
+        )
     else:
         started = time.process_time()
         for environ in measured:

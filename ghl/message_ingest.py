@@ -1,164 +1,370 @@
-"""Message deliveries on PostgreSQL: stored and counted in ONE autocommitted SQL statement (the hot path).
+"""Message deliveries on PostgreSQL: stored and counted by one multi-row statement per group commit (the hot path).
+
+Concurrent message deliveries of one worker process are written together (core.group_commit): one
+statement stores every delivery of the batch and records each message's usage, and since it runs in
+autocommit mode it is its own transaction: the server answers only after the commit is flushed to the
+WAL (synchronous_commit stays on), so every 200 follows a durable commit of its row. If the batch fails
+(the database is down, a lock timeout, a dropped connection retried once in vain) every delivery of the
+batch is answered 429 — GHL retries them — and none is acknowledged.
 
 The statement writes what ghl.deliveries' one-transaction path writes for the same delivery (the delivery
-row with its outcome, and the usage row), with ghl.events' outcome texts, so a replay of the stored delivery
-records the same outcome (tests/ghl/test_webhooks.py compares them). It is sent on its own connection in
-autocommit mode: a single round trip, whose answer arrives only after the commit is flushed to the WAL
-(synchronous_commit stays on), so a 200 still follows a durable commit. SQLite, and replays, go through
-ghl.deliveries and ghl.events.
+row with its outcome, the usage row), with ghl.events' outcome texts, so a replay of the stored delivery
+records the same outcome (tests/ghl/test_webhooks.py compares them), and copies inside one batch are
+deduplicated as copies in separate requests are (tests/ghl/test_message_group_commit.py). It is compiled
+once, to psycopg's own SQL text (no SQLAlchemy compile or execution context per batch), and sent on the
+worker's own connection, where psycopg prepares it after a few uses; one text serves every batch size, the
+rows travel as one JSON array. SQLite, and replays, go through ghl.deliveries and ghl.events.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import logging
+import re
 from typing import Any
 
-from sqlalchemy import Row, String, bindparam, case, exists, literal, select
+import psycopg
+from sqlalchemy import Engine, Text, bindparam, case, cast, event, exists, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.dialects.postgresql import JSONB, distinct_on
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from billing.ledger import insert_usage_from
 from billing.models import UsageEvent
-from core.database import UTCDateTime, db
 from core.delivery_log import failure_message
-from ghl.deliveries import DELIVERIES, INSERTS, PARAMETERS, STORED_COLUMNS, delivery_values
+from core.group_commit import Arrival, GroupCommit
+from ghl.deliveries import DELIVERIES, INSERTS, STORED_COLUMNS, delivery_values
 from ghl.events import already_recorded_note, not_installed_note, read_message, unknown_subaccount
 from ghl.models import GhlLocation, GhlWebhookDelivery
 from ghl.payloads import PayloadInvalid
 
+log = logging.getLogger("ghl.message_ingest")
+
 _DELIVERY = GhlWebhookDelivery.__table__
 _LOCATION = GhlLocation.__table__
+# Up to this many deliveries share one statement; a leader waits at most MAX_WAIT seconds for requests of
+# its worker that are still being verified (core.group_commit), never when there are none.
+MAX_ROWS = 64
+MAX_WAIT = 0.002
+MAX_WRITERS = 2  # batches in flight per worker: one collects and executes while the other's WAL flush runs
+_TIMESTAMP = postgresql.TIMESTAMP(timezone=True)
+# The fields of one delivery in the batch's JSON array (element i is row i), with their SQL types.
+_FIELDS = {
+    "webhook_id": Text(),
+    "event_type": Text(),
+    "company_id": Text(),
+    "delivery_location_id": Text(),
+    "body": Text(),
+    "signature_scheme": Text(),
+    "received_at": _TIMESTAMP,
+    "location_id": Text(),
+    "message_id": Text(),
+    "direction": Text(),
+    "occurred_at": _TIMESTAMP,
+    "unknown_subaccount": Text(),
+    "not_installed": Text(),
+    "already_recorded": Text(),
+}
+# psycopg._queries.MAX_CACHED_STATEMENT_LENGTH (psycopg 3.1-3.2): longer query texts are parsed per execution.
+PSYCOPG_CACHED_QUERY_LENGTH = 4096
+# Errors of a value PostgreSQL refuses (e.g. a NUL in text): one delivery's problem, not the batch's.
+_REFUSED_VALUE = (psycopg.DataError, psycopg.IntegrityError)
 
 
-def _message_statement():
-    """Store a message delivery and record its usage in ONE PostgreSQL statement; RETURNING id, status, error.
+class StoreUnavailable(Exception):
+    """The delivery could not be stored (its batch failed): answer 429, GHL retries."""
 
-        WITH location AS (SELECT agency_id, is_installed FROM ghl_location WHERE location_id = :location_id),
-             usage AS (INSERT INTO usage_event … SELECT … FROM location
-                       WHERE is_installed AND no delivery with :webhook_id is stored
-                       ON CONFLICT (agency_id, source, source_event_id) DO NOTHING RETURNING id)
-        INSERT INTO ghl_webhook_delivery … SELECT …, <status and error from location and usage>
-        ON CONFLICT (webhook_id) DO NOTHING RETURNING id, status, error
 
-    The outcomes are those of ghl.events for the same message: subaccount unknown → "failed" (replayable),
-    not installed → "ignored", message recorded before → "ignored", else "processed"; no row → a duplicate
-    delivery, which records nothing. The usage INSERT comes first so that its outcome can label the
-    delivery; it skips a delivery already stored (a redelivery never records usage). Two copies of one
-    message in flight at once are exact too: the second usage INSERT waits on the first's unique-index
-    entry, then does nothing, so its delivery reads "already recorded". (Only two different messages
-    sharing one webhookId at the same instant — GHL's ids are unique per event — would record both
-    messages and keep one delivery.)
+def _batch_statement():
+    """Store a batch of message deliveries and record their usage in ONE statement; RETURNING webhook_id, id,
+    status, error for each stored delivery.
+
+        WITH located AS (SELECT input.*, ghl_location.agency_id, is_installed, <first copy of its webhookId
+                                in the batch>, <webhookId stored before>
+                         FROM unnest(<one array per field>) WITH ORDINALITY AS input LEFT JOIN ghl_location …),
+             candidate AS (SELECT DISTINCT ON (agency_id, message_id) … FROM located
+                           WHERE is_installed AND first copy AND not stored before ORDER BY …, ord),
+             usage AS (INSERT INTO usage_event … SELECT … FROM candidate ORDER BY agency_id, message_id
+                       ON CONFLICT (agency_id, source, source_event_id) DO NOTHING RETURNING agency_id, source_event_id)
+        INSERT INTO ghl_webhook_delivery … SELECT …, <status and error from located, candidate and usage>
+        FROM located ORDER BY webhook_id, ord ON CONFLICT (webhook_id) DO NOTHING RETURNING …
+
+    The outcomes are those of ghl.events for each message: subaccount unknown → "failed" (replayable), not
+    installed → "ignored", message recorded before → "ignored", else "processed"; no row → a duplicate
+    delivery, which records nothing. Inside a batch, copies behave as if they came one after another in
+    batch order: the first copy of a webhookId is stored (the others are duplicates), and of several
+    webhooks carrying one message only the first records it (the others read "already recorded").
+    Across batches (other workers) two copies in flight at once count once: the second usage INSERT waits
+    on the first's unique-index entry, then does nothing. Rows are inserted in key order (usage by
+    agency and message, deliveries by webhookId), so two batches holding the same keys wait for each other
+    in one order and cannot deadlock.
     """
-    location = (
-        select(_LOCATION.c.agency_id, _LOCATION.c.is_installed)
-        .where(_LOCATION.c.location_id == bindparam("location_id"))
-        .cte("location")
+    elements = (
+        func.jsonb_array_elements(bindparam("rows", type_=JSONB))
+        .table_valued("value", with_ordinality="ord")
+        .render_derived(name="element")
     )
-    received_at = bindparam("received_at", type_=UTCDateTime())
-    stored_before = exists().where(_DELIVERY.c.webhook_id == bindparam("webhook_id"))
+    def field(name: str, type_):
+        text = elements.c.value.op("->>")(literal_column(f"'{name}'"))  # ->> reads text
+        return (text if isinstance(type_, Text) else cast(text, type_)).label(name)
+
+    rows = select(*(field(name, type_) for name, type_ in _FIELDS.items()), elements.c.ord).cte("input")
+    located = (
+        select(
+            rows,
+            _LOCATION.c.agency_id,
+            _LOCATION.c.is_installed,
+            (func.row_number().over(partition_by=rows.c.webhook_id, order_by=rows.c.ord) == 1).label("first_copy"),
+            exists().where(_DELIVERY.c.webhook_id == rows.c.webhook_id).label("stored_before"),
+        )
+        .select_from(rows.outerjoin(_LOCATION, _LOCATION.c.location_id == rows.c.location_id))
+        .cte("located")
+    )
+    candidate = (
+        select(located.c.ord, located.c.agency_id, located.c.message_id, located.c.location_id,
+               located.c.direction, located.c.occurred_at, located.c.received_at)
+        .where(located.c.is_installed, located.c.first_copy, ~located.c.stored_before)
+        .ext(distinct_on(located.c.agency_id, located.c.message_id))
+        .order_by(located.c.agency_id, located.c.message_id, located.c.ord)
+        .cte("candidate")
+    )  # fmt: skip
     usage = (
         insert_usage_from(
             select(
-                location.c.agency_id,
+                candidate.c.agency_id,
                 literal("ghl"),
-                bindparam("message_id", type_=String()),
+                candidate.c.message_id,
                 None,  # channel_id
-                bindparam("location_id"),
+                candidate.c.location_id,
                 0,  # input_tokens
                 0,  # output_tokens
                 1,  # messages
-                bindparam("direction", type_=String()),
+                candidate.c.direction,
                 None,  # model
-                bindparam("occurred_at", type_=UTCDateTime()),
-                received_at,
-            ).where(location.c.is_installed, ~stored_before)
+                candidate.c.occurred_at,
+                candidate.c.received_at,
+            ).order_by(candidate.c.agency_id, candidate.c.message_id)
         )
-        .returning(UsageEvent.__table__.c.id)
+        .returning(UsageEvent.__table__.c.agency_id, UsageEvent.__table__.c.source_event_id)
         .cte("usage")
     )
-    known = exists(select(location.c.agency_id))
-    uninstalled = exists(select(location.c.agency_id).where(~location.c.is_installed))
-    recorded = exists(select(usage.c.id))
+    known = located.c.agency_id.is_not(None)
+    recorded = exists().where(
+        candidate.c.ord == located.c.ord,
+        usage.c.agency_id == candidate.c.agency_id,
+        usage.c.source_event_id == candidate.c.message_id,
+    )
     delivery = select(
-        *(bindparam(PARAMETERS[column]) for column in STORED_COLUMNS[:6]),  # webhook_id … signature_scheme
-        received_at,
+        located.c.webhook_id,
+        located.c.event_type,
+        located.c.company_id,
+        located.c.delivery_location_id,
+        located.c.body,
+        located.c.signature_scheme,
+        located.c.received_at,
         case((~known, "failed"), (recorded, "processed"), else_="ignored"),  # status
         case(  # error
-            (~known, bindparam("unknown_subaccount")),
-            (uninstalled, bindparam("not_installed")),
-            (~recorded, bindparam("already_recorded")),
+            (~known, located.c.unknown_subaccount),
+            (~located.c.is_installed, located.c.not_installed),
+            (~recorded, located.c.already_recorded),
         ),
         1,  # attempts
-        case((known, received_at)),  # processed_at: not for a failure, which stays replayable
-    )
-    return (
+        case((known, located.c.received_at)),  # processed_at: not for a failure, which stays replayable
+    ).order_by(located.c.webhook_id, located.c.ord)
+    statement = (
         postgresql.insert(_DELIVERY)
         .from_select(STORED_COLUMNS, delivery)
         .on_conflict_do_nothing(index_elements=["webhook_id"])
-        .returning(_DELIVERY.c.id, _DELIVERY.c.status, _DELIVERY.c.error)
+        .returning(_DELIVERY.c.webhook_id, _DELIVERY.c.id, _DELIVERY.c.status, _DELIVERY.c.error)
     )
+    compiled = statement.compile(dialect=psycopg_dialect())
+    constants = {name: bind.effective_value for bind, name in compiled.bind_names.items() if name != "rows"}
+    # psycopg caches the parsing of a query's placeholders only up to MAX_CACHED_STATEMENT_LENGTH characters
+    # (4096): above that it re-parses the text on every execution (regular expressions over 4 KB, the
+    # largest CPU cost of a batch when measured). So labels that repeat the column's name and runs of
+    # whitespace go; the import fails if the text still does not fit.
+    text = re.sub(r"\s+", " ", re.sub(r"\b(\w+)\.(\w+) AS \2\b", r"\1.\2", compiled.string))
+    if len(text) > PSYCOPG_CACHED_QUERY_LENGTH:
+        raise RuntimeError(f"the batch statement has {len(text)} characters: psycopg would parse it per execution")
+    return text, constants
 
 
-_MESSAGE_STATEMENT = _message_statement()
+def _rows_json(items: list[dict[str, Any]]) -> str:
+    """The batch as one JSON array (one C-level encode; psycopg's text arrays escape every element in Python)."""
+    return json.dumps([{name: _json_value(item[name]) for name in _FIELDS} for item in items])
 
 
-def accept_message(body: bytes, text: str, event: dict[str, Any], scheme: str) -> str:
-    """Store a message delivery and record its usage in one autocommitted statement (PostgreSQL).
-
-    Same outcomes and fallbacks as ghl.deliveries.accept_in_one_transaction: a payload without its ids, or a
-    statement the database refuses, stores the delivery alone as failed; raises SQLAlchemyError only when
-    even that fails.
-    """
-    delivery = delivery_values(body, text, event, scheme)
-    try:
-        message = read_message(event)
-    except PayloadInvalid as error:
-        return _store_failed(delivery, error)
-    parameters = delivery | {
-        "location_id": message.location_id,
-        "message_id": message.message_id,
-        "direction": message.direction,
-        "occurred_at": message.occurred_at,
-        "unknown_subaccount": failure_message(unknown_subaccount(message)),
-        "not_installed": not_installed_note(message),
-        "already_recorded": already_recorded_note(message),
-    }
-    try:
-        stored = _execute_alone(_MESSAGE_STATEMENT, parameters)
-    except SQLAlchemyError as error:  # e.g. a value PostgreSQL refuses: keep the delivery alone, failed
-        return _store_failed(delivery, error)
-    if stored is None:
-        return "duplicate"
-    if stored.status == "failed":
-        DELIVERIES.log_failure(stored.id, delivery["event_type"], stored.error)
-    return stored.status
+def _results(items: list[dict[str, Any]], rows: list[tuple]) -> list[Any]:
+    """(id, status, error) of each item's stored delivery, None for a duplicate, from the RETURNING rows."""
+    stored = {webhook_id: (delivery_id, status, error) for webhook_id, delivery_id, status, error in rows}
+    # The first copy of a webhookId in the batch is the one stored; later copies are duplicates.
+    return [stored.pop(item["webhook_id"], None) for item in items]
 
 
-def _store_failed(delivery: dict[str, Any], error: Exception) -> str:
-    """Store the delivery alone, failed with ``error`` (replayable), in its own autocommitted statement."""
-    message = failure_message(error)
-    stored = _execute_alone(INSERTS["postgresql"], delivery | {"status": "failed", "error": message, "attempts": 1})
-    if stored is None:
-        return "duplicate"
-    DELIVERIES.log_failure(stored.id, delivery["event_type"], message)
-    return "failed"
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime) else value
 
 
-def _execute_alone(statement, parameters: dict[str, Any]) -> Row | None:
-    """Run one statement as its own transaction (autocommit) and return its first row.
-
-    The server answers only once the commit is durable, so there is no separate BEGIN or COMMIT round
-    trip. A pooled connection the database dropped (restart, failover: the pool does not ping busy
-    connections, see core.database) is retried once on a fresh one; the statements are idempotent (ON
-    CONFLICT DO NOTHING on webhookId and messageId), so a retry after a lost answer stores nothing twice.
-    """
-    try:
-        return _execute_autocommit(statement, parameters)
-    except DBAPIError as error:
-        if not error.connection_invalidated:
-            raise
-        return _execute_autocommit(statement, parameters)
+# Compiled once, to psycopg's %(name)s text; the constants are the statement's own literals.
+_BATCH_SQL, _BATCH_CONSTANTS = _batch_statement()
 
 
-def _execute_autocommit(statement, parameters: dict[str, Any]) -> Row | None:
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        return connection.execute(statement, parameters).first()
+class MessageIngest:
+    """Accept message deliveries through one worker's group commit (PostgreSQL)."""
+
+    def __init__(
+        self, engine: Engine, *, max_rows: int = MAX_ROWS, max_wait: float = MAX_WAIT, max_writers: int = MAX_WRITERS
+    ):
+        self.engine = engine
+        self._idle: list[psycopg.Connection] = []  # list.pop and append are atomic: writers share it unlocked
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+        self.batches: GroupCommit[dict[str, Any], Any] = GroupCommit(
+            self._write, max_rows=max_rows, max_wait=max_wait, max_writers=max_writers
+        )
+
+    def accept(
+        self, body: bytes, text: str, event: dict[str, Any], scheme: str, arrival: Arrival | None = None
+    ) -> str:
+        """Store a message delivery and record its usage; return its status or "duplicate".
+
+        Same outcomes and fallbacks as ghl.deliveries.accept_in_one_transaction: a payload without its ids,
+        or a value the database refuses, stores the delivery alone as failed. Raises StoreUnavailable when
+        the delivery's batch could not be written (nothing of it is stored or acknowledged).
+        """
+        delivery = delivery_values(body, text, event, scheme)
+        try:
+            message = read_message(event)
+        except PayloadInvalid as error:
+            return self._outcome(self._failed_alone(delivery, error), delivery)
+        item = delivery | {
+            "location_id": message.location_id,
+            "message_id": message.message_id,
+            "direction": message.direction,
+            "occurred_at": message.occurred_at,
+            "unknown_subaccount": failure_message(unknown_subaccount(message)),
+            "not_installed": not_installed_note(message),
+            "already_recorded": already_recorded_note(message),
+        }
+        try:
+            stored = self.batches.submit(item, arrival)
+        except (psycopg.Error, SQLAlchemyError) as error:  # the batch failed: none of it was stored
+            raise StoreUnavailable(type(error).__name__) from error
+        return self._outcome(stored, item)
+
+    @staticmethod
+    def _outcome(stored: Any, delivery: dict[str, Any]) -> str:
+        if isinstance(stored, BaseException):  # its own write failed, and so did storing its failure
+            raise StoreUnavailable(type(stored).__name__) from stored
+        if stored is None:
+            return "duplicate"
+        delivery_id, status, error = stored
+        if status == "failed":
+            DELIVERIES.log_failure(delivery_id, delivery["event_type"], error)
+        return status
+
+    def _write(self, items: list[dict[str, Any]]) -> list[Any]:
+        """Write a batch: (id, status, error) per item, None for a duplicate; raises when the batch failed.
+
+        A value the database refuses fails the whole statement: then each item is written alone, and the
+        refused one is stored alone as failed (as in ghl.deliveries); an item whose own write fails gets
+        its exception as its result (it alone is answered 429).
+        """
+        try:
+            rows = self._execute(items)
+        except _REFUSED_VALUE:
+            return [self._write_alone(item) for item in items]
+        return _results(items, rows)
+
+    def _write_alone(self, item: dict[str, Any]) -> Any:
+        """One item of a refused batch, in its own statement through SQLAlchemy (its errors read as elsewhere)."""
+        try:
+            rows = self._execute_alone(_BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json([item])})
+        except (DataError, IntegrityError) as error:
+            return self._failed_alone(item, error)
+        except Exception as error:  # e.g. text psycopg cannot encode: this delivery alone is answered 429
+            return error
+        return _results([item], rows)[0]
+
+    def _failed_alone(self, delivery: dict[str, Any], error: Exception) -> Any:
+        """Store the delivery alone, failed with ``error`` (replayable): (id, "failed", message), None for a
+        duplicate, or the exception when even that could not be stored."""
+        message = failure_message(error)
+        values = delivery | {"status": "failed", "error": message, "attempts": 1}
+        try:
+            stored = self._execute_alone(INSERTS["postgresql"], values)
+        except Exception as store_error:  # the database is down, or a value cannot even be stored as failed
+            return store_error
+        return None if stored is None else (stored.id, "failed", message)
+
+    def _execute(self, items: list[dict[str, Any]]) -> list[tuple]:
+        """Run the batch statement on one of the worker's own connections, in autocommit (the statement is its
+        transaction). Only the group commit's leaders write, at most MAX_WRITERS batches at a time, so a
+        connection each serves the worker, outside the pool: no checkout, no SQLAlchemy execution context
+        per batch. A connection a
+        restart or failover dropped is replaced and the batch sent once more (the statement is idempotent:
+        ON CONFLICT DO NOTHING on webhookId and messageId, so a batch whose answer was lost stores nothing
+        twice)."""
+        parameters = _BATCH_CONSTANTS | {"rows": _rows_json(items)}
+        for attempt in (1, 2):
+            connection = self._connection()
+            try:
+                rows = connection.execute(_BATCH_SQL, parameters).fetchall()
+            except psycopg.OperationalError:
+                if not connection.broken:
+                    self._idle.append(connection)
+                    raise
+                connection.close()
+                if attempt == 2:
+                    raise
+                self._let_the_pool_notice()
+            except BaseException:
+                self._idle.append(connection)
+                raise
+            else:
+                self._idle.append(connection)
+                return rows
+        raise AssertionError("unreachable")
+
+    def _let_the_pool_notice(self) -> None:
+        """After a restart dropped our connection, have the pool meet it too: SQLAlchemy invalidates every
+        pooled connection on the first disconnect it sees, so the worker's other requests (and /healthz) get
+        fresh ones instead of each failing once on a dead one (core.database)."""
+        try:
+            with self.engine.connect() as probe:
+                probe.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError:
+            pass  # the pool has seen it (or the database is down: the retry below fails and answers 429)
+
+    def _connection(self) -> psycopg.Connection:
+        """An idle connection of the worker's own (one per writer of the group commit), or a new one."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            arguments, options = self.engine.dialect.create_connect_args(self.engine.url)
+            connection = psycopg.connect(*arguments, **options, autocommit=True)
+            # One statement whose plan does not depend on its parameter (a JSON array): plan it once, not
+            # on each execution (PostgreSQL re-plans a prepared statement while custom plans look cheaper).
+            connection.execute("SET plan_cache_mode = force_generic_plan")
+            return connection
+
+    def close(self) -> None:
+        """Close the worker's own idle connections (with the engine's pool: the app's end, or a test's)."""
+        while self._idle:
+            self._idle.pop().close()
+
+    def _execute_alone(self, statement, parameters: dict[str, Any]):
+        """Run one statement as its own transaction (autocommit); retried once on a dropped connection."""
+        try:
+            return self._execute_autocommit(statement, parameters)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            return self._execute_autocommit(statement, parameters)
+
+    def _execute_autocommit(self, statement, parameters: dict[str, Any]):
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            if isinstance(statement, str):  # the batch statement, one refused item at a time
+                return connection.exec_driver_sql(statement, parameters).all()
+            return connection.execute(statement, parameters).first()

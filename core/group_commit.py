@@ -1,0 +1,165 @@
+"""Group commit inside one process: concurrent callers' rows written by one statement and one commit.
+
+Each caller submits its item and blocks. Up to ``max_writers`` callers lead: a leader takes the queued
+items (at most ``max_rows``), calls ``write(items)`` — which must store them all in one transaction and
+return one result per item, in order — and hands every caller of the batch its result, or the batch's
+exception. A caller therefore returns only after the write holding its item returned, i.e. after the
+commit: nothing is acknowledged that is not committed, and when the write fails every caller of that batch
+gets the error. Then, if items queued meanwhile, the lead passes to the oldest waiting caller (no extra
+thread: leaders are request threads, and each leader's own request waits only for its own batch).
+
+Batches form naturally: while a batch's commit is in flight, the callers arriving meanwhile queue up, so
+batches grow with the load and a lone caller waits for nobody. Two writers let one batch collect and
+execute while the other waits for its WAL flush (PostgreSQL then often flushes both at once); with one, the
+flush time alone bounds a worker's rate. Callers may also announce themselves
+before they are ready (``arrival()``: a request still verifying its signature); the leader then waits up
+to ``max_wait`` for the announced ones, so that a burst lands in one batch, and never waits when nobody
+announced (one caller at a time, as in a sync worker, costs no delay).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+_PENDING = object()
+
+
+class _Caller:
+    """One submitted item and where its result goes; ``wake`` is held until the caller may run again."""
+
+    __slots__ = ("error", "item", "lead", "result", "wake")
+
+    def __init__(self, item: Any):
+        self.item = item
+        self.result: Any = _PENDING
+        self.error: BaseException | None = None
+        self.lead = False
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Arrival:
+    """A caller announced to a GroupCommit; ``submitted`` once its item is queued."""
+
+    __slots__ = ("submitted",)
+
+    def __init__(self):
+        self.submitted = False
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Write concurrent callers' items in shared batches (see the module's docstring)."""
+
+    def __init__(
+        self,
+        write: Callable[[list[Item]], list[Result]],
+        *,
+        max_rows: int = 64,
+        max_wait: float = 0.002,
+        max_writers: int = 2,
+    ):
+        self._write = write
+        self.max_rows = max_rows
+        self.max_wait = max_wait
+        self.max_writers = max_writers
+        self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)
+        self._queue: deque[_Caller] = deque()
+        self._leaders = 0
+        self._announced = 0
+        self._writing = 0
+        self.batches = 0  # written batches and items, for the benchmark's and the tests' reading
+        self.items = 0
+
+    @property
+    def pending(self) -> int:
+        """Submitted items not answered yet: waiting in the queue, or carried by a leader into its batch."""
+        with self._lock:
+            return len(self._queue) + self._writing
+
+    @contextmanager
+    def arrival(self) -> Iterator[Arrival]:
+        """Announce a caller that may submit soon (pass the yielded Arrival to submit); it ends on leaving."""
+        arrival = Arrival()
+        with self._lock:
+            self._announced += 1
+        try:
+            yield arrival
+        finally:
+            if not arrival.submitted:
+                with self._lock:
+                    self._announced -= 1
+                    self._queued.notify()
+
+    def submit(self, item: Item, arrival: Arrival | None = None) -> Result:
+        """Write ``item`` in the next batch; return its result once that batch is written (or raise its error)."""
+        caller = _Caller(item)
+        with self._lock:
+            if arrival is not None and not arrival.submitted:
+                arrival.submitted = True
+                self._announced -= 1
+            lead = self._leaders < self.max_writers
+            if lead:
+                self._leaders += 1
+                self._writing += 1
+            else:
+                self._queue.append(caller)  # the queue holds waiting callers only; a leader carries its own
+                self._queued.notify()
+        if not lead:
+            caller.wake.acquire()  # released with the result, or to take the lead (then it left the queue)
+            if not caller.lead:
+                return caller.outcome()
+        self._lead(caller)
+        return caller.outcome()
+
+    def _lead(self, own: _Caller) -> None:
+        """Write own's item with whatever queued behind it, then hand the lead to the oldest waiting caller."""
+        with self._lock:
+            deadline = time.monotonic() + self.max_wait
+            while self._announced > 0 and len(self._queue) + 1 < self.max_rows:  # a burst: wait for the rest
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._queued.wait(remaining)
+            batch = [own] + [self._queue.popleft() for _ in range(min(len(self._queue), self.max_rows - 1))]
+            self._writing += len(batch) - 1  # own was counted when it took the lead
+        self._write_batch(batch)
+        with self._lock:
+            if self._queue:
+                successor = self._queue.popleft()
+                self._writing += 1
+                successor.lead = True
+                successor.wake.release()
+            else:
+                self._leaders -= 1
+
+    def _write_batch(self, batch: list[_Caller]) -> None:
+        try:
+            results = self._write([caller.item for caller in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} items was written with {len(results)} results")
+        except BaseException as error:  # every caller of the batch gets the failure; none is acknowledged
+            for caller in batch:
+                caller.error = error
+        else:
+            for caller, result in zip(batch, results, strict=True):
+                caller.result = result
+        with self._lock:
+            self._writing -= len(batch)
+            self.batches += 1
+            self.items += len(batch)
+        for caller in batch:
+            caller.wake.release()
