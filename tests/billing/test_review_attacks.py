@@ -77,3 +77,41 @@ def test_a_meter_error_for_a_report_whose_answer_was_lost_is_not_swallowed_by_th
         f"report marked sent ({row.last_error!r}) with {in_stripe} of its 7 units in Stripe; meter-error event "
         f"answered {answer}"
     )
+
+
+def test_a_row_the_24h_check_finds_missing_is_not_reoffered_under_an_identifier_stripe_still_holds(world):
+    """Stripe applies a sum-meter event, the answer is lost, and the agency rolls its key (rows wait). Stripe
+    then rejects the event asynchronously (no event destination: only the totals show it). The agency
+    reconnects 23.5 h later: the >24 h check (run from DEDUPE_SAFE_AGE = 23 h) finds none of the row in
+    Stripe's totals, so billing.unsent_remainder re-opens the row (nothing confirmed) under its SAME
+    identifier and it is resent at once. Stripe still holds that identifier (unique for at least 24 h), answers
+    "already exists", and reporting records the row as delivered: 7 units marked sent, none in Stripe, never
+    re-offered. Mechanism: move_unsent_remainder's ``confirmed == 0`` branch keeps the identifier, although
+    the only way a row in doubt can be missing from the totals after reaching Stripe is an asynchronous
+    rejection, whose identifier Stripe still remembers. Fix: give the re-opened row a fresh identifier (as
+    meter_errors does with ``_r1``), and never take "already exists" for delivered on a re-opened row.
+    """
+    from tests.billing.test_reporting_over_time import reconnect, roll_key
+
+    setup = world.agency()
+    client = world.client(setup)
+    report = world.report(client, 7)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)  # applied in Stripe; the answer is lost
+    new = roll_key(world, setup)
+    tick(world, minutes=5)  # the retry meets the rolled key: the agency is flagged, rows wait
+    assert world.agency_row(setup).stripe_key_status == "needs_attention"
+    world.state.reject_meter_events_later(new.key, [report.identifier])  # nobody hears of it
+    assert world.stripe_total(new, client) == 0
+
+    world.clock.advance(hours=23, minutes=30)
+    reconnect(world, new)
+    tick(world)
+    tick(world, minutes=1)
+
+    assert world.calls("/v1/billing/meters/", "GET")  # the >24 h check read Stripe's summaries first
+    (row,) = world.reports(client)
+    in_stripe = world.stripe_total(new, client)
+    assert not (row.status == "sent" and in_stripe == 0), (
+        f"report {row.identifier} marked sent ({row.last_error!r}) with {in_stripe} of its 7 units in Stripe"
+    )
