@@ -10,6 +10,8 @@ A test here FAILS on main when it proves a problem; its docstring states the sce
 
 from __future__ import annotations
 
+import datetime as dt
+
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from billing.reporting import report_pending_units, retry_failed_reports
 from billing.stripe_events import register_stripe_events
 from core.database import db
+from tests.billing.test_reporting_over_time import reconnect, roll_key
 
 PUBLIC_URL = "https://rebill.example.test"
 
@@ -91,8 +94,6 @@ def test_a_row_the_24h_check_finds_missing_is_not_reoffered_under_an_identifier_
     rejection, whose identifier Stripe still remembers. Fix: give the re-opened row a fresh identifier (as
     meter_errors does with ``_r1``), and never take "already exists" for delivered on a re-opened row.
     """
-    from tests.billing.test_reporting_over_time import reconnect, roll_key
-
     setup = world.agency()
     client = world.client(setup)
     report = world.report(client, 7)
@@ -115,3 +116,41 @@ def test_a_row_the_24h_check_finds_missing_is_not_reoffered_under_an_identifier_
     assert not (row.status == "sent" and in_stripe == 0), (
         f"report {row.identifier} marked sent ({row.last_error!r}) with {in_stripe} of its 7 units in Stripe"
     )
+
+
+def test_the_24h_check_does_not_take_a_later_rejected_neighbour_for_the_doubtful_row_s_units(world):
+    """Two sum-meter reports of one client share a minute (the >24 h check's window). Report R (4 units) is
+    accepted; report D (4 units) is applied by Stripe but its answer is lost, and the agency rolls its key.
+    Stripe then rejects R asynchronously; the agency's key may not register an event destination (or Stripe
+    counts the error without naming R: it samples), so R stays ``sent`` with 4 units confirmed. Two days
+    later the agency reconnects: the >24 h check reads Stripe's total for the minute (4, which is D's),
+    subtracts the 4 the ledger "knows" are there (R's) and concludes Stripe has none of D: "resending is safe".
+    D is resent under its identifier, which Stripe forgot after 24 h: D is billed twice (8 in Stripe for a
+    report of 4). Mechanism: _compare_with_stripe trusts ``units_confirmed`` of neighbours that Stripe may have
+    rejected after a 2xx (docs/billing-rules.md#meter-errors-stripe-reports-later says sent units can be
+    missing from Stripe), so a missing neighbour masks a present doubtful row. Fix: a total that does not
+    prove absence beyond doubt (any neighbour whose 2xx Stripe could still reject, i.e. every sent row of the
+    window) must not license a blind resend; settle to "needs reconcile" unless the total is explained
+    exactly, or resend under the same identifier only inside the dedupe window.
+    """
+    setup = world.agency()  # no event destination: Stripe's later rejection is heard by nobody
+    client = world.client(setup)
+    minute = world.clock.now().replace(second=10, microsecond=0) - dt.timedelta(minutes=2)
+    neighbour = world.report(client, 4, at=minute)
+    world.report(client, 4, at=minute + dt.timedelta(seconds=20))
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop", after=1)  # R answered, D applied + lost
+    tick(world)
+    new = roll_key(world, setup)
+    tick(world, minutes=5)  # D's retry meets the rolled key: the agency is flagged
+    r_row, d_row = world.reports(client)
+    assert (r_row.status, d_row.status) == ("sent", "pending") and d_row.in_doubt_since is not None
+    assert world.stripe_total(new, client) == 8
+    world.state.reject_meter_events_later(new.key, [neighbour.identifier])  # R: rejected after its 2xx
+    assert world.stripe_total(new, client) == 4  # exactly D's units
+
+    world.clock.advance(days=2)
+    reconnect(world, new)
+    tick(world)
+    tick(world, minutes=1)
+
+    assert world.stripe_total(new, client) == 4, "report D's 4 units were billed twice"
