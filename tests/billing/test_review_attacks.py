@@ -11,12 +11,11 @@ A test here FAILS on main when it proves a problem; its docstring states the sce
 from __future__ import annotations
 
 import datetime as dt
-
 from urllib.parse import urlsplit
 
 import pytest
 
-from billing.reporting import report_pending_units, retry_failed_reports
+from billing.reporting import report_pending_units
 from billing.stripe_events import register_stripe_events
 from core.database import db
 from tests.billing.test_reporting_over_time import reconnect, roll_key
