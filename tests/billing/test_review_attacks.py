@@ -153,3 +153,55 @@ def test_the_24h_check_does_not_take_a_later_rejected_neighbour_for_the_doubtful
     tick(world, minutes=1)
 
     assert world.stripe_total(new, client) == 4, "report D's 4 units were billed twice"
+
+
+def test_the_24h_check_counts_a_concurrent_scheduler_s_offer_in_the_window_as_unsettled(world):
+    """Two schedulers. Report D (4 units, sum meter) is in doubt for over a day (a 500 two days ago, not
+    applied). Report E (4 units, same client, usage in D's minute) was refused earlier and the agency just
+    fixed the client, so E became due a moment after scheduler 2 claimed D. Scheduler 1 claims E, records its
+    target and doubt (``in_doubt_since`` = its claim, later than D's) and sends it: Stripe applies E's 4 in D's
+    minute. Scheduler 2 now runs D's >24 h check: Stripe's minute holds 4, the ledger knows of none (E is not
+    confirmed yet), and E is not counted as "in doubt" because its doubt began after D's claim
+    (``in_doubt_since < claim.claimed_at`` in _compare_with_stripe). So extra == D's 4 units: D is marked
+    delivered "confirmed from Stripe's totals". Scheduler 1 then records E as delivered: the ledger has 8 sent,
+    Stripe 4. D's units are lost. Scheduler 1's mid-flight state is written as _record_targets writes it, and
+    its send goes through stripe-python to the fake. Fix: count every other row of the window in doubt at the
+    time Stripe's total is read (any in_doubt_since, or leased), not only those in doubt before this claim.
+    """
+    setup = world.agency()
+    client = world.client(setup)
+    minute = world.clock.now().replace(second=10, microsecond=0) - dt.timedelta(minutes=2)
+    d_report = world.report(client, 4, at=minute)
+    world.state.inject("/v1/billing/meter_events", "server_error")  # not applied; answer: 500
+    tick(world)
+    (d_row,) = world.reports(client)
+    assert d_row.status == "pending" and d_row.in_doubt_since is not None
+    assert world.stripe_total(setup, client) == 0
+
+    world.clock.advance(days=2)  # no tick in between (say, the schedulers were down)
+    now = world.clock.now()
+    # Scheduler 1, mid-flight: E claimed, target and doubt recorded just after scheduler 2 claims D, then sent.
+    e_report = world.report(client, 4, at=minute + dt.timedelta(seconds=20))
+    e_report.next_attempt_at = now + dt.timedelta(minutes=5)  # leased by scheduler 1
+    e_report.attempts, e_report.first_attempt_at = 1, now
+    e_report.target_account = d_row.target_account
+    for column in ("mode", "customer", "price", "meter", "event_name", "customer_key", "value_key", "formula"):
+        setattr(e_report, f"target_{column}", getattr(d_row, f"target_{column}"))
+    e_report.stripe_timestamp = e_report.usage_timestamp
+    e_report.in_doubt_since = now + dt.timedelta(seconds=2)  # scheduler 1's claim came after scheduler 2's
+    world.server.client(setup.key).v1.billing.meter_events.create(
+        {
+            "event_name": "ai_units",
+            "identifier": e_report.identifier,
+            "timestamp": int(e_report.stripe_timestamp.timestamp()),
+            "payload": {"stripe_customer_id": client.stripe_customer_id, "value": "4"},
+        }
+    )
+    assert world.stripe_total(setup, client) == 4  # E's units, in D's minute
+
+    tick(world)  # scheduler 2: D's >24 h check
+    d_row = next(row for row in world.reports(client) if row.id == d_report.id)
+    in_stripe = world.stripe_total(setup, client)
+    assert not (d_row.status == "sent" and in_stripe < 8), (
+        f"report D marked sent ({d_row.last_error!r}) although Stripe's {in_stripe} units are E's"
+    )
