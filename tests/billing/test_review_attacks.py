@@ -208,14 +208,14 @@ def test_the_24h_check_counts_a_concurrent_scheduler_s_offer_in_the_window_as_un
 
 
 def test_a_meter_error_for_an_event_of_a_count_row_still_in_progress_makes_it_needs_reconcile(world, http):
-    """A large count-meter report (1200 units) is sent a slice at a time (a tick cut short by its budget
-    sends the first events; the row stays ``pending`` with some confirmed). Stripe rejects event ``-1`` after its 2xx and the thin
-    meter-error event arrives now, while the row is pending: billing.meter_errors flags only ``sent`` rows, so
-    the event is consumed as "left as it is". The next ticks send the rest and mark the row ``sent`` with
-    1200 units confirmed; Stripe holds 1199. docs/billing-rules.md#meter-errors-stripe-reports-later: a count-meter
-    report Stripe names is "needs reconcile". Here it is silently ``sent`` and one unit is lost (only the daily
-    reconciliation's totals may notice). Fix: flag (or remember for) reports in any state once Stripe names one
-    of their events; a count row so named must end ``failed`` "needs reconcile", not ``sent``.
+    """A large count-meter report (1200 units) is sent a slice at a time (a tick cut short by its budget sends the
+    first events; the row stays ``pending`` with some confirmed). Stripe rejects event ``-1`` after its 2xx and the
+    thin meter-error event arrives now, while the row is pending: billing.meter_errors flags only ``sent`` rows, so
+    the event is consumed as "left as it is". The next ticks send the rest and mark the row ``sent`` with 1200 units
+    confirmed; Stripe holds 1199. docs/billing-rules.md#meter-errors-stripe-reports-later: a count-meter report
+    Stripe names is "needs reconcile". Here it is silently ``sent`` and one unit is lost (only the daily
+    reconciliation's totals may notice). Fix: flag (or remember for) reports in any state once Stripe names one of
+    their events; a count row so named must end ``failed`` "needs reconcile", not ``sent``.
     """
     setup = connected(world, formula="count", event_name="ai_count")
     client = world.client(setup)
