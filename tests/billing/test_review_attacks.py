@@ -15,9 +15,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from billing.periods import refresh_client_period
 from billing.reporting import report_pending_units
 from billing.stripe_events import register_stripe_events
+from billing.units import aggregate_pending_usage
 from core.database import db
+from tests.billing.factories import record, tokens
 from tests.billing.test_reporting_over_time import reconnect, roll_key
 
 PUBLIC_URL = "https://rebill.example.test"
@@ -235,3 +238,38 @@ def test_a_meter_error_for_an_event_of_a_count_row_still_in_progress_makes_it_ne
         f"count report named by a meter error ended sent with {row.units_confirmed} confirmed, {in_stripe} in "
         f"Stripe; meter-error event answered {answer}"
     )
+
+
+# ---- caps x rule 10 ------------------------------------------------------------------------------------------
+
+
+def test_a_backlog_stamped_into_the_current_period_counts_toward_its_cap(world):
+    """A client has a monthly cap of 10 units (N = 1). 8 units from before the customer's current period wait
+    unsent (the agency's key needed attention across the period start). The aggregation gives the current
+    period its full room of 10: billing.periods.units_in_periods counts a waiting row in the period of
+    ``coalesce(stripe_timestamp, usage_timestamp)``, i.e. the previous one. Then the key is fixed: rule 10
+    stamps the 8 units at the current period's start (the previous invoice may be final), next to the 10 new
+    ones. Stripe bills 18 units in a period capped at 10 (and a cap in currency, converted to those 10 units,
+    is overrun by 80 %). Fix: a waiting row whose usage lies before the client's current period counts in the
+    current period (it will be stamped there), and the room for new usage shrinks by it.
+    """
+    setup = world.agency()
+    start = world.clock.now() - dt.timedelta(days=5)
+    client = world.client(setup, customer_id=world.customer(setup, start=start), billing_unit=1)
+    client.monthly_cap_units = 10
+    refresh_client_period(setup.agency, client)  # the current period: from 5 days ago
+    world.report(client, 8, at=start - dt.timedelta(days=2))  # usage of the previous period, waiting
+    setup.agency.stripe_key_status = "needs_attention"
+    db.session.commit()
+
+    record(setup.agency, tokens("after-start", 15, channel=client.channel_id))
+    aggregate_pending_usage()
+    db.session.commit()
+    setup.agency.stripe_key_status = "ok"
+    tick(world)
+    tick(world, minutes=1)
+
+    rows = world.reports(client)
+    assert all(row.status == "sent" for row in rows)
+    assert all(row.stripe_timestamp >= start.replace(microsecond=0) for row in rows)  # all bill in this period
+    assert world.stripe_total(setup, client) <= 10, f"{world.stripe_total(setup, client)} units billed, cap 10"
