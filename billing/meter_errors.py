@@ -6,18 +6,26 @@ reports the invalid ones in a ``v1.billing.meter.error_report_triggered`` thin e
 identifiers are deterministic (``rebill_<prefix>_<client>_<seq>``, and ``-<n>`` per event on a count meter;
 billing.units, billing.reporting), so each sample leads back to its unit report.
 
-A report Rebill had marked ``sent`` that Stripe names is set ``failed`` with Stripe's reason, so the client
-shows ``failing`` with it (billing.periods.billing_state). Flagging never sends anything
+A report Stripe names is flagged whatever state Rebill has it in: ``sent``, or still ``pending`` (the answer
+to its offer was lost, or a count report is part-way through its events, possibly in a scheduler's hands
+right now), or ``failed`` for another reason. It becomes ``failed`` with Stripe's reason, so the client shows
+``failing`` with it (billing.periods.billing_state). Flagging never sends anything
 (docs/billing-rules.md#meter-errors-stripe-reports-later):
 
-- a sum-meter report is one meter event: Stripe rejected it, so none of its units are in Stripe. Its units
-  count as unconfirmed again and it gets a fresh identifier (Stripe's 24 h identifier dedupe must not
-  swallow the re-offer as "already exists"); once the agency fixes the client (customer, price) the
-  existing retry path (billing.reporting.retry_failed_reports) offers it again;
+- a sum-meter report is one meter event: Stripe rejected it, so none of its units are in Stripe. The
+  rejection is recorded: its units count as unconfirmed again, its doubt and timestamp are forgotten, and it
+  gets a fresh identifier (billing.unsent_remainder.fresh_identifier): Stripe keeps the rejected identifier
+  for 24 h, and a resend under it would be answered "already exists" and taken for delivered. Once the agency
+  fixes the client (customer, price) the existing retry path (billing.reporting.retry_failed_reports) offers
+  it again;
 - a count-meter report is many events and a sample names one of them: the others may be in Stripe, so it is
   ``failed`` "needs reconcile", released only by a person who compared it with Stripe (never re-offered
   automatically);
-- a report in any other state, or an identifier that is not this agency's, is left as it is (noted).
+- a report already "needs reconcile", a report not sent to a meter, or an identifier that is not this
+  agency's, is left as it is (noted).
+
+A scheduler holding the report's lease while it is flagged records nothing of its offer over the flag
+(billing.reporting records an outcome only on a row still pending under the identifier it claimed).
 
 Stripe counts more errors than it samples: reports it does not name are caught by the daily
 reconciliation (billing.reconcile), which compares what the ledger marked sent with Stripe's meter totals.
@@ -37,16 +45,16 @@ from billing.reporting import NEEDS_RECONCILE
 from billing.states import ReportStatus
 from billing.stripe_gateway import MeterErrorReport
 from billing.units import take_write_lock
-from core.database import db
+from billing.unsent_remainder import move_unsent_remainder
+from core.database import db, utcnow
 
 log = logging.getLogger("billing.meter_errors")
 _COUNT_EVENT = re.compile(r"^(?P<report>.+)-(?P<number>\d+)$")
-_REOFFER = re.compile(r"^(?P<base>.+)_r(?P<number>\d+)$")
 
 
 def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | None:
-    """Mark the agency's sent unit reports named by Stripe's error samples as failed; return a note when
-    none could be flagged (the event is then recorded as ignored, with the note)."""
+    """Mark the agency's unit reports named by Stripe's error samples as failed, whatever their state; return
+    a note when none could be flagged (the event is then recorded as ignored, with the note)."""
     wanted: dict[str, list] = {}
     for sample in report.samples:
         wanted.setdefault(sample.identifier, []).append(sample)
@@ -67,24 +75,26 @@ def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | Non
     for row in rows:
         samples = wanted[row.identifier]
         named.update(sample.identifier for sample in samples)
-        if row.status != ReportStatus.SENT or row.target_mode != "meter":
-            notes.append(f"report {row.identifier} is {row.status}, left as it is")
+        if row.target_mode != "meter" or (row.last_error or "").startswith(NEEDS_RECONCILE):
+            notes.append(f"report {row.identifier} is {row.status} ({row.last_error or 'no error'}), left as it is")
             continue
         sample = samples[0]
         reason = f"{sample.message} ({sample.code})"
         if row.target_formula == "count" or sample.identifier != row.identifier:
             # One event of many: the others may be recorded, so only a person comparing with Stripe may resend.
             row.last_error = (
-                f"{NEEDS_RECONCILE}: {REJECTED_LATER} (event {sample.identifier}): {reason}; other events of this "
-                "report may be in Stripe: compare with Stripe's totals before releasing it"
+                f"{NEEDS_RECONCILE}: {REJECTED_LATER} (event {sample.identifier}, named while the report was "
+                f"{row.status} with {row.units_confirmed} of {row.units} events confirmed): {reason}; other "
+                "events of this report may be in Stripe: compare with Stripe's totals before releasing it"
             )
+            row.status = ReportStatus.FAILED
         else:
-            # The report's one meter event was rejected: none of its units are in Stripe.
-            row.last_error = f"{REJECTED_LATER}: {reason}"
-            row.units_confirmed = 0
-            row.in_doubt_since = None
-            row.identifier = _reoffer_identifier(row.identifier)
-        row.status = ReportStatus.FAILED
+            # The report's one meter event was rejected: none of its units are in Stripe, and its identifier
+            # must not go to Stripe again.
+            db.session.flush()
+            move_unsent_remainder(
+                row.id, 0, utcnow(), due_at=utcnow(), status=ReportStatus.FAILED, reason=f"{REJECTED_LATER}: {reason}"
+            )
         flagged += 1
     unknown = sorted(set(sample.identifier for sample in report.samples) - named)
     if unknown:
@@ -101,11 +111,3 @@ def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | Non
         log.info("meter error report partly placed", extra={"fields": {"agency_id": agency.id, "note": note}})
         return None
     return note
-
-
-def _reoffer_identifier(identifier: str) -> str:
-    """The identifier a re-offer goes under: ``<id>_r1``, then ``_r2``... (at most 100 characters at Stripe)."""
-    match = _REOFFER.match(identifier)
-    if match:
-        return f"{match['base']}_r{int(match['number']) + 1}"
-    return f"{identifier}_r1"

@@ -102,7 +102,7 @@ class Claim:
     claimed_at: dt.datetime
     needs_check: bool  # in doubt beyond the dedupe window: ask Stripe's totals before any resend
     needs_stamp: bool  # the timestamp depends on the customer's current period (asked of Stripe)
-    rest_unsent: bool  # every offer answered, or the >24 h check settled it: no unit after units_confirmed in Stripe
+    rest_unsent: bool  # every offer answered: no unit after units_confirmed in Stripe
     target_changed: bool  # the client's current target is not the recorded one (the agency edited the client)
     target: StripeTarget  # where the units go: recorded at the first offer (rule 9), else the client's now
 
@@ -336,13 +336,24 @@ def quarantine_values(report_id: int, attempt: int, now: dt.datetime, problem: s
     }
 
 
-def write_rows(rows: list[dict]) -> None:
-    """Update outbox rows one by one with their own values (``b_id`` names the row), grouped by column set."""
+# A claimed row whose outcome may be written: still pending under the identifier the claim offered. A meter
+# error may flag the row while a tick holds it (billing.meter_errors: failed, or re-opened under a fresh
+# identifier); what that tick's offer got must then not overwrite the flag.
+STILL_CLAIMED = (
+    _REPORT.c.id == bindparam("b_id"),
+    _REPORT.c.status == ReportStatus.PENDING,
+    _REPORT.c.identifier == bindparam("b_identifier"),
+)
+
+
+def write_rows(rows: list[dict], *, claimed: bool = False) -> None:
+    """Update outbox rows one by one with their own values (``b_id`` names the row), grouped by column set.
+
+    ``claimed``: each row also gives ``b_identifier``, and is written only while still pending under it.
+    """
     by_columns: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for row in rows:
-        by_columns[tuple(sorted(key for key in row if key != "b_id"))].append(row)
+        by_columns[tuple(sorted(key for key in row if not key.startswith("b_")))].append(row)
+    where = STILL_CLAIMED if claimed else (_REPORT.c.id == bindparam("b_id"),)
     for columns, group in by_columns.items():
-        db.session.execute(
-            update(_REPORT).where(_REPORT.c.id == bindparam("b_id")).values({c: bindparam(c) for c in columns}),
-            group,
-        )
+        db.session.execute(update(_REPORT).where(*where).values({c: bindparam(c) for c in columns}), group)

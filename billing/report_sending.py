@@ -204,9 +204,12 @@ def _decide(gateway: StripeGateway, claim: Claim, now: dt.datetime, reads: TickR
             checked = _compare_with_stripe(gateway, claim)
         if isinstance(checked, Outcome):
             return checked
-        # Stripe has none of the rest (after the first count events, which went in order): the doubt is
-        # settled, and the row goes on like one whose every offer was answered.
-        claim = replace(checked, needs_check=False, previous_in_doubt_since=None, rest_unsent=True)
+        # Stripe's totals have none of the rest (after the first count events, which went in order). An offer of
+        # it may still have reached Stripe and been rejected later (docs/stripe.md §1.4): Stripe keeps that
+        # identifier for 24 h and would answer a resend "already exists". So the rest never goes again under
+        # its identifiers: it moves to a fresh row, or the row is re-opened under a fresh identifier
+        # (billing.unsent_remainder; docs/billing-rules.md#fresh-identifiers).
+        return Outcome(replace(checked, previous_in_doubt_since=None), OutcomeKind.UNSENT)
     if claim.rest_unsent and not _rest_goes_as_recorded(gateway, claim, now, reads):
         return Outcome(claim, OutcomeKind.UNSENT)  # to a fresh row: billing.unsent_remainder
     if claim.needs_stamp:
@@ -278,6 +281,7 @@ def record_targets(claims: list[Claim], now: dt.datetime) -> None:
         [
             {
                 "b_id": claim.report_id,
+                "b_identifier": claim.identifier,
                 "stripe_timestamp": claim.timestamp,
                 "timestamp_shift": claim.timestamp_shift,
                 "target_subscription_item": claim.target.subscription_item_id,
@@ -285,7 +289,8 @@ def record_targets(claims: list[Claim], now: dt.datetime) -> None:
                 "in_doubt_since": claim.previous_in_doubt_since or now,
             }
             for claim in claims
-        ]
+        ],
+        claimed=True,
     )
     db.session.commit()
 

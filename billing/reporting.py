@@ -19,10 +19,10 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   (``in_doubt_since`` set, or some count-meter events confirmed) every retry, the >24 h check and reconcile
   use that record, never the client's current settings. Once Stripe answered every offer with a refusal, none
   of it is in Stripe and the next offer records the client's (fixed) settings afresh. A count-meter row whose
-  confirmed events are in Stripe and whose rest provably is not (every offer answered, or the >24 h check
-  shows none of it) goes on with the recorded target and timestamp only while the client's settings are
-  unchanged and the timestamp still bills on an open invoice; when Stripe refuses the rest, or those no longer
-  hold, the row is closed at its confirmed units and the rest moves to a fresh row (billing.unsent_remainder)
+  confirmed events are in Stripe and whose rest provably is not (every offer answered) goes on with the
+  recorded target and timestamp only while the client's settings are unchanged and the timestamp still bills
+  on an open invoice; when Stripe refuses the rest, or those no longer hold, or the >24 h check settled the
+  rest, the row is closed at its confirmed units and the rest moves to a fresh row (billing.unsent_remainder)
   that is offered like a new one.
 - Timestamp (rule 10): the usage time, unless it lies before the customer's current billing period (whose
   previous invoice may be finalized: usage stamped there is billed nowhere, or refused for legacy usage
@@ -52,8 +52,12 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
 - Past Stripe's ~24 h dedupe window a row in doubt is never resent blindly: Stripe's totals for its target
   and window (meter event summaries, or the legacy usage-record summary) are compared with what the ledger
   knows is there; exactly this row's missing units extra → delivered; nothing extra → the rest is provably
-  unsent and goes as above (a row with nothing confirmed is offered afresh to the client's current target,
-  with a valid timestamp); anything else → ``failed`` "needs reconcile".
+  unsent, but may have reached Stripe and been rejected later under identifiers Stripe still holds, so it
+  never goes again under them: a row with nothing confirmed is re-opened under a fresh identifier and
+  offered afresh to the client's current target with a valid timestamp, a count row's rest moves to a fresh
+  row (docs/billing-rules.md#fresh-identifiers); anything else → ``failed`` "needs reconcile".
+- Meter errors (billing.meter_errors) may flag a row while a tick holds it: every outcome is written only to
+  a row still ``pending`` under the identifier the claim offered, so the flag stands.
 """
 
 from __future__ import annotations
@@ -64,12 +68,13 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from flask import current_app
-from sqlalchemy import update
+from sqlalchemy import select, tuple_, update
 
 from billing.models import Agency, UnitReport
 from billing.report_claims import (
     DEDUPE_SAFE_AGE,
     NEEDS_RECONCILE,
+    STILL_CLAIMED,
     Claim,
     ReportingResult,
     TickClock,
@@ -85,6 +90,7 @@ from billing.stripe_gateway import (
     StripeKeyRejected,
 )
 from billing.tick_reads import TickReads
+from billing.units import take_write_lock
 from billing.unsent_remainder import move_unsent_remainder
 from core.database import db, utcnow
 
@@ -152,20 +158,24 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
 
     Delivered rows (nearly all of them) are marked in one UPDATE per distinct note; the rest row by row.
     ``attempts`` and ``first_attempt_at`` are never touched here (append-only history).
+    Every write applies only to a row still pending under the identifier its claim offered: a meter error
+    flagged it meanwhile (billing.meter_errors: failed, or re-opened under a fresh identifier), and what this
+    offer got must not overwrite that (docs/billing-rules.md#meter-errors-stripe-reports-later).
     """
     now = clock.now()
-    delivered: dict[str | None, list[int]] = defaultdict(list)
+    delivered: dict[str | None, list[tuple[int, str]]] = defaultdict(list)
     rows: list[dict] = []
     key_problems: dict[int, str] = {}
     for outcome in outcomes:
         claim = outcome.claim
         if outcome.kind == OutcomeKind.DELIVERED:
-            delivered[outcome.reason].append(claim.report_id)
+            delivered[outcome.reason].append((claim.report_id, claim.identifier))
             result.reports_sent += 1
             result.units_sent += outcome.confirmed
             continue
         values = {
             "b_id": claim.report_id,
+            "b_identifier": claim.identifier,
             "units_confirmed": claim.units_confirmed + outcome.confirmed,
             # This offer answered: the row's doubt is what it was before; unanswered: it is in doubt from now.
             "in_doubt_since": (claim.previous_in_doubt_since or claim.claimed_at)
@@ -208,10 +218,10 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
             values.update(next_attempt_at=now)
             result.reports_deferred += 1
         rows.append(values)
-    for reason, report_ids in delivered.items():
+    for reason, claimed in delivered.items():
         db.session.execute(
             update(_REPORT)
-            .where(_REPORT.c.id.in_(report_ids))
+            .where(tuple_(_REPORT.c.id, _REPORT.c.identifier).in_(claimed), _REPORT.c.status == ReportStatus.PENDING)
             .values(
                 status=ReportStatus.SENT,
                 sent_at=now,
@@ -221,7 +231,7 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
                 failed_attempts=0,
             )
         )
-    write_rows(rows)
+    write_rows(rows, claimed=True)
     for agency_id, reason in key_problems.items():
         _flag_agency(db.session.get(Agency, agency_id), reason, result)
     db.session.commit()
@@ -248,8 +258,20 @@ def _moves_remainder(outcome: Outcome) -> bool:
 
 
 def _move_remainder(outcome: Outcome, clock: TickClock, result: ReportingResult) -> None:
-    """Close the row at its confirmed units and give the rest a fresh row (billing.unsent_remainder)."""
+    """Close the row at its confirmed units and give the rest a fresh row (billing.unsent_remainder).
+
+    Nothing is moved when a meter error flagged the row since the claim (see _record_outcomes).
+    """
     claim, now = outcome.claim, clock.now()
+    take_write_lock()
+    still_claimed = db.session.scalar(
+        select(_REPORT.c.id)
+        .where(*STILL_CLAIMED)
+        .with_for_update()
+        .params(b_id=claim.report_id, b_identifier=claim.identifier)
+    )
+    if still_claimed is None:
+        return
     confirmed = claim.units_confirmed + outcome.confirmed
     if outcome.kind == OutcomeKind.REJECTED:  # the rest waits for the agency's fix (retry_failed_reports)
         move_unsent_remainder(
