@@ -10,6 +10,8 @@ notification with the destination's secret, exactly like a webhook delivery.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -180,6 +182,59 @@ def test_a_count_meter_report_with_one_rejected_event_needs_reconcile_and_is_nev
     assert flagged.units_confirmed == 3 and flagged.identifier == original
     assert retry_failed_reports(setup.agency) == 0  # events 1 and 3 are in Stripe: only a person may release it
     assert money_of(setup, client).billing_state == "failing"
+
+
+@pytest.mark.parametrize("formula", ["sum", "count"])
+def test_a_scheduler_whose_offer_is_in_flight_when_its_report_is_flagged_does_not_overwrite_the_flag(
+    world, stripe_app, http, formula
+):
+    """A scheduler holds a report's lease and is waiting for Stripe's answer (the event is applied) when the
+    meter error naming it is processed. Its answer (2xx) comes after the flag: recording it must not turn the
+    flagged report into ``sent`` (docs/billing-rules.md#meter-errors-stripe-reports-later)."""
+    setup = connected(world, formula=formula, event_name="ai_count" if formula == "count" else "ai_units")
+    client = world.client(setup)
+    report = world.report(client, 3)
+    db.session.commit()
+    original = report.identifier
+    first_event = original if formula == "sum" else f"{original}-1"
+    world.state.inject("/v1/billing/meter_events", "slow", seconds=60)  # applied, answered when released
+    now = world.clock.now()
+    errors = []
+
+    def scheduler():
+        with stripe_app.app_context():
+            try:
+                report_pending_units(now)
+            except Exception as error:  # surfaced below
+                errors.append(error)
+
+    in_flight = threading.Thread(target=scheduler)
+    in_flight.start()
+    waited = 0
+    while not world.state.total_units(setup.key, client.stripe_customer_id, setup.meter["event_name"]):
+        assert waited < 2000 and in_flight.is_alive(), "the scheduler's first event never reached Stripe"
+        time.sleep(0.01)  # a synchronisation point (the fake applied the event), not a delay the test relies on
+        waited += 1
+    answer = post(http, only(world.state.reject_meter_events_later(setup.key, [first_event])))
+    world.state.release_hangs()
+    in_flight.join(60)
+    assert not errors and not in_flight.is_alive()
+
+    assert answer.get_json() == {"status": "processed"}
+    (row,) = world.reports(client)
+    assert row.status == "failed", (row.status, row.last_error)
+    if formula == "sum":
+        assert row.identifier == original + "_r1" and row.units_confirmed == 0
+        assert world.stripe_total(setup, client) == 0
+        update_client(setup.agency, client.id, {"stripe_customer_id": world.customer(setup)})
+        db.session.commit()
+        report_pending_units(world.clock.now())
+        (row,) = world.reports(client)
+        assert row.status == "sent" and world.state.total_units(setup.key, row.target_customer, "ai_units") == 3
+    else:
+        assert row.last_error.startswith("needs reconcile") and row.identifier == original
+        assert world.stripe_total(setup, client) == 2  # events 2 and 3 went after the flag; 1 was rejected
+        assert retry_failed_reports(setup.agency) == 0
 
 
 def test_a_redelivered_thin_event_is_applied_once(world, setup, http):

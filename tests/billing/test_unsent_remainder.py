@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from billing.reporting import report_pending_units, retry_failed_reports
-from billing.unsent_remainder import remainder_identifier
+from billing.unsent_remainder import fresh_identifier, remainder_identifier
 from core.database import db
 from tests.billing.test_reporting_over_time import reconnect, roll_key
 
@@ -123,3 +123,22 @@ def test_remainder_identifiers_are_unique_along_any_chain_of_splits():
         assert identifier == f"rebill_ab_1_7.{offset}" and identifier not in seen
         seen.add(identifier)
     assert remainder_identifier("custom.name", 2) == "custom.name.2"
+
+
+def test_fresh_identifiers_never_repeat_along_a_chain_of_splits_and_re_offers():
+    """One naming rule for units moved or re-opened (docs/billing-rules.md#fresh-identifiers): deterministic,
+    and no name (nor a count event's ``<name>-<n>``) repeats along a report's chain of splits and re-offers."""
+    seen = {"rebill_ab_1_7"}
+    identifier = "rebill_ab_1_7"
+    for confirmed in (0, 0, 3, 0, 1, 1, 0, 0, 10**12, 0):
+        fresh = fresh_identifier(identifier, confirmed)
+        assert fresh == fresh_identifier(identifier, confirmed)  # a crash-retry computes the same name
+        assert fresh not in seen and len(fresh) <= 100
+        seen.add(fresh)
+        identifier = fresh
+    assert fresh_identifier("rebill_ab_1_7", 0) == "rebill_ab_1_7_r1"  # as billing.meter_errors named re-offers
+    assert fresh_identifier("rebill_ab_1_7_r2", 0) == "rebill_ab_1_7_r3"
+    assert fresh_identifier("rebill_ab_1_7_r2", 4) == "rebill_ab_1_7.4"
+    assert fresh_identifier("rebill_ab_1_7.4_r1", 2) == "rebill_ab_1_7.6"
+    events = {f"{name}-{n}" for name in seen for n in (1, 2, 12)}
+    assert not events & seen
