@@ -75,7 +75,7 @@ def check_spend_alerts(now: dt.datetime | None = None) -> int:
         .order_by(RebillClient.id)
     ).all()
     periods = client_periods(clients, now)
-    units = units_in_periods(periods)
+    units = units_in_periods(periods, now)
     urls = _alert_urls({client.agency_id for client in clients})
     fired = 0
     for client in clients:

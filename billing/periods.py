@@ -33,6 +33,7 @@ from billing.stripe_gateway import (
     StripeUnavailable,
     gateway_for,
 )
+from billing.stripe_limits import PERIOD_CHECK_AGE
 from core.database import db, utcnow
 
 log = logging.getLogger("billing.periods")
@@ -95,7 +96,7 @@ def client_money(
         row.client_id: row for row in db.session.scalars(select(ClientPeriod).where(ClientPeriod.client_id.in_(ids)))
     }
     periods = {client.id: period_of(cached.get(client.id), client, now) for client in clients}
-    units = units_in_periods(periods)
+    units = units_in_periods(periods, now)
     shadow_usage = shadow_usage_in_periods(periods)
     troubles = _report_troubles(ids)
     money = {}
@@ -242,19 +243,42 @@ def client_periods(clients: Sequence[RebillClient], now: dt.datetime) -> dict[in
     return {client.id: period_of(cached.get(client.id), client, now) for client in clients}
 
 
-def units_in_periods(periods: dict[int, tuple[dt.datetime, dt.datetime]]) -> dict[int, int]:
-    """Sum each client's reported and waiting units stamped in its period: one query per distinct period."""
+def units_in_periods(periods: dict[int, tuple[dt.datetime, dt.datetime]], now: dt.datetime) -> dict[int, int]:
+    """Sum each client's reported and waiting units that bill in its current period: one query per period.
+
+    ``periods`` are the clients' current periods at ``now`` (``client_periods``). A report bills in the period
+    of the time Stripe was given, which is later than the usage time when the usage fell before the
+    customer's current period (billing.reporting, rule 10). A report not yet given its time counts where it
+    would be stamped if offered now: in the current period when its usage lies before it (and is older than
+    the previous period's grace, or goes as a legacy usage record), else at its usage time.
+    """
     by_period: dict[tuple[dt.datetime, dt.datetime], list[int]] = defaultdict(list)
     for client_id, period in periods.items():
         by_period[period].append(client_id)
+    # A report none of whose units may be in Stripe (never offered, or every offer refused: no doubt, nothing
+    # confirmed; also a sum-meter report Stripe named later) is offered afresh and stamped then (rule 10).
+    # Counted at its usage time, a backlog from before the period start left the current period's cap its
+    # full room beside it, and both were billed in the current period.
+    offered_afresh = and_(
+        UnitReport.status != ReportStatus.SENT,
+        UnitReport.in_doubt_since.is_(None),
+        UnitReport.units_confirmed == 0,
+    )
+    billed_at = func.coalesce(UnitReport.stripe_timestamp, UnitReport.usage_timestamp)
+    restamped = and_(
+        offered_afresh,
+        or_(UnitReport.usage_timestamp < now - PERIOD_CHECK_AGE, RebillClient.report_mode == "legacy"),
+    )
     units: dict[int, int] = {}
     for (start, end), client_ids in by_period.items():
-        # A report bills in the period of the time Stripe was given, which is later than the usage time when
-        # the usage fell before the customer's current period (billing.reporting, rule 10).
-        billed_at = func.coalesce(UnitReport.stripe_timestamp, UnitReport.usage_timestamp)
+        stamped_into_period = and_(restamped, UnitReport.usage_timestamp < start)
         rows = db.session.execute(
             select(UnitReport.client_id, func.sum(UnitReport.units))
-            .where(UnitReport.client_id.in_(client_ids), billed_at >= start, billed_at < end)
+            .join(RebillClient, RebillClient.id == UnitReport.client_id)
+            .where(
+                UnitReport.client_id.in_(client_ids),
+                or_(and_(billed_at >= start, billed_at < end), stamped_into_period),
+            )
             .group_by(UnitReport.client_id)
         ).all()
         units.update({client_id: int(total) for client_id, total in rows})

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, func, select, update
 
 from billing.models import Agency, RebillClient, UnitReport
 from billing.states import ReportStatus
-from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE
+from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE
 from billing.stripe_target import CLIENT_COLUMNS, METER, REPORT_COLUMNS, StripeTarget
 from billing.units import take_write_lock
 from core.database import db, is_postgresql, utcnow
@@ -31,10 +31,6 @@ LEASE = dt.timedelta(minutes=5)
 DEDUPE_SAFE_AGE = IDENTIFIER_DEDUPE_WINDOW - dt.timedelta(hours=1)
 # Within Stripe's limit for meter event timestamps, with a margin for the call itself.
 MAX_EVENT_AGE = METER_EVENT_MAX_AGE - dt.timedelta(minutes=10)
-# Usage younger than this is in the customer's current period or in the previous period's finalization grace
-# (one hour unless the account changed it: docs.stripe.com/billing/subscriptions/usage-based/configure-grace-
-# period), so it is sent with its own time without reading the subscription.
-PERIOD_CHECK_AGE = dt.timedelta(minutes=30)
 BACKOFF_BASE = dt.timedelta(seconds=30)
 BACKOFF_CAP = dt.timedelta(hours=1)
 CLAIM_BATCH = 1000

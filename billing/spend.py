@@ -52,7 +52,8 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
     if found is None:
         return SourceStatus("unmapped", 0, None)
     client, cached = found
-    units = units_in_periods({client.id: period_of(cached, client, utcnow())}).get(client.id, 0)
+    now = utcnow()
+    units = units_in_periods({client.id: period_of(cached, client, now)}, now).get(client.id, 0)
     cap = client.monthly_cap_units
     if client.paused_for_payment and client.status == "paused":
         status = "payment_failed"

@@ -12,6 +12,11 @@ IDENTIFIER_DEDUPE_WINDOW = dt.timedelta(hours=24)
 # Aggregation stamps units within that limit, with an hour of slack for the time between writing the outbox
 # row and sending it.
 OLDEST_USAGE_TIMESTAMP = METER_EVENT_MAX_AGE - dt.timedelta(hours=1)
+# Usage younger than this is in the customer's current period or in the previous period's finalization grace
+# (one hour unless the account changed it: docs.stripe.com/billing/subscriptions/usage-based/configure-grace-
+# period), so a meter event carries its own time without reading the subscription (billing.reporting), and
+# a waiting report counts in the period of its usage time until it is older (billing.periods).
+PERIOD_CHECK_AGE = dt.timedelta(minutes=30)
 
 
 def usage_timestamp(latest: dt.datetime | None, now: dt.datetime) -> dt.datetime:

@@ -322,7 +322,7 @@ class _Aggregation:
         if not capped:
             return
         clients = db.session.scalars(select(RebillClient).where(RebillClient.id.in_(list(capped)))).all()
-        units = units_in_periods(client_periods(clients, self.now))
+        units = units_in_periods(client_periods(clients, self.now), self.now)
         for client_id, tally in capped.items():
             units_left = max(0, tally.monthly_cap_units - units.get(client_id, 0))
             tally.cap_room = max(0, units_left * tally.billing_unit - tally.remainder)
