@@ -323,15 +323,27 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
         UnitReport.target_customer == claim.target.customer_id,
         *same_target,
     )
+    # The ledger is read after Stripe's total, in a transaction begun after it: an offer that reached Stripe
+    # before the total was read had its doubt committed before it was made (report_claims._claim_values,
+    # record_targets).
+    db.session.rollback()
     known = db.session.scalar(select(func.coalesce(func.sum(UnitReport.units_confirmed), 0)).where(*in_window))
-    # Other rows in doubt from before this claim may or may not be in Stripe's total.
+    # Every other row of the window in doubt may or may not be in Stripe's total: one whose doubt began after
+    # this claim (another scheduler's offer, sent while this one read) as much as an older one.
     unconfirmed = db.session.scalar(
-        select(func.count())
-        .select_from(UnitReport)
-        .where(*in_window, UnitReport.in_doubt_since.is_not(None), UnitReport.in_doubt_since < claim.claimed_at)
+        select(func.count()).select_from(UnitReport).where(*in_window, UnitReport.in_doubt_since.is_not(None))
     )
     extra = window.total - known - claim.units_confirmed
-    if extra == 0:
+    # A neighbour's confirmed units are in Stripe only as long as Stripe does not reject them later: a 2xx for
+    # a meter event is not final, and a rejection may never be named to Rebill (Stripe samples; an agency may
+    # have no event destination: docs/stripe.md §1.4, docs/billing-rules.md#meter-errors-stripe-reports-later).
+    # So ``known`` bounds the neighbours' units from above: this row holds at least ``extra``, yet a rejected
+    # neighbour can hide any of it, and a zero proves nothing unless no neighbour's confirmed units count in
+    # the window. This row's own confirmed count events are not such a doubt: they carry its one timestamp,
+    # customer and payload, on which the later checks (customer, time, meter, value) give one verdict, and a
+    # named one makes the row "needs reconcile". Legacy usage records are validated on the call.
+    exact = claim.target.is_legacy or known == 0
+    if extra == 0 and exact:
         return claim  # Stripe has none of the rest: resending is safe (a recent copy would be deduplicated)
     if unconfirmed == 0 and extra == claim.remaining:
         return Outcome(
@@ -340,7 +352,7 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
             "confirmed from Stripe's totals after the 24 h dedupe window",
             confirmed=claim.remaining,
         )
-    if unconfirmed == 0 and claim.target.formula == "count" and 0 < extra < claim.remaining:
+    if unconfirmed == 0 and exact and claim.target.formula == "count" and 0 < extra < claim.remaining:
         return replace(claim, units_confirmed=claim.units_confirmed + int(extra))
     return Outcome(
         claim,

@@ -51,11 +51,13 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   refused timestamp (before the current period, older than 35 days) is re-stamped and re-offered at once.
 - Past Stripe's ~24 h dedupe window a row in doubt is never resent blindly: Stripe's totals for its target
   and window (meter event summaries, or the legacy usage-record summary) are compared with what the ledger
-  knows is there; exactly this row's missing units extra → delivered; nothing extra → the rest is provably
-  unsent, but may have reached Stripe and been rejected later under identifiers Stripe still holds, so it
-  never goes again under them: a row with nothing confirmed is re-opened under a fresh identifier and
-  offered afresh to the client's current target with a valid timestamp, a count row's rest moves to a fresh
-  row (docs/billing-rules.md#fresh-identifiers); anything else → ``failed`` "needs reconcile".
+  knows is there; exactly this row's missing units extra, no other row of the window in doubt → delivered;
+  nothing extra while nothing else of a meter window is confirmed (a neighbour's 2xx may since have been
+  rejected, hiding this row's units) → the rest is provably unsent, but may have reached Stripe and been
+  rejected later under identifiers Stripe still holds, so it never goes again under them: a row with nothing
+  confirmed is re-opened under a fresh identifier and offered afresh to the client's current target with a
+  valid timestamp, a count row's rest moves to a fresh row (docs/billing-rules.md#fresh-identifiers);
+  anything else → ``failed`` "needs reconcile".
 - Meter errors (billing.meter_errors) may flag a row while a tick holds it: every outcome is written only to
   a row still ``pending`` under the identifier the claim offered, so the flag stands.
 """
