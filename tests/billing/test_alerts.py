@@ -58,11 +58,14 @@ def add_client(agency, cap: int | None, thresholds: str | None = None, key: str 
     return client
 
 
-def bill(client: RebillClient, units: int, at: dt.datetime | None = None) -> None:
+def bill(client: RebillClient, units: int, at: dt.datetime | None = None, sent: bool = False) -> None:
+    """Write a report waiting to be sent, or (``sent``) one Stripe took with its usage time."""
     client.report_sequence += 1
+    at = at or utcnow()
     db.session.add(UnitReport(
-        agency_id=client.agency_id, client_id=client.id, units=units, usage_timestamp=at or utcnow(),
-        identifier=f"rebill_test_{client.id}_{client.report_sequence}", status="pending",
+        agency_id=client.agency_id, client_id=client.id, units=units, usage_timestamp=at,
+        identifier=f"rebill_test_{client.id}_{client.report_sequence}", status="sent" if sent else "pending",
+        stripe_timestamp=at if sent else None, units_confirmed=units if sent else 0,
     ))
     db.session.commit()
 
@@ -88,9 +91,9 @@ def test_each_threshold_fires_once_per_period(agency):
 def test_a_new_period_fires_again_and_last_periods_units_do_not_count(agency):
     client = add_client(agency, cap=10, thresholds="100")
     start, end = calendar_month(utcnow())
-    bill(client, 10, at=start - dt.timedelta(days=1))
+    bill(client, 10, at=start - dt.timedelta(days=1), sent=True)
     assert check_spend_alerts() == 0  # last month's units
-    bill(client, 10)
+    bill(client, 10, sent=True)
     assert check_spend_alerts() == 1
     assert check_spend_alerts(now=end + dt.timedelta(hours=1)) == 0  # next month: nothing billed yet
     bill(client, 10, at=end + dt.timedelta(minutes=1))
