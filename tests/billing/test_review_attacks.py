@@ -120,7 +120,6 @@ def test_a_row_the_24h_check_finds_missing_is_not_reoffered_under_an_identifier_
     )
 
 
-@pytest.mark.xfail(strict=True, reason="open (review attack): 24 h check trusts neighbours Stripe may reject later")
 def test_the_24h_check_does_not_take_a_later_rejected_neighbour_for_the_doubtful_row_s_units(world):
     """Two sum-meter reports of one client share a minute (the >24 h check's window). Report R (4 units) is
     accepted; report D (4 units) is applied by Stripe but its answer is lost, and the agency rolls its key.
@@ -159,7 +158,6 @@ def test_the_24h_check_does_not_take_a_later_rejected_neighbour_for_the_doubtful
     assert world.stripe_total(new, client) == 4, "report D's 4 units were billed twice"
 
 
-@pytest.mark.xfail(strict=True, reason="open (review attack): 24 h check ignores another scheduler's later doubt")
 def test_the_24h_check_counts_a_concurrent_scheduler_s_offer_in_the_window_as_unsettled(world):
     """Two schedulers. Report D (4 units, sum meter) is in doubt for over a day (a 500 two days ago, not
     applied). Report E (4 units, same client, usage in D's minute) was refused earlier and the agency just
@@ -245,7 +243,6 @@ def test_a_meter_error_for_an_event_of_a_count_row_still_in_progress_makes_it_ne
 # ---- caps x rule 10 ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="open (review attack): restamped backlog not counted toward the cap")
 def test_a_backlog_stamped_into_the_current_period_counts_toward_its_cap(world):
     """A client has a monthly cap of 10 units (N = 1). 8 units from before the customer's current period wait
     unsent (the agency's key needed attention across the period start). The aggregation gives the current
