@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+from billing.periods import refresh_client_period
 from billing.report_claims import ReportingResult, TickClock, claim_batch
 from billing.report_sending import process_batch
 from billing.reporting import _record_outcomes, report_pending_units
 from billing.tick_reads import TickReads
+from billing.units import aggregate_pending_usage
 from core.database import db
+from tests.billing.factories import record, tokens
 
 
 def tick(world, **shift):
@@ -70,4 +73,46 @@ def test_a_stalled_scheduler_s_late_progress_does_not_forget_count_events_anothe
     assert old + new == 300, (
         f"a 300-unit report billed {old} + {new} = {old + new} units; after scheduler A's late write the row said "
         f"{row.units_confirmed} confirmed"
+    )
+
+
+def test_a_report_in_doubt_across_the_period_start_counts_toward_the_cap_of_the_period_it_is_billed_in(world):
+    """A client has a monthly cap of 10 units (N = 1); its customer's period ends in an hour. A report D of 8
+    units is offered and answered 500 (Stripe did not apply it): it is pending, in doubt, stamped at its usage
+    time in the ending period. The schedulers are down for a day (or D's retries keep failing); the new period
+    begins. 15 new units arrive: the cap gives the new period its full room of 10, since
+    billing.periods.units_in_periods counts a row in doubt at its recorded timestamp (the previous period) and
+    excludes it from "offered afresh". The next tick's >24 h check finds none of D in Stripe and re-opens it
+    under a fresh identifier without a timestamp; rule 10 stamps it at the new period's start. Stripe bills 18
+    units in a period capped at 10. Mechanism: docs/billing-rules.md#units-in-a-period keeps a doubtful report
+    at its recorded time, but the check can move it to the current period after the cap gave that room away.
+    Fix: a doubtful row whose recorded time lies before the current period must also take room in the current
+    period (it may land there), or the re-opened row must be held to the cap's room.
+    """
+    world.clock.advance(hours=-24)  # D's offer, a day before the aggregation (which runs at the real time)
+    setup = world.agency()
+    end = (world.clock.now() + dt.timedelta(hours=1)).replace(microsecond=0)
+    start = end.replace(year=end.year - 1, month=12) if end.month == 1 else end.replace(month=end.month - 1)
+    client = world.client(setup, customer_id=world.customer(setup, start=start), billing_unit=1)
+    client.monthly_cap_units = 10
+    refresh_client_period(setup.agency, client)
+    world.report(client, 8)
+    world.state.inject("/v1/billing/meter_events", "server_error")  # not applied; answer: 500
+    tick(world)
+    (d_row,) = world.reports(client)
+    assert d_row.status == "pending" and d_row.in_doubt_since is not None and d_row.stripe_timestamp < end
+
+    world.clock.advance(hours=24)  # no tick in between: the schedulers were down
+    refresh_client_period(setup.agency, client)  # the new period, from ``end``
+    record(setup.agency, tokens("new-period", 15, channel=client.channel_id))
+    aggregate_pending_usage()
+    db.session.commit()
+    tick(world)
+    tick(world, minutes=1)
+
+    rows = world.reports(client)
+    assert all(row.status == "sent" for row in rows), [(row.identifier, row.status, row.last_error) for row in rows]
+    in_period = sum(row.units for row in rows if row.stripe_timestamp >= end)
+    assert in_period <= 10, (
+        f"{in_period} units billed in the new period, cap 10: {[(r.units, r.stripe_timestamp) for r in rows]}"
     )
