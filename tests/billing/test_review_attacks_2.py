@@ -21,6 +21,7 @@ from billing.tick_reads import TickReads
 from billing.units import aggregate_pending_usage
 from core.database import db
 from tests.billing.factories import record, tokens
+from tests.billing.test_reporting_over_time import reconnect, roll_key
 
 
 def tick(world, **shift):
@@ -116,3 +117,48 @@ def test_a_report_in_doubt_across_the_period_start_counts_toward_the_cap_of_the_
     assert in_period <= 10, (
         f"{in_period} units billed in the new period, cap 10: {[(r.units, r.stripe_timestamp) for r in rows]}"
     )
+
+
+def test_a_count_report_s_rest_moved_into_the_new_period_counts_toward_its_cap(world):
+    """A client on a count meter has a monthly cap of 10 units (N = 1); its customer's period ends in an hour.
+    A report of 10 units (the period's whole cap) is sent event by event: Stripe confirms events 1-4, then the
+    agency's key is revoked (401). The row waits, pending with 4 confirmed, not in doubt. A day later the new
+    period has begun; the agency reconnects, and 15 new units arrive: billing.periods.units_in_periods counts
+    the waiting row (some events confirmed, so not "offered afresh") whole at its recorded timestamp, in the
+    previous period, and the cap gives the new period its full room of 10. The next tick finds the row's
+    recorded time before the current period (rule 10): its rest (6 units) moves to a fresh report
+    (billing.unsent_remainder) stamped at the new period's start. Stripe bills 16 units in a period capped at
+    10. Mechanism: docs/billing-rules.md#units-in-a-period keeps a report with confirmed count events at its
+    recorded time, but only its confirmed events stay there; its unconfirmed rest, when the time is before the
+    current period, is billed in the current one. Fix: count such a row's units - units_confirmed where its
+    rest will be stamped.
+    """
+    world.clock.advance(hours=-24)  # the first period's end, a day before the aggregation (at the real time)
+    setup = world.agency(formula="count", event_name="ai_count")
+    end = (world.clock.now() + dt.timedelta(hours=1)).replace(microsecond=0)
+    start = end.replace(year=end.year - 1, month=12) if end.month == 1 else end.replace(month=end.month - 1)
+    client = world.client(setup, customer_id=world.customer(setup, start=start), billing_unit=1)
+    client.monthly_cap_units = 10
+    refresh_client_period(setup.agency, client)
+    world.report(client, 10)
+    world.state.inject("/v1/billing/meter_events", "revoke_key", after=4)
+    tick(world)
+    (row,) = world.reports(client)
+    assert (row.status, row.units_confirmed, row.in_doubt_since) == ("pending", 4, None)
+    assert world.agency_row(setup).stripe_key_status == "needs_attention"
+    new = roll_key(world, setup)
+
+    world.clock.advance(hours=24)
+    reconnect(world, new)
+    refresh_client_period(world.agency_row(setup), client)  # the new period, from ``end``
+    record(setup.agency, tokens("new-period", 15, channel=client.channel_id))
+    aggregate_pending_usage()
+    db.session.commit()
+    tick(world)
+    tick(world, minutes=1)
+
+    rows = world.reports(client)
+    assert all(row.status == "sent" for row in rows), [(row.identifier, row.status, row.last_error) for row in rows]
+    in_period = sum(row.units for row in rows if row.stripe_timestamp >= end)
+    billed = [(row.identifier, row.units, row.stripe_timestamp) for row in rows]
+    assert in_period <= 10, f"{in_period} units billed in the new period, cap 10: {billed}"
