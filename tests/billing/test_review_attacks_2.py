@@ -162,3 +162,47 @@ def test_a_count_report_s_rest_moved_into_the_new_period_counts_toward_its_cap(w
     in_period = sum(row.units for row in rows if row.stripe_timestamp >= end)
     billed = [(row.identifier, row.units, row.stripe_timestamp) for row in rows]
     assert in_period <= 10, f"{in_period} units billed in the new period, cap 10: {billed}"
+
+
+def test_a_stalled_scheduler_s_late_outcome_does_not_clear_the_doubt_of_another_scheduler_s_offer(world):
+    """A sum-meter report R of 7 units. Scheduler A claims it (its claim writes the doubt) and stalls before
+    sending. The lease expires; scheduler B claims R and sends it: Stripe applies the event, the answer is lost
+    (R pending, in doubt since A's claim). The agency rolls its key. Scheduler A wakes: its first call meets the
+    revoked key, and it records KEY_REJECTED for its claim: units_confirmed = 0 and in_doubt_since = its
+    claim's previous doubt, None. STILL_CLAIMED lets the write through (pending, same identifier): R's doubt
+    about B's applied offer is forgotten. Two days later the agency reconnects: R is "never offered", so it is
+    offered afresh under its identifier, which Stripe forgot after 24 h: 14 units in Stripe for 7. Mechanism:
+    the guard checks status and identifier, not that no other claim touched the row since (attempts); a late
+    outcome's absolute values (doubt, confirmed) overwrite the later claim's. Fix: write an outcome only while
+    attempts == the claim's attempt.
+    """
+    setup = world.agency()
+    client = world.client(setup)
+    world.report(client, 7)
+    db.session.commit()
+    a_clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    a_claims = claim_batch(a_clock, ReportingResult())  # scheduler A: claimed, then stalls
+    assert len(a_claims) == 1
+
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world, minutes=6)  # scheduler B, after A's lease: applied in Stripe, the answer is lost
+    (row,) = world.reports(client)
+    assert row.status == "pending" and row.in_doubt_since is not None
+    assert world.stripe_total(setup, client) == 7
+    new = roll_key(world, setup)
+
+    # Scheduler A wakes: the rest of report_pending_units' loop for its claim.
+    outcomes = process_batch(a_claims, {}, a_clock, TickReads(45), None)
+    _record_outcomes(outcomes, a_clock, ReportingResult())
+    (row,) = world.reports(client)
+    doubt = row.in_doubt_since
+
+    world.clock.advance(days=2)
+    reconnect(world, new)
+    tick(world)
+    tick(world, minutes=1)
+
+    assert world.stripe_total(new, client) == 7, (
+        f"a 7-unit report billed {world.stripe_total(new, client)}; after scheduler A's late write its doubt was "
+        f"{doubt}"
+    )
