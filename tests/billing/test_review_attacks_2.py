@@ -206,3 +206,39 @@ def test_a_stalled_scheduler_s_late_outcome_does_not_clear_the_doubt_of_another_
         f"a 7-unit report billed {world.stripe_total(new, client)}; after scheduler A's late write its doubt was "
         f"{doubt}"
     )
+
+
+def test_two_reports_in_doubt_in_one_window_whose_total_proves_both_delivered_are_settled(world):
+    """Liveness, not money (acceptable, noted): two sum-meter reports of one client share a minute; Stripe
+    applies both, both answers are lost, and the agency rolls its key, so neither is retried within 24 h.
+    Two days later the agency reconnects: Stripe's total for the minute is 3 + 4 = 7, no other report of the
+    window has confirmed units. That total proves both delivered (the most the two could put there, and nothing
+    else can), yet each report's >24 h check sees the other "in doubt" (_compare_with_stripe: delivered needs
+    ``unconfirmed == 0``) and neither 0 nor exactly its own units extra: both end "needs reconcile" for a
+    person, although the ledger could settle them (the doubtful rows' remainders together equal the extra).
+    With a legacy price the window is the whole billing period, so any two reports of one customer in doubt
+    in the same month block each other the same way.
+    """
+    setup = world.agency()
+    client = world.client(setup)
+    minute = world.clock.now().replace(second=10, microsecond=0) - dt.timedelta(minutes=2)
+    world.report(client, 3, at=minute)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)  # the first is applied, its answer lost: it backs off
+    world.report(client, 4, at=minute + dt.timedelta(seconds=20))
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")
+    tick(world)  # the second, due alone: applied, its answer lost
+    assert all(row.in_doubt_since is not None for row in world.reports(client))
+    new = roll_key(world, setup)
+    tick(world, minutes=5)  # the retry meets the rolled key: the agency is flagged, rows wait
+    assert world.agency_row(setup).stripe_key_status == "needs_attention"
+    assert world.stripe_total(new, client) == 7
+
+    world.clock.advance(days=2)
+    reconnect(world, new)
+    tick(world)
+    tick(world, minutes=1)
+
+    rows = world.reports(client)
+    assert world.stripe_total(new, client) == 7
+    assert [row.status for row in rows] == ["sent", "sent"], [(row.status, row.last_error) for row in rows]
