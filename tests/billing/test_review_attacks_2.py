@@ -12,16 +12,26 @@ A test here FAILS on main when it proves a problem; its docstring states the sce
 from __future__ import annotations
 
 import datetime as dt
+import json
+from urllib.parse import urlsplit
+
+import pytest
 
 from billing.periods import refresh_client_period
 from billing.report_claims import ReportingResult, TickClock, claim_batch
 from billing.report_sending import process_batch
 from billing.reporting import _record_outcomes, report_pending_units
+from billing.stripe_events import register_stripe_events
 from billing.tick_reads import TickReads
 from billing.units import aggregate_pending_usage
 from core.database import db
 from tests.billing.factories import record, tokens
 from tests.billing.test_reporting_over_time import reconnect, roll_key
+
+
+@pytest.fixture
+def http(stripe_app):
+    return stripe_app.test_client()
 
 
 def tick(world, **shift):
@@ -242,3 +252,45 @@ def test_two_reports_in_doubt_in_one_window_whose_total_proves_both_delivered_ar
     rows = world.reports(client)
     assert world.stripe_total(new, client) == 7
     assert [row.status for row in rows] == ["sent", "sent"], [(row.status, row.last_error) for row in rows]
+
+
+def test_a_late_meter_error_for_an_event_moved_to_a_fresh_report_leaves_the_settled_report_alone(world, http):
+    """Liveness, not money (noted): a count-meter report of 10 units; Stripe confirms events 1-4, applies event 5
+    but its answer is lost (in doubt; the schedulers are then down for a day). Stripe rejects event ``-5``
+    asynchronously; its thin event does not reach Rebill (the endpoint was down too; Stripe retries for days).
+    The >24 h check finds 4 in Stripe, exactly the confirmed events: the report is closed ``sent`` at 4 units and
+    its rest (6) moves to a fresh report ``<id>.4``, which is sent. Everything is settled: 10 in Stripe. Then
+    Stripe's retry of the meter-error event arrives: billing.meter_errors maps ``<id>-5`` to the report ``<id>``
+    (now 4 units, all confirmed and in Stripe) and marks it ``failed`` "needs reconcile": the client shows
+    failing until a person releases a report that provably needs nothing (event 5 is beyond its units, and
+    its units went on under the fresh report's own identifiers). Expected: an event number beyond the
+    report's units names nothing of it.
+    """
+    setup = world.agency(formula="count", event_name="ai_count")
+    register_stripe_events(setup.agency, "https://rebill.example.test")
+    client = world.client(setup)
+    report = world.report(client, 10)
+    db.session.commit()
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop", after=4)
+    tick(world)
+    (row,) = world.reports(client)
+    assert (row.status, row.units_confirmed) == ("pending", 4) and row.in_doubt_since is not None
+    (first_delivery,) = world.state.reject_meter_events_later(setup.key, [f"{report.identifier}-5"])  # not heard
+    assert world.stripe_total(setup, client) == 4
+
+    world.clock.advance(hours=23, minutes=30)
+    tick(world)
+    tick(world, minutes=1)
+    rows = world.reports(client)
+    assert [(row.units, row.status) for row in rows] == [(4, "sent"), (6, "sent")]
+    assert world.stripe_total(setup, client) == 10
+
+    tenant = world.state._tenant(setup.key)  # Stripe retries the event's delivery, signed anew
+    event = tenant.objects["v2.core.event"][json.loads(first_delivery.body)["id"]]
+    (retry,) = world.state._deliver_thin(tenant, event, int(world.state.now()))
+    answer = http.post(urlsplit(retry.url).path, data=retry.body, headers=retry.headers)
+    rows = world.reports(client)
+    assert world.stripe_total(setup, client) == 10
+    assert [(row.units, row.status) for row in rows] == [(4, "sent"), (6, "sent")], (
+        f"meter-error retry answered {answer.status_code}: {[(row.status, row.last_error) for row in rows]}"
+    )
