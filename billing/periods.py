@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 
 from billing.dry_run import WouldHaveBilled, shadow_usage_in_periods, shows_dry_run
 from billing.estimates import Estimate, PriceTerms, add_amounts, estimate
@@ -250,34 +250,47 @@ def units_in_periods(periods: dict[int, tuple[dt.datetime, dt.datetime]], now: d
     of the time Stripe was given, which is later than the usage time when the usage fell before the
     customer's current period (billing.reporting, rule 10). A report not yet given its time counts where it
     would be stamped if offered now: in the current period when its usage lies before it (and is older than
-    the previous period's grace, or goes as a legacy usage record), else at its usage time.
+    the previous period's grace, or goes as a legacy usage record), else at its usage time. Units of a waiting
+    report recorded before the current period that may still be re-stamped into it (in doubt, or a count
+    report's unconfirmed rest) count in the current period too (docs/billing-rules.md#units-in-a-period).
     """
     by_period: dict[tuple[dt.datetime, dt.datetime], list[int]] = defaultdict(list)
     for client_id, period in periods.items():
         by_period[period].append(client_id)
+    waiting = UnitReport.status != ReportStatus.SENT
     # A report none of whose units may be in Stripe (never offered, or every offer refused: no doubt, nothing
     # confirmed; also a sum-meter report Stripe named later) is offered afresh and stamped then (rule 10).
     # Counted at its usage time, a backlog from before the period start left the current period's cap its
     # full room beside it, and both were billed in the current period.
-    offered_afresh = and_(
-        UnitReport.status != ReportStatus.SENT,
-        UnitReport.in_doubt_since.is_(None),
-        UnitReport.units_confirmed == 0,
-    )
+    may_be_in_stripe = or_(UnitReport.in_doubt_since.is_not(None), UnitReport.units_confirmed > 0)
     billed_at = func.coalesce(UnitReport.stripe_timestamp, UnitReport.usage_timestamp)
     restamped = and_(
-        offered_afresh,
+        waiting,
+        ~may_be_in_stripe,
         or_(UnitReport.usage_timestamp < now - PERIOD_CHECK_AGE, RebillClient.report_mode == "legacy"),
     )
+    # A waiting report whose units may be in Stripe keeps its recorded time, but what of it is not confirmed
+    # may still land in the current period: the >24 h check re-opens a doubtful report that did not land, and a
+    # count report's rest moves to a fresh report, both stamped afresh (rule 10). Until then that rest takes
+    # room in the current period as well, so the cap is never passed (it may bill slightly less meanwhile).
+    rest = UnitReport.units - UnitReport.units_confirmed
     units: dict[int, int] = {}
     for (start, end), client_ids in by_period.items():
+        billed_in_period = and_(billed_at >= start, billed_at < end)
         stamped_into_period = and_(restamped, UnitReport.usage_timestamp < start)
+        rest_may_move_in = and_(waiting, may_be_in_stripe, billed_at < start)
+        counted = case(
+            (billed_in_period, UnitReport.units),
+            (stamped_into_period, UnitReport.units),
+            (rest_may_move_in, rest),
+            else_=0,
+        )
         rows = db.session.execute(
-            select(UnitReport.client_id, func.sum(UnitReport.units))
+            select(UnitReport.client_id, func.sum(counted))
             .join(RebillClient, RebillClient.id == UnitReport.client_id)
             .where(
                 UnitReport.client_id.in_(client_ids),
-                or_(and_(billed_at >= start, billed_at < end), stamped_into_period),
+                or_(billed_in_period, stamped_into_period, rest_may_move_in),
             )
             .group_by(UnitReport.client_id)
         ).all()
