@@ -332,20 +332,30 @@ def quarantine_values(report_id: int, attempt: int, now: dt.datetime, problem: s
     }
 
 
-# A claimed row whose outcome may be written: still pending under the identifier the claim offered. A meter
-# error may flag the row while a tick holds it (billing.meter_errors: failed, or re-opened under a fresh
-# identifier); what that tick's offer got must then not overwrite the flag.
+# A claimed row whose outcome may be written: still pending under the identifier the claim offered, and not
+# claimed since. A meter error may flag the row while a tick holds it (billing.meter_errors: failed, or
+# re-opened under a fresh identifier); what that tick's offer got must then not overwrite the flag. A tick
+# stalled past its LEASE may find the row claimed again by another tick (``attempts`` counted up): that tick's
+# outcome is newer, and a late write would forget its confirmed events or clear its doubt (billed twice). A
+# claim's writes count only while it holds the row (docs/billing-rules.md#scheduling-and-leases).
 STILL_CLAIMED = (
     _REPORT.c.id == bindparam("b_id"),
     _REPORT.c.status == ReportStatus.PENDING,
     _REPORT.c.identifier == bindparam("b_identifier"),
+    _REPORT.c.attempts == bindparam("b_attempt"),
 )
+
+
+def claim_params(claim: Claim) -> dict:
+    """The bind parameters STILL_CLAIMED checks for ``claim``."""
+    return {"b_id": claim.report_id, "b_identifier": claim.identifier, "b_attempt": claim.attempt}
 
 
 def write_rows(rows: list[dict], *, claimed: bool = False) -> None:
     """Update outbox rows one by one with their own values (``b_id`` names the row), grouped by column set.
 
-    ``claimed``: each row also gives ``b_identifier``, and is written only while still pending under it.
+    ``claimed``: each row also gives ``b_identifier`` and ``b_attempt`` (claim_params), and is written only while
+    its claim still holds it (STILL_CLAIMED).
     """
     by_columns: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for row in rows:

@@ -21,7 +21,15 @@ from dataclasses import dataclass, replace
 from sqlalchemy import func, select
 
 from billing.models import Agency, UnitReport
-from billing.report_claims import MAX_EVENT_AGE, NEEDS_RECONCILE, PERIOD_CHECK_AGE, Claim, TickClock, write_rows
+from billing.report_claims import (
+    MAX_EVENT_AGE,
+    NEEDS_RECONCILE,
+    PERIOD_CHECK_AGE,
+    Claim,
+    TickClock,
+    claim_params,
+    write_rows,
+)
 from billing.states import OutcomeKind
 from billing.stripe_gateway import (
     MeterUnknown,
@@ -280,8 +288,7 @@ def record_targets(claims: list[Claim], now: dt.datetime) -> None:
     write_rows(
         [
             {
-                "b_id": claim.report_id,
-                "b_identifier": claim.identifier,
+                **claim_params(claim),
                 "stripe_timestamp": claim.timestamp,
                 "timestamp_shift": claim.timestamp_shift,
                 "target_subscription_item": claim.target.subscription_item_id,

@@ -70,7 +70,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from flask import current_app
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import bindparam, select, update
 
 from billing.models import Agency, UnitReport
 from billing.report_claims import (
@@ -82,6 +82,7 @@ from billing.report_claims import (
     TickClock,
     backoff_delay,
     claim_batch,
+    claim_params,
     quarantine_values,
     write_rows,
 )
@@ -158,11 +159,13 @@ def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:
 def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: ReportingResult) -> None:
     """Write what Stripe said and commit; flag agencies whose key Stripe refused.
 
-    Delivered rows (nearly all of them) are marked in one UPDATE per distinct note; the rest row by row.
+    Delivered rows (nearly all of them) are marked in one executemany; the rest row by row.
     ``attempts`` and ``first_attempt_at`` are never touched here (append-only history).
-    Every write applies only to a row still pending under the identifier its claim offered: a meter error
-    flagged it meanwhile (billing.meter_errors: failed, or re-opened under a fresh identifier), and what this
-    offer got must not overwrite that (docs/billing-rules.md#meter-errors-stripe-reports-later).
+    Every write applies only to a row its claim still holds (STILL_CLAIMED): pending under the identifier the
+    claim offered, and not claimed again since. A meter error may have flagged it meanwhile (billing.meter_errors:
+    failed, or re-opened under a fresh identifier), and what this offer got must not overwrite that
+    (docs/billing-rules.md#meter-errors-stripe-reports-later); a tick stalled past its lease must not overwrite
+    the newer outcome of the tick that claimed the row after it.
     """
     now = clock.now()
     delivered: dict[str | None, list[tuple[int, str]]] = defaultdict(list)
@@ -171,13 +174,12 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
     for outcome in outcomes:
         claim = outcome.claim
         if outcome.kind == OutcomeKind.DELIVERED:
-            delivered[outcome.reason].append((claim.report_id, claim.identifier))
+            delivered[outcome.reason].append(claim_params(claim))
             result.reports_sent += 1
             result.units_sent += outcome.confirmed
             continue
         values = {
-            "b_id": claim.report_id,
-            "b_identifier": claim.identifier,
+            **claim_params(claim),
             "units_confirmed": claim.units_confirmed + outcome.confirmed,
             # This offer answered: the row's doubt is what it was before; unanswered: it is in doubt from now.
             "in_doubt_since": (claim.previous_in_doubt_since or claim.claimed_at)
@@ -220,18 +222,19 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
             values.update(next_attempt_at=now)
             result.reports_deferred += 1
         rows.append(values)
-    for reason, claimed in delivered.items():
+    if delivered:
+        # Confirmed whole: units_confirmed is read from the row, so this is not write_rows.
+        columns = ("status", "sent_at", "last_error", "in_doubt_since", "failed_attempts")
         db.session.execute(
             update(_REPORT)
-            .where(tuple_(_REPORT.c.id, _REPORT.c.identifier).in_(claimed), _REPORT.c.status == ReportStatus.PENDING)
-            .values(
-                status=ReportStatus.SENT,
-                sent_at=now,
-                last_error=reason,
-                units_confirmed=_REPORT.c.units,
-                in_doubt_since=None,
-                failed_attempts=0,
-            )
+            .where(*STILL_CLAIMED)
+            .values({**{column: bindparam(column) for column in columns}, "units_confirmed": _REPORT.c.units}),
+            [
+                {**params, "status": ReportStatus.SENT, "sent_at": now, "last_error": reason}
+                | {"in_doubt_since": None, "failed_attempts": 0}
+                for reason, claimed in delivered.items()
+                for params in claimed
+            ],
         )
     write_rows(rows, claimed=True)
     for agency_id, reason in key_problems.items():
@@ -267,10 +270,7 @@ def _move_remainder(outcome: Outcome, clock: TickClock, result: ReportingResult)
     claim, now = outcome.claim, clock.now()
     take_write_lock()
     still_claimed = db.session.scalar(
-        select(_REPORT.c.id)
-        .where(*STILL_CLAIMED)
-        .with_for_update()
-        .params(b_id=claim.report_id, b_identifier=claim.identifier)
+        select(_REPORT.c.id).where(*STILL_CLAIMED).with_for_update().params(**claim_params(claim))
     )
     if still_claimed is None:
         return
