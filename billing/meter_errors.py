@@ -21,11 +21,12 @@ right now), or ``failed`` for another reason. It becomes ``failed`` with Stripe'
 - a count-meter report is many events and a sample names one of them: the others may be in Stripe, so it is
   ``failed`` "needs reconcile", released only by a person who compared it with Stripe (never re-offered
   automatically);
-- a report already "needs reconcile", a report not sent to a meter, or an identifier that is not this
-  agency's, is left as it is (noted).
+- a report already "needs reconcile", a report not sent to a meter, an identifier that is not this
+  agency's, or a count event past the report's units (the report was closed at its confirmed events and the
+  rest moved to a fresh report under its own identifier), is left as it is (noted).
 
 A scheduler holding the report's lease while it is flagged records nothing of its offer over the flag
-(billing.reporting records an outcome only on a row still pending under the identifier it claimed).
+(billing.reporting records an outcome only on a row its claim still holds: report_claims.STILL_CLAIMED).
 
 Stripe counts more errors than it samples: reports it does not name are caught by the daily
 reconciliation (billing.reconcile), which compares what the ledger marked sent with Stripe's meter totals.
@@ -52,6 +53,19 @@ log = logging.getLogger("billing.meter_errors")
 _COUNT_EVENT = re.compile(r"^(?P<report>.+)-(?P<number>\d+)$")
 
 
+def _is_event_of(identifier: str, row: UnitReport) -> bool:
+    """Tell whether a meter event identifier is one of ``row``'s: its own, or ``<row>-<n>`` with n <= its units.
+
+    A count report closed at its confirmed events gave the rest to a fresh report (billing.unsent_remainder),
+    which offers them under its own identifier; a late error naming a later event of the closed report is
+    about an offer whose units are no longer the closed report's, and must not flag it.
+    """
+    if identifier == row.identifier:
+        return True
+    match = _COUNT_EVENT.match(identifier)
+    return match is not None and match["report"] == row.identifier and 1 <= int(match["number"]) <= row.units
+
+
 def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | None:
     """Mark the agency's unit reports named by Stripe's error samples as failed, whatever their state; return
     a note when none could be flagged (the event is then recorded as ignored, with the note)."""
@@ -73,8 +87,10 @@ def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | Non
     ).all()
     notes, named, flagged = [], set(), 0
     for row in rows:
-        samples = wanted[row.identifier]
+        samples = [sample for sample in wanted[row.identifier] if _is_event_of(sample.identifier, row)]
         named.update(sample.identifier for sample in samples)
+        if not samples:  # an event past the row's units: the row was closed at fewer, the event moved on
+            continue
         if row.target_mode != "meter" or (row.last_error or "").startswith(NEEDS_RECONCILE):
             notes.append(f"report {row.identifier} is {row.status} ({row.last_error or 'no error'}), left as it is")
             continue

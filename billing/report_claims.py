@@ -337,7 +337,7 @@ def quarantine_values(report_id: int, attempt: int, now: dt.datetime, problem: s
 # re-opened under a fresh identifier); what that tick's offer got must then not overwrite the flag. A tick
 # stalled past its LEASE may find the row claimed again by another tick (``attempts`` counted up): that tick's
 # outcome is newer, and a late write would forget its confirmed events or clear its doubt (billed twice). A
-# claim's writes count only while it holds the row (docs/billing-rules.md#scheduling-and-leases).
+# claim's writes count only while it holds the row (docs/billing-rules.md, rule 6).
 STILL_CLAIMED = (
     _REPORT.c.id == bindparam("b_id"),
     _REPORT.c.status == ReportStatus.PENDING,
