@@ -41,10 +41,6 @@ def tick(world, **shift):
     return report_pending_units(world.clock.now())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (review attack 2): 2.1, late write lowers units_confirmed: billed twice",
-)
 def test_a_stalled_scheduler_s_late_progress_does_not_forget_count_events_another_scheduler_confirmed(world):
     """A count-meter report of 300 units. Scheduler A claims it (lease 5 min) and stalls before sending (a
     paused process, a long GC). The lease expires; scheduler B claims the row, sends events 1-200 (confirmed,
@@ -178,10 +174,6 @@ def test_a_count_report_s_rest_moved_into_the_new_period_counts_toward_its_cap(w
     assert in_period <= 10, f"{in_period} units billed in the new period, cap 10: {billed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (review attack 2): 2.4, late KEY_REJECTED clears doubt: billed twice",
-)
 def test_a_stalled_scheduler_s_late_outcome_does_not_clear_the_doubt_of_another_scheduler_s_offer(world):
     """A sum-meter report R of 7 units. Scheduler A claims it (its claim writes the doubt) and stalls before
     sending. The lease expires; scheduler B claims R and sends it: Stripe applies the event, the answer is lost
@@ -266,10 +258,6 @@ def test_two_reports_in_doubt_in_one_window_whose_total_proves_both_delivered_ar
     assert [row.status for row in rows] == ["sent", "sent"], [(row.status, row.last_error) for row in rows]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (review attack 2): 2.6, late meter error marks a settled report",
-)
 def test_a_late_meter_error_for_an_event_moved_to_a_fresh_report_leaves_the_settled_report_alone(world, http):
     """Liveness, not money (noted): a count-meter report of 10 units; Stripe confirms events 1-4, applies event 5
     but its answer is lost (in doubt; the schedulers are then down for a day). Stripe rejects event ``-5``
