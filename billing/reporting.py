@@ -168,7 +168,7 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
     the newer outcome of the tick that claimed the row after it.
     """
     now = clock.now()
-    delivered: dict[str | None, list[tuple[int, str]]] = defaultdict(list)
+    delivered: dict[str | None, list[dict]] = defaultdict(list)  # claim_params by note
     rows: list[dict] = []
     key_problems: dict[int, str] = {}
     for outcome in outcomes:
