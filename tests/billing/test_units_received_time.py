@@ -133,16 +133,11 @@ def ingest_committing_after(app, agency_id: int, stamped: threading.Event, chang
     return threading.Thread(target=run)
 
 
-@pytest.mark.parametrize(
-    ("before", "after", "expected_state", "expected_usage"),
-    [("active", "paused", "counted", 25), ("paused", "active", "paused", 0)],
-    ids=["pause", "resume"],
-)
-def test_scenario7_an_ingest_in_flight_during_a_pause_or_resume_is_judged_by_its_received_time(
-    app, postgres_only, before, after, expected_state, expected_usage
-):
+def switch_status_while_an_ingest_is_in_flight(app, company: str, before: str, after: str) -> tuple[str, int]:
+    """Set a client's status from ``before`` to ``after`` while a real ingest, received before the change, commits
+    after it; then aggregate. Returns the event's state and the client's counted usage."""
     with app.app_context():
-        agency = ensure_agency("company-in-flight")
+        agency = ensure_agency(company)
         client_id = make_client(agency, billing_unit=10, status=before).id
         db.session.commit()
         agency_id = agency.id
@@ -161,5 +156,17 @@ def test_scenario7_an_ingest_in_flight_during_a_pause_or_resume_is_judged_by_its
     with app.app_context():
         aggregate_pending_usage()
         db.session.commit()
-        assert db.session.scalar(select(UsageEvent.state)) == expected_state
-        assert db.session.get(RebillClient, client_id).counted_usage == expected_usage
+        return db.session.scalar(select(UsageEvent.state)), db.session.get(RebillClient, client_id).counted_usage
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected_state", "expected_usage"),
+    [("active", "paused", "counted", 25), ("paused", "active", "paused", 0)],
+    ids=["pause", "resume"],
+)
+def test_scenario7_an_ingest_in_flight_during_a_pause_or_resume_is_judged_by_its_received_time(
+    app, postgres_only, before, after, expected_state, expected_usage
+):
+    state, usage = switch_status_while_an_ingest_is_in_flight(app, "company-in-flight", before, after)
+    assert state == expected_state
+    assert usage == expected_usage

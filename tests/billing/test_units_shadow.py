@@ -6,20 +6,22 @@ counters (rule 1) never see dry-run usage. The PostgreSQL test races a real inge
 switch; the others store the event such a transaction leaves, on both backends.
 """
 
-import threading
 
 import pytest
 from sqlalchemy import select
 
 from billing.agencies import ensure_agency
-from billing.clients import update_client
 from billing.dry_run import shadow_usage_in_periods
-from billing.models import Agency, RebillClient, UsageEvent
+from billing.models import UsageEvent
 from billing.periods import calendar_month
 from billing.units import aggregate_pending_usage
 from core.database import db, utcnow
 from tests.billing.factories import event_states, fresh, make_client, record, reports_of, tokens
-from tests.billing.test_units_received_time import ingest_committing_after, set_status, store_committed_late
+from tests.billing.test_units_received_time import (
+    set_status,
+    store_committed_late,
+    switch_status_while_an_ingest_is_in_flight,
+)
 
 
 @pytest.fixture
@@ -122,24 +124,6 @@ def test_rule13_a_dry_run_does_not_use_up_the_monthly_cap(agency):
 def test_rule13_an_ingest_in_flight_during_the_switch_is_judged_by_its_received_time(
     app, postgres_only, before, after, expected_state, expected_usage
 ):
-    with app.app_context():
-        agency = ensure_agency("company-shadow-in-flight")
-        client_id = make_client(agency, billing_unit=10, status=before).id
-        db.session.commit()
-        agency_id = agency.id
-
-    stamped, change_done, errors = threading.Event(), threading.Event(), []
-    ingest = ingest_committing_after(app, agency_id, stamped, change_done, errors)
-    ingest.start()
-    assert stamped.wait(timeout=30)
-    with app.app_context():  # the switch flushes pending usage: the uncommitted event is not visible to it
-        update_client(db.session.get(Agency, agency_id), client_id, {"status": after})
-        db.session.commit()
-    change_done.set()
-    ingest.join(timeout=60)
-    assert not ingest.is_alive() and not errors, errors
-
-    with app.app_context():
-        aggregate()
-        assert db.session.scalar(select(UsageEvent.state)) == expected_state
-        assert db.session.get(RebillClient, client_id).counted_usage == expected_usage
+    state, usage = switch_status_while_an_ingest_is_in_flight(app, "company-shadow-in-flight", before, after)
+    assert state == expected_state
+    assert usage == expected_usage
