@@ -41,6 +41,16 @@ def tick(world, **shift):
     return report_pending_units(world.clock.now())
 
 
+def capped_client_whose_period_ends_in_an_hour(world, setup, *, cap: int):
+    """A client (N = 1) with a monthly cap whose customer's current period (cached) ends an hour from now."""
+    end = (world.clock.now() + dt.timedelta(hours=1)).replace(microsecond=0)
+    start = end.replace(year=end.year - 1, month=12) if end.month == 1 else end.replace(month=end.month - 1)
+    client = world.client(setup, customer_id=world.customer(setup, start=start), billing_unit=1)
+    client.monthly_cap_units = cap
+    refresh_client_period(setup.agency, client)
+    return client, end
+
+
 def test_a_stalled_scheduler_s_late_progress_does_not_forget_count_events_another_scheduler_confirmed(world):
     """A count-meter report of 300 units. Scheduler A claims it (lease 5 min) and stalls before sending (a
     paused process, a long GC). The lease expires; scheduler B claims the row, sends events 1-200 (confirmed,
@@ -102,11 +112,7 @@ def test_a_report_in_doubt_across_the_period_start_counts_toward_the_cap_of_the_
     """
     world.clock.advance(hours=-24)  # D's offer, a day before the aggregation (which runs at the real time)
     setup = world.agency()
-    end = (world.clock.now() + dt.timedelta(hours=1)).replace(microsecond=0)
-    start = end.replace(year=end.year - 1, month=12) if end.month == 1 else end.replace(month=end.month - 1)
-    client = world.client(setup, customer_id=world.customer(setup, start=start), billing_unit=1)
-    client.monthly_cap_units = 10
-    refresh_client_period(setup.agency, client)
+    client, end = capped_client_whose_period_ends_in_an_hour(world, setup, cap=10)
     world.report(client, 8)
     world.state.inject("/v1/billing/meter_events", "server_error")  # not applied; answer: 500
     tick(world)
@@ -145,11 +151,7 @@ def test_a_count_report_s_rest_moved_into_the_new_period_counts_toward_its_cap(w
     """
     world.clock.advance(hours=-24)  # the first period's end, a day before the aggregation (at the real time)
     setup = world.agency(formula="count", event_name="ai_count")
-    end = (world.clock.now() + dt.timedelta(hours=1)).replace(microsecond=0)
-    start = end.replace(year=end.year - 1, month=12) if end.month == 1 else end.replace(month=end.month - 1)
-    client = world.client(setup, customer_id=world.customer(setup, start=start), billing_unit=1)
-    client.monthly_cap_units = 10
-    refresh_client_period(setup.agency, client)
+    client, end = capped_client_whose_period_ends_in_an_hour(world, setup, cap=10)
     world.report(client, 10)
     world.state.inject("/v1/billing/meter_events", "revoke_key", after=4)
     tick(world)
