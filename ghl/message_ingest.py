@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, Text, bindparam, case, cast, event, exists, func, literal, literal_column, select
+from sqlalchemy import Engine, Text, bindparam, case, cast, event, exists, func, literal, literal_column, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
@@ -111,15 +111,26 @@ def _batch_statement():
         return (text if isinstance(type_, Text) else cast(text, type_)).label(name)
 
     rows = select(*(field(name, type_) for name, type_ in _FIELDS.items()), elements.c.ord).cte("input")
+    # Both lookups are LATERAL ... LIMIT 1, i.e. one index probe per row. The plan is generic and lives as
+    # long as the connection, often made while the tables are small (a fresh install, a new database): with
+    # a join or EXISTS, the planner (which guesses 100 rows for the JSON array) then picks a hash over the
+    # whole table, and every later batch pays a scan that grows with the table (bench/README.md).
+    location = (
+        select(_LOCATION.c.agency_id, _LOCATION.c.is_installed)
+        .where(_LOCATION.c.location_id == rows.c.location_id)
+        .limit(1)
+        .lateral("location")
+    )
+    stored = select(_DELIVERY.c.id).where(_DELIVERY.c.webhook_id == rows.c.webhook_id).limit(1).lateral("stored")
     located = (
         select(
             rows,
-            _LOCATION.c.agency_id,
-            _LOCATION.c.is_installed,
+            location.c.agency_id,
+            location.c.is_installed,
             (func.row_number().over(partition_by=rows.c.webhook_id, order_by=rows.c.ord) == 1).label("first_copy"),
-            exists().where(_DELIVERY.c.webhook_id == rows.c.webhook_id).label("stored_before"),
+            stored.c.id.is_not(None).label("stored_before"),
         )
-        .select_from(rows.outerjoin(_LOCATION, _LOCATION.c.location_id == rows.c.location_id))
+        .select_from(rows.outerjoin(location, true()).outerjoin(stored, true()))
         .cte("located")
     )
     candidate = (
