@@ -8,17 +8,20 @@ real PostgreSQL table lock held from another connection: the first batch waits o
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import psycopg
 import pytest
+from psycopg import sql as sql_module
 from sqlalchemy import select
 
 from billing.agencies import ensure_agency
 from billing.models import UsageEvent
 from core.database import db
 from ghl.locations import upsert_location
+from ghl.message_ingest import _BATCH_CONSTANTS, _BATCH_SQL
 from ghl.webhooks import INGEST
 from tests.ghl.fake_ghl import COMPANY_ID, deliveries, encode, load_payload
 
@@ -195,3 +198,35 @@ def test_copies_inside_one_batch_get_the_outcomes_of_the_general_path(app, app_c
         replayed = next(d for d in deliveries() if d.id == delivery.id)
         assert (replayed.status, replayed.error, replayed.processed_at is None) == outcome, webhook_id
     assert usage_ids() == ["msg-opener", "msg-plain", "msg-shared", "msg-twice"]  # nothing counted twice
+
+
+def scans_of(plan: dict, tables: set[str], ancestors: tuple[dict, ...] = ()):
+    """Each node of an EXPLAIN (FORMAT JSON) plan that reads one of ``tables``, with the nodes above it."""
+    if plan.get("Relation Name") in tables and plan["Node Type"] != "ModifyTable":
+        yield plan, ancestors
+    for child in plan.get("Plans", ()):
+        yield from scans_of(child, tables, (*ancestors, plan))
+
+
+def test_the_batch_statement_probes_an_index_per_row_even_when_planned_on_empty_tables(admin_url):
+    # The worker's connections plan the batch statement once (generic plan), often while the tables are
+    # small (a fresh install). A plan that hashes a whole table then makes every later batch scan a table
+    # that only grows: each batch's cost grew with the stored rows (bench/README.md, before a36eeb2).
+    # Planned here on empty tables, as the worker plans it, each read of the delivery and subaccount tables
+    # must be an index probe for one row of the batch, under a nested loop: never a scan, a bitmap or a hash.
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", _BATCH_SQL)))  # psycopg's placeholders, as $1, $2, ...
+    sql = re.sub(r"%\((\w+)\)s", lambda placeholder: f"${names.index(placeholder[1]) + 1}", _BATCH_SQL)
+    values = sql_module.SQL(", ").join(sql_module.Literal(_BATCH_CONSTANTS.get(name, "[]")) for name in names)
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute("SET plan_cache_mode = force_generic_plan")  # as the worker's connections plan it
+        connection.execute(f"PREPARE batch AS {sql}")
+        explain = sql_module.SQL("EXPLAIN (FORMAT JSON) EXECUTE batch({})").format(values)
+        plan = connection.execute(explain).fetchone()[0][0]
+    tables = {"ghl_webhook_delivery", "ghl_location"}
+    reads = list(scans_of(plan["Plan"], tables))
+    assert {node["Relation Name"] for node, _ in reads} == tables
+    for node, ancestors in reads:
+        shape = (node["Relation Name"], node["Node Type"], [above["Node Type"] for above in ancestors])
+        assert node["Node Type"] in ("Index Scan", "Index Only Scan"), shape
+        assert "Nested Loop" in shape[2] and "Hash" not in shape[2], shape
+        assert not any(above.get("Subplan Name", "").startswith("hashed") for above in ancestors), shape
