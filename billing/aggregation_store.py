@@ -85,7 +85,7 @@ class EventMarks(NamedTuple):
     counted: list[int]
 
 
-# What aggregation reads of a client it locks (billing.units._Tally).
+# What aggregation reads of a client it locks (billing.client_tally.ClientTally).
 TALLY_FIELDS = (
     "id",
     "agency_id",
@@ -369,6 +369,11 @@ def take_write_lock() -> None:
     PostgreSQL uses row locks instead, so nothing happens there.
     """
     aggregation_store().take_write_lock()
+
+
+def agency_filter(agency_id: int) -> tuple:
+    """Return the WHERE terms selecting one agency's usage events."""
+    return (_EVENT.agency_id == agency_id,)
 
 
 def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:

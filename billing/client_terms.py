@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from sqlalchemy import func, select, update
 
+from billing.aggregation_store import source_filter
 from billing.models import RebillClient, RebillClientTerm, UnitReport, UsageEvent
 from billing.states import ReportStatus, UsageState
-from billing.units import SINCE_THE_START, flush_client_usage, report_identifier, source_filter
+from billing.units import SINCE_THE_START, flush_client_usage, report_identifier
 from core.database import db, utcnow
 
 _EVENT = UsageEvent.__table__.c

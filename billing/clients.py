@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from billing.aggregation_store import take_write_lock
 from billing.alerts import parse_thresholds, thresholds_of
 from billing.client_terms import (
     set_billing_unit,
@@ -31,7 +32,7 @@ from billing.sources import source_field
 from billing.states import ClientStatus, Provider
 from billing.stripe_gateway import StripeGateway, StripeKeyRejected, StripeRequestRejected, gateway_for
 from billing.stripe_target import StripeTarget
-from billing.units import UNBILLED_STATES, flush_client_usage, take_write_lock
+from billing.units import UNBILLED_STATES, flush_client_usage
 from core.database import db, utcnow
 from core.errors import ClientInvalid, NotFound
 

@@ -40,12 +40,12 @@ import re
 
 from sqlalchemy import select
 
+from billing.aggregation_store import take_write_lock
 from billing.models import Agency, UnitReport
 from billing.periods import REJECTED_LATER
-from billing.reporting import NEEDS_RECONCILE
+from billing.report_claims import NEEDS_RECONCILE
 from billing.states import ReportStatus
 from billing.stripe_gateway import MeterErrorReport
-from billing.units import take_write_lock
 from billing.unsent_remainder import move_unsent_remainder
 from core.database import db, utcnow
 

@@ -29,12 +29,12 @@ import stripe
 from sqlalchemy import Row, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from billing.aggregation_store import take_write_lock
 from billing.client_terms import set_client_status
 from billing.meter_errors import flag_rejected_reports
 from billing.models import Agency, RebillClient, StripeEvent, StripeEventEndpoint
 from billing.states import ClientStatus
 from billing.stripe_gateway import StripeGatewayError, StripeKeyRejected, gateway_for
-from billing.units import take_write_lock
 from core.database import db, utcnow
 from core.delivery_log import DeliveryLog, ReplaySummary
 from core.encryption import SecretUnreadable, secret_box

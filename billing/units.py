@@ -1,77 +1,50 @@
 """Aggregation: turn pending usage events into per-client counted usage, units and outbox rows.
 
-The rules (docs/billing-rules.md) this module implements, each pinned by a named test in tests/billing/test_units.py
-(8 and 12: tests/billing/test_units_isolation.py; 11: tests/billing/test_units_received_time.py; 13:
-tests/billing/test_units_shadow.py):
+It applies docs/billing-rules.md rules 1-5, 7, 8 and 11-13, each pinned by a named test in
+tests/billing/test_units*.py. How it applies them:
 
-1. A client keeps ``remainder`` (usage toward its next unit). On q new counted usage:
-   ``remainder += q; k = remainder // N; remainder -= k * N; units_logged += k``. Nothing is rounded or dropped.
-2. Each event is aggregated once: its state leaves ``pending`` in the same transaction that adds it to its
-   client (the ledger already deduplicated it on its source's event id).
-3. An event whose channel / subaccount no live client maps becomes ``unmapped``, kept and never billed
-   later — unless the agency creates a client with ``bill_unmapped_usage=True`` (billing.clients).
-4. Changing N first counts the client's pending events under the old N, then applies the new N to the
-   carried remainder (``billing.client_terms.set_billing_unit``), so the remainder never re-divides retroactively.
-5. A paused client's events become ``paused`` (measured, visible, never billed); pausing and resuming first
-   count the pending events under the old status, so usage received while paused is never billed.
-7. One pass writes ONE ``UnitReport`` outbox row per client carrying all its new units k, in the same
-   transaction as the counters and the events' state change (the reporter sends one Stripe call for it).
-   A pass works in rounds of at most CLIENTS_PER_ROUND clients (bounded memory); each client's events up
-   to the pass's newest event are all counted in the one round that holds it.
-8. Isolation: one agency's bad data never stops the pass for the others. An impossible value (rule 12) is
-   quarantined where it is: an event beyond what one AI call produces becomes ``quarantined``; a client whose
-   total would pass ``CLIENT_USAGE_MAX`` (or whose N is not positive) gets a ``quarantine_reason`` and its
-   further events are ``quarantined`` — kept, visible, never billed. Anything else that fails a pass (a
-   fault nobody foresaw) rolls that pass back and reruns it agency by agency: only the failing agency's
-   events wait, and the error is logged with its agency id.
-11. An event is judged by the client's settings at the time Rebill first received it (``received_at``), not
-   at the time it is aggregated: usage received from ``term_started_at`` on counts under the client's
-   current status and source, earlier usage under the closed ``RebillClientTerm`` it was received in, or
-   not at all (``unmapped``) before the client existed; edits close terms (billing.client_terms). Passes
-   never see a change half-made: the change holds the client's row lock until it commits, and passes skip
-   locked clients.
-13. A client in ``shadow`` status (a dry run) is aggregated like a paused one: its events become ``shadow``,
-   measured and kept (billing.dry_run shows what they would have billed), never added to its counters, never in
-   an outbox row. Usage received during the dry run stays unbilled after the client is set ``active``, and
-   usage received while active is billed even if it is aggregated after a switch to ``shadow`` (rule 11).
+- Rule 2: an event's state leaves ``pending`` in the transaction that adds it to its client's counters.
+- Rule 7: one ``UnitReport`` outbox row per client per pass, written with the counters and the events' states. A
+  pass works in rounds of at most CLIENTS_PER_ROUND clients (bounded memory); each client's events up to the
+  pass's newest event are all counted in the one round that holds it.
+- Rule 8: an impossible value (rule 12) is quarantined where it is (the event, or the client, whose later
+  events are kept but never counted); any other fault rolls the pass back and reruns it agency by agency.
+- Rule 11: an event counts under the client's current status if received from ``term_started_at`` on, else
+  under the closed ``RebillClientTerm`` it was received in, else not at all (``unmapped``); edits close terms
+  (billing.client_terms). Rules 5 and 13: paused and shadow clients' events are measured, kept, never counted.
 
 Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
 second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
 their clients with ``FOR UPDATE SKIP LOCKED`` in id order before touching counters. Events whose client is
-locked elsewhere (an edit, another aggregator) stay pending for the next pass. Client edits lock the client
-row (waiting) and count its pending events first (``flush_client_usage``); they may wait on an aggregator,
-never the reverse. On SQLite every writer takes the database write lock up front (``take_write_lock``), so
-aggregators and edits simply run one after another. Ingest (``record_usage``) only inserts, so it never
-waits on aggregation on PostgreSQL (a duplicate of an event being aggregated right now waits for that pass).
+locked elsewhere (an edit, another aggregator) stay pending for the next pass, so a pass never sees a change
+half-made. Client edits lock the client row (waiting) and count its pending events first
+(``flush_client_usage``); they may wait on an aggregator, never the reverse. On SQLite every writer takes the
+database write lock up front (``take_write_lock``), so aggregators and edits run one after another. Ingest
+(``record_usage``) only inserts, so it never waits on aggregation on PostgreSQL (a duplicate of an event being
+aggregated right now waits for that pass).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import logging
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
-from sqlalchemy import select
-
+from billing.aggregation_result import AggregationResult
 from billing.aggregation_store import (
     EPOCH,
-    TALLY_FIELDS,
-    AggregationStore,
     ClaimedEvent,
     ClientCounters,
     EventMarks,
     NewReport,
+    agency_filter,
     aggregation_store,
     source_filter,
     take_write_lock,
 )
+from billing.client_tally import CLIENT_USAGE_MAX, ClientTally, give_cap_room
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
-from billing.models import RebillClient, UsageEvent
-from billing.periods import client_periods, units_in_periods
-from billing.sources import ClientKey, client_key, usage_measure
+from billing.models import RebillClient
+from billing.sources import ClientKey, client_key
 from billing.states import ClientStatus, UsageState
 from billing.stripe_limits import usage_timestamp
 from core.database import db, utcnow
@@ -85,10 +58,6 @@ BATCH_SIZE = 20_000
 # clients or agencies with usage (bench/README.md, issue 13); a pass over more clients rereads the events it
 # left, once per extra round.
 CLIENTS_PER_ROUND = 50_000
-# Rule 12: a client's lifetime usage stops counting here, well inside BIGINT (9.2e18). No real client gets
-# near it: 10^8 tokens every second for a hundred years is 3e17, and 4e18 tokens cost about $400 billion even
-# at $0.10 per million. Reaching it means bad data, so the client is quarantined instead of overflowing.
-CLIENT_USAGE_MAX = 4 * 10**18
 # A client created to bill its source's earlier unmapped usage counts everything received before it, too.
 SINCE_THE_START = EPOCH
 # Client statuses whose usage is measured and kept, never billed, with the state their events get: paused
@@ -97,23 +66,6 @@ UNBILLED_STATES = {
     ClientStatus.PAUSED.value: UsageState.PAUSED.value,
     ClientStatus.SHADOW.value: UsageState.SHADOW.value,
 }
-
-_EVENT = UsageEvent.__table__.c
-
-
-@dataclass(frozen=True)
-class AggregationResult:
-    """What one aggregation pass did."""
-
-    events: int = 0  # events that left ``pending`` (counted, paused, ignored or unmapped)
-    units: int = 0  # units logged (sum of the new outbox rows' units)
-    reports: int = 0  # UnitReport outbox rows written (at most one per client)
-    deferred: int = 0  # events left pending because their client was locked by an edit or another pass
-    quarantined: int = 0  # events kept as "quarantined" (rule 12), of those that left pending
-    failed_agencies: tuple[int, ...] = ()  # agencies whose events stay pending after an unforeseen error
-
-    def __add__(self, other: AggregationResult) -> AggregationResult:
-        return AggregationResult(*(getattr(self, field.name) + getattr(other, field.name) for field in fields(self)))
 
 
 def aggregate_pending_usage(
@@ -137,7 +89,7 @@ def aggregate_pending_usage(
     for agency_id in aggregation_store().agencies_with_pending_usage():
         try:
             with db.session.begin_nested():
-                result += _aggregate(batch_size, clients_per_round, where=(_EVENT.agency_id == agency_id,))
+                result += _aggregate(batch_size, clients_per_round, where=agency_filter(agency_id))
         except Exception:
             log.exception(
                 "aggregation failed for one agency; its usage stays pending", extra={"fields": {"agency_id": agency_id}}
@@ -181,58 +133,6 @@ def report_identifier(report_prefix: str, client_id: int, sequence: int) -> str:
     return f"rebill_{report_prefix}_{client_id}_{sequence}"
 
 
-class _Tally:
-    """One locked client's settings, counters, and the usage this pass adds to it.
-
-    Slots and shared strings: a round holds up to CLIENTS_PER_ROUND of these at once.
-    """
-
-    __slots__ = (
-        *TALLY_FIELDS,
-        "term_started",
-        "closed_terms",
-        "measure",
-        "new_usage",
-        "latest",
-        "headroom",
-        "cap_room",
-        "newly_quarantined",
-    )
-
-    def __init__(self, row, store: AggregationStore):
-        for name in TALLY_FIELDS:
-            value = getattr(row, name)
-            setattr(self, name, sys.intern(value) if name in _SHARED_STRINGS and value is not None else value)
-        self.term_started = store.moment(self.term_started_at)  # in the claim's unit of time
-        self.closed_terms: list[tuple] | None = None  # (starts, ends, status, (provider, source_key)), loaded once
-        self.measure = _measure(self.charge_by, self.provider, self.message_source)
-        self.new_usage = 0
-        self.latest: dt.datetime | int | None = None  # in the claim's unit of time
-        # What the client may still count before CLIENT_USAGE_MAX (rule 12); below zero is never written.
-        self.headroom = CLIENT_USAGE_MAX - self.counted_usage
-        # Usage the client may still count this period before its units reach monthly_cap_units (None: no
-        # cap); set by _Aggregation.limit_to_caps.
-        self.cap_room: int | None = None
-        self.newly_quarantined = False
-        if self.quarantine_reason is None and self.billing_unit < 1:
-            self.quarantine(f"its billing unit is {self.billing_unit}, not a positive number; usage kept, not billed")
-
-    def quarantine(self, reason: str) -> None:
-        """Stop counting this client's usage, for a reason the agency and operators can read."""
-        self.quarantine_reason = reason
-        self.newly_quarantined = True
-
-    @property
-    def key(self) -> ClientKey:
-        return (self.agency_id, self.provider, self.source_key)
-
-
-# Settings many clients share: one string object each instead of one per client.
-_SHARED_STRINGS = frozenset(("provider", "charge_by", "message_source", "status"))
-# One measuring function per combination of settings, shared by the clients that have it.
-_measure = functools.cache(usage_measure)
-
-
 class _Aggregation:
     """One round of a pass: claim pending events batch by batch, classify them, write counters and outbox rows.
 
@@ -245,7 +145,7 @@ class _Aggregation:
         self.max_clients = max_clients
         self.store = aggregation_store()
         self.now = utcnow()
-        self.by_key: dict[ClientKey, _Tally] = {}
+        self.by_key: dict[ClientKey, ClientTally] = {}
         self.events = 0
         self.deferred = 0
         self.units = 0
@@ -257,9 +157,9 @@ class _Aggregation:
     def adopt(self, client: RebillClient) -> None:
         """Aggregate for a client the caller already locked."""
         db.session.flush()
-        tally = _Tally(client, self.store)
+        tally = ClientTally(client, self.store)
         self.by_key[tally.key] = tally
-        self.limit_to_caps([tally])
+        give_cap_room([tally], self.now)
 
     def run(self, *, batch_size: int, where: Sequence = (), after: int, newest: int) -> None:
         """Claim and classify pending events with after < id <= newest, batch by batch."""
@@ -301,31 +201,15 @@ class _Aggregation:
             chosen = ids[taken:] if room is None else ids[taken : taken + room]
             taken += len(chosen)
             for locked in self.store.lock_clients(chosen, skip_locked=self.skip_locked):
-                tallies = [_Tally(row, self.store) for row in locked]
+                tallies = [ClientTally(row, self.store) for row in locked]
                 for tally in tallies:
                     self.by_key[tally.key] = tally
-                self.limit_to_caps(tallies)
+                give_cap_room(tallies, self.now)
                 if room is not None:
                     room -= len(tallies)
         left = set(ids[taken:])
         postponed = {(client.agency_id, client.provider, client.source_key) for client in found if client.id in left}
         return live, postponed
-
-    def limit_to_caps(self, tallies: list[_Tally]) -> None:
-        """Give each capped client the usage it may still count before this period's units reach the cap.
-
-        Units in the period are the money view's (billing.periods: the client's Stripe billing period, else
-        the calendar month; units sent or waiting). The remainder already carried counts toward the next
-        unit, so the room ends exactly on the cap's unit boundary.
-        """
-        capped = {tally.id: tally for tally in tallies if tally.monthly_cap_units is not None}
-        if not capped:
-            return
-        clients = db.session.scalars(select(RebillClient).where(RebillClient.id.in_(list(capped)))).all()
-        units = units_in_periods(client_periods(clients, self.now), self.now)
-        for client_id, tally in capped.items():
-            units_left = max(0, tally.monthly_cap_units - units.get(client_id, 0))
-            tally.cap_room = max(0, units_left * tally.billing_unit - tally.remainder)
 
     def _classify(
         self, rows: Sequence, keys: list[ClientKey], live_keys: set[ClientKey], postponed_keys: set[ClientKey]
@@ -353,7 +237,9 @@ class _Aggregation:
             # Rule 11: the client's status when Rebill received the event; None: no client of it then.
             status = None
             if tally is not None:
-                status = tally.status if received >= tally.term_started else self._status_at(tally, received)
+                status = (
+                    tally.status if received >= tally.term_started else tally.status_before_term(received, self.store)
+                )
             if inputs > max_tokens or outputs > max_tokens or messages > max_messages:
                 # Rule 12: more than one AI call produces (stored before the ingest bounds existed).
                 state, quantity = quarantined, 0
@@ -393,22 +279,6 @@ class _Aggregation:
             client_ids.append(tally.id if status is not None else 0)
             quantities.append(quantity)
         return EventMarks(ids, states, client_ids, quantities)
-
-    def _status_at(self, tally: _Tally, received: dt.datetime | int) -> str | None:
-        """Return the client's status for usage received before its current term; None: not its usage then.
-
-        Rare (an ingest that committed after a change, a replay): the client's closed terms are read once.
-        """
-        if tally.closed_terms is None:
-            moment = self.store.moment
-            tally.closed_terms = [
-                (moment(term.starts_at), moment(term.ends_at), term.status, (term.provider, term.source_key))
-                for term in self.store.closed_terms(tally.id)
-            ]
-        for starts, ends, status, source in tally.closed_terms:
-            if starts <= received < ends:
-                return status if source == (tally.provider, tally.source_key) else None
-        return None
 
     def finish(self) -> AggregationResult:
         """Apply the rule-1 arithmetic per client and write counters and one outbox row per client."""
@@ -455,7 +325,7 @@ class _Aggregation:
             quarantined=self.quarantined,
         )
 
-    def _write_quarantines(self, tallies: list[_Tally]) -> None:
+    def _write_quarantines(self, tallies: list[ClientTally]) -> None:
         """Record why these clients stopped counting (rare: one statement per client)."""
         for tally in tallies:
             log.error(

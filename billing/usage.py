@@ -7,11 +7,11 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
+from billing.aggregation_store import source_filter
 from billing.clients import get_client
 from billing.models import Agency, RebillClient, UnitReport, UsageEvent
 from billing.sources import client_source
 from billing.states import ReportStatus, UsageState
-from billing.units import source_filter
 from core.database import db, is_postgresql, utcnow
 
 DAILY_DAYS = 30
