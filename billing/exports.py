@@ -40,56 +40,47 @@ def export_rows(client: RebillClient, start: dt.datetime, end: dt.datetime, *, f
     timestamp) in [start, end). ``for_agency`` False (the agency's customer) leaves out the report
     identifiers and Stripe's raw error texts."""
     yield list(EXPORT_COLUMNS)
-    events = (
-        select(UsageEvent)
-        .where(UsageEvent.client_id == client.id, UsageEvent.occurred_at >= start, UsageEvent.occurred_at < end)
-        .order_by(UsageEvent.occurred_at, UsageEvent.id)
+    for event in _in_range(UsageEvent, UsageEvent.occurred_at, client, start, end):
+        yield _row(
+            record="usage",
+            time=_iso(event.received_at),
+            occurred_at=_iso(event.occurred_at),
+            event_id=_text(event.source_event_id),
+            source=event.source,
+            model=_text(event.model or ""),
+            input_tokens=event.input_tokens,
+            output_tokens=event.output_tokens,
+            messages=event.messages,
+            state=event.state,
+            counted=event.counted,
+        )
+    for report in _in_range(UnitReport, UnitReport.usage_timestamp, client, start, end):
+        yield _row(
+            record="unit_report",
+            time=_iso(report.created_at),
+            occurred_at=_iso(report.usage_timestamp),
+            units=report.units,
+            report_identifier=report.identifier if for_agency else "",
+            report_status=report.status,
+            sent_at=_iso(report.sent_at),
+            last_error=_text(report.last_error or "") if for_agency else "",
+        )
+
+
+def _in_range(model, moment, client: RebillClient, start: dt.datetime, end: dt.datetime):
+    """Return the client's rows of ``model`` whose ``moment`` lies in [start, end), in its order, read in batches."""
+    query = (
+        select(model)
+        .where(model.client_id == client.id, moment >= start, moment < end)
+        .order_by(moment, model.id)
         .execution_options(yield_per=BATCH)
     )
-    for event in db.session.scalars(events):
-        yield [
-            "usage",
-            _iso(event.received_at),
-            _iso(event.occurred_at),
-            _text(event.source_event_id),
-            event.source,
-            _text(event.model or ""),
-            event.input_tokens,
-            event.output_tokens,
-            event.messages,
-            event.state,
-            event.counted,
-            "",
-            "",
-            "",
-            "",
-            "",
-        ]
-    reports = (
-        select(UnitReport)
-        .where(UnitReport.client_id == client.id, UnitReport.usage_timestamp >= start, UnitReport.usage_timestamp < end)
-        .order_by(UnitReport.usage_timestamp, UnitReport.id)
-        .execution_options(yield_per=BATCH)
-    )
-    for report in db.session.scalars(reports):
-        yield [
-            "unit_report",
-            _iso(report.created_at),
-            _iso(report.usage_timestamp),
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            report.units,
-            report.identifier if for_agency else "",
-            report.status,
-            _iso(report.sent_at),
-            _text(report.last_error or "") if for_agency else "",
-        ]
+    return db.session.scalars(query)
+
+
+def _row(**cells) -> list:
+    """Return one CSV row in EXPORT_COLUMNS order; a column the record does not have is empty."""
+    return [cells.get(column, "") for column in EXPORT_COLUMNS]
 
 
 def _iso(moment: dt.datetime | None) -> str:
