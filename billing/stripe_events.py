@@ -281,13 +281,7 @@ def _delete_destination_quietly(agency: Agency, destination_id: str) -> None:
 
 def find_endpoint(route_id: str) -> StripeEventEndpoint | None:
     """Return the registered endpoint named by a webhook URL, or None."""
-    if not route_id or len(route_id) > 64:
-        return None
-    return db.session.scalars(
-        select(StripeEventEndpoint).where(
-            StripeEventEndpoint.route_id == route_id, StripeEventEndpoint.status == "registered"
-        )
-    ).one_or_none()
+    return _registered(route_id, StripeEventEndpoint.status)
 
 
 def verify_signature(endpoint: StripeEventEndpoint, payload: bytes, header: str | None) -> bool:
@@ -302,12 +296,16 @@ def verify_signature(endpoint: StripeEventEndpoint, payload: bytes, header: str 
 
 def find_destination(route_id: str) -> StripeEventEndpoint | None:
     """Return the endpoint whose thin-event destination a ``.../thin`` URL names, or None."""
+    return _registered(route_id, StripeEventEndpoint.destination_status)
+
+
+def _registered(route_id: str, status) -> StripeEventEndpoint | None:
+    """Return the endpoint of this route id whose ``status`` column (the endpoint's or the destination's) says
+    registered, or None."""
     if not route_id or len(route_id) > 64:
         return None
     return db.session.scalars(
-        select(StripeEventEndpoint).where(
-            StripeEventEndpoint.route_id == route_id, StripeEventEndpoint.destination_status == "registered"
-        )
+        select(StripeEventEndpoint).where(StripeEventEndpoint.route_id == route_id, status == "registered")
     ).one_or_none()
 
 

@@ -48,16 +48,7 @@ def receive_stripe_event(route_id: str):
         event = read_event(payload)
     except StripeEventInvalid as error:
         return jsonify(error=str(error)), 400
-    try:
-        row_id = store_event(agency_id, event, payload.decode("utf-8"))
-        db.session.commit()
-    except SQLAlchemyError as error:
-        db.session.rollback()
-        log.error("cannot store a Stripe event; answering 503", extra={"fields": {"error": type(error).__name__}})
-        return jsonify(error="cannot store the event right now; retry later"), 503
-    if row_id is None:
-        return jsonify(status="duplicate")
-    return jsonify(status=process_event(row_id))
+    return _store_and_process(agency_id, event, payload, "Stripe event")
 
 
 @blueprint.post("/webhooks/stripe/<route_id>/thin")
@@ -75,12 +66,17 @@ def receive_stripe_thin_event(route_id: str):
         return jsonify(error=str(error)), 400
     if event is None:
         return jsonify(error="missing or invalid Stripe-Signature"), 401
+    return _store_and_process(agency_id, event, payload, "Stripe thin event")
+
+
+def _store_and_process(agency_id: int, event: dict, payload: bytes, kind: str):
+    """Store a verified event and commit, then process it; answer 200 (processed or duplicate) or 503."""
     try:
         row_id = store_event(agency_id, event, payload.decode("utf-8"))
         db.session.commit()
     except SQLAlchemyError as error:
         db.session.rollback()
-        log.error("cannot store a Stripe thin event; answering 503", extra={"fields": {"error": type(error).__name__}})
+        log.error(f"cannot store a {kind}; answering 503", extra={"fields": {"error": type(error).__name__}})
         return jsonify(error="cannot store the event right now; retry later"), 503
     if row_id is None:
         return jsonify(status="duplicate")
