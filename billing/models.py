@@ -236,7 +236,20 @@ class UnitReport(TimestampMixin, db.Model):
     """Outbox row: k units of one client on their way to Stripe under a deterministic identifier."""
 
     __tablename__ = "unit_report"
-    __table_args__ = (Index("ix_unit_report_status_next", "status", "next_attempt_at"), allowed("status", ReportStatus))
+    __table_args__ = (
+        Index("ix_unit_report_status_next", "status", "next_attempt_at"),
+        # Reporting's claim reads each agency's first due rows in this order (billing.report_claims): a few
+        # index entries per agency, however long any agency's backlog or history is.
+        Index(
+            "ix_unit_report_agency_due",
+            "agency_id",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        allowed("status", ReportStatus),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"), index=True)

@@ -13,14 +13,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, select, text, tuple_, update
 
 from billing.models import Agency, RebillClient, UnitReport
 from billing.states import ReportStatus
 from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE
 from billing.stripe_target import CLIENT_COLUMNS, METER, REPORT_COLUMNS, StripeTarget
 from billing.units import take_write_lock
-from core.database import db, is_postgresql, utcnow
+from core.database import UTCDateTime, db, is_postgresql, utcnow
 
 log = logging.getLogger("billing.reporting")
 
@@ -144,12 +144,32 @@ def backoff_delay(attempts: int) -> dt.timedelta:
 
 
 # Claims of several schedulers take turns on PostgreSQL (a transaction-level advisory lock, held for the
-# claim's few milliseconds). The round-robin choice below ranks every due row with a window function, which
-# cannot skip rows another claim has locked: without turns, a second scheduler chose the same rows, found
-# them locked, took its empty claim for "nothing due" and stopped. Taking turns, it sees the first claim's
+# claim's few milliseconds). The round-robin choice below reads due rows without locking them, so it cannot
+# skip rows another claim is locking: without turns, a second scheduler chose the same rows, found them
+# locked, took its empty claim for "nothing due" and stopped. Taking turns, it sees the first claim's
 # leases and chooses among the rows still due. Stripe is called after the claim commits, so schedulers
 # still send in parallel. The key is Rebill's own ("RBCL"; core.leader_lock takes "RBHK").
 CLAIM_LOCK_KEY = 0x5242434C
+# Reads of the agencies' first due rows one claim makes at most (see _choose_due_rows); a batch left short
+# by them is filled by the next claim.
+CLAIM_ROUNDS = 4
+_BEFORE_ANY_ROW = (dt.datetime(1, 1, 1, tzinfo=dt.UTC), 0)  # a cursor before every (next_attempt_at, id)
+# Each given agency's first ``per_agency`` due rows after its cursor, in due order: one range of
+# ix_unit_report_agency_due per agency (docs/billing-rules.md rule 8).
+_FIRST_DUE_ROWS = text(
+    """
+    SELECT c.agency_id, r.next_attempt_at, r.id
+    FROM unnest(CAST(:agency_ids AS integer[]), CAST(:after_times AS timestamptz[]), CAST(:after_ids AS bigint[]))
+        AS c(agency_id, after_time, after_id)
+    CROSS JOIN LATERAL (
+        SELECT next_attempt_at, id FROM unit_report
+        WHERE agency_id = c.agency_id AND status = 'pending' AND next_attempt_at <= :start
+            AND (next_attempt_at, id) > (c.after_time, c.after_id)
+        ORDER BY next_attempt_at, id
+        LIMIT :per_agency
+    ) AS r
+    """
+).bindparams(bindparam("start", type_=UTCDateTime()))
 
 
 def _serialise_claims() -> None:
@@ -157,32 +177,88 @@ def _serialise_claims() -> None:
         db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
 
+def _choose_due_rows(start: dt.datetime) -> list[int]:
+    """Choose up to CLAIM_BATCH due rows round-robin across agencies with a working key; return their ids.
+
+    Each agency's longest-due row first (``next_attempt_at``, then id), then each one's second...: a backlog
+    of one agency fills a batch only when no other agency has rows due (rule 8). The choice reads a few rows
+    per agency, never every due row: in rounds, each agency still in play gives its next
+    ceil(room / agencies in play) due rows after what it gave before; an agency that has no more drops out,
+    and the rows are taken in turn order until the batch is full. The agencies left in a round all gave the
+    same number of rows in every round before, so the turns of a round follow those of the one before, and
+    the batch is exactly the first CLAIM_BATCH due rows in turn order, as ranking every due row would give
+    (tests/billing/test_report_claims.py), unless CLAIM_ROUNDS end it short (the next claim goes on).
+    """
+    agencies = db.session.scalars(select(Agency.id).where(Agency.stripe_key_status == "ok")).all()
+    cursors = dict.fromkeys(agencies, _BEFORE_ANY_ROW)
+    chosen: list[int] = []
+    for _ in range(CLAIM_ROUNDS):
+        room = CLAIM_BATCH - len(chosen)
+        if room <= 0 or not cursors:
+            break
+        per_agency = -(-room // len(cursors))
+        given = _first_due_rows(cursors, per_agency, start)
+        in_turn = sorted((turn, due) for rows in given.values() for turn, due in enumerate(rows))
+        chosen.extend(row_id for _, (_, row_id) in in_turn[:room])
+        cursors = {agency_id: rows[-1] for agency_id, rows in given.items() if len(rows) == per_agency}
+    return chosen
+
+
+def _first_due_rows(
+    cursors: dict[int, tuple[dt.datetime, int]], per_agency: int, start: dt.datetime
+) -> dict[int, list[tuple[dt.datetime, int]]]:
+    """Each agency's first ``per_agency`` due rows after its cursor, as (next_attempt_at, id) in due order."""
+    given: dict[int, list[tuple[dt.datetime, int]]] = defaultdict(list)
+    if is_postgresql():  # one statement: a lateral index range per agency
+        rows = db.session.execute(
+            _FIRST_DUE_ROWS,
+            {
+                "agency_ids": list(cursors),
+                "after_times": [after for after, _ in cursors.values()],
+                "after_ids": [row_id for _, row_id in cursors.values()],
+                "per_agency": per_agency,
+                "start": start,
+            },
+        )
+        for agency_id, due_at, row_id in rows:
+            given[agency_id].append((due_at, row_id))
+        return given
+    for agency_id, after in cursors.items():  # SQLite (one process, in-process calls): a query per agency
+        rows = db.session.execute(
+            select(_REPORT.c.next_attempt_at, _REPORT.c.id)
+            .where(
+                _REPORT.c.agency_id == agency_id,
+                _REPORT.c.status == ReportStatus.PENDING,
+                _REPORT.c.next_attempt_at <= start,
+                tuple_(_REPORT.c.next_attempt_at, _REPORT.c.id) > after,  # typed as the columns
+            )
+            .order_by(_REPORT.c.next_attempt_at, _REPORT.c.id)
+            .limit(per_agency)
+        )
+        given[agency_id].extend((due_at, row_id) for due_at, row_id in rows)
+    return {agency_id: rows for agency_id, rows in given.items() if rows}
+
+
 def claim_batch(clock: TickClock, result: ReportingResult) -> list[Claim]:
     """Lease up to CLAIM_BATCH due rows, round-robin across agencies with a working key, and commit.
 
-    One read of the due rows with their clients (locked on PostgreSQL, skipping rows another tick holds; on
-    SQLite this transaction is the writer from the start), then the leases, attempt counts and first-offer
-    targets written row by row in one executemany, and the rows not sent now (future timestamp, client
-    incomplete, quarantined) likewise.
+    The choice (_choose_due_rows), then one read of the chosen rows with their clients (locked on PostgreSQL,
+    skipping rows another tick holds, and re-checked as due; on SQLite this transaction is the writer from the
+    start), then the leases, attempt counts and first-offer targets written row by row in one executemany,
+    and the rows not sent now (future timestamp, client incomplete, quarantined) likewise.
     """
     now = clock.now()
     take_write_lock()
     _serialise_claims()
+    chosen = _choose_due_rows(clock.start)
+    if not chosen:
+        db.session.rollback()
+        return []
     due = (
         _REPORT.c.status == ReportStatus.PENDING,
         _REPORT.c.next_attempt_at <= clock.start,
         _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
     )
-    # Each agency's oldest due row first, then each one's second...: a backlog of one agency fills a batch
-    # only when no other agency has rows due.
-    ranked = (
-        select(
-            _REPORT.c.id, func.row_number().over(partition_by=_REPORT.c.agency_id, order_by=_REPORT.c.id).label("turn")
-        )
-        .where(*due)
-        .subquery()
-    )
-    chosen = select(ranked.c.id).order_by(ranked.c.turn, ranked.c.id).limit(CLAIM_BATCH)
     statement = (
         select(*_CLAIM_COLUMNS)
         .join_from(_REPORT, _CLIENT, _CLIENT.c.id == _REPORT.c.client_id)

@@ -1,0 +1,140 @@
+"""Reporting's claim: round-robin across agencies without ranking every due row (rule 8), disjoint across schedulers.
+
+The choice reads each agency's next few due rows in rounds (billing.report_claims._choose_due_rows); these tests
+hold it to what ranking every due row gives (each agency's longest-due row first, then each one's second...),
+and check that concurrent claims on PostgreSQL lease every due row once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+from collections import defaultdict
+
+import pytest
+from sqlalchemy import insert, select
+
+from billing import report_claims
+from billing.models import UnitReport
+from billing.report_claims import CLAIM_BATCH, ReportingResult, TickClock, claim_batch
+from billing.units import report_identifier
+from core.database import db
+
+
+def insert_rows(client, count: int, *, due: dt.datetime, spread: int = 0, rng=None, **values) -> None:
+    """``count`` outbox rows of one client, due at ``due`` (or up to ``spread`` seconds before it, some tied)."""
+    rows = [
+        {
+            "agency_id": client.agency_id,
+            "client_id": client.id,
+            "identifier": report_identifier(client.report_prefix, client.id, client.report_sequence + n),
+            "units": 1,
+            "usage_timestamp": due,
+            "next_attempt_at": due - dt.timedelta(seconds=rng.randrange(spread) if spread else 0),
+            **values,
+        }
+        for n in range(1, count + 1)
+    ]
+    client.report_sequence += count
+    if rows:
+        db.session.execute(insert(UnitReport), rows)
+
+
+def ranked_due_rows(start: dt.datetime, agencies_ok: set[int]) -> list[int]:
+    """Every due row ranked as the claim used to rank them: turn within its agency, then due time, then id."""
+    rows = db.session.execute(
+        select(UnitReport.agency_id, UnitReport.next_attempt_at, UnitReport.id).where(
+            UnitReport.status == "pending", UnitReport.next_attempt_at <= start
+        )
+    ).all()
+    by_agency = defaultdict(list)
+    for agency_id, due_at, row_id in rows:
+        if agency_id in agencies_ok:
+            by_agency[agency_id].append((due_at, row_id))
+    ranked = sorted((turn, due) for rows in by_agency.values() for turn, due in enumerate(sorted(rows)))
+    return [row_id for _, (_, row_id) in ranked]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_claim_chooses_the_first_due_rows_in_round_robin_order_without_ranking_them_all(world, monkeypatch, seed):
+    rng = random.Random(seed)
+    batch = rng.choice([5, 13, 40])
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", batch)
+    now = world.clock.now()
+    setups = [world.agency() for _ in range(5)]
+    for setup in setups:
+        client = world.client(setup)
+        # Backlogs from none to many times the batch; due times spread over a minute, with ties (same second).
+        insert_rows(client, rng.choice([0, 1, 2, batch // 2, batch, 3 * batch, 10 * batch]), due=now, spread=60,
+                    rng=rng)  # fmt: skip
+        insert_rows(client, rng.randrange(4), due=now + dt.timedelta(minutes=5))  # leased or backing off
+        insert_rows(client, rng.randrange(4), due=now - dt.timedelta(minutes=5), status="sent")
+        insert_rows(client, rng.randrange(4), due=now - dt.timedelta(minutes=5), status="failed")
+    setups[0].agency.stripe_key_status = "needs_attention"  # its rows wait for the key
+    db.session.flush()
+    expected = ranked_due_rows(now, {setup.agency.id for setup in setups[1:]})
+
+    monkeypatch.setattr(report_claims, "CLAIM_ROUNDS", 100)  # enough rounds: exactly the ranked prefix
+    assert report_claims._choose_due_rows(now) == expected[:batch]
+    monkeypatch.setattr(report_claims, "CLAIM_ROUNDS", 1)  # fewer: still a prefix, never empty while rows are due
+    chosen = report_claims._choose_due_rows(now)
+    assert chosen == expected[: len(chosen)] and (len(chosen) > 0) == (len(expected) > 0)
+
+
+def test_an_agency_with_a_large_backlog_leaves_room_for_every_other_agency_in_one_claim(world):
+    now = world.clock.now()
+    big = world.agency()
+    insert_rows(world.client(big), 3 * CLAIM_BATCH, due=now - dt.timedelta(minutes=10))  # older than all others
+    small = [world.agency() for _ in range(3)]
+    small_clients = [world.client(setup) for setup in small]
+    for number, client in enumerate(small_clients):
+        insert_rows(client, 2 + number, due=now - dt.timedelta(seconds=5))
+    db.session.commit()
+
+    claims = claim_batch(TickClock(now, dt.timedelta(minutes=1)), ReportingResult())
+
+    by_agency = defaultdict(int)
+    for claim in claims:
+        by_agency[claim.agency_id] += 1
+    assert len(claims) == CLAIM_BATCH
+    assert [by_agency[setup.agency.id] for setup in small] == [2, 3, 4]  # all of theirs, in the first claim
+    assert by_agency[big.agency.id] == CLAIM_BATCH - 9
+
+
+def test_three_concurrent_claim_loops_lease_every_due_row_exactly_once(world, stripe_app, postgres_only, monkeypatch):
+    """PostgreSQL: three schedulers claiming at once (small batches, so they interleave) never share a row."""
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 50)
+    now = world.clock.now()
+    rng = random.Random(7)
+    for count in (900, 120, 7, 1):
+        insert_rows(world.client(world.agency()), count, due=now, spread=30, rng=rng)
+    db.session.commit()
+    due = set(db.session.scalars(select(UnitReport.id)))
+    leased: list[list[int]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def scheduler():
+        mine = []
+        with stripe_app.app_context():
+            try:
+                barrier.wait()
+                while claims := claim_batch(TickClock(now, dt.timedelta(minutes=1)), ReportingResult()):
+                    mine.extend(claim.report_id for claim in claims)
+            except BaseException as error:  # surfaced below
+                errors.append(error)
+            finally:
+                db.session.remove()
+        leased.append(mine)
+
+    threads = [threading.Thread(target=scheduler) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    every = [row_id for mine in leased for row_id in mine]
+    assert len(every) == len(set(every)) == len(due) and set(every) == due  # each row leased once, none missed
+    db.session.expire_all()
+    assert {report.attempts for report in db.session.scalars(select(UnitReport))} == {1}
