@@ -33,7 +33,11 @@ DEDUPE_SAFE_AGE = IDENTIFIER_DEDUPE_WINDOW - dt.timedelta(hours=1)
 MAX_EVENT_AGE = METER_EVENT_MAX_AGE - dt.timedelta(minutes=10)
 BACKOFF_BASE = dt.timedelta(seconds=30)
 BACKOFF_CAP = dt.timedelta(hours=1)
-CLAIM_BATCH = 1000
+# Rows leased per claim. Small enough that several scheduler processes share a small backlog (a claim is the
+# unit of sharing: 2,000 due rows in claims of 1,000 kept two of four processes idle) and each batch's tail, where
+# sender threads run out of work, is short; large enough that the claim and record statements stay a small part
+# of the tick (bench/README.md, "Reporting with several processes").
+CLAIM_BATCH = 250
 NEEDS_RECONCILE = "needs reconcile"
 QUARANTINED = "quarantined"
 
@@ -177,7 +181,7 @@ def _serialise_claims() -> None:
         db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
 
-def _choose_due_rows(start: dt.datetime) -> list[int]:
+def _choose_due_rows(start: dt.datetime, resume: dict[int, tuple[dt.datetime, int]] | None = None) -> list[int]:
     """Choose up to CLAIM_BATCH due rows round-robin across agencies with a working key; return their ids.
 
     Each agency's longest-due row first (``next_attempt_at``, then id), then each one's second...: a backlog
@@ -188,9 +192,29 @@ def _choose_due_rows(start: dt.datetime) -> list[int]:
     same number of rows in every round before, so the turns of a round follow those of the one before, and
     the batch is exactly the first CLAIM_BATCH due rows in turn order, as ranking every due row would give
     (tests/billing/test_report_claims.py), unless CLAIM_ROUNDS end it short (the next claim goes on).
+
+    ``resume`` (a tick's own, kept across its claims and updated here): each agency's last chosen row, where
+    its next read starts. Rows a claim leased or sent leave index entries behind until VACUUM (every lease
+    moves ``next_attempt_at``), so reading from each agency's first row on every claim would step over all
+    the rows the tick already handled: quadratic again. When nothing is due after those places, the agencies
+    are read once more from their first row: rows due again behind them (a count-meter slice, a row skipped
+    while locked) are still claimed in this tick.
     """
     agencies = db.session.scalars(select(Agency.id).where(Agency.stripe_key_status == "ok")).all()
-    cursors = dict.fromkeys(agencies, _BEFORE_ANY_ROW)
+    if resume:
+        chosen = _choose_after({agency_id: resume.get(agency_id, _BEFORE_ANY_ROW) for agency_id in agencies},
+                               start, resume)  # fmt: skip
+        if chosen:
+            return chosen
+    return _choose_after(dict.fromkeys(agencies, _BEFORE_ANY_ROW), start, resume)
+
+
+def _choose_after(
+    cursors: dict[int, tuple[dt.datetime, int]],
+    start: dt.datetime,
+    resume: dict[int, tuple[dt.datetime, int]] | None,
+) -> list[int]:
+    """The rounds of _choose_due_rows from each agency's cursor; notes each agency's last chosen row in ``resume``."""
     chosen: list[int] = []
     for _ in range(CLAIM_ROUNDS):
         room = CLAIM_BATCH - len(chosen)
@@ -198,8 +222,11 @@ def _choose_due_rows(start: dt.datetime) -> list[int]:
             break
         per_agency = -(-room // len(cursors))
         given = _first_due_rows(cursors, per_agency, start)
-        in_turn = sorted((turn, due) for rows in given.values() for turn, due in enumerate(rows))
-        chosen.extend(row_id for _, (_, row_id) in in_turn[:room])
+        in_turn = sorted((turn, due, agency_id) for agency_id, rows in given.items() for turn, due in enumerate(rows))
+        for _, due, agency_id in in_turn[:room]:
+            chosen.append(due[1])
+            if resume is not None:
+                resume[agency_id] = due  # taken in turn order: each agency's rows in due order
         cursors = {agency_id: rows[-1] for agency_id, rows in given.items() if len(rows) == per_agency}
     return chosen
 
@@ -239,8 +266,13 @@ def _first_due_rows(
     return {agency_id: rows for agency_id, rows in given.items() if rows}
 
 
-def claim_batch(clock: TickClock, result: ReportingResult) -> list[Claim]:
+def claim_batch(
+    clock: TickClock, result: ReportingResult, resume: dict[int, tuple[dt.datetime, int]] | None = None
+) -> list[Claim]:
     """Lease up to CLAIM_BATCH due rows, round-robin across agencies with a working key, and commit.
+
+    ``resume``: where this tick's previous claims left each agency (see _choose_due_rows); a tick passes the
+    same dict to each of its claims.
 
     The choice (_choose_due_rows), then one read of the chosen rows with their clients (locked on PostgreSQL,
     skipping rows another tick holds, and re-checked as due; on SQLite this transaction is the writer from the
@@ -250,7 +282,7 @@ def claim_batch(clock: TickClock, result: ReportingResult) -> list[Claim]:
     now = clock.now()
     take_write_lock()
     _serialise_claims()
-    chosen = _choose_due_rows(clock.start)
+    chosen = _choose_due_rows(clock.start, resume)
     if not chosen:
         db.session.rollback()
         return []

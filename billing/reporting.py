@@ -101,6 +101,9 @@ log = logging.getLogger("billing.reporting")
 
 # Share of the scheduler interval a tick's reporting may take (the rest is aggregation and slack).
 BUDGET_SHARE = 0.75
+# Agencies' Stripe gateways a tick keeps between batches (~5.5 KB each, bench/README.md): beyond them, those of
+# agencies not in the batch just sent are dropped, so a tick's memory does not grow with the agencies it serves.
+GATEWAYS_KEPT = 1000
 
 _REPORT = UnitReport.__table__
 
@@ -117,19 +120,41 @@ def report_pending_units(now: dt.datetime | None = None, budget: dt.timedelta | 
     reads = TickReads(budget.total_seconds())
     result = ReportingResult()
     gateways: dict[int, StripeGateway | StripeKeyRejected] = {}
+    calls_of_dropped_gateways = 0
+    resume: dict = {}  # where each agency's next claim starts (billing.report_claims._choose_due_rows)
     workers = config["STRIPE_CONCURRENCY"]
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
             # At least one batch per tick, so every agency with rows due makes progress whatever the budget.
-            while claims := claim_batch(clock, result):
-                outcomes = process_batch(claims, gateways, clock, reads, pool if workers > 1 else None)
+            while claims := claim_batch(clock, result, resume):
+                outcomes = process_batch(claims, gateways, clock, reads, pool if workers > 1 else None, workers)
                 _record_outcomes(outcomes, clock, result)
+                calls_of_dropped_gateways += _drop_gateways(gateways, keep={claim.agency_id for claim in claims})
                 if clock.spent():
                     break
         result.budget_spent = clock.spent()
     finally:
-        result.stripe_calls = sum(g.calls for g in gateways.values() if isinstance(g, StripeGateway))
+        result.stripe_calls = calls_of_dropped_gateways + sum(
+            g.calls for g in gateways.values() if isinstance(g, StripeGateway)
+        )
     return result
+
+
+def _drop_gateways(gateways: dict[int, StripeGateway | StripeKeyRejected], keep: set[int]) -> int:
+    """Bound the gateways a tick holds (~5.5 KB each): past GATEWAYS_KEPT, drop those of agencies not in ``keep``.
+
+    Returns the Stripe calls the dropped ones made, for the tick's count. An agency whose gateway was dropped
+    gets a new one if a later batch has its rows; one whose key was refused is flagged by then and has no more
+    rows due in this tick.
+    """
+    if len(gateways) <= GATEWAYS_KEPT:
+        return 0
+    calls = 0
+    for agency_id in [agency_id for agency_id in gateways if agency_id not in keep]:
+        gateway = gateways.pop(agency_id)
+        if isinstance(gateway, StripeGateway):
+            calls += gateway.calls
+    return calls
 
 
 def retry_failed_reports(agency: Agency, client_id: int | None = None) -> int:

@@ -13,9 +13,9 @@ import threading
 from collections import defaultdict
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
-from billing import report_claims
+from billing import report_claims, reporting
 from billing.models import UnitReport
 from billing.report_claims import CLAIM_BATCH, ReportingResult, TickClock, claim_batch
 from billing.units import report_identifier
@@ -138,3 +138,53 @@ def test_three_concurrent_claim_loops_lease_every_due_row_exactly_once(world, st
     assert len(every) == len(set(every)) == len(due) and set(every) == due  # each row leased once, none missed
     db.session.expire_all()
     assert {report.attempts for report in db.session.scalars(select(UnitReport))} == {1}
+
+
+def test_a_tick_drops_gateways_of_agencies_past_its_bound_and_still_counts_their_calls(world, monkeypatch):
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 1)  # a batch per row: one agency per batch
+    monkeypatch.setattr(reporting, "GATEWAYS_KEPT", 1)
+    held: list[int] = []
+    drop = reporting._drop_gateways
+
+    def watching(gateways, keep):
+        calls = drop(gateways, keep)
+        held.append(len(gateways))
+        return calls
+
+    monkeypatch.setattr(reporting, "_drop_gateways", watching)
+    setups = [world.agency() for _ in range(3)]
+    clients = [world.client(setup) for setup in setups for _ in range(2)]
+    for client in clients:
+        world.report(client, 3)
+    db.session.commit()
+
+    result = reporting.report_pending_units(world.clock.now())
+
+    assert result.reports_sent == 6 and result.stripe_calls == len(world.calls()) == 6
+    assert max(held) == 1  # never more than the bound between batches
+    assert all(world.stripe_total(setup, client) == 3 for setup in setups for client in clients
+               if client.agency_id == setup.agency.id)  # fmt: skip
+
+
+def test_a_tick_s_claims_go_on_where_the_last_one_left_each_agency_and_come_back_for_rows_due_again(
+    world, monkeypatch
+):
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 2)
+    now = world.clock.now()
+    client = world.client(world.agency())
+    insert_rows(client, 6, due=now - dt.timedelta(minutes=1))
+    db.session.commit()
+    rows = list(db.session.scalars(select(UnitReport.id).order_by(UnitReport.id)))
+    clock, resume = TickClock(now, dt.timedelta(minutes=1)), {}
+
+    def claim() -> list[int]:
+        return [claim.report_id for claim in claim_batch(clock, ReportingResult(), resume)]
+
+    assert claim() == rows[:2]
+    # The first row is due again (as a count-meter slice is after its progress): behind where the tick is.
+    db.session.execute(update(UnitReport).where(UnitReport.id == rows[0]).values(next_attempt_at=now))
+    db.session.commit()
+    assert claim() == rows[2:4]  # the tick goes on after the rows it already took
+    assert claim() == rows[4:6]
+    assert claim() == rows[:1]  # nothing after them: read from the first rows once more
+    assert claim() == []
