@@ -12,9 +12,9 @@ import itertools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass, replace
 
@@ -80,8 +80,9 @@ def process_batch(
     clock: TickClock,
     reads: TickReads,
     pool: ThreadPoolExecutor | None,
+    workers: int = 1,
 ) -> list[Outcome]:
-    """Decide, record and send a batch of claims; one outcome per claim.
+    """Decide, record and send a batch of claims; one outcome per claim (``workers``: sends at once in ``pool``).
 
     Rule 8: the claims that need nothing read from Stripe (most of them) are decided at once and sent in the
     background; meanwhile the others (a billing period, the >24 h check) are read round-robin across
@@ -110,7 +111,7 @@ def process_batch(
     record_targets(_stamped(send_now), clock.now())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe-send-unread") as background:
         if pool is not None:
-            sent_first = background.submit(send_claims, gateways, send_now, pool, clock, stops)
+            sent_first = background.submit(send_claims, gateways, send_now, pool, clock, stops, workers)
         else:  # one sender thread: these go first, then the reads
             outcomes.extend(send_claims(gateways, send_now, None, clock, stops))
         waiting: dict[int, list[Claim]] = defaultdict(list)
@@ -127,7 +128,9 @@ def process_batch(
         for agency_id in send_later:
             send_later[agency_id].sort(key=lambda claim: claim.report_id)  # a group's rows in their order
         record_targets(_stamped(send_later), clock.now())
-        outcomes.extend(first.decided + second.decided + send_claims(gateways, send_later, pool, clock, stops))
+        outcomes.extend(
+            first.decided + second.decided + send_claims(gateways, send_later, pool, clock, stops, workers)
+        )
         if pool is not None:
             outcomes.extend(sent_first.result())
     return outcomes
@@ -375,30 +378,51 @@ def send_claims(
     pool: ThreadPoolExecutor | None,
     clock: TickClock,
     stops: dict[int, threading.Event],
+    workers: int = 1,
 ) -> list[Outcome]:
-    """Send claims: in order within a customer+meter group; groups in parallel up to STRIPE_CONCURRENCY.
+    """Send claims: in order within a customer+meter group; groups in parallel, ``workers`` at a time.
 
     Each agency's first group goes before its others, so a revoked key costs one refused call per agency,
-    not one per thread; the other groups follow round-robin across agencies.
+    not one per thread; once an agency's first group is answered, its other groups follow round-robin with
+    those of the other agencies whose first group was answered. An agency waits only for its own first
+    answer, never for every agency's: no thread idles while a group is ready to go.
     """
-    first_groups, later = [], []
+    queues: dict[int, deque[list[Claim]]] = {}
     for agency_id, claims in claims_by_agency.items():
         groups: dict[tuple[str, str], list[Claim]] = defaultdict(list)
         for claim in claims:
             groups[claim.send_group].append(claim)
-        ordered = [(agency_id, group) for group in groups.values()]
-        if ordered:
-            first_groups.append(ordered[0])
-            later.append(ordered[1:])
-    other_groups = [job for turn in itertools.zip_longest(*later) for job in turn if job is not None]
+        if groups:
+            queues[agency_id] = deque(groups.values())
 
-    def send(job: tuple[int, list[Claim]]) -> list[Outcome]:
-        agency_id, group = job
+    def send(agency_id: int, group: list[Claim]) -> list[Outcome]:
         return _send_group(gateways[agency_id], group, stops[agency_id], clock)
 
-    run = pool.map if pool is not None else map
-    outcomes = [outcome for group in run(send, first_groups) for outcome in group]
-    return outcomes + [outcome for group in run(send, other_groups) for outcome in group]
+    outcomes: list[Outcome] = []
+    if pool is None:  # one thread: every agency's first group, then the others round-robin
+        firsts = [(agency_id, queue.popleft()) for agency_id, queue in queues.items()]
+        rest = ([(agency_id, group) for group in queue] for agency_id, queue in queues.items())
+        others = [job for turn in itertools.zip_longest(*rest) for job in turn if job is not None]
+        for agency_id, group in firsts + others:
+            outcomes.extend(send(agency_id, group))
+        return outcomes
+    unopened = deque(queues)  # agencies whose first group has not gone yet
+    opened: deque[int] = deque()  # agencies whose first group was answered and that have groups left
+    in_flight: dict[Future, tuple[int, bool]] = {}  # future -> (agency, is its first group)
+    while unopened or opened or in_flight:
+        while len(in_flight) < workers and (unopened or opened):
+            first = bool(unopened)
+            agency_id = unopened.popleft() if first else opened.popleft()
+            in_flight[pool.submit(send, agency_id, queues[agency_id].popleft())] = (agency_id, first)
+            if not first and queues[agency_id]:
+                opened.append(agency_id)
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in done:
+            agency_id, first = in_flight.pop(future)
+            outcomes.extend(future.result())
+            if first and queues[agency_id]:
+                opened.append(agency_id)
+    return outcomes
 
 
 def _send_group(
