@@ -1,6 +1,7 @@
 """Benchmark POST /webhooks/ghl against a bare Flask endpoint, both under the same gunicorn settings.
 
     .venv/bin/python bench/webhook_bench.py [--duration 10] [--rounds 3] [--connections 16] [--gunicorn-options "..."]
+    .venv/bin/python bench/webhook_bench.py --compare a36eeb2~1    # before/after: that revision's Rebill too
 
 What it does, in one run:
 1. creates a throwaway PostgreSQL database, migrates it, seeds one agency with one installed subaccount;
@@ -12,8 +13,10 @@ What it does, in one run:
    verifies the signature with Rebill's verifier but stores nothing (what verification alone costs);
 4. drives the three at full speed with wrk in --rounds alternating rounds (all servers stay up; round 1 runs
    bare, verify, Rebill, round 2 the reverse, ...), so other load on the machine hits both apps alike; then
-   Rebill at half its median full-speed rate; and reports requests/s, the ratio Rebill/bare per round and
-   their median, p50/p99 latency, the load averages after every round, and whether anything was lost:
+   Rebill at half its median full-speed rate; with --compare REVISION (repeatable), Rebill as of that git
+   revision runs too, from an exported tree against the same database, in the same rounds; and reports
+   requests/s, the ratio Rebill/bare per round and their median, p50/p99 latency, the load averages after
+   every round, and whether anything was lost:
    delivery rows stored == 2xx, for every Rebill run.
 
 wrk2 (constant-rate) is not available: the half-rate run paces requests with wrk's per-request delay()
@@ -176,6 +179,13 @@ def main() -> int:
         "--rebill-target", default="app:create_app()", help="gunicorn target for Rebill (for what-if experiments)"
     )
     parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="REVISION",
+        help="also run Rebill as of this git revision (e.g. a36eeb2~1), alternated in the same rounds; repeatable",
+    )
+    parser.add_argument(
         "--gunicorn-options",
         default=procfile_gunicorn_options(),
         help="gunicorn options for all three apps (default: the Procfile's web line, without bind and target)",
@@ -231,54 +241,81 @@ def prepare_database(env: dict[str, str]) -> None:
 
 
 def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
-    """``--rounds`` alternating rounds of the references and Rebill at full speed, then Rebill at half its rate.
+    """``--rounds`` alternating rounds of the references and each Rebill at full speed, then each Rebill at half
+    its rate.
 
     Every server runs for the whole bench (an idle one costs nothing), so the rounds alternate without
-    restarts: round 1 bare, verify, Rebill; round 2 in the reverse order; and so on. What other processes
-    do to the machine then lands on both apps alike. Bodies are signed before any server starts.
+    restarts: round 1 bare, verify, Rebill (then each --compare revision); round 2 in the reverse order; and
+    so on. What other processes do to the machine then lands on every app alike. Bodies are signed before any
+    server starts; each Rebill gets its own webhookId prefix, so its stored rows are counted apart.
     """
-    results: dict = {"load": [load_average()], "rounds": []}
+    results: dict = {"load": [load_average()], "rounds": [], "half": {}}
     reference_files = sign_bodies(key, workdir, "reference", args.duration + 2)
-    rebill_files = {f"full{n}": sign_bodies(key, workdir, f"full{n}", args.duration) for n in range(args.rounds)}
-    rebill_files["half"] = sign_bodies(key, workdir, "half", args.duration)
+    rebills = [("rebill", args.rebill_target, ROOT)]
+    for number, revision in enumerate(args.compare):
+        rebills.append((f"rebill@{revision}", "app:create_app()", export_revision(revision, workdir / f"tree{number}")))
+    prefixes = {name: "" if number == 0 else f"c{number}" for number, (name, _, _) in enumerate(rebills)}
+    rebill_files = {
+        (name, run): sign_bodies(key, workdir, f"{prefixes[name]}{run}", args.duration)
+        for name in prefixes
+        for run in [*(f"full{n}" for n in range(args.rounds)), "half"]
+    }
     warm = sign_bodies(key, workdir, "warm", 2)
     apps = [("bare", "webhook_bench:create_bare_app()", args.port)]
     if not args.no_verify_reference:
         apps.append(("verify", "webhook_bench:create_bare_app(verify=True)", args.port + 2))
+    ports = {name: port for name, _, port in apps}
     servers = {}
     try:
         for name, target, port in apps:
             bench_path = ["--pythonpath", str(ROOT / "bench")]
             servers[name] = start_gunicorn(target, port, env, args.gunicorn_options, extra=bench_path)
             wrk(args, reference_files, 2, 0, port)  # warm-up
-        servers["rebill"] = start_gunicorn(args.rebill_target, args.port + 1, env, args.gunicorn_options)
-        wrk(args, warm, 2, 0, args.port + 1)
-        runs = [(name, port) for name, _, port in apps] + [("rebill", args.port + 1)]
+        for number, (name, target, tree) in enumerate(rebills):
+            ports[name] = args.port + 1 if number == 0 else args.port + 2 + number
+            servers[name] = start_gunicorn(target, ports[name], env, args.gunicorn_options, cwd=tree)
+            wrk(args, warm, 2, 0, ports[name])
+        runs = list(ports)
         for number in range(args.rounds):
             figures = {}
-            for name, port in runs if number % 2 == 0 else reversed(runs):
-                if name == "rebill":
-                    figures[name] = wrk(args, rebill_files[f"full{number}"], args.duration, 0, port)
-                    figures[name]["stored"] = stored_rows(database_url, f"full{number}-")
+            for name in runs if number % 2 == 0 else reversed(runs):
+                if name in prefixes:
+                    figures[name] = wrk(args, rebill_files[name, f"full{number}"], args.duration, 0, ports[name])
+                    figures[name]["stored"] = stored_rows(database_url, f"{prefixes[name]}full{number}-")
                 else:
-                    figures[name] = wrk(args, reference_files, args.duration, 0, port)
+                    figures[name] = wrk(args, reference_files, args.duration, 0, ports[name])
             results["rounds"].append(figures)
             results["load"].append(load_average())
-        rates = sorted(figures["rebill"]["rate"] for figures in results["rounds"])
-        half_rate = rates[len(rates) // 2] / 2
-        results["half"] = wrk(args, rebill_files["half"], args.duration, half_rate, args.port + 1)
-        results["half"]["stored"] = stored_rows(database_url, "half-")
-        results["half"]["target_rate"] = half_rate
-        results["load"].append(load_average())
+        for name in prefixes:
+            rates = sorted(figures[name]["rate"] for figures in results["rounds"])
+            half_rate = rates[len(rates) // 2] / 2
+            half = wrk(args, rebill_files[name, "half"], args.duration, half_rate, ports[name])
+            half["stored"] = stored_rows(database_url, f"{prefixes[name]}half-")
+            half["target_rate"] = half_rate
+            results["half"][name] = half
+            results["load"].append(load_average())
         results["usage_events"] = usage_rows(database_url)
     finally:
         for server in servers.values():
             stop(server)
-    rebill_runs = [figures["rebill"] for figures in results["rounds"]] + [results["half"]]
+    results["rebills"] = list(prefixes)
+    rebill_runs = [figures[name] for figures in results["rounds"] for name in prefixes] + list(results["half"].values())
     results["lost"] = sum(max(0, run["ok"] - run["stored"]) for run in rebill_runs)
     results["acknowledged"] = sum(run["ok"] for run in rebill_runs)
     results["stored"] = sum(run["stored"] for run in rebill_runs)
     return results
+
+
+def export_revision(revision: str, tree: Path) -> Path:
+    """Write the files of git ``revision`` (e.g. a36eeb2~1) into ``tree``, to run that Rebill next to this one.
+
+    Its code runs against this tree's migrated database (the same virtualenv, the same gunicorn options), so a
+    revision whose code needs another schema cannot be compared this way.
+    """
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 def load_average() -> str:
@@ -377,7 +414,9 @@ def procfile_gunicorn_options() -> str:
     return shlex.join(options)
 
 
-def start_gunicorn(target: str, port: int, env: dict[str, str], options: str, extra: list[str] | None = None):
+def start_gunicorn(
+    target: str, port: int, env: dict[str, str], options: str, extra: list[str] | None = None, cwd: Path = ROOT
+):
     """Start gunicorn with ``options`` (the same for every app of a run) and wait until it answers."""
     with socket.socket() as probe:  # another run's server on this port would answer our health check
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: TIME_WAIT is no owner
@@ -398,7 +437,7 @@ def start_gunicorn(target: str, port: int, env: dict[str, str], options: str, ex
             *(extra or []),
             target,
         ],
-        cwd=ROOT,
+        cwd=cwd,  # python -m puts it first on sys.path: --compare runs another revision's tree
         env=env,
         stdout=subprocess.DEVNULL,  # an access log, if the options ask for one
     )
@@ -442,49 +481,50 @@ def report(args, results: dict) -> None:
         f"{args.rounds} alternating rounds of {args.duration}s per app (+{TAIL_SECONDS}s sentinel tail), "
         f"PostgreSQL, {os.cpu_count()} CPUs"
     )
-    print(f"load averages (1/5/15 min): start {results['load'][0]}; after each round and the half-rate run: "
+    print(f"load averages (1/5/15 min): start {results['load'][0]}; after each round and each half-rate run: "
           + "; ".join(results["load"][1:]))
     print(
-        f"{'run':<26}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
+        f"{'run':<34}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
         f"{'other':>7}{'errors':>7}"
     )
-    names = {"bare": "bare Flask", "verify": "verify only", "rebill": "Rebill"}
+    names = {"bare": "bare Flask", "verify": "verify only"} | {
+        name: "Rebill" if name == "rebill" else f"Rebill {name.removeprefix('rebill')}" for name in results["rebills"]
+    }
 
     def line(name: str, figures: dict) -> None:
         print(
-            f"{name:<26}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
+            f"{name:<34}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
             f"{figures['max_us'] / ms:>9.1f}{figures['ok']:>9}{figures.get('stored', '-')!s:>9}"
             f"{figures['other']:>7}{figures['socket_errors']:>7}"
         )
 
-    ratios, verify_ratios = [], []
     for number, figures in enumerate(results["rounds"], 1):
         for key, name in names.items():
             if key in figures:
                 line(f"round {number}: {name}, max", figures[key])
-        ratios.append(figures["rebill"]["rate"] / figures["bare"]["rate"])
-        if "verify" in figures:
-            verify_ratios.append(figures["verify"]["rate"] / figures["bare"]["rate"])
-    half = results["half"]
-    line("Rebill, half of max", half)
-    print(
-        f"ratio Rebill/bare per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
-        f"median {sorted(ratios)[len(ratios) // 2]:.2f} (goal >= 0.6)"
-    )
-    if verify_ratios:
+    for name in results["rebills"]:
+        line(f"{names[name]}, half of max", results["half"][name])
+    rounds = results["rounds"]
+    for name in results["rebills"]:
+        ratios = [figures[name]["rate"] / figures["bare"]["rate"] for figures in rounds]
+        half = results["half"][name]
+        print(
+            f"{names[name]}: ratio to bare per round {', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"median {sorted(ratios)[len(ratios) // 2]:.2f} (goal >= 0.6); half-rate target "
+            f"{half['target_rate']:.0f}/s, achieved {half['rate']:.0f}/s, p50 {half['p50_us'] / ms:.2f} ms, "
+            f"p99 {half['p99_us'] / ms:.2f} ms (goal < 20 ms)"
+        )
+    if "verify" in rounds[0]:
+        verify_ratios = [figures["verify"]["rate"] / figures["bare"]["rate"] for figures in rounds]
         print(
             f"ratio verify-only/bare per round: {', '.join(f'{r:.2f}' for r in verify_ratios)} "
             "(the ceiling for any Rebill that checks signatures)"
         )
     print(
-        f"half-rate target {half['target_rate']:.0f}/s, achieved {half['rate']:.0f}/s; "
-        f"p50 {half['p50_us'] / ms:.2f} ms, p99 {half['p99_us'] / ms:.2f} ms (goal < 20 ms)"
-    )
-    print(
         f"{results['lost']} lost (2xx without a stored row) of {results['acknowledged']} acknowledged "
         f"({results['stored']} stored); usage events recorded: {results['usage_events']}"
     )
-    every = [run for figures in results["rounds"] for run in figures.values()] + [half]
+    every = [run for figures in results["rounds"] for run in figures.values()] + list(results["half"].values())
     if any(run["wrapped"] for run in every):
         print("WARNING: wrk ran out of pre-signed bodies and reused some (raise MAX_RATE_GUESS)")
 
