@@ -14,10 +14,16 @@ SECRET_PATTERNS = [
     re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
     re.compile(r"([?&]code=)[^&\s\"']+"),  # GHL's single-use OAuth code in a logged URL
 ]
+# Text every match of a pattern above contains ("_live_"/"_test_", "bearer" in any case, "rbk_", "eyJ",
+# "code="): a line without any (most lines, e.g. every access log line of a webhook) skips the five
+# substitutions, ~10 µs of each request's ~20 µs of JSON logging (bench/README.md). Keep it in step.
+_MAYBE_SECRET = re.compile(r"_live_|_test_|(?i:bearer)|rbk_|eyJ|code=")
 
 
 def redact(text: str) -> str:
     """Replace anything that looks like a credential with a marker."""
+    if _MAYBE_SECRET.search(text) is None:
+        return text
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(lambda match: (match.group(1) if match.lastindex == 1 else "") + "[redacted]", text)
     return text

@@ -4,7 +4,7 @@ import io
 import json
 import logging
 
-from core.logs import JsonFormatter, redact
+from core.logs import SECRET_PATTERNS, JsonFormatter, redact
 
 
 def test_redact_hides_stripe_keys_bearer_tokens_and_api_keys():
@@ -26,6 +26,21 @@ def test_formatter_writes_one_json_object_with_fields():
 def test_redact_hides_an_oauth_code_in_a_logged_url():
     line = '"GET /oauth/callback?code=4f1b9c2e&state=s HTTP/1.1" 303 - /x?a=1&code=zz9'
     assert redact(line) == '"GET /oauth/callback?code=[redacted]&state=s HTTP/1.1" 303 - /x?a=1&code=[redacted]'
+
+
+def test_redact_gives_what_every_pattern_gives_with_or_without_its_quick_check():
+    # redact skips the substitutions for text without any of the markers its patterns need (core.logs).
+    lines = [
+        "key sk_live_51HabcDEF and rk_test_xyz, header Bearer eyJhbGci.eyJzdWIi.sig, rbk_live_abc123",
+        "authorization: BEARER abc.def", "pk_test_Q", "rbk_x", "eyJa.b.", "/cb?code=x&state=y", "/cb&code=x",
+        '127.0.0.1 - - [04/Dec/2026:22:10:00 +0000] "POST /webhooks/ghl HTTP/1.1" 200 21 "-" "-" 3ms',
+        "sk_live", "bearer", "code", "eyj.a.b", "RBK_x",
+    ]  # fmt: skip
+    for line in lines:
+        substituted = line
+        for pattern in SECRET_PATTERNS:
+            substituted = pattern.sub(lambda m: (m.group(1) if m.lastindex == 1 else "") + "[redacted]", substituted)
+        assert redact(line) == substituted, line
 
 
 def _json_lines(text: str) -> list[dict]:
