@@ -187,12 +187,16 @@ def main() -> int:
     )
     parser.add_argument(
         "--gunicorn-options",
-        default=procfile_gunicorn_options(),
-        help="gunicorn options for all three apps (default: the Procfile's web line, without bind and target)",
+        help="gunicorn options for every app (default: the Procfile's web line, without bind and target; a --compare "
+        "revision's Rebill then runs with that revision's Procfile)",
     )
     parser.add_argument("--no-verify-reference", action="store_true", help="skip the verify-only reference app")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of bare, verify and Rebill")
     args = parser.parse_args()
+    args.compare_options = {}  # each --compare revision's own gunicorn options, unless given for every app
+    args.own_procfiles = args.gunicorn_options is None
+    if args.own_procfiles:
+        args.gunicorn_options = procfile_gunicorn_options()
 
     workdir = Path(tempfile.mkdtemp(prefix="rebill-webhook-bench-"))
     database = f"rebill_bench_{uuid.uuid4().hex[:10]}"
@@ -253,7 +257,10 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
     reference_files = sign_bodies(key, workdir, "reference", args.duration + 2)
     rebills = [("rebill", args.rebill_target, ROOT)]
     for number, revision in enumerate(args.compare):
-        rebills.append((f"rebill@{revision}", "app:create_app()", export_revision(revision, workdir / f"tree{number}")))
+        tree = export_revision(revision, workdir / f"tree{number}")
+        rebills.append((f"rebill@{revision}", "app:create_app()", tree))
+        if args.own_procfiles:
+            args.compare_options[f"rebill@{revision}"] = procfile_gunicorn_options(tree)
     prefixes = {name: "" if number == 0 else f"c{number}" for number, (name, _, _) in enumerate(rebills)}
     rebill_files = {
         (name, run): sign_bodies(key, workdir, f"{prefixes[name]}{run}", args.duration)
@@ -273,7 +280,8 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
             wrk(args, reference_files, 2, 0, port)  # warm-up
         for number, (name, target, tree) in enumerate(rebills):
             ports[name] = args.port + 1 if number == 0 else args.port + 2 + number
-            servers[name] = start_gunicorn(target, ports[name], env, args.gunicorn_options, cwd=tree)
+            options = args.compare_options.get(name, args.gunicorn_options)
+            servers[name] = start_gunicorn(target, ports[name], env, options, cwd=tree)
             wrk(args, warm, 2, 0, ports[name])
         runs = list(ports)
         for number in range(args.rounds):
@@ -394,12 +402,12 @@ def wrk(args, bodies: Path, seconds: int, rate: float, port: int) -> dict:
     return figures
 
 
-def procfile_gunicorn_options() -> str:
+def procfile_gunicorn_options(root: Path = ROOT) -> str:
     """The gunicorn options of the Procfile's web line (workers, worker class, threads, logs), minus bind and target.
 
     The benchmark then measures what production runs; the access log it may ask for goes to /dev/null here.
     """
-    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    line = next(line for line in (root / "Procfile").read_text().splitlines() if line.startswith("web:"))
     words = shlex.split(line.removeprefix("web:"))
     if words[0] != "gunicorn":
         raise RuntimeError(f"the Procfile's web line does not run gunicorn: {line}")
@@ -481,6 +489,8 @@ def report(args, results: dict) -> None:
         f"{args.rounds} alternating rounds of {args.duration}s per app (+{TAIL_SECONDS}s sentinel tail), "
         f"PostgreSQL, {os.cpu_count()} CPUs"
     )
+    for name, options in args.compare_options.items():
+        print(f"Rebill {name.removeprefix('rebill')}: gunicorn {options} (that revision's Procfile)")
     print(f"load averages (1/5/15 min): start {results['load'][0]}; after each round and each half-rate run: "
           + "; ".join(results["load"][1:]))
     print(
