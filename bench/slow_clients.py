@@ -1,8 +1,8 @@
 """Slow clients against gunicorn alone and behind deploy/'s nginx: does /healthz still answer?
 
-    .venv/bin/python bench/slow_clients.py [--slow 16] [--port 18580]
+    .venv/bin/python bench/slow_clients.py [--slow 64] [--port 18580]
 
-Starts gunicorn with the Procfile's web options (2 gthread workers x 4 threads) on a throwaway SQLite
+Starts gunicorn with the Procfile's web options (today 2 gthread workers x 16 threads) on a throwaway SQLite
 database and nginx from deploy/nginx.conf.template in front of it. For each of "gunicorn directly" and
 "through nginx": opens --slow connections that send the start of a request's headers and then nothing,
 then asks /healthz five times (3 s timeout each) and prints what came back and how long it took. The
@@ -45,7 +45,7 @@ def probe(url: str, tries: int = 5) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slow", type=int, default=16, help="connections that never finish their headers")
+    parser.add_argument("--slow", type=int, default=64, help="connections that never finish their headers")
     parser.add_argument("--port", type=int, default=18580, help="gunicorn; nginx takes the next port")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="rebill-slow-"))

@@ -1,6 +1,6 @@
 """deploy/'s nginx in front of gunicorn: clients that never finish their request do not stop /healthz.
 
-gunicorn (gthread, the Procfile's 2 workers x 4 threads) alone gives 16 such connections every request slot
+gunicorn (gthread, the Procfile's 2 workers x 16 threads) alone gives 48 such connections every request slot
 (bench/slow_clients.py shows /healthz timing out then); nginx reads each request whole first, so gunicorn
 never sees them. Runs Debian's nginx as a plain process; skipped when nginx is not installed.
 """
@@ -26,7 +26,7 @@ REPO = Path(__file__).parents[2]
 sys.path.insert(0, str(REPO / "deploy"))
 from local_topology import nginx_binary, procfile_gunicorn_options, render_nginx_conf, wait_for  # noqa: E402
 
-SLOW_CLIENTS = 32
+SLOW_CLIENTS = 48
 
 
 def free_port() -> int:
@@ -94,7 +94,7 @@ def test_slow_clients_do_not_stop_healthz_behind_the_proxy(proxied, request_star
     url, port, _ = proxied
     clients = open_slow_clients(port, request_start)
     try:
-        for _ in range(20):  # more requests than gunicorn has slots, each answered while the slow clients hang on
+        for _ in range(40):  # more requests than gunicorn has slots, each answered while the slow clients hang on
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
                 assert answer.status == 200
     finally:
