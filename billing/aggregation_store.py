@@ -10,6 +10,7 @@ bench/README.md); SQLite uses SQLAlchemy's executemany and datetimes.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -137,6 +138,28 @@ class AggregationStore:
     def agencies_with_pending_usage(self) -> list[int]:
         query = select(_EVENT.agency_id).where(_EVENT.state == UsageState.PENDING).distinct().order_by(_EVENT.agency_id)
         return list(db.session.scalars(query))
+
+    def agency_ranges(self, clients_per_range: int) -> list[tuple[int | None, int | None]]:
+        """Split agency ids into consecutive ranges [low, high) of at most ``clients_per_range`` live clients.
+
+        The first range starts and the last ends open (None), so every event falls in exactly one range,
+        whatever its agency (one with no client, one created meanwhile). An agency with more clients than a
+        range holds gets a range of its own. One range, (None, None), when every client fits.
+        """
+        query = (
+            select(_CLIENT.agency_id, func.count())
+            .where(_CLIENT.deleted_at.is_(None))
+            .group_by(_CLIENT.agency_id)
+            .order_by(_CLIENT.agency_id)
+        )
+        starts, held = [], 0
+        for agency_id, clients in db.session.execute(query):
+            if held and held + clients > clients_per_range:
+                starts.append(agency_id)
+                held = 0
+            held += clients
+        bounds = [None, *starts, None]
+        return list(itertools.pairwise(bounds))
 
     def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
         """Return up to ``limit`` pending events with after < id <= newest, in id order (``ClaimedEvent`` tuples)."""
@@ -374,6 +397,16 @@ def take_write_lock() -> None:
 def agency_filter(agency_id: int) -> tuple:
     """Return the WHERE terms selecting one agency's usage events."""
     return (_EVENT.agency_id == agency_id,)
+
+
+def agency_range_filter(low: int | None, high: int | None) -> tuple:
+    """Return the WHERE terms selecting the usage events of agencies low <= id < high (None: no bound).
+
+    On ``agency_id + 0``, an expression, not the column: the claim must keep walking the pending index in id
+    order. A plan on the agency index would read and sort all of a range's pending events for every batch.
+    """
+    agency = _EVENT.agency_id + 0
+    return (*(() if low is None else (agency >= low,)), *(() if high is None else (agency < high,)))
 
 
 def source_filter(agency_id: int, provider: str, source_key: str) -> tuple:

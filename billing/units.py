@@ -37,6 +37,7 @@ from billing.aggregation_store import (
     EventMarks,
     NewReport,
     agency_filter,
+    agency_range_filter,
     aggregation_store,
     source_filter,
     take_write_lock,
@@ -89,7 +90,7 @@ def aggregate_pending_usage(
     for agency_id in aggregation_store().agencies_with_pending_usage():
         try:
             with db.session.begin_nested():
-                result += _aggregate(batch_size, clients_per_round, where=agency_filter(agency_id))
+                result += _aggregate(batch_size, clients_per_round, agency_id=agency_id)
         except Exception:
             log.exception(
                 "aggregation failed for one agency; its usage stays pending", extra={"fields": {"agency_id": agency_id}}
@@ -98,17 +99,34 @@ def aggregate_pending_usage(
     return result
 
 
-def _aggregate(batch_size: int, clients_per_round: int, where: Sequence = ()) -> AggregationResult:
-    """Run rounds of at most ``clients_per_round`` clients until one leaves no client's events for later."""
-    newest = aggregation_store().newest_event_id()
-    result, after = AggregationResult(), 0
-    while newest is not None:
-        aggregation = _Aggregation(skip_locked=True, max_clients=clients_per_round)
-        aggregation.run(batch_size=batch_size, where=where, after=after, newest=newest)
-        result += aggregation.finish()
-        if aggregation.first_postponed is None:
-            break
-        after = aggregation.first_postponed - 1
+def _aggregate(batch_size: int, clients_per_round: int, agency_id: int | None = None) -> AggregationResult:
+    """Run rounds of at most ``clients_per_round`` clients over the pending events, one range of agencies after
+    another (one agency, ``agency_id``, when given).
+
+    The ranges are planned from the live clients per agency so that each holds at most ``clients_per_round``
+    of them: a round then claims only its own agencies' events and no round claims, locks or reads another's
+    (the id-ordered walk still steps over them in the server). An agency with more clients than a round holds,
+    or clients created meanwhile, fall back on rounds within the range: a full round leaves the events of
+    clients it has no room for and the next round of the range starts at the first one it left.
+    """
+    store = aggregation_store()
+    newest = store.newest_event_id()
+    if newest is None:
+        return AggregationResult()
+    if agency_id is not None:
+        ranges: Sequence[Sequence] = (agency_filter(agency_id),)
+    else:
+        ranges = [agency_range_filter(low, high) for low, high in store.agency_ranges(clients_per_round)]
+    result = AggregationResult()
+    for where in ranges:
+        after = 0
+        while True:
+            aggregation = _Aggregation(skip_locked=True, max_clients=clients_per_round)
+            aggregation.run(batch_size=batch_size, where=where, after=after, newest=newest)
+            result += aggregation.finish()
+            if aggregation.first_postponed is None:
+                break
+            after = aggregation.first_postponed - 1
     return result
 
 
@@ -146,6 +164,7 @@ class _Aggregation:
         self.store = aggregation_store()
         self.now = utcnow()
         self.by_key: dict[ClientKey, ClientTally] = {}
+        self.clientless: set[ClientKey] = set()  # sources this round looked up and found no live client of
         self.events = 0
         self.deferred = 0
         self.units = 0
@@ -190,10 +209,19 @@ class _Aggregation:
         if not unknown:
             return set(), set()
         room = None if self.max_clients is None else self.max_clients - len(self.by_key)
+        postponed: set[ClientKey] = set()
         if room is not None and room <= 0:
-            return set(), set(unknown)
+            # Full: keys not looked up wait for the next round, but sources this round already found without
+            # a client are looked up again (their events are unmapped unless one gained a client meanwhile), so
+            # the next round does not read their events again.
+            postponed = {key for key in unknown if key not in self.clientless}
+            unknown = [key for key in unknown if key in self.clientless]
+            if not unknown:
+                return set(), postponed
         found = self.store.find_live_clients(unknown)
         live = {(client.agency_id, client.provider, client.source_key) for client in found}
+        if self.max_clients is None or len(self.clientless) < self.max_clients:  # bounded like the tallies
+            self.clientless.update(key for key in unknown if key not in live)
         ids = sorted(client.id for client in found)
         taken = 0
         # Clients locked elsewhere take no room: the next ones in id order are tried until the round is full.
@@ -208,7 +236,7 @@ class _Aggregation:
                 if room is not None:
                     room -= len(tallies)
         left = set(ids[taken:])
-        postponed = {(client.agency_id, client.provider, client.source_key) for client in found if client.id in left}
+        postponed |= {(client.agency_id, client.provider, client.source_key) for client in found if client.id in left}
         return live, postponed
 
     def _classify(
