@@ -59,6 +59,8 @@ BATCH_SIZE = 20_000
 # clients or agencies with usage (bench/README.md, issue 13); a pass over more clients rereads the events it
 # left, once per extra round.
 CLIENTS_PER_ROUND = 50_000
+# Clients whose counters and outbox rows one statement writes.
+WRITE_CHUNK = 5_000
 # A client created to bill its source's earlier unmapped usage counts everything received before it, too.
 SINCE_THE_START = EPOCH
 # Client statuses whose usage is measured and kept, never billed, with the state their events get: paused
@@ -310,11 +312,25 @@ class _Aggregation:
 
     def finish(self) -> AggregationResult:
         """Apply the rule-1 arithmetic per client and write counters and one outbox row per client."""
-        counters, reports = [], []
         self._write_quarantines([tally for tally in self.by_key.values() if tally.newly_quarantined])
-        for tally in self.by_key.values():
-            if tally.new_usage == 0:
-                continue
+        changed = [tally for tally in self.by_key.values() if tally.new_usage]
+        # A round's writes go WRITE_CHUNK clients a statement: a round's worth of rows and their statement
+        # parameters at once would be a good part of its peak memory (bench/README.md).
+        for start in range(0, len(changed), WRITE_CHUNK):
+            self._write(changed[start : start + WRITE_CHUNK])
+        self.store.expire_loaded([tally.id for tally in changed])
+        return AggregationResult(
+            events=self.events,
+            units=self.units,
+            reports=self.reports,
+            deferred=self.deferred if self.first_postponed is None else self._deferred_before_postponed,
+            quarantined=self.quarantined,
+        )
+
+    def _write(self, tallies: list[ClientTally]) -> None:
+        """Write these clients' new counters, then the outbox rows of those with new units."""
+        counters, reports = [], []
+        for tally in tallies:
             units, remainder = divmod(tally.remainder + tally.new_usage, tally.billing_unit)
             sequence = tally.report_sequence + (1 if units else 0)
             counters.append(
@@ -337,21 +353,13 @@ class _Aggregation:
                         usage_timestamp=usage_timestamp(self.store.as_datetime(tally.latest), self.now),
                     )
                 )
-        if counters:
-            self.store.write_counters(counters, self.now)
+        self.store.write_counters(counters, self.now)
         if reports:
-            # Written last: if the outbox insert fails, the whole transaction (counters, event states)
-            # rolls back with it, so there are never counters without their outbox row.
+            # Written after the counters, in the pass's one transaction: if the outbox insert fails, the whole
+            # transaction (counters, event states) rolls back with it, so there are never counters without
+            # their outbox row.
             self.store.write_reports(reports, self.now)
-            self.reports = len(reports)
-        self.store.expire_loaded([row.id for row in counters])
-        return AggregationResult(
-            events=self.events,
-            units=self.units,
-            reports=self.reports,
-            deferred=self.deferred if self.first_postponed is None else self._deferred_before_postponed,
-            quarantined=self.quarantined,
-        )
+            self.reports += len(reports)
 
     def _write_quarantines(self, tallies: list[ClientTally]) -> None:
         """Record why these clients stopped counting (rare: one statement per client)."""
