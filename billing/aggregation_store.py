@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -116,6 +117,34 @@ _CLAIM_COLUMNS = (
     _EVENT.messages,
     _EVENT.direction,
 )
+
+
+class Marking:
+    """A marking statement (``AggregationStore.start_marking``) running, or done if made without a thread."""
+
+    def __init__(self, run=None):
+        self.error: BaseException | None = None
+        self.thread = None
+        if run is not None:
+            self.thread = threading.Thread(target=self._run, args=(run,), name="aggregation-marking", daemon=True)
+            self.thread.start()
+
+    def _run(self, run) -> None:
+        try:
+            run()
+        except BaseException as error:  # handed to the aggregating thread by wait()
+            self.error = error
+
+    def join(self) -> None:
+        """Wait until the statement is done, whatever its outcome."""
+        if self.thread is not None:
+            self.thread.join()
+
+    def wait(self) -> None:
+        """Wait until the statement is done; raise its error, if any."""
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 class AggregationStore:
@@ -228,6 +257,15 @@ class AggregationStore:
             if isinstance(obj, UsageEvent):
                 db.session.expire(obj)
 
+    def marking(self, first_id: int, last_id: int, marks: EventMarks) -> object:
+        """Return the statement moving a batch of events (ids between first_id and last_id) out of pending."""
+        return first_id, last_id, marks
+
+    def start_marking(self, marking: object) -> Marking:
+        """Run a ``marking`` statement; here at once: the returned Marking is done."""
+        self.mark_events(*marking)
+        return Marking()
+
     def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
         """Move a batch of events (ids between first_id and last_id) out of pending."""
         db.session.execute(
@@ -292,6 +330,15 @@ def _columns(rows: Sequence[NamedTuple]) -> dict[str, tuple]:
     return dict(zip(rows[0]._fields, zip(*rows, strict=True), strict=True))
 
 
+# The id range keeps the join on the primary key instead of a scan of the whole ledger.
+_MARK_EVENTS = (
+    "UPDATE usage_event AS e SET state = v.state, client_id = NULLIF(v.client_id, 0), counted = v.counted "
+    "FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(states)s AS text[]), CAST(%(client_ids)s AS integer[]), "
+    "CAST(%(counted)s AS bigint[])) AS v(id, state, client_id, counted) "
+    "WHERE e.id = v.id AND e.id BETWEEN %(first_id)s AND %(last_id)s"
+)
+
+
 class PostgresAggregationStore(AggregationStore):
     """One statement per batch; the claim takes its rows with FOR UPDATE (SKIP LOCKED for passes)."""
 
@@ -332,24 +379,29 @@ class PostgresAggregationStore(AggregationStore):
         ).all()
         return [LiveClient(*row) for row in rows]
 
-    def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
+    def marking(self, first_id: int, last_id: int, marks: EventMarks) -> object:
         # Arrays as text literals (integers and fixed state words only): far cheaper to build than adapting
-        # Python lists element by element. The id range keeps the join on the primary key instead of a scan
-        # of the whole ledger.
-        db.session.execute(
-            text(
-                "UPDATE usage_event AS e SET state = v.state, client_id = NULLIF(v.client_id, 0), "
-                "counted = v.counted "
-                "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:client_ids AS integer[]), "
-                "CAST(:counted AS bigint[])) AS v(id, state, client_id, counted) "
-                "WHERE e.id = v.id AND e.id BETWEEN :first_id AND :last_id"
-            ),
-            {
-                **{name: _array_literal(values) for name, values in marks._asdict().items()},
-                "first_id": first_id,
-                "last_id": last_id,
-            },
-        )
+        # Python lists element by element. Built here, while the previous batch's UPDATE runs.
+        return {
+            **{name: _array_literal(values) for name, values in marks._asdict().items()},
+            "first_id": first_id,
+            "last_id": last_id,
+        }
+
+    def start_marking(self, marking: object) -> Marking:
+        # On the session's own connection (the pass's transaction), from a thread: psycopg waits for the
+        # server without the GIL, so this process classifies the next batch meanwhile. psycopg serialises
+        # statements on a connection, so any statement this process sends meanwhile waits for this one.
+        connection = db.session.connection().connection.dbapi_connection
+
+        def run() -> None:
+            with connection.cursor() as cursor:
+                cursor.execute(_MARK_EVENTS, marking)
+
+        return Marking(run)
+
+    def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
+        self.start_marking(self.marking(first_id, last_id, marks)).wait()
 
     def write_counters(self, rows: list[ClientCounters], now: dt.datetime) -> None:
         db.session.execute(

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import select, text
 
+from billing import aggregation_store as aggregation_store_module
 from billing.agencies import ensure_agency
 from billing.aggregation_store import aggregation_store
 from billing.models import RebillClient, UnitReport
@@ -148,3 +149,28 @@ def test_a_client_locked_elsewhere_in_a_later_range_is_deferred_once(app_context
     db.session.commit()
     assert (again.events, again.deferred) == (3, 0)
     assert (fresh(held).counted_usage, fresh(held).units_logged, fresh(held).remainder) == (9, 0, 9)
+
+
+def test_a_marking_statement_failing_in_the_server_fails_the_pass_cleanly(app_context, postgres_only, monkeypatch):
+    """The UPDATE marking a batch runs while the next batch is classified: its error still fails the pass."""
+    bad, good = ensure_agency("company-marking-bad"), ensure_agency("company-marking-good")
+    damaged, other = make_client(bad, billing_unit=N), make_client(good, billing_unit=N)
+    for n in range(9):
+        record(good, tokens(f"g{n}", usage(n)))
+        if n % 3 == 2:
+            record(bad, tokens(f"b{n}", usage(n)))
+    db.session.commit()
+    # The server fails to mark any batch holding an event of agency "bad" (division by zero).
+    statement = aggregation_store_module._MARK_EVENTS
+    failing = statement.replace("counted = v.counted", f"counted = v.counted + 0 * (1 / (e.agency_id - {bad.id}))")
+    assert failing != statement
+    monkeypatch.setattr(aggregation_store_module, "_MARK_EVENTS", failing)
+
+    result = aggregate_pending_usage(batch_size=2)
+    db.session.commit()
+
+    assert result.failed_agencies == (bad.id,)  # the whole pass rolled back, then agency by agency
+    assert fresh(other).counted_usage == sum(usage(n) for n in range(9))
+    assert set(event_states(good).values()) == {"counted"}
+    assert set(event_states(bad).values()) == {"pending"}
+    assert (fresh(damaged).counted_usage, reports_of(damaged)) == (0, [])
