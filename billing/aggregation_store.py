@@ -190,9 +190,17 @@ class AggregationStore:
         bounds = [None, *starts, None]
         return list(itertools.pairwise(bounds))
 
-    def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
-        """Return up to ``limit`` pending events with after < id <= newest, in id order (``ClaimedEvent`` tuples)."""
-        return db.session.execute(self._claim(after, newest, limit, where)).all()
+    def claim(
+        self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool, meanwhile=None
+    ) -> list[tuple]:
+        """Return up to ``limit`` pending events with after < id <= newest, in id order (``ClaimedEvent`` tuples).
+
+        ``meanwhile``: called once the server has answered, before its rows are read into Python objects.
+        """
+        rows = db.session.execute(self._claim(after, newest, limit, where)).all()
+        if meanwhile is not None:
+            meanwhile()
+        return rows
 
     def _claim(self, after: int, newest: int, limit: int, where: Sequence, columns=()):
         columns = columns or (_EVENT.occurred_at, _EVENT.received_at)
@@ -351,7 +359,9 @@ class PostgresAggregationStore(AggregationStore):
     def as_datetime(self, value: dt.datetime | int | None) -> dt.datetime | None:
         return EPOCH + dt.timedelta(microseconds=value) if isinstance(value, int) else value
 
-    def claim(self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool) -> list[tuple]:
+    def claim(
+        self, *, after: int, newest: int, limit: int, where: Sequence, skip_locked: bool, meanwhile=None
+    ) -> list[tuple]:
         # SKIP LOCKED: two passes at once claim disjoint events. A flush waits instead, so it sees every
         # pending event of its client (LockRows sits under LIMIT: rows that stopped being pending while we
         # waited are skipped, not returned, so an empty batch means done).
@@ -363,6 +373,8 @@ class PostgresAggregationStore(AggregationStore):
         connection = db.session.connection().connection.dbapi_connection
         with connection.cursor() as cursor:
             cursor.execute(str(compiled), compiled.params)
+            if meanwhile is not None:
+                meanwhile()  # the answer is here: the connection is free while its rows are converted
             return cursor.fetchall()
 
     def find_live_clients(self, keys: list[ClientKey]) -> list[LiveClient]:

@@ -35,6 +35,7 @@ from billing.aggregation_store import (
     ClaimedEvent,
     ClientCounters,
     EventMarks,
+    Marking,
     NewReport,
     agency_filter,
     agency_range_filter,
@@ -185,28 +186,37 @@ class _Aggregation:
     def run(self, *, batch_size: int, where: Sequence = (), after: int, newest: int) -> None:
         """Claim and classify pending events with after < id <= newest, batch by batch.
 
-        A batch's events are marked once the next batch is claimed and its clients locked: the marking
-        UPDATE then runs in the server while this process classifies the next batch (on PostgreSQL; the
-        server's UPDATE and this loop were each half of a pass's time, one after the other, see bench/README.md).
+        A batch's events are marked once the server has answered the next batch's claim: the marking UPDATE
+        then runs in the server while this process reads, locks the clients of and classifies the next batch
+        (on PostgreSQL). One after the other, the server's work and this process's were each a good part of
+        a pass's time (bench/README.md). Statements this process sends meanwhile wait for the UPDATE.
         """
         unmarked: object | None = None  # the batch classified last, its marking statement ready
-        marking = None  # the previous batch's marking, running
+        marking: Marking | None = None  # the previous batch's marking, running
+
+        def start_marking() -> None:
+            nonlocal unmarked, marking
+            if unmarked is not None:
+                marking, unmarked = self.store.start_marking(unmarked), None
+
         try:
             while True:
                 rows = self.store.claim(
-                    after=after, newest=newest, limit=batch_size, where=where, skip_locked=self.skip_locked
+                    after=after,
+                    newest=newest,
+                    limit=batch_size,
+                    where=where,
+                    skip_locked=self.skip_locked,
+                    meanwhile=start_marking,
                 )
-                if rows:
-                    first, after = ClaimedEvent(*rows[0]).id, ClaimedEvent(*rows[-1]).id
-                    keys = [
-                        client_key(agency_id, channel_id, location_id)
-                        for _, agency_id, _, channel_id, location_id, _, _, _, _, _, _ in rows
-                    ]
-                    live_keys, postponed_keys = self._lock_clients(set(keys))
-                if unmarked is not None:
-                    marking, unmarked = self.store.start_marking(unmarked), None
                 if not rows:
                     break
+                first, after = ClaimedEvent(*rows[0]).id, ClaimedEvent(*rows[-1]).id
+                keys = [
+                    client_key(agency_id, channel_id, location_id)
+                    for _, agency_id, _, channel_id, location_id, _, _, _, _, _, _ in rows
+                ]
+                live_keys, postponed_keys = self._lock_clients(set(keys))
                 marks = self._classify(rows, keys, live_keys, postponed_keys)
                 if marking is not None:
                     marking.wait()
@@ -218,6 +228,7 @@ class _Aggregation:
             if marking is not None:
                 marking.join()  # the transaction rolls back: never under a statement still running
             raise
+        start_marking()  # (the last claim started it already)
         if marking is not None:
             marking.wait()
 
