@@ -16,8 +16,9 @@ What it does, in one run:
    Rebill at half its median full-speed rate; with --compare REVISION (repeatable), Rebill as of that git
    revision runs too, from an exported tree against the same database, in the same rounds; and reports
    requests/s, the ratio Rebill/bare per round and their median, p50/p99 latency, the load averages after
-   every round, and whether anything was lost:
-   delivery rows stored == 2xx, for every Rebill run.
+   every round, the CPU per 2xx of each run (the server's gunicorn processes: "app µs"; the bench
+   database's PostgreSQL backends: "db µs"; both much steadier than rates on a shared machine), and
+   whether anything was lost: delivery rows stored == 2xx, for every Rebill run.
 
 wrk2 (constant-rate) is not available: the half-rate run paces requests with wrk's per-request delay()
 hook, each thread handing out send slots at rate/threads (an open schedule, like wrk2, but latency is
@@ -48,6 +49,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -64,6 +67,7 @@ APP_ID = CLIENT_ID.split("-")[0]
 COMPANY_ID = "benchCompany00000001"
 LOCATION_ID = "benchLocation0000001"
 TAIL_SECONDS = 1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_RATE_GUESS = 6000  # bodies signed per second of run; more than this machine can take
 
 LUA = r"""
@@ -288,16 +292,19 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
             figures = {}
             for name in runs if number % 2 == 0 else reversed(runs):
                 if name in prefixes:
-                    figures[name] = wrk(args, rebill_files[name, f"full{number}"], args.duration, 0, ports[name])
+                    with cpu_per_answer(servers[name], database_url) as figures[name]:
+                        figures[name] |= wrk(args, rebill_files[name, f"full{number}"], args.duration, 0, ports[name])
                     figures[name]["stored"] = stored_rows(database_url, f"{prefixes[name]}full{number}-")
                 else:
-                    figures[name] = wrk(args, reference_files, args.duration, 0, ports[name])
+                    with cpu_per_answer(servers[name], database_url) as figures[name]:
+                        figures[name] |= wrk(args, reference_files, args.duration, 0, ports[name])
             results["rounds"].append(figures)
             results["load"].append(load_average())
         for name in prefixes:
             rates = sorted(figures[name]["rate"] for figures in results["rounds"])
             half_rate = rates[len(rates) // 2] / 2
-            half = wrk(args, rebill_files[name, "half"], args.duration, half_rate, ports[name])
+            with cpu_per_answer(servers[name], database_url) as half:
+                half |= wrk(args, rebill_files[name, "half"], args.duration, half_rate, ports[name])
             half["stored"] = stored_rows(database_url, f"{prefixes[name]}half-")
             half["target_rate"] = half_rate
             results["half"][name] = half
@@ -324,6 +331,48 @@ def export_revision(revision: str, tree: Path) -> Path:
     archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     return tree
+
+
+@contextmanager
+def cpu_per_answer(server: subprocess.Popen, database_url: str) -> Iterator[dict]:
+    """Yield a dict for a run's figures; add the CPU the server's processes (gunicorn master and workers) and
+    the bench database's PostgreSQL backends used during it, per 2xx, in microseconds.
+
+    CPU per answer moves much less with the machine's other load than requests per second do (a loaded
+    machine slows both apps, but each request still costs about what it costs), so it separates before
+    from after where the rates cannot.
+    """
+    database = database_url.rsplit("/", 1)[1]
+    figures: dict = {}
+    server_before, database_before = process_cpu(server.pid), backends_cpu(database)
+    yield figures
+    answers = max(figures["ok"], 1)
+    figures["server_us"] = (process_cpu(server.pid) - server_before) / answers * 1e6
+    figures["database_us"] = (backends_cpu(database) - database_before) / answers * 1e6
+
+
+def _processes() -> Iterator[tuple[int, int, float, bytes]]:
+    """(pid, parent pid, CPU seconds used, command line) of every process that can be read."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:  # it ended meanwhile
+            continue
+        yield int(entry.name), int(stat[1]), (int(stat[11]) + int(stat[12])) / CLOCK_TICKS, command
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (a gunicorn master and its workers; workers live through a run)."""
+    return sum(cpu for child, parent, cpu, _ in _processes() if pid in (child, parent))
+
+
+def backends_cpu(database: str) -> float:
+    """CPU seconds of the PostgreSQL backends connected to ``database`` (their title names it)."""
+    return sum(cpu for _, _, cpu, command in _processes() if command.startswith(b"postgres: ") and
+               f" {database} ".encode() in command)  # fmt: skip
 
 
 def load_average() -> str:
@@ -495,7 +544,7 @@ def report(args, results: dict) -> None:
           + "; ".join(results["load"][1:]))
     print(
         f"{'run':<34}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
-        f"{'other':>7}{'errors':>7}"
+        f"{'other':>7}{'errors':>7}{'app µs':>8}{'db µs':>7}"
     )
     names = {"bare": "bare Flask", "verify": "verify only"} | {
         name: "Rebill" if name == "rebill" else f"Rebill {name.removeprefix('rebill')}" for name in results["rebills"]
@@ -506,6 +555,7 @@ def report(args, results: dict) -> None:
             f"{name:<34}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
             f"{figures['max_us'] / ms:>9.1f}{figures['ok']:>9}{figures.get('stored', '-')!s:>9}"
             f"{figures['other']:>7}{figures['socket_errors']:>7}"
+            f"{figures['server_us']:>8.0f}{figures['database_us']:>7.0f}"
         )
 
     for number, figures in enumerate(results["rounds"], 1):
