@@ -8,8 +8,9 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
 - Claim: due rows (``pending``, ``next_attempt_at <=`` the tick's start, agency key ``ok``) are leased in a
   short transaction: ``next_attempt_at = now + LEASE`` and the attempt counted (``attempts + 1``,
   ``first_attempt_at`` kept from the first). Attempt history is append-only: nothing lowers ``attempts`` or
-  clears ``first_attempt_at``. Rows are taken round-robin across agencies (each agency's oldest row, then
-  each agency's second...), so one agency's backlog never pushes another's rows out of a batch. On
+  clears ``first_attempt_at``. Rows are taken round-robin across agencies (each agency's longest-due row,
+  then each agency's second...), so one agency's backlog never pushes another's rows out of a batch; the
+  choice reads a few index entries per agency, never every due row (billing.report_claims). On
   PostgreSQL the claim locks with ``FOR UPDATE SKIP LOCKED``; on SQLite the claiming transaction takes the
   write lock before it reads. Two ticks never hold the same row; no database lock is held while Stripe is
   called.
