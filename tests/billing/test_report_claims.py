@@ -10,16 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 from sqlalchemy import insert, select, update
 
-from billing import report_claims, reporting
+from billing import report_claims, report_sending, reporting
 from billing.models import UnitReport
 from billing.report_claims import CLAIM_BATCH, ReportingResult, TickClock, claim_batch
 from billing.units import report_identifier
 from core.database import db
+from tests.billing.test_reporting_concurrency import run_together
 
 
 def insert_rows(client, count: int, *, due: dt.datetime, spread: int = 0, rng=None, **values) -> None:
@@ -188,3 +189,53 @@ def test_a_tick_s_claims_go_on_where_the_last_one_left_each_agency_and_come_back
     assert claim() == rows[4:6]
     assert claim() == rows[:1]  # nothing after them: read from the first rows once more
     assert claim() == []
+
+
+def test_three_schedulers_with_small_claims_lost_answers_and_429s_send_every_unit_exactly_once(
+    world, stripe_app, postgres_only, monkeypatch
+):
+    """PostgreSQL: three ticks at once, again and again until all is sent; claims of 7 rows (many rounds, resumed
+    claims and read-again passes), count-meter slices due again within the tick, sends in parallel, and Stripe
+    applying some events without answering (in doubt, resent, "already exists") or refusing some with 429."""
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 7)
+    monkeypatch.setattr(report_sending, "COUNT_EVENTS_PER_CLAIM", 3)
+    sums = [world.agency() for _ in range(3)]
+    count = world.agency(formula="count", event_name="ai_count")
+    clients = [(setup, world.client(setup)) for setup in sums for _ in range(4)]
+    clients += [(count, world.client(count)) for _ in range(2)]
+    expected = Counter()
+    for setup, client in clients:
+        for units in (5, 4) if setup is count else (1, 2, 3):  # several rows of one customer: sent in order
+            world.report(client, units)
+            expected[client.id] += units
+    db.session.commit()
+    world.state.inject("/v1/billing/meter_events", "accept_then_500", times=3, after=5)
+    world.state.inject("/v1/billing/meter_events", "rate_limit", times=3, after=12)
+
+    for _ in range(10):
+        run_together(stripe_app, lambda: reporting.report_pending_units(world.clock.now()), 3)
+        if {report.status for report in world.reports()} == {"sent"}:
+            break
+        world.clock.advance(minutes=10)  # past any lease and backoff
+
+    assert {report.status for report in world.reports()} == {"sent"}
+    assert {client.id: world.stripe_total(setup, client) for setup, client in clients} == expected
+    posted = Counter(call.params["identifier"] for call in world.calls() if call.status == 200)
+    assert set(posted.values()) == {1}  # no event answered 2xx twice
+    # The faults did happen: 429s, and events applied without an answer that were resent ("already exists").
+    assert {429, 400} <= {call.status for call in world.calls()}
+
+
+def test_rows_chosen_before_another_scheduler_leased_them_are_not_claimed_again(world, monkeypatch):
+    """The choice reads without locks; the locking read re-checks that each chosen row is still due."""
+    now = world.clock.now()
+    insert_rows(world.client(world.agency()), 3, due=now - dt.timedelta(minutes=1))
+    db.session.commit()
+    chosen = report_claims._choose_due_rows(now)
+    db.session.rollback()
+    assert len(claim_batch(TickClock(now, dt.timedelta(minutes=1)), ReportingResult())) == 3  # another scheduler
+
+    monkeypatch.setattr(report_claims, "_choose_due_rows", lambda start, resume=None: chosen)  # the stale choice
+    assert claim_batch(TickClock(now, dt.timedelta(minutes=1)), ReportingResult()) == []
+    db.session.expire_all()
+    assert {report.attempts for report in db.session.scalars(select(UnitReport))} == {1}
