@@ -14,7 +14,7 @@ from sqlalchemy import Select, bindparam, literal
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import UsageEvent
-from billing.states import UsageState
+from billing.states import UsageSource, UsageState
 from core.database import db, utcnow
 
 _USAGE = UsageEvent.__table__
@@ -46,7 +46,7 @@ MAX_MESSAGES_PER_EVENT = 10**4
 class UsageRecord:
     """One usage fact as a provider adapter hands it to the billing core."""
 
-    source: str  # "ghl" (webhook message events) | "capri" (usage API)
+    source: UsageSource  # how the event reached Rebill (its stored word, billing.states)
     source_event_id: str  # GHL messageId, or the usage API event id (scoped per agency)
     occurred_at: dt.datetime
     channel_id: str | None = None

@@ -40,13 +40,14 @@ GHL_DIRECTIONS = {"ghl_outbound": ("outbound",), "ghl_inbound": ("inbound",), "g
 
 def usage_measure(charge_by: str, provider: str, message_source: str | None):
     """Return the function (source, input, output, messages, direction) -> usage for a client's settings."""
-    capri, ghl = UsageSource.CAPRI.value, UsageSource.GHL.value  # plain words: this runs once per event
+    # Plain words: this runs once per event.
+    usage_api, webhook = UsageSource.USAGE_API.value, UsageSource.GHL_WEBHOOK.value
     if charge_by == "tokens":
         # Tokens are reported only by the AI platform, through the usage API.
-        return lambda source, inputs, outputs, messages, direction: inputs + outputs if source == capri else 0
+        return lambda source, inputs, outputs, messages, direction: inputs + outputs if source == usage_api else 0
     if provider == Provider.CAPRI_API or message_source == "platform":
-        return lambda source, inputs, outputs, messages, direction: messages if source == capri else 0
+        return lambda source, inputs, outputs, messages, direction: messages if source == usage_api else 0
     directions = GHL_DIRECTIONS.get(message_source or "ghl_outbound", ())
     return lambda source, inputs, outputs, messages, direction: (
-        messages if source == ghl and direction in directions else 0
+        messages if source == webhook and direction in directions else 0
     )

@@ -13,7 +13,11 @@ from sqlalchemy import CheckConstraint
 
 
 class Provider(enum.StrEnum):
-    """Where a client's usage comes from (``rebill_client.provider``; the API's ``provider``, docs/contract.md)."""
+    """What kind of source a client bills (``rebill_client.provider``; the API's ``provider``, docs/contract.md).
+
+    Its key names the event field that maps usage to the client (billing.sources): ``channel_id`` or
+    ``location_id``. How an event reached Rebill is another fact, its ``UsageSource``.
+    """
 
     CAPRI_API = "capri_api"  # an API channel of the AI platform: usage API events naming its channel_id
     GHL = "ghl"  # a GHL subaccount: its webhooks' messages and usage API events naming its location_id
@@ -22,13 +26,15 @@ class Provider(enum.StrEnum):
 class UsageSource(enum.StrEnum):
     """How a usage event reached Rebill (``usage_event.source``); events are deduplicated per source.
 
-    Not the client's provider: a GHL subaccount's client counts usage of both sources (``platform`` messages
-    and tokens come through the usage API). The stored words are kept as they are: the ledger's unique
-    constraint and its exports use them.
+    Not the client's provider: a GHL subaccount's client counts events of both sources (``platform``
+    messages and tokens come through the usage API), so the two are separate columns with separate words;
+    billing.sources is the one place that maps one to the other (docs/billing-rules.md "Providers and
+    sources"). The stored words stay as they are: they are part of the ledger's unique key (agency, source,
+    event id), and the CSV export shows them (docs/contract.md §5).
     """
 
-    CAPRI = "capri"  # the usage API (capri/)
-    GHL = "ghl"  # GHL's message webhooks (ghl/)
+    USAGE_API = "capri"  # the AI platform's usage API (capri/), for channels and subaccounts alike
+    GHL_WEBHOOK = "ghl"  # GHL's message webhooks (ghl/)
 
 
 class ClientStatus(enum.StrEnum):

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT, UsageRecord
+from billing.states import UsageSource
 
-SOURCE = "capri"
 MAX_EVENTS = 1000
 # 1000 events at their largest legitimate size (every string at its limit, escaped) stay well under this.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -134,7 +134,7 @@ def _record_from(event: dict, now: dt.datetime) -> tuple[UsageRecord, tuple[str,
     occurred_at = _occurred_at(event, now)
     flags = (FLAG_OLDER_THAN_STRIPE_WINDOW,) if occurred_at < now - STRIPE_WINDOW else ()
     record = UsageRecord(
-        source=SOURCE,
+        source=UsageSource.USAGE_API,
         source_event_id=event_id,
         occurred_at=occurred_at,
         channel_id=channel,

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, select
 
 from billing.ledger import UsageRecord, record_usage
+from billing.states import UsageSource
 from core.database import db, utcnow
 from ghl.installs import record_install_event, record_uninstall_event
 from ghl.locations import record_location_event
@@ -127,7 +128,7 @@ def _record_message(message: Message, received_at: dt.datetime | None) -> str | 
     if not location.is_installed:
         return not_installed_note(message)
     record = UsageRecord(
-        source="ghl",
+        source=UsageSource.GHL_WEBHOOK,
         source_event_id=message.message_id,
         occurred_at=message.occurred_at,
         location_id=message.location_id,

@@ -33,6 +33,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyErro
 
 from billing.ledger import insert_usage_from
 from billing.models import UsageEvent
+from billing.states import UsageSource
 from core.delivery_log import failure_message
 from core.group_commit import Arrival, GroupCommit
 from ghl.deliveries import DELIVERIES, INSERTS, STORED_COLUMNS, delivery_values
@@ -145,7 +146,7 @@ def _batch_statement():
         insert_usage_from(
             select(
                 candidate.c.agency_id,
-                literal("ghl"),
+                literal(UsageSource.GHL_WEBHOOK.value),
                 candidate.c.message_id,
                 None,  # channel_id
                 candidate.c.location_id,

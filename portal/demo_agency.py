@@ -21,6 +21,7 @@ from billing.agencies import ensure_agency
 from billing.clients import create_client, list_clients, update_client
 from billing.ledger import UsageRecord, record_usage
 from billing.models import Agency
+from billing.states import UsageSource
 from billing.stripe_connection import connect_stripe_key
 from billing.stripe_events import register_stripe_events
 from core.database import db, utcnow
@@ -124,7 +125,10 @@ def generate_demo_usage(agency: Agency, rng: random.Random) -> int:
     ]
     now = utcnow()
     records = [
-        UsageRecord(source="capri", source_event_id=f"demo-{uuid.uuid4()}", occurred_at=now, model="gpt-4o-mini", **row)
+        UsageRecord(
+            source=UsageSource.USAGE_API, source_event_id=f"demo-{uuid.uuid4()}", occurred_at=now, model="gpt-4o-mini",
+            **row,
+        )
         for row in usage
     ]
     return sum(record_usage(agency.id, records))

@@ -51,7 +51,11 @@ def test_a_word_outside_a_named_state_is_refused(app):
         db.session.add(agency)
         db.session.flush()
         event = UsageEvent(
-            agency_id=agency.id, source=UsageSource.CAPRI, source_event_id="e1", channel_id="c", occurred_at=utcnow()
+            agency_id=agency.id,
+            source=UsageSource.USAGE_API,
+            source_event_id="e1",
+            channel_id="c",
+            occurred_at=utcnow(),
         )
         db.session.add(event)
         db.session.flush()
