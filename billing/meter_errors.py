@@ -44,7 +44,7 @@ from billing.aggregation_store import take_write_lock
 from billing.models import Agency, UnitReport
 from billing.periods import REJECTED_LATER
 from billing.report_claims import NEEDS_RECONCILE
-from billing.states import ReportStatus
+from billing.states import ReportMode, ReportStatus
 from billing.stripe_gateway import MeterErrorReport
 from billing.unsent_remainder import move_unsent_remainder
 from core.database import db, utcnow
@@ -91,7 +91,7 @@ def flag_rejected_reports(agency: Agency, report: MeterErrorReport) -> str | Non
         named.update(sample.identifier for sample in samples)
         if not samples:  # an event past the row's units: the row was closed at fewer, the event moved on
             continue
-        if row.target_mode != "meter" or (row.last_error or "").startswith(NEEDS_RECONCILE):
+        if row.target_mode != ReportMode.METER or (row.last_error or "").startswith(NEEDS_RECONCILE):
             notes.append(f"report {row.identifier} is {row.status} ({row.last_error or 'no error'}), left as it is")
             continue
         sample = samples[0]

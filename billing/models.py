@@ -11,7 +11,7 @@ import secrets
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from billing.states import ClientStatus, Provider, ReportStatus, UsageSource, UsageState, allowed
+from billing.states import ClientStatus, Provider, ReportMode, ReportStatus, UsageSource, UsageState, allowed
 from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
 from core.database import BigId, TimestampMixin, UTCDateTime, db, utcnow
 
@@ -78,6 +78,7 @@ class RebillClient(TimestampMixin, db.Model):
         ),
         allowed("provider", Provider),
         allowed("status", ClientStatus),
+        allowed("report_mode", ReportMode),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -101,7 +102,9 @@ class RebillClient(TimestampMixin, db.Model):
 
     # How units reach Stripe, read from the price when the client is saved (docs/stripe.md §8): with the customer
     # and price above, the client's ``stripe_target`` (billing.stripe_target.CLIENT_COLUMNS).
-    report_mode: Mapped[str] = mapped_column(String(16), default="meter", server_default="meter")
+    report_mode: Mapped[str] = mapped_column(
+        String(16), default=ReportMode.METER, server_default=ReportMode.METER.value
+    )
     meter_id: Mapped[str | None] = mapped_column(String(255))
     meter_event_name: Mapped[str | None] = mapped_column(String(100))
     meter_customer_key: Mapped[str | None] = mapped_column(String(100))
@@ -249,6 +252,7 @@ class UnitReport(TimestampMixin, db.Model):
             sqlite_where=text("status = 'pending'"),
         ),
         allowed("status", ReportStatus),
+        allowed("target_mode", ReportMode),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -275,7 +279,7 @@ class UnitReport(TimestampMixin, db.Model):
     # be in Stripe: retries, the >24 h check and reconcile use these, never the client's current settings.
     # Together the report's ``target`` (billing.stripe_target.REPORT_COLUMNS).
     target_account: Mapped[str | None] = mapped_column(String(64))
-    target_mode: Mapped[str | None] = mapped_column(String(16))  # meter | legacy
+    target_mode: Mapped[str | None] = mapped_column(String(16))  # billing.states.ReportMode
     target_customer: Mapped[str | None] = mapped_column(String(255))
     target_price: Mapped[str | None] = mapped_column(String(255))
     target_meter: Mapped[str | None] = mapped_column(String(255))

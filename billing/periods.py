@@ -25,7 +25,7 @@ from sqlalchemy import and_, case, func, or_, select
 from billing.dry_run import WouldHaveBilled, shadow_usage_in_periods, shows_dry_run
 from billing.estimates import Estimate, PriceTerms, add_amounts, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
-from billing.states import ReportStatus
+from billing.states import ReportMode, ReportStatus
 from billing.stripe_gateway import (
     StripeGateway,
     StripeKeyRejected,
@@ -267,7 +267,7 @@ def units_in_periods(periods: dict[int, tuple[dt.datetime, dt.datetime]], now: d
     restamped = and_(
         waiting,
         ~may_be_in_stripe,
-        or_(UnitReport.usage_timestamp < now - PERIOD_CHECK_AGE, RebillClient.report_mode == "legacy"),
+        or_(UnitReport.usage_timestamp < now - PERIOD_CHECK_AGE, RebillClient.report_mode == ReportMode.LEGACY),
     )
     # A waiting report whose units may be in Stripe keeps its recorded time, but what of it is not confirmed
     # may still land in the current period: the >24 h check re-opens a doubtful report that did not land, and a

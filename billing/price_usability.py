@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from billing.states import ReportMode
 from billing.stripe_target import StripeTarget
 
 
@@ -24,7 +25,7 @@ class PriceInfo:
     interval: str | None
     usable: bool
     reason: str | None = None  # why it is not usable
-    report_mode: str | None = None  # "meter" | "legacy" when usable
+    report_mode: ReportMode | None = None  # when usable
     meter_id: str | None = None
     event_name: str | None = None
     customer_key: str | None = None
@@ -81,7 +82,7 @@ def classify_price(price: Any, meter: Any | None) -> PriceInfo:
     meter_id = price_meter_id(price)
     if meter_id is None:
         # A metered price without a meter is a legacy usage-record price (basil changelog, docs/stripe.md §2.2).
-        return PriceInfo(**base, usable=True, report_mode="legacy", warning=warning)
+        return PriceInfo(**base, usable=True, report_mode=ReportMode.LEGACY, warning=warning)
     if meter is None:
         return PriceInfo(**base, usable=False, reason=f"its billing meter {meter_id} cannot be read", meter_id=meter_id)
     details = {
@@ -110,7 +111,7 @@ def classify_price(price: Any, meter: Any | None) -> PriceInfo:
         )
     if details["formula"] not in ("sum", "count"):
         return PriceInfo(**base, usable=False, reason=f"unknown meter formula '{details['formula']}'", **details)
-    return PriceInfo(**base, usable=True, report_mode="meter", warning=warning, **details)
+    return PriceInfo(**base, usable=True, report_mode=ReportMode.METER, warning=warning, **details)
 
 
 def price_meter_id(price: Any) -> str | None:

@@ -23,9 +23,9 @@ from decimal import Decimal
 from sqlalchemy import case, func, select
 
 from billing.models import Agency, RebillClient, UnitReport
-from billing.states import ReportStatus
+from billing.states import ReportMode, ReportStatus
 from billing.stripe_gateway import StripeGateway, StripeGatewayError, StripeWindowTotal, gateway_for
-from billing.stripe_target import METER, REPORT_COLUMNS, StripeTarget
+from billing.stripe_target import REPORT_COLUMNS, StripeTarget
 from core.database import db, utcnow
 
 log = logging.getLogger("billing.reconcile")
@@ -52,7 +52,7 @@ class ReconcileLine:
     stripe_total: Decimal | None = None
     # Of units_sent, those confirmed before SETTLED_AFTER ago: Stripe's total should include them by now.
     units_sent_settled: int = 0
-    mode: str = "meter"
+    mode: ReportMode = ReportMode.METER
     problem: str | None = None
     nicknames: list[str] = field(default_factory=list)
 
@@ -67,7 +67,7 @@ class ReconcileLine:
 
         0 for legacy usage records (Stripe answers those synchronously) and when Stripe was not read.
         """
-        if self.mode != "meter" or self.stripe_total is None or self.problem:
+        if self.mode != ReportMode.METER or self.stripe_total is None or self.problem:
             return 0
         return max(0, int(self.units_sent_settled - self.stripe_total))
 
@@ -156,7 +156,7 @@ def _reconcile_target(
     offered_here = (
         UnitReport.agency_id == agency.id,
         UnitReport.target_customer == target.customer_id,
-        (UnitReport.target_event_name if target.mode == METER else UnitReport.target_price) == target.name,
+        (UnitReport.target_event_name if target.mode == ReportMode.METER else UnitReport.target_price) == target.name,
         UnitReport.stripe_timestamp >= window.start,
         UnitReport.stripe_timestamp < window.end,
     )
@@ -228,7 +228,7 @@ def _record_agency_gaps(agency: Agency, now: dt.datetime) -> int:
     problems: dict[int, str] = {}
     checked: set[int] = set()
     for line in lines:
-        if line.mode != "meter" or line.stripe_total is None or line.problem:
+        if line.mode != ReportMode.METER or line.stripe_total is None or line.problem:
             continue  # not read (Stripe down, no period): keep what the last check found
         checked.update(line.client_ids)
         missing = line.missing_in_stripe

@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 from sqlalchemy import bindparam, func, select, text, tuple_, update
 
 from billing.models import Agency, RebillClient, UnitReport
-from billing.states import ReportStatus
+from billing.states import ReportMode, ReportStatus
 from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE
-from billing.stripe_target import CLIENT_COLUMNS, METER, REPORT_COLUMNS, StripeTarget
+from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
 from billing.units import take_write_lock
 from core.database import UTCDateTime, db, is_postgresql, utcnow
 
@@ -424,7 +424,7 @@ def _target_problem(target: StripeTarget) -> str | None:
         return "the client has no Stripe customer; edit the client"
     if target.is_legacy:
         return None if target.price_id else "the client has no Stripe price; edit the client"
-    if target.mode != METER or not (target.event_name and target.formula):
+    if target.mode != ReportMode.METER or not (target.event_name and target.formula):
         return "the client's price has no usable billing meter on record; edit the client to pick a metered price"
     if target.formula not in ("sum", "count"):
         return f"the client's meter formula '{target.formula}' cannot carry units; pick another price"

@@ -66,6 +66,14 @@ class ReportStatus(enum.StrEnum):
     FAILED = "failed"  # Stripe refused it for good: waits for the agency to fix the cause
 
 
+class ReportMode(enum.StrEnum):
+    """How a client's units reach Stripe (``rebill_client.report_mode``, ``unit_report.target_mode``), read from
+    its price when the client is saved (billing.price_usability; docs/stripe.md §8)."""
+
+    METER = "meter"  # meter events to the price's billing meter (docs/stripe.md §1)
+    LEGACY = "legacy"  # usage records on the subscription item of a metered price without a meter (§2.2, §2.3)
+
+
 class OutcomeKind(enum.StrEnum):
     """What happened to one claimed unit report in a reporting tick (billing.reporting)."""
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-METER = "meter"
-LEGACY = "legacy"
+from billing.states import ReportMode
+
 # A meter's payload keys when it names none: Stripe's defaults (docs/stripe.md §1.1).
 DEFAULT_CUSTOMER_KEY = "stripe_customer_id"
 DEFAULT_VALUE_KEY = "value"
@@ -51,7 +51,7 @@ REPORT_COLUMNS = {
 class StripeTarget:
     """A Stripe customer with the meter (or legacy price) its units go to, and how they must be sent."""
 
-    mode: str  # METER | LEGACY
+    mode: ReportMode
     customer_id: str
     price_id: str | None
     meter_id: str | None = None
@@ -75,12 +75,12 @@ class StripeTarget:
     @property
     def is_legacy(self) -> bool:
         """Legacy usage records go to the customer's subscription item, and only within its current period."""
-        return self.mode == LEGACY
+        return self.mode == ReportMode.LEGACY
 
     @property
     def name(self) -> str:
         """What Stripe totals the customer's units under: the meter's event name, or the legacy price id."""
-        return (self.event_name if self.mode == METER else self.price_id) or ""
+        return (self.event_name if self.mode == ReportMode.METER else self.price_id) or ""
 
     def series(self) -> StripeTarget:
         """The target as Stripe totals it (customer and meter, or customer and legacy price), for grouping.
@@ -93,7 +93,7 @@ class StripeTarget:
             customer_id=self.customer_id,
             price_id=self.price_id,
             meter_id=self.meter_id,
-            event_name=self.event_name if self.mode == METER else None,
+            event_name=self.event_name if self.mode == ReportMode.METER else None,
         )
 
     def with_payload_defaults(self) -> StripeTarget:
