@@ -25,7 +25,7 @@ from sqlalchemy import and_, case, func, or_, select
 from billing.dry_run import WouldHaveBilled, shadow_usage_in_periods, shows_dry_run
 from billing.estimates import Estimate, PriceTerms, add_amounts, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport
-from billing.states import ReportMode, ReportStatus
+from billing.states import BillingState, ClientStatus, ReportMode, ReportStatus
 from billing.stripe_gateway import (
     StripeGateway,
     StripeKeyRejected,
@@ -47,7 +47,6 @@ REFRESH_BUDGET_SECONDS = 20.0
 # (counted since its last progress: each slice of a count-meter row is an offer, and a 429 after progress is
 # only a pause).
 FAILING_AFTER_ATTEMPTS = 3
-BILLING_STATES = ("ok", "failing", "paused", "stripe_disconnected")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class ClientMoney:
     period_end: dt.datetime
     units: int
     estimate: Estimate | None  # None until the price has been read (or when Rebill cannot price it)
-    billing_state: str
+    billing_state: BillingState
     billing_problem: str | None
     product_name: str | None
     price_name: str | None
@@ -137,7 +136,7 @@ def money_summary(agency: Agency, clients: Sequence[RebillClient], now: dt.datet
         if figures.estimate is not None:
             amounts[figures.estimate.currency].append(figures.estimate.amount)
             units[figures.estimate.currency] += figures.units
-    failing = [client for client in clients if money[client.id].billing_state == "failing"]
+    failing = [client for client in clients if money[client.id].billing_state == BillingState.FAILING]
     return {
         "totals": [
             {"currency": currency, "amount": add_amounts(amounts[currency], currency), "units": units[currency]}
@@ -156,29 +155,31 @@ def money_summary(agency: Agency, clients: Sequence[RebillClient], now: dt.datet
 
 def billing_state(
     agency: Agency, client: RebillClient, cached: ClientPeriod | None, trouble: str | None
-) -> tuple[str, str | None]:
-    """Say whether the client's units reach an invoice: ok, failing, paused or stripe_disconnected, and why."""
+) -> tuple[BillingState, str | None]:
+    """Say whether the client's units reach an invoice, and why not."""
     stopped = _stripe_stopped(agency)
     if stopped:
-        return "stripe_disconnected", stopped
-    if client.status == "paused":
+        return BillingState.STRIPE_DISCONNECTED, stopped
+    if client.status == ClientStatus.PAUSED:
         if client.paused_for_payment:
-            return "paused", f"paused until the customer pays: {client.payment_problem or 'an invoice payment failed'}"
-        return "paused", "paused: usage is recorded but not billed until the client is resumed"
+            problem = client.payment_problem or "an invoice payment failed"
+            return BillingState.PAUSED, f"paused until the customer pays: {problem}"
+        return BillingState.PAUSED, "paused: usage is recorded but not billed until the client is resumed"
     if client.quarantine_reason:  # rule 12: aggregation stopped counting its usage (billing.units)
-        return "failing", f"usage is no longer counted: {client.quarantine_reason}"
+        return BillingState.FAILING, f"usage is no longer counted: {client.quarantine_reason}"
     if trouble:
-        return "failing", trouble
+        return BillingState.FAILING, trouble
     if client.reconcile_problem:  # the daily reconciliation (billing.reconcile): units missing in Stripe
-        return "failing", client.reconcile_problem
+        return BillingState.FAILING, client.reconcile_problem
     # Told by Stripe's events (billing.stripe_events): the units reach Stripe, but nobody pays for them.
     if client.payment_failed_at is not None:
-        return "failing", f"the customer's payment failed: {client.payment_problem or 'ask them to update their card'}"
+        problem = client.payment_problem or "ask them to update their card"
+        return BillingState.FAILING, f"the customer's payment failed: {problem}"
     if client.subscription_problem:
-        return "failing", client.subscription_problem
+        return BillingState.FAILING, client.subscription_problem
     if cached is not None and cached.problem:
-        return "failing", cached.problem
-    return "ok", None
+        return BillingState.FAILING, cached.problem
+    return BillingState.OK, None
 
 
 # last_error of a unit report Stripe rejected after accepting it (billing.meter_errors).

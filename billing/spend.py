@@ -15,16 +15,17 @@ from sqlalchemy import and_, select
 from billing.models import ClientPeriod, RebillClient
 from billing.periods import period_of, units_in_periods
 from billing.sources import client_source
+from billing.states import ClientStatus, SpendStatus
 from core.database import db, utcnow
 
-SOURCE_STATUSES = ("active", "paused", "capped", "payment_failed", "shadow", "unmapped")
+SOURCE_STATUSES = tuple(SpendStatus)  # the answer's words, in the order docs/contract.md lists them
 
 
 @dataclass(frozen=True)
 class SourceStatus:
     """What the AI platform needs to decide whether to serve a channel or subaccount."""
 
-    status: str
+    status: SpendStatus
     units: int
     cap_units: int | None
 
@@ -50,19 +51,19 @@ def source_status(agency_id: int, *, channel: str | None = None, location_id: st
         )
     ).one_or_none()
     if found is None:
-        return SourceStatus("unmapped", 0, None)
+        return SourceStatus(SpendStatus.UNMAPPED, 0, None)
     client, cached = found
     now = utcnow()
     units = units_in_periods({client.id: period_of(cached, client, now)}, now).get(client.id, 0)
     cap = client.monthly_cap_units
-    if client.paused_for_payment and client.status == "paused":
-        status = "payment_failed"
-    elif client.status in ("paused", "shadow"):
-        status = client.status
+    if client.paused_for_payment and client.status == ClientStatus.PAUSED:
+        status = SpendStatus.PAYMENT_FAILED
+    elif client.status in (ClientStatus.PAUSED, ClientStatus.SHADOW):
+        status = SpendStatus(client.status)
     elif cap is not None and units >= cap:
-        status = "capped"
+        status = SpendStatus.CAPPED
     elif client.payment_failed_at is not None:
-        status = "payment_failed"
+        status = SpendStatus.PAYMENT_FAILED
     else:
-        status = "active"
+        status = SpendStatus.ACTIVE
     return SourceStatus(status, units, cap)

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from billing.estimates import PriceTerms, estimate
 from billing.models import Agency, ClientPeriod, RebillClient, UnitReport, UsageEvent
 from billing.periods import ClientMoney, client_money
-from billing.states import ClientStatus, UsageState
+from billing.states import BillingState, ClientStatus, UsageState
 from billing.usage import client_usage
 from core.database import db, utcnow
 
@@ -26,10 +26,10 @@ MEASURES = {
     "messages": "messages",
 }
 STATES = {
-    "ok": "Billing normally",
-    "failing": "Billing needs your agency's attention",
-    "paused": "Paused: usage is recorded, not billed",
-    "stripe_disconnected": "Billing is on hold at your agency",
+    BillingState.OK: "Billing normally",
+    BillingState.FAILING: "Billing needs your agency's attention",
+    BillingState.PAUSED: "Paused: usage is recorded, not billed",
+    BillingState.STRIPE_DISCONNECTED: "Billing is on hold at your agency",
 }
 DRY_RUN_STATE = "Dry run: usage is counted and shown, nothing is billed yet"
 

@@ -1,8 +1,9 @@
-"""The billing core's named states: every word a status column may hold, and what it means.
+"""The billing core's named states: every word a status column may hold or an answer may carry, and what it means.
 
 Each is a ``StrEnum``: a member is its stored word (``UsageState.PENDING == "pending"``), so it goes to the
 database, JSON and logs unchanged; the models declare a CHECK constraint from the same members
-(``allowed``), so the database refuses any other word.
+(``allowed``), so the database refuses any other word. ``BillingState`` and ``SpendStatus`` are not stored:
+they are words of the external contract (docs/contract.md §5), computed on each read.
 """
 
 from __future__ import annotations
@@ -86,6 +87,26 @@ class OutcomeKind(enum.StrEnum):
     SKIPPED = "skipped"  # not offered this tick
     UNSENT = "unsent"  # the rest provably not in Stripe cannot go as recorded: moved (billing.unsent_remainder)
     QUARANTINED = "quarantined"
+
+
+class BillingState(enum.StrEnum):
+    """Whether a client's units reach an invoice (billing.periods.billing_state; the portal API's ``billing_state``)."""
+
+    OK = "ok"
+    FAILING = "failing"  # something stops its units or their payment: ``billing_problem`` says what
+    PAUSED = "paused"
+    STRIPE_DISCONNECTED = "stripe_disconnected"  # the agency's Stripe key is refused or removed
+
+
+class SpendStatus(enum.StrEnum):
+    """May this channel or subaccount spend now (billing.spend; the usage API's ``GET /api/v1/status``)."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    CAPPED = "capped"  # the period's billed units reached the client's monthly cap
+    PAYMENT_FAILED = "payment_failed"  # Stripe could not collect the customer's invoice
+    SHADOW = "shadow"
+    UNMAPPED = "unmapped"  # no live client maps it
 
 
 def allowed(column: str, states: type[enum.StrEnum]) -> CheckConstraint:

@@ -22,6 +22,7 @@ from billing.clients import STRIPE_FIELDS, create_client, delete_client, get_cli
 from billing.errors import BillingError, StripeAccountChangeUnconfirmed, StripeKeyInvalid
 from billing.models import Agency, RebillClient
 from billing.periods import ClientMoney, client_money, refresh_client_period
+from billing.states import Provider
 from billing.stripe_connection import connect_stripe_key, disconnect_stripe, list_prices
 from billing.stripe_events import register_stripe_events, stripe_events_status
 from billing.stripe_gateway import StripeGatewayError, StripeUnavailable
@@ -420,7 +421,7 @@ def _json_body() -> dict:
 
 def _in_scope(client: RebillClient) -> bool:
     scope = g.portal_session.location_scope
-    return scope is None or (client.provider == "ghl" and client.location_id == scope)
+    return scope is None or (client.provider == Provider.GHL and client.location_id == scope)
 
 
 def _visible_client(client_id: int) -> RebillClient:
@@ -434,7 +435,8 @@ def _check_scope_of_fields(fields: dict) -> None:
     scope = g.portal_session.location_scope
     if scope is None:
         return
-    if fields.get("provider", "ghl") != "ghl" or fields.get("location_id", scope) != scope or fields.get("channel_id"):
+    provider = fields.get("provider", Provider.GHL)
+    if provider != Provider.GHL or fields.get("location_id", scope) != scope or fields.get("channel_id"):
         abort(403, "from inside a subaccount you can only manage that subaccount's client")
 
 

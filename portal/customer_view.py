@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from billing.states import BillingState, ReportStatus
+
 AGENCY_ONLY_CLIENT_FIELDS = (
     "stripe_product_id",
     "stripe_price_id",
@@ -17,17 +19,17 @@ AGENCY_ONLY_CLIENT_FIELDS = (
     "subscription_problem",
     "billing_problem",
 )
-# billing.periods.BILLING_STATES in plain words for the agency's customer.
+# The billing states in plain words for the agency's customer.
 BILLING_NOTES = {
-    "ok": None,
-    "failing": "billing needs your agency's attention",
-    "paused": "paused: usage is recorded but not billed",
-    "stripe_disconnected": "billing is stopped on your agency's side",
+    BillingState.OK: None,
+    BillingState.FAILING: "billing needs your agency's attention",
+    BillingState.PAUSED: "paused: usage is recorded but not billed",
+    BillingState.STRIPE_DISCONNECTED: "billing is stopped on your agency's side",
 }
 REPORT_NOTES = {
-    "sent": "reported to Stripe",
-    "pending": "waiting to be reported",
-    "failed": "not reported yet; Rebill keeps trying",
+    ReportStatus.SENT: "reported to Stripe",
+    ReportStatus.PENDING: "waiting to be reported",
+    ReportStatus.FAILED: "not reported yet; Rebill keeps trying",
 }
 
 
@@ -55,6 +57,6 @@ def usage_for_customer(usage: dict[str, Any]) -> dict[str, Any]:
 
 def summary_for_customer(summary: dict[str, Any]) -> dict[str, Any]:
     """Return the money summary as a subaccount user sees it: which clients need attention, not why."""
-    problems = [problem | {"problem": BILLING_NOTES["failing"]} for problem in summary.get("problems", [])]
-    stopped = BILLING_NOTES["stripe_disconnected"] if summary.get("billing_problem") else None
+    problems = [problem | {"problem": BILLING_NOTES[BillingState.FAILING]} for problem in summary.get("problems", [])]
+    stopped = BILLING_NOTES[BillingState.STRIPE_DISCONNECTED] if summary.get("billing_problem") else None
     return summary | {"problems": problems, "billing_problem": stopped}

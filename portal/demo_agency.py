@@ -21,7 +21,7 @@ from billing.agencies import ensure_agency
 from billing.clients import create_client, list_clients, update_client
 from billing.ledger import UsageRecord, record_usage
 from billing.models import Agency
-from billing.states import UsageSource
+from billing.states import Provider, UsageSource
 from billing.stripe_connection import connect_stripe_key
 from billing.stripe_events import register_stripe_events
 from core.database import db, utcnow
@@ -85,7 +85,7 @@ def seed_demo_agency(stripe: DemoStripe, public_url: str | None = None) -> Agenc
     wanted = [
         {
             "nickname": "Acme Chat Co",
-            "provider": "capri_api",
+            "provider": Provider.CAPRI_API,
             "channel_id": DEMO_CHANNEL,
             "charge_by": "tokens",
             "billing_unit": 1000,

@@ -12,7 +12,7 @@ from typing import Any
 
 from billing.customers import QUERY_MAX as CUSTOMER_QUERY_MAX
 from billing.models import CHARGE_BY, MESSAGE_SOURCES
-from billing.states import ClientStatus, Provider
+from billing.states import ClientStatus, Provider, ReportStatus
 from capri.api_keys import NAME_MAX_LENGTH
 
 CLIENT_STATUSES = [status.value for status in ClientStatus]
@@ -116,7 +116,7 @@ CLIENT_FIELDS = {
 CLIENT_STATUS = {
     "type": "string",
     "enum": CLIENT_STATUSES,
-    "default": "active",
+    "default": ClientStatus.ACTIVE.value,
     "description": "`active` bills; `paused` records usage, never bills it; `shadow` is a dry run: usage is counted "
     "and its units shown as `would_have_billed`, nothing is sent to Stripe, and setting `active` bills only usage "
     "received from then on (docs/billing-rules.md rule 13).",
@@ -234,7 +234,7 @@ SCHEMAS: dict[str, Any] = {
                     "required": ["units", "status", "created_at", "sent_at"],
                     "properties": {
                         "units": COUNT,
-                        "status": {"type": "string", "enum": ["pending", "sent", "failed"]},
+                        "status": {"type": "string", "enum": [status.value for status in ReportStatus]},
                         "created_at": TIME,
                         "sent_at": TIME,
                         "identifier": TEXT,
