@@ -1,4 +1,9 @@
-"""Stripe's time limits the billing core depends on, each defined once; Rebill's margins derive from them."""
+"""Stripe's time limits the billing core depends on, each defined once; Rebill's margins derive from them.
+
+The margins: OLDEST_USAGE_TIMESTAMP below; billing.report_claims' MAX_EVENT_AGE and DEDUPE_SAFE_AGE; the usage
+API's flag for old usage (capri.validation). The fake Stripe (stripe_fake/app.py) keeps its own copy of the
+limits on purpose: it models Stripe, so a wrong number here fails the tests instead of moving the fake with it.
+"""
 
 from __future__ import annotations
 

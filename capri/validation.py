@@ -21,6 +21,7 @@ from typing import Any
 
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT, UsageRecord
 from billing.states import UsageSource
+from billing.stripe_limits import METER_EVENT_MAX_AGE
 
 MAX_EVENTS = 1000
 # 1000 events at their largest legitimate size (every string at its limit, escaped) stay well under this.
@@ -39,10 +40,9 @@ COUNT_MAX = {
 }
 EVENT_FIELDS = frozenset({"id", "channel", "location_id", *COUNT_FIELDS, "model", "occurred_at"})
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
-# Stripe takes meter events at most 35 calendar days old (docs/stripe.md §1.4,
-# https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api): older usage is kept in the
-# ledger and flagged so the caller knows it may not reach Stripe in its own period.
-STRIPE_WINDOW = dt.timedelta(days=35)
+# Usage older than Stripe's limit for meter event timestamps (billing.stripe_limits.METER_EVENT_MAX_AGE) is
+# kept in the ledger and flagged so the caller knows it may not reach Stripe in its own period. The flag is a
+# word of the usage API's answer (its schema, capri/openapi.py; README), so it keeps its number.
 FLAG_OLDER_THAN_STRIPE_WINDOW = "older_than_35_days"
 # Nothing Rebill bills predates this; earlier values are a caller's bug (an epoch-zero clock), and refusing
 # them keeps date arithmetic downstream far from datetime's year-1 edge.
@@ -132,7 +132,7 @@ def _record_from(event: dict, now: dt.datetime) -> tuple[UsageRecord, tuple[str,
         raise _Rejected("at least one of input_tokens, output_tokens or messages must be above 0")
     model = _text(event, "model", MODEL_MAX_LENGTH)
     occurred_at = _occurred_at(event, now)
-    flags = (FLAG_OLDER_THAN_STRIPE_WINDOW,) if occurred_at < now - STRIPE_WINDOW else ()
+    flags = (FLAG_OLDER_THAN_STRIPE_WINDOW,) if occurred_at < now - METER_EVENT_MAX_AGE else ()
     record = UsageRecord(
         source=UsageSource.USAGE_API,
         source_event_id=event_id,
