@@ -575,6 +575,25 @@ def test_export_streams_usage_and_reports_as_quoted_csv(portal_app, portal_clien
     assert report["last_error"] == "No such customer: 'cus_x'"
 
 
+def test_the_export_names_a_usage_api_events_source_by_its_stored_word(portal_app, portal_client, admin, tenant_a):
+    """The CSV's ``source`` is the event's stored word: ``capri`` for the usage API, while the client's provider is
+    ``capri_api`` (two words for two facts, docs/billing-rules.md "Providers and sources")."""
+    created = add_client(portal_client, admin, tenant_a)
+    key = portal_client.post("/api/portal/api-keys", json={"name": "platform"}, headers=admin).get_json()["key"]
+    event = {"id": "evt-source", "channel": "chan-acme", "input_tokens": 5, "occurred_at": utcnow().isoformat()}
+    sent = portal_client.post("/api/v1/usage", json={"events": [event]}, headers={"Authorization": f"Bearer {key}"})
+    assert sent.status_code == 200 and sent.get_json()["results"][0]["status"] == "accepted"
+    with portal_app.app_context():
+        aggregate_pending_usage()
+        db.session.commit()
+
+    answer = portal_client.get(f"/api/portal/clients/{created['id']}/export.csv", headers=admin)
+
+    rows = list(csv.DictReader(io.StringIO(answer.get_data(as_text=True))))
+    assert created["provider"] == "capri_api"
+    assert [(row["event_id"], row["source"]) for row in rows if row["record"] == "usage"] == [("evt-source", "capri")]
+
+
 def test_a_subaccount_user_exports_without_stripes_raw_errors(portal_app, portal_client, admin, tenant_a):
     theirs = add_client(
         portal_client,
