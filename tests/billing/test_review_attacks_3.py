@@ -1,0 +1,219 @@
+"""Third adversarial review: reporting's claim path after 5f95f8a (LATERAL rounds), b6a186f (a tick's claims
+resume each agency where the last one left it, claims of 250, at most 1,000 gateways) and 1ef3b0c (no wave
+barrier between an agency's first and other send groups).
+
+Each test plays a scenario a reviewer (not the author) built to break an invariant: units in Stripe per client
+== floor(usage / N) - already reported, never doubled, never lost; one agency never stalls another (rule 8);
+Stripe sees one call at a time per customer and meter. Faults are injected only at the HTTP boundary
+(stripe_fake); Rebill's own functions are not patched (only its size constants, as tests/billing/
+test_report_claims.py does, so a backlog of a few dozen rows spans several claims).
+
+A test here FAILS on main when it proves a problem; its docstring states the scenario and the mechanism.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import threading
+from collections import Counter, defaultdict
+from urllib.parse import parse_qsl
+
+from billing import report_claims, reporting
+from billing.reporting import report_pending_units
+from core.database import db
+from stripe_fake.app import FakeStripeApp
+from tests.billing.test_reporting_concurrency import run_together
+
+LONG_BUDGET = dt.timedelta(minutes=5)  # no tick here ends on time: what is sent, and in which order, is decided by
+# the claims alone
+
+
+def tick(world, **shift):
+    if shift:
+        world.clock.advance(**shift)
+    db.session.commit()
+    return report_pending_units(world.clock.now(), LONG_BUDGET)
+
+
+def meter_event_posts(world):
+    """Meter events Stripe applied (2xx), in the order the fake answered them."""
+    return [call for call in world.calls() if call.status == 200]
+
+
+def test_a_count_report_s_third_slice_is_not_held_behind_another_agency_s_whole_backlog(world, monkeypatch):
+    """Agency S has one count-meter report of 350 units (four slices of COUNT_EVENTS_PER_CLAIM = 100 events);
+    agency B has a backlog of 40 rows. Rule 8: agencies are served round-robin in every claim, so S's report
+    (S's only due row, its turn 0 in every claim) gets a slice in each claim and is done within four claims,
+    while B's backlog drains beside it. With b6a186f each claim resumes each agency after its last chosen row
+    (next_attempt_at, id). A slice's PROGRESS makes the row due again at the tick's start: after its first
+    slice the row's key (start, id) lies after S's cursor (its first due time) and is chosen once more; after
+    the second, S's cursor *is* (start, id), the row is no longer "after" it, and it is read again only when
+    no agency has anything due after its cursor: behind B's whole backlog. With a backlog larger than a tick,
+    S's report makes two slices (200 events) per tick instead of one per claim: a 100,000-unit count report of
+    a small agency waits 500 ticks behind a big agency. Fix: a row due again behind its agency's cursor must
+    reset that agency's cursor (e.g. compare the row's new key with the cursor when recording PROGRESS and drop
+    the agency from ``resume``), or resume from (cursor time, -1) so a row re-due at the cursor's time is seen.
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 4)
+    small = world.agency(formula="count", event_name="ai_count")
+    world.report(world.client(small), 350)
+    big = world.agency()
+    big_clients = [world.client(big) for _ in range(10)]
+    for _ in range(4):
+        for client in big_clients:
+            world.report(client, 1)
+    db.session.commit()
+
+    tick(world)
+
+    posts = meter_event_posts(world)
+    small_at = [n for n, call in enumerate(posts) if call.params["event_name"] == "ai_count"]
+    big_at = [n for n, call in enumerate(posts) if call.params["event_name"] == "ai_units"]
+    assert len(small_at) == 350 and len(big_at) == 40  # everything went in the end (the budget is long)
+    big_before = sum(1 for n in big_at if n < small_at[-1])
+    # Round-robin: S's row is in each of the first four claims, beside at most 3 of B's rows each.
+    assert big_before <= 12, (
+        f"agency S's 350-unit count report finished only after {big_before} of agency B's 40 rows: its later "
+        "slices waited behind B's backlog (the claim's resume cursor had passed the row)"
+    )
+
+
+def test_three_schedulers_at_once_on_mixed_backlogs_bill_every_unit_exactly_once(world, stripe_app, postgres_only,
+                                                                                 monkeypatch):  # fmt: skip
+    """Three schedulers report at once (PostgreSQL: advisory-lock turns, SKIP LOCKED, leases, the per-tick resume
+    cursors), in claims of 7 so they interleave, over: four agencies' sum rows, two count-meter reports that
+    take several slices (due again at each scheduler's own tick start, behind its cursor), a 500 on some events
+    (the row backs off in doubt) and a 429. Then ticks an hour apart until nothing is due. Every client's
+    Stripe total equals its units and no identifier is applied twice (held: tried as a regression net for the
+    resume cursor across schedulers whose tick starts differ).
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 7)
+    setups = [world.agency() for _ in range(4)]
+    expected: dict[tuple, int] = defaultdict(int)
+    clients = []
+    for setup in setups:
+        for _ in range(3):
+            client = world.client(setup)
+            clients.append((setup, client))
+            for units in (1, 2, 3, 4, 5):
+                world.report(client, units)
+                expected[(setup.agency.id, client.id)] += units
+    counting = world.agency(formula="count", event_name="ai_count")
+    for units in (230, 170):
+        client = world.client(counting)
+        clients.append((counting, client))
+        world.report(client, units)
+        expected[(counting.agency.id, client.id)] += units
+    db.session.commit()
+    world.state.inject("/v1/billing/meter_events", "server_error", times=3, after=40)
+    world.state.inject("/v1/billing/meter_events", "rate_limit", times=2, after=90)
+
+    run_together(stripe_app, lambda: report_pending_units(world.clock.now(), LONG_BUDGET), count=3)
+    for _ in range(6):
+        tick(world, hours=1)
+
+    rows = world.reports()
+    assert {row.status for row in rows} == {"sent"}, [
+        (r.id, r.status, r.last_error) for r in rows if r.status != "sent"
+    ]
+    applied = Counter(call.params["identifier"] for call in meter_event_posts(world))
+    assert set(applied.values()) == {1}
+    for setup, client in clients:
+        assert world.stripe_total(setup, client) == expected[(setup.agency.id, client.id)]
+
+
+def test_an_evicted_gateway_of_an_agency_whose_key_was_refused_does_not_buy_it_more_refused_calls(world, monkeypatch):
+    """A tick keeps at most GATEWAYS_KEPT gateways (b6a186f); past it, those of agencies not in the batch just
+    sent are dropped. Agency X's key was revoked: its first offer in the tick is refused (401). With claims of
+    one row and a bound of one gateway, X's refused gateway is evicted by the next agency's batch. X has three
+    more rows due. Held if X costs one refused call per tick and its rows wait for the key: the skip does not
+    live in the gateway but in the agency's flag (needs_attention, committed with the batch's outcomes), which
+    the claim reads. Tried with the key refused on the send (401) and with no key at all (gateway_for raises).
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 1)
+    monkeypatch.setattr(reporting, "GATEWAYS_KEPT", 1)
+    revoked = world.agency()
+    keyless = world.agency()
+    keyless.agency.stripe_key_ciphertext = None
+    others = [world.agency() for _ in range(3)]
+    clients = {setup.agency.id: world.client(setup) for setup in [revoked, keyless, *others]}
+    for client in clients.values():
+        for _ in range(4):
+            world.report(client, 2)
+    db.session.commit()
+    world.state.revoke_key(revoked.agency_key)
+
+    result = tick(world)
+
+    refused = [call for call in world.calls() if call.api_key == revoked.agency_key]
+    assert len(refused) == 1, f"{len(refused)} calls with the refused key in one tick"
+    assert world.agency_row(revoked).stripe_key_status == "needs_attention"
+    assert world.agency_row(keyless).stripe_key_status == "needs_attention"
+    assert result.agencies_flagged == 2
+    for setup in (revoked, keyless):
+        assert all(row.status == "pending" for row in world.reports(clients[setup.agency.id]))
+    for setup in others:
+        assert world.stripe_total(setup, clients[setup.agency.id]) == 8
+
+
+class _InFlight:
+    """Meter-event requests the fake is serving, per customer and event name (the most at once, and when)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now: Counter = Counter()
+        self.most: Counter = Counter()
+
+    def wrap(self, serve):
+        recorder = self
+
+        def call(app, environ, start_response):
+            if environ.get("PATH_INFO") != "/v1/billing/meter_events":
+                return serve(app, environ, start_response)
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(body)
+            params = dict(parse_qsl(body.decode()))
+            key = (params.get("payload[stripe_customer_id]"), params.get("event_name"))
+            with recorder.lock:
+                recorder.now[key] += 1
+                recorder.most[key] = max(recorder.most[key], recorder.now[key])
+            try:
+                return list(serve(app, environ, start_response))
+            finally:
+                with recorder.lock:
+                    recorder.now[key] -= 1
+
+        return call
+
+
+def test_two_schedulers_never_call_stripe_for_one_customer_and_meter_at_once(world, stripe_app, monkeypatch):
+    """Stripe takes one call at a time per customer and meter (a second concurrent one is refused, 429). One
+    tick keeps a customer's rows in one send group on one thread. Two schedulers (the deployment runs several)
+    each claim CLAIM_BATCH rows; b6a186f cut the claim from 1,000 to 250 rows precisely so that several
+    processes share a backlog. A client that built up 400 rows during an outage (a row per aggregation pass)
+    is then split between the schedulers, and both send to its customer and meter at the same time: Stripe
+    refuses one side (429 on every overlapping call), the refused rows back off in doubt, and the backlog
+    drains at a fraction of the rate while counting retries. Before b6a186f the same backlog was one claim of
+    one scheduler. The fake does not refuse concurrent calls, so the test watches them at the HTTP boundary:
+    the most meter-event requests in flight at once for one customer and meter. Fix: a claim should take a
+    send group (customer+meter) whole, or skip rows of a group another scheduler holds a lease on.
+    """
+    recorder = _InFlight()
+    monkeypatch.setattr(FakeStripeApp, "__call__", recorder.wrap(FakeStripeApp.__call__))
+    world.state.inject("/v1/billing/meter_events", "slow", times=1000, seconds=0.005)  # every call takes a moment
+    setup = world.agency()
+    client = world.client(setup)
+    for _ in range(400):
+        world.report(client, 1)
+    db.session.commit()
+
+    run_together(stripe_app, lambda: report_pending_units(world.clock.now(), LONG_BUDGET), count=2)
+
+    assert world.stripe_total(setup, client) == 400
+    key = (client.stripe_customer_id, "ai_units")
+    assert recorder.most[key] == 1, (
+        f"{recorder.most[key]} meter-event calls for one customer and meter were in flight at once "
+        "(two schedulers each holding part of the client's backlog)"
+    )
