@@ -20,7 +20,11 @@ from collections import Counter, defaultdict
 from urllib.parse import parse_qsl
 
 from billing import report_claims, reporting
-from billing.reporting import report_pending_units
+from billing.models import UnitReport
+from billing.report_claims import ReportingResult, TickClock, claim_batch
+from billing.report_sending import process_batch
+from billing.reporting import _record_outcomes, report_pending_units
+from billing.tick_reads import TickReads
 from core.database import db
 from stripe_fake.app import FakeStripeApp
 from tests.billing.test_reporting_concurrency import run_together
@@ -216,4 +220,78 @@ def test_two_schedulers_never_call_stripe_for_one_customer_and_meter_at_once(wor
     assert recorder.most[key] == 1, (
         f"{recorder.most[key]} meter-event calls for one customer and meter were in flight at once "
         "(two schedulers each holding part of the client's backlog)"
+    )
+
+
+def test_rows_due_again_or_inserted_behind_a_tick_s_cursors_are_claimed_once_in_the_same_tick(world, monkeypatch):
+    """The per-tick resume cursors (b6a186f) against rows that become due behind them: a row inserted later
+    with a due time before the agency's cursor (an aggregation pass that began before the tick committed now),
+    a leased row whose lease ran out (another scheduler died holding it), and a row made due at the tick's start
+    with a lower id than the cursor's row. Held: when nothing is due after the cursors the claim reads every
+    agency from its first row again, so each is claimed in the same tick, exactly once (the lease moves a
+    claimed row out of the due range, so the reread never repeats one).
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 3)
+    now = world.clock.now()
+    setups = [world.agency() for _ in range(3)]
+    clients = [world.client(setup) for setup in setups]
+    for client in clients:
+        for _ in range(4):
+            world.report(client, 1)
+    db.session.commit()
+    clock, resume, claimed = TickClock(now, dt.timedelta(minutes=1)), {}, []
+
+    def claim() -> list[int]:
+        ids = [c.report_id for c in claim_batch(clock, ReportingResult(), resume)]
+        claimed.extend(ids)
+        return ids
+
+    claim()
+    claim()
+    late = world.report(clients[0], 1)  # committed now, due since before the rows the cursor passed
+    late.next_attempt_at = now - dt.timedelta(minutes=3)
+    first = db.session.get(UnitReport, claimed[0])
+    first.next_attempt_at = now - dt.timedelta(seconds=1)  # its lease ran out: due again (attempts says 1)
+    db.session.commit()
+    while claim():
+        pass
+
+    assert Counter(claimed)[late.id] == 1
+    assert Counter(claimed)[first.id] == 2  # once per lease
+    assert set(claimed) == {row.id for row in world.reports()}
+    assert all(n == 1 for row_id, n in Counter(claimed).items() if row_id != first.id)
+
+
+def test_a_scheduler_stalled_past_its_lease_does_not_bill_a_restamped_legacy_report_twice(world):
+    """Lease expiry mid-send. A legacy (usage-record) report whose usage is older than Stripe's 35 days is
+    stamped at its offer with ``now`` (report_sending._stamp), and a re-stamped usage record's idempotency key
+    is ``<identifier>@<timestamp>`` (StripeGateway.send_units). Scheduler A claims it (needs_stamp: no doubt
+    is written at the claim) and stalls before stamping (a GC pause, a slow read of another agency). Its lease
+    ends; scheduler B claims the row (attempt 2), stamps it with its own now, records target and doubt, sends
+    it (key X@tB) and marks it sent. Scheduler A wakes: record_targets writes nothing (STILL_CLAIMED: attempts
+    moved on) but nothing checks that, so A stamps with its own now and sends key X@tA: a different key,
+    so Stripe applies the usage record again. A's outcome is dropped by STILL_CLAIMED; the ledger says 5 units
+    sent, Stripe bills 10. Fix: send only claims whose record_targets write landed (check the rowcount; drop
+    the claims it did not write), or make the re-stamped key independent of the moment of the stamp.
+    """
+    setup = world.agency(legacy=True)
+    client = world.client(setup)
+    world.report(client, 5, at=world.clock.now() - dt.timedelta(days=40))  # waited for a key fix, say
+    db.session.commit()
+    a_clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    a_claims = claim_batch(a_clock, ReportingResult())  # scheduler A: claimed, then stalls
+    assert len(a_claims) == 1 and a_claims[0].needs_stamp
+
+    tick(world, minutes=6)  # scheduler B, after A's lease
+    (row,) = world.reports(client)
+    assert row.status == "sent" and world.stripe_total(setup, client) == 5
+
+    outcomes = process_batch(a_claims, {}, a_clock, TickReads(45), None)  # scheduler A wakes
+    _record_outcomes(outcomes, a_clock, ReportingResult())
+
+    (row,) = world.reports(client)
+    assert (row.status, row.units_confirmed) == ("sent", 5)
+    assert world.stripe_total(setup, client) == 5, (
+        f"Stripe bills {world.stripe_total(setup, client)} units of a 5-unit report: the stalled scheduler sent it "
+        "again under a re-stamped idempotency key"
     )
