@@ -28,6 +28,7 @@ from billing.tick_reads import TickReads
 from core.database import db
 from stripe_fake.app import FakeStripeApp
 from tests.billing.test_reporting_concurrency import run_together
+from tests.billing.test_reporting_over_time import reconnect, roll_key
 
 LONG_BUDGET = dt.timedelta(minutes=5)  # no tick here ends on time: what is sent, and in which order, is decided by
 # the claims alone
@@ -295,3 +296,68 @@ def test_a_scheduler_stalled_past_its_lease_does_not_bill_a_restamped_legacy_rep
         f"Stripe bills {world.stripe_total(setup, client)} units of a 5-unit report: the stalled scheduler sent it "
         "again under a re-stamped idempotency key"
     )
+
+
+def test_a_revoked_key_costs_one_refused_call_per_tick_without_the_wave_barrier(world):
+    """1ef3b0c sends an agency's other send groups as soon as its own first group is answered, no longer after
+    every agency's first group. Agency X's key was rolled (401); it has six customers (six groups), agency Y
+    six healthy ones, two sender threads. Held: X's first group is refused, its stop flag is set before the
+    group's future completes, and its five other groups are skipped without a call; Y's go in full.
+    """
+    rolled, healthy = world.agency(), world.agency()
+    clients = {setup.agency.id: [world.client(setup) for _ in range(6)] for setup in (rolled, healthy)}
+    for group in clients.values():
+        for client in group:
+            world.report(client, 3)
+    db.session.commit()
+    world.state.revoke_key(rolled.agency_key)
+
+    tick(world)
+
+    assert len([call for call in world.calls() if call.api_key == rolled.agency_key]) == 1
+    assert world.agency_row(rolled).stripe_key_status == "needs_attention"
+    assert all(world.stripe_total(healthy, client) == 3 for client in clients[healthy.agency.id])
+
+
+def test_an_agency_that_reconnects_its_key_during_a_tick_is_not_flagged_again_by_the_tick_s_old_gateway(
+    world, monkeypatch
+):
+    """A tick builds each agency's gateway once and keeps it (up to GATEWAYS_KEPT, b6a186f); past the bound it
+    rebuilds an evicted one from the current key, below it never. Agency X rolled its key: X's first batch is
+    refused (401) and X is flagged needs_attention. A moment later (same tick) the agency pastes its new key in
+    the portal: status ok. X's next row, due since the tick began, is claimed in the same tick and sent with the
+    gateway kept from before, on the old key: 401 again, and X is flagged needs_attention again with the old
+    key's reason, although its key now works. X's rows then wait until the agency notices and reconnects a
+    second time (rule 8: an agency's own fix is undone by a stale cache). The tick's loop is played claim by
+    claim (report_pending_units' body: claim_batch, process_batch, _record_outcomes with one gateways dict).
+    Fix: rebuild an agency's gateway when its key changed (key the cache by the ciphertext or updated_at), or
+    drop a gateway whose call was refused so the next batch reads the key again.
+    """
+    setup = world.agency()
+    client = world.client(setup)
+    first = world.report(client, 2)
+    first.next_attempt_at -= dt.timedelta(seconds=1)  # claimed first
+    second = world.report(client, 3)
+    db.session.commit()
+    new = roll_key(world, setup)
+    clock, gateways, resume = TickClock(world.clock.now(), dt.timedelta(seconds=45)), {}, {}
+    reads, result = TickReads(45), ReportingResult()
+
+    def batch():
+        claims = claim_batch(clock, result, resume)
+        _record_outcomes(process_batch(claims, gateways, clock, reads, None), clock, result)
+        return claims
+
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 1)
+    assert [claim.report_id for claim in batch()] == [first.id]
+    assert world.agency_row(setup).stripe_key_status == "needs_attention"
+    reconnect(world, new)  # the agency fixes its key while the tick runs
+    assert world.agency_row(setup).stripe_key_status == "ok"
+    assert [claim.report_id for claim in batch()] == [second.id]
+
+    agency = world.agency_row(setup)
+    assert agency.stripe_key_status == "ok", (
+        f"the agency's freshly connected key was flagged {agency.stripe_key_status!r} ({agency.stripe_key_problem}) "
+        "by the tick's gateway on the old key"
+    )
+    assert world.state.total_units(new.key, client.stripe_customer_id, "ai_units") == 3
