@@ -19,6 +19,8 @@ import threading
 from collections import Counter, defaultdict
 from urllib.parse import parse_qsl
 
+from sqlalchemy import update
+
 from billing import report_claims, reporting
 from billing.models import UnitReport
 from billing.report_claims import ReportingResult, TickClock, claim_batch
@@ -361,3 +363,30 @@ def test_an_agency_that_reconnects_its_key_during_a_tick_is_not_flagged_again_by
         "by the tick's gateway on the old key"
     )
     assert world.state.total_units(new.key, client.stripe_customer_id, "ai_units") == 3
+
+
+def test_many_small_agencies_are_each_claimed_within_the_first_claims_beside_a_huge_backlog(world, monkeypatch):
+    """Fairness of the LATERAL rounds with resume cursors (5f95f8a, b6a186f): one agency with 400 due rows,
+    older than everyone's, and 60 agencies with one or two rows each (90 rows), in claims of 25. Round-robin per
+    claim gives every agency with rows due one turn-0 row per claim (taken in due order), so the big agency
+    takes one row per claim until the small ones are done. Held: every small agency's rows are all claimed in
+    the first four claims (90 rows at 24 a claim, then the big backlog fills the fourth).
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 25)
+    big_client = world.client(world.agency())
+    for _ in range(400):
+        world.report(big_client, 1, at=world.clock.now() - dt.timedelta(minutes=30))
+    small_rows = []
+    for number in range(60):
+        client = world.client(world.agency())
+        small_rows.append([world.report(client, 1).id for _ in range(1 + number % 2)])
+    db.session.execute(update(UnitReport).where(UnitReport.client_id == big_client.id).values(
+        next_attempt_at=world.clock.now() - dt.timedelta(minutes=30)))  # fmt: skip
+    db.session.commit()
+    clock, resume, claims = TickClock(world.clock.now(), dt.timedelta(minutes=1)), {}, []
+    while batch := claim_batch(clock, ReportingResult(), resume):
+        claims.append([claim.report_id for claim in batch])
+
+    position = {row_id: n for n, batch in enumerate(claims) for row_id in batch}
+    assert sum(len(batch) for batch in claims) == 400 + sum(len(rows) for rows in small_rows)
+    assert max(position[row_id] for rows in small_rows for row_id in rows) <= 3
