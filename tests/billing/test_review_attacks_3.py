@@ -390,3 +390,37 @@ def test_many_small_agencies_are_each_claimed_within_the_first_claims_beside_a_h
     position = {row_id: n for n, batch in enumerate(claims) for row_id in batch}
     assert sum(len(batch) for batch in claims) == 400 + sum(len(rows) for rows in small_rows)
     assert max(position[row_id] for rows in small_rows for row_id in rows) <= 3
+
+
+def test_another_agency_s_rows_set_aside_at_the_claim_do_not_end_the_tick_for_a_count_report(world, monkeypatch):
+    """Rule 8: a failing report row is set aside with a visible reason and the pass continues. Agency X has 10
+    rows of a client that lost its Stripe customer (the claim fails them: "the client has no Stripe customer");
+    agency G one count-meter report of 400 units (four slices of 100 events). Claims of 4. A claim returns only
+    the rows it will send, and the tick stops at the first empty claim. Before b6a186f every claim held G's row
+    (its turn 0) beside three of X's, so the tick sent all four slices and failed X's rows. With the resume
+    cursors, after two slices G's row lies behind G's cursor (attack 3.1); the third claim reads after the
+    cursors, finds only X's last four rows, fails them all and returns nothing: the tick ends with G's report
+    half sent, though it was due all along and the budget was far from spent. X's bad rows end G's tick.
+    Fix: claim_batch should go on choosing (or report "nothing sendable, but rows were set aside") when every
+    chosen row was set aside at the claim; and attack 3.1's fix.
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 4)
+    good = world.agency(formula="count", event_name="ai_count")
+    counted = world.client(good)
+    world.report(counted, 400)
+    broken = world.agency()
+    lost = world.client(broken)
+    for _ in range(10):
+        world.report(lost, 1)
+    lost.stripe_customer_id = ""  # the agency removed the customer; the client waits for an edit
+    db.session.commit()
+
+    result = tick(world)
+
+    assert not result.budget_spent
+    assert [row.status for row in world.reports(lost)] == ["failed"] * 10
+    (row,) = world.reports(counted)
+    assert (row.status, row.units_confirmed) == ("sent", 400), (
+        f"agency G's count report stopped at {row.units_confirmed} of 400 events in a tick with time to spare "
+        "(the tick ended on a claim whose every row was agency X's, set aside)"
+    )
