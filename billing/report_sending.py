@@ -30,7 +30,7 @@ from billing.report_claims import (
     claim_params,
     write_rows,
 )
-from billing.states import OutcomeKind
+from billing.states import OutcomeKind, ReportStatus
 from billing.stripe_gateway import (
     MeterUnknown,
     StripeGateway,
@@ -94,8 +94,9 @@ def process_batch(
     for claim in claims:
         by_agency[claim.agency_id].append(claim)
     outcomes: list[Outcome] = []
+    keys = dict(db.session.execute(select(Agency.id, Agency.stripe_key_ciphertext).where(Agency.id.in_(by_agency))).all())
     for agency_id in list(by_agency):
-        gateway = _gateway(agency_id, gateways)
+        gateway = _gateway(agency_id, gateways, keys.get(agency_id))
         if isinstance(gateway, StripeKeyRejected):
             agency_claims = by_agency.pop(agency_id)
             outcomes.append(Outcome(agency_claims[0], OutcomeKind.KEY_REJECTED, gateway.reason))
@@ -108,7 +109,7 @@ def process_batch(
         agency_id: [claim for claim in ready if (agency_id, claim.send_group) not in held]
         for agency_id, ready in first.ready.items()
     }
-    record_targets(_stamped(send_now), clock.now())
+    outcomes.extend(_send_only_held(send_now, record_targets(_stamped(send_now), clock.now())))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe-send-unread") as background:
         if pool is not None:
             sent_first = background.submit(send_claims, gateways, send_now, pool, clock, stops, workers)
@@ -127,7 +128,7 @@ def process_batch(
             outcomes.extend(Outcome(claim, OutcomeKind.SKIPPED) for claim in send_later.pop(agency_id, []))
         for agency_id in send_later:
             send_later[agency_id].sort(key=lambda claim: claim.report_id)  # a group's rows in their order
-        record_targets(_stamped(send_later), clock.now())
+        outcomes.extend(_send_only_held(send_later, record_targets(_stamped(send_later), clock.now())))
         outcomes.extend(
             first.decided + second.decided + send_claims(gateways, send_later, pool, clock, stops, workers)
         )
@@ -141,14 +142,41 @@ def _stamped(claims_by_agency: dict[int, list[Claim]]) -> list[Claim]:
     return [claim for ready in claims_by_agency.values() for claim in ready if claim.needs_stamp or claim.rest_unsent]
 
 
-def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected]):
-    """Return the tick's gateway for an agency (built once), or the key problem that prevents one."""
-    if agency_id not in gateways:
+def _send_only_held(claims_by_agency: dict[int, list[Claim]], lost: set[int]) -> list[Outcome]:
+    """Take the claims whose row another tick claimed since (``lost``) out of the sending; skipped outcomes for them.
+
+    Such a tick may have stamped and sent the row already: a legacy report stamped afresh goes under an
+    idempotency key of its own timestamp (StripeGateway.send_units), so a second stamp by this tick would be a
+    second usage record that Stripe applies (docs/billing-rules.md, rule 6). Their skipped outcome writes
+    nothing (STILL_CLAIMED).
+    """
+    if not lost:
+        return []
+    skipped = []
+    for agency_id, claims in claims_by_agency.items():
+        skipped.extend(Outcome(claim, OutcomeKind.SKIPPED) for claim in claims if claim.report_id in lost)
+        claims_by_agency[agency_id] = [claim for claim in claims if claim.report_id not in lost]
+    return skipped
+
+
+def _gateway(agency_id: int, gateways: dict[int, StripeGateway | StripeKeyRejected], key_ciphertext: str | None):
+    """Return the tick's gateway for an agency, or the key problem that prevents one.
+
+    Built once per key: an agency that connects a new key during the tick (after its old one was refused, or to
+    another account) gets a gateway on the new key at its next batch, never the one kept from before. The old
+    gateway's calls are carried over to the new one (the tick counts them).
+    """
+    kept = gateways.get(agency_id)
+    if kept is None or getattr(kept, "built_from", None) != key_ciphertext:
         try:
-            gateways[agency_id] = gateway_for(db.session.get(Agency, agency_id))
+            gateway = gateway_for(db.session.get(Agency, agency_id))
         except StripeKeyRejected as error:
-            gateways[agency_id] = error
+            gateway = error
         db.session.rollback()
+        gateway.built_from = key_ciphertext
+        if isinstance(kept, StripeGateway) and isinstance(gateway, StripeGateway):
+            gateway.count_calls_of(kept)
+        gateways[agency_id] = gateway
     return gateways[agency_id]
 
 
@@ -286,8 +314,16 @@ def _period(gateway: StripeGateway, claim: Claim, reads: TickReads) -> Subscript
     return reads.period(claim.agency_id, gateway, claim.target.customer_id, claim.target.price_id)
 
 
-def record_targets(claims: list[Claim], now: dt.datetime) -> None:
-    """Commit the stamped timestamps and targets, and the doubt of the coming offer, before Stripe is called."""
+def record_targets(claims: list[Claim], now: dt.datetime) -> set[int]:
+    """Commit the stamped timestamps and targets, and the doubt of the coming offer, before Stripe is called.
+
+    Returns the ids of the claims whose row was not written: claimed by another tick since (this tick stalled
+    past its LEASE) or flagged by a meter error. They must not be sent (_send_only_held). The written rows are
+    held by this transaction until its commit (locked on PostgreSQL, the writer on SQLite), so the read after
+    the write tells exactly which writes landed.
+    """
+    if not claims:
+        return set()
     write_rows(
         [
             {
@@ -302,7 +338,14 @@ def record_targets(claims: list[Claim], now: dt.datetime) -> None:
         ],
         claimed=True,
     )
+    rows = db.session.execute(
+        select(UnitReport.id, UnitReport.status, UnitReport.identifier, UnitReport.attempts).where(
+            UnitReport.id.in_([claim.report_id for claim in claims])
+        )
+    )
+    now_held = {(row.id, row.identifier, row.attempts) for row in rows if row.status == ReportStatus.PENDING}
     db.session.commit()
+    return {c.report_id for c in claims if (c.report_id, c.identifier, c.attempt) not in now_held}
 
 
 def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcome:

@@ -248,6 +248,11 @@ class StripeGateway:
         """Count the Stripe API operations this gateway started (the SDK's own retries not included)."""
         return self._calls
 
+    def count_calls_of(self, replaced: StripeGateway) -> None:
+        """Count the calls of the gateway this one replaces (the agency's earlier key) as this one's."""
+        with self._calls_lock:
+            self._calls += replaced.calls
+
     # ---- key and account ----------------------------------------------------------------------------
 
     def validate_key(self) -> StripeAccount:
