@@ -176,6 +176,19 @@ _FIRST_DUE_ROWS = text(
 ).bindparams(bindparam("start", type_=UTCDateTime()))
 
 
+def due_again(resume: dict[int, tuple[dt.datetime, int]], agency_id: int, next_attempt_at: dt.datetime, row_id: int):
+    """Note a row of the agency made due again in this tick (a count-meter slice's progress) for its next claim.
+
+    Its place (next_attempt_at = the tick's start, id) may lie at or behind the agency's resume cursor (the row
+    itself was the last one chosen): the cursor moves to just before it, so the row keeps its turn in the very
+    next claim instead of waiting behind every agency's backlog (rule 8). Only rows due again at the tick's
+    start lie between the two places, so the next read steps over no more than those.
+    """
+    cursor = resume.get(agency_id)
+    if cursor is not None and cursor >= (next_attempt_at, row_id):
+        resume[agency_id] = (next_attempt_at, row_id - 1)
+
+
 def _serialise_claims() -> None:
     if is_postgresql():
         db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
@@ -277,15 +290,30 @@ def claim_batch(
     The choice (_choose_due_rows), then one read of the chosen rows with their clients (locked on PostgreSQL,
     skipping rows another tick holds, and re-checked as due; on SQLite this transaction is the writer from the
     start), then the leases, attempt counts and first-offer targets written row by row in one executemany,
-    and the rows not sent now (future timestamp, client incomplete, quarantined) likewise.
+    and the rows not sent now (future timestamp, client incomplete, quarantined) likewise. A claim whose every
+    row was set aside so is followed by the next one at once: [] means nothing (more) is due for this tick.
     """
+    while True:
+        claims = _claim_chosen(clock, result, resume)
+        if claims is None:
+            return []
+        # A claim whose every row was set aside (failed, deferred or quarantined: all out of the due range now)
+        # is no sign that nothing is due: another agency's bad rows must not end this tick (rule 8).
+        if claims or clock.spent():
+            return claims
+
+
+def _claim_chosen(
+    clock: TickClock, result: ReportingResult, resume: dict[int, tuple[dt.datetime, int]] | None
+) -> list[Claim] | None:
+    """One claim of claim_batch: the claims to send (possibly none, every row set aside), or None if none was due."""
     now = clock.now()
     take_write_lock()
     _serialise_claims()
     chosen = _choose_due_rows(clock.start, resume)
     if not chosen:
         db.session.rollback()
-        return []
+        return None
     due = (
         _REPORT.c.status == ReportStatus.PENDING,
         _REPORT.c.next_attempt_at <= clock.start,
@@ -303,9 +331,9 @@ def claim_batch(
         # not locked. A row locked here is re-checked against the conditions in its newest version.
         statement = statement.with_for_update(skip_locked=True, of=_REPORT)
     rows = db.session.execute(statement).all()
-    if not rows:
+    if not rows:  # every chosen row claimed by another tick meanwhile, or flagged: they decide (rare)
         db.session.rollback()
-        return []
+        return None
     claims, writes = [], []
     for row in rows:
         try:

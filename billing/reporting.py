@@ -84,6 +84,7 @@ from billing.report_claims import (
     backoff_delay,
     claim_batch,
     claim_params,
+    due_again,
     quarantine_values,
     write_rows,
 )
@@ -130,6 +131,8 @@ def report_pending_units(now: dt.datetime | None = None, budget: dt.timedelta | 
             while claims := claim_batch(clock, result, resume):
                 outcomes = process_batch(claims, gateways, clock, reads, pool if workers > 1 else None, workers)
                 _record_outcomes(outcomes, clock, result)
+                for claim in claims:  # a count slice's progress, a re-opened row: due again at the tick's start
+                    due_again(resume, claim.agency_id, clock.start, claim.report_id)
                 calls_of_dropped_gateways += _drop_gateways(gateways, keep={claim.agency_id for claim in claims})
                 if clock.spent():
                     break
