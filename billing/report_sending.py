@@ -94,7 +94,9 @@ def process_batch(
     for claim in claims:
         by_agency[claim.agency_id].append(claim)
     outcomes: list[Outcome] = []
-    keys = dict(db.session.execute(select(Agency.id, Agency.stripe_key_ciphertext).where(Agency.id.in_(by_agency))).all())
+    keys = dict(
+        db.session.execute(select(Agency.id, Agency.stripe_key_ciphertext).where(Agency.id.in_(by_agency))).all()
+    )
     for agency_id in list(by_agency):
         gateway = _gateway(agency_id, gateways, keys.get(agency_id))
         if isinstance(gateway, StripeKeyRejected):
