@@ -235,6 +235,21 @@ class UsageEvent(db.Model):
     counted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
+class ClientSendLease(db.Model):
+    """Which scheduler thread sends a client's unit reports now (billing.report_claims, docs/stripe.md).
+
+    Stripe takes one call at a time per customer and meter. A claim takes a client's rows only if no other
+    scheduler holds the client (``sender`` differs and ``until`` not passed); it then holds the client until
+    its batch is recorded, or for the claim's LEASE if it dies.
+    """
+
+    __tablename__ = "client_send_lease"
+
+    client_id: Mapped[int] = mapped_column(ForeignKey("rebill_client.id", ondelete="CASCADE"), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(64))
+    until: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
 class UnitReport(TimestampMixin, db.Model):
     """Outbox row: k units of one client on their way to Stripe under a deterministic identifier."""
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from sqlalchemy import bindparam, func, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, exists, func, select, text, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from billing.models import Agency, RebillClient, UnitReport
+from billing.models import Agency, ClientSendLease, RebillClient, UnitReport
 from billing.states import ReportMode, ReportStatus
 from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE
 from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
@@ -44,6 +47,9 @@ QUARANTINED = "quarantined"
 _REPORT = UnitReport.__table__
 _CLIENT = RebillClient.__table__
 _AGENCY = Agency.__table__
+_LEASE = ClientSendLease.__table__
+# This process, for the sender names of its threads (sender_name).
+_PROCESS = uuid.uuid4().hex[:16]
 _CLAIM_COLUMNS = (
     *(
         _REPORT.c[name]
@@ -90,6 +96,7 @@ class Claim:
 
     report_id: int
     agency_id: int
+    client_id: int
     identifier: str
     units: int
     units_confirmed: int  # before this attempt
@@ -116,10 +123,19 @@ class Claim:
         return self.units - self.units_confirmed
 
 
+def sender_name() -> str:
+    """Name the scheduler thread that claims and sends (ticks run one after another in it): unique per process."""
+    return f"{_PROCESS}-{threading.get_ident()}"
+
+
 class TickClock:
-    """The tick's notion of now (the caller's ``now`` advanced by the real time elapsed) and its budget."""
+    """The tick's notion of now (the caller's ``now`` advanced by the real time elapsed) and its budget.
+
+    ``sender``: the scheduler thread running the tick (sender_name), which holds the clients it claims.
+    """
 
     def __init__(self, now: dt.datetime | None, budget: dt.timedelta):
+        self.sender = sender_name()
         self._start = now or utcnow()
         self._monotonic = time.monotonic()
         self._budget = budget.total_seconds()
@@ -169,11 +185,15 @@ _FIRST_DUE_ROWS = text(
         SELECT next_attempt_at, id FROM unit_report
         WHERE agency_id = c.agency_id AND status = 'pending' AND next_attempt_at <= :start
             AND (next_attempt_at, id) > (c.after_time, c.after_id)
+            AND NOT EXISTS (
+                SELECT FROM client_send_lease l
+                WHERE l.client_id = unit_report.client_id AND l.until > :now AND l.sender <> :sender
+            )
         ORDER BY next_attempt_at, id
         LIMIT :per_agency
     ) AS r
     """
-).bindparams(bindparam("start", type_=UTCDateTime()))
+).bindparams(bindparam("start", type_=UTCDateTime()), bindparam("now", type_=UTCDateTime()))
 
 
 def due_again(resume: dict[int, tuple[dt.datetime, int]], agency_id: int, next_attempt_at: dt.datetime, row_id: int):
@@ -189,12 +209,47 @@ def due_again(resume: dict[int, tuple[dt.datetime, int]], agency_id: int, next_a
         resume[agency_id] = (next_attempt_at, row_id - 1)
 
 
+@dataclass(frozen=True)
+class _Held:
+    """Who chooses due rows, and when: rows of clients another sender holds until after ``now`` are passed over."""
+
+    sender: str
+    now: dt.datetime
+
+
+def hold_clients(claims: list[Claim], sender: str, until: dt.datetime) -> None:
+    """Hold the claims' clients for ``sender`` until ``until``: other schedulers pass their rows over meanwhile."""
+    values = [{"client_id": client_id, "sender": sender, "until": until} for client_id in {c.client_id for c in claims}]
+    if not values:
+        return
+    dialect = postgresql if is_postgresql() else sqlite
+    statement = dialect.insert(_LEASE)
+    db.session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[_LEASE.c.client_id],
+            set_={"sender": statement.excluded.sender, "until": statement.excluded.until},
+        ),
+        values,
+    )
+
+
+def release_clients(claims: list[Claim], sender: str) -> None:
+    """Let other schedulers claim the clients of a recorded batch again (none of their rows is in flight here)."""
+    client_ids = list({claim.client_id for claim in claims})
+    if client_ids:
+        db.session.execute(delete(_LEASE).where(_LEASE.c.client_id.in_(client_ids), _LEASE.c.sender == sender))
+
+
 def _serialise_claims() -> None:
     if is_postgresql():
         db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
 
-def _choose_due_rows(start: dt.datetime, resume: dict[int, tuple[dt.datetime, int]] | None = None) -> list[int]:
+def _choose_due_rows(
+    start: dt.datetime,
+    resume: dict[int, tuple[dt.datetime, int]] | None = None,
+    held: _Held | None = None,
+) -> list[int]:
     """Choose up to CLAIM_BATCH due rows round-robin across agencies with a working key; return their ids.
 
     Each agency's longest-due row first (``next_attempt_at``, then id), then each one's second...: a backlog
@@ -212,20 +267,25 @@ def _choose_due_rows(start: dt.datetime, resume: dict[int, tuple[dt.datetime, in
     the rows the tick already handled: quadratic again. When nothing is due after those places, the agencies
     are read once more from their first row: rows due again behind them (a count-meter slice, a row skipped
     while locked) are still claimed in this tick.
+
+    ``held``: who is choosing, and when; rows of clients another scheduler thread holds (ClientSendLease) are not
+    chosen (read over), so a customer's meter gets one call at a time across schedulers (docs/stripe.md).
     """
+    held = held or _Held(sender="", now=start)
     agencies = db.session.scalars(select(Agency.id).where(Agency.stripe_key_status == "ok")).all()
     if resume:
         chosen = _choose_after({agency_id: resume.get(agency_id, _BEFORE_ANY_ROW) for agency_id in agencies},
-                               start, resume)  # fmt: skip
+                               start, resume, held)  # fmt: skip
         if chosen:
             return chosen
-    return _choose_after(dict.fromkeys(agencies, _BEFORE_ANY_ROW), start, resume)
+    return _choose_after(dict.fromkeys(agencies, _BEFORE_ANY_ROW), start, resume, held)
 
 
 def _choose_after(
     cursors: dict[int, tuple[dt.datetime, int]],
     start: dt.datetime,
     resume: dict[int, tuple[dt.datetime, int]] | None,
+    held: _Held,
 ) -> list[int]:
     """The rounds of _choose_due_rows from each agency's cursor; notes each agency's last chosen row in ``resume``."""
     chosen: list[int] = []
@@ -234,7 +294,7 @@ def _choose_after(
         if room <= 0 or not cursors:
             break
         per_agency = -(-room // len(cursors))
-        given = _first_due_rows(cursors, per_agency, start)
+        given = _first_due_rows(cursors, per_agency, start, held)
         in_turn = sorted((turn, due, agency_id) for agency_id, rows in given.items() for turn, due in enumerate(rows))
         for _, due, agency_id in in_turn[:room]:
             chosen.append(due[1])
@@ -245,7 +305,7 @@ def _choose_after(
 
 
 def _first_due_rows(
-    cursors: dict[int, tuple[dt.datetime, int]], per_agency: int, start: dt.datetime
+    cursors: dict[int, tuple[dt.datetime, int]], per_agency: int, start: dt.datetime, held: _Held
 ) -> dict[int, list[tuple[dt.datetime, int]]]:
     """Each agency's first ``per_agency`` due rows after its cursor, as (next_attempt_at, id) in due order."""
     given: dict[int, list[tuple[dt.datetime, int]]] = defaultdict(list)
@@ -258,6 +318,8 @@ def _first_due_rows(
                 "after_ids": [row_id for _, row_id in cursors.values()],
                 "per_agency": per_agency,
                 "start": start,
+                "now": held.now,
+                "sender": held.sender,
             },
         )
         for agency_id, due_at, row_id in rows:
@@ -271,6 +333,9 @@ def _first_due_rows(
                 _REPORT.c.status == ReportStatus.PENDING,
                 _REPORT.c.next_attempt_at <= start,
                 tuple_(_REPORT.c.next_attempt_at, _REPORT.c.id) > after,  # typed as the columns
+                ~exists().where(
+                    _LEASE.c.client_id == _REPORT.c.client_id, _LEASE.c.until > held.now, _LEASE.c.sender != held.sender
+                ),
             )
             .order_by(_REPORT.c.next_attempt_at, _REPORT.c.id)
             .limit(per_agency)
@@ -310,7 +375,7 @@ def _claim_chosen(
     now = clock.now()
     take_write_lock()
     _serialise_claims()
-    chosen = _choose_due_rows(clock.start, resume)
+    chosen = _choose_due_rows(clock.start, resume, _Held(clock.sender, now))
     if not chosen:
         db.session.rollback()
         return None
@@ -348,6 +413,7 @@ def _claim_chosen(
             claims.append(claim)
             writes.append(_claim_values(claim, row, now))
     write_rows(writes)
+    hold_clients(claims, clock.sender, now + LEASE)
     db.session.commit()
     return claims
 
@@ -402,6 +468,7 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
     return Claim(
         report_id=row.id,
         agency_id=row.agency_id,
+        client_id=row.client_id,
         identifier=row.identifier,
         units=row.units,
         units_confirmed=row.units_confirmed,
