@@ -236,7 +236,7 @@ class UsageEvent(db.Model):
 
 
 class ClientSendLease(db.Model):
-    """Which scheduler thread sends a client's unit reports now (billing.report_claims, docs/stripe.md).
+    """Which scheduler thread sends a client's unit reports now (billing.report_claims, reporting's docstring).
 
     Stripe takes one call at a time per customer and meter. A claim takes a client's rows only if no other
     scheduler holds the client (``sender`` differs and ``until`` not passed); it then holds the client until

@@ -264,12 +264,14 @@ def _choose_due_rows(
     ``resume`` (a tick's own, kept across its claims and updated here): each agency's last chosen row, where
     its next read starts. Rows a claim leased or sent leave index entries behind until VACUUM (every lease
     moves ``next_attempt_at``), so reading from each agency's first row on every claim would step over all
-    the rows the tick already handled: quadratic again. When nothing is due after those places, the agencies
-    are read once more from their first row: rows due again behind them (a count-meter slice, a row skipped
-    while locked) are still claimed in this tick.
+    the rows the tick already handled: quadratic again. A row the tick itself makes due again (a count-meter
+    slice) moves its agency's place back to just before it (due_again), so it keeps its turn in the next claim.
+    When nothing is due after those places, the agencies are read once more from their first row: rows due
+    again behind them that the tick did not see coming (a lapsed lease of another scheduler, a row skipped
+    while locked, a late insert) are still claimed in this tick.
 
     ``held``: who is choosing, and when; rows of clients another scheduler thread holds (ClientSendLease) are not
-    chosen (read over), so a customer's meter gets one call at a time across schedulers (docs/stripe.md).
+    chosen (read over), so a customer's meter gets one call at a time across schedulers.
     """
     held = held or _Held(sender="", now=start)
     agencies = db.session.scalars(select(Agency.id).where(Agency.stripe_key_status == "ok")).all()
