@@ -129,13 +129,9 @@ def sender_name() -> str:
 
 
 class TickClock:
-    """The tick's notion of now (the caller's ``now`` advanced by the real time elapsed) and its budget.
-
-    ``sender``: the scheduler thread running the tick (sender_name), which holds the clients it claims.
-    """
+    """The tick's notion of now (the caller's ``now`` advanced by the real time elapsed) and its budget."""
 
     def __init__(self, now: dt.datetime | None, budget: dt.timedelta):
-        self.sender = sender_name()
         self._start = now or utcnow()
         self._monotonic = time.monotonic()
         self._budget = budget.total_seconds()
@@ -245,11 +241,7 @@ def _serialise_claims() -> None:
         db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
 
-def _choose_due_rows(
-    start: dt.datetime,
-    resume: dict[int, tuple[dt.datetime, int]] | None = None,
-    held: _Held | None = None,
-) -> list[int]:
+def _choose_due_rows(start: dt.datetime, resume: dict[int, tuple[dt.datetime, int]] | None = None) -> list[int]:
     """Choose up to CLAIM_BATCH due rows round-robin across agencies with a working key; return their ids.
 
     Each agency's longest-due row first (``next_attempt_at``, then id), then each one's second...: a backlog
@@ -270,10 +262,10 @@ def _choose_due_rows(
     again behind them that the tick did not see coming (a lapsed lease of another scheduler, a row skipped
     while locked, a late insert) are still claimed in this tick.
 
-    ``held``: who is choosing, and when; rows of clients another scheduler thread holds (ClientSendLease) are not
-    chosen (read over), so a customer's meter gets one call at a time across schedulers.
+    Rows of clients another scheduler thread holds (ClientSendLease, until after the tick's start) are passed
+    over, so a customer's meter gets one call at a time across schedulers.
     """
-    held = held or _Held(sender="", now=start)
+    held = _Held(sender=sender_name(), now=start)
     agencies = db.session.scalars(select(Agency.id).where(Agency.stripe_key_status == "ok")).all()
     if resume:
         chosen = _choose_after({agency_id: resume.get(agency_id, _BEFORE_ANY_ROW) for agency_id in agencies},
@@ -377,7 +369,7 @@ def _claim_chosen(
     now = clock.now()
     take_write_lock()
     _serialise_claims()
-    chosen = _choose_due_rows(clock.start, resume, _Held(clock.sender, now))
+    chosen = _choose_due_rows(clock.start, resume)
     if not chosen:
         db.session.rollback()
         return None
@@ -415,7 +407,7 @@ def _claim_chosen(
             claims.append(claim)
             writes.append(_claim_values(claim, row, now))
     write_rows(writes)
-    hold_clients(claims, clock.sender, now + LEASE)
+    hold_clients(claims, sender_name(), now + LEASE)
     db.session.commit()
     return claims
 

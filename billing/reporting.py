@@ -89,6 +89,7 @@ from billing.report_claims import (
     due_again,
     quarantine_values,
     release_clients,
+    sender_name,
     write_rows,
 )
 from billing.report_sending import Outcome, process_batch
@@ -271,7 +272,7 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
     write_rows(rows, claimed=True)
     for agency_id, reason in key_problems.items():
         _flag_agency(db.session.get(Agency, agency_id), reason, result)
-    release_clients([outcome.claim for outcome in outcomes], clock.sender)  # nothing of theirs in flight now
+    release_clients([outcome.claim for outcome in outcomes], sender_name())  # nothing of theirs in flight now
     db.session.commit()
 
 
