@@ -57,8 +57,9 @@ BATCH_SIZE = 20_000
 # Clients one round of a pass holds at once (their settings, counters and new usage, ~0.5 KB each): a round
 # stops taking new clients at this many, leaves their events pending and the next round of the same pass
 # (same transaction, same newest event) counts them. So a process's memory does not grow with the number of
-# clients or agencies with usage (bench/README.md, issue 13); a pass over more clients rereads the events it
-# left, once per extra round.
+# clients or agencies with usage (bench/README.md, issue 13). A pass over more clients works range of agencies by
+# range, each range's rounds reading only its own events; only an agency with more clients than a round holds
+# has rounds that reread the events its earlier rounds left.
 CLIENTS_PER_ROUND = 50_000
 # Clients whose counters and outbox rows one statement writes.
 WRITE_CHUNK = 5_000
