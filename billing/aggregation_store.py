@@ -147,6 +147,47 @@ class Marking:
             raise self.error
 
 
+class MarkingPipeline:
+    """A pass's batches marked one step behind its claims (``with store.marking_pipeline() as pipeline``).
+
+    ``queue`` hands over a classified batch once the previous batch's marking is done; ``start`` (given to
+    the next claim as ``meanwhile``) sends it as soon as the server has answered that claim, so the UPDATE
+    runs in the server while this process reads, locks the clients of and classifies the next batch. The
+    last batch is marked when the block ends. A block that fails waits for a running marking (the
+    transaction must never roll back under a statement still running) and, if that marking failed, raises
+    its error: the cause, which the aggregating thread's own statement then met as an aborted transaction.
+    """
+
+    def __init__(self, store: AggregationStore):
+        self.store = store
+        self.ready: object | None = None  # the batch classified last, its marking statement built
+        self.running: Marking | None = None  # the previous batch's marking
+
+    def start(self) -> None:
+        if self.ready is not None:
+            self.running, self.ready = self.store.start_marking(self.ready), None
+
+    def queue(self, first_id: int, last_id: int, marks: EventMarks) -> None:
+        if self.running is not None:
+            self.running.wait()
+            self.running = None
+        if marks.ids:
+            self.ready = self.store.marking(first_id, last_id, marks)
+
+    def __enter__(self) -> MarkingPipeline:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            self.start()
+            if self.running is not None:
+                self.running.wait()
+        elif self.running is not None:
+            self.running.join()
+            if self.running.error is not None and isinstance(error, Exception):
+                raise self.running.error
+
+
 class AggregationStore:
     """What both databases share; the subclasses write the batch statements their own way."""
 
@@ -268,6 +309,9 @@ class AggregationStore:
     def marking(self, first_id: int, last_id: int, marks: EventMarks) -> object:
         """Return the statement moving a batch of events (ids between first_id and last_id) out of pending."""
         return first_id, last_id, marks
+
+    def marking_pipeline(self) -> MarkingPipeline:
+        return MarkingPipeline(self)
 
     def start_marking(self, marking: object) -> Marking:
         """Run a ``marking`` statement; here at once: the returned Marking is done."""

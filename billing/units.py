@@ -13,15 +13,8 @@ tests/billing/test_units*.py. How it applies them:
   under the closed ``RebillClientTerm`` it was received in, else not at all (``unmapped``); edits close terms
   (billing.client_terms). Rules 5 and 13: paused and shadow clients' events are measured, kept, never counted.
 
-Concurrency. Aggregation never waits on a lock on PostgreSQL, so it cannot deadlock with client edits or a
-second aggregator: it claims pending events with ``FOR UPDATE SKIP LOCKED`` in id-ordered batches and locks
-their clients with ``FOR UPDATE SKIP LOCKED`` in id order before touching counters. Events whose client is
-locked elsewhere (an edit, another aggregator) stay pending for the next pass, so a pass never sees a change
-half-made. Client edits lock the client row (waiting) and count its pending events first
-(``flush_client_usage``); they may wait on an aggregator, never the reverse. On SQLite every writer takes the
-database write lock up front (``take_write_lock``), so aggregators and edits run one after another. Ingest
-(``record_usage``) only inserts, so it never waits on aggregation on PostgreSQL (a duplicate of an event being
-aggregated right now waits for that pass).
+Concurrency: docs/billing-rules.md, "Aggregation and concurrency" (why it never waits on a lock on
+PostgreSQL, and what client edits and ingest wait for).
 """
 
 from __future__ import annotations
@@ -35,7 +28,6 @@ from billing.aggregation_store import (
     ClaimedEvent,
     ClientCounters,
     EventMarks,
-    Marking,
     NewReport,
     agency_filter,
     agency_range_filter,
@@ -43,9 +35,10 @@ from billing.aggregation_store import (
     source_filter,
     take_write_lock,
 )
-from billing.client_tally import CLIENT_USAGE_MAX, ClientTally, give_cap_room
+from billing.client_tally import CLIENT_USAGE_MAX, ClientTally
 from billing.ledger import MAX_MESSAGES_PER_EVENT, MAX_TOKENS_PER_EVENT
 from billing.models import RebillClient
+from billing.round_clients import RoundClients
 from billing.sources import ClientKey, client_key
 from billing.states import ClientStatus, UsageState
 from billing.stripe_limits import usage_timestamp
@@ -142,7 +135,7 @@ def flush_client_usage(client: RebillClient, batch_size: int = BATCH_SIZE) -> Ag
     pass has claimed (that pass never waits for us, so this cannot deadlock).
     """
     aggregation = _Aggregation(skip_locked=False)
-    aggregation.adopt(client)
+    aggregation.clients.adopt(client)
     newest = aggregation.store.newest_event_id()
     if newest is not None:
         where = source_filter(client.agency_id, client.provider, client.source_key)
@@ -164,11 +157,10 @@ class _Aggregation:
 
     def __init__(self, *, skip_locked: bool, max_clients: int | None = None):
         self.skip_locked = skip_locked
-        self.max_clients = max_clients
         self.store = aggregation_store()
         self.now = utcnow()
-        self.by_key: dict[ClientKey, ClientTally] = {}
-        self.clientless: set[ClientKey] = set()  # sources this round looked up and found no live client of
+        self.clients = RoundClients(self.store, self.now, skip_locked=skip_locked, max_clients=max_clients)
+        self.by_key = self.clients.by_key
         self.events = 0
         self.deferred = 0
         self.units = 0
@@ -177,30 +169,13 @@ class _Aggregation:
         self.first_postponed: int | None = None
         self._deferred_before_postponed = 0  # events after the first postponed one are seen again next round
 
-    def adopt(self, client: RebillClient) -> None:
-        """Aggregate for a client the caller already locked."""
-        db.session.flush()
-        tally = ClientTally(client, self.store)
-        self.by_key[tally.key] = tally
-        give_cap_room([tally], self.now)
-
     def run(self, *, batch_size: int, where: Sequence = (), after: int, newest: int) -> None:
         """Claim and classify pending events with after < id <= newest, batch by batch.
 
-        A batch's events are marked once the server has answered the next batch's claim: the marking UPDATE
-        then runs in the server while this process reads, locks the clients of and classifies the next batch
-        (on PostgreSQL). One after the other, the server's work and this process's were each a good part of
-        a pass's time (bench/README.md). Statements this process sends meanwhile wait for the UPDATE.
+        A batch is marked one step behind the claims (``MarkingPipeline``): on PostgreSQL the server's UPDATE
+        and this process's work on the next batch overlap (bench/README.md).
         """
-        unmarked: object | None = None  # the batch classified last, its marking statement ready
-        marking: Marking | None = None  # the previous batch's marking, running
-
-        def start_marking() -> None:
-            nonlocal unmarked, marking
-            if unmarked is not None:
-                marking, unmarked = self.store.start_marking(unmarked), None
-
-        try:
+        with self.store.marking_pipeline() as pipeline:
             while True:
                 rows = self.store.claim(
                     after=after,
@@ -208,7 +183,7 @@ class _Aggregation:
                     limit=batch_size,
                     where=where,
                     skip_locked=self.skip_locked,
-                    meanwhile=start_marking,
+                    meanwhile=pipeline.start,
                 )
                 if not rows:
                     break
@@ -217,61 +192,10 @@ class _Aggregation:
                     client_key(agency_id, channel_id, location_id)
                     for _, agency_id, _, channel_id, location_id, _, _, _, _, _, _ in rows
                 ]
-                live_keys, postponed_keys = self._lock_clients(set(keys))
+                live_keys, postponed_keys = self.clients.lock(set(keys))
                 marks = self._classify(rows, keys, live_keys, postponed_keys)
-                if marking is not None:
-                    marking.wait()
-                    marking = None
-                if marks.ids:
-                    self.events += len(marks.ids)
-                    unmarked = self.store.marking(first, after, marks)
-        except BaseException:
-            if marking is not None:
-                marking.join()  # the transaction rolls back: never under a statement still running
-            raise
-        start_marking()  # (the last claim started it already)
-        if marking is not None:
-            marking.wait()
-
-    def _lock_clients(self, keys: set[ClientKey]) -> tuple[set[ClientKey], set[ClientKey]]:
-        """Lock the live clients of these keys the round has room for (skipping ones locked elsewhere).
-
-        Returns every live key, and the keys left for a later round: clients beyond ``max_clients``, or, once
-        the round is full, every key it does not hold (not even looked up). Clients are locked in id order.
-        """
-        unknown = [key for key in keys if key not in self.by_key]
-        if not unknown:
-            return set(), set()
-        room = None if self.max_clients is None else self.max_clients - len(self.by_key)
-        postponed: set[ClientKey] = set()
-        if room is not None and room <= 0:
-            # Full: keys not looked up wait for the next round, but sources this round already found without
-            # a client are looked up again (their events are unmapped unless one gained a client meanwhile), so
-            # the next round does not read their events again.
-            postponed = {key for key in unknown if key not in self.clientless}
-            unknown = [key for key in unknown if key in self.clientless]
-            if not unknown:
-                return set(), postponed
-        found = self.store.find_live_clients(unknown)
-        live = {(client.agency_id, client.provider, client.source_key) for client in found}
-        if self.max_clients is None or len(self.clientless) < self.max_clients:  # bounded like the tallies
-            self.clientless.update(key for key in unknown if key not in live)
-        ids = sorted(client.id for client in found)
-        taken = 0
-        # Clients locked elsewhere take no room: the next ones in id order are tried until the round is full.
-        while taken < len(ids) and (room is None or room > 0):
-            chosen = ids[taken:] if room is None else ids[taken : taken + room]
-            taken += len(chosen)
-            for locked in self.store.lock_clients(chosen, skip_locked=self.skip_locked):
-                tallies = [ClientTally(row, self.store) for row in locked]
-                for tally in tallies:
-                    self.by_key[tally.key] = tally
-                give_cap_room(tallies, self.now)
-                if room is not None:
-                    room -= len(tallies)
-        left = set(ids[taken:])
-        postponed |= {(client.agency_id, client.provider, client.source_key) for client in found if client.id in left}
-        return live, postponed
+                self.events += len(marks.ids)
+                pipeline.queue(first, after, marks)
 
     def _classify(
         self, rows: Sequence, keys: list[ClientKey], live_keys: set[ClientKey], postponed_keys: set[ClientKey]
