@@ -1,0 +1,147 @@
+"""Fifth adversarial review: the client hold (f5d3270, bd97931: client_send_lease, migration 0017), the landed
+target write (0b94ea2) and claims that choose again (43db3f0).
+
+Each test plays a scenario a reviewer (not the author) built to break an invariant: units in Stripe per client
+== floor(usage / N) - already reported, never doubled, never lost; one agency never stalls another (rule 8);
+Stripe sees one call at a time per customer and meter. Faults only at the HTTP boundary (stripe_fake); Rebill's
+own functions are not patched (only CLAIM_BATCH, as tests/billing/test_report_claims.py does).
+
+The hold is keyed by report_claims.sender_name() (process token + thread id), so a second scheduler must run on
+another thread: here the test's own thread plays one scheduler and threads of run_together the others.
+
+A test here FAILS on main when it proves a problem; its docstring states the scenario and the mechanism.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+from sqlalchemy import select
+
+from billing import report_claims
+from billing.models import ClientSendLease
+from billing.report_claims import ReportingResult, TickClock, claim_batch, sender_name
+from billing.report_sending import process_batch
+from billing.reporting import _record_outcomes
+from billing.tick_reads import TickReads
+from core.database import db
+from stripe_fake.app import FakeStripeApp
+from tests.billing.test_reporting_concurrency import run_together
+from tests.billing.test_review_attacks_3 import _InFlight, tick
+
+
+def _holds():
+    db.session.commit()
+    return {row.client_id: row.sender for row in db.session.scalars(select(ClientSendLease))}
+
+
+def test_two_clients_of_one_customer_and_meter_are_not_sent_by_two_schedulers_at_once(world, stripe_app, monkeypatch):
+    """5.1. The hold is on the client (f5d3270 says so): two Rebill clients that bill one Stripe customer on one
+    meter (an agency that maps two GHL sub-accounts, or a Capri key and a GHL location, to one customer) are two
+    holds. Two schedulers each take one client's backlog and call Stripe for that customer and meter at once:
+    Stripe answers the overlap with 429 (rows back off in doubt), exactly attack 3.4's symptom. The fake does not
+    refuse concurrent calls, so the test watches the HTTP boundary. Fix: hold the send group (customer, meter
+    or legacy price) rather than the client, or hold a client's customer+meter key beside it.
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 20)
+    recorder = _InFlight()
+    monkeypatch.setattr(FakeStripeApp, "__call__", recorder.wrap(FakeStripeApp.__call__))
+    world.state.inject("/v1/billing/meter_events", "slow", times=1000, seconds=0.005)
+    setup = world.agency()
+    first = world.client(setup)
+    second = world.client(setup, customer_id=first.stripe_customer_id)
+    for client in (first, second):  # a backlog each, in that order: the first claims take the first client's
+        for _ in range(40):
+            world.report(client, 1)
+    db.session.commit()
+
+    run_together(stripe_app, lambda: tick(world), count=2)
+
+    assert world.stripe_total(setup, first) == 80  # the customer's meter total: both clients, once each
+    key = (first.stripe_customer_id, "ai_units")
+    assert recorder.most[key] == 1, (
+        f"{recorder.most[key]} meter-event calls for one customer and meter were in flight at once "
+        "(two clients of one customer held by two schedulers)"
+    )
+
+
+def test_a_tick_that_died_after_its_claim_does_not_hold_the_client_s_other_rows_from_the_next_tick(
+    world, stripe_app, monkeypatch
+):
+    """5.2. `flask rebill scheduler` runs ticks under APScheduler's BlockingScheduler: the first tick on the main
+    thread, the next ones on its thread pool (billing/cli.py scheduler_command), so a process's next tick is
+    generally NOT on the thread of the one before, and sender_name() differs. A tick that claimed a batch of
+    client C's backlog and then died (an exception in process_batch, a database error at record) leaves its hold
+    until its LEASE: the claimed rows wait for their lease anyway, but C's rows the dead claim never took are due
+    and every other sender, the same process's next tick included, passes them over for 5 minutes (five ticks).
+    f5d3270 says "the same thread's next claims (same or next tick) are not held back", which is true only of
+    the thread. Here: claims of 3, C has 6 rows; one thread claims the first 3 and dies; the next tick, one minute
+    later on another thread of the same process, sends nothing of C. Fix: release holds in a finally (the tick
+    can at least release what it holds when it fails), or key the hold by process for the in-process case.
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 3)
+    setup = world.agency()
+    client = world.client(setup)
+    for _ in range(6):
+        world.report(client, 1)
+    db.session.commit()
+    clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    (claimed,) = run_together(stripe_app, lambda: [c.report_id for c in claim_batch(clock, ReportingResult())], 1)
+    assert len(claimed) == 3  # that tick then died: nothing recorded, its hold stays
+
+    tick(world, minutes=1)  # the process's next tick, on another thread
+
+    sent = [row.id for row in world.reports(client) if row.status == "sent"]
+    assert len(sent) == 3, (
+        f"{len(sent)} of the 3 rows the dead claim never took were sent a minute later: the dead thread's hold "
+        f"({_holds()}) keeps the process's next tick off the client until its LEASE"
+    )
+
+
+def test_a_scheduler_stalled_past_its_lease_neither_releases_the_next_one_s_hold_nor_bills_twice(
+    world, stripe_app, monkeypatch
+):
+    """5.3. Lease expiry with the hold. Scheduler A (the test's thread) claims client C's rows and stalls past its
+    LEASE; its hold ends with it. Scheduler B (another thread) claims the same rows (attempt 2) and holds C. A
+    wakes, sends (young sum-meter rows: same identifiers, first at Stripe) and records: STILL_CLAIMED drops its
+    outcomes and its release names only its own sender, so B's hold must stand while B sends; B's sends are
+    deduplicated by identifier and recorded delivered. Checked: B's hold survives A's release, every unit once.
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 5)
+    setup = world.agency()
+    client = world.client(setup)
+    for units in (1, 2, 3):
+        world.report(client, units)
+    db.session.commit()
+    a_clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    a_claims = claim_batch(a_clock, ReportingResult())
+    assert len(a_claims) == 3 and _holds() == {client.id: sender_name()}
+    world.clock.advance(minutes=6)
+    b_clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    b_claimed, a_done, seen = threading.Event(), threading.Event(), {}
+
+    def scheduler_b():
+        claims = claim_batch(b_clock, ReportingResult())
+        seen["claimed"] = len(claims)
+        seen["b"] = sender_name()
+        b_claimed.set()
+        assert a_done.wait(60)
+        outcomes = process_batch(claims, {}, b_clock, TickReads(45), None)
+        _record_outcomes(outcomes, b_clock, ReportingResult())
+        return _holds()
+
+    runner = threading.Thread(target=lambda: seen.update(end=run_together(stripe_app, scheduler_b, 1)))
+    runner.start()
+    assert b_claimed.wait(60)
+    assert seen["claimed"] == 3 and _holds() == {client.id: seen["b"]}
+    outcomes = process_batch(a_claims, {}, a_clock, TickReads(45), None)  # A wakes
+    _record_outcomes(outcomes, a_clock, ReportingResult())
+    holds_after_a = _holds()
+    a_done.set()
+    runner.join(60)
+
+    assert holds_after_a == {client.id: seen["b"]}, "the stalled scheduler released the next one's hold"
+    assert seen["end"] == [{}]  # B released its own hold when it recorded
+    assert [row.status for row in world.reports(client)] == ["sent"] * 3
+    assert world.stripe_total(setup, client) == 6
