@@ -24,6 +24,7 @@ from billing.models import ClientSendLease
 from billing.report_claims import ReportingResult, TickClock, claim_batch, sender_name
 from billing.report_sending import process_batch
 from billing.reporting import _record_outcomes
+from billing.stripe_connection import connect_stripe_key
 from billing.tick_reads import TickReads
 from core.database import db
 from stripe_fake.app import FakeStripeApp
@@ -145,3 +146,50 @@ def test_a_scheduler_stalled_past_its_lease_neither_releases_the_next_one_s_hold
     assert seen["end"] == [{}]  # B released its own hold when it recorded
     assert [row.status for row in world.reports(client)] == ["sent"] * 3
     assert world.stripe_total(setup, client) == 6
+
+
+def test_a_row_in_doubt_on_one_account_is_not_resent_with_a_key_of_another_account_connected_after_its_claim(
+    world,
+):
+    """5.4. 0b94ea2 rebuilds a tick's gateway when the agency's key changed, and the rebuilt gateway sends what the
+    batch claimed. The account check (report_claims._prepare: recorded account != the agency's account ->
+    "needs reconcile") runs at the claim, against the account read then; process_batch reads only the key
+    ciphertext, never the account it opens, and StripeGateway never looks at the claim's target.account. So a
+    row whose first offer to account X is in doubt (a 500: maybe applied), claimed while the agency is on X, and
+    the agency connects a key of another account Y between that claim's commit and process_batch (the key is
+    read once per batch; the portal commits at any moment): the batch is sent with Y's key to X's recorded
+    customer and meter. Real Stripe accepts a meter event for an unknown customer and reports it later (an
+    async meter error, in Y, where Rebill may have no destination yet), so the row is marked sent while its
+    units may be in X only, or nowhere; the fake refuses the customer at once (the row is failed with Stripe's
+    reason, not "needs reconcile"). Not new in 0b94ea2: a gateway built at a tick's first batch of the agency
+    (as here, a fresh gateways dict) was always read from the current key; 0b94ea2 makes every batch re-read it.
+    Fix: process_batch reads
+    the agency's stripe_account_id with the key and skips (or fails "needs reconcile") claims whose
+    target.account differs, as _prepare does.
+    """
+    setup = world.agency()
+    connect_stripe_key(world.agency_row(setup), setup.agency_key)  # the portal's way: the account is recorded
+    client = world.client(setup)
+    world.report(client, 4)
+    db.session.commit()
+    world.state.inject("/v1/billing/meter_events", "server_error")
+    tick(world)
+    (row,) = world.reports(client)
+    assert row.in_doubt_since is not None and row.status == "pending"  # maybe in account X
+
+    world.clock.advance(hours=1)
+    clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    claims = claim_batch(clock, ReportingResult())
+    assert [c.report_id for c in claims] == [row.id] and claims[0].target.account == setup.account_id
+    other = world.agency()  # an account of its own (another meter and customers); its key is pasted into ours
+    connect_stripe_key(world.agency_row(setup), other.agency_key, confirm_account_change=True)  # told, confirmed
+    db.session.commit()
+    assert world.agency_row(setup).stripe_account_id == other.account_id
+    posted_before = len(world.calls())
+    _record_outcomes(process_batch(claims, {}, clock, TickReads(45), None), clock, ReportingResult())
+
+    with_other_key = [call for call in world.calls()[posted_before:] if call.api_key == other.key]
+    assert with_other_key == [], (
+        f"{len(with_other_key)} meter event(s) of a row in doubt in account {setup.account_id} were sent with a key of "
+        f"{other.account_id} (row now {world.reports(client)[0].status}: {world.reports(client)[0].last_error})"
+    )
