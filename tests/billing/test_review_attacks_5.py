@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from billing import report_claims
 from billing.models import ClientSendLease
@@ -163,9 +163,8 @@ def test_a_row_in_doubt_on_one_account_is_not_resent_with_a_key_of_another_accou
     units may be in X only, or nowhere; the fake refuses the customer at once (the row is failed with Stripe's
     reason, not "needs reconcile"). Not new in 0b94ea2: a gateway built at a tick's first batch of the agency
     (as here, a fresh gateways dict) was always read from the current key; 0b94ea2 makes every batch re-read it.
-    Fix: process_batch reads
-    the agency's stripe_account_id with the key and skips (or fails "needs reconcile") claims whose
-    target.account differs, as _prepare does.
+    Fix: process_batch reads the agency's stripe_account_id with the key and skips (or fails "needs reconcile")
+    claims whose target.account differs, as _prepare does.
     """
     setup = world.agency()
     connect_stripe_key(world.agency_row(setup), setup.agency_key)  # the portal's way: the account is recorded
@@ -193,3 +192,53 @@ def test_a_row_in_doubt_on_one_account_is_not_resent_with_a_key_of_another_accou
         f"{len(with_other_key)} meter event(s) of a row in doubt in account {setup.account_id} were sent with a key of "
         f"{other.account_id} (row now {world.reports(client)[0].status}: {world.reports(client)[0].last_error})"
     )
+
+
+def _index_entries_read(plan: dict) -> int:
+    """unit_report entries a plan node tree read (returned or filtered out), over all its loops."""
+    own = 0
+    if plan.get("Relation Name") == "unit_report":
+        own = (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)) * plan.get("Actual Loops", 1)
+    return own + sum(_index_entries_read(child) for child in plan.get("Plans", []))
+
+
+def test_a_claim_does_not_read_a_held_client_s_whole_backlog(world, stripe_app, postgres_only, monkeypatch):
+    """5.5. The held-clients filter sits inside each agency's LATERAL index range (report_claims._FIRST_DUE_ROWS:
+    NOT EXISTS per row, then LIMIT per_agency). When an agency's first due rows all belong to a client another
+    scheduler holds (one client's backlog after an outage, split by claims of 250: attack 3.4's case), every
+    other scheduler's claim steps over that client's whole due backlog to find nothing, under the global claim
+    lock (CLAIM_LOCK_KEY: all schedulers' claims wait), and does it twice per claim (the agency gives no row, so
+    its resume cursor never moves; then the reread from every agency's first row). The claim's cost grows
+    with the held backlog rather than with the batch (bench/README.md's "a few index entries per agency").
+    Here: client C's 1,500 rows, a scheduler thread holds C after a claim of 10; the other scheduler's first
+    read with 10 rows per agency reads every one of C's entries. Fix: skip a held client's range (e.g. the
+    cursor jumps past it: per-client index, or an agency's held clients excluded by a join on a small set), or
+    bound the entries a read may step over and let the next claim go on.
+    """
+    monkeypatch.setattr(report_claims, "CLAIM_BATCH", 10)
+    setup = world.agency()
+    client = world.client(setup)
+    for _ in range(1500):
+        world.report(client, 1)
+    other = world.agency()
+    world.report(world.client(other), 1)
+    db.session.commit()
+    clock = TickClock(world.clock.now(), dt.timedelta(seconds=45))
+    (held,) = run_together(stripe_app, lambda: len(claim_batch(clock, ReportingResult())), 1)
+    assert held == 10 and client.id in _holds()
+
+    plan = db.session.execute(
+        text(f"EXPLAIN (ANALYZE, FORMAT JSON) {report_claims._FIRST_DUE_ROWS.text}"),
+        {
+            "agency_ids": [setup.agency.id, other.agency.id],
+            "after_times": [dt.datetime(1, 1, 1, tzinfo=dt.UTC)] * 2,
+            "after_ids": [0, 0],
+            "per_agency": 5,
+            "start": clock.start,
+            "now": clock.start,
+            "sender": sender_name(),
+        },
+    ).scalar()
+    db.session.rollback()
+    read = _index_entries_read(plan[0]["Plan"])
+    assert read <= 100, f"one first read of 5 rows per agency read {read} unit_report entries (C's held backlog)"
