@@ -236,6 +236,27 @@ def release_clients(claims: list[Claim], sender: str) -> None:
         db.session.execute(delete(_LEASE).where(_LEASE.c.client_id.in_(client_ids), _LEASE.c.sender == sender))
 
 
+def release_own_holds() -> None:
+    """Release every client this thread holds, for a tick that failed between its claim and its record.
+
+    Call it only once nothing this thread sent is in flight: a tick's sends run in pools it has joined by then.
+    Ticks on one thread run one after another, so every hold of this sender is the failed tick's.
+    """
+    db.session.execute(delete(_LEASE).where(_LEASE.c.sender == sender_name()))
+
+
+def release_holds_of_ended_threads() -> None:
+    """Release the holds of this process's threads that have ended (a tick that died without its release).
+
+    A thread's tick joins its send pools before it ends, so nothing such a hold covers is in flight; without
+    this the process's next tick, on another thread (APScheduler's pool), would pass the client over for LEASE.
+    """
+    alive = [f"{_PROCESS}-{thread.ident}" for thread in threading.enumerate()]
+    db.session.execute(
+        delete(_LEASE).where(_LEASE.c.sender.startswith(f"{_PROCESS}-", autoescape=True), _LEASE.c.sender.not_in(alive))
+    )
+
+
 def _serialise_claims() -> None:
     if is_postgresql():
         db.session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))

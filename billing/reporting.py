@@ -89,6 +89,8 @@ from billing.report_claims import (
     due_again,
     quarantine_values,
     release_clients,
+    release_holds_of_ended_threads,
+    release_own_holds,
     sender_name,
     write_rows,
 )
@@ -129,23 +131,44 @@ def report_pending_units(now: dt.datetime | None = None, budget: dt.timedelta | 
     calls_of_dropped_gateways = 0
     resume: dict = {}  # where each agency's next claim starts (billing.report_claims._choose_due_rows)
     workers = config["STRIPE_CONCURRENCY"]
+    release_holds_of_ended_threads()
+    db.session.commit()
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
-            # At least one batch per tick, so every agency with rows due makes progress whatever the budget.
-            while claims := claim_batch(clock, result, resume):
-                outcomes = process_batch(claims, gateways, clock, reads, pool if workers > 1 else None, workers)
-                _record_outcomes(outcomes, clock, result)
-                for claim in claims:  # a count slice's progress, a re-opened row: due again at the tick's start
-                    due_again(resume, claim.agency_id, clock.start, claim.report_id)
-                calls_of_dropped_gateways += _drop_gateways(gateways, keep={claim.agency_id for claim in claims})
-                if clock.spent():
-                    break
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-send") as pool:
+                # At least one batch per tick, so every agency with rows due makes progress whatever the budget.
+                while claims := claim_batch(clock, result, resume):
+                    outcomes = process_batch(claims, gateways, clock, reads, pool if workers > 1 else None, workers)
+                    _record_outcomes(outcomes, clock, result)
+                    for claim in claims:  # a count slice's progress, a re-opened row: due again at the tick's start
+                        due_again(resume, claim.agency_id, clock.start, claim.report_id)
+                    calls_of_dropped_gateways += _drop_gateways(gateways, keep={claim.agency_id for claim in claims})
+                    if clock.spent():
+                        break
+        except BaseException:
+            _release_holds_after_failure()
+            raise
         result.budget_spent = clock.spent()
     finally:
         result.stripe_calls = calls_of_dropped_gateways + sum(
             g.calls for g in gateways.values() if isinstance(g, StripeGateway)
         )
     return result
+
+
+def _release_holds_after_failure() -> None:
+    """A tick failed between a claim and its record: let the next tick (another thread) have its clients now.
+
+    Runs after the send pools were joined (``with`` exits), so nothing of the failed batch is in flight; its
+    claimed rows keep their lease, only the clients' other rows become claimable again.
+    """
+    try:
+        db.session.rollback()
+        release_own_holds()
+        db.session.commit()
+    except Exception:  # the tick's own error is the one to raise; the holds then end with their LEASE
+        log.exception("could not release the failed tick's client holds")
+        db.session.rollback()
 
 
 def _drop_gateways(gateways: dict[int, StripeGateway | StripeKeyRejected], keep: set[int]) -> int:
