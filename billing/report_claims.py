@@ -442,13 +442,12 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
         StripeTarget.from_columns(row, CLIENT_COLUMNS), account=row.stripe_account_id, subscription_item_id=None
     )
     if recorded is not None and (row.in_doubt_since is not None or row.units_confirmed > 0):
-        if recorded.account and current.account and recorded.account != current.account:
+        if account_moved(recorded.account, current.account):
             writes.append(
                 {
                     "b_id": row.id,
                     "status": ReportStatus.FAILED,
-                    "last_error": f"{NEEDS_RECONCILE}: first offered to Stripe account {recorded.account}, but "
-                    f"the agency's key now opens {current.account}; some units may be in the first account",
+                    "last_error": account_moved_reason(recorded.account, current.account),
                 }
             )
             result.reports_failed += 1
@@ -516,6 +515,19 @@ def _claim_values(claim: Claim, row, now: dt.datetime) -> dict:
     if not (claim.needs_stamp or claim.needs_check or claim.rest_unsent):
         values["in_doubt_since"] = claim.previous_in_doubt_since or now  # offered right after this commit
     return values
+
+
+def account_moved(recorded: str | None, current: str | None) -> bool:
+    """Tell whether the agency's key now opens another Stripe account than the one a row was offered to."""
+    return bool(recorded and current and recorded != current)
+
+
+def account_moved_reason(recorded: str | None, current: str | None) -> str:
+    """Why a row whose units may be in its first account is failed "needs reconcile", never sent to another."""
+    return (
+        f"{NEEDS_RECONCILE}: first offered to Stripe account {recorded}, but the agency's key now opens {current}; "
+        "some units may be in the first account"
+    )
 
 
 def _target_changed(recorded: StripeTarget, current: StripeTarget) -> bool:

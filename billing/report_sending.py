@@ -27,6 +27,8 @@ from billing.report_claims import (
     PERIOD_CHECK_AGE,
     Claim,
     TickClock,
+    account_moved,
+    account_moved_reason,
     claim_params,
     write_rows,
 )
@@ -94,9 +96,12 @@ def process_batch(
     for claim in claims:
         by_agency[claim.agency_id].append(claim)
     outcomes: list[Outcome] = []
-    keys = dict(
-        db.session.execute(select(Agency.id, Agency.stripe_key_ciphertext).where(Agency.id.in_(by_agency))).all()
-    )
+    keys, accounts = {}, {}
+    for agency_id, key, account in db.session.execute(
+        select(Agency.id, Agency.stripe_key_ciphertext, Agency.stripe_account_id).where(Agency.id.in_(by_agency))
+    ):
+        keys[agency_id], accounts[agency_id] = key, account
+    outcomes.extend(_take_out_moved_accounts(by_agency, accounts))
     for agency_id in list(by_agency):
         gateway = _gateway(agency_id, gateways, keys.get(agency_id))
         if isinstance(gateway, StripeKeyRejected):
@@ -136,6 +141,32 @@ def process_batch(
         )
         if pool is not None:
             outcomes.extend(sent_first.result())
+    return outcomes
+
+
+def _take_out_moved_accounts(by_agency: dict[int, list[Claim]], accounts: dict[int, str | None]) -> list[Outcome]:
+    """Take out the claims whose agency's key opens another Stripe account now than at the claim; their outcomes.
+
+    The key may change between the claim (which checked the account: report_claims._prepare) and this read of
+    it, and the gateway is built from the key read here. A row whose units may be in the first account fails
+    "needs reconcile", as at the claim; one with nothing in Stripe is skipped (not offered), and its next claim
+    takes the client's current target.
+    """
+    outcomes: list[Outcome] = []
+    for agency_id, claims in list(by_agency.items()):
+        kept = []
+        for claim in claims:
+            if not account_moved(claim.target.account, accounts.get(agency_id)):
+                kept.append(claim)
+            elif claim.previous_in_doubt_since is not None or claim.units_confirmed > 0:
+                reason = account_moved_reason(claim.target.account, accounts[agency_id])
+                outcomes.append(Outcome(claim, OutcomeKind.REJECTED, reason))
+            else:
+                outcomes.append(Outcome(claim, OutcomeKind.SKIPPED))
+        if kept:
+            by_agency[agency_id] = kept
+        else:
+            del by_agency[agency_id]
     return outcomes
 
 
