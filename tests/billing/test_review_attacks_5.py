@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import pytest
 from sqlalchemy import select, text
 
 from billing import report_claims
@@ -37,6 +38,7 @@ def _holds():
     return {row.client_id: row.sender for row in db.session.scalars(select(ClientSendLease))}
 
 
+@pytest.mark.xfail(strict=True, reason="open: the hold is per client, not per customer+meter (a named known gap)")
 def test_two_clients_of_one_customer_and_meter_are_not_sent_by_two_schedulers_at_once(world, stripe_app, monkeypatch):
     """5.1. The hold is on the client (f5d3270 says so): two Rebill clients that bill one Stripe customer on one
     meter (an agency that maps two GHL sub-accounts, or a Capri key and a GHL location, to one customer) are two
@@ -202,6 +204,7 @@ def _index_entries_read(plan: dict) -> int:
     return own + sum(_index_entries_read(child) for child in plan.get("Plans", []))
 
 
+@pytest.mark.xfail(strict=True, reason="open: a claim steps over a held client's whole due backlog (claim cost)")
 def test_a_claim_does_not_read_a_held_client_s_whole_backlog(world, stripe_app, postgres_only, monkeypatch):
     """5.5. The held-clients filter sits inside each agency's LATERAL index range (report_claims._FIRST_DUE_ROWS:
     NOT EXISTS per row, then LIMIT per_agency). When an agency's first due rows all belong to a client another
