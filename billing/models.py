@@ -240,7 +240,8 @@ class ClientSendLease(db.Model):
 
     Stripe takes one call at a time per customer and meter. A claim takes a client's rows only if no other
     scheduler holds the client (``sender`` differs and ``until`` not passed); it then holds the client until
-    its batch is recorded, or for the claim's LEASE if it dies.
+    its batch is recorded or its tick fails (billing.reporting.report_pending_units), or for the claim's LEASE
+    if its process dies.
     """
 
     __tablename__ = "client_send_lease"

@@ -32,12 +32,12 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   the current period or in the previous one's finalization grace (an hour by default).
 - Send: rows of one customer and meter go in order on one thread (Stripe allows one concurrent call per
   customer per meter); different customers go in parallel. Across schedulers, a claim holds the clients it
-  took rows of until its batch is recorded (client_send_lease, at most its LEASE): other schedulers pass
-  their rows over meanwhile. A sum meter gets one event of value k, a legacy
-  price one usage record of k. A count meter gets k events ``<identifier>-<n>``, at most
-  COUNT_EVENTS_PER_CLAIM per claim, and the row records how many Stripe confirmed (``units_confirmed``), so a
-  resend, a crash or a lease expiry resumes after the last confirmed event, and a huge row goes back in line
-  between slices instead of holding the tick.
+  took rows of until its batch is recorded, or its tick fails (once its sends are joined), or its process
+  dies (then at most its LEASE; client_send_lease): other schedulers pass their rows over meanwhile. A sum
+  meter gets one event of value k, a legacy price one usage record of k. A count meter gets k events
+  ``<identifier>-<n>``, at most COUNT_EVENTS_PER_CLAIM per claim, and the row records how many Stripe
+  confirmed (``units_confirmed``), so a resend, a crash or a lease expiry resumes after the last confirmed
+  event, and a huge row goes back in line between slices instead of holding the tick.
 - Budget (rule 8): a tick stops claiming and sending when its time budget is spent (a call in flight is
   finished) and leaves the rest, untouched, for the next tick. Reads before sending (a billing period, the
   >24 h check) never hold up reports that need none: those are sent first, in the background, while the
