@@ -56,6 +56,19 @@ def assert_exact(client: RebillClient, expected_usage: int) -> None:
 # ---- 270ad6a: chunked writes --------------------------------------------------------------------------------
 
 
+def take_the_first_report_identifier_of(client: RebillClient) -> None:
+    """Store a report under the identifier the client's next outbox row will want, so that insert fails."""
+    db.session.add(
+        UnitReport(
+            agency_id=client.agency_id,
+            client_id=client.id,
+            identifier=report_identifier(client.report_prefix, client.id, 1),
+            units=1,
+            usage_timestamp=NOW,
+        )
+    )
+
+
 def test_attack_4_1_a_chunk_failing_after_an_earlier_chunk_rolls_both_back_and_only_its_agency_waits(
     app_context, monkeypatch
 ):
@@ -71,15 +84,7 @@ def test_attack_4_1_a_chunk_failing_after_an_earlier_chunk_rolls_both_back_and_o
     for n in range(6):
         record(good, tokens(f"g{n}", usage(n), channel="chan-g"))
         record(bad, tokens(f"b{n}", usage(n), channel="chan-b"))
-    db.session.add(
-        UnitReport(
-            agency_id=bad.id,
-            client_id=bad_client.id,
-            identifier=report_identifier(bad_client.report_prefix, bad_client.id, 1),
-            units=1,
-            usage_timestamp=NOW,
-        )
-    )
+    take_the_first_report_identifier_of(bad_client)
     db.session.commit()
 
     result = aggregate_pending_usage(batch_size=4)
@@ -524,15 +529,7 @@ def test_attack_4_11_the_agency_by_agency_rerun_of_an_agency_bigger_than_a_round
         expected[n % 5] += usage(n) + 5
         if n % 6 == 0:
             record(bad, tokens(f"b{n}", 12, channel="b"))
-    db.session.add(
-        UnitReport(
-            agency_id=bad.id,
-            client_id=bad_client.id,
-            identifier=report_identifier(bad_client.report_prefix, bad_client.id, 1),
-            units=1,
-            usage_timestamp=NOW,
-        )
-    )
+    take_the_first_report_identifier_of(bad_client)
     db.session.commit()
 
     result = aggregate_pending_usage(batch_size=4, clients_per_round=2)
