@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
 import threading
 import time
@@ -48,8 +49,17 @@ _REPORT = UnitReport.__table__
 _CLIENT = RebillClient.__table__
 _AGENCY = Agency.__table__
 _LEASE = ClientSendLease.__table__
-# This process, for the sender names of its threads (sender_name).
+# This process, for the sender names of its threads (sender_name). A forked child is another process (its
+# main thread would otherwise share the parent's name and holds), so it draws its own.
 _PROCESS = uuid.uuid4().hex[:16]
+
+
+def _name_this_process() -> None:
+    global _PROCESS
+    _PROCESS = uuid.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_name_this_process)
 _CLAIM_COLUMNS = (
     *(
         _REPORT.c[name]

@@ -8,6 +8,7 @@ and check that concurrent claims on PostgreSQL lease every due row once.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import threading
 from collections import Counter, defaultdict
@@ -17,7 +18,7 @@ from sqlalchemy import insert, select, update
 
 from billing import report_claims, report_sending, reporting
 from billing.models import UnitReport
-from billing.report_claims import CLAIM_BATCH, ReportingResult, TickClock, claim_batch
+from billing.report_claims import CLAIM_BATCH, ReportingResult, TickClock, claim_batch, sender_name
 from billing.units import report_identifier
 from core.database import db
 from tests.billing.test_reporting_concurrency import run_together
@@ -239,3 +240,16 @@ def test_rows_chosen_before_another_scheduler_leased_them_are_not_claimed_again(
     assert claim_batch(TickClock(now, dt.timedelta(minutes=1)), ReportingResult()) == []
     db.session.expire_all()
     assert {report.attempts for report in db.session.scalars(select(UnitReport))} == {1}
+
+
+def test_a_forked_child_names_its_senders_apart_from_its_parent():
+    """A forked child's main thread has the parent's thread id: its sender name (and so its client holds)
+    must still be its own, or the child could pass as the parent's sender (finding of review attack 5)."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report its name and leave at once (no cleanup of the parent's resources)
+        os.write(write, sender_name().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.close(write)
+    assert os.read(read, 200).decode() not in ("", sender_name())
