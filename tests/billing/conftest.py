@@ -23,6 +23,12 @@ def stripe_server(stripe_clock):
 
 
 @pytest.fixture
+def http(stripe_app):
+    """A test client of ``stripe_app``, for posting Stripe's signed deliveries."""
+    return stripe_app.test_client()
+
+
+@pytest.fixture
 def stripe_app(make_app, stripe_server):
     """An app (both backends) whose Stripe is the fake; one HTTP attempt per call so faults reach Rebill."""
     app = make_app(STRIPE_API_BASE=stripe_server.url, STRIPE_NETWORK_ATTEMPTS=1, STRIPE_CONCURRENCY=2)

@@ -13,12 +13,34 @@ from sqlalchemy import select
 from billing.agencies import ensure_agency
 from billing.models import Agency, RebillClient, UnitReport
 from billing.price_usability import PriceInfo
+from billing.reporting import report_pending_units
+from billing.stripe_events import register_stripe_events
 from billing.units import report_identifier
 from core.database import db, utcnow
 from core.encryption import secret_box
 from stripe_fake import FakeStripeServer
 
 _numbers = itertools.count(1)
+
+
+# The public URL Rebill registers its Stripe webhook endpoints under in tests.
+PUBLIC_URL = "https://rebill.example.test"
+
+
+def connected(world, **agency):
+    """An agency of the world with its Stripe event endpoints registered."""
+    setup = world.agency(**agency)
+    register_stripe_events(setup.agency, PUBLIC_URL)
+    db.session.commit()
+    return setup
+
+
+def tick(world, budget=None, **shift):
+    """Commit the test's writes, then run one reporting pass at the world's (shifted) now."""
+    if shift:
+        world.clock.advance(**shift)
+    db.session.commit()
+    return report_pending_units(world.clock.now(), budget=budget)
 
 
 def new_key(prefix: str = "sk_test_") -> str:

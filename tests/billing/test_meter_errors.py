@@ -32,20 +32,7 @@ from billing.stripe_events import (
 from core.database import db
 from core.encryption import secret_box
 from stripe_fake import SignedDelivery, stripe_signature
-
-PUBLIC_URL = "https://rebill.example.test"
-
-
-@pytest.fixture
-def http(stripe_app):
-    return stripe_app.test_client()
-
-
-def connected(world, **agency):
-    setup = world.agency(**agency)
-    register_stripe_events(setup.agency, PUBLIC_URL)
-    db.session.commit()
-    return setup
+from tests.billing.stripe_support import PUBLIC_URL, connected
 
 
 @pytest.fixture

@@ -8,18 +8,10 @@ import pytest
 import stripe
 
 from billing.report_claims import LEASE
-from billing.reporting import report_pending_units, retry_failed_reports
+from billing.reporting import retry_failed_reports
 from billing.stripe_connection import connect_stripe_key
 from core.database import db
-
-
-def tick(world, **shift):
-    """Commit the test's writes, then run one reporting pass at the world's (shifted) now."""
-    if shift:
-        world.clock.advance(**shift)
-    db.session.commit()
-    return report_pending_units(world.clock.now())
-
+from tests.billing.stripe_support import tick
 
 # ---- the normal tick -------------------------------------------------------------------------------------
 

@@ -14,13 +14,7 @@ import time
 
 from billing.reporting import report_pending_units, retry_failed_reports
 from core.database import db
-
-
-def tick(world, budget=None, **shift):
-    if shift:
-        world.clock.advance(**shift)
-    db.session.commit()
-    return report_pending_units(world.clock.now(), budget=budget)
+from tests.billing.stripe_support import tick
 
 
 def test_a_count_row_refused_mid_way_is_finished_on_the_customer_the_agency_fixed(world):

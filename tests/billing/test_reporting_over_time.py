@@ -16,14 +16,7 @@ from billing.stripe_connection import connect_stripe_key
 from billing.usage import client_usage
 from core.database import db
 from stripe_fake.app import _add_month
-
-
-def tick(world, **shift):
-    """Commit the test's writes, then run one reporting pass at the world's (shifted) now."""
-    if shift:
-        world.clock.advance(**shift)
-    db.session.commit()
-    return report_pending_units(world.clock.now())
+from tests.billing.stripe_support import tick
 
 
 def roll_key(world, setup):

@@ -13,36 +13,12 @@ from __future__ import annotations
 import datetime as dt
 from urllib.parse import urlsplit
 
-import pytest
-
 from billing.periods import refresh_client_period
-from billing.reporting import report_pending_units
-from billing.stripe_events import register_stripe_events
 from billing.units import aggregate_pending_usage
 from core.database import db
 from tests.billing.factories import record, tokens
+from tests.billing.stripe_support import connected, tick
 from tests.billing.test_reporting_over_time import reconnect, roll_key
-
-PUBLIC_URL = "https://rebill.example.test"
-
-
-@pytest.fixture
-def http(stripe_app):
-    return stripe_app.test_client()
-
-
-def connected(world, **agency):
-    setup = world.agency(**agency)
-    register_stripe_events(setup.agency, PUBLIC_URL)
-    db.session.commit()
-    return setup
-
-
-def tick(world, **shift):
-    if shift:
-        world.clock.advance(**shift)
-    db.session.commit()
-    return report_pending_units(world.clock.now())
 
 
 def deliver(http, deliveries):

@@ -20,25 +20,14 @@ import pytest
 from billing.periods import refresh_client_period
 from billing.report_claims import ReportingResult, TickClock, claim_batch
 from billing.report_sending import process_batch
-from billing.reporting import _record_outcomes, report_pending_units
+from billing.reporting import _record_outcomes
 from billing.stripe_events import register_stripe_events
 from billing.tick_reads import TickReads
 from billing.units import aggregate_pending_usage
 from core.database import db
 from tests.billing.factories import record, tokens
+from tests.billing.stripe_support import tick
 from tests.billing.test_reporting_over_time import reconnect, roll_key
-
-
-@pytest.fixture
-def http(stripe_app):
-    return stripe_app.test_client()
-
-
-def tick(world, **shift):
-    if shift:
-        world.clock.advance(**shift)
-    db.session.commit()
-    return report_pending_units(world.clock.now())
 
 
 def capped_client_whose_period_ends_in_an_hour(world, setup, *, cap: int):

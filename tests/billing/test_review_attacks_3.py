@@ -29,6 +29,7 @@ from billing.reporting import _record_outcomes, report_pending_units
 from billing.tick_reads import TickReads
 from core.database import db
 from stripe_fake.app import FakeStripeApp
+from tests.billing.stripe_support import tick as tick_within
 from tests.billing.test_reporting_concurrency import run_together
 from tests.billing.test_reporting_over_time import reconnect, roll_key
 
@@ -37,10 +38,7 @@ LONG_BUDGET = dt.timedelta(minutes=5)  # no tick here ends on time: what is sent
 
 
 def tick(world, **shift):
-    if shift:
-        world.clock.advance(**shift)
-    db.session.commit()
-    return report_pending_units(world.clock.now(), LONG_BUDGET)
+    return tick_within(world, budget=LONG_BUDGET, **shift)
 
 
 def meter_event_posts(world):

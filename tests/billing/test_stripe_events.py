@@ -18,21 +18,12 @@ from billing.stripe_events import EVENT_TYPES, register_stripe_events
 from core.database import db
 from core.encryption import secret_box
 from stripe_fake import SignedDelivery, stripe_signature
-
-PUBLIC_URL = "https://rebill.example.test"
-
-
-@pytest.fixture
-def http(stripe_app):
-    return stripe_app.test_client()
+from tests.billing.stripe_support import PUBLIC_URL, connected
 
 
 @pytest.fixture
 def setup(world):
-    setup = world.agency()
-    register_stripe_events(setup.agency, PUBLIC_URL)
-    db.session.commit()
-    return setup
+    return connected(world)
 
 
 def post(http, delivery: SignedDelivery, **header_overrides):
