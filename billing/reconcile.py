@@ -25,14 +25,14 @@ from sqlalchemy import case, func, select
 from billing.models import Agency, RebillClient, UnitReport
 from billing.states import ReportMode, ReportStatus
 from billing.stripe_gateway import StripeGateway, StripeGatewayError, StripeWindowTotal, gateway_for
+from billing.stripe_limits import TOTALS_SETTLE
 from billing.stripe_target import REPORT_COLUMNS, StripeTarget
 from core.database import db, utcnow
 
 log = logging.getLogger("billing.reconcile")
 
-# Stripe's meter event summaries lag the events (docs/stripe.md §1.8): units sent more recently than this are
-# not expected in Stripe's totals yet by the daily gap check.
-SETTLED_AFTER = dt.timedelta(hours=1)
+# Units sent more recently than this are not expected in Stripe's totals yet by the daily gap check.
+SETTLED_AFTER = TOTALS_SETTLE
 RECONCILE_EVERY_SECONDS = 24 * 3600
 
 

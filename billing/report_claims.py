@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.models import Agency, ClientSendLease, RebillClient, UnitReport
 from billing.states import ReportMode, ReportStatus
-from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE
+from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE, TOTALS_SETTLE
 from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
 from billing.units import take_write_lock
 from core.database import UTCDateTime, db, is_postgresql, utcnow
@@ -33,6 +33,10 @@ log = logging.getLogger("billing.reporting")
 LEASE = dt.timedelta(minutes=5)
 # Within Stripe's identifier dedupe window, with an hour of margin.
 DEDUPE_SAFE_AGE = IDENTIFIER_DEDUPE_WINDOW - dt.timedelta(hours=1)
+# A report in doubt is resent under its identifier until this age of its doubt, then waits for the >24 h check
+# at DEDUPE_SAFE_AGE: its last resend is then old enough to be in the Stripe total the check reads. A resend
+# landing just before the check but not yet in the total would read as missing and go again: billed twice.
+LAST_RESEND_AGE = DEDUPE_SAFE_AGE - TOTALS_SETTLE
 # Within Stripe's limit for meter event timestamps, with a margin for the call itself.
 MAX_EVENT_AGE = METER_EVENT_MAX_AGE - dt.timedelta(minutes=10)
 BACKOFF_BASE = dt.timedelta(seconds=30)
@@ -464,9 +468,11 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
             return None
         needs_check = row.in_doubt_since is not None and row.in_doubt_since <= now - DEDUPE_SAFE_AGE
         stale = row.stripe_timestamp is None or row.stripe_timestamp < now - MAX_EVENT_AGE
-        if stale and row.in_doubt_since is not None and not needs_check:
+        resends_over = row.in_doubt_since is not None and row.in_doubt_since <= now - LAST_RESEND_AGE
+        if (stale or resends_over) and row.in_doubt_since is not None and not needs_check:
             # Only Stripe's totals can tell whether the doubtful offer landed, and only once the dedupe window
-            # is over; then the rest goes with a new timestamp (rule 10: never left unbillable).
+            # is over and the last resend has settled in them; then the rest goes with a new timestamp (rule 10:
+            # never left unbillable).
             writes.append({"b_id": row.id, "next_attempt_at": row.in_doubt_since + DEDUPE_SAFE_AGE})
             result.reports_deferred += 1
             return None

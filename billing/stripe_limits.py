@@ -14,6 +14,9 @@ import datetime as dt
 METER_EVENT_MAX_AGE = dt.timedelta(days=35)
 # Stripe keeps meter event identifiers "within a rolling period of at least 24 hours" (docs/stripe.md §1.3).
 IDENTIFIER_DEDUPE_WINDOW = dt.timedelta(hours=24)
+# Stripe's meter event summaries lag the events: "eventually consistent" (docs/stripe.md §1.8). Rebill reads a
+# total only for events at least this old (the daily gap check, the >24 h check of a report in doubt).
+TOTALS_SETTLE = dt.timedelta(hours=1)
 # Aggregation stamps units within that limit, with an hour of slack for the time between writing the outbox
 # row and sending it.
 OLDEST_USAGE_TIMESTAMP = METER_EVENT_MAX_AGE - dt.timedelta(hours=1)
