@@ -38,9 +38,12 @@ def _replace(checks):
         for table, columns in checks.items():
             for column, words in columns.items():
                 name = f'ck_{table}_{column}'
-                op.execute(f'ALTER TABLE {table} DROP CONSTRAINT {name}')
-                op.execute(f'ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({_condition(column, words)}) NOT VALID')
-                op.execute(f'ALTER TABLE {table} VALIDATE CONSTRAINT {name}')
+                # Each statement commits on its own (autocommit): in the migration's transaction the ADD's
+                # exclusive lock would be held through the VALIDATE scan, and ingest would wait for it.
+                with op.get_context().autocommit_block():
+                    op.execute(f'ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}, '
+                               f'ADD CONSTRAINT {name} CHECK ({_condition(column, words)}) NOT VALID')
+                    op.execute(f'ALTER TABLE {table} VALIDATE CONSTRAINT {name}')
         return
     for table, columns in checks.items():
         with op.batch_alter_table(table, schema=None) as batch_op:
