@@ -330,6 +330,7 @@ class MessageIngest:
                 connection.close()
                 if attempt == 2:
                     raise
+                self.close()  # the restart that dropped this one dropped the idle ones too: retry on a new one
                 self._let_the_pool_notice()
             except BaseException:
                 self._idle.append(connection)
