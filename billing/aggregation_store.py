@@ -456,9 +456,6 @@ class PostgresAggregationStore(AggregationStore):
 
         return Marking(run)
 
-    def mark_events(self, first_id: int, last_id: int, marks: EventMarks) -> None:
-        self.start_marking(self.marking(first_id, last_id, marks)).wait()
-
     def write_counters(self, rows: list[ClientCounters], now: dt.datetime) -> None:
         db.session.execute(
             text(
