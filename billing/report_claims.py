@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 from sqlalchemy import bindparam, delete, exists, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from billing.aggregation_store import take_write_lock
 from billing.models import Agency, ClientSendLease, RebillClient, UnitReport
 from billing.states import ReportMode, ReportStatus
 from billing.stripe_limits import IDENTIFIER_DEDUPE_WINDOW, METER_EVENT_MAX_AGE, PERIOD_CHECK_AGE, TOTALS_SETTLE
 from billing.stripe_target import CLIENT_COLUMNS, REPORT_COLUMNS, StripeTarget
-from billing.units import take_write_lock
 from core.database import UTCDateTime, db, is_postgresql, utcnow
 
 log = logging.getLogger("billing.reporting")
@@ -411,7 +411,7 @@ def _claim_chosen(
     due = (
         _REPORT.c.status == ReportStatus.PENDING,
         _REPORT.c.next_attempt_at <= clock.start,
-        _REPORT.c.agency_id.in_(select(Agency.id).where(Agency.stripe_key_status == "ok")),
+        _AGENCY.c.stripe_key_status == "ok",  # the agency joined below
     )
     statement = (
         select(*_CLAIM_COLUMNS)

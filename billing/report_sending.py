@@ -413,12 +413,14 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
     # before the total was read had its doubt committed before it was made (report_claims._claim_values,
     # record_targets).
     db.session.rollback()
-    known = db.session.scalar(select(func.coalesce(func.sum(UnitReport.units_confirmed), 0)).where(*in_window))
-    # Every other row of the window in doubt may or may not be in Stripe's total: one whose doubt began after
-    # this claim (another scheduler's offer, sent while this one read) as much as an older one.
-    unconfirmed = db.session.scalar(
-        select(func.count()).select_from(UnitReport).where(*in_window, UnitReport.in_doubt_since.is_not(None))
-    )
+    # ``unconfirmed``: every other row of the window in doubt may or may not be in Stripe's total: one whose
+    # doubt began after this claim (another scheduler's offer, sent while this one read) as much as an older one.
+    known, unconfirmed = db.session.execute(
+        select(
+            func.coalesce(func.sum(UnitReport.units_confirmed), 0),
+            func.count().filter(UnitReport.in_doubt_since.is_not(None)),
+        ).where(*in_window)
+    ).one()
     extra = window.total - known - claim.units_confirmed
     # A neighbour's confirmed units are in Stripe only as long as Stripe does not reject them later: a 2xx for
     # a meter event is not final, and a rejection may never be named to Rebill (Stripe samples; an agency may

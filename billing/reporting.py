@@ -75,6 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 from flask import current_app
 from sqlalchemy import bindparam, select, update
 
+from billing.aggregation_store import take_write_lock
 from billing.models import Agency, UnitReport
 from billing.report_claims import (
     DEDUPE_SAFE_AGE,
@@ -101,7 +102,6 @@ from billing.stripe_gateway import (
     StripeKeyRejected,
 )
 from billing.tick_reads import TickReads
-from billing.units import take_write_lock
 from billing.unsent_remainder import move_unsent_remainder
 from core.database import db, utcnow
 
