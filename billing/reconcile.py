@@ -161,7 +161,9 @@ def _reconcile_target(
         UnitReport.stripe_timestamp < window.end,
     )
     not_confirmed = UnitReport.units - UnitReport.units_confirmed
-    settled = func.coalesce(UnitReport.sent_at, UnitReport.first_attempt_at) <= now - SETTLED_AFTER
+    # A count report still going out has slices Stripe confirmed a moment ago, not in its total yet: only sent
+    # reports count as settled.
+    settled = (UnitReport.status == ReportStatus.SENT) & (UnitReport.sent_at <= now - SETTLED_AFTER)
     sent, unconfirmed, sent_settled = db.session.execute(
         select(
             func.coalesce(func.sum(UnitReport.units_confirmed), 0),
