@@ -24,6 +24,7 @@ VULNERABLE = [
     ("authlib", "1.3.0"),  # CVE-2024-37568, fixed 1.3.1
     ("authlib", "1.6.10"),  # CVE-2026-41425, fixed 1.6.11
     ("gunicorn", "22.0.0"),  # CVE-2024-6827, fixed 23.0.0
+    ("gevent", "23.7.0"),  # CVE-2023-41419 (gevent.pywsgi, which gunicorn does not use), fixed 23.9.0
     ("jinja2", "3.1.5"),  # CVE-2025-27516, fixed 3.1.6
     ("flask", "3.1.0"),  # CVE-2025-47278, fixed 3.1.1
 ]
