@@ -1,14 +1,66 @@
 """gunicorn settings read from the working directory (gunicorn's default ``./gunicorn.conf.py``); the
-Procfile's command line sets the rest: gthread workers, 2 x 16 threads. Threads, not sync workers: GHL's
-message webhooks arriving together in one worker share one database commit (ghl.message_ingest), which a
-sync worker, serving one request at a time, cannot do; and a slow portal request then does not stop webhook
-intake. 16 rather than 4: a message webhook's thread mostly waits for its batch's WAL flush, so the more
-deliveries a worker holds at once, the more share each commit, and the less CPU each costs (worker and
-PostgreSQL, ~1.0-1.3 ms at 4 threads, ~0.7-0.8 ms at 16, bench/README.md). A request that needs the
-SQLAlchemy pool (5 + 10 overflow connections per worker) may wait for one when all 16 threads hold one.
+Procfile's command line sets the rest: 2 gevent workers, each serving up to 256 connections at once.
+
+Why gevent. A worker runs each request in a greenlet, and every wait (a socket read or write, a PostgreSQL
+round trip: psycopg 3 waits cooperatively once gevent has patched ``select``, see ``post_worker_init``)
+switches to another greenlet inside the one thread. GHL's message webhooks arriving together in one worker
+share one database commit (ghl.message_ingest, core.group_commit): a caller waiting for its batch's WAL
+flush is a greenlet switch there, not a futex wake-up and a GIL hand-off as with threads: measured with
+bench/webhook_bench.py, a worker's CPU per webhook fell from ~0.72 ms (gthread, 2 x 16 threads) to ~0.55 ms. A
+portal request waiting on Stripe or GHL yields instead of holding one of a few threads, and a slow client
+holds a greenlet, not a thread. Not sync workers: they serve one request at a time, so nothing would share
+a commit.
+
+Why 256 connections per worker (``--worker-connections``). A batch holds at most 64 deliveries and two
+batches are in flight per worker (ghl.message_ingest MAX_ROWS, MAX_WRITERS), so 256 lets both writers' batches
+run full while the next two gather; more would only lengthen the queue. Message webhooks use the ingest's
+own two connections per worker, not the SQLAlchemy pool; every other request that touches the database
+waits for one of the pool's 5 + 10 overflow connections per worker (up to SQLAlchemy's 30 s pool timeout,
+then answers 503), and more greenlets than connections just queue there. Memory: a greenlet costs KiBs, a
+request holds its body (at most 8 MiB, MAX_CONTENT_LENGTH), so the body cap times 256 bounds a worker's
+request buffers; real webhooks are a few KiB.
+
+The one real risk: a greenlet is never preempted. Python CPU between two waits runs alone, and a long
+CPU-bound request stalls every other request of its worker, webhooks included (GHL redelivers only after a
+429; a webhook whose answer never comes in time is lost). What bounds the heavy requests (README.md,
+Deploying):
+- ``POST /api/v1/usage``: a valid key first, then at most 4 MiB and 1000 events; a normal 1000-event batch
+  parses and checks in a few ms, the worst 4 MiB body (millions of tiny JSON values) ~0.25-0.3 s of parsing
+  in one slice.
+- the CSV export (``/api/portal/clients/<id>/export.csv``): at most 366 days, streamed 1000 rows per fetch
+  from a server-side cursor on PostgreSQL, so it yields at every fetch and whenever the client reads slower
+  than it writes; on SQLite (one process, development) nothing in it yields.
+- the money view, statements, client lists and unmapped usage: sums in SQL, then Python work per client (per
+  unmapped channel) of the agency, with a database round trip (a yield) per query; bounded by the agency's
+  size, not by the request.
+- ``POST /webhooks/ghl``: the signature is checked over the raw body (at most 8 MiB, ~10 ms) before anything
+  is parsed.
 
 The access log names the path without its query string and drops the Referer: ``GET /oauth/callback?code=``
 carries GHL's single-use authorization code, and query strings elsewhere may hold search terms.
 """
 
+import sys
+
 access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s" %(M)sms'
+
+
+def post_worker_init(worker):
+    """Refuse to serve from a gevent worker whose PostgreSQL waits would block the whole worker.
+
+    psycopg picks its wait function once, when ``psycopg.waiting`` is first imported: a cooperative one if
+    gevent has patched ``select`` by then, else its C wait, which blocks the worker's one thread (and every
+    greenlet in it) for each round trip. gunicorn patches in the worker before it loads the app, so this holds
+    unless psycopg was imported earlier (``--preload``, or an import added to this file); then the worker
+    fails to boot (gunicorn stops) rather than serve one query at a time.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("select"):
+        return  # not a gevent worker
+    import psycopg.waiting
+
+    if psycopg.waiting.wait is getattr(psycopg.waiting, "wait_c", None):
+        raise RuntimeError(
+            "psycopg was imported before gevent patched the worker (--preload, or an import in gunicorn.conf.py?): "
+            "its waits would block every request of the worker"
+        )

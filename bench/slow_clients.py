@@ -2,11 +2,16 @@
 
     .venv/bin/python bench/slow_clients.py [--slow 64] [--port 18580]
 
-Starts gunicorn with the Procfile's web options (today 2 gthread workers x 16 threads) on a throwaway SQLite
-database and nginx from deploy/nginx.conf.template in front of it. For each of "gunicorn directly" and
-"through nginx": opens --slow connections that send the start of a request's headers and then nothing,
+Starts gunicorn with the Procfile's web options (today 2 gevent workers x 256 connections) on a throwaway
+SQLite database and nginx from deploy/nginx.conf.template in front of it. For each of "gunicorn directly"
+and "through nginx": opens --slow connections that send the start of a request's headers and then nothing,
 then asks /healthz five times (3 s timeout each) and prints what came back and how long it took. The
 suite's test (tests/deploy/test_nginx.py) checks the nginx half; this shows the other half too.
+
+With gevent workers, gunicorn drops a connection whose headers take longer than its keep-alive (2 s), so
+these headers-only clients hold its 512 connections for 2 s at most, and the default 64 no longer stop
+/healthz on gunicorn alone; a client that sends its headers and never finishes its body holds one for good
+(more than 512 of those did stop it, measured once by hand).
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """deploy/'s nginx in front of gunicorn: clients that never finish their request do not stop /healthz.
 
-gunicorn (gthread, the Procfile's 2 workers x 16 threads) alone gives 48 such connections every request slot
-(bench/slow_clients.py shows /healthz timing out then); nginx reads each request whole first, so gunicorn
-never sees them. Runs Debian's nginx as a plain process; skipped when nginx is not installed.
+gunicorn with the Procfile's gevent workers serves at most workers x worker-connections (2 x 256) connections
+at once. It drops a connection whose headers take longer than its keep-alive (2 s), but one that sent its
+headers and never finishes its body holds its place for good: more such clients than places and /healthz
+times out. nginx reads each request whole first, so gunicorn never sees them. The test opens more slow
+clients than gunicorn has places (read from the Procfile), from several loopback addresses as real clients
+would come (nginx lets one address hold at most 512 connections). Runs Debian's nginx as a plain process;
+skipped when nginx is not installed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,19 @@ REPO = Path(__file__).parents[2]
 sys.path.insert(0, str(REPO / "deploy"))
 from local_topology import nginx_binary, procfile_gunicorn_options, render_nginx_conf, wait_for  # noqa: E402
 
-SLOW_CLIENTS = 48
+
+def gunicorn_places(options: list[str]) -> int:
+    """Connections the Procfile's gunicorn serves at once: workers x (gevent) worker-connections or threads."""
+    value = {name: options[i + 1] for i, name in enumerate(options[:-1]) if name.startswith("--")}
+    if value.get("--worker-class") == "gevent":
+        per_worker = value.get("--worker-connections", "1000")  # gunicorn's default
+    else:
+        per_worker = value.get("--threads", "1")
+    return int(value.get("--workers", "1")) * int(per_worker)
+
+
+SLOW_CLIENTS = gunicorn_places(procfile_gunicorn_options()) + 64
+SLOW_CLIENT_ADDRESSES = [f"127.0.0.{n}" for n in range(2, 6)]  # each below nginx's 512 per address
 
 
 def free_port() -> int:
@@ -75,8 +91,9 @@ def proxied(tmp_path_factory, sqlite_template):
 def open_slow_clients(port: int, request_start: bytes) -> list[socket.socket]:
     """Connections that send the start of a request and then nothing."""
     clients = []
-    for _ in range(SLOW_CLIENTS):
-        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    for number in range(SLOW_CLIENTS):
+        source = (SLOW_CLIENT_ADDRESSES[number % len(SLOW_CLIENT_ADDRESSES)], 0)
+        client = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=source)
         client.sendall(request_start)
         clients.append(client)
     return clients
@@ -94,7 +111,7 @@ def test_slow_clients_do_not_stop_healthz_behind_the_proxy(proxied, request_star
     url, port, _ = proxied
     clients = open_slow_clients(port, request_start)
     try:
-        for _ in range(40):  # more requests than gunicorn has slots, each answered while the slow clients hang on
+        for _ in range(40):  # each answered while more slow clients than gunicorn has places hang on
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
                 assert answer.status == 200
     finally:
