@@ -11,10 +11,11 @@ portal request waiting on Stripe or GHL yields instead of holding one of a few t
 holds a greenlet, not a thread. Not sync workers: they serve one request at a time, so nothing would share
 a commit.
 
-Why 256 connections per worker (``--worker-connections``). A batch holds at most 64 deliveries and two
-batches are in flight per worker (ghl.message_ingest MAX_ROWS, MAX_WRITERS), so 256 lets both writers' batches
-run full while the next two gather; more would only lengthen the queue. Message webhooks use the ingest's
-own two connections per worker, not the SQLAlchemy pool; every other request that touches the database
+Why 256 connections per worker (``--worker-connections``). A batch holds at most 64 deliveries and one batch
+is in flight per worker (ghl.message_ingest MAX_ROWS, MAX_WRITERS), so 256 lets a full batch be written while
+three more gather behind it, a burst of GHL deliveries then costing a few statements; more would only
+lengthen the queue (each request waits for the batches ahead of its own). Message webhooks use the ingest's
+own connection per worker, not the SQLAlchemy pool; every other request that touches the database
 waits for one of the pool's 5 + 10 overflow connections per worker (up to SQLAlchemy's 30 s pool timeout,
 then answers 503), and more greenlets than connections just queue there. Memory: a greenlet costs KiBs, a
 request holds its body (at most 8 MiB, MAX_CONTENT_LENGTH), so the body cap times 256 bounds a worker's

@@ -6,15 +6,18 @@ return one result per item, in order — and hands every caller of the batch its
 exception. A caller therefore returns only after the write holding its item returned, i.e. after the
 commit: nothing is acknowledged that is not committed, and when the write fails every caller of that batch
 gets the error. Then, if items queued meanwhile, the lead passes to the oldest waiting caller (no extra
-thread: leaders are request threads, and each leader's own request waits only for its own batch).
+thread: leaders are requests (threads, or greenlets under gevent), and each leader's own request waits only
+for its own batch).
 
 Batches form naturally: while a batch's commit is in flight, the callers arriving meanwhile queue up, so
-batches grow with the load and a lone caller waits for nobody. Two writers let one batch collect and
-execute while the other waits for its WAL flush (PostgreSQL then often flushes both at once); with one, the
-flush time alone bounds a worker's rate. Callers may also announce themselves
-before they are ready (``arrival()``: a request still verifying its signature); the leader then waits up
-to ``max_wait`` for the announced ones, so that a burst lands in one batch, and never waits when nobody
-announced (one caller at a time, as in a sync worker, costs no delay).
+batches grow with the load and a lone caller waits for nobody. With OS threads, two writers let one batch
+collect and execute while the other waits for its WAL flush (PostgreSQL then often flushes both at once);
+with one, the flush time alone bounds a worker's rate. Under gevent the locks below are gevent's (the worker
+monkey-patches threading), a wait is a greenlet switch, and one writer suffices: the worker keeps serving
+its other requests while the batch's statement runs (ghl.message_ingest.MAX_WRITERS). Callers may also
+announce themselves before they are ready (``arrival()``: a request still verifying its signature); the
+leader then waits up to ``max_wait`` for the announced ones, so that a burst lands in one batch, and never
+waits when nobody announced (one caller at a time, as in a sync worker, costs no delay).
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""core.group_commit under gevent, as the Procfile's gunicorn worker runs it (monkey-patched threading).
+
+The message webhook tests (tests/ghl/test_message_group_commit.py) drive the group commit with OS threads
+in this process; production runs it in gevent workers, where its locks are gevent's and a wait is a greenlet
+switch. gevent cannot be undone in a process, so each case runs in a fresh interpreter that patches first,
+then imports the module. The write function blocks its first batch on a gevent Event until every other
+caller has queued: batches are then deterministic without sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, sys
+    import gevent
+    from gevent.event import Event
+    from core.group_commit import GroupCommit
+
+    CALLERS, FAIL_SECOND = int(sys.argv[1]), sys.argv[2] == "fail"
+    released, batches = Event(), []
+
+    def write(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            released.wait()  # the first batch's "commit" waits until every other caller queued
+        if FAIL_SECOND and len(batches) == 2:
+            raise RuntimeError("the batch failed")
+        return [f"stored {item}" for item in items]
+
+    group = GroupCommit(write, max_rows=64, max_wait=0.002, max_writers=1)
+    outcomes = {}
+
+    def caller(number):
+        try:
+            outcomes[number] = group.submit(number)
+        except RuntimeError as error:
+            outcomes[number] = f"error: {error}"
+
+    first = gevent.spawn(caller, 0)
+    gevent.sleep(0)  # caller 0 leads and blocks inside its write
+    others = [gevent.spawn(caller, number) for number in range(1, CALLERS)]
+    while len(group._queue) < CALLERS - 1:  # every other caller waits in the queue (a greenlet switch each)
+        gevent.sleep(0)
+    queued_while_writing = len(group._queue)
+    released.set()
+    gevent.joinall([first, *others], raise_error=True)
+    print(json.dumps({"batches": batches, "outcomes": outcomes, "queued": queued_while_writing,
+                      "pending": group.pending}))
+    """
+)
+
+
+def run_under_gevent(callers: int, mode: str) -> dict:
+    finished = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(callers), mode], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+    return json.loads(finished.stdout)
+
+
+def test_one_writer_under_gevent_carries_every_caller_queued_during_its_write_in_the_next_batch():
+    result = run_under_gevent(20, "ok")
+
+    assert result["queued"] == 19
+    assert result["batches"] == [[0], list(range(1, 20))]
+    assert result["outcomes"] == {str(number): f"stored {number}" for number in range(20)}
+    assert result["pending"] == 0
+
+
+def test_a_failed_batch_under_gevent_answers_each_of_its_callers_with_the_error_and_no_one_else():
+    result = run_under_gevent(5, "fail")
+
+    assert result["batches"] == [[0], [1, 2, 3, 4]]
+    assert result["outcomes"]["0"] == "stored 0"
+    assert all(result["outcomes"][str(number)] == "error: the batch failed" for number in range(1, 5))
+    assert result["pending"] == 0
