@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "GHL_REDIRECT_URI": None,
     "GHL_WEBHOOK_ED25519_KEY": GHL_ED25519_PUBLIC_KEY,
     "GHL_WEBHOOK_RSA_KEY": GHL_RSA_PUBLIC_KEY,
+    # A message webhook's batch that cannot be stored within this many milliseconds (a lock held by a
+    # migration, a stalled database) is cancelled and answered 429, which GHL retries (ghl.message_ingest).
+    "GHL_WEBHOOK_STORE_TIMEOUT_MS": 5000,
     "STRIPE_API_BASE": "https://api.stripe.com",
     "STRIPE_TIMEOUT_SECONDS": 15,
     "STRIPE_NETWORK_ATTEMPTS": 3,
@@ -90,6 +93,7 @@ KNOWN_SECRET_KEYS = {DEVELOPMENT_SECRET_KEY, "test-secret-key", "changeme", "cha
 # Integer settings and their smallest allowed value.
 INTEGER_SETTINGS = {
     "REBILL_TICK_SECONDS": 1,
+    "GHL_WEBHOOK_STORE_TIMEOUT_MS": 100,
     "STRIPE_TIMEOUT_SECONDS": 1,
     "STRIPE_NETWORK_ATTEMPTS": 1,
     "STRIPE_CONCURRENCY": 1,

@@ -4,8 +4,9 @@ Concurrent message deliveries of one worker process are written together (core.g
 statement stores every delivery of the batch and records each message's usage, and since it runs in
 autocommit mode it is its own transaction: the server answers only after the commit is flushed to the
 WAL (synchronous_commit stays on), so every 200 follows a durable commit of its row. If the batch fails
-(the database is down, a lock timeout, a dropped connection retried once in vain) every delivery of the
-batch is answered 429 — GHL retries them — and none is acknowledged.
+(the database is down, a lock, a batch not stored within GHL_WEBHOOK_STORE_TIMEOUT_MS, a dropped connection
+retried once in vain) every delivery of the batch is answered 429 — GHL retries them — and none is
+acknowledged.
 
 The statement writes what ghl.deliveries' one-transaction path writes for the same delivery (the delivery
 row with its outcome, the usage row), with ghl.events' outcome texts, so a replay of the stored delivery
@@ -24,6 +25,7 @@ import re
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from sqlalchemy import Engine, Text, bindparam, case, cast, event, exists, func, literal, literal_column, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
@@ -240,11 +242,13 @@ class MessageIngest:
         self,
         engine: Engine,
         *,
+        store_timeout_ms: int = 5000,
         max_rows: int = MAX_ROWS,
         max_wait: float = MAX_WAIT,
         max_writers: int = MAX_WRITERS,
     ):
         self.engine = engine
+        self.store_timeout_ms = store_timeout_ms
         self._idle: list[psycopg.Connection] = []  # list.pop and append are atomic: writers share it unlocked
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
         self.batches: GroupCommit[dict[str, Any], Any] = GroupCommit(
@@ -375,6 +379,12 @@ class MessageIngest:
             # One statement whose plan does not depend on its parameter (a JSON array): plan it once, not
             # on each execution (PostgreSQL re-plans a prepared statement while custom plans look cheaper).
             connection.execute("SET plan_cache_mode = force_generic_plan")
+            # A batch normally takes milliseconds. One stuck behind a lock (a migration's) or a stalled server
+            # is cancelled, so its deliveries and those queued behind it are answered 429, which GHL retries,
+            # instead of no answer before GHL gives up, which GHL never retries (docs/ghl.md §2.1). A cancelled
+            # statement stored nothing (it is its own transaction), and a 429 for a delivery that did commit
+            # only brings a retry that is a duplicate.
+            connection.execute(sql.SQL("SET statement_timeout = {}").format(self.store_timeout_ms))
             return connection
 
     def close(self) -> None:

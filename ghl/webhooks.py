@@ -96,7 +96,9 @@ def _prepare(state) -> None:
     with state.app.app_context():
         engine = db.engine
     if engine.dialect.name == "postgresql":
-        state.app.extensions[INGEST] = MessageIngest(engine)
+        state.app.extensions[INGEST] = MessageIngest(
+            engine, store_timeout_ms=state.app.config["GHL_WEBHOOK_STORE_TIMEOUT_MS"]
+        )
 
 
 @dataclass(frozen=True, slots=True)

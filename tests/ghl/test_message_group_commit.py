@@ -150,6 +150,31 @@ def test_a_failed_batch_acknowledges_none_of_its_deliveries(make_app, ghl_config
         assert usage_ids() == sorted(f"msg-fail-{n}" for n in range(count))
 
 
+def test_a_batch_stuck_behind_a_lock_is_answered_429_within_the_store_timeout(
+    make_app, ghl_config, signer, admin_url
+):
+    # No lock_timeout here: only GHL_WEBHOOK_STORE_TIMEOUT_MS bounds the wait. Without it the deliveries would
+    # wait as long as the lock is held, and GHL, which never retries an answer that did not come, drops them.
+    app = make_app(GHL_WEBHOOK_STORE_TIMEOUT_MS=1000, **ghl_config)
+    with app.app_context():
+        install_locations()
+    bodies = {f"m{n}": message(f"wh-stuck-{n}", f"msg-stuck-{n}") for n in range(4)}
+    deliverer = Deliverer(app, signer)
+    with psycopg.connect(admin_url) as locker:
+        locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")  # held until the end
+        deliverer.start(bodies)
+        wait_until(lambda: len(deliverer.answers) == len(bodies), "every delivery answered while the lock is held")
+        locker.rollback()
+    deliverer.join()
+    assert {name: answer[0] for name, answer in deliverer.answers.items()} == {name: 429 for name in bodies}
+    with app.app_context():
+        assert deliveries() == [] and usage_ids() == []
+        client = app.test_client()  # GHL's retry, once the lock is gone: stored and counted once
+        for body in bodies.values():
+            assert client.post("/webhooks/ghl", data=body, headers=signer.headers(body)).json == {"status": "processed"}
+        assert usage_ids() == sorted(f"msg-stuck-{n}" for n in range(4))
+
+
 def test_copies_inside_one_batch_get_the_outcomes_of_the_general_path(app, app_context, signer, admin_url, runner):
     install_locations()
     ingest = app.extensions[INGEST]
