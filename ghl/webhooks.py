@@ -66,6 +66,10 @@ blueprint = Blueprint("ghl_webhooks", __name__)
 VERIFIER = "ghl.webhook_verifier"
 APP_ID = "ghl.app_id"
 INGEST = "ghl.message_ingest"
+# What MessageWebhookDispatch found for a delivery it hands on to the route (the body and its verdict), so
+# that the route does not check the signature a second time: a flood of forged deliveries would otherwise
+# cost two verifications each. A WSGI environ key without the HTTP_ prefix cannot come from the client.
+CHECKED = "rebill.ghl_webhook.checked"
 # Processing that may call GHL or wait on other rows' locks: stored and committed first (see above).
 TWO_PHASE_TYPES = frozenset({"INSTALL", "UNINSTALL"})
 # Types whose documented payloads always name the app (AppInstall.md, AppUninstall.md, PlanChange.md in
@@ -159,7 +163,11 @@ def receive_webhook():
     """Verify, store, commit, process; answer 200 stored/duplicate, 401, 400 or 429."""
     body = request.get_data(cache=False)
     extensions = current_app.extensions
-    verdict = check_delivery(body, request.headers, extensions[VERIFIER], extensions[APP_ID])
+    checked = request.environ.pop(CHECKED, None)
+    if checked is not None and checked[0] == body:
+        verdict = checked[1]
+    else:
+        verdict = check_delivery(body, request.headers, extensions[VERIFIER], extensions[APP_ID])
     if isinstance(verdict, Refused):
         if verdict.warning is not None:
             log.warning(verdict.warning, extra={"fields": verdict.fields})
@@ -181,7 +189,8 @@ class MessageWebhookDispatch:
     check_delivery; a message (In/OutboundMessage) that passes is stored through the worker's group commit
     (ghl.message_ingest) and answered here — no Flask request, app context, session cookie or response
     object per message. Everything else (refusals, other event types, SQLite, other routes) goes to
-    Flask unchanged, the body handed on as read, so it is answered, counted and logged by the route above.
+    Flask unchanged, the body handed on as read with the verdict reached for it (CHECKED), so it is answered,
+    counted and logged by the route above without being verified again.
     """
 
     def __init__(self, app, wsgi_app):
@@ -223,6 +232,7 @@ class MessageWebhookDispatch:
                         _RECEIVED[status].inc()
                         code, answer = "200", _STORED_ANSWERS_BYTES[status]
                 else:
+                    environ[CHECKED] = (body, verdict)
                     verdict = None
             if verdict is None:
                 code = None  # Flask answers and times it

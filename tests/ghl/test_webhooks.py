@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+from unittest import mock
 
 import pytest
 from sqlalchemy import select, update
@@ -18,6 +19,7 @@ from ghl.deliveries import DELIVERY_MAX_AGE, DELIVERY_MAX_AHEAD, DELIVERY_RETENT
 from ghl.installs import is_agency_installed
 from ghl.locations import upsert_location
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlWebhookDelivery
+from ghl.signatures import WebhookVerifier
 from tests.conftest import drop_connections
 from tests.ghl.fake_ghl import (
     APP_ID,
@@ -91,6 +93,23 @@ def test_missing_or_garbled_signatures_are_refused_and_nothing_is_stored(app_con
     assert response.status_code == 401
     assert "signature" in response.json["error"]
     assert delivery_count() == 0 and usage_events() == []
+
+
+@pytest.mark.parametrize("case", ["forged", "plan change", "unknown type", "message"])
+def test_each_delivery_has_its_signature_checked_once(app_context, webhooks, case):
+    # On PostgreSQL the hot-path dispatch in front of Flask checks every delivery and hands what is not a
+    # stored message (a refusal, another type) to the route with its verdict; a second check would double
+    # the cost of a flood of forged deliveries. A spy that calls the real verifier counts the checks.
+    install_location()
+    payload = {"plan change": load_payload("plan_change"), "unknown type": {"type": "ContactCreate", "id": "c1"}}.get(
+        case, load_payload("outbound_message")
+    )
+    body = encode(payload)
+    headers = (Signer() if case == "forged" else webhooks.signer).headers(body)
+    with mock.patch.object(WebhookVerifier, "verify", autospec=True, side_effect=WebhookVerifier.verify) as verify:
+        response = webhooks.post(body, headers)
+    assert response.status_code == (401 if case == "forged" else 200)
+    assert verify.call_count == 1
 
 
 @pytest.mark.parametrize("scheme", ["ed25519", "rsa"])
