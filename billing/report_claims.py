@@ -477,8 +477,8 @@ def _prepare(row, now: dt.datetime, result: ReportingResult, writes: list[dict])
             result.reports_deferred += 1
             return None
         # The timestamp offered: the >24 h check reads Stripe's window around it. A doubtful row is resent as
-        # offered or settled by the check, never re-stamped; one not in doubt is kept only for its confirmed
-        # count events.
+        # offered (while that time bills on an open invoice: report_sending._decide) or settled by the check,
+        # never re-stamped; one not in doubt is kept only for its confirmed count events.
         target, timestamp, shift, doubt = recorded, row.stripe_timestamp, row.timestamp_shift, row.in_doubt_since
         needs_stamp, rest_unsent, target_changed = False, row.in_doubt_since is None, _target_changed(recorded, current)
     else:

@@ -64,7 +64,8 @@ class Outcome:
 
     kind: delivered | progress (count-meter slice confirmed, more to send) | unavailable | rejected |
     stale_timestamp | key_rejected | skipped (not offered) | quarantined | unsent (the rest, provably not in
-    Stripe, moves to a fresh row: billing.unsent_remainder).
+    Stripe, moves to a fresh row: billing.unsent_remainder) | awaits_check (in doubt, not resent: its recorded
+    time no longer bills on an open invoice; the >24 h check settles it).
     ``confirmed`` counts units Stripe confirmed during this attempt; ``answered`` is False when this attempt
     may have reached Stripe without an answer (the row is then in doubt).
     """
@@ -282,6 +283,12 @@ def _decide(gateway: StripeGateway, claim: Claim, now: dt.datetime, reads: TickR
         # its identifiers: it moves to a fresh row, or the row is re-opened under a fresh identifier
         # (billing.unsent_remainder; docs/billing-rules.md#fresh-identifiers).
         return Outcome(replace(checked, previous_in_doubt_since=None), OutcomeKind.UNSENT)
+    if claim.previous_in_doubt_since is not None and not _bills_on_an_open_invoice(gateway, claim, now, reads):
+        # A resend carries the recorded time (the identifier's dedupe needs it), which now lies in a period whose
+        # invoice may be final: if the first offer did not land, the resend would land there, billed nowhere.
+        # Only the >24 h check can tell, from Stripe's totals, and then offers what is missing afresh
+        # (docs/billing-rules.md#in-doubt-across-a-period-rollover).
+        return Outcome(claim, OutcomeKind.AWAITS_CHECK)
     if claim.rest_unsent and not _rest_goes_as_recorded(gateway, claim, now, reads):
         return Outcome(claim, OutcomeKind.UNSENT)  # to a fresh row: billing.unsent_remainder
     if claim.needs_stamp:
@@ -336,6 +343,17 @@ def _rest_goes_as_recorded(
         return False
     if claim.timestamp is None or claim.timestamp < now - MAX_EVENT_AGE:
         return False
+    return _bills_on_an_open_invoice(gateway, claim, now, reads)
+
+
+def _bills_on_an_open_invoice(gateway: StripeGateway, claim: Claim, now: dt.datetime, reads: TickReads) -> bool:
+    """Tell whether the claim's recorded timestamp still bills on an open invoice (rule 10).
+
+    Yes while it is younger than PERIOD_CHECK_AGE (in the current period, or in the previous one's finalization
+    grace, an hour by default) or lies in the customer's current period. The period is the one the stamp reads
+    (once per customer and price in a tick: billing.tick_reads), never one read per report. Without a live
+    subscription no invoice bills the units whatever their time, so the recorded one stands.
+    """
     if claim.timestamp >= now - PERIOD_CHECK_AGE:
         return True
     period = _period(gateway, claim, reads)

@@ -46,7 +46,10 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   unexpected error on one row quarantines that row (visible reason, retried with backoff); the tick goes on.
 - Record: a row is ``sent`` only after Stripe answered, or answered "an event already exists with
   identifier" (delivered before). A crash before this commit leaves the row leased and in doubt; after the
-  lease the same identifiers go again and Stripe deduplicates them (~24 h).
+  lease the same identifiers go again and Stripe deduplicates them (~24 h). A row in doubt is resent with
+  its recorded timestamp only while that still bills on an open invoice (the test the rest of a count row
+  passes); once a period rollover left it behind, it waits for the >24 h check instead
+  (docs/billing-rules.md#in-doubt-across-a-period-rollover).
 - Errors: StripeUnavailable (429/5xx/connection/timeout) → retried with exponential backoff and jitter;
   StripeKeyRejected (401/403) → the agency is flagged ``needs_attention`` and its rows wait for the key;
   StripeRequestRejected (unknown customer, no subscription item, no active meter…) → ``failed`` with
@@ -269,6 +272,10 @@ def _record_outcomes(outcomes: list[Outcome], clock: TickClock, result: Reportin
                 retry_at = max(retry_at, claim.previous_in_doubt_since + DEDUPE_SAFE_AGE)
             values.update(next_attempt_at=retry_at, last_error=outcome.reason)
             result.reports_retrying += 1
+        elif outcome.kind == OutcomeKind.AWAITS_CHECK:
+            # Not offered: the >24 h check settles it, as a row in doubt too old to resend (report_claims._prepare).
+            values.update(next_attempt_at=claim.previous_in_doubt_since + DEDUPE_SAFE_AGE)
+            result.reports_deferred += 1
         elif outcome.kind == OutcomeKind.QUARANTINED:
             values.update(quarantine_values(claim.report_id, claim.attempt, now, outcome.reason))
             result.reports_quarantined += 1

@@ -86,6 +86,7 @@ class OutcomeKind(enum.StrEnum):
     KEY_REJECTED = "key_rejected"  # the agency's key was refused: its other claims are skipped
     SKIPPED = "skipped"  # not offered this tick
     UNSENT = "unsent"  # the rest provably not in Stripe cannot go as recorded: moved (billing.unsent_remainder)
+    AWAITS_CHECK = "awaits_check"  # in doubt, its recorded time no longer bills on an open invoice: not resent
     QUARANTINED = "quarantined"
 
 

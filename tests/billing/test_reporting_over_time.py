@@ -367,3 +367,132 @@ def test_a_report_in_doubt_is_not_resent_in_the_hour_before_its_24h_check(world)
     tick(world, hours=1)  # the check: nothing landed, so it goes now, once
 
     assert world.stripe_total(setup, client) == 5
+
+
+# ---- a report in doubt across a period rollover (docs/billing-rules.md#in-doubt-across-a-period-rollover) --------
+
+
+def _period_ending_in(world, setup, minutes: int):
+    """A client whose customer's billing period ends ``minutes`` from the clock's now (moved there); its end."""
+    start = at(world, days=20)
+    client = world.client(setup, customer_id=world.customer(setup, start=start))
+    period_end = dt.datetime.fromtimestamp(_add_month(int(start.timestamp())), dt.UTC)
+    world.clock.advance(seconds=(period_end - world.clock.now()).total_seconds() - minutes * 60)
+    return client, period_end
+
+
+def _stamps(world, setup) -> list[dt.datetime]:
+    """The timestamps of the meter events Stripe holds, oldest first."""
+    return [dt.datetime.fromtimestamp(event["timestamp"], dt.UTC) for event in world.state.meter_events(setup.key)]
+
+
+def test_a_report_in_doubt_is_not_resent_into_a_period_whose_invoice_may_be_final(world):
+    """Offered in the last minutes of a period, the answer lost (nothing landed); the retry comes after the
+    previous period's grace. Resent with its recorded time, it would land in that period: billed nowhere. It
+    waits for the >24 h check instead, which finds it missing and offers it afresh in the current period."""
+    setup = world.agency()
+    client, period_end = _period_ending_in(world, setup, minutes=5)
+    identifier = world.report(client, 6).identifier
+    world.state.inject("/v1/billing/meter_events", "timeout", seconds=0.1)  # not applied, answer lost
+    tick(world)
+    (row,) = world.reports()
+    assert row.in_doubt_since is not None and row.stripe_timestamp < period_end
+
+    tick(world, minutes=80)  # the period rolled over 75 minutes ago: past its invoice's grace
+
+    (row,) = world.reports()
+    assert _stamps(world, setup) == [] and len(world.calls()) == 1  # not resent
+    assert row.status == "pending" and row.next_attempt_at == row.in_doubt_since + dt.timedelta(hours=23)
+
+    tick(world, hours=23)  # the >24 h check: nothing landed, so it goes afresh, stamped in the current period
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.identifier == f"{identifier}_r1"
+    assert row.stripe_timestamp == period_end and "before the customer's current billing period" in row.timestamp_shift
+    assert all(stamp >= period_end for stamp in _stamps(world, setup))  # nothing in the closed period
+    assert world.stripe_total(setup, client) == 6
+    assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 6
+
+
+def test_a_report_in_doubt_that_landed_before_the_rollover_is_confirmed_by_the_check_not_resent(world):
+    """The mirror case: the first offer landed (the answer was lost) before the period ended. No resend after
+    the grace; the >24 h check finds its units in Stripe and marks it sent: nothing doubled."""
+    setup = world.agency()
+    client, period_end = _period_ending_in(world, setup, minutes=5)
+    report = world.report(client, 6)
+    world.state.inject("/v1/billing/meter_events", "accept_then_drop")  # applied, answer lost
+    tick(world)
+    (row,) = world.reports()
+    assert row.in_doubt_since is not None
+
+    tick(world, minutes=80)
+    assert len(world.calls()) == 1  # not resent
+    tick(world, hours=23)
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.identifier == report.identifier and row.units_confirmed == 6
+    assert "confirmed from Stripe's totals" in row.last_error
+    (stamp,) = _stamps(world, setup)  # the first offer, billed on the previous period's invoice
+    assert len(world.calls()) == 1 and stamp == report.usage_timestamp.replace(microsecond=0) < period_end
+    assert world.stripe_total(setup, client) == 6
+    assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 6
+
+
+def test_a_report_in_doubt_is_resent_as_recorded_within_the_previous_period_s_grace(world):
+    """Before the grace ends the recorded time still bills on the previous period's invoice: resent as today."""
+    setup = world.agency()
+    client, period_end = _period_ending_in(world, setup, minutes=5)
+    report = world.report(client, 6)
+    world.state.inject("/v1/billing/meter_events", "timeout", seconds=0.1)
+    tick(world)
+
+    tick(world, minutes=20)  # 15 minutes into the new period; the time offered is 20 minutes old
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.identifier == report.identifier
+    assert row.stripe_timestamp == report.usage_timestamp < period_end
+    assert world.stripe_total(setup, client) == 6
+    assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 6
+
+
+def test_a_report_in_doubt_is_resent_as_recorded_while_its_period_is_current(world):
+    """No rollover: a resend hours later still carries the recorded time and identifier (Stripe deduplicates)."""
+    setup = world.agency()
+    client = world.client(setup)
+    report = world.report(client, 6)
+    world.state.inject("/v1/billing/meter_events", "timeout", seconds=0.1)
+    tick(world)
+
+    tick(world, hours=2)
+
+    (row,) = world.reports()
+    assert row.status == "sent" and row.identifier == report.identifier
+    assert row.stripe_timestamp == report.usage_timestamp and row.timestamp_shift is None
+    assert world.stripe_total(setup, client) == 6
+
+
+def test_a_count_report_in_doubt_past_a_rollover_keeps_its_confirmed_events_and_bills_the_rest_in_the_new_period(
+    world,
+):
+    """A count report's first event confirmed, the second's answer lost (not applied), then the period rolls
+    over: the rest is not resent with the recorded time after the grace; the >24 h check moves it to a fresh
+    report stamped in the current period (billing.unsent_remainder)."""
+    setup = world.agency(formula="count")
+    client, period_end = _period_ending_in(world, setup, minutes=5)
+    report = world.report(client, 4)
+    world.state.inject("/v1/billing/meter_events", "timeout", seconds=0.1, after=1)
+    tick(world)
+    (row,) = world.reports()
+    assert (row.units_confirmed, row.in_doubt_since is not None) == (1, True)
+
+    tick(world, minutes=80)
+    assert len(world.calls()) == 2  # event 1, and event 2 whose answer was lost: nothing resent
+    tick(world, hours=23)
+
+    closed, rest = world.reports()
+    assert (closed.status, closed.units, closed.units_confirmed) == ("sent", 1, 1)
+    assert (rest.status, rest.units, rest.identifier) == ("sent", 3, f"{report.identifier}.1")
+    assert rest.stripe_timestamp == period_end
+    assert _stamps(world, setup)[1:] == [period_end] * 3  # only event 1 in the previous period (before its end)
+    assert world.stripe_total(setup, client) == 4
+    assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 4
