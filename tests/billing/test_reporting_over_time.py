@@ -496,3 +496,45 @@ def test_a_count_report_in_doubt_past_a_rollover_keeps_its_confirmed_events_and_
     assert _stamps(world, setup)[1:] == [period_end] * 3  # only event 1 in the previous period (before its end)
     assert world.stripe_total(setup, client) == 4
     assert world.state.billed_units(setup.key, client.stripe_customer_id, "ai_units") == 4
+
+
+
+def _count_report_cut_before_the_period_end(world):
+    """A count report of 3 whose first event Stripe confirmed 5 minutes before the period end, then the key was
+    rolled (every offer answered: the rest is provably not in Stripe). Returns the new key's setup, the client,
+    the period end and the report's identifier."""
+    setup = world.agency(formula="count")
+    client, period_end = _period_ending_in(world, setup, minutes=5)
+    identifier = world.report(client, 3).identifier
+    world.state.inject("/v1/billing/meter_events", "revoke_key", after=1)
+    tick(world)
+    (row,) = world.reports()
+    assert (row.units_confirmed, row.in_doubt_since) == (1, None)
+    return roll_key(world, setup), client, period_end, identifier
+
+
+def test_a_count_report_s_rest_goes_on_with_its_recorded_time_within_the_previous_period_s_grace(world):
+    new, client, period_end, identifier = _count_report_cut_before_the_period_end(world)
+
+    world.clock.advance(minutes=20)  # 15 minutes into the new period; the recorded time is 20 minutes old
+    reconnect(world, new)
+    tick(world)
+
+    (row,) = world.reports()
+    assert (row.status, row.units_confirmed, row.identifier) == ("sent", 3, identifier)
+    assert row.stripe_timestamp < period_end
+    assert world.state.billed_units(new.key, client.stripe_customer_id, "ai_units") == 3
+
+
+def test_a_count_report_s_rest_moves_to_the_current_period_after_the_previous_period_s_grace(world):
+    new, client, period_end, identifier = _count_report_cut_before_the_period_end(world)
+
+    world.clock.advance(minutes=80)  # 75 minutes into the new period: past the grace
+    reconnect(world, new)
+    tick(world)
+
+    closed, rest = world.reports()
+    assert (closed.status, closed.units, closed.units_confirmed) == ("sent", 1, 1)
+    assert (rest.status, rest.units, rest.identifier) == ("sent", 2, f"{identifier}.1")
+    assert rest.stripe_timestamp == period_end
+    assert world.state.billed_units(new.key, client.stripe_customer_id, "ai_units") == 3
