@@ -1,0 +1,76 @@
+"""Adversarial cases for the message ingest on PostgreSQL (ghl.message_ingest): faults a batch can meet.
+
+The promise under test: a delivery whose batch cannot be stored is answered 429 within
+GHL_WEBHOOK_STORE_TIMEOUT_MS (GHL retries a 429, and drops a delivery never answered), and every 200 has
+its row, counted once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from ghl.webhooks import INGEST
+from tests.ghl.test_message_group_commit import (
+    Deliverer,
+    install_locations,
+    message,
+    usage_ids,
+    wait_until,
+)
+
+STORE_TIMEOUT_MS = 1000
+# A stuck batch is answered within about the store timeout: not once per item of the batch (a batch of 64
+# deliveries, written alone one after another, would wait 64 timeouts while GHL gives up on every one).
+ANSWERED_WITHIN = 3 * STORE_TIMEOUT_MS / 1000
+
+
+@pytest.fixture
+def admin_url(database_url, postgres_only) -> str:
+    return database_url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def warm(app, signer, count: int = 6) -> None:
+    """A worker that has been serving: its connection has sent the batch statement often enough for psycopg
+    to prepare it (prepare_threshold 5), as every production worker's has after its first few batches."""
+    client = app.test_client()
+    for n in range(count):
+        body = message(f"wh-warm-{n}", f"msg-warm-{n}")
+        assert client.post("/webhooks/ghl", data=body, headers=signer.headers(body)).status_code == 200
+
+
+def test_a_refused_value_in_a_batch_stuck_behind_a_lock_is_still_answered_within_the_store_timeout(
+    make_app, ghl_config, signer, admin_url
+):
+    # A message whose messageId holds a NUL: PostgreSQL refuses it (DataError) while binding the batch's JSON
+    # parameter, before the prepared statement takes its table locks, so the batch fails at once even while a
+    # migration holds the table. Every item is then written alone (ghl.message_ingest._write_alone): if those
+    # statements run without the store timeout, they wait as long as the lock is held, and with them every
+    # delivery of the worker queued behind the one writer.
+    app = make_app(GHL_WEBHOOK_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS, **ghl_config)
+    with app.app_context():
+        install_locations()
+    warm(app, signer)
+    ingest = app.extensions[INGEST]
+    ingest.batches.max_wait = 0.05  # the burst in one batch (the deliverers announce themselves)
+    bodies = {"nul": message("wh-nul", "bad\u0000id")}
+    bodies |= {f"m{n}": message(f"wh-lock-{n}", f"msg-lock-{n}") for n in range(3)}
+    deliverer = Deliverer(app, signer)
+    with psycopg.connect(admin_url) as locker:
+        locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")  # a migration's lock
+        started = time.monotonic()
+        deliverer.start(bodies)
+        try:
+            wait_until(lambda: len(deliverer.answers) == len(bodies), "every delivery answered while the lock is held",
+                       seconds=ANSWERED_WITHIN)  # fmt: skip
+        finally:
+            answered_after = time.monotonic() - started
+            locker.rollback()
+            deliverer.join()
+    codes = {name: answer[0] for name, answer in deliverer.answers.items()}
+    assert all(code == 429 for code in codes.values()), codes
+    assert answered_after < ANSWERED_WITHIN
+    with app.app_context():
+        assert usage_ids() == sorted(f"msg-warm-{n}" for n in range(6))  # nothing of the failed batch counted
