@@ -12,7 +12,9 @@ import time
 import psycopg
 import pytest
 
+from ghl.message_ingest import _BATCH_CONSTANTS, _BATCH_SQL, _rows_json
 from ghl.webhooks import INGEST
+from tests.ghl.fake_ghl import deliveries
 from tests.ghl.test_message_group_commit import (
     Deliverer,
     install_locations,
@@ -74,3 +76,50 @@ def test_a_refused_value_in_a_batch_stuck_behind_a_lock_is_still_answered_within
     assert answered_after < ANSWERED_WITHIN
     with app.app_context():
         assert usage_ids() == sorted(f"msg-warm-{n}" for n in range(6))  # nothing of the failed batch counted
+
+
+@pytest.mark.parametrize("other_batch", ["commits", "rolls back"])
+@pytest.mark.parametrize("copy", ["same webhook", "another webhook of the message"])
+def test_a_copy_waiting_on_another_workers_batch_past_the_store_timeout_is_429_and_counted_once(
+    make_app, ghl_config, signer, admin_url, other_batch, copy
+):
+    # Worker A's batch holds the message's usage (and delivery) index entries, uncommitted, longer than the
+    # store timeout; worker B gets a copy. B's statement waits on A's entries: it must be cancelled and
+    # answered 429 (never 200 without its row), and after A's end and GHL's retry of B's copy the message
+    # is counted exactly once.
+    app = make_app(GHL_WEBHOOK_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS, **ghl_config)
+    with app.app_context():
+        install_locations()
+    other_worker = make_app(**ghl_config)
+    original = message("wh-race-1", "msg-race")
+    duplicate = original if copy == "same webhook" else message("wh-race-2", "msg-race")
+    with psycopg.connect(admin_url) as worker_a:
+        # Worker A's batch statement runs in a transaction that stays open: its commit is late.
+        other_worker.extensions[INGEST]._execute = lambda items: worker_a.execute(
+            _BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json(items)}
+        ).fetchall()
+        a = other_worker.test_client().post("/webhooks/ghl", data=original, headers=signer.headers(original))
+        assert a.json == {"status": "processed"}  # A's rows, not committed yet (the stand-in answers early)
+        b = Deliverer(app, signer)
+        started = time.monotonic()
+        b.start({"copy": duplicate})
+        try:
+            wait_until(lambda: "copy" in b.answers, "worker B's copy answered while A's batch is open",
+                       seconds=ANSWERED_WITHIN)  # fmt: skip
+        finally:
+            waited = time.monotonic() - started
+            if other_batch == "commits":
+                worker_a.commit()
+            else:
+                worker_a.rollback()
+            b.join()
+    assert b.answers["copy"][0] == 429, (b.answers, waited)
+    assert waited >= 0.9 * STORE_TIMEOUT_MS / 1000  # it waited on A's entries until its statement was cancelled
+    with app.app_context():
+        retried = app.test_client().post("/webhooks/ghl", data=duplicate, headers=signer.headers(duplicate))
+        assert retried.status_code == 200
+        assert usage_ids() == ["msg-race"]  # once: by A when it committed, else by the retried copy
+        stored = sorted(d.webhook_id for d in deliveries())
+    expected = {"wh-race-1"} if other_batch == "commits" else set()
+    expected.add("wh-race-1" if copy == "same webhook" else "wh-race-2")
+    assert stored == sorted(expected)
