@@ -7,7 +7,10 @@ its row, counted once.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -123,3 +126,74 @@ def test_a_copy_waiting_on_another_workers_batch_past_the_store_timeout_is_429_a
     expected = {"wh-race-1"} if other_batch == "commits" else set()
     expected.add("wh-race-1" if copy == "same webhook" else "wh-race-2")
     assert stored == sorted(expected)
+
+
+class StallingProxy:
+    """A TCP relay to PostgreSQL that can stop relaying while keeping every connection open: a database that
+    stalls (a frozen server, a failover whose old address stops answering) as seen from the worker."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.flowing.wait()  # stalled: the bytes are taken and held, nothing answers
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def close(self) -> None:
+        self.flowing.set()
+        self.listener.close()
+        for end in self.sockets:
+            end.close()
+
+
+def test_a_batch_sent_to_a_stalled_database_is_answered_429_within_the_store_timeout(
+    make_app, ghl_config, signer, database_url, postgres_only
+):
+    # statement_timeout is enforced by the server: a server that does not run (or a path to it that no
+    # longer carries packets) never cancels anything, and the worker's one writer waits on its socket with
+    # every other webhook queued behind it, none answered (GHL drops them all).
+    address = urlsplit(database_url.replace("postgresql+psycopg://", "postgresql://"))
+    proxy = StallingProxy(address.hostname, address.port or 5432)
+    proxied = database_url.replace(address.netloc.split("@")[-1], f"127.0.0.1:{proxy.port}")
+    try:
+        app = make_app(DATABASE_URL=proxied, GHL_WEBHOOK_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS, **ghl_config)
+        with app.app_context():
+            install_locations()
+        warm(app, signer, count=1)  # the worker's own connection is open
+        bodies = {f"m{n}": message(f"wh-stall-{n}", f"msg-stall-{n}") for n in range(3)}
+        deliverer = Deliverer(app, signer)
+        proxy.flowing.clear()
+        deliverer.start(bodies)
+        try:
+            wait_until(lambda: len(deliverer.answers) == len(bodies), "every delivery answered while stalled",
+                       seconds=ANSWERED_WITHIN)  # fmt: skip
+        finally:
+            proxy.flowing.set()
+            deliverer.join()
+        assert {name: answer[0] for name, answer in deliverer.answers.items()} == {name: 429 for name in bodies}
+    finally:
+        proxy.close()
