@@ -197,3 +197,33 @@ def test_a_batch_sent_to_a_stalled_database_is_answered_429_within_the_store_tim
         assert {name: answer[0] for name, answer in deliverer.answers.items()} == {name: 429 for name in bodies}
     finally:
         proxy.close()
+
+
+def test_a_dropped_ingest_connection_is_replaced_without_waiting_for_the_busy_pool(
+    make_app, ghl_config, signer, admin_url
+):
+    # The worker's own connection was dropped (a restart, a failover, an idle-connection reaper) while the
+    # worker's other requests hold every pooled connection (5 + 10 overflow; a gevent worker serves 256
+    # requests). The retry must not wait for a pooled connection (SQLAlchemy's pool timeout, 30 s) while
+    # holding the one writer's lead: every webhook of the worker would wait with it.
+    app = make_app(GHL_WEBHOOK_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS, **ghl_config)
+    with app.app_context():
+        install_locations()
+        warm(app, signer, count=1)
+        ingest = app.extensions[INGEST]
+        [own] = ingest._idle
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (own.info.backend_pid,))
+        engine = ingest.engine
+        held = [engine.connect() for _ in range(engine.pool.size() + engine.pool._max_overflow)]  # the busy pool
+        bodies = {"m": message("wh-busy-pool", "msg-busy-pool")}
+        deliverer = Deliverer(app, signer)
+        deliverer.start(bodies)
+        try:
+            wait_until(lambda: len(deliverer.answers) == len(bodies), "the delivery answered while the pool is busy",
+                       seconds=ANSWERED_WITHIN)  # fmt: skip
+        finally:
+            for connection in held:
+                connection.close()
+            deliverer.join()
+        assert deliverer.answers["m"] == (200, {"status": "processed"})
