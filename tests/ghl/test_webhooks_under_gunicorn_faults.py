@@ -113,9 +113,13 @@ def test_every_200_is_stored_and_every_other_answer_is_a_429_while_connections_d
             after(50, "dropping the connections again")
             faults.append(("terminate", terminate_backends(admin_url)))
             after(50, "SIGTERM to a worker")
-            victim = worker_pids(log)[-1]
+            booted = worker_pids(log)
+            victim = booted[-1]
             os.kill(victim, signal.SIGTERM)  # graceful stop of one worker; the arbiter starts another
-            wait_until(lambda: exited(victim), "the worker stopped", seconds=60)
+            # (and the replacement has booted before the end: the fixture's SIGTERM to gunicorn while a
+            # worker boots made gunicorn's stop take its whole 30 s graceful timeout)
+            wait_until(lambda: exited(victim) and len(worker_pids(log)) == len(booted) + 1,
+                       "the worker stopped and replaced", seconds=60)  # fmt: skip
             faults.append(("SIGTERM", victim))
             after(50, "the end")
         finally:
