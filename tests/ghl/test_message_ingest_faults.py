@@ -17,8 +17,9 @@ import pytest
 
 from ghl.message_ingest import _BATCH_CONSTANTS, _BATCH_SQL, _rows_json
 from ghl.webhooks import INGEST
-from tests.ghl.fake_ghl import deliveries
+from tests.ghl.fake_ghl import deliveries, encode, load_payload
 from tests.ghl.test_message_group_commit import (
+    LOCATION_ID,
     Deliverer,
     install_locations,
     message,
@@ -227,3 +228,27 @@ def test_a_dropped_ingest_connection_is_replaced_without_waiting_for_the_busy_po
                 connection.close()
             deliverer.join()
         assert deliverer.answers["m"] == (200, {"status": "processed"})
+
+
+def test_refused_message_webhooks_write_nothing_and_leave_no_caller_announced(app, app_context, signer):
+    # Through the dispatch in front of Flask (ghl.webhooks.MessageWebhookDispatch): each request announces
+    # itself to the group commit before its signature is checked. A refusal must store nothing, and must
+    # end its announcement: one left counted makes every later batch of the worker wait for it.
+    install_locations()
+    ingest = app.extensions.get(INGEST)  # PostgreSQL; on SQLite the route alone answers
+    client = app.test_client()
+    good = message("wh-refused-1", "msg-refused-1")
+    stale_payload = load_payload("outbound_message") | {"messageId": "msg-refused-2", "locationId": LOCATION_ID}
+    stale = encode(stale_payload | {"timestamp": "2020-01-01T00:00:00Z"}, webhook_id="wh-refused-2")
+    other_app = encode(stale_payload | {"messageId": "msg-refused-3"}, webhook_id="wh-refused-3", app_id="someone")
+    answers = [
+        client.post("/webhooks/ghl", data=good, headers=signer.headers(good[:-1] + b" ")).status_code,  # bad signature
+        client.post("/webhooks/ghl", data=good).status_code,  # none
+        client.post("/webhooks/ghl", data=stale, headers=signer.headers(stale)).status_code,
+        client.post("/webhooks/ghl", data=other_app, headers=signer.headers(other_app)).status_code,
+        client.post("/webhooks/ghl", data=b"[]", headers=signer.headers(b"[]")).status_code,
+    ]
+    assert answers == [401, 401, 400, 200, 400]
+    if ingest is not None:
+        assert ingest.batches._announced == 0 and ingest.batches.pending == 0
+    assert deliveries() == [] and usage_ids() == []
