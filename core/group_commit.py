@@ -54,6 +54,11 @@ class _Caller:
         return self.result
 
 
+class BatchInterrupted(Exception):
+    """The leader writing a caller's batch was interrupted (e.g. its greenlet killed): the batch may or may
+    not have been written, and the caller is answered as for a failed batch."""
+
+
 class Arrival:
     """A caller announced to a GroupCommit; ``submitted`` once its item is queued."""
 
@@ -122,41 +127,73 @@ class GroupCommit(Generic[Item, Result]):
                 self._queue.append(caller)  # the queue holds waiting callers only; a leader carries its own
                 self._queued.notify()
         if not lead:
-            caller.wake.acquire()  # released with the result, or to take the lead (then it left the queue)
+            try:
+                caller.wake.acquire()  # released with the result, or to take the lead (then it left the queue)
+            except BaseException:  # interrupted while waiting (gevent: a kill, a Timeout)
+                self._abandon(caller)
+                raise
             if not caller.lead:
                 return caller.outcome()
         self._lead(caller)
         return caller.outcome()
 
+    def _abandon(self, caller: _Caller) -> None:
+        """A waiting caller leaves: out of the queue, or handing on a lead it was given and never took.
+
+        Without this, under gevent, the lead handed to a greenlet that was killed meanwhile would stay taken,
+        and every later caller of the process would wait forever. A caller already taken into a batch is
+        written with it (its answer is simply not awaited).
+        """
+        with self._lock:
+            if caller in self._queue:
+                self._queue.remove(caller)
+            elif caller.lead:
+                self._writing -= 1  # counted when the lead was handed to it
+                self._pass_lead()
+
     def _lead(self, own: _Caller) -> None:
         """Write own's item with whatever queued behind it, then hand the lead to the oldest waiting caller."""
-        with self._lock:
-            deadline = time.monotonic() + self.max_wait
-            while self._announced > 0 and len(self._queue) + 1 < self.max_rows:  # a burst: wait for the rest
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._queued.wait(remaining)
-            batch = [own] + [self._queue.popleft() for _ in range(min(len(self._queue), self.max_rows - 1))]
-            self._writing += len(batch) - 1  # own was counted when it took the lead
+        try:
+            with self._lock:
+                deadline = time.monotonic() + self.max_wait
+                while self._announced > 0 and len(self._queue) + 1 < self.max_rows:  # a burst: wait for the rest
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._queued.wait(remaining)
+                batch = [own] + [self._queue.popleft() for _ in range(min(len(self._queue), self.max_rows - 1))]
+                self._writing += len(batch) - 1  # own was counted when it took the lead
+        except BaseException:  # interrupted before writing anything: the lead goes on, own is not written
+            with self._lock:
+                self._writing -= 1
+                self._pass_lead()
+            raise
         self._write_batch(batch)
         with self._lock:
-            if self._queue:
-                successor = self._queue.popleft()
-                self._writing += 1
-                successor.lead = True
-                successor.wake.release()
-            else:
-                self._leaders -= 1
+            self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """(Under the lock.) Hand the lead to the oldest waiting caller, or give it up when none waits."""
+        if self._queue:
+            successor = self._queue.popleft()
+            self._writing += 1
+            successor.lead = True
+            successor.wake.release()
+        else:
+            self._leaders -= 1
 
     def _write_batch(self, batch: list[_Caller]) -> None:
         try:
             results = self._write([caller.item for caller in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} items was written with {len(results)} results")
-        except BaseException as error:  # every caller of the batch gets the failure; none is acknowledged
+        except Exception as error:  # every caller of the batch gets the failure; none is acknowledged
             for caller in batch:
                 caller.error = error
+        except BaseException as error:  # the leader itself was interrupted (gevent: killed) while writing
+            batch[0].error = error
+            for caller in batch[1:]:  # an error for the others to answer, not the leader's interruption
+                caller.error = BatchInterrupted(f"the batch's writer was interrupted ({type(error).__name__})")
         else:
             for caller, result in zip(batch, results, strict=True):
                 caller.result = result
