@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from sqlalchemy import Engine, Text, bindparam, case, cast, event, exists, func, literal, literal_column, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
@@ -36,9 +36,10 @@ from billing.ledger import insert_usage_from
 from billing.models import UsageEvent
 from billing.states import UsageSource
 from core.delivery_log import failure_message
-from core.group_commit import Arrival, GroupCommit
+from core.group_commit import Arrival, BatchInterrupted, GroupCommit
 from ghl.deliveries import DELIVERIES, INSERTS, STORED_COLUMNS, delivery_values
 from ghl.events import already_recorded_note, not_installed_note, read_message, unknown_subaccount
+from ghl.ingest_connections import IngestConnections
 from ghl.models import GhlLocation, GhlWebhookDelivery
 from ghl.payloads import PayloadInvalid
 
@@ -80,6 +81,13 @@ _TIMESTAMP_POSITIONS = [position for position, type_ in enumerate(_FIELDS.values
 PSYCOPG_CACHED_QUERY_LENGTH = 4096
 # Errors of a value PostgreSQL refuses (e.g. a NUL in text): one delivery's problem, not the batch's.
 _REFUSED_VALUE = (psycopg.DataError, psycopg.IntegrityError)
+
+
+# Handed by the batch writer to each item of a batch the database refused: its request writes it alone.
+_WRITE_ALONE = object()
+# A batch's own deadline on the worker's side, in store timeouts: the server cancels a statement at one
+# (statement_timeout); this bounds the wait when the server cannot (ghl.ingest_connections).
+STALLED_AFTER = 1.5
 
 
 class StoreUnavailable(Exception):
@@ -249,7 +257,7 @@ class MessageIngest:
     ):
         self.engine = engine
         self.store_timeout_ms = store_timeout_ms
-        self._idle: list[psycopg.Connection] = []  # list.pop and append are atomic: writers share it unlocked
+        self.connections = IngestConnections(engine, store_timeout_ms)
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
         self.batches: GroupCommit[dict[str, Any], Any] = GroupCommit(
             self._write, max_rows=max_rows, max_wait=max_wait, max_writers=max_writers
@@ -277,11 +285,14 @@ class MessageIngest:
             "unknown_subaccount": failure_message(unknown_subaccount(message)),
             "not_installed": not_installed_note(message),
             "already_recorded": already_recorded_note(message),
+            "arrived": time.monotonic(),  # its batch's deadline counts from the oldest arrival
         }
         try:
             stored = self.batches.submit(item, arrival)
-        except (psycopg.Error, SQLAlchemyError) as error:  # the batch failed: none of it was stored
+        except (psycopg.Error, SQLAlchemyError, BatchInterrupted) as error:  # the batch failed: none of it stored
             raise StoreUnavailable(type(error).__name__) from error
+        if stored is _WRITE_ALONE:  # in this request's own thread or greenlet, not in the writer's lead
+            stored = self._write_alone(item)
         return self._outcome(stored, item)
 
     @staticmethod
@@ -298,14 +309,15 @@ class MessageIngest:
     def _write(self, items: list[dict[str, Any]]) -> list[Any]:
         """Write a batch: (id, status, error) per item, None for a duplicate; raises when the batch failed.
 
-        A value the database refuses fails the whole statement: then each item is written alone, and the
-        refused one is stored alone as failed (as in ghl.deliveries); an item whose own write fails gets
-        its exception as its result (it alone is answered 429).
+        A value the database refuses fails the whole statement: then every item is to be written alone
+        (_WRITE_ALONE), each by its own request once the batch is over, so that the worker's next batch need
+        not wait for them (one of them may wait on a lock up to the store timeout); the refused one is stored
+        alone as failed (as in ghl.deliveries), and an item whose own write fails is answered 429 alone.
         """
         try:
             rows = self._execute(items)
         except _REFUSED_VALUE:
-            return [self._write_alone(item) for item in items]
+            return [_WRITE_ALONE] * len(items)
         return _results(items, rows)
 
     def _write_alone(self, item: dict[str, Any]) -> Any:
@@ -330,79 +342,31 @@ class MessageIngest:
         return None if stored is None else (stored.id, "failed", message)
 
     def _execute(self, items: list[dict[str, Any]]) -> list[tuple]:
-        """Run the batch statement on one of the worker's own connections, in autocommit (the statement is its
-        transaction). Only the group commit's leaders write, at most MAX_WRITERS batches at a time, so a
-        connection each serves the worker, outside the pool: no checkout, no SQLAlchemy execution context
-        per batch. A connection a
-        restart or failover dropped is replaced and the batch sent once more (the statement is idempotent:
-        ON CONFLICT DO NOTHING on webhookId and messageId, so a batch whose answer was lost stores nothing
-        twice)."""
-        parameters = _BATCH_CONSTANTS | {"rows": _rows_json(items)}
-        for attempt in (1, 2):
-            connection = self._connection()
-            try:
-                rows = connection.execute(_BATCH_SQL, parameters).fetchall()
-            except psycopg.OperationalError:
-                if not connection.broken:
-                    self._idle.append(connection)
-                    raise
-                connection.close()
-                if attempt == 2:
-                    raise
-                self.close()  # the restart that dropped this one dropped the idle ones too: retry on a new one
-                self._let_the_pool_notice()
-            except BaseException:
-                self._idle.append(connection)
-                raise
-            else:
-                self._idle.append(connection)
-                return rows
-        raise AssertionError("unreachable")
-
-    def _let_the_pool_notice(self) -> None:
-        """After a restart dropped our connection, have the pool meet it too: SQLAlchemy invalidates every
-        pooled connection on the first disconnect it sees, so the worker's other requests (and /healthz) get
-        fresh ones instead of each failing once on a dead one (core.database)."""
-        try:
-            with self.engine.connect() as probe:
-                probe.exec_driver_sql("SELECT 1")
-        except SQLAlchemyError:
-            pass  # the pool has seen it (or the database is down: the retry below fails and answers 429)
-
-    def _connection(self) -> psycopg.Connection:
-        """An idle connection of the worker's own (one per writer of the group commit), or a new one."""
-        try:
-            return self._idle.pop()
-        except IndexError:
-            arguments, options = self.engine.dialect.create_connect_args(self.engine.url)
-            connection = psycopg.connect(*arguments, **options, autocommit=True)
-            # One statement whose plan does not depend on its parameter (a JSON array): plan it once, not
-            # on each execution (PostgreSQL re-plans a prepared statement while custom plans look cheaper).
-            connection.execute("SET plan_cache_mode = force_generic_plan")
-            # A batch normally takes milliseconds. One stuck behind a lock (a migration's) or a stalled server
-            # is cancelled, so its deliveries and those queued behind it are answered 429, which GHL retries,
-            # instead of no answer before GHL gives up, which GHL never retries (docs/ghl.md §2.1). A cancelled
-            # statement stored nothing (it is its own transaction), and a 429 for a delivery that did commit
-            # only brings a retry that is a duplicate.
-            connection.execute(sql.SQL("SET statement_timeout = {}").format(self.store_timeout_ms))
-            return connection
+        """Run the batch statement on one of the worker's own connections (ghl.ingest_connections), in
+        autocommit: the statement is its transaction. Its deliveries are answered, or the batch given up and
+        raised, within about STALLED_AFTER store timeouts of the oldest one's arrival, whatever the server
+        does: a batch queued behind one that stalled is not even sent."""
+        deadline = min(item["arrived"] for item in items) + STALLED_AFTER * self.store_timeout_ms / 1000
+        return self.connections.run(_BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json(items)}, deadline)
 
     def close(self) -> None:
         """Close the worker's own idle connections (with the engine's pool: the app's end, or a test's)."""
-        while self._idle:
-            self._idle.pop().close()
+        self.connections.close()
 
     def _execute_alone(self, statement, parameters: dict[str, Any]):
-        """Run one statement as its own transaction (autocommit); retried once on a dropped connection."""
+        """Run one statement as its own transaction; retried once on a dropped connection."""
         try:
-            return self._execute_autocommit(statement, parameters)
+            return self._execute_in_own_transaction(statement, parameters)
         except DBAPIError as error:
             if not error.connection_invalidated:
                 raise
-            return self._execute_autocommit(statement, parameters)
+            return self._execute_in_own_transaction(statement, parameters)
 
-    def _execute_autocommit(self, statement, parameters: dict[str, Any]):
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    def _execute_in_own_transaction(self, statement, parameters: dict[str, Any]):
+        """One statement in its own transaction on a pooled connection, cancelled after the store timeout as
+        the batch statement is (SET LOCAL: the pooled connection keeps its own settings)."""
+        with self.engine.begin() as connection:
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(self.store_timeout_ms)}")
             if isinstance(statement, str):  # the batch statement, one refused item at a time
                 return connection.exec_driver_sql(statement, parameters).all()
             return connection.execute(statement, parameters).first()

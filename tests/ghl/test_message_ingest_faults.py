@@ -212,7 +212,7 @@ def test_a_dropped_ingest_connection_is_replaced_without_waiting_for_the_busy_po
         install_locations()
         warm(app, signer, count=1)
         ingest = app.extensions[INGEST]
-        [own] = ingest._idle
+        [own] = ingest.connections._idle
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s, 10000)", (own.info.backend_pid,))
         engine = ingest.engine
