@@ -15,6 +15,7 @@ from capri.validation import (
     LOCATION_ID_MAX_LENGTH,
     MAX_BODY_BYTES,
     MAX_EVENTS,
+    MAX_STRUCTURE_BYTES,
     MODEL_MAX_LENGTH,
     OCCURRED_AT_MAX_LENGTH,
 )
@@ -167,7 +168,11 @@ def openapi_document() -> dict[str, Any]:
                                 "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}
                             },
                         },
-                        "413": _error(f"More than {MAX_EVENTS} events, or a body above the byte limit."),
+                        "413": _error(
+                            f"More than {MAX_EVENTS} events, a body above the byte limit, or more than "
+                            f"{MAX_STRUCTURE_BYTES} of the bytes '[', '{{' and ',' (more than {MAX_EVENTS} valid "
+                            "events can hold)."
+                        ),
                     },
                 }
             },

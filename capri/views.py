@@ -12,8 +12,8 @@ from capri.validation import (
     CHANNEL_MAX_LENGTH,
     LOCATION_ID_MAX_LENGTH,
     MAX_BODY_BYTES,
+    BatchTooLarge,
     BodyInvalid,
-    TooManyEvents,
     parse_usage_body,
 )
 from core.database import db
@@ -41,7 +41,7 @@ def post_usage():
         events = parse_usage_body(raw)
     except BodyInvalid as error:
         return jsonify(error=str(error)), 400
-    except TooManyEvents as error:
+    except BatchTooLarge as error:
         return jsonify(error=str(error)), 413
     results = report_usage(api_key.agency_id, events)
     db.session.commit()

@@ -10,6 +10,15 @@ import pytest
 
 from capri.api_keys import revoke_api_key
 from capri.models import ApiKey
+from capri.validation import (
+    CHANNEL_MAX_LENGTH,
+    ID_MAX_LENGTH,
+    MAX_BODY_BYTES,
+    MAX_EVENTS,
+    MAX_STRUCTURE_BYTES,
+    MODEL_MAX_LENGTH,
+    OCCURRED_AT_MAX_LENGTH,
+)
 from core.database import db, utcnow
 from tests.capri.conftest import event, iso, ledger_count, ledger_rows, make_keyed_agency, post_usage, without
 
@@ -116,6 +125,53 @@ def test_more_than_1000_events_is_413(client, agency):
     response = post_usage(client, agency.key, {"events": [event() for _ in range(1001)]})
     assert response.status_code == 413
     assert "1000" in response.get_json()["error"]
+    assert ledger_count() == 0
+
+
+def test_the_densest_valid_batch_is_within_the_structure_limit_and_accepted(client, agency):
+    # Every string at its longest and made of nothing but "[", "{" and ",", every optional field present:
+    # the most of those bytes 1000 acceptable events can hold. The limit is above it only by what occurred_at
+    # could hold were it not a date-time, and by the "," after the last event, which never comes.
+    def structure(length: int, number: int) -> str:
+        digits = []
+        for _ in range(length):
+            number, digit = divmod(number, 3)
+            digits.append("[{,"[digit])
+        return "".join(digits)
+
+    events = [
+        event(id=structure(ID_MAX_LENGTH, number), channel=structure(CHANNEL_MAX_LENGTH, 0), location_id=None,
+              model=structure(MODEL_MAX_LENGTH, 0))
+        for number in range(MAX_EVENTS)
+    ]  # fmt: skip
+    body = json.dumps({"events": events}).encode()
+    dense = body.count(b"[") + body.count(b"{") + body.count(b",")
+    assert dense == MAX_STRUCTURE_BYTES - MAX_EVENTS * OCCURRED_AT_MAX_LENGTH - 1
+    response = post_usage(client, agency.key, body)
+    assert response.status_code == 200
+    assert statuses(response) == ["accepted"] * MAX_EVENTS
+
+
+def test_a_body_with_more_structure_than_1000_events_can_hold_is_413_before_parsing(client, agency, monkeypatch):
+    parsed = []
+    monkeypatch.setattr("capri.validation._loads_without_gc", parsed.append)
+    # 4 MiB of tiny nested arrays: ~2 million lists, over a second of parsing if it were parsed.
+    body = b'{"events": [' + b"[[[[]]]]," * ((MAX_BODY_BYTES - 20) // 9) + b"0]}"
+    response = post_usage(client, agency.key, body)
+    assert response.status_code == 413
+    assert "split the batch" in response.get_json()["error"]
+    assert parsed == []
+    assert ledger_count() == 0
+
+
+def test_a_body_at_the_structure_limit_is_parsed_and_one_above_it_is_413(client, agency):
+    at_limit = b'{"events": [[' + b"0," * (MAX_STRUCTURE_BYTES - 3) + b"0]]}"
+    assert at_limit.count(b"[") + at_limit.count(b"{") + at_limit.count(b",") == MAX_STRUCTURE_BYTES
+    response = post_usage(client, agency.key, at_limit)
+    assert response.status_code == 200
+    assert statuses(response) == ["rejected"]  # one event, a list of numbers
+    above = at_limit.replace(b"[0,", b"[0,0,", 1)
+    assert post_usage(client, agency.key, above).status_code == 413
     assert ledger_count() == 0
 
 
