@@ -1,4 +1,5 @@
-"""capri.validation's parse of a whole usage body: the cyclic garbage collector is paused for it, and only for it."""
+"""capri.validation: the cyclic garbage collector is paused for the parse of a body, and only for it; unknown
+fields are named without sorting them all."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import gc
 import pytest
 
 import capri.validation
-from capri.validation import BatchTooLarge, BodyInvalid, parse_usage_body
+from capri.validation import BatchTooLarge, BodyInvalid, check_event, parse_usage_body
+from core.database import utcnow
 
 BODIES = [
     b'{"events": [{"id": "a", "input_tokens": 1}]}',  # parsed
@@ -56,3 +58,8 @@ def test_a_collector_the_caller_disabled_stays_disabled(gc_seen_while_parsing):
         gc.enable()
     assert gc_seen_while_parsing == [False]
 
+
+def test_unknown_fields_are_named_five_in_sorted_order_and_the_rest_counted():
+    fields = {name: 1 for name in ["z", "y", "x", "w", "v", "u", "t"]}
+    checked = check_event({"id": "a", "channel": "c", "messages": 1, **fields}, utcnow())
+    assert checked.reason == "unknown field(s): 't', 'u', 'v', 'w', 'x' and 2 more"
