@@ -25,9 +25,14 @@ The one real risk: a greenlet is never preempted. Python CPU between two waits r
 CPU-bound request stalls every other request of its worker, webhooks included (GHL redelivers only after a
 429; a webhook whose answer never comes in time is lost). What bounds the heavy requests (README.md,
 Deploying):
-- ``POST /api/v1/usage``: a valid key first, then at most 4 MiB and 1000 events; a normal 1000-event batch
-  parses and checks in a few ms, the worst 4 MiB body (millions of tiny JSON values) ~0.25-0.3 s of parsing
-  in one slice.
+- ``POST /api/v1/usage``: a valid key first, then at most 4 MiB, at most 711,002 of the bytes ``[``, ``{``
+  and ``,`` (counted before parsing, ~4 ms: the most 1000 valid events can hold, capri.validation) and 1000
+  events; json.loads runs with the cyclic GC paused. A normal 1000-event batch parses and checks in a few
+  ms. Millions of tiny nested arrays (~1.1 s of parsing, most of it the GC; a webhook waited 1.4 s behind
+  one such body, up to 4 s behind four) are refused before parsing. The worst body left, one object of
+  ~466,000 distinct keys, is ~0.35-0.45 s of parsing and ~0.1 s of checking in one slice: a webhook of its
+  worker waited 0.5 s behind one, 0.6-1.3 s behind four sent at once (they run one after another; nothing
+  limits how many a key sends at once). Measured under this configuration on a 2-core machine.
 - the CSV export (``/api/portal/clients/<id>/export.csv``): at most 366 days, streamed 1000 rows per fetch
   from a server-side cursor on PostgreSQL, so it yields at every fetch and whenever the client reads slower
   than it writes; on SQLite (one process, development) nothing in it yields.

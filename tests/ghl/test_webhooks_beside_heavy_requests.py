@@ -1,11 +1,12 @@
 """Black box, adversarial: how long a CPU-bound request stalls the message webhooks of its gevent worker.
 
 gunicorn.conf.py: a greenlet is never preempted, so Python CPU between two waits stalls every request of its
-worker; it bounds the worst ``POST /api/v1/usage`` (a valid key, at most 4 MiB) at ~0.25-0.3 s of parsing in
-one slice. A webhook answered too late is lost (GHL retries only a 429). Here one agency's key sends a few
-worst-case bodies at once (4 MiB of small nested arrays: json.loads builds ~2 million lists, each a GC
-allocation, before the 1000-event limit can refuse the batch) while webhooks keep arriving; each webhook
-must still be answered within STALL_BOUND. The load ends when the heavy requests are answered, not on a timer.
+worker; it claimed ~0.25-0.3 s of parsing in one slice for the worst ``POST /api/v1/usage`` (a valid key, at
+most 4 MiB). A webhook answered too late is lost (GHL retries only a 429). Here one agency's key sends a few
+worst-case bodies at once (4 MiB of small nested arrays: json.loads would build ~2 million lists, each a GC
+allocation, before the 1000-event limit could refuse the batch; since the fix the body is refused before it
+is parsed) while webhooks keep arriving; each webhook must still be answered within STALL_BOUND. The load
+ends when the heavy requests are answered, not on a timer.
 """
 
 from __future__ import annotations
