@@ -351,8 +351,9 @@ def _bills_on_an_open_invoice(gateway: StripeGateway, claim: Claim, now: dt.date
 
     Yes while it is younger than PERIOD_CHECK_AGE (in the current period, or in the previous one's finalization
     grace, an hour by default) or lies in the customer's current period. The period is the one the stamp reads
-    (once per customer and price in a tick: billing.tick_reads), never one read per report. Without a live
-    subscription no invoice bills the units whatever their time, so the recorded one stands.
+    (``_period``: once per customer and price or meter in a tick, never one read per report). Only when no live
+    item of the customer bills the target at all does no invoice bill the units whatever their time, so the
+    recorded one stands.
     """
     if claim.timestamp >= now - PERIOD_CHECK_AGE:
         return True
@@ -361,8 +362,19 @@ def _bills_on_an_open_invoice(gateway: StripeGateway, claim: Claim, now: dt.date
 
 
 def _period(gateway: StripeGateway, claim: Claim, reads: TickReads) -> SubscriptionPeriod | None:
-    """The customer's current period on the claim's price (read once a tick: billing.tick_reads)."""
-    return reads.period(claim.agency_id, gateway, claim.target.customer_id, claim.target.price_id)
+    """The current period of the customer's live item that bills the claim's units (read once a tick:
+    billing.tick_reads); None when no live item bills them.
+
+    The item on the recorded price; for a meter target without one, the item on any price of the recorded
+    meter. Stripe bills a meter's events on every item of the customer whose price uses the meter: after a plan
+    change to another price of the same meter (the old item gone), units stamped in the old item's last period
+    land on its closed invoice, billed nowhere, while the new item's period says where they still bill
+    (docs/billing-rules.md#in-doubt-across-a-period-rollover). A legacy usage record names its item: no fallback.
+    """
+    period = reads.period(claim.agency_id, gateway, claim.target.customer_id, claim.target.price_id)
+    if period is None and not claim.target.is_legacy and claim.target.meter_id:
+        period = reads.meter_period(claim.agency_id, gateway, claim.target.customer_id, claim.target.meter_id)
+    return period
 
 
 def record_targets(claims: list[Claim], now: dt.datetime) -> set[int]:

@@ -407,6 +407,42 @@ class StripeGateway:
                     )
         return None
 
+    def meter_subscription_period(self, customer_id: str, meter_id: str) -> SubscriptionPeriod | None:
+        """Return the customer's live subscription item on any price of this meter, with its current period.
+
+        Stripe bills a meter's events on every live item of the customer whose price uses the meter
+        (``price.recurring.meter``; events name a customer, not an item: docs/stripe.md §1.2), whichever price
+        they were meant for: after a plan change to another price of the same meter the new item bills them.
+        With several such items (several subscriptions), the one whose current period started last: a timestamp
+        in it lies in the current period of all of them.
+        None when no live item of the customer bills the meter.
+        """
+        # No `price` filter: every subscription of the customer (Stripe lists all but canceled ones).
+        subscriptions = self._all(lambda params: self._client.v1.subscriptions.list(params), {"customer": customer_id})
+        found: SubscriptionPeriod | None = None
+        for subscription in subscriptions:
+            if subscription.status not in ("active", "trialing", "past_due"):
+                continue
+            items = subscription["items"]
+            listed = items.data
+            if items.has_more:
+                listed = self._all(
+                    lambda params: self._client.v1.subscription_items.list(params),
+                    {"subscription": subscription.id},
+                )
+            for item in listed:
+                recurring = getattr(item.price, "recurring", None)
+                if recurring is None or getattr(recurring, "meter", None) != meter_id:
+                    continue
+                period = SubscriptionPeriod(
+                    subscription_item_id=item.id,
+                    start=_from_unix(item.current_period_start),
+                    end=_from_unix(item.current_period_end),
+                )
+                if found is None or period.start > found.start:
+                    found = period
+        return found
+
     # ---- sending units --------------------------------------------------------------------------------
 
     def send_meter_units(

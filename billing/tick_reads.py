@@ -5,7 +5,8 @@ tick (billing.reporting) first sends every report that needs no read, in the bac
 reads, round-robin across agencies (each agency's first report before any agency's second). The reads
 themselves are, for the whole tick:
 
-- cached: a customer's period on a price is read once, however many of its reports need it;
+- cached: a customer's period on a price (or on a meter, any price of it) is read once, however many of its
+  reports need it;
 - budgeted: no read starts once the budget is spent, and beyond each agency's first read of the tick none
   starts once READ_SHARE of it is spent (so every agency makes progress every tick, and sends keep the rest
   of the budget); the reports wait for the next tick;
@@ -52,6 +53,7 @@ class TickReads:
         self._have_read: set[int] = set()
         self._slow_seconds = max(budget_seconds * SLOW_SHARE, SLOW_FLOOR_SECONDS)
         self._periods: dict[tuple[int, str, str | None], SubscriptionPeriod | None] = {}
+        self._meter_periods: dict[tuple[int, str, str], SubscriptionPeriod | None] = {}
         self._backed_off: dict[int, str] = {}  # agency id -> why its Stripe is not read again this tick
         self._allowed = True
 
@@ -98,3 +100,14 @@ class TickReads:
             with self.reading(agency_id):
                 self._periods[key] = gateway.subscription_period(customer_id, price_id)
         return self._periods[key]
+
+    def meter_period(
+        self, agency_id: int, gateway: StripeGateway, customer_id: str, meter_id: str
+    ) -> SubscriptionPeriod | None:
+        """The customer's current period on any price of the meter (None without a live item on it), read once
+        a tick."""
+        key = (agency_id, customer_id, meter_id)
+        if key not in self._meter_periods:
+            with self.reading(agency_id):
+                self._meter_periods[key] = gateway.meter_subscription_period(customer_id, meter_id)
+        return self._meter_periods[key]

@@ -153,6 +153,36 @@ def test_subscription_period_is_the_current_one_after_a_rollover(stripe_server, 
     assert period.start > dt.datetime.fromtimestamp(start, dt.UTC) and period.start <= stripe_clock.now() < period.end
 
 
+def test_meter_subscription_period_is_the_live_item_on_any_price_of_the_meter(
+    stripe_server, stripe_clock, key, gateway, catalog
+):
+    """After a plan change to another price of the same meter, the meter's events bill on the new item: its
+    period is found by meter. Canceled items and items on other meters are not; with two live items on the
+    meter, the one whose period started last (a time in it is in the current period of both)."""
+    state = stripe_server.state
+    meter = catalog["meters"]["sum"]["id"]
+    customer = state.create_customer(key)["id"]
+    assert gateway.meter_subscription_period(customer, meter) is None
+    old = state.create_subscription(key, customer, catalog["prices"]["sum"], start_date=int(stripe_clock()) - 86400)
+    state.cancel_subscription(key, old["id"])
+    state.create_subscription(key, customer, catalog["prices"]["count"])  # another meter
+    assert gateway.meter_subscription_period(customer, meter) is None
+
+    new_price = state.create_price(key, catalog["product"], 20, meter=catalog["meters"]["sum"])
+    seats = [state.create_price(key, catalog["other"], 100 + n, metered=False) for n in range(11)]
+    earlier = state.create_subscription(key, customer, new_price, start_date=int(stripe_clock()) - 10 * 86400)
+    later = state.create_subscription(key, customer, [*seats, new_price], start_date=int(stripe_clock()) - 3 * 86400)
+    assert later["items"]["has_more"]  # the meter's item is beyond the ones the subscription embeds
+
+    period = gateway.meter_subscription_period(customer, meter)
+
+    listed = stripe_server.client(key).v1.subscription_items.list({"subscription": later["id"], "limit": 100})
+    (on_the_meter,) = [item.id for item in listed.data if item.price.id == new_price["id"]]
+    assert period.subscription_item_id == on_the_meter
+    assert period.subscription_item_id not in {i["id"] for i in earlier["items"]["data"]}
+    assert period.start == dt.datetime.fromtimestamp(later["start_date"], dt.UTC) <= stripe_clock.now() < period.end
+
+
 # ---- sending ----------------------------------------------------------------------------------------------------
 
 
