@@ -42,6 +42,7 @@ from billing.stripe_gateway import (
     SubscriptionPeriod,
     gateway_for,
 )
+from billing.stripe_target import StripeTarget
 from billing.tick_reads import NotCached, ReadDeferred, TickReads
 from core.database import db
 
@@ -415,7 +416,8 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
     """Settle a doubtful row from Stripe's totals for its recorded target and window.
 
     Returns an outcome ("delivered" or "needs reconcile"), or the claim to resend: with nothing of it extra
-    in Stripe, or (count meter) after the extra events, which were sent in order, are counted as confirmed.
+    in Stripe, or a total too small to hold its one event (sum meter), or (count meter) after the extra events,
+    which were sent in order, are counted as confirmed.
     """
     stamp = claim.timestamp or claim.usage_timestamp
     try:
@@ -463,6 +465,13 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
     exact = claim.target.is_legacy or known == 0
     if extra == 0 and exact:
         return claim  # Stripe has none of the rest: resending is safe (a recent copy would be deduplicated)
+    if _sent_as_one_meter_event(claim.target) and window.total < claim.remaining:
+        # The row went as one event of all its units, no event is negative, and its last offer has settled in the
+        # total (LAST_RESEND_AGE): had it landed, the total would hold at least its units, whatever became of the
+        # neighbours (confirmed ones rejected later, others in doubt landed or not). A total below proves it missing.
+        # Not ``known + units``: a neighbour rejected after its 2xx leaves the total short without this row being
+        # missing (docs/billing-rules.md#in-doubt-across-a-period-rollover).
+        return claim
     if unconfirmed == 0 and extra == claim.remaining:
         return Outcome(
             claim,
@@ -478,6 +487,12 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
         f"{NEEDS_RECONCILE}: first offered over 24 h ago and Stripe's total for its window is {window.total} "
         f"against {known} known there (+{claim.remaining} here, {unconfirmed} other rows in doubt); not resent",
     )
+
+
+def _sent_as_one_meter_event(target: StripeTarget) -> bool:
+    """Tell whether a report to this target goes as one meter event of all its units (a sum meter), not as one
+    event per unit (count) nor as a usage record (legacy): as StripeGateway.send_units sends it."""
+    return not target.is_legacy and target.formula != "count"
 
 
 def send_claims(

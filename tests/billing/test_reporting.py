@@ -471,6 +471,91 @@ def test_after_24h_a_total_that_does_not_match_is_flagged_for_reconcile(world):
     assert report.status == "failed" and "Stripe's total for its window is 6" in report.last_error
 
 
+# The check's proof that a report sent as one event is missing (docs/billing-rules.md, "In doubt across a period
+# rollover"): a window total below its units. Rows offered in the same minute, a tick apart (one row per group and
+# tick: a refused offer holds the rest of its group back).
+
+
+def _offered_in_one_minute(world, client, offers):
+    """Offer rows of ``(units, fault)`` one tick apart, all with usage 30 s ago (one minute of Stripe's totals);
+    ``fault`` is injected on that row's offer (None: answered). Returns the rows."""
+    usage = world.clock.now() - dt.timedelta(seconds=30)
+    for number, (units, fault) in enumerate(offers):
+        world.report(client, units, at=usage)
+        if fault == "timeout":
+            world.state.inject("/v1/billing/meter_events", "timeout", seconds=0.1)
+        elif fault is not None:
+            world.state.inject("/v1/billing/meter_events", fault)
+        tick(world, seconds=1 if number else 0)
+    return world.reports(client)
+
+
+def test_after_24h_a_total_below_a_sum_report_s_units_proves_it_missing_though_a_neighbour_may_have_landed(world):
+    """D (6) not applied, E (2) applied, both answers lost. Stripe's total for the minute is 2: had D's one event
+    of 6 landed the total would be at least 6, whatever E did. D is offered afresh; E, which D might have hidden
+    as far as its own check could tell, stays for a person. Nothing is doubled."""
+    setup = world.agency()
+    client = world.client(setup)
+    d, e = _offered_in_one_minute(world, client, [(6, "timeout"), (2, "accept_then_drop")])
+    assert d.in_doubt_since is not None and e.in_doubt_since is not None
+    posts = len(world.calls())
+
+    tick(world, hours=25)
+
+    d, e = world.reports()
+    assert d.status == "sent" and d.identifier.endswith("_r1") and d.units_confirmed == 6
+    assert e.status == "failed" and e.last_error.startswith("needs reconcile")
+    assert len(world.calls()) == posts + 1  # D's fresh offer only
+    assert world.stripe_total(setup, client) == 8
+
+
+def test_after_24h_a_total_short_of_the_known_units_plus_a_report_s_does_not_prove_it_missing(world):
+    """N (2) confirmed, D (6) applied with its answer lost; Stripe later rejects N without a word to Rebill (no
+    event destination). The minute's total is 6: below N's 2 + D's 6, yet D is there. Only a total below D's own
+    units proves it missing; this one leaves D for a person, and a resend would have billed it twice."""
+    setup = world.agency()
+    client = world.client(setup)
+    n, d = _offered_in_one_minute(world, client, [(2, None), (6, "accept_then_drop")])
+    assert n.status == "sent" and d.in_doubt_since is not None
+    assert world.state.reject_meter_events_later(setup.key, [n.identifier]) == []  # nobody hears of it
+    posts = len(world.calls())
+
+    tick(world, hours=25)
+
+    n, d = world.reports()
+    assert d.status == "failed" and d.last_error.startswith("needs reconcile")
+    assert len(world.calls()) == posts and world.stripe_total(setup, client) == 6
+
+
+def test_after_24h_two_sum_reports_of_equal_units_one_of_which_landed_are_left_for_a_person(world):
+    """D1 and D2 (6 each) in doubt, one applied: a total of 6 fits either. Neither is resent."""
+    setup = world.agency()
+    client = world.client(setup)
+    _offered_in_one_minute(world, client, [(6, "accept_then_drop"), (6, "timeout")])
+    posts = len(world.calls())
+
+    tick(world, hours=25)
+
+    assert [(r.status, r.last_error.split(":")[0]) for r in world.reports()] == [("failed", "needs reconcile")] * 2
+    assert len(world.calls()) == posts and world.stripe_total(setup, client) == 6
+
+
+def test_after_24h_a_count_report_beside_a_confirmed_neighbour_is_left_for_a_person(world):
+    """Count meter: N (2 events) confirmed, D (3 events) whose first offer was not applied. The total, 2, is N's;
+    but D's possible events are worth 1 each, and N's may have been rejected since: 2 also fits D's first two
+    events landed (a tick that died mid-slice records none of them) with N gone. Not widened: a person decides."""
+    setup = world.agency(formula="count")
+    client = world.client(setup)
+    _offered_in_one_minute(world, client, [(2, None), (3, "timeout")])
+    posts = len(world.calls())
+
+    tick(world, hours=25)
+
+    n, d = world.reports()
+    assert n.status == "sent" and d.status == "failed" and d.last_error.startswith("needs reconcile")
+    assert len(world.calls()) == posts and world.stripe_total(setup, client) == 2
+
+
 def test_after_24h_a_legacy_row_is_checked_against_the_usage_record_summary(world):
     setup = world.agency(legacy=True)
     client = world.client(setup)
