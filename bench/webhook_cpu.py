@@ -128,7 +128,7 @@ def measure(app, bodies: list[tuple[str, bytes]], args) -> int:
         profile.runcall(lambda: [send(environ) for environ in measured])
         pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
     elif args.threads > 1:
-        # Concurrent senders, as a gthread worker's threads are: the group commit writes shared batches.
+        # Concurrent senders, as a worker's concurrent requests are: the group commit writes shared batches.
         batcher = getattr(app.extensions.get("ghl.message_ingest"), "batches", None)
         before = (batcher.batches, batcher.items) if batcher else (0, 0)
         shares = [measured[n :: args.threads] for n in range(args.threads)]
