@@ -1,5 +1,6 @@
 """core.group_commit under gevent when a caller's greenlet is interrupted (killed, or a gevent.Timeout) while
-it waits: the other callers must still be answered, and the group commit must still write later batches.
+it waits, as the lead reaches it, or while it writes its batch: the other callers must still be answered (a
+batch's other callers with BatchInterrupted), and the group commit must still write later batches.
 
 Under gevent a wait is a point where a greenlet can receive an exception (GreenletExit from Greenlet.kill, as
 gunicorn's gevent worker sends its handlers when their graceful timeout ends, or a gevent.Timeout around the
@@ -30,19 +31,26 @@ SCRIPT = textwrap.dedent(
     from core.group_commit import GroupCommit
 
     CASE = sys.argv[1]
-    released, batches = Event(), []
+    released, batches, after_first_write = Event(), [], []
 
     def write(items):
         batches.append(list(items))
         if len(batches) == 1:
             released.wait()
+            for hook in after_first_write:
+                hook()
+        elif CASE == "writing" and len(batches) == 2:
+            Event().wait()  # the second batch's writer hangs until it is killed
         return [f"stored {item}" for item in items]
 
     group = GroupCommit(write, max_rows=64, max_wait=60 if CASE == "leader" else 0.002, max_writers=1)
     outcomes = {}
 
     def caller(number):
-        outcomes[number] = group.submit(number)
+        try:
+            outcomes[number] = group.submit(number)
+        except Exception as error:
+            outcomes[number] = type(error).__name__
 
     def step_until(condition):
         for _ in range(10000):
@@ -60,6 +68,26 @@ SCRIPT = textwrap.dedent(
         victim.kill()
         released.set()
         first.join()
+    elif CASE == "handed":
+        # The lead is handed to a queued caller whose kill was already on its way: it must hand the lead on.
+        first = gevent.spawn(caller, 0)
+        step_until(lambda: group.pending == 1)  # 0 leads and waits inside its write
+        victim = gevent.spawn(caller, 1)
+        step_until(lambda: len(group._queue) == 1)
+        after_first_write.append(lambda: victim.kill(block=False))  # queued before the lead reaches 1
+        released.set()
+        first.join()
+        victim.join()
+    elif CASE == "writing":
+        # The leader of a batch of three is killed while its write runs.
+        first = gevent.spawn(caller, 0)
+        step_until(lambda: group.pending == 1)
+        others = {number: gevent.spawn(caller, number) for number in (1, 2, 3)}
+        step_until(lambda: len(group._queue) == 3)
+        released.set()
+        step_until(lambda: len(batches) == 2)  # 1 leads [1, 2, 3] and hangs in the write
+        others[1].kill()
+        gevent.joinall([first, *others.values()])
     else:
         # A leader waiting for an announced caller (a request still verifying its signature) is interrupted.
         released.set()
@@ -67,10 +95,10 @@ SCRIPT = textwrap.dedent(
             victim = gevent.spawn(caller, 0)
             step_until(lambda: group.pending == 1)  # 0 leads and waits for the announced one
             victim.kill()
-    late = gevent.spawn(caller, 2)
+    late = gevent.spawn(caller, 4 if CASE == "writing" else 2)
     late.join(timeout=2)
     print(json.dumps({"late_answered": late.ready(), "outcomes": outcomes, "leaders": group._leaders,
-                      "pending": group.pending}))
+                      "pending": group.pending, "batches": batches}))
     """
 )
 
@@ -97,4 +125,23 @@ def test_a_leader_interrupted_while_it_waits_for_announced_callers_does_not_stop
 
     assert result["late_answered"], result  # the interrupted leader left _leaders counted
     assert result["outcomes"]["2"] == "stored 2"
+    assert result["leaders"] == 0 and result["pending"] == 0
+
+
+def test_a_caller_killed_as_the_lead_reaches_it_hands_the_lead_on_under_gevent():
+    result = run_under_gevent("handed")
+
+    assert result["batches"] == [[0], [2]], result  # 1 never wrote: its kill came before it could take the lead
+    assert result["late_answered"], result  # the lead handed to the killed caller stayed taken
+    assert result["outcomes"] == {"0": "stored 0", "2": "stored 2"}
+    assert result["leaders"] == 0 and result["pending"] == 0
+
+
+def test_a_leader_killed_while_writing_answers_the_rest_of_its_batch_with_batch_interrupted_under_gevent():
+    result = run_under_gevent("writing")
+
+    assert result["batches"] == [[0], [1, 2, 3], [4]], result
+    # 2 and 3 get an error of their batch (the ingest answers it 429), not the leader's GreenletExit
+    assert result["outcomes"] == {"0": "stored 0", "2": "BatchInterrupted", "3": "BatchInterrupted", "4": "stored 4"}
+    assert result["late_answered"], result  # the killed writer kept the lead
     assert result["leaders"] == 0 and result["pending"] == 0
