@@ -1,7 +1,7 @@
 """The message ingest's own PostgreSQL connections: made with the store timeout, watched for a stalled server.
 
 ghl.message_ingest sends each batch on a connection of the worker's own, outside SQLAlchemy's pool (no
-checkout, no execution context per batch). A batch must be answered, 200 or 429, within about
+checkout, no execution context per batch). A batch must be answered, 200 or 429, within a few
 GHL_WEBHOOK_STORE_TIMEOUT_MS: GHL retries a 429 but never a delivery that got no answer (docs/ghl.md §2.1).
 Two bounds do that:
 - the server's: every connection runs with ``statement_timeout`` = the store timeout, so a batch stuck behind a

@@ -343,9 +343,11 @@ class MessageIngest:
 
     def _execute(self, items: list[dict[str, Any]]) -> list[tuple]:
         """Run the batch statement on one of the worker's own connections (ghl.ingest_connections), in
-        autocommit: the statement is its transaction. Its deliveries are answered, or the batch given up and
-        raised, within about STALLED_AFTER store timeouts of the oldest one's arrival, whatever the server
-        does: a batch queued behind one that stalled is not even sent."""
+        autocommit: the statement is its transaction. Whatever the server does, the batch is answered or given
+        up and raised: the server cancels it one store timeout after it is sent (a lock), and the worker cuts it
+        STALLED_AFTER store timeouts after its oldest delivery arrived, or one store timeout + 0.5 s (CUT_MARGIN)
+        after it was sent if that is later; a batch whose deadline passed in the queue is not even sent. So a delivery
+        that queued behind a stalled batch is answered up to ~2.5 store timeouts after it arrived."""
         deadline = min(item["arrived"] for item in items) + STALLED_AFTER * self.store_timeout_ms / 1000
         return self.connections.run(_BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json(items)}, deadline)
 

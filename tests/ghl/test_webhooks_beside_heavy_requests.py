@@ -28,7 +28,8 @@ from tests.ghl.test_webhooks_under_gunicorn import (  # noqa: F401 (procfile_web
 )
 
 HEAVY_REQUESTS = 4  # at once, from one key: a client's retry loop, or a bug in its batching
-# The claim is ~0.3 s per heavy request; a webhook may wait for the heavy requests of its own worker.
+# Refused before parsing, each heavy request costs a count over its 4 MiB (~4 ms, gunicorn.conf.py); a webhook
+# may wait for the heavy requests of its own worker.
 STALL_BOUND = 1.0
 UNIT = b"[" * 20 + b"]" * 20 + b","
 
