@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg import pq, sql
+from psycopg import pq
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -65,17 +65,17 @@ class IngestConnections:
             if time.monotonic() >= deadline:  # e.g. queued behind a batch that stalled: the server is not answering
                 raise StoreStalled("the database did not answer in time")
             connection = self._connection(deadline)
-            # Never cut before the server's own statement_timeout could fire: a statement the server cancels
-            # stored nothing, while one cut on our side may still commit once its lock is free (its 429 then
-            # brings a retry that reads "duplicate": nothing lost or doubled, but better avoided).
-            self._watch(connection, max(deadline, time.monotonic() + self.store_timeout_ms / 1000 + CUT_MARGIN))
             try:
+                # Never cut before the server's own statement_timeout could fire: a statement the server
+                # cancels stored nothing, while one cut on our side may still commit once its lock is free
+                # (its 429 then brings a retry that reads "duplicate": nothing lost or doubled, but avoided).
+                self._watch(connection, max(deadline, time.monotonic() + self.store_timeout_ms / 1000 + CUT_MARGIN))
                 rows = connection.execute(statement, parameters).fetchall()
             except psycopg.OperationalError:
-                self._release(connection)
+                cut = self._release(connection)
                 if not connection.closed:
                     raise  # e.g. statement_timeout: the connection is fine and back with the idle ones
-                if attempt == 2:
+                if attempt == 2 or cut:  # cut: the deadline has passed, and the server is not answering
                     raise
                 self.close()  # the restart that dropped this one dropped the idle ones too: retry on a new one
                 self._let_the_pool_notice()
@@ -100,25 +100,30 @@ class IngestConnections:
             pass
         arguments, options = self.engine.dialect.create_connect_args(self.engine.url)
         remaining = max(deadline - time.monotonic(), 0)
-        options = options | {"connect_timeout": max(MIN_CONNECT_TIMEOUT, math.ceil(remaining))}
-        connection = psycopg.connect(*arguments, **options, autocommit=True)
-        # One statement whose plan does not depend on its parameter (a JSON array): plan it once, not on each
-        # execution (PostgreSQL re-plans a prepared statement while custom plans look cheaper).
-        connection.execute("SET plan_cache_mode = force_generic_plan")
-        # A statement stuck behind a lock is cancelled by the server, the connection staying usable. It stored
-        # nothing (each statement is its own transaction); a 429 for a delivery that did commit (the answer
-        # lost on the way) only brings a retry that reads "duplicate".
-        connection.execute(sql.SQL("SET statement_timeout = {}").format(self.store_timeout_ms))
-        return connection
+        # The session settings travel in the startup message (covered by connect_timeout, no round trip of
+        # their own that a stalled server could leave unanswered), after any options the URL gives:
+        # - plan_cache_mode: one statement whose plan does not depend on its parameter (a JSON array), planned
+        #   once, not on each execution (PostgreSQL re-plans while custom plans look cheaper);
+        # - statement_timeout: a statement stuck behind a lock is cancelled by the server, the connection
+        #   staying usable. It stored nothing (each statement is its own transaction); a 429 for a delivery
+        #   that did commit (the answer lost on the way) only brings a retry that reads "duplicate".
+        settings = f"-c plan_cache_mode=force_generic_plan -c statement_timeout={int(self.store_timeout_ms)}"
+        options = options | {
+            "connect_timeout": max(MIN_CONNECT_TIMEOUT, math.ceil(remaining)),
+            "options": f"{options['options']} {settings}" if options.get("options") else settings,
+        }
+        return psycopg.connect(*arguments, **options, autocommit=True)
 
-    def _release(self, connection: psycopg.Connection) -> None:
-        """Stop watching ``connection``; keep it if it is idle and whole, else close it."""
+    def _release(self, connection: psycopg.Connection) -> bool:
+        """Stop watching ``connection``; keep it if it is idle and whole, else close it. True if the watcher
+        cut it (its batch's deadline passed)."""
         with self._watch_lock:
             cut = self._deadlines.pop(connection, None) is None  # the watcher took it: its socket is shut down
         if cut or connection.closed or connection.info.transaction_status != pq.TransactionStatus.IDLE:
             connection.close()  # broken, cut, or interrupted mid-statement: never reused
         else:
             self._idle.append(connection)
+        return cut
 
     def _watch(self, connection: psycopg.Connection, deadline: float) -> None:
         with self._watch_lock:
@@ -131,6 +136,14 @@ class IngestConnections:
         threading.Thread(target=self._cut_stalled, name="ingest-stall-watch", daemon=True).start()
 
     def _cut_stalled(self) -> None:
+        try:
+            self._watch_until_idle()
+        except BaseException:  # the next batch starts a new watcher
+            with self._watch_lock:
+                self._watcher_pid = None
+            raise
+
+    def _watch_until_idle(self) -> None:
         while True:
             time.sleep(WATCH_INTERVAL)
             now = time.monotonic()
@@ -169,5 +182,10 @@ def _shut_down(connection: psycopg.Connection) -> None:
         descriptor = os.dup(connection.pgconn.socket)
     except (OSError, psycopg.Error):
         return  # closed meanwhile
-    with socket.socket(fileno=descriptor) as duplicate, contextlib.suppress(OSError):
+    try:
+        duplicate = socket.socket(fileno=descriptor)
+    except OSError:
+        os.close(descriptor)
+        return
+    with duplicate, contextlib.suppress(OSError):
         duplicate.shutdown(socket.SHUT_RDWR)
