@@ -375,3 +375,56 @@ def test_attack_a_report_in_doubt_past_a_rollover_beside_a_confirmed_report_of_i
     neighbour, doubtful = world.reports()
     assert doubtful.status != "failed", doubtful.last_error
     _billed_exactly_once_and_never_in_the_closed_period(world, setup, client, period_end, 8)
+
+
+# ---- G. the meter fallback (3aecefc), read by a second review ------------------------------------------------------
+
+
+def _customer_moved_to_another_price_of_the_meter(world, setup, *, ago: dt.timedelta):
+    """A client on the setup's price whose customer moved ``ago`` before now to another price of the same meter
+    (the old subscription cancelled, the client not edited): only the meter fallback finds the period. Returns the
+    client and the new period's start."""
+    client = world.client(setup)
+    start = (world.clock.now() - ago).replace(microsecond=0)
+    _move_customer_to_a_new_price_at(world, setup, client, start)
+    return client, start
+
+
+def test_attack_a_report_whose_period_needs_the_meter_read_progresses_when_only_one_read_is_left(world, monkeypatch):
+    """G1. Rule 8 promises every agency one read per tick (its first) once READ_SHARE of the budget is spent: a
+    report that needs one read progresses every tick. The meter fallback makes a report need two: the period on
+    its price (None), then on its meter. Past READ_SHARE the second read is deferred (ReadDeferred -> skipped),
+    and the next tick starts over with the price read (the cache lives one tick): the report never goes while
+    its agency's turn comes after READ_SHARE (READ_SHARE = 0 plays such ticks). Fix: one read answers both (the
+    customer's subscriptions listed once, the item on the price else on the meter), cached per customer."""
+    from billing import tick_reads
+
+    monkeypatch.setattr(tick_reads, "READ_SHARE", 0.0)
+    setup = world.agency()
+    client, start = _customer_moved_to_another_price_of_the_meter(world, setup, ago=dt.timedelta(hours=1))
+    world.report(client, 6, at=world.clock.now() - dt.timedelta(hours=2))  # before the new item's period
+
+    for _ in range(3):
+        tick(world, minutes=1)
+
+    (row,) = world.reports(client)
+    assert row.status == "sent", (row.status, row.last_error)
+    assert row.stripe_timestamp == start and world.stripe_total(setup, client) == 6
+
+
+def test_attack_the_money_view_and_caps_use_the_period_the_reports_are_stamped_in(world):
+    """G2. Reporting now stamps a meter report in the period of the customer's item on any price of the meter
+    (report_sending._period), but billing.periods still reads the item on the client's price only: with none it
+    takes the calendar month and tells the agency "Stripe bills these units on no invoice", which is false (the
+    units bill on the other price's item). Caps, alerts and the money view then count units in another window than
+    the one Stripe bills: a cap can be passed within the Stripe period. Fix: _read_period uses the same fallback
+    (and a problem that says the client's price is not the one the customer is subscribed to)."""
+    from billing.periods import refresh_client_period
+
+    setup = world.agency()
+    client, start = _customer_moved_to_another_price_of_the_meter(world, setup, ago=dt.timedelta(days=3))
+    row = refresh_client_period(world.agency_row(setup), client)
+    db.session.commit()
+
+    assert client_periods([client], world.clock.now())[client.id][0] == start, row.problem
+    assert "on no invoice" not in (row.problem or "")
