@@ -62,8 +62,10 @@ How a tick sends (docs/billing-rules.md rules 6-10; docs/stripe.md):
   rejected, hiding this row's units) → the rest is provably unsent, but may have reached Stripe and been
   rejected later under identifiers Stripe still holds, so it never goes again under them: a row with nothing
   confirmed is re-opened under a fresh identifier and offered afresh to the client's current target with a
-  valid timestamp, a count row's rest moves to a fresh row (docs/billing-rules.md#fresh-identifiers);
-  anything else → ``failed`` "needs reconcile".
+  valid timestamp, a count row's rest moves to a fresh row (docs/billing-rules.md#fresh-identifiers); so
+  does a sum-meter row whose window total is below its own units, whatever its neighbours (its one event, had
+  it landed, would be all there: docs/billing-rules.md#in-doubt-across-a-period-rollover); anything else →
+  ``failed`` "needs reconcile".
 - Meter errors (billing.meter_errors) may flag a row while a tick holds it: every outcome is written only to
   a row still ``pending`` under the identifier the claim offered, so the flag stands.
 """

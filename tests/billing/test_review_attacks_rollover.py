@@ -5,7 +5,9 @@ exactly once, and never in a period whose invoice is final (the fake's ``billed_
 received before their period's invoice was finalized: period end + an hour). Faults only at the HTTP boundary
 (stripe_fake) or in the fake's own state (a subscription changed in the Dashboard); Rebill is not patched.
 
-A test here FAILS on main when it proves a problem; its docstring states the scenario and the mechanism.
+Sections A-F failed on main at 621406c where they proved a problem (A1-A3 fixed by 3aecefc, F1 by d4d87d8); their
+docstrings describe the code of that time. Section G is a second review of those fixes. Each docstring states the
+scenario and the mechanism.
 """
 
 from __future__ import annotations
