@@ -384,27 +384,10 @@ class StripeGateway:
         API version 2025-03-31.basil (docs.stripe.com/changelog/basil/2025-03-31/deprecate-subscription-
         current-period-start-and-end). None when the customer has no live subscription on the price.
         """
-        # `price` filters subscriptions containing that price (docs/stripe.md §2.3); canceled ones are not listed.
-        subscriptions = self._all(
-            lambda params: self._client.v1.subscriptions.list(params), {"customer": customer_id, "price": price_id}
-        )
-        for subscription in subscriptions:
-            if subscription.status not in ("active", "trialing", "past_due"):
-                continue
-            items = subscription["items"]
-            listed = items.data
-            if items.has_more:
-                listed = self._all(
-                    lambda params: self._client.v1.subscription_items.list(params),
-                    {"subscription": subscription.id},
-                )
-            for item in listed:
-                if item.price.id == price_id:
-                    return SubscriptionPeriod(
-                        subscription_item_id=item.id,
-                        start=_from_unix(item.current_period_start),
-                        end=_from_unix(item.current_period_end),
-                    )
+        # `price` filters subscriptions containing that price (docs/stripe.md §2.3).
+        for item in self._live_items({"customer": customer_id, "price": price_id}):
+            if item.price.id == price_id:
+                return _item_period(item)
         return None
 
     def meter_subscription_period(self, customer_id: str, meter_id: str) -> SubscriptionPeriod | None:
@@ -417,31 +400,28 @@ class StripeGateway:
         in it lies in the current period of all of them.
         None when no live item of the customer bills the meter.
         """
-        # No `price` filter: every subscription of the customer (Stripe lists all but canceled ones).
-        subscriptions = self._all(lambda params: self._client.v1.subscriptions.list(params), {"customer": customer_id})
         found: SubscriptionPeriod | None = None
-        for subscription in subscriptions:
+        for item in self._live_items({"customer": customer_id}):  # no `price` filter: every subscription
+            recurring = getattr(item.price, "recurring", None)
+            if recurring is not None and getattr(recurring, "meter", None) == meter_id:
+                period = _item_period(item)
+                if found is None or period.start > found.start:
+                    found = period
+        return found
+
+    def _live_items(self, params: dict) -> Iterator[Any]:
+        """Yield every item of the live subscriptions ``subscriptions.list`` gives for ``params`` (it lists all
+        but canceled ones), with the items beyond those a subscription embeds (``items.has_more``)."""
+        for subscription in self._all(lambda page: self._client.v1.subscriptions.list(page), params):
             if subscription.status not in ("active", "trialing", "past_due"):
                 continue
             items = subscription["items"]
             listed = items.data
             if items.has_more:
                 listed = self._all(
-                    lambda params: self._client.v1.subscription_items.list(params),
-                    {"subscription": subscription.id},
+                    lambda page: self._client.v1.subscription_items.list(page), {"subscription": subscription.id}
                 )
-            for item in listed:
-                recurring = getattr(item.price, "recurring", None)
-                if recurring is None or getattr(recurring, "meter", None) != meter_id:
-                    continue
-                period = SubscriptionPeriod(
-                    subscription_item_id=item.id,
-                    start=_from_unix(item.current_period_start),
-                    end=_from_unix(item.current_period_end),
-                )
-                if found is None or period.start > found.start:
-                    found = period
-        return found
+            yield from listed
 
     # ---- sending units --------------------------------------------------------------------------------
 
@@ -788,6 +768,15 @@ def _permission_reason(error: stripe.StripeError) -> str:
     if match:
         return f"the Stripe key lacks the '{match.group(1)}' permission; edit the restricted key in Stripe"
     return f"Stripe refused this key the request (403): {message}"
+
+
+def _item_period(item: Any) -> SubscriptionPeriod:
+    """A subscription item's current period (on the item since API version 2025-03-31.basil)."""
+    return SubscriptionPeriod(
+        subscription_item_id=item.id,
+        start=_from_unix(item.current_period_start),
+        end=_from_unix(item.current_period_end),
+    )
 
 
 def _from_unix(seconds: int | float) -> dt.datetime:
