@@ -402,8 +402,7 @@ class StripeGateway:
         """
         found: SubscriptionPeriod | None = None
         for item in self._live_items({"customer": customer_id}):  # no `price` filter: every subscription
-            recurring = getattr(item.price, "recurring", None)
-            if recurring is not None and getattr(recurring, "meter", None) == meter_id:
+            if price_meter_id(item.price) == meter_id:
                 period = _item_period(item)
                 if found is None or period.start > found.start:
                     found = period
