@@ -23,6 +23,7 @@ from decimal import Decimal
 from sqlalchemy import case, func, select
 
 from billing.models import Agency, RebillClient, UnitReport
+from billing.report_claims import offered_to_customer
 from billing.states import ReportMode, ReportStatus
 from billing.stripe_gateway import StripeGateway, StripeGatewayError, StripeWindowTotal, gateway_for
 from billing.stripe_limits import TOTALS_SETTLE
@@ -153,9 +154,11 @@ def _reconcile_target(
         line.problem = "Stripe shows no current period for this target (no subscription item on its price)"
         return line
     line.period_start, line.period_end, line.stripe_total = window.start, window.end, window.total
+    # Stripe's total holds every writer's units: the reports to the customer, whichever agency offered them (two
+    # agencies may connect one account), not only this agency's; otherwise the other agency's units fill the
+    # total and hide units Stripe rejected after accepting them.
     offered_here = (
-        UnitReport.agency_id == agency.id,
-        UnitReport.target_customer == target.customer_id,
+        offered_to_customer(target.customer_id, agency.stripe_account_id, agency.id),
         (UnitReport.target_event_name if target.mode == ReportMode.METER else UnitReport.target_price) == target.name,
         UnitReport.stripe_timestamp >= window.start,
         UnitReport.stripe_timestamp < window.end,

@@ -16,7 +16,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from sqlalchemy import bindparam, delete, exists, func, select, text, tuple_, update
+from sqlalchemy import ColumnElement, and_, bindparam, delete, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.aggregation_store import take_write_lock
@@ -536,6 +536,29 @@ def _claim_values(claim: Claim, row, now: dt.datetime) -> dict:
 def account_moved(recorded: str | None, current: str | None) -> bool:
     """Tell whether the agency's key now opens another Stripe account than the one a row was offered to."""
     return bool(recorded and current and recorded != current)
+
+
+def offered_to_customer(customer_id: str, account: str | None, agency_id: int) -> ColumnElement[bool]:
+    """The unit reports offered to Stripe customer ``customer_id``, whichever agency offered them (a condition).
+
+    Stripe's totals for a customer's meter hold every writer's units, and two agencies may connect one Stripe
+    account (one business with two GHL companies; nothing forbids it), so the ledger side of a comparison with
+    them is every agency's reports to the customer, not one agency's. A customer id names one customer of one
+    account (Stripe's ids are unique across accounts), which also covers agencies whose account id is unknown
+    (connected before Rebill recorded it); a report recorded for another account than a known ``account`` is not
+    in its totals. The reports are looked up through the agencies that may hold them, on the agency index:
+    ``agency_id``, the agencies now on ``account`` and those with a client now on the customer. Not seen: a
+    report of an agency since moved to another account whose clients all left the customer.
+    """
+    agencies = [
+        UnitReport.agency_id == agency_id,
+        UnitReport.agency_id.in_(select(RebillClient.agency_id).where(RebillClient.stripe_customer_id == customer_id)),
+    ]
+    same_account = []
+    if account is not None:
+        agencies.append(UnitReport.agency_id.in_(select(Agency.id).where(Agency.stripe_account_id == account)))
+        same_account.append(or_(UnitReport.target_account.is_(None), UnitReport.target_account == account))
+    return and_(UnitReport.target_customer == customer_id, or_(*agencies), *same_account)
 
 
 def account_moved_reason(recorded: str | None, current: str | None) -> str:

@@ -30,6 +30,7 @@ from billing.report_claims import (
     account_moved,
     account_moved_reason,
     claim_params,
+    offered_to_customer,
     write_rows,
 )
 from billing.states import OutcomeKind, ReportStatus
@@ -433,18 +434,22 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
         same_target = (UnitReport.target_subscription_item == claim.target.subscription_item_id,)
     else:
         same_target = (UnitReport.target_event_name == claim.target.event_name,)
-    in_window = (
-        UnitReport.agency_id == claim.agency_id,
-        UnitReport.id != claim.report_id,
-        UnitReport.stripe_timestamp >= window.start,
-        UnitReport.stripe_timestamp < window.end,
-        UnitReport.target_customer == claim.target.customer_id,
-        *same_target,
-    )
     # The ledger is read after Stripe's total, in a transaction begun after it: an offer that reached Stripe
     # before the total was read had its doubt committed before it was made (report_claims._claim_values,
     # record_targets).
     db.session.rollback()
+    # Every writer Rebill knows of in the total: the reports to the customer, whichever agency offered them (two
+    # agencies may connect one account), not only this agency's.
+    account = claim.target.account or db.session.scalar(
+        select(Agency.stripe_account_id).where(Agency.id == claim.agency_id)
+    )
+    in_window = (
+        offered_to_customer(claim.target.customer_id, account, claim.agency_id),
+        UnitReport.id != claim.report_id,
+        UnitReport.stripe_timestamp >= window.start,
+        UnitReport.stripe_timestamp < window.end,
+        *same_target,
+    )
     # ``unconfirmed``: every other row of the window in doubt may or may not be in Stripe's total: one whose
     # doubt began after this claim (another scheduler's offer, sent while this one read) as much as an older one.
     known, unconfirmed = db.session.execute(

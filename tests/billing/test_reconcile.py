@@ -168,3 +168,32 @@ def test_one_agencys_unreachable_stripe_keeps_its_last_result_and_checks_the_oth
 
     assert flagged_state(first, mine).billing_state == "failing"  # not read this time: the last finding stays
     assert flagged_state(second, theirs).billing_state == "ok"
+
+
+def test_the_daily_check_counts_another_agency_s_units_to_the_same_customer_and_flags_a_rejection(world):
+    """Two agencies connect one Stripe account (one business, two GHL companies) and bill one customer's meter.
+    Stripe rejects 5 of agency 1's units after their 2xx; agency 2's 5 units fill the customer's total (5): counted
+    per agency, agency 1's ledger (5) matched the total and the gap was hidden."""
+    from dataclasses import replace
+
+    from billing.agencies import ensure_agency
+    from core.encryption import secret_box
+
+    setup = world.agency(key="rk_test_nodestination00000003", denied=("event_destination_write",))
+    register_stripe_events(setup.agency, "https://rebill.example.test")
+    shared = ensure_agency("company-on-the-same-stripe-account")
+    shared.stripe_key_ciphertext = secret_box().encrypt(setup.agency_key)
+    shared.stripe_key_last4, shared.stripe_mode, shared.stripe_key_status = setup.agency_key[-4:], "test", "ok"
+    db.session.flush()
+    client = world.client(setup)
+    other = world.client(replace(setup, agency=shared), customer_id=client.stripe_customer_id)
+    rejected = world.report(client, 5)
+    world.report(other, 5)
+    send_all(world)
+    assert world.state.reject_meter_events_later(setup.key, [rejected.identifier]) == []  # no destination
+    world.clock.advance(hours=2)
+
+    # Both agencies see the customer's total short of what the account's ledger marked sent (10 sent, 5 there).
+    assert record_reconcile_gaps(world.clock.now()) == 2
+    money = flagged_state(setup, client)
+    assert money.billing_state == "failing" and "5 units fewer" in money.billing_problem

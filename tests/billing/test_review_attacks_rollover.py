@@ -465,4 +465,9 @@ def test_attack_a_second_agency_on_the_same_stripe_account_does_not_make_a_missi
 
     tick(world, hours=25)
 
-    assert world.stripe_total(setup, client) == 12, world.reports(client)[0].last_error
+    # D is not "delivered": counted with N, the window's total (6) is explained by N alone, but N may have been
+    # rejected after its 2xx and D applied, so a resend may bill D twice: D is left for a person, as a neighbour
+    # of its own agency leaves it (test_reporting's total-short test, test_review_attacks' rejected-neighbour R).
+    (d,) = world.reports(client)
+    assert d.status == "failed" and d.last_error.startswith("needs reconcile"), d.last_error
+    assert world.stripe_total(setup, client) == 6
