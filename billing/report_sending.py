@@ -353,7 +353,7 @@ def _bills_on_an_open_invoice(gateway: StripeGateway, claim: Claim, now: dt.date
 
     Yes while it is younger than PERIOD_CHECK_AGE (in the current period, or in the previous one's finalization
     grace, an hour by default) or lies in the customer's current period. The period is the one the stamp reads
-    (``_period``: once per customer and price or meter in a tick, never one read per report). Only when no live
+    (``_period``: one read of the customer's live items a tick, never one read per report). Only when no live
     item of the customer bills the target at all does no invoice bill the units whatever their time, so the
     recorded one stands.
     """
@@ -373,10 +373,8 @@ def _period(gateway: StripeGateway, claim: Claim, reads: TickReads) -> Subscript
     land on its closed invoice, billed nowhere, while the new item's period says where they still bill
     (docs/billing-rules.md#in-doubt-across-a-period-rollover). A legacy usage record names its item: no fallback.
     """
-    period = reads.period(claim.agency_id, gateway, claim.target.customer_id, claim.target.price_id)
-    if period is None and not claim.target.is_legacy and claim.target.meter_id:
-        period = reads.meter_period(claim.agency_id, gateway, claim.target.customer_id, claim.target.meter_id)
-    return period
+    meter_id = None if claim.target.is_legacy else claim.target.meter_id
+    return reads.period(claim.agency_id, gateway, claim.target.customer_id, claim.target.price_id, meter_id)
 
 
 def record_targets(claims: list[Claim], now: dt.datetime) -> set[int]:

@@ -176,6 +176,32 @@ class SubscriptionPeriod:
 
 
 @dataclass(frozen=True)
+class LiveItem:
+    """A live subscription item of a customer: its price, the price's billing meter (None: legacy or licensed),
+    and its current period."""
+
+    price_id: str
+    meter_id: str | None
+    period: SubscriptionPeriod
+
+
+def item_for(items: list[LiveItem], price_id: str | None, meter_id: str | None) -> LiveItem | None:
+    """The customer's item that bills units sent for a price: the item on the price; without one, and given the
+    price's meter, the item on any price of the meter whose current period started last.
+
+    Stripe bills a meter's events on every live item of the customer whose price uses the meter (events name a
+    customer, not an item: docs/stripe.md §1.2): after a plan change to another price of the same meter the new
+    item bills them. With several such items, a timestamp in the period that started last lies in the current
+    period of all of them. A legacy price has no meter: only its own item.
+    """
+    for item in items:
+        if price_id and item.price_id == price_id:
+            return item
+    on_meter = [item for item in items if meter_id and item.meter_id == meter_id]
+    return max(on_meter, key=lambda item: item.period.start, default=None)
+
+
+@dataclass(frozen=True)
 class StripeWindowTotal:
     """Stripe's aggregated usage of one customer over a window (meter summaries or a usage-record period)."""
 
@@ -391,22 +417,19 @@ class StripeGateway:
         return None
 
     def meter_subscription_period(self, customer_id: str, meter_id: str) -> SubscriptionPeriod | None:
-        """Return the customer's live subscription item on any price of this meter, with its current period.
+        """Return the customer's live subscription item on any price of this meter, with its current period
+        (``item_for``: the one whose period started last). None when no live item of the customer bills the
+        meter."""
+        item = item_for(self.live_items(customer_id), None, meter_id)
+        return item.period if item is not None else None
 
-        Stripe bills a meter's events on every live item of the customer whose price uses the meter
-        (``price.recurring.meter``; events name a customer, not an item: docs/stripe.md §1.2), whichever price
-        they were meant for: after a plan change to another price of the same meter the new item bills them.
-        With several such items (several subscriptions), the one whose current period started last: a timestamp
-        in it lies in the current period of all of them.
-        None when no live item of the customer bills the meter.
-        """
-        found: SubscriptionPeriod | None = None
-        for item in self._live_items({"customer": customer_id}):  # no `price` filter: every subscription
-            if price_meter_id(item.price) == meter_id:
-                period = _item_period(item)
-                if found is None or period.start > found.start:
-                    found = period
-        return found
+    def live_items(self, customer_id: str) -> list[LiveItem]:
+        """Every live subscription item of the customer, in one listing of its subscriptions (no ``price``
+        filter), with the items beyond those a subscription embeds."""
+        return [
+            LiveItem(price_id=item.price.id, meter_id=price_meter_id(item.price), period=_item_period(item))
+            for item in self._live_items({"customer": customer_id})
+        ]
 
     def _live_items(self, params: dict) -> Iterator[Any]:
         """Yield every item of the live subscriptions ``subscriptions.list`` gives for ``params`` (it lists all

@@ -5,8 +5,8 @@ tick (billing.reporting) first sends every report that needs no read, in the bac
 reads, round-robin across agencies (each agency's first report before any agency's second). The reads
 themselves are, for the whole tick:
 
-- cached: a customer's period on a price (or on a meter, any price of it) is read once, however many of its
-  reports need it;
+- cached: a customer's live subscription items are read once (one listing), however many of its reports,
+  prices and meters need a period from them;
 - budgeted: no read starts once the budget is spent, and beyond each agency's first read of the tick none
   starts once READ_SHARE of it is spent (so every agency makes progress every tick, and sends keep the rest
   of the budget); the reports wait for the next tick;
@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from billing.stripe_gateway import StripeGateway, StripeUnavailable, SubscriptionPeriod
+from billing.stripe_gateway import LiveItem, StripeGateway, StripeUnavailable, SubscriptionPeriod, item_for
 
 READ_SHARE = 0.5
 SLOW_SHARE = 0.1
@@ -52,8 +52,7 @@ class TickReads:
         self._budget_ends = started + budget_seconds
         self._have_read: set[int] = set()
         self._slow_seconds = max(budget_seconds * SLOW_SHARE, SLOW_FLOOR_SECONDS)
-        self._periods: dict[tuple[int, str, str | None], SubscriptionPeriod | None] = {}
-        self._meter_periods: dict[tuple[int, str, str], SubscriptionPeriod | None] = {}
+        self._items: dict[tuple[int, str], list[LiveItem]] = {}  # (agency, customer) -> its live items
         self._backed_off: dict[int, str] = {}  # agency id -> why its Stripe is not read again this tick
         self._allowed = True
 
@@ -90,24 +89,17 @@ class TickReads:
                 )
 
     def period(
-        self, agency_id: int, gateway: StripeGateway, customer_id: str, price_id: str | None
+        self, agency_id: int, gateway: StripeGateway, customer_id: str, price_id: str | None, meter_id: str | None
     ) -> SubscriptionPeriod | None:
-        """The customer's current period on the price (None without a live subscription), read once a tick."""
-        key = (agency_id, customer_id, price_id)
-        if key not in self._periods:
-            if not price_id:
-                return None
+        """The current period of the customer's item that bills units sent for the price (``item_for``: on the
+        price, else on any price of ``meter_id``; None without one), from one read of the customer's live items
+        a tick, however many of its reports, prices and meters need it: a report needing the meter fallback
+        needs no second read, which the tick's read share could defer every tick."""
+        if not price_id and not meter_id:
+            return None
+        key = (agency_id, customer_id)
+        if key not in self._items:
             with self.reading(agency_id):
-                self._periods[key] = gateway.subscription_period(customer_id, price_id)
-        return self._periods[key]
-
-    def meter_period(
-        self, agency_id: int, gateway: StripeGateway, customer_id: str, meter_id: str
-    ) -> SubscriptionPeriod | None:
-        """The customer's current period on any price of the meter (None without a live item on it), read once
-        a tick."""
-        key = (agency_id, customer_id, meter_id)
-        if key not in self._meter_periods:
-            with self.reading(agency_id):
-                self._meter_periods[key] = gateway.meter_subscription_period(customer_id, meter_id)
-        return self._meter_periods[key]
+                self._items[key] = gateway.live_items(customer_id)
+        item = item_for(self._items[key], price_id, meter_id)
+        return item.period if item is not None else None
