@@ -32,6 +32,7 @@ from billing.stripe_gateway import (
     StripeRequestRejected,
     StripeUnavailable,
     gateway_for,
+    item_for,
 )
 from billing.stripe_limits import PERIOD_CHECK_AGE
 from core.database import db, utcnow
@@ -431,20 +432,29 @@ def _read_period(gateway: StripeGateway, client: RebillClient) -> tuple[dict, st
             raise
         problems.append(f"Stripe cannot read the client's price {client.stripe_price_id}: {error.reason}")
     if not problems:
+        # The item reporting stamps the client's units in (report_sending._period): on the client's price, else
+        # on any price of its meter, which Stripe bills the meter's events on as well (a plan change in Stripe).
+        meter_id = client.meter_id if client.report_mode == ReportMode.METER else None
         try:
-            period = gateway.subscription_period(client.stripe_customer_id, client.stripe_price_id)
+            item = item_for(gateway.live_items(client.stripe_customer_id), client.stripe_price_id, meter_id)
         except (StripeRequestRejected, StripeKeyRejected) as error:
             if _key_refused(error):
                 raise
             problems.append(f"Stripe refused to read the customer's subscriptions: {error.reason}")
         else:
-            if period is None:
+            if item is None:
                 problems.append(
                     "the customer has no active subscription with this price, so Stripe bills these units on no "
                     "invoice: subscribe the customer to the price in Stripe"
                 )
             else:
-                values["period_start"], values["period_end"] = period.start, period.end
+                values["period_start"], values["period_end"] = item.period.start, item.period.end
+                if item.price_id != client.stripe_price_id:
+                    problems.append(
+                        f"the customer has no active subscription with this price but one with price "
+                        f"{item.price_id} of the same meter: Stripe bills these units on it, at that price, while "
+                        f"Rebill's amounts and caps in money use this one: set the client's price to {item.price_id}"
+                    )
     return values, "; ".join(problems) or None
 
 
