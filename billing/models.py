@@ -257,6 +257,9 @@ class UnitReport(TimestampMixin, db.Model):
     __tablename__ = "unit_report"
     __table_args__ = (
         Index("ix_unit_report_status_next", "status", "next_attempt_at"),
+        # The >24 h check and reconcile compare one customer's reports in a window with Stripe's totals
+        # (billing.report_claims.offered_to_customer): whichever agency offered them, so not by agency.
+        Index("ix_unit_report_customer_time", "target_customer", "stripe_timestamp"),
         # Reporting's claim reads each agency's first due rows in this order (billing.report_claims): a few
         # index entries per agency, however long any agency's backlog or history is.
         Index(

@@ -436,7 +436,8 @@ def _read_period(gateway: StripeGateway, client: RebillClient) -> tuple[dict, st
         # on any price of its meter, which Stripe bills the meter's events on as well (a plan change in Stripe).
         meter_id = client.meter_id if client.report_mode == ReportMode.METER else None
         try:
-            item = item_for(gateway.live_items(client.stripe_customer_id), client.stripe_price_id, meter_id)
+            items = gateway.live_items(client.stripe_customer_id)
+            item = item_for(items, client.stripe_price_id, meter_id)
         except (StripeRequestRejected, StripeKeyRejected) as error:
             if _key_refused(error):
                 raise
@@ -454,6 +455,19 @@ def _read_period(gateway: StripeGateway, client: RebillClient) -> tuple[dict, st
                         f"the customer has no active subscription with this price but one with price "
                         f"{item.price_id} of the same meter: Stripe bills these units on it, at that price, while "
                         f"Rebill's amounts and caps in money use this one: set the client's price to {item.price_id}"
+                    )
+                # Stripe bills a meter's events on every live item whose price uses the meter (docs/stripe.md
+                # §1.2): a second one invoices every unit Rebill reports again, which Rebill cannot see or undo.
+                others = sorted({
+                    other.price_id for other in items
+                    if meter_id is not None and other.meter_id == meter_id
+                    and other.period.subscription_item_id != item.period.subscription_item_id
+                })  # fmt: skip
+                if others:
+                    problems.append(
+                        f"the customer has another live subscription item on this meter (price {', '.join(others)}): "
+                        "Stripe invoices every unit once on each item, so twice or more: remove the extra item in "
+                        "Stripe"
                     )
     return values, "; ".join(problems) or None
 

@@ -158,7 +158,7 @@ def _reconcile_target(
     # agencies may connect one account), not only this agency's; otherwise the other agency's units fill the
     # total and hide units Stripe rejected after accepting them.
     offered_here = (
-        offered_to_customer(target.customer_id, agency.stripe_account_id, agency.id),
+        offered_to_customer(target.customer_id, agency.stripe_account_id),
         (UnitReport.target_event_name if target.mode == ReportMode.METER else UnitReport.target_price) == target.name,
         UnitReport.stripe_timestamp >= window.start,
         UnitReport.stripe_timestamp < window.end,

@@ -538,27 +538,23 @@ def account_moved(recorded: str | None, current: str | None) -> bool:
     return bool(recorded and current and recorded != current)
 
 
-def offered_to_customer(customer_id: str, account: str | None, agency_id: int) -> ColumnElement[bool]:
+def offered_to_customer(customer_id: str, account: str | None) -> ColumnElement[bool]:
     """The unit reports offered to Stripe customer ``customer_id``, whichever agency offered them (a condition).
 
     Stripe's totals for a customer's meter hold every writer's units, and two agencies may connect one Stripe
     account (one business with two GHL companies; nothing forbids it), so the ledger side of a comparison with
-    them is every agency's reports to the customer, not one agency's. A customer id names one customer of one
-    account (Stripe's ids are unique across accounts), which also covers agencies whose account id is unknown
-    (connected before Rebill recorded it); a report recorded for another account than a known ``account`` is not
-    in its totals. The reports are looked up through the agencies that may hold them, on the agency index:
-    ``agency_id``, the agencies now on ``account`` and those with a client now on the customer. Not seen: a
-    report of an agency since moved to another account whose clients all left the customer.
+    them is every report to the customer, whichever agency offered it, including an agency that has since
+    moved to another account. A customer id names one customer of one account, so the customer and the
+    account select them; a report recorded for another account than a known ``account`` is not in its totals,
+    and one recorded without an account (offered before Rebill recorded it) is counted: counting a report that
+    is not in the total only raises "known", which leads to "needs reconcile", never to "delivered". Served by
+    ix_unit_report_customer_time: one customer's reports in a window, however many other agencies' rows
+    the table holds.
     """
-    agencies = [
-        UnitReport.agency_id == agency_id,
-        UnitReport.agency_id.in_(select(RebillClient.agency_id).where(RebillClient.stripe_customer_id == customer_id)),
-    ]
     same_account = []
     if account is not None:
-        agencies.append(UnitReport.agency_id.in_(select(Agency.id).where(Agency.stripe_account_id == account)))
         same_account.append(or_(UnitReport.target_account.is_(None), UnitReport.target_account == account))
-    return and_(UnitReport.target_customer == customer_id, or_(*agencies), *same_account)
+    return and_(UnitReport.target_customer == customer_id, *same_account)
 
 
 def account_moved_reason(recorded: str | None, current: str | None) -> str:

@@ -442,7 +442,7 @@ def _compare_with_stripe(gateway: StripeGateway, claim: Claim) -> Claim | Outcom
         select(Agency.stripe_account_id).where(Agency.id == claim.agency_id)
     )
     in_window = (
-        offered_to_customer(claim.target.customer_id, account, claim.agency_id),
+        offered_to_customer(claim.target.customer_id, account),
         UnitReport.id != claim.report_id,
         UnitReport.stripe_timestamp >= window.start,
         UnitReport.stripe_timestamp < window.end,
