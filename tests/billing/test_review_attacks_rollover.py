@@ -440,28 +440,10 @@ def test_attack_a_second_agency_on_the_same_stripe_account_does_not_make_a_missi
     confirmed. D's check reads 6 in the window, knows 0 there, and marks D delivered "from Stripe's totals": D's 6
     units are never billed. Fix: the window's rows are those of the same Stripe account (``target_account``), not
     of the same agency (F1, a total below D's own units, is unaffected: other writers only raise the total)."""
-    from dataclasses import replace
-
-    from billing.agencies import ensure_agency
-    from core.encryption import secret_box
+    from tests.billing.test_review_attacks_shared_customer import missing_report_beside_another_agency_s_confirmed_one
 
     setup = world.agency()
-    account_id = world.agency_row(setup).stripe_account_id
-    shared = ensure_agency("company-on-the-same-stripe-account")
-    shared.stripe_key_ciphertext = secret_box().encrypt(setup.agency_key)
-    shared.stripe_key_last4, shared.stripe_mode, shared.stripe_key_status = setup.agency_key[-4:], "test", "ok"
-    shared.stripe_account_id = account_id
-    db.session.flush()
-    client = world.client(setup)
-    other = world.client(replace(setup, agency=shared), customer_id=client.stripe_customer_id)
-    usage = world.clock.now() - dt.timedelta(seconds=30)
-    world.report(client, 6, at=usage)
-    world.state.inject("/v1/billing/meter_events", "timeout", seconds=0.1)  # not applied, answer lost
-    tick(world)
-    world.report(other, 6, at=usage)
-    tick(world, seconds=1)
-    (d,), (n,) = world.reports(client), world.reports(other)
-    assert d.in_doubt_since is not None and n.status == "sent"
+    client, _ = missing_report_beside_another_agency_s_confirmed_one(world, setup)
 
     tick(world, hours=25)
 

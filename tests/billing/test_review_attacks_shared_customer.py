@@ -33,9 +33,9 @@ def _second_agency_on_the_same_account(world, setup, name):
     return shared
 
 
-def _missing_report_beside_another_agency_s_confirmed_one(world, setup):
+def missing_report_beside_another_agency_s_confirmed_one(world, setup):
     """D (6, agency 1) offered and not applied, answer lost; N (6, agency 2, same customer, meter and minute)
-    confirmed. Returns (client, other client)."""
+    confirmed. Returns (client, other client). Test G3 (test_review_attacks_rollover) builds on it too."""
     shared = _second_agency_on_the_same_account(world, setup, "company-moving-away")
     client = world.client(setup)
     other = world.client(replace(setup, agency=shared), customer_id=client.stripe_customer_id)
@@ -60,7 +60,7 @@ def test_attack_a_neighbour_of_an_agency_that_moved_away_does_not_make_a_missing
     ordinary account move. Fix: select the window's rows by customer (and account), not through agencies: an
     index on unit_report (target_customer, stripe_timestamp) serves it directly (and fixes H2)."""
     setup = world.agency()
-    client, other = _missing_report_beside_another_agency_s_confirmed_one(world, setup)
+    client, other = missing_report_beside_another_agency_s_confirmed_one(world, setup)
 
     # Agency 2 moves: its new account, its client on a customer of it (connect_stripe + update_client's effect).
     moved = world.agency_row(replace(setup, agency=other.agency))
