@@ -10,11 +10,14 @@ acknowledged.
 
 The statement writes what ghl.deliveries' one-transaction path writes for the same delivery (the delivery
 row with its outcome, the usage row), with ghl.events' outcome texts, so a replay of the stored delivery
-records the same outcome (tests/ghl/test_webhooks.py compares them), and copies inside one batch are
-deduplicated as copies in separate requests are (tests/ghl/test_message_group_commit.py). It is compiled
-once, to psycopg's own SQL text (no SQLAlchemy compile or execution context per batch), and sent on the
-worker's own connection, where psycopg prepares it after a few uses; one text serves every batch size, the
-rows travel as one JSON array. SQLite, and replays, go through ghl.deliveries and ghl.events.
+records the same outcome (tests/ghl/test_webhooks.py compares them). Copies inside one batch (a webhookId
+or a messageId twice) are rare; they are sorted out in Python, not by the statement: a later copy goes into
+a follow-up statement of the same batch, sent once the first committed, so it reads "duplicate" or
+"already recorded" as it would in a request of its own (_rounds; tests/ghl/test_message_group_commit.py).
+The statement is compiled once, with its constants written in and one parameter, $1, the rows as one JSON
+array (one text serves every batch size), and sent as it is on the worker's own connection, prepared there
+(ghl.ingest_connections): no SQLAlchemy compile, execution context or placeholder conversion per batch.
+SQLite, and replays, go through ghl.deliveries and ghl.events.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import time
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, Text, bindparam, case, cast, event, exists, func, literal, literal_column, select, true
+from sqlalchemy import Engine, Text, case, cast, event, func, literal, literal_column, select, true
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import JSONB, distinct_on
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
@@ -77,8 +80,6 @@ _FIELDS = {
     "already_recorded": Text(),
 }
 _TIMESTAMP_POSITIONS = [position for position, type_ in enumerate(_FIELDS.values()) if type_ is _TIMESTAMP]
-# psycopg._queries.MAX_CACHED_STATEMENT_LENGTH (psycopg 3.1-3.2): longer query texts are parsed per execution.
-PSYCOPG_CACHED_QUERY_LENGTH = 4096
 # Errors of a value PostgreSQL refuses (e.g. a NUL in text): one delivery's problem, not the batch's.
 _REFUSED_VALUE = (psycopg.DataError, psycopg.IntegrityError)
 
@@ -94,42 +95,47 @@ class StoreUnavailable(Exception):
     """The delivery could not be stored (its batch failed): answer 429, GHL retries."""
 
 
-def _batch_statement():
-    """Store a batch of message deliveries and record their usage in ONE statement; RETURNING webhook_id, id,
-    status, error for each stored delivery.
+def _batch_statement() -> str:
+    """Store one round of a batch (no two deliveries with one webhookId or one messageId, see _rounds) and
+    record its usage in ONE statement; RETURNING webhook_id, id, status, error for each stored delivery.
 
-        WITH located AS (SELECT input.*, ghl_location.agency_id, is_installed, <first copy of its webhookId
-                                in the batch>, <webhookId stored before>
-                         FROM unnest(<one array per field>) WITH ORDINALITY AS input LEFT JOIN ghl_location …),
-             candidate AS (SELECT DISTINCT ON (agency_id, message_id) … FROM located
-                           WHERE is_installed AND first copy AND not stored before ORDER BY …, ord),
-             usage AS (INSERT INTO usage_event … SELECT … FROM candidate ORDER BY agency_id, message_id
+        WITH located AS (SELECT <the fields of each element>, ghl_location.agency_id, is_installed,
+                                <webhookId stored before>
+                         FROM jsonb_array_elements($1) LEFT JOIN LATERAL <location> LEFT JOIN LATERAL <stored>),
+             usage AS (INSERT INTO usage_event … SELECT … FROM located WHERE is_installed AND NOT stored before
+                       ORDER BY agency_id, message_id
                        ON CONFLICT (agency_id, source, source_event_id) DO NOTHING RETURNING agency_id, source_event_id)
-        INSERT INTO ghl_webhook_delivery … SELECT …, <status and error from located, candidate and usage>
-        FROM located ORDER BY webhook_id, ord ON CONFLICT (webhook_id) DO NOTHING RETURNING …
+        INSERT INTO ghl_webhook_delivery … SELECT …, <status and error from located and the usage it recorded>
+        FROM located LEFT JOIN usage ON <its agency and message> ORDER BY webhook_id
+        ON CONFLICT (webhook_id) DO NOTHING RETURNING …
 
     The outcomes are those of ghl.events for each message: subaccount unknown → "failed" (replayable), not
     installed → "ignored", message recorded before → "ignored", else "processed"; no row → a duplicate
-    delivery, which records nothing. Inside a batch, copies behave as if they came one after another in
-    batch order: the first copy of a webhookId is stored (the others are duplicates), and of several
-    webhooks carrying one message only the first records it (the others read "already recorded").
-    Across batches (other workers) two copies in flight at once count once: the second usage INSERT waits
-    on the first's unique-index entry, then does nothing. Rows are inserted in key order (usage by
-    agency and message, deliveries by webhookId), so two batches holding the same keys wait for each other
-    in one order and cannot deadlock.
+    delivery, which records nothing. "Processed" means this statement's usage INSERT returned the message's
+    key (one delivery per message in a round, so the join finds at most one). Across batches (other workers)
+    two copies in flight at once count once: the second usage INSERT waits on the first's unique-index
+    entry, then does nothing.
+
+    No deadlock between workers: every statement takes its index entries in one global order, usage keys
+    first, by (agency, message) (the unique index's order), then delivery keys by webhookId. The ORDER BY
+    of the usage SELECT orders the first; the Sort under the delivery INSERT orders the second and, since a
+    sort emits nothing before it has read all of its input (the join, hence the whole usage CTE), no
+    delivery is inserted before the last usage row. Keys are distinct within a statement, so these orders
+    are total. (Sorting in Python instead cannot serve both: webhookId and messageId orders are
+    independent; and without the Sort the phases interleave in a nested-loop plan. bench/README.md.)
     """
     elements = (
-        func.jsonb_array_elements(bindparam("rows", type_=JSONB))
-        .table_valued("value", with_ordinality="ord")
+        func.jsonb_array_elements(cast(literal_column("$1"), JSONB))
+        .table_valued("value")
         .render_derived(name="element")
     )
+
     def field(position: int, name: str, type_):
         text = elements.c.value.op("->>")(literal_column(str(position)))  # ->> reads element i as text
         return (text if isinstance(type_, Text) else cast(text, type_)).label(name)
 
-    rows = select(
-        *(field(position, name, type_) for position, (name, type_) in enumerate(_FIELDS.items())), elements.c.ord
-    ).cte("input")
+    fields = (field(position, name, type_) for position, (name, type_) in enumerate(_FIELDS.items()))
+    rows = select(*fields).subquery("input")
     # Both lookups are LATERAL ... LIMIT 1, i.e. one index probe per row. The plan is generic and lives as
     # long as the connection, often made while the tables are small (a fresh install, a new database): with
     # a join or EXISTS, the planner (which guesses 100 rows for the JSON array) then picks a hash over the
@@ -142,83 +148,100 @@ def _batch_statement():
     )
     stored = select(_DELIVERY.c.id).where(_DELIVERY.c.webhook_id == rows.c.webhook_id).limit(1).lateral("stored")
     located = (
-        select(
-            rows,
-            location.c.agency_id,
-            location.c.is_installed,
-            (func.row_number().over(partition_by=rows.c.webhook_id, order_by=rows.c.ord) == 1).label("first_copy"),
-            stored.c.id.is_not(None).label("stored_before"),
-        )
+        select(rows, location.c.agency_id, location.c.is_installed, stored.c.id.is_not(None).label("stored_before"))
         .select_from(rows.outerjoin(location, true()).outerjoin(stored, true()))
         .cte("located")
     )
-    candidate = (
-        select(located.c.ord, located.c.agency_id, located.c.message_id, located.c.location_id,
-               located.c.direction, located.c.occurred_at, located.c.received_at)
-        .where(located.c.is_installed, located.c.first_copy, ~located.c.stored_before)
-        .ext(distinct_on(located.c.agency_id, located.c.message_id))
-        .order_by(located.c.agency_id, located.c.message_id, located.c.ord)
-        .cte("candidate")
-    )  # fmt: skip
     usage = (
         insert_usage_from(
             select(
-                candidate.c.agency_id,
+                located.c.agency_id,
                 literal(UsageSource.GHL_WEBHOOK.value),
-                candidate.c.message_id,
+                located.c.message_id,
                 None,  # channel_id
-                candidate.c.location_id,
+                located.c.location_id,
                 0,  # input_tokens
                 0,  # output_tokens
                 1,  # messages
-                candidate.c.direction,
+                located.c.direction,
                 None,  # model
-                candidate.c.occurred_at,
-                candidate.c.received_at,
-            ).order_by(candidate.c.agency_id, candidate.c.message_id)
+                located.c.occurred_at,
+                located.c.received_at,
+            )
+            .where(located.c.is_installed, ~located.c.stored_before)
+            .order_by(located.c.agency_id, located.c.message_id)
         )
         .returning(UsageEvent.__table__.c.agency_id, UsageEvent.__table__.c.source_event_id)
         .cte("usage")
     )
     known = located.c.agency_id.is_not(None)
-    recorded = exists().where(
-        candidate.c.ord == located.c.ord,
-        usage.c.agency_id == candidate.c.agency_id,
-        usage.c.source_event_id == candidate.c.message_id,
+    recorded = usage.c.source_event_id.is_not(None)
+    delivery = (
+        select(
+            located.c.webhook_id,
+            located.c.event_type,
+            located.c.company_id,
+            located.c.delivery_location_id,
+            located.c.body,
+            located.c.signature_scheme,
+            located.c.received_at,
+            case((~known, "failed"), (recorded, "processed"), else_="ignored"),  # status
+            case(  # error
+                (~known, located.c.unknown_subaccount),
+                (~located.c.is_installed, located.c.not_installed),
+                (~recorded, located.c.already_recorded),
+            ),
+            1,  # attempts
+            case((known, located.c.received_at)),  # processed_at: not for a failure, which stays replayable
+        )
+        .select_from(
+            located.outerjoin(
+                usage,
+                (usage.c.agency_id == located.c.agency_id) & (usage.c.source_event_id == located.c.message_id),
+            )
+        )
+        .order_by(located.c.webhook_id)
     )
-    delivery = select(
-        located.c.webhook_id,
-        located.c.event_type,
-        located.c.company_id,
-        located.c.delivery_location_id,
-        located.c.body,
-        located.c.signature_scheme,
-        located.c.received_at,
-        case((~known, "failed"), (recorded, "processed"), else_="ignored"),  # status
-        case(  # error
-            (~known, located.c.unknown_subaccount),
-            (~located.c.is_installed, located.c.not_installed),
-            (~recorded, located.c.already_recorded),
-        ),
-        1,  # attempts
-        case((known, located.c.received_at)),  # processed_at: not for a failure, which stays replayable
-    ).order_by(located.c.webhook_id, located.c.ord)
     statement = (
         postgresql.insert(_DELIVERY)
         .from_select(STORED_COLUMNS, delivery)
         .on_conflict_do_nothing(index_elements=["webhook_id"])
         .returning(_DELIVERY.c.webhook_id, _DELIVERY.c.id, _DELIVERY.c.status, _DELIVERY.c.error)
     )
-    compiled = statement.compile(dialect=psycopg_dialect())
-    constants = {name: bind.effective_value for bind, name in compiled.bind_names.items() if name != "rows"}
-    # psycopg caches the parsing of a query's placeholders only up to MAX_CACHED_STATEMENT_LENGTH characters
-    # (4096): above that it re-parses the text on every execution (regular expressions over 4 KB, the
-    # largest CPU cost of a batch when measured). So labels that repeat the column's name and runs of
-    # whitespace go; the import fails if the text still does not fit.
+    # The constants are written into the text (literal_binds): the one parameter left is the rows ($1).
+    compiled = statement.compile(dialect=psycopg_dialect(), compile_kwargs={"literal_binds": True})
+    # Labels that repeat the column's name and runs of whitespace go: less for the server to parse once,
+    # and for a reader of pg_stat_activity.
     text = re.sub(r"\s+", " ", re.sub(r"\b(\w+)\.(\w+) AS \2\b", r"\1.\2", compiled.string))
-    if len(text) > PSYCOPG_CACHED_QUERY_LENGTH:
-        raise RuntimeError(f"the batch statement has {len(text)} characters: psycopg would parse it per execution")
-    return text, constants
+    if text.count("$") != 1 or "%" in text:  # one server-side parameter, no pyformat escapes
+        raise RuntimeError(f"the batch statement is not a one-parameter text: {text}")
+    return text
+
+
+def _rounds(items: list[dict[str, Any]]) -> list[list[int]]:
+    """The positions of the batch's items, in the statements that write them one after another.
+
+    A statement holds no two items with one webhookId or one messageId: a later copy goes into a later
+    statement than every earlier item it shares a key with, so it is written after they committed and reads
+    as it would in a request of its own after theirs ("duplicate", "already recorded"). Items that share no
+    key do not see each other, so each outcome is the one of the items written one by one in batch order.
+    Copies inside one batch are rare: most batches are one statement.
+    """
+    webhooks = {item["webhook_id"] for item in items}
+    messages = {item["message_id"] for item in items}
+    if len(webhooks) == len(messages) == len(items):
+        return [list(range(len(items)))]
+    rounds: list[list[int]] = []
+    round_of: dict[tuple[str, str], int] = {}  # the last round holding a key
+    for position, item in enumerate(items):
+        keys = (("webhook", item["webhook_id"]), ("message", item["message_id"]))
+        number = max((round_of[key] + 1 for key in keys if key in round_of), default=0)
+        for key in keys:
+            round_of[key] = number
+        if number == len(rounds):
+            rounds.append([])
+        rounds[number].append(position)
+    return rounds
 
 
 def _rows_json(items: list[dict[str, Any]]) -> str:
@@ -233,14 +256,25 @@ def _rows_json(items: list[dict[str, Any]]) -> str:
 
 
 def _results(items: list[dict[str, Any]], rows: list[tuple]) -> list[Any]:
-    """(id, status, error) of each item's stored delivery, None for a duplicate, from the RETURNING rows."""
+    """(id, status, error) of each item's stored delivery, None for a duplicate, from the RETURNING rows of
+    one statement (whose items have distinct webhookIds)."""
     stored = {webhook_id: (delivery_id, status, error) for webhook_id, delivery_id, status, error in rows}
-    # The first copy of a webhookId in the batch is the one stored; later copies are duplicates.
-    return [stored.pop(item["webhook_id"], None) for item in items]
+    return [stored.get(item["webhook_id"]) for item in items]
 
 
-# Compiled once, to psycopg's %(name)s text; the constants are the statement's own literals.
-_BATCH_SQL, _BATCH_CONSTANTS = _batch_statement()
+def _answering_the_rest(results: list[Any], rounds: list[list[int]], answer: Any) -> list[Any]:
+    """``results`` with ``answer`` for every item of ``rounds`` (the rounds not written)."""
+    for positions in rounds:
+        for position in positions:
+            results[position] = answer
+    return results
+
+
+# Compiled once, with its constants written in: one parameter, $1, the rows' JSON array. The worker's own
+# connections send it through a RawCursor (no placeholder conversion on our side, ghl.ingest_connections);
+# SQLAlchemy's connections, which write a refused batch's items alone, take it with psycopg's %(rows)s.
+_BATCH_SQL = _batch_statement()
+_BATCH_SQL_NAMED = _BATCH_SQL.replace("$1", "%(rows)s")
 
 
 class MessageIngest:
@@ -309,21 +343,35 @@ class MessageIngest:
     def _write(self, items: list[dict[str, Any]]) -> list[Any]:
         """Write a batch: (id, status, error) per item, None for a duplicate; raises when the batch failed.
 
-        A value the database refuses fails the whole statement: then every item is to be written alone
-        (_WRITE_ALONE), each by its own request once the batch is over, so that the worker's next batch need
-        not wait for them (one of them may wait on a lock up to the store timeout); the refused one is stored
-        alone as failed (as in ghl.deliveries), and an item whose own write fails is answered 429 alone.
+        One statement per round (_rounds: one, unless the batch holds copies), each committed before the
+        next is sent. A value the database refuses fails the whole statement: then every item of that round
+        and the later ones is to be written alone (_WRITE_ALONE), each by its own request once the batch is
+        over, so that the worker's next batch need not wait for them (one of them may wait on a lock up to
+        the store timeout); the refused one is stored alone as failed (as in ghl.deliveries), and an item
+        whose own write fails is answered 429 alone. When a later round fails otherwise, its items and the
+        following ones get the error (429) while the committed rounds keep their outcomes.
         """
-        try:
-            rows = self._execute(items)
-        except _REFUSED_VALUE:
-            return [_WRITE_ALONE] * len(items)
-        return _results(items, rows)
+        deadline = min(item["arrived"] for item in items) + STALLED_AFTER * self.store_timeout_ms / 1000
+        rounds = _rounds(items)
+        results: list[Any] = [None] * len(items)
+        for number, positions in enumerate(rounds):
+            written = [items[position] for position in positions]
+            try:
+                rows = self._execute(written, deadline)
+            except _REFUSED_VALUE:
+                return _answering_the_rest(results, rounds[number:], _WRITE_ALONE)
+            except Exception as error:
+                if number == 0:
+                    raise  # nothing of the batch is stored: every delivery of it is answered 429
+                return _answering_the_rest(results, rounds[number:], error)
+            for position, result in zip(positions, _results(written, rows), strict=True):
+                results[position] = result
+        return results
 
     def _write_alone(self, item: dict[str, Any]) -> Any:
         """One item of a refused batch, in its own statement through SQLAlchemy (its errors read as elsewhere)."""
         try:
-            rows = self._execute_alone(_BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json([item])})
+            rows = self._execute_alone(_BATCH_SQL_NAMED, {"rows": _rows_json([item])})
         except (DataError, IntegrityError) as error:
             return self._failed_alone(item, error)
         except Exception as error:  # e.g. text psycopg cannot encode: this delivery alone is answered 429
@@ -341,15 +389,15 @@ class MessageIngest:
             return store_error
         return None if stored is None else (stored.id, "failed", message)
 
-    def _execute(self, items: list[dict[str, Any]]) -> list[tuple]:
-        """Run the batch statement on one of the worker's own connections (ghl.ingest_connections), in
-        autocommit: the statement is its transaction. Whatever the server does, the batch is answered or given
-        up and raised: the server cancels it one store timeout after it is sent (a lock), and the worker cuts it
-        STALLED_AFTER store timeouts after its oldest delivery arrived, or one store timeout + 0.5 s (CUT_MARGIN)
-        after it was sent if that is later; a batch whose deadline passed in the queue is not even sent. So a delivery
-        that queued behind a stalled batch is answered up to ~2.5 store timeouts after it arrived."""
-        deadline = min(item["arrived"] for item in items) + STALLED_AFTER * self.store_timeout_ms / 1000
-        return self.connections.run(_BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json(items)}, deadline)
+    def _execute(self, items: list[dict[str, Any]], deadline: float) -> list[tuple]:
+        """Run the batch statement for ``items`` (one round) on one of the worker's own connections
+        (ghl.ingest_connections), in autocommit: the statement is its transaction. Whatever the server does, the
+        batch is answered or given up and raised: the server cancels it one store timeout after it is sent (a
+        lock), and the worker cuts it at ``deadline`` (STALLED_AFTER store timeouts after the batch's oldest
+        delivery arrived), or one store timeout + 0.5 s (CUT_MARGIN) after it was sent if that is later; a
+        statement whose deadline passed in the queue is not even sent. So a delivery that queued behind a
+        stalled batch is answered up to ~2.5 store timeouts after it arrived."""
+        return self.connections.run(_BATCH_SQL, (_rows_json(items),), deadline)
 
     def close(self) -> None:
         """Close the worker's own idle connections (with the engine's pool: the app's end, or a test's)."""

@@ -8,20 +8,18 @@ real PostgreSQL table lock held from another connection: the first batch waits o
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
 import psycopg
 import pytest
-from psycopg import sql as sql_module
 from sqlalchemy import select
 
 from billing.agencies import ensure_agency
 from billing.models import UsageEvent
 from core.database import db
 from ghl.locations import upsert_location
-from ghl.message_ingest import _BATCH_CONSTANTS, _BATCH_SQL
+from ghl.message_ingest import _BATCH_SQL
 from ghl.webhooks import INGEST
 from tests.ghl.fake_ghl import COMPANY_ID, deliveries, encode, load_payload
 
@@ -225,6 +223,55 @@ def test_copies_inside_one_batch_get_the_outcomes_of_the_general_path(app, app_c
     assert usage_ids() == ["msg-opener", "msg-plain", "msg-shared", "msg-twice"]  # nothing counted twice
 
 
+def test_a_batch_of_chained_copies_gets_the_outcomes_of_its_deliveries_one_after_another(
+    app, app_context, signer, admin_url
+):
+    # One batch, in a known order, whose copies chain: B shares A's message, C shares B's webhook, D shares
+    # C's message. One after another: B reads "already recorded", C is a duplicate of B (so C's message is
+    # NOT counted by C), and D counts it. A statement that held B and C together, or that deduplicated by
+    # webhookId first and by message second (C stored and counting msg-chain-2, B a duplicate), would answer
+    # otherwise. The last item repeats D's webhook with a value PostgreSQL refuses (a NUL): its statement
+    # fails after the others committed, which must keep their outcomes (it is written alone: a duplicate).
+    install_locations()
+    ingest = app.extensions[INGEST]
+    ingest.batches.max_writers = 1  # the queued deliveries form one batch, in the order they queued
+    cases = {
+        "A": (message("wh-chain-a", "msg-chain-1"), "processed"),
+        "B same message as A": (message("wh-chain-b", "msg-chain-1"), "ignored"),
+        "C same webhook as B": (message("wh-chain-b", "msg-chain-2"), "duplicate"),
+        "D same message as C": (message("wh-chain-d", "msg-chain-2"), "processed"),
+        "E copy of A": (message("wh-chain-a", "msg-chain-1"), "duplicate"),
+        "F uninstalled": (message("wh-chain-f", "msg-chain-3", UNINSTALLED_ID), "ignored"),
+        "G same message as F": (message("wh-chain-g", "msg-chain-3"), "processed"),
+        "H plain": (message("wh-chain-h", "msg-chain-4"), "processed"),
+        "I refused copy of D": (message("wh-chain-d", "bad\u0000id"), "duplicate"),
+    }
+    opener, rest = Deliverer(app, signer), Deliverer(app, signer, admin_url)
+    with psycopg.connect(admin_url) as locker, psycopg.connect(admin_url, autocommit=True) as watcher:
+        locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")
+        batches_before = ingest.batches.batches
+        opener.start({"opener": message("wh-chain-opener", "msg-chain-opener")})
+        wait_until(lambda: backends_waiting_on_a_lock(watcher) >= 1, "the opener waiting on the lock")
+        for queued, (name, (body, _)) in enumerate(cases.items(), start=2):  # one at a time: the batch's order
+            rest.start({name: body})
+            wait_until(lambda queued=queued: ingest.batches.pending == queued, f"{name} queued")
+        locker.rollback()
+        opener.join()
+        rest.join()
+    assert ingest.batches.batches - batches_before == 2  # the opener's batch, then every case in one batch
+    assert {name: answer for name, answer in rest.answers.items()} == {
+        name: (200, {"status": status}) for name, (_, status) in cases.items()
+    }
+    committed = {name: seen for name, seen in rest.seen_committed.items() if cases[name][1] != "duplicate"}
+    assert committed == {name: status for name, (_, status) in cases.items() if status != "duplicate"}
+    assert usage_ids() == ["msg-chain-1", "msg-chain-2", "msg-chain-3", "msg-chain-4", "msg-chain-opener"]
+    stored = {d.webhook_id: d for d in deliveries()}
+    assert sorted(stored) == sorted(f"wh-chain-{name}" for name in ("opener", "a", "b", "d", "f", "g", "h"))
+    assert '"msg-chain-1"' in stored["wh-chain-b"].body and "already recorded" in stored["wh-chain-b"].error
+    assert '"msg-chain-2"' in stored["wh-chain-d"].body and stored["wh-chain-d"].status == "processed"
+    assert "not installed" in stored["wh-chain-f"].error
+
+
 def scans_of(plan: dict, tables: set[str], ancestors: tuple[dict, ...] = ()):
     """Each node of an EXPLAIN (FORMAT JSON) plan that reads one of ``tables``, with the nodes above it."""
     if plan.get("Relation Name") in tables and plan["Node Type"] != "ModifyTable":
@@ -239,14 +286,10 @@ def test_the_batch_statement_probes_an_index_per_row_even_when_planned_on_empty_
     # that only grows: each batch's cost grew with the stored rows (bench/README.md, before a36eeb2).
     # Planned here on empty tables, as the worker plans it, each read of the delivery and subaccount tables
     # must be an index probe for one row of the batch, under a nested loop: never a scan, a bitmap or a hash.
-    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", _BATCH_SQL)))  # psycopg's placeholders, as $1, $2, ...
-    sql = re.sub(r"%\((\w+)\)s", lambda placeholder: f"${names.index(placeholder[1]) + 1}", _BATCH_SQL)
-    values = sql_module.SQL(", ").join(sql_module.Literal(_BATCH_CONSTANTS.get(name, "[]")) for name in names)
     with psycopg.connect(admin_url, autocommit=True) as connection:
         connection.execute("SET plan_cache_mode = force_generic_plan")  # as the worker's connections plan it
-        connection.execute(f"PREPARE batch AS {sql}")
-        explain = sql_module.SQL("EXPLAIN (FORMAT JSON) EXECUTE batch({})").format(values)
-        plan = connection.execute(explain).fetchone()[0][0]
+        connection.execute(f"PREPARE batch AS {_BATCH_SQL}")  # its one parameter is $1, the rows
+        plan = connection.execute("EXPLAIN (FORMAT JSON) EXECUTE batch('[]')").fetchone()[0][0]
     tables = {"ghl_webhook_delivery", "ghl_location"}
     reads = list(scans_of(plan["Plan"], tables))
     assert {node["Relation Name"] for node, _ in reads} == tables

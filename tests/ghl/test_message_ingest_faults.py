@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from ghl.message_ingest import _BATCH_CONSTANTS, _BATCH_SQL, _rows_json
+from ghl.message_ingest import _BATCH_SQL, _rows_json
 from ghl.webhooks import INGEST
 from tests.ghl.fake_ghl import deliveries, encode, load_payload
 from tests.ghl.test_message_group_commit import (
@@ -100,9 +100,9 @@ def test_a_copy_waiting_on_another_workers_batch_past_the_store_timeout_is_429_a
     duplicate = original if copy == "same webhook" else message("wh-race-2", "msg-race")
     with psycopg.connect(admin_url) as worker_a:
         # Worker A's batch statement runs in a transaction that stays open: its commit is late.
-        other_worker.extensions[INGEST]._execute = lambda items: worker_a.execute(
-            _BATCH_SQL, _BATCH_CONSTANTS | {"rows": _rows_json(items)}
-        ).fetchall()
+        other_worker.extensions[INGEST]._execute = lambda items, deadline: (
+            psycopg.RawCursor(worker_a).execute(_BATCH_SQL, (_rows_json(items),)).fetchall()
+        )
         a = other_worker.test_client().post("/webhooks/ghl", data=original, headers=signer.headers(original))
         assert a.json == {"status": "processed"}  # A's rows, not committed yet (the stand-in answers early)
         b = Deliverer(app, signer)
