@@ -280,16 +280,42 @@ def scans_of(plan: dict, tables: set[str], ancestors: tuple[dict, ...] = ()):
         yield from scans_of(child, tables, (*ancestors, plan))
 
 
+def generic_plan(admin_url: str) -> dict:
+    """The batch statement's plan as the worker's connections make it (generic, here on empty tables)."""
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute("SET plan_cache_mode = force_generic_plan")  # as the worker's connections plan it
+        connection.execute(f"PREPARE batch AS {_BATCH_SQL}")  # its one parameter is $1, the rows
+        return connection.execute("EXPLAIN (FORMAT JSON) EXECUTE batch('[]')").fetchone()[0][0]
+
+
+def nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from nodes(child)
+
+
+def test_the_batch_statement_takes_usage_keys_then_delivery_keys_each_in_key_order(admin_url):
+    # Two workers' batches holding the same keys must wait for each other in one order, never deadlock
+    # (ghl.message_ingest._batch_statement): usage rows are inserted sorted by (agency, message), and the
+    # delivery rows come out of a Sort by webhookId over the join with the usage CTE, which reads every
+    # usage row before the first delivery row is inserted.
+    plan = generic_plan(admin_url)["Plan"]
+    insert_usage = next(node for node in nodes(plan) if node.get("Relation Name") == "usage_event")
+    usage_sorts = [node for node in nodes(insert_usage) if node["Node Type"] == "Sort"]
+    assert [[key.split(".")[-1] for key in sort["Sort Key"]] for sort in usage_sorts] == [["agency_id", "message_id"]]
+    [delivery_input] = [child for child in plan["Plans"] if child.get("Parent Relationship") == "Outer"]
+    sort = next(node for node in nodes(delivery_input) if node["Node Type"] == "Sort")
+    assert [key.split(".")[-1] for key in sort["Sort Key"]] == ["webhook_id"]
+    assert any(node.get("CTE Name") == "usage" for node in nodes(sort)), "the sort is over the join with usage"
+
+
 def test_the_batch_statement_probes_an_index_per_row_even_when_planned_on_empty_tables(admin_url):
     # The worker's connections plan the batch statement once (generic plan), often while the tables are
     # small (a fresh install). A plan that hashes a whole table then makes every later batch scan a table
     # that only grows: each batch's cost grew with the stored rows (bench/README.md, before a36eeb2).
     # Planned here on empty tables, as the worker plans it, each read of the delivery and subaccount tables
     # must be an index probe for one row of the batch, under a nested loop: never a scan, a bitmap or a hash.
-    with psycopg.connect(admin_url, autocommit=True) as connection:
-        connection.execute("SET plan_cache_mode = force_generic_plan")  # as the worker's connections plan it
-        connection.execute(f"PREPARE batch AS {_BATCH_SQL}")  # its one parameter is $1, the rows
-        plan = connection.execute("EXPLAIN (FORMAT JSON) EXECUTE batch('[]')").fetchone()[0][0]
+    plan = generic_plan(admin_url)
     tables = {"ghl_webhook_delivery", "ghl_location"}
     reads = list(scans_of(plan["Plan"], tables))
     assert {node["Relation Name"] for node, _ in reads} == tables
