@@ -25,8 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -36,7 +35,9 @@ _PENDING = object()
 
 
 class _Caller:
-    """One submitted item and where its result goes; ``wake`` is held until the caller may run again."""
+    """One submitted item and where its result goes. A caller that queues gets ``wake``, held until it may run
+    again; one that leads at once never waits, so it gets none (a lock per delivery less: under gevent each is
+    a Python object, see bench/README.md)."""
 
     __slots__ = ("error", "item", "lead", "result", "wake")
 
@@ -45,8 +46,7 @@ class _Caller:
         self.result: Any = _PENDING
         self.error: BaseException | None = None
         self.lead = False
-        self.wake = threading.Lock()
-        self.wake.acquire()
+        self.wake: Any = None
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -60,12 +60,22 @@ class BatchInterrupted(Exception):
 
 
 class Arrival:
-    """A caller announced to a GroupCommit; ``submitted`` once its item is queued."""
+    """A caller announced to a GroupCommit while inside ``with group.arrival()``; ``submitted`` once its item
+    is queued. A context manager of its own, not a generator-based one: it is entered once per delivery."""
 
-    __slots__ = ("submitted",)
+    __slots__ = ("_group", "submitted")
 
-    def __init__(self):
+    def __init__(self, group: GroupCommit):
+        self._group = group
         self.submitted = False
+
+    def __enter__(self) -> Arrival:
+        self._group._announce()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.submitted:
+            self._group._withdraw()
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -88,6 +98,7 @@ class GroupCommit(Generic[Item, Result]):
         self._queue: deque[_Caller] = deque()
         self._leaders = 0
         self._announced = 0
+        self._collecting = 0  # leaders waiting on _queued for announced callers: the only ones notify can wake
         self._writing = 0
         self.batches = 0  # written batches and items, for the benchmark's and the tests' reading
         self.items = 0
@@ -98,19 +109,26 @@ class GroupCommit(Generic[Item, Result]):
         with self._lock:
             return len(self._queue) + self._writing
 
-    @contextmanager
-    def arrival(self) -> Iterator[Arrival]:
-        """Announce a caller that may submit soon (pass the yielded Arrival to submit); it ends on leaving."""
-        arrival = Arrival()
+    def arrival(self) -> Arrival:
+        """Announce a caller that may submit soon: ``with group.arrival() as arrival:``, passing ``arrival`` to
+        submit; the announcement ends on leaving the block (or once submitted)."""
+        return Arrival(self)
+
+    def _announce(self) -> None:
         with self._lock:
             self._announced += 1
-        try:
-            yield arrival
-        finally:
-            if not arrival.submitted:
-                with self._lock:
-                    self._announced -= 1
-                    self._queued.notify()
+
+    def _withdraw(self) -> None:
+        """An announced caller left without submitting: a leader waiting for it stops waiting."""
+        with self._lock:
+            self._announced -= 1
+            self._notify_collecting()
+
+    def _notify_collecting(self) -> None:
+        """(Under the lock.) Wake a leader waiting for announced callers, if one is: notify() with nobody waiting
+        does nothing, and costs a deque and two lock operations (Python's Condition; gevent's lock under gevent)."""
+        if self._collecting:
+            self._queued.notify()
 
     def submit(self, item: Item, arrival: Arrival | None = None) -> Result:
         """Write ``item`` in the next batch; return its result once that batch is written (or raise its error)."""
@@ -124,8 +142,10 @@ class GroupCommit(Generic[Item, Result]):
                 self._leaders += 1
                 self._writing += 1
             else:
+                caller.wake = threading.Lock()
+                caller.wake.acquire()
                 self._queue.append(caller)  # the queue holds waiting callers only; a leader carries its own
-                self._queued.notify()
+                self._notify_collecting()
         if not lead:
             try:
                 caller.wake.acquire()  # released with the result, or to take the lead (then it left the queue)
@@ -160,7 +180,11 @@ class GroupCommit(Generic[Item, Result]):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._queued.wait(remaining)
+                    self._collecting += 1
+                    try:
+                        self._queued.wait(remaining)  # returns (or raises) with the lock held again
+                    finally:
+                        self._collecting -= 1
                 batch = [own] + [self._queue.popleft() for _ in range(min(len(self._queue), self.max_rows - 1))]
                 self._writing += len(batch) - 1  # own was counted when it took the lead
         except BaseException:  # interrupted before writing anything: the lead goes on, own is not written
@@ -201,5 +225,5 @@ class GroupCommit(Generic[Item, Result]):
             self._writing -= len(batch)
             self.batches += 1
             self.items += len(batch)
-        for caller in batch:
+        for caller in batch[1:]:  # batch[0] is the leader's own caller: running, not waiting
             caller.wake.release()

@@ -306,21 +306,20 @@ class MessageIngest:
         or a value the database refuses, stores the delivery alone as failed. Raises StoreUnavailable when
         the delivery's batch could not be written (nothing of it is stored or acknowledged).
         """
-        delivery = delivery_values(body, text, event, scheme)
+        item = delivery_values(body, text, event, scheme)
         try:
             message = read_message(event)
         except PayloadInvalid as error:
-            return self._outcome(self._failed_alone(delivery, error), delivery)
-        item = delivery | {
-            "location_id": message.location_id,
-            "message_id": message.message_id,
-            "direction": message.direction,
-            "occurred_at": message.occurred_at,
-            "unknown_subaccount": failure_message(unknown_subaccount(message)),
-            "not_installed": not_installed_note(message),
-            "already_recorded": already_recorded_note(message),
-            "arrived": time.monotonic(),  # its batch's deadline counts from the oldest arrival
-        }
+            return self._outcome(self._failed_alone(item, error), item)
+        # The delivery's own dict, completed in place (a merged copy per delivery is work for nothing).
+        item["location_id"] = message.location_id
+        item["message_id"] = message.message_id
+        item["direction"] = message.direction
+        item["occurred_at"] = message.occurred_at
+        item["unknown_subaccount"] = failure_message(unknown_subaccount(message))
+        item["not_installed"] = not_installed_note(message)
+        item["already_recorded"] = already_recorded_note(message)
+        item["arrived"] = time.monotonic()  # its batch's deadline counts from the oldest arrival
         try:
             stored = self.batches.submit(item, arrival)
         except Exception as error:  # the batch failed (the database, BatchInterrupted, a bug): none of it stored

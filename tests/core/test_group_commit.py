@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 SCRIPT = textwrap.dedent(
@@ -85,3 +87,55 @@ def test_a_failed_batch_under_gevent_answers_each_of_its_callers_with_the_error_
     assert result["outcomes"]["0"] == "stored 0"
     assert all(result["outcomes"][str(number)] == "error: the batch failed" for number in range(1, 5))
     assert result["pending"] == 0
+
+
+# A leader waits up to max_wait (here 60 s, far beyond the test's timeout) for callers announced with
+# ``arrival()``; it is woken only by notify, which the group commit sends only while a leader waits. Each
+# way an announced caller ends must wake it: by submitting (its item joins the batch), or by leaving
+# without submitting (a refused delivery; the batch goes without it).
+ARRIVAL_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, sys
+    import gevent
+    from core.group_commit import GroupCommit
+
+    batches, outcomes = [], {}
+    group = GroupCommit(lambda items: batches.append(list(items)) or list(items), max_wait=60, max_writers=1)
+
+    def caller(number):
+        outcomes[number] = group.submit(number)
+
+    def step_until(condition):
+        for _ in range(10000):
+            if condition():
+                return
+            gevent.sleep(0)
+        raise AssertionError("condition never held")
+
+    with group.arrival() as arrival:
+        leader = gevent.spawn(caller, 0)
+        step_until(lambda: group._collecting == 1)  # 0 leads and waits for the announced caller
+        if sys.argv[1] == "submits":
+            outcomes["announced"] = group.submit("announced", arrival)
+    leader.join(timeout=5)
+    print(json.dumps({"answered": leader.ready(), "batches": batches, "outcomes": outcomes,
+                      "announced": group._announced, "collecting": group._collecting, "pending": group.pending}))
+    """
+)
+
+
+@pytest.mark.parametrize(("ending", "batch"), [("submits", [0, "announced"]), ("leaves", [0])])
+def test_a_leader_waiting_for_an_announced_caller_is_woken_when_that_caller_submits_or_leaves(ending, batch):
+    finished = subprocess.run(
+        [sys.executable, "-c", ARRIVAL_SCRIPT, ending], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+
+    assert result["answered"] is True
+    assert result["batches"] == [batch]
+    assert result["outcomes"]["0"] == 0
+    assert result["announced"] == result["collecting"] == result["pending"] == 0

@@ -8,7 +8,10 @@ import threading
 from unittest import mock
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select, update
+from werkzeug.datastructures import EnvironHeaders
 
 from billing.agencies import ensure_agency, find_agency
 from billing.cli import SCHEDULED_JOBS
@@ -20,6 +23,7 @@ from ghl.installs import is_agency_installed
 from ghl.locations import upsert_location
 from ghl.models import GhlCompanyInstall, GhlLocation, GhlWebhookDelivery
 from ghl.signatures import WebhookVerifier
+from ghl.webhooks import WsgiHeaders
 from tests.conftest import drop_connections
 from tests.ghl.fake_ghl import (
     APP_ID,
@@ -156,6 +160,27 @@ def test_the_default_keys_are_ghls_published_ones(make_app, signer):
 def test_a_malformed_key_stops_the_start(make_app, setting, value):
     with pytest.raises(ConfigError, match=setting):
         make_app(**{setting: value})
+
+
+HEADER_NAMES = st.sampled_from(["X-GHL-Signature", "X-WH-Signature", "x-ghl-signature", "X_GHL_Signature",
+                                "Content-Type", "content-length", "Authorization"]) | st.text(max_size=12)  # fmt: skip
+
+
+@given(
+    names=st.lists(HEADER_NAMES, max_size=6),
+    values=st.lists(st.text(max_size=8), max_size=6),
+    lookup=HEADER_NAMES,
+    default=st.none() | st.text(max_size=3),
+)
+def test_the_dispatch_reads_a_header_as_werkzeug_does(names, values, lookup, default):
+    # MessageWebhookDispatch reads the signature headers with WsgiHeaders instead of building werkzeug's
+    # EnvironHeaders per delivery: the same environ key, so the same value, for any name.
+    environ = {"REQUEST_METHOD": "POST"}
+    for name, value in zip(names, values, strict=False):
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"] = value
+    assert WsgiHeaders(environ).get(lookup, default) == EnvironHeaders(environ).get(lookup, default)
+    assert WsgiHeaders(environ).get(lookup) == EnvironHeaders(environ).get(lookup)
 
 
 def test_a_key_of_the_wrong_type_stops_the_start(make_app, signer):
