@@ -175,17 +175,20 @@ class GroupCommit(Generic[Item, Result]):
         """Write own's item with whatever queued behind it, then hand the lead to the oldest waiting caller."""
         try:
             with self._lock:
-                deadline = time.monotonic() + self.max_wait
-                while self._announced > 0 and len(self._queue) + 1 < self.max_rows:  # a burst: wait for the rest
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._collecting += 1
-                    try:
-                        self._queued.wait(remaining)  # returns (or raises) with the lock held again
-                    finally:
-                        self._collecting -= 1
-                batch = [own] + [self._queue.popleft() for _ in range(min(len(self._queue), self.max_rows - 1))]
+                if self._announced > 0:  # nobody announced (one caller at a time): no clock, no wait
+                    deadline = time.monotonic() + self.max_wait
+                    while self._announced > 0 and len(self._queue) + 1 < self.max_rows:  # a burst: wait for the rest
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._collecting += 1
+                        try:
+                            self._queued.wait(remaining)  # returns (or raises) with the lock held again
+                        finally:
+                            self._collecting -= 1
+                batch = [own]
+                if self._queue:
+                    batch += [self._queue.popleft() for _ in range(min(len(self._queue), self.max_rows - 1))]
                 self._writing += len(batch) - 1  # own was counted when it took the lead
         except BaseException:  # interrupted before writing anything: the lead goes on, own is not written
             with self._lock:

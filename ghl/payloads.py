@@ -15,9 +15,11 @@ class PayloadInvalid(ValueError):
 def identifier(event: dict[str, Any], name: str) -> str | None:
     """Return a GHL id field (companyId, locationId, id, messageId …) or None when absent or not a string."""
     value = event.get(name)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         return None
     value = value.strip()
+    if not value:
+        return None
     if len(value) > ID_MAX_LENGTH:
         raise PayloadInvalid(f"{name} is longer than {ID_MAX_LENGTH} characters")
     return value
