@@ -30,11 +30,12 @@ SCRIPT = textwrap.dedent(
     from core.group_commit import GroupCommit
 
     CALLERS, FAIL_SECOND = int(sys.argv[1]), sys.argv[2] == "fail"
-    released, batches = Event(), []
+    writing, released, batches = Event(), Event(), []
 
     def write(items):
         batches.append(list(items))
         if len(batches) == 1:
+            writing.set()
             released.wait()  # the first batch's "commit" waits until every other caller queued
         if FAIL_SECOND and len(batches) == 2:
             raise RuntimeError("the batch failed")
@@ -50,7 +51,7 @@ SCRIPT = textwrap.dedent(
             outcomes[number] = f"error: {error}"
 
     first = gevent.spawn(caller, 0)
-    gevent.sleep(0)  # caller 0 leads and blocks inside its write
+    writing.wait()  # caller 0 leads and blocks inside its write
     others = [gevent.spawn(caller, number) for number in range(1, CALLERS)]
     while len(group._queue) < CALLERS - 1:  # every other caller waits in the queue (a greenlet switch each)
         gevent.sleep(0)
@@ -112,7 +113,7 @@ ARRIVAL_SCRIPT = textwrap.dedent(
         for _ in range(10000):
             if condition():
                 return
-            gevent.sleep(0)
+            gevent.idle()  # not sleep(0): a leader lets every ready greenlet run first, until the loop idles
         raise AssertionError("condition never held")
 
     with group.arrival() as arrival:
@@ -139,3 +140,60 @@ def test_a_leader_waiting_for_an_announced_caller_is_woken_when_that_caller_subm
     assert result["batches"] == [batch]
     assert result["outcomes"]["0"] == 0
     assert result["announced"] == result["collecting"] == result["pending"] == 0
+
+
+COHORTS = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, socket
+    import gevent
+    from gevent.event import Event
+    from core.group_commit import GroupCommit
+
+    writing, released, batches = Event(), Event(), []
+
+    def write(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            writing.set()
+            released.wait()  # batch 1's "commit" waits until callers 4-6 queued behind it
+        return [None] * len(items)
+
+    group = GroupCommit(write, max_rows=64, max_wait=1.0, max_writers=1)
+    connections = {number: socket.socketpair() for number in range(1, 4)}
+
+    def connection(number):
+        # A keep-alive connection: its request, then, once answered, the next one, which arrives through the
+        # socket (readable on a later turn of the loop), as a client's next request does.
+        group.submit(number)
+        client, server = connections[number]
+        client.sendall(b"next request")
+        server.recv(64)
+        group.submit(number * 10)
+
+    first = [gevent.spawn(connection, number) for number in range(1, 4)]
+    writing.wait()
+    later = [gevent.spawn(group.submit, number) for number in range(4, 7)]
+    while len(group._queue) < 3:
+        gevent.sleep(0)
+    released.set()
+    gevent.joinall([*first, *later], raise_error=True)
+    print(json.dumps({"batches": batches}))
+    """
+)
+
+
+def test_a_leader_under_gevent_waits_for_ready_requests_so_answered_connections_join_the_next_batch():
+    # Callers 1-3 are answered by batch 1; their next requests (10, 20, 30) arrive on their sockets while
+    # callers 4-6 wait for batch 2. Without the leader letting the ready greenlets run first, batch 2 would
+    # be [4, 5, 6] and the answered connections would form a batch of their own: two cohorts taking turns.
+    finished = subprocess.run(
+        [sys.executable, "-c", COHORTS], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    batches = json.loads(finished.stdout)["batches"]
+
+    assert batches == [[1, 2, 3], [4, 5, 6, 10, 20, 30]]

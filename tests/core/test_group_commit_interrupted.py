@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(
     if CASE == "queued":
         # A caller waiting in the queue behind a batch in flight is interrupted; the batch then ends.
         first = gevent.spawn(caller, 0)
-        step_until(lambda: group.pending == 1)  # 0 leads and waits inside its write
+        step_until(lambda: batches)  # 0 leads and waits inside its write
         victim = gevent.spawn(caller, 1)
         step_until(lambda: len(group._queue) == 1)
         victim.kill()
@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(
     elif CASE == "handed":
         # The lead is handed to a queued caller whose kill was already on its way: it must hand the lead on.
         first = gevent.spawn(caller, 0)
-        step_until(lambda: group.pending == 1)  # 0 leads and waits inside its write
+        step_until(lambda: batches)  # 0 leads and waits inside its write
         victim = gevent.spawn(caller, 1)
         step_until(lambda: len(group._queue) == 1)
         after_first_write.append(lambda: victim.kill(block=False))  # queued before the lead reaches 1
@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(
     elif CASE == "writing":
         # The leader of a batch of three is killed while its write runs.
         first = gevent.spawn(caller, 0)
-        step_until(lambda: group.pending == 1)
+        step_until(lambda: batches)  # 0 leads and waits inside its write
         others = {number: gevent.spawn(caller, number) for number in (1, 2, 3)}
         step_until(lambda: len(group._queue) == 3)
         released.set()
