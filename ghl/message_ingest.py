@@ -50,10 +50,13 @@ log = logging.getLogger("ghl.message_ingest")
 
 _DELIVERY = GhlWebhookDelivery.__table__
 _LOCATION = GhlLocation.__table__
-# Up to this many deliveries share one statement; a leader waits at most MAX_WAIT seconds for requests of
-# its worker that are still being verified (core.group_commit), never when there are none.
+# Up to this many deliveries share one statement. Before collecting its batch a leader waits at most MAX_WAIT
+# seconds for its worker's requests that are being read or verified (core.group_commit: under gevent, until
+# no other greenlet can run; alone, one loop turn). 5 ms, not 2: under full load a worker's connections then
+# share one batch instead of taking turns in two, and CPU per delivery fell ~15 % (bench/README.md, fourth
+# pass); only a saturated worker ever waits that long, and it adds at most that to a delivery's answer.
 MAX_ROWS = 64
-MAX_WAIT = 0.002
+MAX_WAIT = 0.005
 # One batch in flight per worker. Under gevent (the Procfile's worker) the worker's other requests go on
 # being read and verified while a batch's statement and WAL flush run, and queue for the next batch, so one
 # writer loses no throughput and every statement carries about twice the rows it did with two: PostgreSQL's
