@@ -89,6 +89,15 @@ class IngestConnections:
                     raise
                 self.close()  # the restart that dropped this one dropped the idle ones too: retry on a new one
                 self._let_the_pool_notice()
+            except psycopg.errors.FeatureNotSupported:
+                # "cached plan must not change result type": a migration changed a column the prepared statement
+                # returns (a rolling deploy). PostgreSQL refuses every later EXECUTE of it on this connection and
+                # psycopg keeps the name, so the connection and the idle ones, prepared alike, are closed and
+                # the batch (nothing of it stored) is sent once more on a new connection, prepared afresh.
+                self._release(connection, reusable=False)
+                self.close()
+                if attempt == 2:
+                    raise
             except BaseException:
                 self._release(connection)
                 raise
@@ -126,12 +135,17 @@ class IngestConnections:
         self._cursors[connection] = psycopg.RawCursor(connection)
         return connection
 
-    def _release(self, connection: psycopg.Connection) -> bool:
-        """Stop watching ``connection``; keep it if it is idle and whole, else close it. True if the watcher
-        cut it (its batch's deadline passed)."""
+    def _release(self, connection: psycopg.Connection, reusable: bool = True) -> bool:
+        """Stop watching ``connection``; keep it if it is ``reusable``, idle and whole, else close it. True if the
+        watcher cut it (its batch's deadline passed)."""
         with self._watch_lock:
             cut = self._deadlines.pop(connection, None) is None  # the watcher took it: its socket is shut down
-        if cut or connection.closed or connection.info.transaction_status != pq.TransactionStatus.IDLE:
+        if (
+            not reusable
+            or cut
+            or connection.closed
+            or connection.info.transaction_status != pq.TransactionStatus.IDLE
+        ):
             self._discard(connection)  # broken, cut, or interrupted mid-statement: never reused
         else:
             self._idle.append(connection)
