@@ -3,9 +3,10 @@ when the database has dropped pooled connections (a restart or failover)."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import NotSupportedError, OperationalError
 
 import core.database
 from core.database import db
@@ -47,3 +48,35 @@ def test_healthz_stays_honest_after_the_database_dropped_pooled_connections(clie
     response = client.get("/healthz")
     assert response.status_code == 200  # the database is up: a connection it dropped earlier is not news
     assert response.get_json() == {"status": "ok", "database": "ok"}
+
+
+def test_pooled_connections_whose_prepared_statements_a_migration_invalidated_are_replaced(
+    app_context, database_url, postgres_only
+):
+    # psycopg prepares a statement on a connection after 5 executions. A migration that then changes the type
+    # of a column it returns (run while workers serve: a rolling deploy) makes PostgreSQL refuse the prepared
+    # statement ("cached plan must not change result type"). A pooled connection recovers by itself: the
+    # failed request's ROLLBACK makes psycopg deallocate its prepared statements. (The message ingest's own
+    # connections run in autocommit and never roll back: ghl.ingest_connections replaces them instead.)
+    admin_url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute("CREATE TABLE plan_probe (label varchar(5))")
+        admin.execute("INSERT INTO plan_probe VALUES ('a')")
+        try:
+            for _ in range(6):
+                assert read_label() == "a"
+            admin.execute("ALTER TABLE plan_probe ALTER COLUMN label TYPE varchar(10)")
+            with pytest.raises(NotSupportedError):
+                read_label()  # the request that meets it fails once...
+            db.session.rollback()
+            assert read_label() == "a"  # ...once: its rollback cleared the connection's prepared statements
+        finally:
+            db.session.rollback()
+            db.engine.dispose()
+            admin.execute("DROP TABLE plan_probe")
+
+
+def read_label() -> str:
+    value = db.session.execute(text("SELECT label FROM plan_probe")).scalar()
+    db.session.commit()
+    return value
