@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from ghl.webhooks import INGEST
-from tests.ghl.test_message_group_commit import install_locations, message, usage_ids
+from tests.ghl.fake_ghl import deliveries
+from tests.ghl.test_message_group_commit import Deliverer, install_locations, message, usage_ids, wait_until
 
 
 @pytest.fixture
@@ -46,3 +47,85 @@ def test_a_migration_changing_a_returned_column_s_type_does_not_break_the_ingest
             app.extensions[INGEST].close()  # no connection with the changed plan outlives the test
     assert 200 in answers, answers
     assert usage_ids() == ["msg-schema-after", "msg-schema-warm"]
+
+
+def backend_pids_waiting_on_a_lock(watcher: psycopg.Connection) -> list[int]:
+    return [row[0] for row in watcher.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )]  # fmt: skip
+
+
+def hold_webhook(session: psycopg.Connection, webhook_id: str) -> None:
+    """Insert a delivery row with ``webhook_id`` and leave it uncommitted: another worker's, committing late."""
+    session.execute(
+        "INSERT INTO ghl_webhook_delivery (webhook_id, event_type, body, signature_scheme, received_at, status,"
+        " attempts) VALUES (%s, 'OutboundMessage', '{}', 'ed25519', now(), 'received', 0)",
+        (webhook_id,),
+    )
+
+
+@pytest.mark.parametrize("other_end", ["commits", "rolls back"])
+@pytest.mark.parametrize("fault", ["statement_timeout", "connection terminated"])
+def test_a_follow_up_round_that_fails_keeps_the_first_round_s_answers_and_counts_everything_once(
+    make_app, ghl_config, signer, admin_url, fault, other_end
+):
+    # One batch: A and P in its first round, B (A's message, another webhook) in the second. Another
+    # session holds B's webhookId, uncommitted (another worker's delivery of it, its commit late), so only the
+    # second round waits. It then fails: cancelled by statement_timeout, or its connection terminated while it
+    # waits (the retry on a new connection waits again, until the other session ends). A and P must be 200
+    # and committed; B 429 (not stored by this batch) or 200 only if its webhookId is stored; after GHL's
+    # retries each message is counted exactly once.
+    app = make_app(GHL_WEBHOOK_STORE_TIMEOUT_MS=3000, **ghl_config)
+    with app.app_context():
+        install_locations()
+    ingest = app.extensions[INGEST]
+    ingest.batches.max_writers = 1
+    cases = {
+        "A": message("wh-round-a", "msg-round-1"),
+        "P": message("wh-round-p", "msg-round-p"),
+        "B": message("wh-round-b", "msg-round-1"),
+    }
+    opener, rest = Deliverer(app, signer), Deliverer(app, signer, admin_url)
+    with (
+        psycopg.connect(admin_url) as locker,
+        psycopg.connect(admin_url) as other_worker,
+        psycopg.connect(admin_url, autocommit=True) as watcher,
+    ):
+        hold_webhook(other_worker, "wh-round-b")
+        hold_webhook(locker, "wh-round-opener")  # the opener's batch waits on it while the cases queue
+        opener.start({"opener": message("wh-round-opener", "msg-round-opener")})
+        wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the opener waiting on the lock")
+        for queued, (name, body) in enumerate(cases.items(), start=2):
+            rest.start({name: body})
+            wait_until(lambda queued=queued: ingest.batches.pending == queued, f"{name} queued")
+        locker.rollback()
+        opener.join()
+        # Only the second round waits on B's webhookId (the first does not touch it); the first round's
+        # deliveries are committed but answered with the whole batch, once the second round ends.
+        wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the second round waiting on B")
+        assert rest.answers == {}
+        if fault == "connection terminated":
+            [pid] = backend_pids_waiting_on_a_lock(watcher)
+            watcher.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+            wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the retried round waiting on B")
+            wait_until(lambda: pid not in backend_pids_waiting_on_a_lock(watcher), "the old backend gone")
+        else:
+            wait_until(lambda: "B" in rest.answers, "B answered after its statement_timeout")
+        if other_end == "commits":
+            other_worker.commit()
+        else:
+            other_worker.rollback()
+        rest.join()
+    assert rest.answers["A"] == (200, {"status": "processed"}) and rest.seen_committed["A"] == "processed"
+    assert rest.answers["P"] == (200, {"status": "processed"}) and rest.seen_committed["P"] == "processed"
+    code, answer = rest.answers["B"]
+    with app.app_context():
+        stored = {d.webhook_id: d for d in deliveries()}
+        if code == 200:
+            assert "wh-round-b" in stored, answer  # acknowledged: its webhookId is stored
+        else:
+            assert code == 429
+            retried = post(app, signer, cases["B"])  # GHL's retry
+            assert retried.status_code == 200
+            assert "wh-round-b" in {d.webhook_id for d in deliveries()}
+        assert usage_ids() == ["msg-round-1", "msg-round-opener", "msg-round-p"]
