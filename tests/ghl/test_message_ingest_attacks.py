@@ -129,3 +129,24 @@ def test_a_follow_up_round_that_fails_keeps_the_first_round_s_answers_and_counts
             assert retried.status_code == 200
             assert "wh-round-b" in {d.webhook_id for d in deliveries()}
         assert usage_ids() == ["msg-round-1", "msg-round-opener", "msg-round-p"]
+
+
+def test_batches_refused_on_a_fresh_connection_leave_no_prepared_statements_behind(
+    app, app_context, signer, postgres_only
+):
+    # The worker's connection prepares the batch statement on its first execution. When that execution fails
+    # (here a value PostgreSQL refuses, a NUL; as well a statement_timeout behind a migration's lock, a
+    # fresh worker's first batches during an outage), psycopg forgets the statement's name without
+    # DEALLOCATE and prepares it again under a new name next time: each failure before the first success
+    # leaves one more prepared statement (its parse tree and generic plan) in the server session for the
+    # connection's lifetime.
+    install_locations()
+    for n in range(4):
+        refused = message(f"wh-leak-{n}", f"bad\u0000id-{n}")
+        assert post(app, signer, refused).status_code == 200  # written alone, stored as failed
+    assert post(app, signer, message("wh-leak-ok", "msg-leak-ok")).json == {"status": "processed"}
+    ingest = app.extensions[INGEST]
+    [connection] = ingest.connections._idle
+    prepared = connection.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+    ingest.close()
+    assert prepared == 1
