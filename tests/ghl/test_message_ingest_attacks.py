@@ -150,3 +150,49 @@ def test_batches_refused_on_a_fresh_connection_leave_no_prepared_statements_behi
     prepared = connection.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
     ingest.close()
     assert prepared == 1
+
+
+def renamed(body: bytes, round_number: int) -> bytes:
+    """The body with its webhookId and messageId made this round's own (the signature is made per post)."""
+    return body.replace(b"msg-both-", f"msg-r{round_number}-".encode()).replace(
+        b'"wh-', f'"wh-{round_number}-'.encode()
+    )
+
+
+def test_two_workers_writing_the_same_messages_in_opposite_orders_neither_deadlock_nor_count_twice(
+    make_app, ghl_config, signer, admin_url
+):
+    # Two workers (each its own group commit and connection) get the same messages at once, through other
+    # webhooks and some through the same ones, in opposite orders of webhookId and messageId, with copies
+    # inside each worker's batches (follow-up rounds). Every delivery must be answered 200 (a deadlock is a
+    # 429), every message counted once, and exactly one delivery of each message answered "processed".
+    workers = [make_app(**ghl_config) for _ in range(2)]
+    with workers[0].app_context():
+        install_locations()
+    count = 16
+    bodies = [{}, {}]
+    for n in range(count):
+        reverse = count - 1 - n
+        bodies[0][f"x{n}"] = message(f"wh-x-{n:02}", f"msg-both-{reverse:02}")
+        bodies[1][f"y{n}"] = message(f"wh-y-{reverse:02}", f"msg-both-{n:02}")
+        if n % 3 == 0:  # the other worker's webhook of the same message, and a copy of its own
+            bodies[0][f"x{n}-their"] = message(f"wh-y-{reverse:02}", f"msg-both-{n:02}")  # a webhook is one body
+            bodies[1][f"y{n}-again"] = message(f"wh-y-{reverse:02}", f"msg-both-{n:02}")
+    for round_number in range(3):
+        deliverers = [Deliverer(app, signer) for app in workers]
+        for deliverer, worker_bodies in zip(deliverers, bodies, strict=True):
+            deliverer.start({name: renamed(body, round_number) for name, body in worker_bodies.items()})
+        for deliverer in deliverers:
+            deliverer.join()
+        answers = {name: answer for deliverer in deliverers for name, answer in deliverer.answers.items()}
+        assert all(code == 200 for code, _ in answers.values()), answers
+        processed = [name for name, (_, answer) in answers.items() if answer == {"status": "processed"}]
+        if len(processed) != count:
+            with workers[0].app_context():
+                rows = [(d.webhook_id, d.status, d.error) for d in deliveries() if f"msg-r{round_number}-" in d.body]
+                used = [u for u in usage_ids() if u.startswith(f"msg-r{round_number}-")]
+            raise AssertionError((sorted(answers.items()), sorted(rows), used))
+    groups = [app.extensions[INGEST].batches for app in workers]
+    assert any(group.batches < group.items for group in groups), "no batch held two deliveries: nothing tested"
+    with workers[0].app_context():
+        assert usage_ids() == sorted(f"msg-r{r}-{n:02}" for r in range(3) for n in range(count))
