@@ -196,3 +196,46 @@ def test_two_workers_writing_the_same_messages_in_opposite_orders_neither_deadlo
     assert any(group.batches < group.items for group in groups), "no batch held two deliveries: nothing tested"
     with workers[0].app_context():
         assert usage_ids() == sorted(f"msg-r{r}-{n:02}" for r in range(3) for n in range(count))
+
+
+def test_a_batch_whose_first_round_is_refused_writes_its_copies_alone_counting_each_message_once(
+    app, app_context, signer, admin_url
+):
+    # One batch whose first round holds a value PostgreSQL refuses (a NUL): every item of every round is
+    # then written alone, each by its own request and at the same time, copies included (no rounds any
+    # more). Each message must still be counted once, with exactly one delivery of it answered "processed",
+    # and every 200 must have its webhookId stored.
+    install_locations()
+    ingest = app.extensions[INGEST]
+    ingest.batches.max_writers = 1
+    cases = {
+        "refused": message("wh-refused-first", "bad\u0000id"),
+        "A": message("wh-alone-a", "msg-alone-1"),
+        "B same message": message("wh-alone-b", "msg-alone-1"),
+        "C same message": message("wh-alone-c", "msg-alone-1"),
+        "A again": message("wh-alone-a", "msg-alone-1"),
+        "D": message("wh-alone-d", "msg-alone-2"),
+        "D again": message("wh-alone-d", "msg-alone-2"),
+    }
+    opener, rest = Deliverer(app, signer), Deliverer(app, signer, admin_url)
+    with psycopg.connect(admin_url) as locker, psycopg.connect(admin_url, autocommit=True) as watcher:
+        locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")
+        batches_before = ingest.batches.batches
+        opener.start({"opener": message("wh-alone-opener", "msg-alone-opener")})
+        wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the opener waiting on the lock")
+        for queued, (name, body) in enumerate(cases.items(), start=2):
+            rest.start({name: body})
+            wait_until(lambda queued=queued: ingest.batches.pending == queued, f"{name} queued")
+        locker.rollback()
+        opener.join()
+        rest.join()
+    assert ingest.batches.batches - batches_before == 2
+    assert all(code == 200 for code, _ in rest.answers.values()), rest.answers
+    statuses = {name: answer["status"] for name, (_, answer) in rest.answers.items()}
+    assert statuses["refused"] == "failed"
+    ones = sorted(statuses[name] for name in ("A", "B same message", "C same message", "A again"))
+    assert ones.count("processed") == 1, statuses
+    assert sorted(statuses[name] for name in ("D", "D again")) == ["duplicate", "processed"]
+    stored = {d.webhook_id for d in deliveries()}
+    assert {"wh-alone-a", "wh-alone-b", "wh-alone-c", "wh-alone-d"} <= stored
+    assert usage_ids() == ["msg-alone-1", "msg-alone-2", "msg-alone-opener"]
