@@ -239,3 +239,37 @@ def test_a_batch_whose_first_round_is_refused_writes_its_copies_alone_counting_e
     stored = {d.webhook_id for d in deliveries()}
     assert {"wh-alone-a", "wh-alone-b", "wh-alone-c", "wh-alone-d"} <= stored
     assert usage_ids() == ["msg-alone-1", "msg-alone-2", "msg-alone-opener"]
+
+
+MIGRATIONS = {
+    "column added": (
+        "ALTER TABLE ghl_webhook_delivery ADD COLUMN attack_note text",
+        "ALTER TABLE ghl_webhook_delivery DROP COLUMN attack_note",
+    ),
+    "index added": (
+        "CREATE INDEX attack_received ON ghl_webhook_delivery (received_at)",
+        "DROP INDEX attack_received",
+    ),
+    "usage column widened": (
+        "ALTER TABLE usage_event ALTER COLUMN source_event_id TYPE varchar(300)",
+        "ALTER TABLE usage_event ALTER COLUMN source_event_id TYPE varchar(255)",
+    ),
+}
+
+
+@pytest.mark.parametrize("migration_name", list(MIGRATIONS))
+def test_a_migration_that_leaves_the_returned_columns_alone_does_not_disturb_the_prepared_statement(
+    app, app_context, signer, admin_url, migration_name
+):
+    migration, undo = MIGRATIONS[migration_name]
+    install_locations()
+    assert post(app, signer, message("wh-mig-warm", "msg-mig-warm")).json == {"status": "processed"}
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(migration)
+        try:
+            answer = post(app, signer, message("wh-mig-after", "msg-mig-after")).json
+        finally:
+            admin.execute(undo)
+            app.extensions[INGEST].close()
+    assert answer == {"status": "processed"}
+    assert usage_ids() == ["msg-mig-after", "msg-mig-warm"]
