@@ -273,3 +273,24 @@ def test_a_migration_that_leaves_the_returned_columns_alone_does_not_disturb_the
             app.extensions[INGEST].close()
     assert answer == {"status": "processed"}
     assert usage_ids() == ["msg-mig-after", "msg-mig-warm"]
+
+
+def test_closing_the_ingest_while_a_batch_is_in_flight_leaves_no_connection_open(app, app_context, signer, admin_url):
+    # ingest.close() runs with the engine's dispose (the app's end, a test's teardown). A batch in flight at
+    # that moment holds its connection outside the idle list; when it ends, _release puts the connection
+    # (and its cached RawCursor) back among the idle ones of an ingest that was closed: a server session
+    # that outlives the dispose.
+    install_locations()
+    ingest = app.extensions[INGEST]
+    deliverer = Deliverer(app, signer)
+    with psycopg.connect(admin_url) as locker, psycopg.connect(admin_url, autocommit=True) as watcher:
+        locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")
+        deliverer.start({"in flight": message("wh-close-1", "msg-close-1")})
+        wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the batch waiting on the lock")
+        ingest.close()
+        locker.rollback()
+        deliverer.join()
+    assert deliverer.answers["in flight"] == (200, {"status": "processed"})
+    left_open = [connection.info.backend_pid for connection in ingest.connections._idle if not connection.closed]
+    ingest.close()
+    assert left_open == []
