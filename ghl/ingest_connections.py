@@ -43,6 +43,20 @@ class StoreStalled(psycopg.OperationalError):
     """The batch's deadline passed before the database answered (or before it was sent): not stored."""
 
 
+class _Own:
+    """What the ingest keeps with each of its connections."""
+
+    __slots__ = ("cursor", "generation", "proven")
+
+    def __init__(self, cursor: psycopg.RawCursor, generation: int):
+        self.cursor = cursor  # reused: a cursor made per execution costs ~5 µs of the worker's CPU
+        self.generation = generation  # close() retires every connection of an older generation
+        # The statement has run on it once: psycopg then keeps its prepared name. A failed *first* execution
+        # makes psycopg forget the name without DEALLOCATE and prepare it anew under another, so a connection
+        # whose statement never ran is closed after a failure instead of kept (no prepared plan left behind).
+        self.proven = False
+
+
 class IngestConnections:
     """The worker's own connections for the batch statement, one per writer of the group commit."""
 
@@ -50,8 +64,8 @@ class IngestConnections:
         self.engine = engine
         self.store_timeout_ms = store_timeout_ms
         self._idle: list[psycopg.Connection] = []  # list.pop and append are atomic: writers share it unlocked
-        # Each connection's one cursor, reused: a cursor made per execution costs ~5 µs of the worker's CPU.
-        self._cursors: dict[psycopg.Connection, psycopg.RawCursor] = {}
+        self._own: dict[psycopg.Connection, _Own] = {}
+        self._generation = 0
         self._deadlines: dict[psycopg.Connection, float] = {}  # connections in use -> when they count as stalled
         self._watch_lock = threading.Lock()
         self._watcher_pid: int | None = None  # the process whose watcher runs (a forked worker has none)
@@ -78,13 +92,15 @@ class IngestConnections:
                 # cancels stored nothing, while one cut on our side may still commit once its lock is free
                 # (its 429 then brings a retry that reads "duplicate": nothing lost or doubled, but avoided).
                 self._watch(connection, max(deadline, time.monotonic() + self.store_timeout_ms / 1000 + CUT_MARGIN))
-                cursor = self._cursors[connection]
-                cursor.execute(statement, parameters, prepare=True)
-                rows = cursor.fetchall()
+                own = self._own[connection]
+                own.cursor.execute(statement, parameters, prepare=True)
+                rows = own.cursor.fetchall()
+                own.proven = True
             except psycopg.OperationalError:
+                dropped = connection.closed  # before _release, which also closes a connection it does not keep
                 cut = self._release(connection)
-                if not connection.closed:
-                    raise  # e.g. statement_timeout: the connection is fine and back with the idle ones
+                if not dropped and not cut:
+                    raise  # e.g. statement_timeout: the connection is fine (kept, unless its statement never ran)
                 if attempt == 2 or cut:  # cut: the deadline has passed, and the server is not answering
                     raise
                 self.close()  # the restart that dropped this one dropped the idle ones too: retry on a new one
@@ -107,9 +123,16 @@ class IngestConnections:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Close the idle connections (with the engine's pool: the app's end, or a test's)."""
-        while self._idle:
-            self._discard(self._idle.pop())
+        """Close the idle connections, and the ones in use once their batch ends (with the engine's pool: the
+        app's end, or a test's; or after one was dropped or refused its prepared statement). Connections
+        made afterwards are kept as usual."""
+        self._generation += 1
+        while True:
+            try:
+                connection = self._idle.pop()
+            except IndexError:  # two writers may empty it at once
+                return
+            self._discard(connection)
 
     def _connection(self, deadline: float) -> psycopg.Connection:
         """An idle connection, or a new one with the session settings the batch statement relies on."""
@@ -132,17 +155,22 @@ class IngestConnections:
             "options": f"{options['options']} {settings}" if options.get("options") else settings,
         }
         connection = psycopg.connect(*arguments, **options, autocommit=True)
-        self._cursors[connection] = psycopg.RawCursor(connection)
+        self._own[connection] = _Own(psycopg.RawCursor(connection), self._generation)
         return connection
 
     def _release(self, connection: psycopg.Connection, reusable: bool = True) -> bool:
-        """Stop watching ``connection``; keep it if it is ``reusable``, idle and whole, else close it. True if the
-        watcher cut it (its batch's deadline passed)."""
+        """Stop watching ``connection``; keep it if it is ``reusable``, idle and whole, its statement has run on
+        it and no close() retired it meanwhile, else close it. True if the watcher cut it (its batch's deadline
+        passed)."""
         with self._watch_lock:
             cut = self._deadlines.pop(connection, None) is None  # the watcher took it: its socket is shut down
+        own = self._own.get(connection)
         if (
             not reusable
             or cut
+            or own is None
+            or not own.proven
+            or own.generation != self._generation
             or connection.closed
             or connection.info.transaction_status != pq.TransactionStatus.IDLE
         ):
@@ -152,7 +180,7 @@ class IngestConnections:
         return cut
 
     def _discard(self, connection: psycopg.Connection) -> None:
-        self._cursors.pop(connection, None)
+        self._own.pop(connection, None)
         connection.close()
 
     def _watch(self, connection: psycopg.Connection, deadline: float) -> None:

@@ -253,3 +253,37 @@ def test_refused_message_webhooks_write_nothing_and_leave_no_caller_announced(ap
     if ingest is not None:
         assert ingest.batches._announced == 0 and ingest.batches.pending == 0
     assert deliveries() == [] and usage_ids() == []
+
+
+def test_a_fresh_worker_s_first_batch_behind_a_lock_is_answered_429_after_one_store_timeout_and_not_resent(
+    make_app, ghl_config, signer, admin_url
+):
+    # The batch statement is prepared on its first execution; one that fails on a fresh connection leaves a
+    # prepared statement psycopg has forgotten, so that connection is closed rather than kept. Closed by us
+    # after a statement_timeout, it must still read as a refusal (429 at once, GHL retries), not as a
+    # connection the database dropped, which is sent once more: a second store timeout behind the same lock.
+    app = make_app(GHL_WEBHOOK_STORE_TIMEOUT_MS=STORE_TIMEOUT_MS, **ghl_config)
+    with app.app_context():
+        install_locations()
+    ingest = app.extensions[INGEST]
+    deliverer = Deliverer(app, signer)
+    with psycopg.connect(admin_url) as locker:
+        locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")  # a migration's lock
+        started = time.monotonic()
+        deliverer.start({"first": message("wh-fresh-1", "msg-fresh-1")})
+        try:
+            wait_until(lambda: "first" in deliverer.answers, "the first batch answered", seconds=ANSWERED_WITHIN)
+        finally:
+            answered_after = time.monotonic() - started
+            locker.rollback()
+            deliverer.join()
+    assert deliverer.answers["first"][0] == 429
+    assert answered_after < 2 * STORE_TIMEOUT_MS / 1000  # one store timeout, not two
+    assert ingest.connections._idle == []  # its statement never ran there: closed, no stale prepared name kept
+    body = message("wh-fresh-1", "msg-fresh-1")
+    assert app.test_client().post("/webhooks/ghl", data=body, headers=signer.headers(body)).json == {
+        "status": "processed"
+    }  # GHL's retry, once the lock is gone
+    with app.app_context():
+        assert usage_ids() == ["msg-fresh-1"]
+    ingest.close()
