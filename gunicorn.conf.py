@@ -7,9 +7,9 @@ switches to another greenlet inside the one thread. GHL's message webhooks arriv
 share one database commit (ghl.message_ingest, core.group_commit): a caller waiting for its batch's WAL
 flush is a greenlet switch there, not a futex wake-up and a GIL hand-off as with threads: measured with
 bench/webhook_bench.py, a worker's CPU per webhook fell from ~0.64-0.72 ms (gthread, 2 x 16 threads) to
-~0.46-0.49 ms (bench/README.md, third pass). A portal request waiting on Stripe or GHL yields instead of
-holding one of a few threads, and a slow client holds a greenlet, not a thread. Not sync workers: they
-serve one request at a time, so nothing would share a commit.
+~0.46-0.49 ms (bench/README.md, third pass; ~0.41-0.45 ms after the fourth). A portal request waiting on
+Stripe or GHL yields instead of holding one of a few threads, and a slow client holds a greenlet, not a
+thread. Not sync workers: they serve one request at a time, so nothing would share a commit.
 
 Why 256 connections per worker (``--worker-connections``). A batch holds at most 64 deliveries and one batch
 is in flight per worker (ghl.message_ingest MAX_ROWS, MAX_WRITERS), so 256 lets a full batch be written while
