@@ -67,21 +67,24 @@ class BatchInterrupted(Exception):
 
 
 class Arrival:
-    """A caller announced to a GroupCommit while inside ``with group.arrival()``; ``submitted`` once its item
-    is queued. A context manager of its own, not a generator-based one: it is entered once per delivery."""
+    """A caller announced to a GroupCommit while inside ``with group.arrival()``; ``announced`` until its item
+    is queued or it leaves the block. A context manager of its own, not a generator-based one: it is entered
+    once per delivery. One never entered announces nothing, and submitting with it changes no count."""
 
-    __slots__ = ("_group", "submitted")
+    __slots__ = ("_group", "announced")
 
     def __init__(self, group: GroupCommit):
         self._group = group
-        self.submitted = False
+        self.announced = False
 
     def __enter__(self) -> Arrival:
         self._group._announce()
+        self.announced = True
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if not self.submitted:
+        if self.announced:
+            self.announced = False
             self._group._withdraw()
 
 
@@ -142,8 +145,8 @@ class GroupCommit(Generic[Item, Result]):
         """Write ``item`` in the next batch; return its result once that batch is written (or raise its error)."""
         caller = _Caller(item)
         with self._lock:
-            if arrival is not None and not arrival.submitted:
-                arrival.submitted = True
+            if arrival is not None and arrival.announced:
+                arrival.announced = False
                 self._announced -= 1
             lead = self._leaders < self.max_writers
             if lead:
@@ -182,11 +185,13 @@ class GroupCommit(Generic[Item, Result]):
     def _lead(self, own: _Caller) -> None:
         """Write own's item with whatever queued behind it, then hand the lead to the oldest waiting caller."""
         try:
+            started = None  # the settle and the wait for announced callers share one max_wait
             if self._settle is not None and len(self._queue) + 1 < self.max_rows:
+                started = time.monotonic()
                 self._settle(self.max_wait)
             with self._lock:
                 if self._announced > 0:  # nobody announced (one caller at a time): no clock, no wait
-                    deadline = time.monotonic() + self.max_wait
+                    deadline = (time.monotonic() if started is None else started) + self.max_wait
                     while self._announced > 0 and len(self._queue) + 1 < self.max_rows:  # a burst: wait for the rest
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:

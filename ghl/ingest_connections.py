@@ -175,8 +175,14 @@ class IngestConnections:
             or connection.info.transaction_status != pq.TransactionStatus.IDLE
         ):
             self._discard(connection)  # broken, cut, or interrupted mid-statement: never reused
-        else:
-            self._idle.append(connection)
+            return cut
+        self._idle.append(connection)
+        if own.generation != self._generation:  # close() ran since the check (another thread): take it back
+            try:
+                self._idle.remove(connection)
+            except ValueError:
+                return cut  # close() took it first and closed it, or a writer did and will discard it
+            self._discard(connection)
         return cut
 
     def _discard(self, connection: psycopg.Connection) -> None:

@@ -3,10 +3,11 @@
 Concurrent message deliveries of one worker process are written together (core.group_commit): one
 statement stores every delivery of the batch and records each message's usage, and since it runs in
 autocommit mode it is its own transaction: the server answers only after the commit is flushed to the
-WAL (synchronous_commit stays on), so every 200 follows a durable commit of its row. If the batch fails
-(the database is down, a lock, a batch not stored within GHL_WEBHOOK_STORE_TIMEOUT_MS, a dropped connection
-retried once in vain) every delivery of the batch is answered 429 — GHL retries them — and none is
-acknowledged.
+WAL (synchronous_commit stays on), so every 200 follows a durable commit of its row. If a statement of the
+batch fails (the database is down, a lock, a batch not stored within GHL_WEBHOOK_STORE_TIMEOUT_MS, a dropped
+connection retried once in vain), its deliveries and those of any later round (copies, see _rounds) are
+answered 429 — GHL retries them — and none of them is acknowledged; rounds already committed keep their
+answers.
 
 The statement writes what ghl.deliveries' one-transaction path writes for the same delivery (the delivery
 row with its outcome, the usage row), with ghl.events' outcome texts, so a replay of the stored delivery
@@ -402,7 +403,8 @@ class MessageIngest:
         return self.connections.run(_BATCH_SQL, (_rows_json(items),), deadline)
 
     def close(self) -> None:
-        """Close the worker's own idle connections (with the engine's pool: the app's end, or a test's)."""
+        """Retire the worker's own connections: the idle ones are closed now, those in use once their batch ends
+        (with the engine's pool: the app's end, or a test's)."""
         self.connections.close()
 
     def _execute_alone(self, statement, parameters: dict[str, Any]):

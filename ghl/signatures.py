@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -32,6 +32,12 @@ _NULL = _sodium_ffi.NULL
 _SHA256 = hashes.SHA256()
 
 
+class HeaderLookup(Protocol):
+    """What the verifier reads of a request's headers: werkzeug's Headers, or ghl.webhooks.WsgiHeaders."""
+
+    def get(self, name: str, default: str | None = None) -> str | None: ...
+
+
 class WebhookVerifier:
     """Both of GHL's public keys, parsed once per app."""
 
@@ -47,7 +53,7 @@ class WebhookVerifier:
         """Build from GHL_WEBHOOK_ED25519_KEY / GHL_WEBHOOK_RSA_KEY; a malformed key stops the start."""
         return cls(config.get("GHL_WEBHOOK_ED25519_KEY"), config.get("GHL_WEBHOOK_RSA_KEY"))
 
-    def verify(self, body: bytes, headers: Mapping[str, str]) -> str | None:
+    def verify(self, body: bytes, headers: HeaderLookup) -> str | None:
         """Return the scheme that verified ``body`` ("ed25519" or "rsa"), or None if none did."""
         signature = headers.get(ED25519_HEADER)
         if signature:

@@ -56,7 +56,7 @@ from ghl.deliveries import (
 from ghl.events import MESSAGE_DIRECTIONS
 from ghl.message_ingest import MessageIngest, StoreUnavailable
 from ghl.payloads import timestamp
-from ghl.signatures import ED25519_HEADER, RSA_HEADER, WebhookVerifier
+from ghl.signatures import ED25519_HEADER, RSA_HEADER, HeaderLookup, WebhookVerifier
 
 log = logging.getLogger("ghl.webhooks")
 
@@ -125,7 +125,7 @@ class Refused:
 
 
 def check_delivery(
-    body: bytes, headers: Mapping[str, str], verifier: WebhookVerifier, app_id: str | None
+    body: bytes, headers: HeaderLookup, verifier: WebhookVerifier, app_id: str | None
 ) -> Verified | Refused:
     """The checks that need no database: signature over the raw body, a JSON object, our app, the window."""
     scheme = verifier.verify(body, headers)

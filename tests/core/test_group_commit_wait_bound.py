@@ -52,3 +52,17 @@ def test_a_leader_that_settles_and_then_waits_for_an_announced_caller_waits_at_m
             assert group.submit("lone") == "lone"
 
     assert collected_at[0] - started <= MAX_WAIT
+
+
+def test_an_arrival_never_entered_announces_nothing_and_submitting_with_it_changes_no_count():
+    group = GroupCommit(list, max_rows=64, max_wait=MAX_WAIT, max_writers=1)
+    arrival = group.arrival()  # not entered: a caller that forgot the ``with``
+
+    assert group.submit("lone", arrival) == "lone"
+
+    assert group._announced == 0  # a negative count would turn the wait for announced callers off
+    with group.arrival() as entered:
+        assert group._announced == 1
+        group.submit("announced", entered)
+        assert group._announced == 0
+    assert group._announced == 0
