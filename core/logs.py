@@ -29,12 +29,20 @@ def redact(text: str) -> str:
     return text
 
 
+# json.dumps builds a new encoder on every call that passes an option (default=str); this one, made once,
+# encodes the same (every request's access line goes through it).
+_ENCODER = json.JSONEncoder(default=str)
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
 class JsonFormatter(logging.Formatter):
     """Format records as one JSON object per line, redacted."""
 
+    _second: tuple[int, str] = (-1, "")  # the last whole second formatted and its text, one tuple for threads
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": self._time(record),
             "level": record.levelname,
             "logger": record.name,
             "message": redact(record.getMessage()),
@@ -43,7 +51,16 @@ class JsonFormatter(logging.Formatter):
             entry[key] = redact(str(value)) if isinstance(value, str) else value
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str)
+        return _ENCODER.encode(entry)
+
+    def _time(self, record: logging.LogRecord) -> str:
+        """formatTime(record, TIME_FORMAT), formatted once per second: the format has no fraction."""
+        second = int(record.created)
+        cached_second, text = self._second
+        if second != cached_second:
+            text = self.formatTime(record, TIME_FORMAT)
+            self._second = (second, text)
+        return text
 
 
 REBILL_LOGGERS = ("rebill", "billing", "ghl", "capri", "portal", "core")

@@ -4,7 +4,7 @@ import io
 import json
 import logging
 
-from core.logs import SECRET_PATTERNS, JsonFormatter, redact
+from core.logs import SECRET_PATTERNS, TIME_FORMAT, JsonFormatter, redact
 
 
 def test_redact_hides_stripe_keys_bearer_tokens_and_api_keys():
@@ -87,3 +87,26 @@ def test_gunicorn_handlers_keep_their_stream_and_write_json(make_app):
         access.removeHandler(handler)
     (entry,) = _json_lines(stream.getvalue())
     assert entry["logger"] == "gunicorn.access" and "eyJh" not in entry["message"]
+
+
+def test_the_formatter_writes_what_json_dumps_and_format_time_write_for_each_record():
+    # The time text is cached per second and one encoder is reused: the lines must be those of the plain way.
+    formatter = JsonFormatter()
+    created = [1764900000.0, 1764900000.999, 1764900001.0, 1764899999.5, 1764900001.25]
+    for moment in created:
+        record = logging.LogRecord("rebill", logging.INFO, __file__, 1, "at %s", (moment,), None)
+        record.created = moment
+        record.fields = {"count": 3, "when": moment, "note": "sk_live_abc"}
+        expected = json.dumps(
+            {
+                "time": logging.Formatter().formatTime(record, TIME_FORMAT),
+                "level": "INFO",
+                "logger": "rebill",
+                "message": redact(record.getMessage()),
+                "count": 3,
+                "when": moment,
+                "note": redact("sk_live_abc"),
+            },
+            default=str,
+        )
+        assert formatter.format(record) == expected
