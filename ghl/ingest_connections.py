@@ -110,8 +110,8 @@ class IngestConnections:
                 # returns (a rolling deploy). PostgreSQL refuses every later EXECUTE of it on this connection and
                 # psycopg keeps the name, so the connection and the idle ones, prepared alike, are closed and
                 # the batch (nothing of it stored) is sent once more on a new connection, prepared afresh.
-                self._release(connection, reusable=False)
                 self.close()
+                self._release(connection)  # retired by close(): closed too
                 if attempt == 2:
                     raise
             except BaseException:
@@ -158,16 +158,15 @@ class IngestConnections:
         self._own[connection] = _Own(psycopg.RawCursor(connection), self._generation)
         return connection
 
-    def _release(self, connection: psycopg.Connection, reusable: bool = True) -> bool:
-        """Stop watching ``connection``; keep it if it is ``reusable``, idle and whole, its statement has run on
-        it and no close() retired it meanwhile, else close it. True if the watcher cut it (its batch's deadline
+    def _release(self, connection: psycopg.Connection) -> bool:
+        """Stop watching ``connection``; keep it if it is idle and whole, its statement has run on it and no
+        close() retired it meanwhile, else close it. True if the watcher cut it (its batch's deadline
         passed)."""
         with self._watch_lock:
             cut = self._deadlines.pop(connection, None) is None  # the watcher took it: its socket is shut down
         own = self._own.get(connection)
         if (
-            not reusable
-            or cut
+            cut
             or own is None
             or not own.proven
             or own.generation != self._generation
