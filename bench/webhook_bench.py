@@ -14,7 +14,8 @@ What it does, in one run:
 4. drives the three at full speed with wrk in --rounds alternating rounds (all servers stay up; round 1 runs
    bare, verify, Rebill, round 2 the reverse, ...), so other load on the machine hits both apps alike; then
    Rebill at half its median full-speed rate; with --compare REVISION (repeatable), Rebill as of that git
-   revision runs too, from an exported tree against the same database, in the same rounds; and reports
+   revision runs too, from an exported tree on a database migrated by its own migrations, in the same
+   rounds; and reports
    requests/s, the ratio Rebill/bare per round and their median, p50/p99 latency, the load averages after
    every round, the CPU per 2xx of each run (the server's gunicorn processes: "app µs"; the bench
    database's PostgreSQL backends: "db µs"; both much steadier than rates on a shared machine), and
@@ -49,7 +50,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -203,10 +204,17 @@ def main() -> int:
         args.gunicorn_options = procfile_gunicorn_options()
 
     workdir = Path(tempfile.mkdtemp(prefix="rebill-webhook-bench-"))
-    database = f"rebill_bench_{uuid.uuid4().hex[:10]}"
     admin = psycopg.connect(args.postgres, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{database}"')
-    database_url = args.postgres.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+    databases: list[str] = []
+
+    def new_database() -> str:
+        """A throwaway database (dropped at the end): one for this tree, one per --compare revision."""
+        database = f"rebill_bench_{uuid.uuid4().hex[:10]}"
+        admin.execute(f'CREATE DATABASE "{database}"')
+        databases.append(database)
+        return args.postgres.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+
+    database_url = new_database()
     key = ed25519.Ed25519PrivateKey.generate()
     env = os.environ | {
         "REBILL_ENV": "production",
@@ -222,17 +230,19 @@ def main() -> int:
     }
     try:
         prepare_database(env)
-        results = run_all(args, env, key, workdir, database_url)
+        results = run_all(args, env, key, workdir, new_database)
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        for database in databases:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
         shutil.rmtree(workdir, ignore_errors=True)  # the signed bodies: tens of MB per run
     report(args, results)
     return 0 if results["lost"] == 0 else 1
 
 
-def prepare_database(env: dict[str, str]) -> None:
-    """Migrate the throwaway database and seed one agency with one installed subaccount."""
+def prepare_database(env: dict[str, str], tree: Path = ROOT) -> None:
+    """Migrate the throwaway database with ``tree``'s migrations and seed one agency with one installed
+    subaccount."""
     code = (
         "from flask_migrate import upgrade\n"
         "from app import create_app\n"
@@ -245,24 +255,29 @@ def prepare_database(env: dict[str, str]) -> None:
         f"    upsert_location(ensure_agency({COMPANY_ID!r}).id, {LOCATION_ID!r}, name='Bench', installed=True)\n"
         "    db.session.commit()\n"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, check=True, capture_output=True)
 
 
-def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
+def run_all(args, env, key, workdir: Path, new_database: Callable[[], str]) -> dict:
     """``--rounds`` alternating rounds of the references and each Rebill at full speed, then each Rebill at half
     its rate.
 
     Every server runs for the whole bench (an idle one costs nothing), so the rounds alternate without
     restarts: round 1 bare, verify, Rebill (then each --compare revision); round 2 in the reverse order; and
     so on. What other processes do to the machine then lands on every app alike. Bodies are signed before any
-    server starts; each Rebill gets its own webhookId prefix, so its stored rows are counted apart.
+    server starts; each Rebill gets its own webhookId prefix, so its stored rows are counted apart. Each
+    --compare revision runs on a database of its own, migrated by that revision's migrations, so a change
+    of schema is measured with its code (env's DATABASE_URL is this tree's, prepared by main()).
     """
+    urls = {"rebill": env["DATABASE_URL"]}
     results: dict = {"load": [load_average()], "rounds": [], "half": {}}
     reference_files = sign_bodies(key, workdir, "reference", args.duration + 2)
     rebills = [("rebill", args.rebill_target, ROOT)]
     for number, revision in enumerate(args.compare):
         tree = export_revision(revision, workdir / f"tree{number}")
         rebills.append((f"rebill@{revision}", "app:create_app()", tree))
+        urls[f"rebill@{revision}"] = new_database()
+        prepare_database(env | {"DATABASE_URL": urls[f"rebill@{revision}"]}, tree)
         if args.own_procfiles:
             args.compare_options[f"rebill@{revision}"] = procfile_gunicorn_options(tree)
     prefixes = {name: "" if number == 0 else f"c{number}" for number, (name, _, _) in enumerate(rebills)}
@@ -285,31 +300,31 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
         for number, (name, target, tree) in enumerate(rebills):
             ports[name] = args.port + 1 if number == 0 else args.port + 2 + number
             options = args.compare_options.get(name, args.gunicorn_options)
-            servers[name] = start_gunicorn(target, ports[name], env, options, cwd=tree)
+            servers[name] = start_gunicorn(target, ports[name], env | {"DATABASE_URL": urls[name]}, options, cwd=tree)
             wrk(args, warm, 2, 0, ports[name])
         runs = list(ports)
         for number in range(args.rounds):
             figures = {}
             for name in runs if number % 2 == 0 else reversed(runs):
                 if name in prefixes:
-                    with cpu_per_answer(servers[name], database_url) as figures[name]:
+                    with cpu_per_answer(servers[name], urls[name]) as figures[name]:
                         figures[name] |= wrk(args, rebill_files[name, f"full{number}"], args.duration, 0, ports[name])
-                    figures[name]["stored"] = stored_rows(database_url, f"{prefixes[name]}full{number}-")
+                    figures[name]["stored"] = stored_rows(urls[name], f"{prefixes[name]}full{number}-")
                 else:
-                    with cpu_per_answer(servers[name], database_url) as figures[name]:
+                    with cpu_per_answer(servers[name], urls["rebill"]) as figures[name]:
                         figures[name] |= wrk(args, reference_files, args.duration, 0, ports[name])
             results["rounds"].append(figures)
             results["load"].append(load_average())
         for name in prefixes:
             rates = sorted(figures[name]["rate"] for figures in results["rounds"])
             half_rate = rates[len(rates) // 2] / 2
-            with cpu_per_answer(servers[name], database_url) as half:
+            with cpu_per_answer(servers[name], urls[name]) as half:
                 half |= wrk(args, rebill_files[name, "half"], args.duration, half_rate, ports[name])
-            half["stored"] = stored_rows(database_url, f"{prefixes[name]}half-")
+            half["stored"] = stored_rows(urls[name], f"{prefixes[name]}half-")
             half["target_rate"] = half_rate
             results["half"][name] = half
             results["load"].append(load_average())
-        results["usage_events"] = usage_rows(database_url)
+        results["usage_events"] = sum(usage_rows(url) for url in urls.values())
     finally:
         for server in servers.values():
             stop(server)
@@ -324,8 +339,7 @@ def run_all(args, env, key, workdir: Path, database_url: str) -> dict:
 def export_revision(revision: str, tree: Path) -> Path:
     """Write the files of git ``revision`` (e.g. a36eeb2~1) into ``tree``, to run that Rebill next to this one.
 
-    Its code runs against this tree's migrated database (the same virtualenv, the same gunicorn options), so a
-    revision whose code needs another schema cannot be compared this way.
+    It runs in the same virtualenv, on a database migrated by its own migrations (run_all).
     """
     tree.mkdir()
     archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
