@@ -213,10 +213,7 @@ class UsageEvent(db.Model):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    # No foreign key: its per-row check locked the agency's row in every concurrent ingest (~5 % of webhook
-    # ingest); every writer takes the id from a row that holds the agency by a key of its own, and triggers
-    # on agency refuse to delete or renumber an agency with usage (docs/billing-rules.md, Ledger integrity).
-    agency_id: Mapped[int] = mapped_column(Integer)
+    agency_id: Mapped[int] = mapped_column(ForeignKey("agency.id"))
     source: Mapped[str] = mapped_column(String(16))
     source_event_id: Mapped[str] = mapped_column(String(255))
     channel_id: Mapped[str | None] = mapped_column(String(255))
