@@ -15,11 +15,12 @@ What it does, in one run:
    bare, verify, Rebill, round 2 the reverse, ...), so other load on the machine hits both apps alike; then
    Rebill at half its median full-speed rate; with --compare REVISION (repeatable), Rebill as of that git
    revision runs too, from an exported tree on a database migrated by its own migrations, in the same
-   rounds; and reports
-   requests/s, the ratio Rebill/bare per round and their median, p50/p99 latency, the load averages after
-   every round, the CPU per 2xx of each run (the server's gunicorn processes: "app µs"; the bench
-   database's PostgreSQL backends: "db µs"; both much steadier than rates on a shared machine), and
-   whether anything was lost: delivery rows stored == 2xx, for every Rebill run.
+   rounds; and reports requests/s, the ratio Rebill/bare per round and their median, p50/p99 latency, the
+   load averages after every round, the CPU per 2xx of each run (the server's gunicorn processes: "app µs";
+   the bench database's PostgreSQL backends: "db µs"; both much steadier than rates on a shared machine),
+   how wrk's connections were split between the two workers in each run ("split", e.g. 8/8 or 3/13: drawn
+   anew by every run, see connection_split), and whether anything was lost: delivery rows stored == 2xx,
+   for every Rebill run.
 
 wrk2 (constant-rate) is not available: the half-rate run paces requests with wrk's per-request delay()
 hook, each thread handing out send slots at rate/threads (an open schedule, like wrk2, but latency is
@@ -47,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -69,6 +71,7 @@ COMPANY_ID = "benchCompany00000001"
 LOCATION_ID = "benchLocation0000001"
 TAIL_SECONDS = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SPLIT_AFTER = 3  # seconds into a run when the connections' split between workers is read
 MAX_RATE_GUESS = 6000  # bodies signed per second of run; more than this machine can take
 
 LUA = r"""
@@ -306,19 +309,22 @@ def run_all(args, env, key, workdir: Path, new_database: Callable[[], str]) -> d
         for number in range(args.rounds):
             figures = {}
             for name in runs if number % 2 == 0 else reversed(runs):
+                bodies, url = reference_files, urls["rebill"]  # a reference app: no database of its own
                 if name in prefixes:
-                    with cpu_per_answer(servers[name], urls[name]) as figures[name]:
-                        figures[name] |= wrk(args, rebill_files[name, f"full{number}"], args.duration, 0, ports[name])
+                    bodies, url = rebill_files[name, f"full{number}"], urls[name]
+                with (
+                    cpu_per_answer(servers[name], url) as figures[name],
+                    connection_split(servers[name], ports[name], figures[name]),
+                ):
+                    figures[name] |= wrk(args, bodies, args.duration, 0, ports[name])
+                if name in prefixes:
                     figures[name]["stored"] = stored_rows(urls[name], f"{prefixes[name]}full{number}-")
-                else:
-                    with cpu_per_answer(servers[name], urls["rebill"]) as figures[name]:
-                        figures[name] |= wrk(args, reference_files, args.duration, 0, ports[name])
             results["rounds"].append(figures)
             results["load"].append(load_average())
         for name in prefixes:
             rates = sorted(figures[name]["rate"] for figures in results["rounds"])
             half_rate = rates[len(rates) // 2] / 2
-            with cpu_per_answer(servers[name], urls[name]) as half:
+            with cpu_per_answer(servers[name], urls[name]) as half, connection_split(servers[name], ports[name], half):
                 half |= wrk(args, rebill_files[name, "half"], args.duration, half_rate, ports[name])
             half["stored"] = stored_rows(urls[name], f"{prefixes[name]}half-")
             half["target_rate"] = half_rate
@@ -363,6 +369,54 @@ def cpu_per_answer(server: subprocess.Popen, database_url: str) -> Iterator[dict
     answers = max(figures["ok"], 1)
     figures["server_us"] = (process_cpu(server.pid) - server_before) / answers * 1e6
     figures["database_us"] = (backends_cpu(database) - database_before) / answers * 1e6
+
+
+@contextmanager
+def connection_split(server: subprocess.Popen, port: int, figures: dict) -> Iterator[None]:
+    """Record in ``figures["split"]`` how wrk's connections were shared between the server's workers, read once
+    SPLIT_AFTER seconds into the run (e.g. "3/13").
+
+    gunicorn's workers race to accept them, and wrk opens all of them at once, so each run draws its own split.
+    A batching server feels an uneven one: a worker with 3 connections writes batches of at most 3 while the
+    other is saturated (bench/README.md, fifth pass), so the split explains much of the spread between rounds.
+    """
+    found: list[str] = []
+    timer = threading.Timer(SPLIT_AFTER, lambda: found.append(_split(server.pid, port)))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        figures["split"] = found[0] if found else "-"
+
+
+def _split(server_pid: int, port: int) -> str:
+    """Established connections on ``port`` per worker of the server (/proc/net/tcp and the workers' fds)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                established.add(fields[9])  # the socket's inode
+    counts = []
+    for pid, parent, _cpu, _command in _processes():
+        if parent != server_pid:
+            continue
+        count = 0
+        try:
+            for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(descriptor)
+                if target.startswith("socket:[") and target[8:-1] in established:
+                    count += 1
+        except OSError:  # the worker ended meanwhile
+            continue
+        counts.append(count)
+    return "/".join(str(count) for count in sorted(counts))
 
 
 def _processes() -> Iterator[tuple[int, int, float, bytes]]:
@@ -558,7 +612,7 @@ def report(args, results: dict) -> None:
           + "; ".join(results["load"][1:]))
     print(
         f"{'run':<34}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
-        f"{'other':>7}{'errors':>7}{'app µs':>8}{'db µs':>7}"
+        f"{'other':>7}{'errors':>7}{'app µs':>8}{'db µs':>7}{'split':>7}"
     )
     names = {"bare": "bare Flask", "verify": "verify only"} | {
         name: "Rebill" if name == "rebill" else f"Rebill {name.removeprefix('rebill')}" for name in results["rebills"]
@@ -569,7 +623,7 @@ def report(args, results: dict) -> None:
             f"{name:<34}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
             f"{figures['max_us'] / ms:>9.1f}{figures['ok']:>9}{figures.get('stored', '-')!s:>9}"
             f"{figures['other']:>7}{figures['socket_errors']:>7}"
-            f"{figures['server_us']:>8.0f}{figures['database_us']:>7.0f}"
+            f"{figures['server_us']:>8.0f}{figures['database_us']:>7.0f}{figures['split']:>7}"
         )
 
     for number, figures in enumerate(results["rounds"], 1):
