@@ -4,7 +4,8 @@
     .venv/bin/python bench/webhook_bench.py --compare a36eeb2~1    # before/after: that revision's Rebill too
 
 What it does, in one run:
-1. creates a throwaway PostgreSQL database, migrates it, seeds one agency with one installed subaccount;
+1. creates a throwaway PostgreSQL database per Rebill (this tree's, and one per --compare revision, each migrated
+   by that tree's migrations), seeds one agency with one installed subaccount in each;
 2. pre-signs (Ed25519, a key generated for the run and injected through GHL_WEBHOOK_ED25519_KEY) one
    OutboundMessage body per request, each with its own webhookId and messageId, into files that a wrk
    Lua script loads and cycles through (every wrk thread takes its own share);
@@ -17,10 +18,10 @@ What it does, in one run:
    revision runs too, from an exported tree on a database migrated by its own migrations, in the same
    rounds; and reports requests/s, the ratio Rebill/bare per round and their median, p50/p99 latency, the
    load averages after every round, the CPU per 2xx of each run (the server's gunicorn processes: "app µs";
-   the bench database's PostgreSQL backends: "db µs"; both much steadier than rates on a shared machine),
-   how wrk's connections were split between the two workers in each run ("split", e.g. 8/8 or 3/13: drawn
-   anew by every run, see connection_split), and whether anything was lost: delivery rows stored == 2xx,
-   for every Rebill run.
+   the PostgreSQL backends of that Rebill's own database: "db µs"; both much steadier than rates on a shared
+   machine), how wrk's connections were shared between the server's workers in each run ("split", e.g. 8/8
+   or 3/13: drawn anew by every run, see connection_split), and whether anything was lost: delivery rows
+   stored == 2xx, for every Rebill run.
 
 wrk2 (constant-rate) is not available: the half-rate run paces requests with wrk's per-request delay()
 hook, each thread handing out send slots at rate/threads (an open schedule, like wrk2, but latency is
@@ -235,17 +236,29 @@ def main() -> int:
         prepare_database(env)
         results = run_all(args, env, key, workdir, new_database)
     finally:
-        for database in databases:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
-        shutil.rmtree(workdir, ignore_errors=True)  # the signed bodies: tens of MB per run
+        try:
+            drop_databases(args.postgres, databases)
+        finally:
+            admin.close()
+            shutil.rmtree(workdir, ignore_errors=True)  # the signed bodies: tens of MB per run
     report(args, results)
     return 0 if results["lost"] == 0 else 1
 
 
+def drop_databases(postgres_url: str, databases: list[str]) -> None:
+    """Drop the bench's databases, each on its own (one that cannot be dropped is named, the rest still go), on
+    a fresh connection: the one that created them sat idle through the whole bench."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        for database in databases:
+            try:
+                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            except psycopg.Error as error:
+                print(f"WARNING: could not drop the bench database {database}: {error}", file=sys.stderr)
+
+
 def prepare_database(env: dict[str, str], tree: Path = ROOT) -> None:
     """Migrate the throwaway database with ``tree``'s migrations and seed one agency with one installed
-    subaccount."""
+    subaccount (with this seed code, run in ``tree``: a --compare revision must have the same two functions)."""
     code = (
         "from flask_migrate import upgrade\n"
         "from app import create_app\n"
@@ -258,7 +271,9 @@ def prepare_database(env: dict[str, str], tree: Path = ROOT) -> None:
         f"    upsert_location(ensure_agency({COMPANY_ID!r}).id, {LOCATION_ID!r}, name='Bench', installed=True)\n"
         "    db.session.commit()\n"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"migrating and seeding the bench database in {tree} failed:\n{done.stderr[-3000:]}")
 
 
 def run_all(args, env, key, workdir: Path, new_database: Callable[[], str]) -> dict:
@@ -314,7 +329,7 @@ def run_all(args, env, key, workdir: Path, new_database: Callable[[], str]) -> d
                     bodies, url = rebill_files[name, f"full{number}"], urls[name]
                 with (
                     cpu_per_answer(servers[name], url) as figures[name],
-                    connection_split(servers[name], ports[name], figures[name]),
+                    connection_split(servers[name], ports[name], args.duration, figures[name]),
                 ):
                     figures[name] |= wrk(args, bodies, args.duration, 0, ports[name])
                 if name in prefixes:
@@ -324,7 +339,10 @@ def run_all(args, env, key, workdir: Path, new_database: Callable[[], str]) -> d
         for name in prefixes:
             rates = sorted(figures[name]["rate"] for figures in results["rounds"])
             half_rate = rates[len(rates) // 2] / 2
-            with cpu_per_answer(servers[name], urls[name]) as half, connection_split(servers[name], ports[name], half):
+            with (
+                cpu_per_answer(servers[name], urls[name]) as half,
+                connection_split(servers[name], ports[name], args.duration, half),
+            ):
                 half |= wrk(args, rebill_files[name, "half"], args.duration, half_rate, ports[name])
             half["stored"] = stored_rows(urls[name], f"{prefixes[name]}half-")
             half["target_rate"] = half_rate
@@ -372,16 +390,18 @@ def cpu_per_answer(server: subprocess.Popen, database_url: str) -> Iterator[dict
 
 
 @contextmanager
-def connection_split(server: subprocess.Popen, port: int, figures: dict) -> Iterator[None]:
+def connection_split(server: subprocess.Popen, port: int, seconds: int, figures: dict) -> Iterator[None]:
     """Record in ``figures["split"]`` how wrk's connections were shared between the server's workers, read once
-    SPLIT_AFTER seconds into the run (e.g. "3/13").
+    SPLIT_AFTER seconds into the run (e.g. "3/13"; "+2" after it: two connections not accepted yet).
 
     gunicorn's workers race to accept them, and wrk opens all of them at once, so each run draws its own split.
-    A batching server feels an uneven one: a worker with 3 connections writes batches of at most 3 while the
-    other is saturated (bench/README.md, fifth pass), so the split explains much of the spread between rounds.
+    A batching server feels a strongly uneven one: a worker with 3 connections writes batches of at most 3
+    while the other is saturated (bench/README.md, fifth pass: 1/15 and 3/13 cost Rebill up to 15-20 %).
+    Read halfway through runs shorter than 2 x SPLIT_AFTER.
     """
     found: list[str] = []
-    timer = threading.Timer(SPLIT_AFTER, lambda: found.append(_split(server.pid, port)))
+    delay = min(SPLIT_AFTER, seconds / 2)
+    timer = threading.Timer(delay, lambda: found.append(_split(server.pid, port)))
     timer.start()
     try:
         yield
@@ -392,8 +412,9 @@ def connection_split(server: subprocess.Popen, port: int, figures: dict) -> Iter
 
 
 def _split(server_pid: int, port: int) -> str:
-    """Established connections on ``port`` per worker of the server (/proc/net/tcp and the workers' fds)."""
-    established = set()
+    """Established connections on ``port`` per worker of the server (/proc/net/tcp and the workers' fds), "-"
+    when no worker was found."""
+    established = []  # socket inodes; "0" for each connection not accepted yet
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -402,21 +423,28 @@ def _split(server_pid: int, port: int) -> str:
         for line in lines:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
-                established.add(fields[9])  # the socket's inode
+                established.append(fields[9])  # the socket's inode
+    queued = len([inode for inode in established if inode == "0"])  # in the accept queue: no process holds it
     counts = []
     for pid, parent, _cpu, _command in _processes():
         if parent != server_pid:
             continue
-        count = 0
         try:
-            for descriptor in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(descriptor)
-                if target.startswith("socket:[") and target[8:-1] in established:
-                    count += 1
+            descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:  # the worker ended meanwhile
             continue
+        count = 0
+        for descriptor in descriptors:
+            try:
+                target = os.readlink(descriptor)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:[") and target[8:-1] in established:
+                count += 1
         counts.append(count)
-    return "/".join(str(count) for count in sorted(counts))
+    if not counts:
+        return "-"
+    return "/".join(str(count) for count in sorted(counts)) + (f"+{queued}" if queued else "")
 
 
 def _processes() -> Iterator[tuple[int, int, float, bytes]]:
@@ -587,6 +615,8 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def stored_rows(database_url: str, prefix: str) -> int:
+    """Processed deliveries whose webhookId starts with ``prefix`` (the schema of this tree and of every revision
+    compared so far: ghl_webhook_delivery.webhook_id and status)."""
     with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
         return conn.execute(
             "SELECT count(*) FROM ghl_webhook_delivery WHERE webhook_id LIKE %s AND status = 'processed'",
@@ -612,7 +642,7 @@ def report(args, results: dict) -> None:
           + "; ".join(results["load"][1:]))
     print(
         f"{'run':<34}{'2xx/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'2xx':>9}{'stored':>9}"
-        f"{'other':>7}{'errors':>7}{'app µs':>8}{'db µs':>7}{'split':>7}"
+        f"{'other':>7}{'errors':>7}{'app µs':>8}{'db µs':>7}  split"
     )
     names = {"bare": "bare Flask", "verify": "verify only"} | {
         name: "Rebill" if name == "rebill" else f"Rebill {name.removeprefix('rebill')}" for name in results["rebills"]
@@ -623,7 +653,7 @@ def report(args, results: dict) -> None:
             f"{name:<34}{figures['rate']:>9.0f}{figures['p50_us'] / ms:>9.2f}{figures['p99_us'] / ms:>9.2f}"
             f"{figures['max_us'] / ms:>9.1f}{figures['ok']:>9}{figures.get('stored', '-')!s:>9}"
             f"{figures['other']:>7}{figures['socket_errors']:>7}"
-            f"{figures['server_us']:>8.0f}{figures['database_us']:>7.0f}{figures['split']:>7}"
+            f"{figures['server_us']:>8.0f}{figures['database_us']:>7.0f}  {figures.get('split', '-')}"
         )
 
     for number, figures in enumerate(results["rounds"], 1):
