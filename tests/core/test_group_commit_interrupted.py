@@ -103,12 +103,17 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_under_gevent(case: str) -> dict:
+def run_script_under_gevent(script: str, case: str) -> dict:
+    """Run ``script`` (it monkey-patches first) in a fresh interpreter with ``case``; the JSON it prints."""
     finished = subprocess.run(
-        [sys.executable, "-c", SCRIPT, case], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script, case], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert finished.returncode == 0, finished.stderr
     return json.loads(finished.stdout)
+
+
+def run_under_gevent(case: str) -> dict:
+    return run_script_under_gevent(SCRIPT, case)
 
 
 def test_a_queued_caller_interrupted_under_gevent_does_not_stop_later_batches():

@@ -8,13 +8,9 @@ cases of core.group_commit; no sleeping in the test itself.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).parents[2]
+from tests.core.test_group_commit_interrupted import run_script_under_gevent
 
 SCRIPT = textwrap.dedent(
     """
@@ -89,11 +85,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run_under_gevent(case: str) -> dict:
-    finished = subprocess.run(
-        [sys.executable, "-c", SCRIPT, case], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert finished.returncode == 0, finished.stderr
-    return json.loads(finished.stdout)
+    return run_script_under_gevent(SCRIPT, case)
 
 
 def test_a_leader_whose_loop_never_goes_idle_settles_no_longer_than_about_max_wait():

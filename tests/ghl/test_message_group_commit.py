@@ -90,10 +90,14 @@ def wait_until(condition, what: str, seconds: float = 20) -> None:
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
 
 
+def backend_pids_waiting_on_a_lock(watcher: psycopg.Connection) -> list[int]:
+    return [row[0] for row in watcher.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )]  # fmt: skip
+
+
 def backends_waiting_on_a_lock(watcher: psycopg.Connection) -> int:
-    return watcher.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()[0]
+    return len(backend_pids_waiting_on_a_lock(watcher))
 
 
 def test_concurrent_deliveries_share_a_commit_and_each_is_answered_after_it(app, app_context, signer, admin_url):

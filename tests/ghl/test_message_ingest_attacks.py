@@ -11,7 +11,14 @@ import pytest
 
 from ghl.webhooks import INGEST
 from tests.ghl.fake_ghl import deliveries
-from tests.ghl.test_message_group_commit import Deliverer, install_locations, message, usage_ids, wait_until
+from tests.ghl.test_message_group_commit import (
+    Deliverer,
+    backend_pids_waiting_on_a_lock,
+    install_locations,
+    message,
+    usage_ids,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -49,10 +56,14 @@ def test_a_migration_changing_a_returned_column_s_type_does_not_break_the_ingest
     assert usage_ids() == ["msg-schema-after", "msg-schema-warm"]
 
 
-def backend_pids_waiting_on_a_lock(watcher: psycopg.Connection) -> list[int]:
-    return [row[0] for row in watcher.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )]  # fmt: skip
+def queue_behind_a_waiting_opener(ingest, watcher, opener, opener_body: bytes, rest, cases: dict) -> None:
+    """Start ``opener`` (its batch then waits on a lock the caller holds), then each of ``cases`` through
+    ``rest``, one at a time, until all of them are queued behind it for the next batch, in this order."""
+    opener.start({"opener": opener_body})
+    wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the opener waiting on the lock")
+    for queued, (name, body) in enumerate(cases.items(), start=2):
+        rest.start({name: body})
+        wait_until(lambda queued=queued: ingest.batches.pending == queued, f"{name} queued")
 
 
 def hold_webhook(session: psycopg.Connection, webhook_id: str) -> None:
@@ -93,11 +104,8 @@ def test_a_follow_up_round_that_fails_keeps_the_first_round_s_answers_and_counts
     ):
         hold_webhook(other_worker, "wh-round-b")
         hold_webhook(locker, "wh-round-opener")  # the opener's batch waits on it while the cases queue
-        opener.start({"opener": message("wh-round-opener", "msg-round-opener")})
-        wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the opener waiting on the lock")
-        for queued, (name, body) in enumerate(cases.items(), start=2):
-            rest.start({name: body})
-            wait_until(lambda queued=queued: ingest.batches.pending == queued, f"{name} queued")
+        opener_body = message("wh-round-opener", "msg-round-opener")
+        queue_behind_a_waiting_opener(ingest, watcher, opener, opener_body, rest, cases)
         locker.rollback()
         opener.join()
         # Only the second round waits on B's webhookId (the first does not touch it); the first round's
@@ -221,11 +229,8 @@ def test_a_batch_whose_first_round_is_refused_writes_its_copies_alone_counting_e
     with psycopg.connect(admin_url) as locker, psycopg.connect(admin_url, autocommit=True) as watcher:
         locker.execute("LOCK TABLE ghl_webhook_delivery IN SHARE ROW EXCLUSIVE MODE")
         batches_before = ingest.batches.batches
-        opener.start({"opener": message("wh-alone-opener", "msg-alone-opener")})
-        wait_until(lambda: len(backend_pids_waiting_on_a_lock(watcher)) >= 1, "the opener waiting on the lock")
-        for queued, (name, body) in enumerate(cases.items(), start=2):
-            rest.start({name: body})
-            wait_until(lambda queued=queued: ingest.batches.pending == queued, f"{name} queued")
+        opener_body = message("wh-alone-opener", "msg-alone-opener")
+        queue_behind_a_waiting_opener(ingest, watcher, opener, opener_body, rest, cases)
         locker.rollback()
         opener.join()
         rest.join()
