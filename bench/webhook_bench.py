@@ -220,18 +220,7 @@ def main() -> int:
 
     database_url = new_database()
     key = ed25519.Ed25519PrivateKey.generate()
-    env = os.environ | {
-        "REBILL_ENV": "production",
-        "DATABASE_URL": database_url,
-        "SECRET_KEY": secrets.token_urlsafe(32),
-        "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-        "GHL_CLIENT_ID": CLIENT_ID,
-        "GHL_CLIENT_SECRET": "bench-client-secret",
-        "GHL_WEBHOOK_ED25519_KEY": key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode(),
-        "REBILL_LOG_LEVEL": "WARNING",
-    }
+    env = server_env(database_url, key)
     try:
         prepare_database(env)
         results = run_all(args, env, key, workdir, new_database)
@@ -243,6 +232,23 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)  # the signed bodies: tens of MB per run
     report(args, results)
     return 0 if results["lost"] == 0 else 1
+
+
+def server_env(database_url: str, key: ed25519.Ed25519PrivateKey) -> dict[str, str]:
+    """The environment a benchmarked Rebill runs with: production settings on ``database_url`` (SQLAlchemy's
+    postgresql+psycopg:// form), verifying webhooks with ``key``'s public half."""
+    return os.environ | {
+        "REBILL_ENV": "production",
+        "DATABASE_URL": database_url,
+        "SECRET_KEY": secrets.token_urlsafe(32),
+        "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "GHL_CLIENT_ID": CLIENT_ID,
+        "GHL_CLIENT_SECRET": "bench-client-secret",
+        "GHL_WEBHOOK_ED25519_KEY": key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode(),
+        "REBILL_LOG_LEVEL": "WARNING",
+    }
 
 
 def drop_databases(postgres_url: str, databases: list[str]) -> None:
@@ -424,7 +430,7 @@ def _split(server_pid: int, port: int) -> str:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
                 established.append(fields[9])  # the socket's inode
-    queued = len([inode for inode in established if inode == "0"])  # in the accept queue: no process holds it
+    queued = established.count("0")  # in the accept queue: no process holds it yet
     counts = []
     for pid, parent, _cpu, _command in _processes():
         if parent != server_pid:

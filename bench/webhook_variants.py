@@ -23,8 +23,6 @@ proper is webhook_bench.py. bench/README.md (fifth pass of issue 15) has what th
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -33,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from cryptography.fernet import Fernet
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,9 +92,6 @@ def main() -> int:
 
 def start(args, variants: list[Variant], key, workdir: Path, databases: list[str]) -> None:
     """A migrated, seeded database and a warmed-up gunicorn for every variant."""
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
     options = webhook_bench.procfile_gunicorn_options()
     with psycopg.connect(args.postgres, autocommit=True) as admin:
         for number, variant in enumerate(variants):
@@ -106,16 +99,7 @@ def start(args, variants: list[Variant], key, workdir: Path, databases: list[str
             admin.execute(f'CREATE DATABASE "{database}"')
             databases.append(database)
             variant.url = args.postgres.rsplit("/", 1)[0] + f"/{database}"
-            env = os.environ | {
-                "REBILL_ENV": "production",
-                "DATABASE_URL": variant.url.replace("postgresql://", "postgresql+psycopg://"),
-                "SECRET_KEY": secrets.token_urlsafe(32),
-                "REBILL_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
-                "GHL_CLIENT_ID": webhook_bench.CLIENT_ID,
-                "GHL_CLIENT_SECRET": "bench-client-secret",
-                "GHL_WEBHOOK_ED25519_KEY": public_pem,
-                "REBILL_LOG_LEVEL": "WARNING",
-            }
+            env = webhook_bench.server_env(variant.url.replace("postgresql://", "postgresql+psycopg://"), key)
             webhook_bench.prepare_database(env)
             if variant.sql:
                 with psycopg.connect(variant.url, autocommit=True) as connection:
