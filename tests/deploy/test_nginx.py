@@ -34,7 +34,7 @@ from local_topology import nginx_binary, procfile_gunicorn_options, render_nginx
 def gunicorn_places(options: list[str]) -> int:
     """Connections the Procfile's gunicorn serves at once: workers x (gevent) worker-connections or threads."""
     value = {name: options[i + 1] for i, name in enumerate(options[:-1]) if name.startswith("--")}
-    if value.get("--worker-class") == "gevent":
+    if "gevent" in value.get("--worker-class", "").lower():  # gunicorn's gevent worker or ours (core.gunicorn_worker)
         per_worker = value.get("--worker-connections", "1000")  # gunicorn's default
     else:
         per_worker = value.get("--threads", "1")

@@ -121,6 +121,6 @@ def test_a_burst_of_message_webhooks_is_stored_exactly_once_under_the_procfiles_
     assert counted == Counter(f"msg-burst-{number:03d}" for number in range(MESSAGES))  # one usage event each
 
     output = log.read_text()
-    assert "Using worker: gevent" in output
+    assert "Using worker: core.gunicorn_worker.BalancedGeventWorker" in output
     # gevent's MonkeyPatchWarning (a module patched after it was imported), or any other warning or crash.
     assert not re.search(r"\w+Warning: |Traceback", output), output

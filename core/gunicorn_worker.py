@@ -1,0 +1,210 @@
+"""gunicorn's gevent worker, with new connections shared evenly between the workers of a server.
+
+Why. gunicorn's workers all accept from one listening socket, and whichever runs first takes the connection.
+When several connections open at once (a load balancer's or nginx's keep-alive pool filling up, a burst of
+GHL deliveries), one worker may take most of them. With keep-alive connections that split lasts, and a
+group-committing server feels it: a worker's batch of webhooks holds at most its own connections
+(ghl.message_ingest), so the worker with 3 of 16 writes batches of at most 3 and waits on most of them, while
+the other carries 13. Measured with bench/webhook_bench.py on two workers: Rebill served 8/8 at 4,286/s and
+1/15 at 3,417/s in one run, which is most of the spread between its rounds (bench/README.md, fifth and sixth
+passes).
+
+How. Each worker publishes how many connections it holds in a small table in shared memory, set up by the
+gunicorn master before it forks (``ConnectionShares``). Before accepting, a worker that would then hold more
+than its share (the connections of all live workers plus this one, divided among them, rounded up) leaves the
+pending connection to a sibling: it stops watching the listening socket and looks again every ``recheck``
+seconds. The siblings are woken by the same socket, and one below its share takes the connection at once.
+After ``max_deferral`` of the same wait a worker accepts regardless, so a sibling that is busy (one long
+request holds a gevent worker's only thread) or gone delays a new connection by at most that much; it never
+refuses one. Nothing here is needed for correctness: without the table (a worker the master could not give a
+slot) a worker accepts as gunicorn's own does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import time
+from functools import partial
+
+from gevent.monkey import get_original
+from gevent.server import StreamServer
+from gunicorn.workers.ggevent import GeventWorker
+
+# The listening socket's readiness, asked without waiting (gevent's patched select would yield to its hub).
+_select = get_original("select", "select")
+
+
+class ConnectionShares:
+    """Connections held per worker, one slot per live worker, in memory shared by the master and its workers.
+
+    Only the master reserves and reclaims slots (``reserve``, before each fork, so reservations never race);
+    only a slot's worker counts in it afterwards, and releases it when it ends. A worker killed without ending
+    (SIGKILL after gunicorn's timeout) leaves its slot marked live with its last count until the master
+    reclaims it at the next spawn (it reaps a dead worker before spawning its replacement): meanwhile its
+    siblings see a larger total, so they defer less, never more.
+    """
+
+    def __init__(self, slots: int):
+        self.live = multiprocessing.RawArray(ctypes.c_int, slots)
+        self.connections = multiprocessing.RawArray(ctypes.c_int, slots)
+        self.accepted = multiprocessing.RawArray(ctypes.c_ulonglong, slots)  # ever, per slot: a sign of life
+        self._workers = {}  # master only: slot -> the gunicorn worker object it was reserved for
+
+    def reserve(self, worker) -> int | None:
+        """A free slot for ``worker`` (master side, before the fork), or None when every slot is live."""
+        for slot in range(len(self.live)):
+            owner = self._workers.get(slot)
+            if self.live[slot] and owner is not None and _is_running(owner.pid):
+                continue
+            self._workers[slot] = worker
+            self.connections[slot] = 0
+            self.live[slot] = 1
+            return slot
+        return None
+
+    def release(self, slot: int) -> None:
+        """The worker of ``slot`` ends: its connections end with it."""
+        self.connections[slot] = 0
+        self.live[slot] = 0
+
+    def opened(self, slot: int) -> None:
+        self.connections[slot] += 1
+        self.accepted[slot] += 1
+
+    def accepted_by_others(self, slot: int) -> int:
+        """Connections the other slots' workers have accepted, ever: it grows while a sibling accepts."""
+        return sum(self.accepted) - self.accepted[slot]
+
+    def closed(self, slot: int) -> None:
+        self.connections[slot] -= 1
+
+    def over_share(self, slot: int) -> bool:
+        """Whether the worker of ``slot`` would hold more than its share after accepting one more connection."""
+        workers = total = 0
+        for live, held in zip(self.live, self.connections, strict=True):
+            if live:
+                workers += 1
+                total += held
+        if workers <= 1:
+            return False
+        share = -(-(total + 1) // workers)  # the connections after this one, shared out, rounded up
+        return self.connections[slot] + 1 > share
+
+
+def _is_running(pid: int | None) -> bool:
+    """Whether the worker ``pid`` still runs (master side: the master reaps its dead workers before it spawns)."""
+    if pid is None:
+        return True  # forked moments ago (gunicorn sets the pid after the fork), or the fork failed: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # the pid now belongs to another user's process
+    return True
+
+
+class BalancedStreamServer(StreamServer):
+    """gevent's StreamServer as gunicorn's gevent worker builds it, deferring accepts while over its share."""
+
+    def __init__(self, listener, *, worker: BalancedGeventWorker, spawn, ssl_context=None, **_pywsgi_options):
+        # gunicorn hands a ``server_class`` the arguments of gevent's WSGI server (application, log,
+        # handler_class, environ); this server is the plain StreamServer of gunicorn's own gevent worker,
+        # which parses HTTP itself in ``worker.handle``, so those go unused.
+        ssl = {"ssl_context": ssl_context} if ssl_context is not None else {}
+        super().__init__(listener, handle=partial(worker.handle, listener), spawn=spawn, **ssl)
+        if worker.cfg.workers > 1:
+            self.max_accept = 1  # as in gunicorn's gevent worker: one accept per loop turn, the rest to siblings
+        self._worker = worker
+        self._deferring_since = None  # when this worker began leaving the pending connection to a sibling
+        self._siblings_stalled_at = None  # accepted_by_others when a sibling last failed to take a connection
+        self._recheck_timer = None
+
+    def do_read(self):
+        slot = self._worker.slot
+        if slot is not None and self._defer(slot):
+            return None
+        accepted = super().do_read()
+        if accepted and slot is not None:
+            self._worker.shares.opened(slot)
+        return accepted
+
+    def do_close(self, sock, *args):
+        try:
+            super().do_close(sock, *args)
+        finally:
+            slot = self._worker.slot  # None once the worker released its slot: the count is no longer its own
+            if slot is not None:
+                self._worker.shares.closed(slot)
+
+    def _defer(self, slot: int) -> bool:
+        """Whether to leave the pending connection to a sibling for now; if so, look again after ``recheck``."""
+        shares = self._worker.shares
+        if not shares.over_share(slot):
+            self._deferring_since = None
+            return False
+        if self._siblings_stalled_at is not None:
+            # The last wait ran out: no sibling is accepting (one long request holds a gevent worker's only
+            # thread). Wait again only once one has accepted since, or every new connection would pay the
+            # whole wait, and this worker's accepts would fall to one per max_deferral.
+            if shares.accepted_by_others(slot) == self._siblings_stalled_at:
+                return False
+            self._siblings_stalled_at = None
+        now = time.monotonic()
+        if self._deferring_since is None:
+            self._deferring_since = now
+        elif now - self._deferring_since >= self._worker.max_deferral:
+            self._deferring_since = None  # no sibling took it in time: accept it here
+            self._siblings_stalled_at = shares.accepted_by_others(slot)
+            return False
+        self.stop_accepting()
+        self._recheck_timer = self.loop.timer(self._worker.recheck)
+        self._recheck_timer.start(self._look_again)
+        return True
+
+    def _look_again(self):
+        self._recheck_timer.close()
+        self._recheck_timer = None
+        if not self.started:  # closed meanwhile (gunicorn's graceful stop)
+            return
+        if not _select([self.socket], [], [], 0)[0]:
+            self._deferring_since = None  # a sibling took the pending connection: the next one waits afresh
+        self.start_accepting()  # a pending connection calls do_read again at once
+
+
+class BalancedGeventWorker(GeventWorker):
+    """gunicorn's gevent worker (``--worker-class core.gunicorn_worker.BalancedGeventWorker``), sharing
+    connections evenly with its siblings (this module's docstring)."""
+
+    max_deferral = 0.01  # seconds a pending connection is left to a sibling at most
+    recheck = 0.0005  # seconds between looks while leaving it
+
+    _shares: ConnectionShares | None = None  # the master's table, created before its first fork
+    _shares_tried = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # in the master, before the fork
+        if not BalancedGeventWorker._shares_tried:
+            BalancedGeventWorker._shares_tried = True
+            try:
+                BalancedGeventWorker._shares = ConnectionShares(slots=max(2 * self.cfg.workers, self.cfg.workers + 8))
+            except OSError as error:  # no shared memory (/dev/shm or a temporary file): serve as gunicorn's worker
+                self.log.warning("connections will not be shared evenly between workers: %s", error)
+        self.shares = BalancedGeventWorker._shares
+        self.slot = self.shares.reserve(self) if self.shares is not None else None
+
+    @property
+    def server_class(self):
+        # gunicorn's GeventWorker.run builds each listener's server with ``server_class`` when one is set (its
+        # hook for gevent's WSGI server); here it is the same StreamServer, told about this worker.
+        return partial(BalancedStreamServer, worker=self)
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            slot, self.slot = self.slot, None
+            if slot is not None:
+                self.shares.release(slot)

@@ -1,0 +1,33 @@
+"""What tests/core/test_gunicorn_worker.py serves under gunicorn: an app that answers with its worker's pid,
+and the worker class with a long deferral, so that which worker takes a connection does not depend on how
+fast the machine schedules the sibling."""
+
+from __future__ import annotations
+
+import os
+
+from core.gunicorn_worker import BalancedGeventWorker
+
+
+class PatientWorker(BalancedGeventWorker):
+    max_deferral = 5.0
+
+
+class HastyWorker(BalancedGeventWorker):
+    max_deferral = 0.5
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/hold":
+        # Holds the worker's one thread (gevent has not patched this sleep away: the worker's loop stops too),
+        # as a long CPU-bound request would.
+        _blocking_sleep(float(environ["QUERY_STRING"]))
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _blocking_sleep(seconds: float) -> None:
+    from gevent.monkey import get_original
+
+    get_original("time", "sleep")(seconds)
