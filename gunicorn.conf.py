@@ -1,5 +1,7 @@
 """gunicorn settings read from the working directory (gunicorn's default ``./gunicorn.conf.py``); the
-Procfile's command line sets the rest: 2 gevent workers, each serving up to 256 connections at once.
+Procfile's command line sets the rest: 2 gevent workers, each serving up to 256 connections at once. The
+worker class is gunicorn's gevent worker with new connections shared evenly between the workers
+(core.gunicorn_worker, whose docstring says why and how).
 
 Why gevent. A worker runs each request in a greenlet, and every wait (a socket read or write, a PostgreSQL
 round trip: psycopg 3 waits cooperatively once gevent has patched ``select``, see ``post_worker_init``)
