@@ -93,10 +93,10 @@ class ConnectionShares:
         return self.connections[slot] + 1 > share
 
 
-def _is_running(pid: int | None) -> bool:
+def _is_running(pid: int | str) -> bool:
     """Whether the worker ``pid`` still runs (master side: the master reaps its dead workers before it spawns)."""
-    if pid is None:
-        return True  # forked moments ago (gunicorn sets the pid after the fork), or the fork failed: keep it
+    if not isinstance(pid, int):
+        return True  # gunicorn's "[booting]" until it sets the pid after the fork; left so if the fork failed
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -72,19 +72,19 @@ def finished_pid() -> int:
 def test_the_master_reserves_free_slots_and_takes_back_only_those_of_workers_that_ended():
     shares = ConnectionShares(slots=3)
     running = SimpleNamespace(pid=os.getpid())
-    ended = SimpleNamespace(pid=None)
-    forking = SimpleNamespace(pid=None)  # gunicorn sets the pid after the fork
+    ended = SimpleNamespace(pid="[booting]")
+    forking = SimpleNamespace(pid="[booting]")  # gunicorn's until it sets the pid after the fork
     assert [shares.reserve(running), shares.reserve(ended), shares.reserve(forking)] == [0, 1, 2]
     shares.connections[1] = 7  # its last count, left when it was killed
-    assert shares.reserve(SimpleNamespace(pid=None)) is None  # every slot is live
+    assert shares.reserve(SimpleNamespace(pid="[booting]")) is None  # every slot is live
 
     ended.pid = finished_pid()
-    replacement = SimpleNamespace(pid=None)
+    replacement = SimpleNamespace(pid="[booting]")
     assert shares.reserve(replacement) == 1
     assert shares.connections[1] == 0  # the dead worker's connections died with it
 
     shares.release(0)  # a worker that ended on its own gives its slot back
-    assert shares.reserve(SimpleNamespace(pid=None)) == 0
+    assert shares.reserve(SimpleNamespace(pid="[booting]")) == 0
 
 
 class Gunicorn:
