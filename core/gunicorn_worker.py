@@ -16,15 +16,17 @@ pending connection to a sibling: it stops watching the listening socket and look
 seconds. The siblings are woken by the same socket, and one below its share takes the connection at once.
 After ``max_deferral`` of the same wait a worker accepts regardless, so a sibling that is busy (one long
 request holds a gevent worker's only thread) or gone delays a new connection by at most that much; it never
-refuses one. Nothing here is needed for correctness: without the table (a worker the master could not give a
-slot) a worker accepts as gunicorn's own does.
+refuses one. After such a wait it takes every connection at once until a sibling accepts one again
+(``Deferral``). A worker stops counting as soon as it stops accepting (a graceful stop or reload), and the
+master takes back the slot of one that died. Nothing here is needed for correctness: a worker the master
+could not give a slot (more workers than the table holds) accepts as gunicorn's own does.
 """
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
+import mmap
 import os
+import struct
 import time
 from functools import partial
 
@@ -37,60 +39,66 @@ _select = get_original("select", "select")
 
 
 class ConnectionShares:
-    """Connections held per worker, one slot per live worker, in memory shared by the master and its workers.
+    """Connections held per worker, one slot per accepting worker, in memory shared by the master and its workers.
 
-    Only the master reserves and reclaims slots (``reserve``, before each fork, so reservations never race);
-    only a slot's worker counts in it afterwards, and releases it when it ends. A worker killed without ending
-    (SIGKILL after gunicorn's timeout) leaves its slot marked live with its last count until the master
-    reclaims it at the next spawn (it reaps a dead worker before spawning its replacement): meanwhile its
-    siblings see a larger total, so they defer less, never more.
+    Only the master reserves slots (``reserve``, before each fork, so reservations never race), and it takes
+    back the slots of workers that died without giving theirs back (SIGKILL after gunicorn's timeout, a crash)
+    each time it spawns one, which it does right after reaping a dead worker. Only a slot's worker counts in
+    it afterwards, and it gives the slot back as soon as it stops accepting (its server closes: a graceful
+    stop, a reload, max-requests), before it finishes the requests it still holds, so that siblings never
+    wait for a worker that no longer accepts.
     """
 
     def __init__(self, slots: int):
-        self.live = multiprocessing.RawArray(ctypes.c_int, slots)
-        self.connections = multiprocessing.RawArray(ctypes.c_int, slots)
-        self.accepted = multiprocessing.RawArray(ctypes.c_ulonglong, slots)  # ever, per slot: a sign of life
+        # Anonymous shared mappings: the workers inherit them at the fork, and they see each other's writes.
+        # Native int views, summed in C: the share is read before every accept.
+        self.live = _shared_array("i", slots)  # 1 while the slot's worker may accept
+        self.connections = _shared_array("i", slots)  # 0 for a slot given back
+        self.accepted = _shared_array("q", slots)  # ever, per slot: a sign of life
         self._workers = {}  # master only: slot -> the gunicorn worker object it was reserved for
 
     def reserve(self, worker) -> int | None:
         """A free slot for ``worker`` (master side, before the fork), or None when every slot is live."""
+        for slot, owner in list(self._workers.items()):
+            if self.live[slot] and not _is_running(owner.pid):
+                self.release(slot)  # died holding it: its connections died with it
         for slot in range(len(self.live)):
-            owner = self._workers.get(slot)
-            if self.live[slot] and owner is not None and _is_running(owner.pid):
-                continue
-            self._workers[slot] = worker
-            self.connections[slot] = 0
-            self.live[slot] = 1
-            return slot
+            if not self.live[slot]:
+                self._workers[slot] = worker
+                self.connections[slot] = 0
+                self.live[slot] = 1
+                return slot
         return None
 
     def release(self, slot: int) -> None:
-        """The worker of ``slot`` ends: its connections end with it."""
-        self.connections[slot] = 0
+        """The worker of ``slot`` no longer accepts: it is no sibling to wait for, and its count is no share."""
         self.live[slot] = 0
+        self.connections[slot] = 0
 
     def opened(self, slot: int) -> None:
         self.connections[slot] += 1
         self.accepted[slot] += 1
 
+    def closed(self, slot: int) -> None:
+        self.connections[slot] -= 1
+
     def accepted_by_others(self, slot: int) -> int:
         """Connections the other slots' workers have accepted, ever: it grows while a sibling accepts."""
         return sum(self.accepted) - self.accepted[slot]
 
-    def closed(self, slot: int) -> None:
-        self.connections[slot] -= 1
-
     def over_share(self, slot: int) -> bool:
         """Whether the worker of ``slot`` would hold more than its share after accepting one more connection."""
-        workers = total = 0
-        for live, held in zip(self.live, self.connections, strict=True):
-            if live:
-                workers += 1
-                total += held
+        workers = sum(self.live)
         if workers <= 1:
             return False
+        total = sum(self.connections)  # a given-back slot counts 0
         share = -(-(total + 1) // workers)  # the connections after this one, shared out, rounded up
         return self.connections[slot] + 1 > share
+
+
+def _shared_array(typecode: str, length: int) -> memoryview:
+    """Zeroed integers in memory shared with the processes this one forks (mmap's anonymous map is MAP_SHARED)."""
+    return memoryview(mmap.mmap(-1, length * struct.calcsize(typecode))).cast(typecode)
 
 
 def _is_running(pid: int | str) -> bool:
@@ -106,6 +114,39 @@ def _is_running(pid: int | str) -> bool:
     return True
 
 
+class Deferral:
+    """When a worker over its share leaves a pending connection to its siblings, and when it takes it anyway.
+
+    A wait lasts at most ``max_deferral``; one that runs out means no sibling is accepting (one long request
+    holds a gevent worker's only thread), and the worker then takes every connection without waiting until a
+    sibling has accepted one, or every new connection would pay the whole wait and this worker's accepts would
+    fall to one per ``max_deferral``.
+    """
+
+    def __init__(self, max_deferral: float):
+        self.max_deferral = max_deferral
+        self.since = None  # when the current wait began
+        self.stalled_at = None  # what the siblings had accepted, ever, when a wait last ran out
+
+    def leave(self, siblings_accepted: int, now: float) -> bool:
+        """Whether to leave the pending connection to a sibling for now (asked while over the share)."""
+        if self.stalled_at is not None:
+            if siblings_accepted == self.stalled_at:
+                return False
+            self.stalled_at = None  # a sibling accepts again
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.max_deferral:
+            self.since = None
+            self.stalled_at = siblings_accepted
+            return False
+        return True
+
+    def end(self) -> None:
+        """The wait is over: a sibling took the pending connection, or this worker is no longer over its share."""
+        self.since = None
+
+
 class BalancedStreamServer(StreamServer):
     """gevent's StreamServer as gunicorn's gevent worker builds it, deferring accepts while over its share."""
 
@@ -118,8 +159,7 @@ class BalancedStreamServer(StreamServer):
         if worker.cfg.workers > 1:
             self.max_accept = 1  # as in gunicorn's gevent worker: one accept per loop turn, the rest to siblings
         self._worker = worker
-        self._deferring_since = None  # when this worker began leaving the pending connection to a sibling
-        self._siblings_stalled_at = None  # accepted_by_others when a sibling last failed to take a connection
+        self._deferral = Deferral(worker.max_deferral)
         self._recheck_timer = None
 
     def do_read(self):
@@ -143,26 +183,18 @@ class BalancedStreamServer(StreamServer):
         """Whether to leave the pending connection to a sibling for now; if so, look again after ``recheck``."""
         shares = self._worker.shares
         if not shares.over_share(slot):
-            self._deferring_since = None
+            self._deferral.end()
             return False
-        if self._siblings_stalled_at is not None:
-            # The last wait ran out: no sibling is accepting (one long request holds a gevent worker's only
-            # thread). Wait again only once one has accepted since, or every new connection would pay the
-            # whole wait, and this worker's accepts would fall to one per max_deferral.
-            if shares.accepted_by_others(slot) == self._siblings_stalled_at:
-                return False
-            self._siblings_stalled_at = None
-        now = time.monotonic()
-        if self._deferring_since is None:
-            self._deferring_since = now
-        elif now - self._deferring_since >= self._worker.max_deferral:
-            self._deferring_since = None  # no sibling took it in time: accept it here
-            self._siblings_stalled_at = shares.accepted_by_others(slot)
+        if not self._deferral.leave(shares.accepted_by_others(slot), time.monotonic()):
             return False
         self.stop_accepting()
         self._recheck_timer = self.loop.timer(self._worker.recheck)
         self._recheck_timer.start(self._look_again)
         return True
+
+    def close(self):
+        self._worker.release_slot()  # before the requests still held finish (gunicorn's graceful stop)
+        super().close()
 
     def _look_again(self):
         self._recheck_timer.close()
@@ -170,7 +202,7 @@ class BalancedStreamServer(StreamServer):
         if not self.started:  # closed meanwhile (gunicorn's graceful stop)
             return
         if not _select([self.socket], [], [], 0)[0]:
-            self._deferring_since = None  # a sibling took the pending connection: the next one waits afresh
+            self._deferral.end()  # a sibling took the pending connection: the next one waits afresh
         self.start_accepting()  # a pending connection calls do_read again at once
 
 
@@ -182,18 +214,13 @@ class BalancedGeventWorker(GeventWorker):
     recheck = 0.0005  # seconds between looks while leaving it
 
     _shares: ConnectionShares | None = None  # the master's table, created before its first fork
-    _shares_tried = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # in the master, before the fork
-        if not BalancedGeventWorker._shares_tried:
-            BalancedGeventWorker._shares_tried = True
-            try:
-                BalancedGeventWorker._shares = ConnectionShares(slots=max(2 * self.cfg.workers, self.cfg.workers + 8))
-            except OSError as error:  # no shared memory (/dev/shm or a temporary file): serve as gunicorn's worker
-                self.log.warning("connections will not be shared evenly between workers: %s", error)
+        if BalancedGeventWorker._shares is None:
+            BalancedGeventWorker._shares = ConnectionShares(slots=max(2 * self.cfg.workers, self.cfg.workers + 8))
         self.shares = BalancedGeventWorker._shares
-        self.slot = self.shares.reserve(self) if self.shares is not None else None
+        self.slot = self.shares.reserve(self)
 
     @property
     def server_class(self):
@@ -201,10 +228,8 @@ class BalancedGeventWorker(GeventWorker):
         # hook for gevent's WSGI server); here it is the same StreamServer, told about this worker.
         return partial(BalancedStreamServer, worker=self)
 
-    def run(self):
-        try:
-            super().run()
-        finally:
-            slot, self.slot = self.slot, None
-            if slot is not None:
-                self.shares.release(slot)
+    def release_slot(self) -> None:
+        """Stop counting in the table: this worker accepts no more, and what it still holds is no share."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            self.shares.release(slot)

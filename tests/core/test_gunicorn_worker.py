@@ -8,6 +8,7 @@ connection follows the rule, not how soon the machine runs the sibling.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -19,8 +20,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gevent.pool import Pool
+from gunicorn.config import Config
 
-from core.gunicorn_worker import ConnectionShares
+from core.gunicorn_worker import BalancedGeventWorker, BalancedStreamServer, ConnectionShares, Deferral
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 60
@@ -87,8 +90,93 @@ def test_the_master_reserves_free_slots_and_takes_back_only_those_of_workers_tha
     assert shares.reserve(SimpleNamespace(pid="[booting]")) == 0
 
 
+def test_the_master_takes_back_every_dead_workers_slot_not_only_the_first_free_one():
+    # After a reload the new workers sit in slots 2 and 3 and the old ones gave 0 and 1 back; then one of the
+    # new ones is killed. Its replacement takes slot 0, and the dead one's slot 3 must not stay live: two
+    # accepting workers counted as three are both over their share at once, and both wait.
+    shares = ConnectionShares(slots=4)
+    old = [SimpleNamespace(pid=os.getpid()) for _ in range(2)]
+    new = [SimpleNamespace(pid=os.getpid()), SimpleNamespace(pid=os.getpid())]
+    assert [shares.reserve(worker) for worker in old + new] == [0, 1, 2, 3]
+    shares.release(0)
+    shares.release(1)
+    shares.connections[2], shares.connections[3] = 2, 1
+    new[1].pid = finished_pid()
+    assert shares.reserve(SimpleNamespace(pid="[booting]")) == 0
+    assert list(shares.live) == [1, 0, 1, 0]
+    assert not shares.over_share(0)  # 0 against 2: its share
+
+
+def test_a_wait_lasts_at_most_max_deferral_then_the_worker_takes_connections_until_a_sibling_accepts_again():
+    deferral = Deferral(max_deferral=0.01)
+    assert deferral.leave(siblings_accepted=5, now=100.0)
+    assert deferral.leave(siblings_accepted=5, now=100.009)
+    assert not deferral.leave(siblings_accepted=5, now=100.010)  # ran out: take it
+    assert not deferral.leave(siblings_accepted=5, now=100.011)  # no sibling accepted since: no new wait
+    assert not deferral.leave(siblings_accepted=5, now=105.0)
+    assert deferral.leave(siblings_accepted=6, now=105.001)  # one did: waits again, a fresh wait
+    assert deferral.leave(siblings_accepted=6, now=105.010)
+
+
+def test_a_wait_ends_when_a_sibling_took_the_connection_and_the_next_one_waits_afresh():
+    deferral = Deferral(max_deferral=0.01)
+    assert deferral.leave(siblings_accepted=0, now=1.0)
+    deferral.end()  # the socket went quiet: a sibling took it
+    assert deferral.leave(siblings_accepted=1, now=2.0)  # long after: still a whole wait ahead
+    assert deferral.leave(siblings_accepted=1, now=2.009)
+
+
+@pytest.fixture
+def server():
+    """A worker's server on a listening socket of its own, in this process, beside one sibling's slot."""
+    config = Config()
+    config.set("workers", 2)
+    worker = BalancedGeventWorker(1, os.getpid(), [], None, 30, config, logging.getLogger(__name__))
+    worker.shares = ConnectionShares(slots=4)  # not the process-wide table the master would share
+    worker.slot = worker.shares.reserve(worker)
+    worker.shares.reserve(SimpleNamespace(pid=os.getpid()))  # the sibling
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = BalancedStreamServer(listener, worker=worker, spawn=Pool(4))
+    server.start()
+    yield server
+    server.close()
+    listener.close()
+    worker.tmp.close()
+
+
+def test_a_worker_gives_its_slot_back_when_its_server_closes_before_its_requests_end(server):
+    worker = server._worker
+    slot = worker.slot
+    worker.shares.opened(slot)  # a request still running, as during gunicorn's graceful stop
+    server.close()
+    assert worker.slot is None
+    assert worker.shares.live[slot] == 0
+    assert worker.shares.connections[slot] == 0
+    assert not worker.shares.over_share(1)  # the sibling is alone: it waits for no one
+    server.do_close(socket.socket())  # the request ends afterwards: the given-back slot stays untouched
+    assert worker.shares.connections[slot] == 0
+
+
+def test_a_worker_that_left_a_connection_to_a_sibling_starts_a_fresh_wait_for_the_next_one(server):
+    worker = server._worker
+    worker.shares.opened(worker.slot)  # 1 against the sibling's 0: over its share
+    with socket.create_connection(server.address) as client:
+        assert server.do_read() is None  # left to the sibling
+        assert server._deferral.since is not None
+        since = server._deferral.since
+        server._look_again()  # still pending: the watcher calls do_read again at once
+        assert server.do_read() is None
+        assert server._deferral.since == since  # the same wait goes on
+        taken, _ = server.socket.accept()  # the sibling takes it
+        taken.close()
+        server._look_again()
+        assert server._deferral.since is None
+        assert client
+
+
 class Gunicorn:
-    """gunicorn with two workers of ``worker_class`` serving tests/core/gunicorn_worker_app.py."""
+    """gunicorn with two workers of ``worker_class`` serving tests/core/gunicorn_worker_app.py; idle connections
+    are kept for a minute (gunicorn closes them after 2 s by default, and a closed one no longer counts)."""
 
     def __init__(self, worker_class: str, directory: Path):
         with socket.socket() as probe:
@@ -106,24 +194,24 @@ class Gunicorn:
         self.log = directory / "gunicorn.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(config), "--workers", "2", "--worker-class",
-                 f"tests.core.gunicorn_worker_app.{worker_class}", "--bind", f"127.0.0.1:{self.port}",
+                [sys.executable, "-m", "gunicorn", "-c", str(config), "--workers", "2", "--keep-alive", "60",
+                 "--worker-class", f"tests.core.gunicorn_worker_app.{worker_class}", "--bind", f"127.0.0.1:{self.port}",
                  "tests.core.gunicorn_worker_app:app"],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.wait_for_workers(2)
 
-    def wait_for_workers(self, count: int) -> list[int]:
-        """The pids of the workers that have loaded the app and are about to serve, once there are ``count``."""
+    def wait_for_workers(self, count: int, *, gone: tuple[int, ...] = ()) -> set[int]:
+        """The pids of the workers that loaded the app (ever), once there are ``count`` and ``gone`` have ended."""
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log.read_text()}")
-            pids = [int(path.name) for path in self.ready.iterdir()]
-            if len(pids) >= count:
+            pids = {int(path.name) for path in self.ready.iterdir()}
+            if len(pids) >= count and not any(map(running, gone)):
                 return pids
-            time.sleep(0.05)  # waiting for a process to start, not for an outcome
-        raise RuntimeError(f"gunicorn's workers did not start: {self.log.read_text()}")
+            time.sleep(0.05)  # waiting for processes to start or end, not for an outcome
+        raise RuntimeError(f"gunicorn's workers did not start or end: {self.log.read_text()}")
 
     def connect(self, path: str = "/") -> tuple[socket.socket, int]:
         """A new keep-alive connection, its first request answered: the connection and the worker's pid."""
@@ -136,6 +224,14 @@ class Gunicorn:
             connection.close()
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(30)
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def ask(connection: socket.socket, path: str = "/", *, close: bool = False) -> int:
@@ -209,3 +305,36 @@ def test_a_worker_over_its_share_still_accepts_when_its_sibling_is_held(gunicorn
     # took the rest at once (6 waits would be 2.5 s). All before the held worker was let go.
     assert 0.5 <= elapsed < 1.5
     assert answered_pid(held) == held_pid  # the held worker answers once let go
+
+    # The free worker holds 7, the other 1. The free one waits for nobody until the other accepts a connection
+    # again (which of the two takes the next ones is a race meanwhile); from then on it leaves the new ones to
+    # the other until they are even.
+    later = []
+    while held_pid not in {pid for _, pid in later}:
+        later.append(server.connect())
+    assert len(later) <= 4
+    split = Counter(pid for _, pid in [*taken, *later]) + Counter({held_pid: 1, free_pid: 1})
+    rest = [server.connect() for _ in range(split[free_pid] - split[held_pid])]
+    assert [pid for _, pid in rest] == [held_pid] * len(rest), (
+        held_pid,
+        free_pid,
+        [p for _, p in taken],
+        [p for _, p in later],
+        [p for _, p in rest],
+    )
+
+
+def test_after_a_reload_and_a_killed_worker_connections_still_alternate(gunicorn):
+    server = gunicorn()
+    first = server.wait_for_workers(2)
+    server.process.send_signal(signal.SIGHUP)  # two new workers; the old ones stop (and give their slots back)
+    second = server.wait_for_workers(4, gone=tuple(first)) - first
+    killed = min(second)
+    os.kill(killed, signal.SIGKILL)  # as gunicorn's timeout does: no chance to give its slot back
+    third = server.wait_for_workers(5, gone=(killed,)) - first - {killed}
+    assert len(third) == 2
+    opened = [server.connect() for _ in range(8)]
+    assert {pid for _, pid in opened} == third
+    for count in range(1, 9):  # the dead and the reloaded workers count for nothing: no worker waits in vain
+        split = Counter(pid for _, pid in opened[:count]).most_common()
+        assert split[0][1] - (split[1][1] if len(split) > 1 else 0) <= 1, (count, split)
