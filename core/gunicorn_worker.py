@@ -16,14 +16,16 @@ pending connection to a sibling: it stops watching the listening socket and look
 seconds. The siblings are woken by the same socket, and one below its share takes the connection at once.
 After ``max_deferral`` of the same wait a worker accepts regardless, so a sibling that is busy (one long
 request holds a gevent worker's only thread) or gone delays a new connection by at most that much; it never
-refuses one. After such a wait it takes every connection at once until a sibling accepts one again
-(``Deferral``). A worker stops counting as soon as it stops accepting (a graceful stop or reload), and the
-master takes back the slot of one that died. Nothing here is needed for correctness: a worker the master
-could not give a slot (more workers than the table holds) accepts as gunicorn's own does.
+refuses one. After such a wait it takes every connection at once until a sibling accepts one again, and it
+does not wait at all while more than ten of its connections a second close within a second (``Deferral``). A
+worker stops counting as soon as it stops accepting (a graceful stop or reload), and the master takes back the
+slot of one that died. Nothing here is needed for correctness: a worker the master could not give a slot (more
+workers than the table holds) accepts as gunicorn's own does.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -123,13 +125,34 @@ class Deferral:
     fall to one per ``max_deferral``.
     """
 
+    SHORT_LIFETIME = 1.0  # seconds: a connection closed sooner is one of many that come and go
+    CHURN = 10.0  # short-lived connections closed a second (lately) above which a worker waits no more
+
     def __init__(self, max_deferral: float):
         self.max_deferral = max_deferral
         self.since = None  # when the current wait began
         self.stalled_at = None  # what the siblings had accepted, ever, when a wait last ran out
+        self.short_closes = 0.0  # short-lived connections closed, decaying by e every second since
+        self.last_short_close = 0.0
+
+    def closed(self, lifetime: float, now: float) -> None:
+        """A connection this worker accepted closed after ``lifetime`` seconds."""
+        if lifetime < self.SHORT_LIFETIME:
+            self.short_closes = self._short_closes(now) + 1
+            self.last_short_close = now
+
+    def _short_closes(self, now: float) -> float:
+        """Short-lived connections closed lately: at a steady rate, about that rate per second."""
+        return self.short_closes * math.exp(self.last_short_close - now)
 
     def leave(self, siblings_accepted: int, now: float) -> bool:
         """Whether to leave the pending connection to a sibling for now (asked while over the share)."""
+        if self._short_closes(now) > self.CHURN:
+            # Clients open a connection per request (no keep-alive): an uneven split evens out as they close,
+            # and waiting would only leave this worker idle (-10 % at 16 such clients). Balancing is for
+            # connections that stay; an occasional short one (a health check) does not stop it.
+            self.since = None
+            return False
         if self.stalled_at is not None:
             if siblings_accepted == self.stalled_at:
                 return False
@@ -160,6 +183,7 @@ class BalancedStreamServer(StreamServer):
             self.max_accept = 1  # as in gunicorn's gevent worker: one accept per loop turn, the rest to siblings
         self._worker = worker
         self._deferral = Deferral(worker.max_deferral)
+        self._opened_at = {}  # accepted connection -> when
         self._recheck_timer = None
 
     def do_read(self):
@@ -169,12 +193,17 @@ class BalancedStreamServer(StreamServer):
         accepted = super().do_read()
         if accepted and slot is not None:
             self._worker.shares.opened(slot)
+            self._opened_at[accepted[0]] = time.monotonic()
         return accepted
 
     def do_close(self, sock, *args):
         try:
             super().do_close(sock, *args)
         finally:
+            opened_at = self._opened_at.pop(sock, None)
+            if opened_at is not None:
+                now = time.monotonic()
+                self._deferral.closed(now - opened_at, now)
             slot = self._worker.slot  # None once the worker released its slot: the count is no longer its own
             if slot is not None:
                 self._worker.shares.closed(slot)

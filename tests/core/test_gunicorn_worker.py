@@ -126,6 +126,21 @@ def test_a_wait_ends_when_a_sibling_took_the_connection_and_the_next_one_waits_a
     assert deferral.leave(siblings_accepted=1, now=2.009)
 
 
+def test_a_worker_closing_more_than_ten_short_lived_connections_a_second_does_not_wait():
+    deferral = Deferral(max_deferral=0.01)
+    for tick in range(10):
+        deferral.closed(lifetime=0.002, now=tick / 10)
+    assert deferral.leave(siblings_accepted=0, now=0.95)  # ~10 a second lately: not above
+    deferral.end()
+    for tick in range(10):
+        deferral.closed(lifetime=0.002, now=0.91 + tick / 200)  # then 10 in 50 ms
+    assert not deferral.leave(siblings_accepted=0, now=0.96)  # a split of such connections evens out by itself
+    assert deferral.leave(siblings_accepted=0, now=4.0)  # then none for a few seconds
+    deferral.end()
+    deferral.closed(lifetime=30.0, now=4.1)  # long-lived ones count for nothing
+    assert deferral.leave(siblings_accepted=0, now=4.1)
+
+
 @pytest.fixture
 def server():
     """A worker's server on a listening socket of its own, in this process, beside one sibling's slot."""
@@ -172,6 +187,19 @@ def test_a_worker_that_left_a_connection_to_a_sibling_starts_a_fresh_wait_for_th
         server._look_again()
         assert server._deferral.since is None
         assert client
+
+
+def test_a_worker_learns_its_connections_lifetimes_from_the_ones_it_closes(server):
+    worker = server._worker
+    for _ in range(12):  # clients that open a connection per request
+        with socket.create_connection(server.address):
+            accepted = server.do_read()
+            server.do_close(*accepted)
+    worker.shares.opened(worker.slot)  # now over its share
+    with socket.create_connection(server.address):
+        accepted = server.do_read()  # taken at once: no wait for such connections
+        assert accepted is not None
+        server.do_close(*accepted)
 
 
 class Gunicorn:
