@@ -217,6 +217,8 @@ class BalancedStreamServer(StreamServer):
         if not self._deferral.leave(shares.accepted_by_others(slot), time.monotonic()):
             return False
         self.stop_accepting()
+        if self._recheck_timer is not None:  # accepting restarted early (a connection of a full pool closed)
+            self._recheck_timer.close()
         self._recheck_timer = self.loop.timer(self._worker.recheck)
         self._recheck_timer.start(self._look_again)
         return True
