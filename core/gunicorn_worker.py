@@ -11,10 +11,10 @@ passes).
 
 How. Each worker publishes how many connections it holds in a small table in shared memory, set up by the
 gunicorn master before it forks (``ConnectionShares``). Before accepting, a worker that would then hold more
-than its share (the connections of all live workers plus this one, divided among them, rounded up) leaves the
-pending connection to a sibling: it stops watching the listening socket and looks again every ``recheck``
-seconds. The siblings are woken by the same socket, and one below its share takes the connection at once.
-After ``max_deferral`` of the same wait a worker accepts regardless, so a sibling that is busy (one long
+than its share (the connections of all accepting workers plus this one, divided among them, rounded up) leaves
+the pending connection to a sibling: it stops watching the listening socket and looks again every ``recheck``
+seconds (1 ms). The siblings are woken by the same socket, and one below its share takes the connection at
+once. After ``max_deferral`` of the same wait a worker accepts regardless, so a sibling that is busy (one long
 request holds a gevent worker's only thread) or gone delays a new connection by at most that much; it never
 refuses one. After such a wait it takes every connection at once until a sibling accepts one again, and it
 does not wait at all while more than ten of its connections a second close within a second (``Deferral``). A
@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import select
 import struct
 import time
 from functools import partial
@@ -36,46 +37,53 @@ from gevent.monkey import get_original
 from gevent.server import StreamServer
 from gunicorn.workers.ggevent import GeventWorker
 
-# The listening socket's readiness, asked without waiting (gevent's patched select would yield to its hub).
-_select = get_original("select", "select")
+# The listening socket's readiness, asked without waiting (gevent's patched poll would yield to its hub).
+_poll = get_original("select", "poll")
 
 
 class ConnectionShares:
-    """Connections held per worker, one slot per accepting worker, in memory shared by the master and its workers.
+    """Connections held per worker, one slot per worker, in memory shared by the master and its workers.
 
     Only the master reserves slots (``reserve``, before each fork, so reservations never race), and it takes
     back the slots of workers that died without giving theirs back (SIGKILL after gunicorn's timeout, a crash)
-    each time it spawns one, which it does right after reaping a dead worker. Only a slot's worker counts in
-    it afterwards, and it gives the slot back as soon as it stops accepting (its server closes: a graceful
-    stop, a reload, max-requests), before it finishes the requests it still holds, so that siblings never
-    wait for a worker that no longer accepts.
+    each time it spawns one, which it does right after reaping a dead worker. Only a slot's worker writes in
+    it afterwards: it counts as a sibling from when it starts accepting (``accepting``: not while it boots,
+    which takes a while at every start, reload and respawn) until it stops (its server closes: a graceful
+    stop, a reload, max-requests); then it gives the slot back, before it finishes the requests it still
+    holds, so that siblings never wait for a worker that does not accept.
     """
 
     def __init__(self, slots: int):
         # Anonymous shared mappings: the workers inherit them at the fork, and they see each other's writes.
         # Native int views, summed in C: the share is read before every accept.
-        self.live = _shared_array("i", slots)  # 1 while the slot's worker may accept
+        self.reserved = _shared_array("i", slots)  # 1 from the master's reservation until given back
+        self.accepting = _shared_array("i", slots)  # 1 while the slot's worker accepts: a sibling to wait for
         self.connections = _shared_array("i", slots)  # 0 for a slot given back
         self.accepted = _shared_array("q", slots)  # ever, per slot: a sign of life
         self._workers = {}  # master only: slot -> the gunicorn worker object it was reserved for
 
     def reserve(self, worker) -> int | None:
-        """A free slot for ``worker`` (master side, before the fork), or None when every slot is live."""
+        """A free slot for ``worker`` (master side, before the fork), or None when every slot is reserved."""
         for slot, owner in list(self._workers.items()):
-            if self.live[slot] and not _is_running(owner.pid):
+            if self.reserved[slot] and not _is_running(owner.pid):
                 self.release(slot)  # died holding it: its connections died with it
-        for slot in range(len(self.live)):
-            if not self.live[slot]:
+        for slot in range(len(self.reserved)):
+            if not self.reserved[slot]:
                 self._workers[slot] = worker
                 self.connections[slot] = 0
-                self.live[slot] = 1
+                self.reserved[slot] = 1
                 return slot
         return None
 
+    def started(self, slot: int) -> None:
+        """The worker of ``slot`` accepts from now on."""
+        self.accepting[slot] = 1
+
     def release(self, slot: int) -> None:
         """The worker of ``slot`` no longer accepts: it is no sibling to wait for, and its count is no share."""
-        self.live[slot] = 0
+        self.accepting[slot] = 0
         self.connections[slot] = 0
+        self.reserved[slot] = 0
 
     def opened(self, slot: int) -> None:
         self.connections[slot] += 1
@@ -90,10 +98,10 @@ class ConnectionShares:
 
     def over_share(self, slot: int) -> bool:
         """Whether the worker of ``slot`` would hold more than its share after accepting one more connection."""
-        workers = sum(self.live)
+        workers = sum(self.accepting)
         if workers <= 1:
             return False
-        total = sum(self.connections)  # a given-back slot counts 0
+        total = sum(self.connections)  # a given-back slot counts 0, a booting one holds none
         share = -(-(total + 1) // workers)  # the connections after this one, shared out, rounded up
         return self.connections[slot] + 1 > share
 
@@ -106,7 +114,7 @@ def _shared_array(typecode: str, length: int) -> memoryview:
 def _is_running(pid: int | str) -> bool:
     """Whether the worker ``pid`` still runs (master side: the master reaps its dead workers before it spawns)."""
     if not isinstance(pid, int):
-        return True  # gunicorn's "[booting]" until it sets the pid after the fork; left so if the fork failed
+        return True  # gunicorn's "[booting]" until it sets the pid after the fork
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -119,10 +127,11 @@ def _is_running(pid: int | str) -> bool:
 class Deferral:
     """When a worker over its share leaves a pending connection to its siblings, and when it takes it anyway.
 
-    A wait lasts at most ``max_deferral``; one that runs out means no sibling is accepting (one long request
-    holds a gevent worker's only thread), and the worker then takes every connection without waiting until a
-    sibling has accepted one, or every new connection would pay the whole wait and this worker's accepts would
-    fall to one per ``max_deferral``.
+    A wait lasts at most ``max_deferral``. One that runs out usually means no sibling is accepting (one long
+    request holds a gevent worker's only thread): the worker then takes every connection without waiting
+    until a sibling has accepted one, or every new connection would pay the whole wait and this worker's
+    accepts would fall to one per ``max_deferral``. (A wait may also run out while siblings do accept, when
+    connections keep arriving; their accepts then end the no-waiting at once.)
     """
 
     SHORT_LIFETIME = 1.0  # seconds: a connection closed sooner is one of many that come and go
@@ -145,7 +154,7 @@ class Deferral:
         """Short-lived connections closed lately: at a steady rate, about that rate per second."""
         return self.short_closes * math.exp(self.last_short_close - now)
 
-    def leave(self, siblings_accepted: int, now: float) -> bool:
+    def leave_to_sibling(self, siblings_accepted: int, now: float) -> bool:
         """Whether to leave the pending connection to a sibling for now (asked while over the share)."""
         if self._short_closes(now) > self.CHURN:
             # Clients open a connection per request (no keep-alive): an uneven split evens out as they close,
@@ -177,14 +186,19 @@ class BalancedStreamServer(StreamServer):
         # gunicorn hands a ``server_class`` the arguments of gevent's WSGI server (application, log,
         # handler_class, environ); this server is the plain StreamServer of gunicorn's own gevent worker,
         # which parses HTTP itself in ``worker.handle``, so those go unused.
+        self._worker = worker  # before gevent's __init__, whose failure path calls close()
+        self._deferral = Deferral(worker.max_deferral)
+        self._opened_at = {}  # accepted connection -> when
+        self._recheck_timer = None
         ssl = {"ssl_context": ssl_context} if ssl_context is not None else {}
         super().__init__(listener, handle=partial(worker.handle, listener), spawn=spawn, **ssl)
         if worker.cfg.workers > 1:
             self.max_accept = 1  # as in gunicorn's gevent worker: one accept per loop turn, the rest to siblings
-        self._worker = worker
-        self._deferral = Deferral(worker.max_deferral)
-        self._opened_at = {}  # accepted connection -> when
-        self._recheck_timer = None
+
+    def start(self):
+        super().start()
+        if self._worker.slot is not None:
+            self._worker.shares.started(self._worker.slot)
 
     def do_read(self):
         slot = self._worker.slot
@@ -214,10 +228,10 @@ class BalancedStreamServer(StreamServer):
         if not shares.over_share(slot):
             self._deferral.end()
             return False
-        if not self._deferral.leave(shares.accepted_by_others(slot), time.monotonic()):
+        if not self._deferral.leave_to_sibling(shares.accepted_by_others(slot), time.monotonic()):
             return False
         self.stop_accepting()
-        if self._recheck_timer is not None:  # accepting restarted early (a connection of a full pool closed)
+        if self._recheck_timer is not None:  # accepting restarted early (gevent does so whenever a handler ends)
             self._recheck_timer.close()
         self._recheck_timer = self.loop.timer(self._worker.recheck)
         self._recheck_timer.start(self._look_again)
@@ -232,9 +246,13 @@ class BalancedStreamServer(StreamServer):
         self._recheck_timer = None
         if not self.started:  # closed meanwhile (gunicorn's graceful stop)
             return
-        if not _select([self.socket], [], [], 0)[0]:
-            self._deferral.end()  # a sibling took the pending connection: the next one waits afresh
-        self.start_accepting()  # a pending connection calls do_read again at once
+        try:
+            readiness = _poll()
+            readiness.register(self.socket, select.POLLIN)
+            if not readiness.poll(0):
+                self._deferral.end()  # a sibling took the pending connection: the next one waits afresh
+        finally:
+            self.start_accepting()  # a pending connection calls do_read again at once
 
 
 class BalancedGeventWorker(GeventWorker):
@@ -242,13 +260,16 @@ class BalancedGeventWorker(GeventWorker):
     connections evenly with its siblings (this module's docstring)."""
 
     max_deferral = 0.01  # seconds a pending connection is left to a sibling at most
-    recheck = 0.0005  # seconds between looks while leaving it
+    recheck = 0.001  # seconds between looks while leaving it (libev's shortest wait in epoll is 1 ms)
 
     _shares: ConnectionShares | None = None  # the master's table, created before its first fork
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # in the master, before the fork
         if BalancedGeventWorker._shares is None:
+            # A reload runs twice the workers for a while (the new ones boot while the old ones finish), and a
+            # dead worker's slot comes back only at the next spawn; workers beyond the table (raised with TTIN
+            # or a reload to more workers) get no slot and accept as gunicorn's own worker does.
             BalancedGeventWorker._shares = ConnectionShares(slots=max(2 * self.cfg.workers, self.cfg.workers + 8))
         self.shares = BalancedGeventWorker._shares
         self.slot = self.shares.reserve(self)

@@ -5,6 +5,7 @@ fast the machine schedules the sibling."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from core.gunicorn_worker import BalancedGeventWorker
 
@@ -20,7 +21,8 @@ class HastyWorker(BalancedGeventWorker):
 def app(environ, start_response):
     if environ["PATH_INFO"] == "/hold":
         # Holds the worker's one thread (gevent has not patched this sleep away: the worker's loop stops too),
-        # as a long CPU-bound request would.
+        # as a long CPU-bound request would; the marker file tells the test it has begun.
+        Path(os.environ["HOLD_MARKER"]).touch()
         _blocking_sleep(float(environ["QUERY_STRING"]))
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gunicorn.util import load_class
+from gunicorn.workers.ggevent import GeventWorker
 
 from tests.conftest import TEST_ENCRYPTION_KEY, TEST_SECRET_KEY
 
@@ -34,7 +36,7 @@ from local_topology import nginx_binary, procfile_gunicorn_options, render_nginx
 def gunicorn_places(options: list[str]) -> int:
     """Connections the Procfile's gunicorn serves at once: workers x (gevent) worker-connections or threads."""
     value = {name: options[i + 1] for i, name in enumerate(options[:-1]) if name.startswith("--")}
-    if "gevent" in value.get("--worker-class", "").lower():  # gunicorn's gevent worker or ours (core.gunicorn_worker)
+    if issubclass(load_class(value.get("--worker-class", "sync")), GeventWorker):  # gunicorn's or ours
         per_worker = value.get("--worker-connections", "1000")  # gunicorn's default
     else:
         per_worker = value.get("--threads", "1")
