@@ -5,16 +5,32 @@ fast the machine schedules the sibling."""
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
-from core.gunicorn_worker import BalancedGeventWorker
+from core.gunicorn_worker import BalancedGeventWorker, BalancedStreamServer
 
 
-class PatientWorker(BalancedGeventWorker):
+class AnnouncedServer(BalancedStreamServer):
+    """The worker's server, which tells the test (a file named by its pid) once it accepts: from then on the
+    worker counts as a sibling, and the test may connect."""
+
+    def start(self):
+        super().start()
+        (Path(os.environ["READY_DIR"]) / str(os.getpid())).touch()
+
+
+class AnnouncedWorker(BalancedGeventWorker):
+    @property
+    def server_class(self):
+        return partial(AnnouncedServer, worker=self)
+
+
+class PatientWorker(AnnouncedWorker):
     max_deferral = 5.0
 
 
-class HastyWorker(BalancedGeventWorker):
+class HastyWorker(AnnouncedWorker):
     max_deferral = 0.5
 
 

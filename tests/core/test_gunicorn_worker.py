@@ -222,25 +222,20 @@ class Gunicorn:
         self.ready = directory / "ready"
         self.held = directory / "held"
         self.ready.mkdir(parents=True)
-        config = directory / "gunicorn_test.conf.py"
-        config.write_text(
-            "import pathlib\n"
-            "def post_worker_init(worker):\n"
-            f"    pathlib.Path({str(self.ready)!r}, str(worker.pid)).touch()\n"
-        )
         self.connections = []
         self.log = directory / "gunicorn.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(config), "--workers", "2", "--keep-alive", "60",
+                [sys.executable, "-m", "gunicorn", "--workers", "2", "--keep-alive", "60",
                  "--worker-class", f"tests.core.gunicorn_worker_app.{worker_class}", "--bind", f"127.0.0.1:{self.port}",
                  "tests.core.gunicorn_worker_app:app"],
-                cwd=ROOT, env=os.environ | {"HOLD_MARKER": str(self.held)}, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=os.environ | {"READY_DIR": str(self.ready), "HOLD_MARKER": str(self.held)},
+                stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.wait_for_workers(2)
 
     def wait_for_workers(self, count: int, *, gone: tuple[int, ...] = ()) -> set[int]:
-        """The pids of the workers that loaded the app (ever), once there are ``count`` and ``gone`` have ended."""
+        """The pids of the workers that accept (or did), once there are ``count`` and ``gone`` have ended."""
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
