@@ -117,10 +117,8 @@ def _is_running(pid: int | str) -> bool:
         return True  # gunicorn's "[booting]" until it sets the pid after the fork
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user's process
         return False
-    except PermissionError:
-        return False  # the pid now belongs to another user's process
     return True
 
 

@@ -8,7 +8,11 @@ import os
 from functools import partial
 from pathlib import Path
 
+from gevent.monkey import get_original
+
 from core.gunicorn_worker import BalancedGeventWorker, BalancedStreamServer
+
+_blocking_sleep = get_original("time", "sleep")  # not gevent's: it holds the worker's whole loop
 
 
 class AnnouncedServer(BalancedStreamServer):
@@ -43,9 +47,3 @@ def app(environ, start_response):
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
-
-
-def _blocking_sleep(seconds: float) -> None:
-    from gevent.monkey import get_original
-
-    get_original("time", "sleep")(seconds)
